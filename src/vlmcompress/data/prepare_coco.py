@@ -1,0 +1,339 @@
+"""Paper profile data: COCO 2017 val + VQAv2 val + RefCOCO (UNC) in the project's layout.
+
+The three sources use different COCO releases, which line up as follows:
+
+* **COCO 2017 val** (``val2017.zip``, ``annotations_trainval2017.zip``) gives the 5000
+  images, their objects (``instances_val2017.json``) and captions
+  (``captions_val2017.json``). COCO 2017 re-split the 2014 images without renumbering,
+  so image ids *and* annotation ids are the same as in COCO 2014.
+* **VQAv2 val** (``v2_OpenEnded_mscoco_val2014_questions.json``,
+  ``v2_mscoco_val2014_annotations.json``) is on COCO val2014 images: we keep the
+  questions whose ``image_id`` is a val2017 image.
+* **RefCOCO** (``refcoco/refs(unc).p``) is on COCO train2014 images: we keep the refs
+  whose ``image_id`` is a val2017 image and whose ``ann_id`` is one of that image's
+  objects in ``instances_val2017.json`` (its box is taken from there).
+
+val2014 and train2014 are disjoint, so an image has VQA questions *or* referring
+expressions, never both. That is why ``subset`` keeps the first N image ids (sorted)
+that have a question **or** a referring expression: "with questions" alone would
+drop every RefCOCO image. With ``subset: null`` all val2017 images are kept (captions
+and objects exist for all of them).
+
+The RefCOCO pickle is read with :class:`RestrictedUnpickler`, which only builds
+builtin containers and scalars; anything else (a class, a function) is refused.
+
+The result is written atomically under ``out_root`` (see :mod:`vlmcompress.data.records`)
+for split ``test`` (and ``val`` when ``val_images > 0``) and loads with both
+:func:`vlmcompress.data.records.load_split` and ``pycocotools.coco.COCO``.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import posixpath
+import shutil
+import urllib.parse
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from vlmcompress.data.config import DownloadParams, SourceParams
+from vlmcompress.data.download import download, extract, read_member
+from vlmcompress.data.records import annotation_path, image_dir
+from vlmcompress.io import atomic_path, write_json
+
+# Defaults for configs/paper.yaml. The hosts publish neither hashes nor sizes; pin them
+# in the config after a first verified download if you want byte-exact reproduction.
+PAPER_SOURCES: dict[str, dict[str, Any]] = {
+    "coco_val_images": {"url": "http://images.cocodataset.org/zips/val2017.zip",
+                        "sha256": None, "size": None},
+    "coco_annotations": {"url": "http://images.cocodataset.org/annotations/annotations_trainval2017.zip",
+                         "sha256": None, "size": None},
+    "vqa_questions": {"url": "https://s3.amazonaws.com/cvmlp/vqa/mscoco/vqa/v2_Questions_Val_mscoco.zip",
+                      "sha256": None, "size": None},
+    "vqa_annotations": {"url": "https://s3.amazonaws.com/cvmlp/vqa/mscoco/vqa/v2_Annotations_Val_mscoco.zip",
+                        "sha256": None, "size": None},
+    "refcoco": {"url": "https://bvisionweb1.cs.unc.edu/licheng/referit/data/refcoco.zip",
+                "sha256": None, "size": None},
+}
+REQUIRED_SOURCES = ("coco_val_images", "coco_annotations", "vqa_questions", "vqa_annotations")
+OPTIONAL_SOURCES = ("refcoco",)   # its host is often down; without it the splits have no refs
+
+# Member names inside the official archives (matched by trailing path).
+MEMBERS = {
+    "instances": "annotations/instances_val2017.json",
+    "captions": "annotations/captions_val2017.json",
+    "vqa_questions": "v2_OpenEnded_mscoco_val2014_questions.json",
+    "vqa_annotations": "v2_mscoco_val2014_annotations.json",
+    "refs": "refs(unc).p",
+}
+_SOURCE_OF = {"instances": "coco_annotations", "captions": "coco_annotations",
+              "vqa_questions": "vqa_questions", "vqa_annotations": "vqa_annotations", "refs": "refcoco"}
+IMAGE_FOLDER = "val2017"          # top folder inside val2017.zip
+
+
+# --- the RefCOCO pickle -----------------------------------------------------------------
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Unpickler that resolves only harmless builtin types (never a class or a function).
+
+    Lists, dicts, strings and numbers are built by opcodes and need no lookup at all;
+    the globals below cover sets, tuples built by ``REDUCE`` and Python 2 names.
+    """
+
+    _ALLOWED = {"set", "frozenset", "list", "dict", "tuple", "str", "bytes", "bytearray",
+                "int", "float", "complex", "bool"}
+    _PY2_NAMES = {"unicode": "str", "long": "int"}
+
+    def find_class(self, module: str, name: str) -> Any:
+        name = self._PY2_NAMES.get(name, name) if module == "__builtin__" else name
+        if module in ("builtins", "__builtin__") and name in self._ALLOWED:
+            return getattr(__import__("builtins"), name)
+        raise pickle.UnpicklingError(f"forbidden global {module}.{name} (only builtin data allowed)")
+
+
+def load_safe_pickle(data: bytes, origin: str) -> Any:
+    """Unpickle plain data with :class:`RestrictedUnpickler`; one-line ``ValueError`` naming ``origin``."""
+    try:
+        # Python 2 ``str`` objects (the refs were pickled by Python 2) are decoded as UTF-8.
+        return RestrictedUnpickler(io.BytesIO(data), encoding="utf-8").load()
+    except pickle.UnpicklingError as exc:
+        raise ValueError(f"{origin}: refused pickle: {exc}") from None
+    except (EOFError, UnicodeDecodeError, ValueError, TypeError, IndexError, KeyError, AttributeError) as exc:
+        raise ValueError(f"{origin}: corrupt pickle ({type(exc).__name__}: {exc})") from None
+
+
+# --- reading the official files ---------------------------------------------------------
+
+def read_json_member(archive: Path, member: str) -> Any:
+    """Parse one JSON member of an archive, with a one-line error naming both."""
+    data = read_member(archive, member)
+    try:
+        return json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{archive}:{member}: invalid JSON ({exc})") from None
+
+
+def _require(obj: Any, keys: Iterable[str], where: str) -> None:
+    if not isinstance(obj, dict):
+        raise ValueError(f"{where}: expected an object, got {type(obj).__name__}")
+    missing = [k for k in keys if k not in obj]
+    if missing:
+        raise ValueError(f"{where}: missing key {missing[0]!r}")
+
+
+def _check_items(doc: dict, list_key: str, keys: tuple[str, ...], where: str) -> None:
+    """Every entry of ``doc[list_key]`` is an object with ``keys`` (first offender named)."""
+    items = doc[list_key]
+    if not isinstance(items, list):
+        raise ValueError(f"{where}.{list_key}: expected a list")
+    for i, item in enumerate(items):
+        _require(item, keys, f"{where}.{list_key}[{i}]")
+
+
+def check_refs(refs: Any, origin: str) -> list[dict[str, Any]]:
+    """Validate the structure of ``refs(unc).p``: a list of refs with sentences."""
+    if not isinstance(refs, list):
+        raise ValueError(f"{origin}: expected a list of refs, got {type(refs).__name__}")
+    for i, r in enumerate(refs):
+        _require(r, ("ref_id", "ann_id", "image_id", "sentences"), f"{origin}[{i}]")
+        if not isinstance(r["sentences"], list):
+            raise ValueError(f"{origin}[{i}].sentences: expected a list")
+        for j, s in enumerate(r["sentences"]):
+            _require(s, ("sent",), f"{origin}[{i}].sentences[{j}]")
+    return refs
+
+
+# --- selection (pure) -------------------------------------------------------------------
+
+def select_image_ids(all_ids: Iterable[int], with_tasks: set[int], subset: int | None) -> list[int]:
+    """All ids (sorted) when ``subset`` is None, else the first ``subset`` sorted ids in ``with_tasks``."""
+    ids = sorted(all_ids)
+    if subset is None:
+        return ids
+    if subset <= 0:
+        raise ValueError(f"data.download.subset: must be positive or null, got {subset}")
+    return [i for i in ids if i in with_tasks][:subset]
+
+
+def split_ids(ids: list[int], val_images: int) -> dict[str, list[int]]:
+    """The first ``val_images`` ids are split ``val``, the rest ``test`` (never empty)."""
+    if val_images < 0 or (ids and val_images >= len(ids)):
+        raise ValueError(f"data.download.val_images: need 0 <= val_images < {len(ids)} selected images, "
+                         f"got {val_images}")
+    out = {"test": ids[val_images:]}
+    if val_images:
+        out = {"val": ids[:val_images], **out}
+    return out
+
+
+def keep_refs(refs: list[dict[str, Any]], anns_by_id: Mapping[int, dict[str, Any]]) -> tuple[list[dict], int]:
+    """Refs whose object exists in COCO 2017 val on the same image; also the number dropped."""
+    kept, dropped = [], 0
+    for r in refs:
+        ann = anns_by_id.get(r["ann_id"])
+        if ann is None:
+            continue                      # a train2017 image: not in our split at all
+        if ann["image_id"] != r["image_id"]:
+            dropped += 1                  # ids disagree: never seen, but do not trust it
+            continue
+        kept.append({
+            "ref_id": int(r["ref_id"]), "ann_id": int(r["ann_id"]), "image_id": int(r["image_id"]),
+            "category_id": int(r.get("category_id", ann["category_id"])),
+            "refcoco_split": str(r.get("split", "")),   # UNC split (train/val/testA/testB)
+            "sentences": [{"sent": str(s["sent"]), "raw": str(s.get("raw", s["sent"])),
+                           "sent_id": int(s.get("sent_id", -1)),
+                           "tokens": [str(t) for t in s.get("tokens", [])]} for s in r["sentences"]],
+        })
+    return kept, dropped
+
+
+def _by_image(items: Iterable[dict[str, Any]], ids: set[int]) -> list[dict[str, Any]]:
+    return [x for x in items if x["image_id"] in ids]
+
+
+def split_documents(ids: list[int], instances: dict, captions: dict, vqa_q: dict, vqa_a: dict,
+                    refs: list[dict] | None) -> dict[str, Any]:
+    """The annotation files of one split (keyed like ``records.ANNOTATION_KINDS``)."""
+    keep = set(ids)
+    meta = {k: instances[k] for k in ("info", "licenses") if k in instances}
+    images = [im for im in instances["images"] if im["id"] in keep]
+    questions = _by_image(vqa_q["questions"], keep)
+    qids = {q["question_id"] for q in questions}
+    docs: dict[str, Any] = {
+        "instances": {**meta, "images": images, "annotations": _by_image(instances["annotations"], keep),
+                      "categories": instances["categories"]},
+        "captions": {**meta, "images": images, "annotations": _by_image(captions["annotations"], keep)},
+        "vqa_questions": {**{k: v for k, v in vqa_q.items() if k != "questions"}, "questions": questions},
+        "vqa_annotations": {**{k: v for k, v in vqa_a.items() if k != "annotations"},
+                            "annotations": [a for a in vqa_a["annotations"] if a["question_id"] in qids]},
+    }
+    if refs is not None:
+        docs["refs"] = _by_image(refs, keep)
+    return docs
+
+
+def counts(split: str, docs: Mapping[str, Any]) -> dict[str, int]:
+    """Flat counts of one split's documents (for metrics.json)."""
+    out = {f"{split}_images": len(docs["instances"]["images"]),
+           f"{split}_objects": len(docs["instances"]["annotations"]),
+           f"{split}_captions": len(docs["captions"]["annotations"]),
+           f"{split}_questions": len(docs["vqa_questions"]["questions"])}
+    if "refs" in docs:
+        out[f"{split}_refs"] = len(docs["refs"])
+        out[f"{split}_ref_sentences"] = sum(len(r["sentences"]) for r in docs["refs"])
+    return out
+
+
+# --- the whole preparation --------------------------------------------------------------
+
+def _place_images(archive: Path, file_names: Mapping[str, str], root: Path) -> None:
+    """Extract the wanted images and move each to ``images/<split>/``; ``file_names``: name -> split."""
+    def wanted(name: str) -> bool:
+        return posixpath.dirname(name) == IMAGE_FOLDER and posixpath.basename(name) in file_names
+
+    staging = extract(archive, root / ".extract", wanted)
+    try:
+        missing = [n for n in sorted(file_names) if not (staging / IMAGE_FOLDER / n).is_file()]
+        if missing:
+            raise ValueError(f"{archive}: {len(missing)} images missing, e.g. {IMAGE_FOLDER}/{missing[0]}")
+        for name, split in file_names.items():
+            dest = image_dir(root, split) / name
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staging / IMAGE_FOLDER / name, dest)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def prepare_from_archives(archives: Mapping[str, str | Path], out_root: str | Path, *,
+                          subset: int | None = None, val_images: int = 0) -> dict[str, int]:
+    """Write the data set under ``out_root`` (atomically) from the official archives.
+
+    ``archives`` maps the source keys of :data:`PAPER_SOURCES` to local files;
+    ``refcoco`` may be absent (then no refs files are written). Returns flat counts.
+    """
+    missing = [k for k in REQUIRED_SOURCES if k not in archives]
+    if missing:
+        raise ValueError(f"data.download.sources.{missing[0]}: archive missing")
+    arc = {k: Path(v) for k, v in archives.items()}
+    instances = read_json_member(arc["coco_annotations"], MEMBERS["instances"])
+    captions = read_json_member(arc["coco_annotations"], MEMBERS["captions"])
+    vqa_q = read_json_member(arc["vqa_questions"], MEMBERS["vqa_questions"])
+    vqa_a = read_json_member(arc["vqa_annotations"], MEMBERS["vqa_annotations"])
+    for doc, list_key, keys, key in (
+            (instances, "images", ("id", "file_name", "width", "height"), "instances"),
+            (instances, "annotations", ("id", "image_id", "category_id", "bbox"), "instances"),
+            (instances, "categories", ("id", "name"), "instances"),
+            (captions, "annotations", ("image_id", "caption"), "captions"),
+            (vqa_q, "questions", ("question_id", "image_id", "question"), "vqa_questions"),
+            (vqa_a, "annotations", ("question_id", "image_id", "multiple_choice_answer"), "vqa_annotations")):
+        where = f"{arc[_SOURCE_OF[key]]}:{MEMBERS[key]}"
+        _require(doc, (list_key,), where)
+        _check_items(doc, list_key, keys, where)
+
+    image_ids = {im["id"] for im in instances["images"]}
+    anns_by_id = {a["id"]: a for a in instances["annotations"]}
+    refs, dropped = None, 0
+    if "refcoco" in arc:
+        origin = f"{arc['refcoco']}:{MEMBERS['refs']}"
+        raw = check_refs(load_safe_pickle(read_member(arc["refcoco"], MEMBERS["refs"]), origin), origin)
+        refs, dropped = keep_refs(raw, anns_by_id)
+
+    with_tasks = {q["image_id"] for q in vqa_q["questions"] if q["image_id"] in image_ids}
+    with_tasks |= {r["image_id"] for r in refs or []}
+    splits = split_ids(select_image_ids(image_ids, with_tasks, subset), val_images)
+    if not splits["test"]:
+        raise ValueError(f"{arc['coco_annotations']}: no images selected (subset={subset})")
+
+    docs = {s: split_documents(ids, instances, captions, vqa_q, vqa_a, refs) for s, ids in splits.items()}
+    file_of = {im["id"]: im["file_name"] for im in instances["images"]}
+    result: dict[str, int] = {"refs_dropped_ann_mismatch": dropped} if refs is not None else {}
+    with atomic_path(out_root) as tmp:
+        tmp.mkdir()
+        _place_images(arc["coco_val_images"],
+                      {file_of[i]: s for s, ids in splits.items() for i in ids}, tmp)
+        for split, kinds in docs.items():
+            for kind, doc in kinds.items():
+                write_json(annotation_path(tmp, kind, split), doc, indent=None)
+            result.update(counts(split, kinds))
+    return result
+
+
+def _file_name(key: str, url: str) -> str:
+    name = posixpath.basename(urllib.parse.unquote(urllib.parse.urlsplit(url).path))
+    if not name:
+        raise ValueError(f"data.download.sources.{key}.url: no file name in {url!r}")
+    return name
+
+
+def download_sources(params: DownloadParams, raw_dir: str | Path, *, progress: bool = True) -> dict[str, Path]:
+    """Download (or re-use verified copies of) every configured source into ``raw_dir``."""
+    known = REQUIRED_SOURCES + OPTIONAL_SOURCES
+    unknown = sorted(set(params.sources) - set(known))
+    if unknown:
+        raise ValueError(f"data.download.sources.{unknown[0]}: unknown source (known: {', '.join(known)})")
+    missing = [k for k in REQUIRED_SOURCES if k not in params.sources]
+    if missing:
+        raise ValueError(f"data.download.sources.{missing[0]}: missing (defaults: "
+                         f"vlmcompress.data.prepare_coco.PAPER_SOURCES)")
+    out = {}
+    for key in known:
+        src: SourceParams | None = params.sources.get(key)
+        if src is None:
+            continue
+        out[key] = download(src.url, Path(raw_dir) / _file_name(key, src.url), sha256=src.sha256,
+                            size=src.size, timeout_s=params.timeout_s, retries=params.retries,
+                            progress=progress)
+    return out
+
+
+def prepare_paper_data(params: DownloadParams, raw_dir: str | Path, out_root: str | Path, *,
+                       progress: bool = True) -> dict[str, int]:
+    """Download COCO 2017 val / VQAv2 val / RefCOCO into ``raw_dir`` and write the data set.
+
+    Returns flat counts per split (``test_images``, ``test_questions``, ...).
+    """
+    archives = download_sources(params, raw_dir, progress=progress)
+    return prepare_from_archives(archives, out_root, subset=params.subset, val_images=params.val_images)

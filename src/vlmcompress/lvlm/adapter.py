@@ -1,0 +1,301 @@
+"""The one object every later stage talks to: an LLaVA-architecture model plus its CLIP.
+
+Same class for both worlds: the embedded model this package trains, and
+`llava-hf/llava-1.5-7b-hf` with `openai/clip-vit-large-patch14-336`. It offers
+
+* :meth:`LVLM.visual_features` — visual tokens **with gradients** (the codec trains through
+  them) plus the CLS-attention row and keys of one chosen vision layer, computed by a hook on
+  that layer only (works with eager and SDPA attention alike);
+* :meth:`LVLM.text_embeddings` / :meth:`LVLM.image_embeddings` / :meth:`LVLM.patch_embeddings`
+  — CLIP's joint space (EOS pooling with the attention mask, by CLIP's own text tower);
+* :meth:`LVLM.generate` — batched greedy decoding that builds ``inputs_embeds`` itself, so a
+  ``transform`` of the visual tokens may change their number per image (padding + mask);
+* :meth:`LVLM.answer_loss` — the LM loss on answer tokens only (training, gradient tests).
+
+Images enter as float tensors ``[B, 3, H, W]`` in ``[0, 1]``; resizing to the tower's input
+size and CLIP normalisation happen here, differentiably.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import CLIPModel, LlavaForConditionalGeneration, PreTrainedTokenizerBase
+from transformers.cache_utils import DynamicCache
+
+import vlmcompress.lvlm.vision  # noqa: F401  (registers the embedded tower's Auto classes)
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class Prompts:
+    """Chat template and task instructions. ``{question}``/``{ref}`` are filled per sample."""
+
+    system: str = ""
+    template: str = "USER: <image>\n{instruction} ASSISTANT:"
+    vqa: str = "{question}\nanswer the question using a single word or phrase."
+    caption: str = "provide a one-sentence caption for the provided image."
+    ground: str = "please provide the bounding box coordinate of the region this sentence describes: {ref}."
+
+    def render(self, task: str, text: str = "") -> tuple[str, str]:
+        """(text before the image, text after it) for one sample."""
+        if task == "vqa":
+            instruction = self.vqa.format(question=text)
+        elif task == "caption":
+            instruction = self.caption
+        elif task == "ground":
+            instruction = self.ground.format(ref=text)
+        else:
+            raise ValueError(f"unknown task {task!r} (vqa, caption, ground)")
+        full = (self.system + " " if self.system else "") + self.template.format(instruction=instruction)
+        before, sep, after = full.partition("<image>")
+        if not sep:
+            raise ValueError("prompt template has no <image> placeholder")
+        return before, after
+
+
+@dataclass
+class VisualFeatures:
+    """What the vision side hands to a token-compression method (shapes for N patches)."""
+
+    tokens: Tensor        # [B, N, D]   projected visual tokens (LM input space)
+    hidden: Tensor        # [B, N, Dv]  selected vision-layer features (before the projector)
+    keys: Tensor          # [B, N, Dv]  attention keys of the CLS-attention layer (heads concatenated)
+    cls_attn: Tensor      # [B, N]      CLS row of that layer's softmax attention, mean over heads
+    cls_attn_heads: Tensor  # [B, H, N] the same per head
+    last_hidden: Tensor   # [B, 1 + N, Dv] last vision layer output (CLS first), for patch embeddings
+    grid: tuple[int, int]  # (H, W) patch grid
+
+
+# A transform replaces the visual tokens: (features, raw questions) -> (tokens [B, K, D], mask [B, K]).
+TokenTransform = Callable[[VisualFeatures, Sequence[str]], tuple[Tensor, Tensor]]
+
+
+@contextlib.contextmanager
+def _capture_cls_attention(attn: nn.Module, store: dict[str, Tensor]) -> Iterator[None]:
+    """Hook one attention module (this instance only) to record its CLS row and keys.
+
+    Only the CLS query is formed, so the cost is O(N) rather than the O(N^2) of returning the
+    full attention map, and no attention implementation switch is needed.
+    """
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        h = kwargs.get("hidden_states", args[0] if args else None)  # [B, 1 + N, Dv], after layer norm
+        b, t, _ = h.shape
+        nh, hd = module.num_heads, module.head_dim
+        q = module.q_proj(h[:, :1]).view(b, 1, nh, hd).transpose(1, 2)          # [B, H, 1, hd]
+        k = module.k_proj(h).view(b, t, nh, hd).transpose(1, 2)                   # [B, H, T, hd]
+        attn_w = torch.softmax((q @ k.transpose(-1, -2)) * module.scale, dim=-1)  # [B, H, 1, T]
+        store["cls_attn_heads"] = attn_w[:, :, 0, 1:]
+        store["keys"] = k.transpose(1, 2).reshape(b, t, nh * hd)[:, 1:]
+
+    handle = attn.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+class LVLM:
+    """An LLaVA-architecture model, its tokenizer, and the CLIP sharing its vision tower."""
+
+    def __init__(self, llava: LlavaForConditionalGeneration, tokenizer: PreTrainedTokenizerBase,
+                 clip: CLIPModel, clip_tokenizer: PreTrainedTokenizerBase, prompts: Prompts = Prompts(),
+                 attn_layer: int = -1, image_mean: Sequence[float] = CLIP_MEAN,
+                 image_std: Sequence[float] = CLIP_STD) -> None:
+        self.llava, self.tokenizer = llava, tokenizer
+        self.clip, self.clip_tokenizer = clip, clip_tokenizer
+        self.prompts = prompts
+        self.attn_layer = attn_layer
+        cfg = llava.config
+        self.feature_layer = cfg.vision_feature_layer
+        self.select = cfg.vision_feature_select_strategy
+        if not isinstance(self.feature_layer, int):
+            raise ValueError("only a single vision_feature_layer is supported")
+        vcfg = cfg.vision_config
+        self.image_size, self.patch_size = vcfg.image_size, vcfg.patch_size
+        self.grid = (self.image_size // self.patch_size,) * 2
+        self.mean = torch.tensor(image_mean).view(1, 3, 1, 1)
+        self.std = torch.tensor(image_std).view(1, 3, 1, 1)
+        eos = tokenizer.eos_token_id
+        self.eos_ids = {eos} if eos is not None else set()
+
+    # -- plumbing -------------------------------------------------------------------------
+    @property
+    def vision_tower(self) -> nn.Module:
+        return self.llava.model.vision_tower
+
+    @property
+    def language_model(self) -> nn.Module:
+        return self.llava.model.language_model
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.llava.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.llava.parameters()).dtype
+
+    def to(self, device: str | torch.device) -> "LVLM":
+        self.llava.to(device)
+        self.clip.to(device)
+        return self
+
+    def eval(self) -> "LVLM":
+        self.llava.eval()
+        self.clip.eval()
+        return self
+
+    def preprocess(self, images: Tensor) -> Tensor:
+        """``[B, 3, H, W]`` in [0, 1] -> normalised ``[B, 3, S, S]`` (differentiable)."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be [B, 3, H, W], got {tuple(images.shape)}")
+        x = images.to(self.device, self.dtype)
+        if x.shape[-2:] != (self.image_size, self.image_size):
+            x = F.interpolate(x, size=(self.image_size,) * 2, mode="bicubic", align_corners=False,
+                              antialias=True).clamp(0, 1)
+        return (x - self.mean.to(x)) / self.std.to(x)
+
+    # -- vision ---------------------------------------------------------------------------
+    def visual_features(self, images: Tensor) -> VisualFeatures:
+        """Projected visual tokens and the CLS-attention of layer ``attn_layer``, with gradients."""
+        layers = self.vision_tower.encoder.layers
+        store: dict[str, Tensor] = {}
+        with _capture_cls_attention(layers[self.attn_layer].self_attn, store):
+            out = self.vision_tower(self.preprocess(images), output_hidden_states=True, return_dict=True)
+        hidden = out.hidden_states[self.feature_layer]
+        if self.select == "default":
+            hidden = hidden[:, 1:]
+        tokens = self.llava.model.multi_modal_projector(hidden)
+        heads = store["cls_attn_heads"]
+        return VisualFeatures(tokens=tokens, hidden=hidden, keys=store["keys"], cls_attn=heads.mean(1),
+                              cls_attn_heads=heads, last_hidden=out.last_hidden_state, grid=self.grid)
+
+    def patch_embeddings(self, feats: VisualFeatures) -> Tensor:
+        """Patches in CLIP's joint space: ``[B, N, P]`` unit vectors (post-LN + visual projection)."""
+        vis = self.vision_tower
+        emb = self.clip.visual_projection(vis.post_layernorm(feats.last_hidden[:, 1:]))
+        return F.normalize(emb, dim=-1)
+
+    def image_embeddings(self, images: Tensor) -> Tensor:
+        """CLIP image embeddings ``[B, P]``, unit norm."""
+        out = self.vision_tower(self.preprocess(images), return_dict=True)
+        return F.normalize(self.clip.visual_projection(out.pooler_output), dim=-1)
+
+    def text_embeddings(self, texts: Sequence[str]) -> Tensor:
+        """CLIP text embeddings ``[B, P]``, unit norm: CLIP's text tower pools at the EOS token."""
+        enc = self.clip_tokenizer(list(texts), padding=True, truncation=True, return_tensors="pt")
+        out = self.clip.text_model(input_ids=enc.input_ids.to(self.device),
+                                   attention_mask=enc.attention_mask.to(self.device), return_dict=True)
+        return F.normalize(self.clip.text_projection(out.pooler_output), dim=-1)
+
+    # -- language -------------------------------------------------------------------------
+    def _prompt_ids(self, task: str, texts: Sequence[str]) -> list[tuple[list[int], list[int]]]:
+        out = []
+        for t in texts:
+            before, after = self.prompts.render(task, t)
+            pre = self.tokenizer(before, add_special_tokens=True).input_ids
+            post = self.tokenizer(after, add_special_tokens=False).input_ids
+            out.append((pre, post))
+        return out
+
+    def _embed_ids(self, ids: list[int]) -> Tensor:
+        emb = self.llava.get_input_embeddings()
+        return emb(torch.tensor(ids, dtype=torch.long, device=self.device))
+
+    def build_inputs(self, vis_tokens: Tensor, vis_mask: Tensor, task: str, texts: Sequence[str],
+                     answers: Sequence[str] | None = None, left_pad: bool = True
+                     ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Per-sample ``[prefix, visual tokens (mask applied), suffix (, answer </s>)]``, padded.
+
+        Returns ``inputs_embeds [B, T, D]``, ``attention_mask [B, T]`` and, with answers,
+        ``labels [B, T]`` (-100 everywhere but the answer tokens and their EOS).
+        """
+        seqs, labels = [], []
+        for i, (pre, post) in enumerate(self._prompt_ids(task, texts)):
+            parts = [self._embed_ids(pre), vis_tokens[i][vis_mask[i]].to(self.dtype), self._embed_ids(post)]
+            n_ctx = sum(p.shape[0] for p in parts)
+            lab = [-100] * n_ctx
+            if answers is not None:
+                ans = self.tokenizer(" " + answers[i], add_special_tokens=False).input_ids
+                ans = ans + [self.tokenizer.eos_token_id]
+                parts.append(self._embed_ids(ans))
+                lab += ans
+            seqs.append(torch.cat(parts))
+            labels.append(torch.tensor(lab, dtype=torch.long))
+        t = max(s.shape[0] for s in seqs)
+        d = seqs[0].shape[1]
+        embeds = seqs[0].new_zeros(len(seqs), t, d)
+        mask = torch.zeros(len(seqs), t, dtype=torch.long, device=self.device)
+        lab_t = torch.full((len(seqs), t), -100, dtype=torch.long, device=self.device)
+        for i, (s, lab) in enumerate(zip(seqs, labels)):
+            sl = slice(t - s.shape[0], t) if left_pad else slice(0, s.shape[0])
+            embeds[i, sl] = s
+            mask[i, sl] = 1
+            lab_t[i, sl] = lab
+        return embeds, mask, (lab_t if answers is not None else None)
+
+    def _lm_step(self, embeds: Tensor, mask: Tensor, cache: DynamicCache | None, past_len: int) -> tuple[Tensor, DynamicCache]:
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, past_len:]
+        out = self.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos,
+                                  past_key_values=cache, use_cache=True, return_dict=True)
+        return self.llava.lm_head(out.last_hidden_state[:, -1]), out.past_key_values
+
+    def _visual(self, images: Tensor, texts: Sequence[str], transform: TokenTransform | None
+                ) -> tuple[Tensor, Tensor]:
+        feats = self.visual_features(images)
+        if transform is None:
+            b, n, _ = feats.tokens.shape
+            return feats.tokens, torch.ones(b, n, dtype=torch.bool, device=feats.tokens.device)
+        return transform(feats, texts)
+
+    @torch.inference_mode()
+    def generate(self, images: Tensor, texts: Sequence[str] | None = None, task: str = "vqa",
+                 transform: TokenTransform | None = None, max_new_tokens: int = 16) -> list[str]:
+        """Greedy answers for a batch. ``texts``: questions (vqa), referring expressions (ground).
+
+        ``transform`` receives the raw ``texts`` — never the chat template or system prompt.
+        """
+        b = images.shape[0]
+        texts = list(texts) if texts is not None else [""] * b
+        if len(texts) != b:
+            raise ValueError(f"{b} images but {len(texts)} texts")
+        vis, vmask = self._visual(images, texts, transform)
+        embeds, mask, _ = self.build_inputs(vis, vmask.bool(), task, texts)
+        logits, cache = self._lm_step(embeds, mask, None, 0)
+        done = torch.zeros(b, dtype=torch.bool, device=self.device)
+        out: list[list[int]] = [[] for _ in range(b)]
+        emb = self.llava.get_input_embeddings()
+        for _ in range(max_new_tokens):
+            nxt = logits.argmax(-1)
+            for i in range(b):
+                if not done[i]:
+                    if int(nxt[i]) in self.eos_ids:
+                        done[i] = True
+                    else:
+                        out[i].append(int(nxt[i]))
+            if bool(done.all()):
+                break
+            past = mask.shape[1]
+            mask = torch.cat([mask, torch.ones(b, 1, dtype=mask.dtype, device=mask.device)], 1)
+            logits, cache = self._lm_step(emb(nxt)[:, None], mask, cache, past)
+        return [self.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in out]
+
+    def answer_loss(self, images: Tensor, texts: Sequence[str], answers: Sequence[str], task: str = "vqa",
+                    transform: TokenTransform | None = None) -> Tensor:
+        """Mean cross-entropy over answer tokens (+EOS); differentiable w.r.t. ``images``."""
+        vis, vmask = self._visual(images, texts, transform)
+        embeds, mask, labels = self.build_inputs(vis, vmask.bool(), task, texts, answers, left_pad=False)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        h = self.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos,
+                                return_dict=True).last_hidden_state
+        logits = self.llava.lm_head(h[:, :-1])
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1),
+                               ignore_index=-100)

@@ -1,0 +1,24 @@
+"""Training-free visual-token compression: pure, batched tensor functions.
+
+``types`` (VisualTokens in, Compressed out), ``thresholds`` (IQR, LOF, top-k rules),
+``select`` (budget splits, spatial/random choice, FastV's in-LM step), ``merge``
+(clusters, global token, VisionZip contextual tokens, pooling), ``methods`` (the registry),
+``flops`` (prefill cost), ``config`` (the params schema).
+"""
+from vlmcompress.tokens.config import METHOD_PARAMS, TokensParams
+from vlmcompress.tokens.methods import (
+    ADAPTIVE, METHODS, compress, get_method, method_names, pick_attention, register_method,
+)
+from vlmcompress.tokens.select import fastv_keep, fastv_scores
+from vlmcompress.tokens.thresholds import iqr_threshold, lof_scores, lof_threshold, topk_mask
+from vlmcompress.tokens.types import (
+    KIND_GLOBAL, KIND_MERGED, KIND_NAMES, KIND_PAD, KIND_POOLED, KIND_RECOVERED, KIND_SALIENT,
+    Compressed, VisualTokens, resolve_budget,
+)
+
+__all__ = [
+    "ADAPTIVE", "METHODS", "METHOD_PARAMS", "TokensParams", "compress", "get_method", "method_names",
+    "pick_attention", "register_method", "fastv_keep", "fastv_scores", "iqr_threshold", "lof_scores",
+    "lof_threshold", "topk_mask", "Compressed", "VisualTokens", "resolve_budget", "KIND_PAD",
+    "KIND_SALIENT", "KIND_RECOVERED", "KIND_MERGED", "KIND_GLOBAL", "KIND_POOLED", "KIND_NAMES",
+]

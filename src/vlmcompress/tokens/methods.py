@@ -1,0 +1,300 @@
+"""Registry of visual-token compression methods: name -> ``fn(VisualTokens, **params) -> Compressed``.
+
+Every method takes the same keywords, so a runner can loop over names and budgets:
+
+- ``budget``: ``None`` for the adaptive mode (only methods registered ``adaptive=True``),
+  a float fraction of N or an int count for a fixed budget (output = exactly k tokens,
+  except ``pool``, see :func:`vlmcompress.tokens.merge.pool_grid`). A budget >= N returns
+  all tokens.
+- ``attention``: ``'head_mean'`` (``VisualTokens.cls_attn``) or ``'full'``
+  (``VisualTokens.cls_attn_full``); ignored by methods that use no attention.
+- ``generator``: a ``torch.Generator`` (only ``random`` draws numbers).
+- the fields of the method's params dataclass (:data:`vlmcompress.tokens.config.METHOD_PARAMS`).
+
+FastV prunes inside the LM, not here: see :func:`vlmcompress.tokens.select.fastv_keep`.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from vlmcompress.tokens.config import (
+    FullParams, PoolParams, PruMergeParams, PruMergePlusParams, RandomParams,
+    RecoverableParams, VisionZipParams,
+)
+from vlmcompress.tokens.merge import (
+    avg_pool_tokens, global_token, merge_into_centres, pool_grid, visionzip_contextual,
+)
+from vlmcompress.tokens.select import random_scores, split_budget, spread_mask, stride_mask
+from vlmcompress.tokens.thresholds import adaptive_mask, iqr_threshold, topk_mask
+from vlmcompress.tokens.types import (
+    KIND_GLOBAL, KIND_MERGED, KIND_POOLED, KIND_RECOVERED, KIND_SALIENT, Compressed, VisualTokens,
+    pack, resolve_budget,
+)
+
+Method = Callable[..., Compressed]
+METHODS: dict[str, Method] = {}
+ADAPTIVE: set[str] = set()
+
+
+def register_method(name: str, *, adaptive: bool = False) -> Callable[[Method], Method]:
+    """Decorator: add a method to :data:`METHODS` (``adaptive``: it accepts ``budget=None``)."""
+    def wrap(fn: Method) -> Method:
+        if name in METHODS:
+            raise ValueError(f"token method {name!r} registered twice")
+        METHODS[name] = fn
+        if adaptive:
+            ADAPTIVE.add(name)
+        return fn
+    return wrap
+
+
+def method_names() -> list[str]:
+    return list(METHODS)
+
+
+def get_method(name: str) -> Method:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown token method {name!r} (known: {', '.join(METHODS)})") from None
+
+
+def compress(vt: VisualTokens, name: str, **kwargs: Any) -> Compressed:
+    """Validate ``vt`` and run method ``name`` on it."""
+    return get_method(name)(vt.validate(), **kwargs)
+
+
+# --- shared pieces ----------------------------------------------------------------------
+
+def _params(cls: type, name: str, params: dict[str, Any]) -> Any:
+    try:
+        return cls(**params)
+    except TypeError as exc:   # unknown keyword
+        known = ", ".join(f.name for f in cls.__dataclass_fields__.values()) or "none"
+        raise ValueError(f"{name}: bad parameter ({exc}); known parameters: {known}") from None
+
+
+def pick_attention(vt: VisualTokens, variant: str) -> Tensor:
+    """[B, N] CLS attention of the requested variant."""
+    if variant == "head_mean":
+        return vt.cls_attn
+    if variant == "full":
+        if vt.cls_attn_full is None:
+            raise ValueError("attention='full' but VisualTokens.cls_attn_full is None")
+        return vt.cls_attn_full
+    raise ValueError(f"attention: expected 'head_mean' or 'full', got {variant!r}")
+
+
+def _fixed_k(vt: VisualTokens, budget: int | float | None, name: str) -> int:
+    if budget is None:
+        raise ValueError(f"{name}: has no adaptive mode; give a budget (fraction of N or token count)")
+    return resolve_budget(vt.n_tokens, budget)
+
+
+def _all_tokens(vt: VisualTokens) -> Compressed:
+    B, N, _ = vt.tokens.shape
+    kind = torch.full((B, N), KIND_SALIENT, dtype=torch.int8, device=vt.tokens.device)
+    return pack(vt.tokens, kind)
+
+
+def _kept_kind(*groups: tuple[Tensor, int]) -> Tensor:
+    """[B, N] int8 kind map from (mask, kind) groups; later groups do not overwrite earlier."""
+    out = torch.zeros(groups[0][0].shape, dtype=torch.int8, device=groups[0][0].device)
+    for mask, kind in groups:
+        out = torch.where(mask & (out == 0), torch.tensor(kind, dtype=torch.int8, device=out.device), out)
+    return out
+
+
+def _clusters_and_global(vt: VisualTokens, attn: Tensor, centres: Tensor, pool: Tensor,
+                         members: Tensor, *, n_neighbors: int, mode: str, use_global: bool,
+                         extra_score: Tensor | None = None) -> list[tuple[Tensor, Tensor, int]]:
+    """Merged centres (pool = what they may absorb) then the global token over ``members``."""
+    merged, m_valid = merge_into_centres(vt.tokens, vt.keys, attn, centres, pool,
+                                         n_neighbors=n_neighbors, extra_score=extra_score, mode=mode)
+    extras = [(merged, m_valid, KIND_MERGED)]
+    if use_global:
+        g, g_valid = global_token(vt.tokens, attn, members, mode=mode)
+        extras.append((g, g_valid, KIND_GLOBAL))
+    return extras
+
+
+# --- methods ----------------------------------------------------------------------------
+
+@register_method("full")
+def full(vt: VisualTokens, *, budget: int | float | None = None, attention: str = "head_mean",
+         generator: torch.Generator | None = None, **params: Any) -> Compressed:
+    """All N tokens, in order (the uncompressed reference)."""
+    _params(FullParams, "full", params)
+    if budget is not None and resolve_budget(vt.n_tokens, budget) != vt.n_tokens:
+        raise ValueError(f"full: keeps all {vt.n_tokens} tokens; got budget {budget!r}")
+    return _all_tokens(vt)
+
+
+@register_method("random")
+def random(vt: VisualTokens, *, budget: int | float | None = None, attention: str = "head_mean",
+           generator: torch.Generator | None = None, **params: Any) -> Compressed:
+    """k tokens drawn uniformly without replacement per image, kept in patch order.
+    Deterministic given ``generator`` state (or ``seed`` when no generator is given)."""
+    p: RandomParams = _params(RandomParams, "random", params)
+    k = _fixed_k(vt, budget, "random")
+    scores = random_scores((vt.batch_size, vt.n_tokens), generator, p.seed, vt.tokens.device)
+    keep = topk_mask(scores, k)
+    return pack(vt.tokens, _kept_kind((keep, KIND_SALIENT)))
+
+
+@register_method("pool")
+def pool(vt: VisualTokens, *, budget: int | float | None = None, attention: str = "head_mean",
+         generator: torch.Generator | None = None, **params: Any) -> Compressed:
+    """Uniform spatial average pooling to the largest h x w grid with h·w <= k."""
+    p: PoolParams = _params(PoolParams, "pool", params)
+    k = _fixed_k(vt, budget, "pool")
+    if k >= vt.n_tokens:
+        return _all_tokens(vt)
+    out_grid = pool_grid(vt.grid, k, p.max_aspect)
+    pooled = avg_pool_tokens(vt.tokens, vt.grid, out_grid)
+    B, M, _ = pooled.shape
+    valid = torch.ones(B, M, dtype=torch.bool, device=pooled.device)
+    none = torch.zeros(vt.tokens.shape[:2], dtype=torch.int8, device=pooled.device)
+    return pack(vt.tokens, none, [(pooled, valid, KIND_POOLED)])
+
+
+@register_method("prumerge", adaptive=True)
+def prumerge(vt: VisualTokens, *, budget: int | float | None = None, attention: str = "head_mean",
+             generator: torch.Generator | None = None, **params: Any) -> Compressed:
+    """PruMerge: centres = IQR outliers of CLS attention (adaptive) or the top k-1 (fixed;
+    the global token is the k-th); each centre absorbs its nearest tokens among all others.
+    Output: cluster tokens in patch order of their centres, then the global token."""
+    p: PruMergeParams = _params(PruMergeParams, "prumerge", params)
+    attn = pick_attention(vt, attention)
+    if budget is None:
+        centres = iqr_threshold(attn, whisker=p.whisker, min_keep=p.min_keep)
+    else:
+        k = resolve_budget(vt.n_tokens, budget)
+        if k >= vt.n_tokens:
+            return _all_tokens(vt)
+        centres = topk_mask(attn, k - 1 if p.global_token else k)
+    return _prumerge_output(vt, attn, centres, p)
+
+
+@register_method("prumerge_plus", adaptive=True)
+def prumerge_plus(vt: VisualTokens, *, budget: int | float | None = None, attention: str = "head_mean",
+                  generator: torch.Generator | None = None, **params: Any) -> Compressed:
+    """PruMerge+: PruMerge centres plus spatially uniform ones.
+
+    Adaptive (official): IQR outliers, plus every s-th patch, s = max(1, (N // n_out) //
+    stride_divisor), over positions 0..N-2 (the official code samples ``arange(0, 575)``).
+    Fixed: round((k-1)·attn_share) centres by attention, the rest of the k-1 spread evenly
+    over the other patches, plus the global token."""
+    p: PruMergePlusParams = _params(PruMergePlusParams, "prumerge_plus", params)
+    attn = pick_attention(vt, attention)
+    N = vt.n_tokens
+    if budget is None:
+        outl = iqr_threshold(attn, whisker=p.whisker, min_keep=max(1, p.min_keep))
+        stride = (N // outl.sum(dim=1).clamp(min=1)) // p.stride_divisor
+        centres = outl | stride_mask(N, stride, limit=N - 1)
+    else:
+        k = resolve_budget(N, budget)
+        if k >= N:
+            return _all_tokens(vt)
+        n_c = k - 1 if p.global_token else k
+        n_attn, n_spatial = split_budget(n_c, (p.attn_share,))
+        by_attn = topk_mask(attn, n_attn)
+        centres = by_attn | spread_mask(~by_attn, n_spatial)
+    return _prumerge_output(vt, attn, centres, p)
+
+
+def _prumerge_output(vt: VisualTokens, attn: Tensor, centres: Tensor, p: PruMergeParams) -> Compressed:
+    everyone = torch.ones_like(centres)
+    extras = _clusters_and_global(vt, attn, centres, everyone, ~centres, n_neighbors=p.n_neighbors,
+                                  mode=p.merge_mode, use_global=p.global_token)
+    return pack(vt.tokens, torch.zeros_like(centres, dtype=torch.int8), extras)
+
+
+@register_method("visionzip")
+def visionzip(vt: VisualTokens, *, budget: int | float | None = None, attention: str = "head_mean",
+              generator: torch.Generator | None = None, **params: Any) -> Compressed:
+    """VisionZip: k - c dominant tokens (top CLS attention, patch order) + c contextual
+    tokens, c = round(k·contextual_share). Unlike the official code no CLS token is kept
+    (LLaVA-1.5 feeds patch tokens only)."""
+    p: VisionZipParams = _params(VisionZipParams, "visionzip", params)
+    attn = pick_attention(vt, attention)
+    k = _fixed_k(vt, budget, "visionzip")
+    if k >= vt.n_tokens:
+        return _all_tokens(vt)
+    n_ctx, n_dom = split_budget(k, (p.contextual_share,))
+    dominant = topk_mask(attn, n_dom)
+    ctx, valid = visionzip_contextual(vt.tokens, vt.keys, ~dominant, n_ctx)
+    return pack(vt.tokens, _kept_kind((dominant, KIND_SALIENT)), [(ctx, valid, KIND_MERGED)])
+
+
+@register_method("recoverable", adaptive=True)
+def recoverable(vt: VisualTokens, *, budget: int | float | None = None, attention: str = "head_mean",
+                generator: torch.Generator | None = None, **params: Any) -> Compressed:
+    """Recoverable Compression (text-guided recovery), three steps:
+
+    1. salient: CLS-attention outliers (adaptive rule) or the top ``salient_share·k``;
+    2. recovered: among the rest, the tokens most similar to the question text, by the same
+       rule on ``text_sim`` (official: LOF with salient scores set to the minimum) or the
+       top ``recovered_share·k``;
+    3. merged: centres = attention-ranked leftovers (LOF fraction of the leftover attention,
+       or the remaining budget minus one); each absorbs its ``merge_neighbors`` best leftover
+       tokens by key cosine + ``text_weight``·text_sim; one global token summarises the
+       leftovers that are not centres.
+
+    Output: salient and recovered tokens in patch order (as the official code), then cluster
+    tokens in patch order of their centres (official: by decreasing attention), then the
+    global token. Official quirks not reproduced: the whole batch shares one LOF fit, and the
+    centre count uses the vision width instead of N (``centre_count_base``).
+    """
+    p: RecoverableParams = _params(RecoverableParams, "recoverable", params)
+    attn = pick_attention(vt, attention)
+    text = vt.text_sim
+    if text is None and (p.recover or (p.merge and p.text_weight != 0.0)):
+        raise ValueError("recoverable: VisualTokens.text_sim is required "
+                         "(or set recover: false and text_weight: 0)")
+    N = attn.shape[1]
+    none = torch.zeros_like(attn, dtype=torch.bool)
+    use_global = p.global_token
+    if budget is None:
+        salient = adaptive_mask(p.salient_rule, attn, None, whisker=p.whisker,
+                                n_neighbors=p.salient_neighbors, lof_threshold_value=p.lof_threshold,
+                                min_keep=p.min_salient)
+        recovered = none
+        if p.recover:
+            recovered = adaptive_mask(p.recovery_rule, text, ~salient, whisker=p.whisker,
+                                      n_neighbors=p.recovery_neighbors, lof_threshold_value=p.lof_threshold,
+                                      ineligible="fill_min", count_base="eligible")
+        leftover = ~(salient | recovered)
+        centres = none
+        if p.merge:
+            base = "all" if p.centre_count_base == "all" else "eligible"
+            centres = adaptive_mask(p.centre_rule, attn, leftover, whisker=p.whisker,
+                                    n_neighbors=p.centre_neighbors, lof_threshold_value=p.lof_threshold,
+                                    ineligible="exclude", count_base=base)
+    else:
+        k = resolve_budget(N, budget)
+        if k >= N:
+            return _all_tokens(vt)
+        n_sal, n_rec, rest = split_budget(k, (p.salient_share, p.recovered_share if p.recover else 0.0))
+        n_glob = 1 if (p.global_token and rest >= 1) else 0
+        use_global = n_glob == 1
+        n_ctr = rest - n_glob if p.merge else 0
+        if not p.merge:   # no centres: give their share back to the kept tokens
+            if p.recover:
+                n_rec += rest - n_glob
+            else:
+                n_sal += rest - n_glob
+        salient = topk_mask(attn, n_sal)
+        recovered = topk_mask(text, n_rec, ~salient) if p.recover else none
+        leftover = ~(salient | recovered)
+        centres = topk_mask(attn, n_ctr, leftover)
+    extra = p.text_weight * text if (text is not None and p.text_weight != 0.0) else None
+    extras = _clusters_and_global(vt, attn, centres, leftover, leftover & ~centres,
+                                  n_neighbors=p.merge_neighbors, mode=p.merge_mode,
+                                  use_global=use_global, extra_score=extra)
+    return pack(vt.tokens, _kept_kind((salient, KIND_SALIENT), (recovered, KIND_RECOVERED)), extras)
+

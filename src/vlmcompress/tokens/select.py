@@ -1,0 +1,99 @@
+"""Token selection that is not a threshold on a score: budget splits, spatially uniform
+samples (PruMerge+), seeded random choice, and FastV's in-LM pruning step."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def split_budget(k: int, shares: tuple[float, ...]) -> list[int]:
+    """Split ``k`` tokens into ``len(shares) + 1`` parts: ``k·share`` rounded half up for
+    each share (in order, never exceeding what is left), the remainder last. Sums to ``k``."""
+    parts, left = [], k
+    for s in shares:
+        n = min(left, int(math.floor(k * s + 0.5)))
+        parts.append(n)
+        left -= n
+    return parts + [left]
+
+
+def spread_mask(eligible: Tensor, count: int | Tensor) -> Tensor:
+    """Pick ``count`` eligible positions spread evenly over each image's eligible positions
+    in row-major order: eligible ranks ``floor((i + 0.5)·n / count)``, i < count.
+
+    eligible [B, N] bool, count int or [B] -> [B, N] bool (exactly min(count, n) per image)
+    """
+    B, N = eligible.shape
+    dev = eligible.device
+    n = eligible.sum(dim=1)
+    c = count.to(dev).long() if isinstance(count, Tensor) else torch.full((B,), int(count), device=dev)
+    c = torch.minimum(c.clamp(min=0), n)
+    C = int(c.max()) if B else 0
+    if C == 0:
+        return torch.zeros_like(eligible)
+    i = torch.arange(C, device=dev).unsqueeze(0)
+    target = ((2 * i + 1) * n.unsqueeze(1)) // (2 * c.clamp(min=1).unsqueeze(1))   # integer form
+    target = torch.where(i < c.unsqueeze(1), target, N)                            # N = discard slot
+    by_rank = torch.zeros(B, N + 1, dtype=torch.bool, device=dev).scatter_(1, target, True)[:, :N]
+    rank = (eligible.long().cumsum(dim=1) - 1).clamp(min=0)
+    return eligible & by_rank.gather(1, rank)
+
+
+def stride_mask(n_tokens: int, stride: Tensor, limit: int | None = None) -> Tensor:
+    """Positions ``j`` with ``j % stride_b == 0`` and ``j < limit`` (default N).
+
+    stride [B] long (>= 1) -> [B, N] bool
+    """
+    pos = torch.arange(n_tokens, device=stride.device).unsqueeze(0)
+    limit = n_tokens if limit is None else limit
+    return (pos % stride.clamp(min=1).unsqueeze(1) == 0) & (pos < limit)
+
+
+def random_scores(shape: tuple[int, int], generator: torch.Generator | None, seed: int,
+                  device: torch.device) -> Tensor:
+    """Uniform random scores drawn on the CPU (same numbers on every device), then moved.
+
+    A given ``generator`` is advanced; without one a fresh generator seeded with ``seed``
+    is used, so a call is reproducible on its own."""
+    g = generator if generator is not None else torch.Generator().manual_seed(seed)
+    return torch.rand(shape, generator=g, device=g.device).to(device)
+
+
+def fastv_scores(attn: Tensor, image_start: int, n_image: int, query: str = "last") -> Tensor:
+    """Attention each image token receives in one LM layer, FastV style.
+
+    attn: [B, heads, T, T] softmax attention of layer K (FastV's aggregation layer).
+    query: ``'last'`` — attention from the last prompt token (the official FastV code),
+    ``'mean'`` — mean over all query positions. Heads are averaged.
+    -> [B, n_image]
+    """
+    if attn.ndim != 4:
+        raise ValueError(f"attn: expected [B, heads, T, T], got shape {tuple(attn.shape)}")
+    if image_start < 0 or image_start + n_image > attn.shape[-1]:
+        raise ValueError(f"image span [{image_start}, {image_start + n_image}) outside {attn.shape[-1]} positions")
+    a = attn.float().mean(dim=1)                                        # [B, T, T]
+    if query == "last":
+        row = a[:, -1]
+    elif query == "mean":
+        row = a.mean(dim=1)
+    else:
+        raise ValueError(f"query: expected 'last' or 'mean', got {query!r}")
+    return row[:, image_start:image_start + n_image]
+
+
+def fastv_keep(attn_received: Tensor, k: int) -> Tensor:
+    """FastV's pruning decision: the ``k`` image tokens that received the most attention,
+    as indices in increasing order (so kept tokens keep their sequence order).
+
+    attn_received [B, N] -> index [B, k] long, sorted ascending
+    """
+    if attn_received.ndim != 2:
+        raise ValueError(f"attn_received: expected [B, N], got shape {tuple(attn_received.shape)}")
+    N = attn_received.shape[1]
+    if not (1 <= k <= N):
+        raise ValueError(f"fastv_keep: k must be in [1, {N}], got {k}")
+    # Stable descending sort: ties go to the earlier token, deterministically.
+    order = torch.sort(attn_received, dim=1, descending=True, stable=True).indices[:, :k]
+    return torch.sort(order, dim=1).values

@@ -1,0 +1,137 @@
+"""The adapter on a tiny random llava-1.5-shaped model, loaded through the paper profile's loader."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from vlmcompress.lvlm import LVLM, ModelNotAvailableError, Prompts, load_lvlm
+from vlmcompress.lvlm.build import ModelSpec, build_clip, build_llava, save_lvlm
+from vlmcompress.lvlm.tokenizer import build_tokenizers, build_vocab
+
+WORDS = ("user assistant : what color is the circle square red blue small a of there how many "
+         "answer question using single word or phrase provide one-sentence caption for provided image "
+         "please bounding box coordinate region this sentence describes yes no").split()
+
+# llava-1.5's shape in miniature: CLIP ViT with CLS and one-conv patches, layer -2, "default" select.
+TINY = ModelSpec(image_size=56, patch_size=14, stem_layers=0, vision_hidden=32, vision_layers=3,
+                 vision_heads=2, text_hidden=32, text_layers=2, text_heads=2, text_max_len=32,
+                 projection_dim=16, lm_hidden=32, lm_layers=2, lm_heads=2, lm_intermediate=64)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    vocab = build_vocab(WORDS, ["?", ".", ",", "[", "]"])
+    tok, clip_tok = build_tokenizers(vocab)
+    ids = {k: tok.convert_tokens_to_ids(k) for k in ("<pad>", "<s>", "</s>", "<image>")}
+    clip = build_clip(TINY, len(vocab), ids["<pad>"], ids["<s>"], ids["</s>"])
+    llava = build_llava(TINY, clip, len(vocab), ids["<image>"], ids["<pad>"], ids["<s>"], ids["</s>"])
+    return save_lvlm(tmp_path_factory.mktemp("tiny") / "lvlm", llava, tok, clip, clip_tok)
+
+
+@pytest.fixture(scope="module")
+def lvlm(tiny_dir) -> LVLM:
+    return load_lvlm(str(tiny_dir / "llava"), str(tiny_dir / "clip"))
+
+
+def test_loaded_model_has_llava15_shape(lvlm):
+    cfg = lvlm.llava.config
+    assert cfg.vision_feature_layer == -2 and cfg.vision_feature_select_strategy == "default"
+    assert type(lvlm.vision_tower).__name__ == "CLIPVisionModel"
+
+
+def test_visual_features_and_cls_attention_match_eager_attention(lvlm):
+    imgs = torch.rand(2, 3, 56, 56)
+    f = lvlm.visual_features(imgs)
+    assert f.tokens.shape == (2, 16, 32) and f.hidden.shape == (2, 16, 32) and f.grid == (4, 4)
+    assert f.cls_attn.shape == (2, 16) and f.cls_attn_heads.shape == (2, 2, 16) and f.keys.shape == (2, 16, 32)
+    tower = lvlm.vision_tower
+    old = tower.config._attn_implementation
+    tower.set_attn_implementation("eager")
+    try:
+        ref = tower(lvlm.preprocess(imgs), output_attentions=True, return_dict=True).attentions[-1]
+    finally:
+        tower.set_attn_implementation(old)
+    torch.testing.assert_close(f.cls_attn_heads, ref[:, :, 0, 1:], rtol=1e-4, atol=1e-6)
+    # The hook is gone afterwards: the module has no leftover hooks.
+    assert not tower.encoder.layers[-1].self_attn._forward_pre_hooks
+
+
+def test_gradients_reach_pixels_from_lm_loss_and_token_loss(lvlm):
+    imgs = torch.rand(2, 3, 56, 56, requires_grad=True)
+    loss = lvlm.answer_loss(imgs, ["what color is the circle?"] * 2, ["red", "blue"])
+    loss.backward()
+    assert torch.isfinite(loss) and imgs.grad is not None and imgs.grad.abs().sum() > 0
+    imgs2 = torch.rand(1, 3, 60, 50, requires_grad=True)  # any size: resized differentiably
+    lvlm.visual_features(imgs2).tokens.pow(2).mean().backward()
+    assert imgs2.grad.abs().sum() > 0
+
+
+def test_batched_generation_equals_one_by_one(lvlm):
+    torch.manual_seed(1)
+    imgs = torch.rand(3, 3, 56, 56)
+    qs = ["what color is the circle?", "how many", "is there a small red square?"]
+    batched = lvlm.generate(imgs, qs, max_new_tokens=6)
+    single = [lvlm.generate(imgs[i:i + 1], [qs[i]], max_new_tokens=6)[0] for i in range(3)]
+    assert batched == single
+
+
+def test_batched_generation_with_different_token_counts(lvlm):
+    """A transform that keeps a different number of tokens per image still batches exactly."""
+    keep = [16, 5, 9]
+
+    def transform(feats, texts):
+        mask = torch.zeros(feats.tokens.shape[:2], dtype=torch.bool)
+        for i, k in enumerate(keep):
+            mask[i, :k] = True
+        return feats.tokens, mask
+
+    imgs = torch.rand(3, 3, 56, 56)
+    qs = ["what color is the circle?"] * 3
+    batched = lvlm.generate(imgs, qs, transform=transform, max_new_tokens=5)
+    single = []
+    for i, k in enumerate(keep):
+        single += lvlm.generate(imgs[i:i + 1], qs[i:i + 1], max_new_tokens=5,
+                                transform=lambda f, t, k=k: (f.tokens[:, :k], torch.ones(1, k, dtype=torch.bool)))
+    assert batched == single
+
+
+def test_text_encoder_sees_the_question_not_the_template(lvlm):
+    """The seed paper's official code feeds the system prompt; ours must feed the question."""
+    lvlm.prompts = Prompts(system="a chat between a curious human and an assistant.")
+    seen: list[list[str]] = []
+    hook = lvlm.clip.text_model.register_forward_pre_hook(
+        lambda m, a, kw: seen.append(lvlm.clip_tokenizer.batch_decode(kw["input_ids"], skip_special_tokens=True)),
+        with_kwargs=True)
+    try:
+        lvlm.generate(torch.rand(2, 3, 56, 56), ["what color is the circle?", "how many red"],
+                      transform=lambda f, texts: (lvlm.text_embeddings(texts) is not None and f.tokens,
+                                                  torch.ones(f.tokens.shape[:2], dtype=torch.bool)),
+                      max_new_tokens=2)
+    finally:
+        hook.remove()
+        lvlm.prompts = Prompts()
+    # Decoding a word-level tokenizer puts spaces between words: compare word by word.
+    assert [[t.replace(" ", "") for t in batch] for batch in seen] == [["whatcoloristhecircle?", "howmanyred"]]
+
+
+def test_text_embeddings_pool_at_eos_regardless_of_padding(lvlm):
+    both = lvlm.text_embeddings(["a red circle", "how many blue squares are there"])
+    one = lvlm.text_embeddings(["a red circle"])
+    torch.testing.assert_close(both[0], one[0], rtol=1e-5, atol=1e-6)
+    assert torch.allclose(both.norm(dim=-1), torch.ones(2))
+    emb = lvlm.patch_embeddings(lvlm.visual_features(torch.rand(1, 3, 56, 56)))
+    assert emb.shape == (1, 16, 16)
+
+
+def test_missing_weights_give_one_line_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelNotAvailableError) as exc:
+        load_lvlm("llava-hf/llava-1.5-7b-hf", "openai/clip-vit-large-patch14-336")
+    msg = str(exc.value)
+    assert "llava-hf/llava-1.5-7b-hf" in msg and "\n" not in msg
+    with pytest.raises(ModelNotAvailableError, match="cannot load LLaVA model from folder"):
+        (tmp_path / "empty").mkdir()
+        load_lvlm(str(tmp_path / "empty"), "x")

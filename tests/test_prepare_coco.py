@@ -1,0 +1,269 @@
+"""COCO 2017 val + VQAv2 val + RefCOCO preparation, from tiny archives with the official layout."""
+from __future__ import annotations
+
+import io
+import json
+import pathlib
+import pickle
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fixtures_http import FileServer
+from PIL import Image
+from pycocotools.coco import COCO
+
+from vlmcompress.data.config import DownloadParams, SourceParams
+from vlmcompress.data.prepare_coco import (
+    PAPER_SOURCES, load_safe_pickle, prepare_from_archives, prepare_paper_data, select_image_ids,
+)
+from vlmcompress.data.records import annotation_path, load_split
+
+VAL_IDS = [139, 285, 632, 724, 776, 785]          # COCO 2017 val ids (real ones, tiny fake images)
+VQA_IDS = [139, 285, 724]                         # also val2014 images
+REF_IDS = [632, 776]                              # also train2014 images
+
+
+def _jpeg(w: int, h: int, seed: int) -> bytes:
+    rgb = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, "JPEG", quality=80)
+    return buf.getvalue()
+
+
+def _zip(members: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+def _name(i: int) -> str:
+    return f"{i:012d}.jpg"
+
+
+def _instances() -> dict:
+    images = [{"id": i, "file_name": _name(i), "width": 30 + k, "height": 20 + k, "license": 1,
+               "coco_url": f"http://images.cocodataset.org/val2017/{_name(i)}"} for k, i in enumerate(VAL_IDS)]
+    anns = []
+    for k, i in enumerate(VAL_IDS):
+        for j in range(2):
+            x, y = 2 + j, 3 + k
+            anns.append({"id": 1000 * i + j, "image_id": i, "category_id": 1 + j, "iscrowd": 0,
+                         "bbox": [x, y, 10.0, 8.0], "area": 80.0,
+                         "segmentation": [[x, y, x + 10, y, x + 10, y + 8, x, y + 8]]})
+    return {"info": {"year": 2017, "version": "1.0"}, "licenses": [{"id": 1, "name": "CC", "url": ""}],
+            "images": images, "annotations": anns,
+            "categories": [{"id": 1, "name": "person", "supercategory": "person"},
+                           {"id": 2, "name": "bicycle", "supercategory": "vehicle"}]}
+
+
+def _captions(instances: dict) -> dict:
+    return {"info": instances["info"], "licenses": instances["licenses"], "images": instances["images"],
+            "annotations": [{"id": 10 * i + c, "image_id": i, "caption": f"A photo number {c} of {i}. "}
+                            for i in VAL_IDS for c in range(2)]}
+
+
+def _vqa() -> tuple[dict, dict]:
+    ids = VQA_IDS + [42]                             # 42: a val2014 image that is not in val2017
+    qs = [{"image_id": i, "question": f"What is in {i} ({n})?", "question_id": i * 1000 + n}
+          for i in ids for n in range(3)]
+    anns = [{"question_type": "what is", "multiple_choice_answer": f"thing{q['question_id']}",
+             "answers": [{"answer": f"thing{q['question_id']}", "answer_confidence": "yes", "answer_id": a + 1}
+                         for a in range(10)],
+             "image_id": q["image_id"], "answer_type": "other", "question_id": q["question_id"]} for q in qs]
+    meta = {"info": {"description": "VQA v2"}, "license": {"name": "CC"}, "data_type": "mscoco",
+            "data_subtype": "val2014"}
+    return ({**meta, "task_type": "Open-Ended", "questions": qs}, {**meta, "annotations": anns})
+
+
+def _refs() -> list[dict]:
+    def ref(ref_id, image_id, ann_id, split="val"):
+        sents = [{"tokens": ["left", "one"], "raw": "Left one", "sent_id": ref_id * 10 + s,
+                  "sent": f"left one {ref_id} {s}"} for s in range(2)]
+        return {"sent_ids": [s["sent_id"] for s in sents], "file_name": f"COCO_train2014_{image_id:012d}_{ann_id}.jpg",
+                "ann_id": ann_id, "ref_id": ref_id, "image_id": image_id, "split": split,
+                "sentences": sents, "category_id": 1}
+    return [ref(1, 632, 632000), ref(2, 776, 776001, "testA"),
+            ref(3, 9, 9000),                  # train2017 image: not in val2017
+            ref(4, 632, 555),                 # ann id unknown in instances_val2017
+            ref(5, 776, 632001)]              # ann of another image: inconsistent, dropped
+
+
+def _pickle_py2(obj) -> bytes:
+    # Protocol 2 with fix_imports writes Python 2 module names, like the original files.
+    return pickle.dumps(obj, protocol=2)
+
+
+@pytest.fixture(scope="module")
+def official(tmp_path_factory) -> dict[str, bytes]:
+    """Bytes of the five official archives, in miniature."""
+    inst = _instances()
+    q, a = _vqa()
+    return {
+        "val2017.zip": _zip({f"val2017/{_name(i)}": _jpeg(30 + k, 20 + k, i) for k, i in enumerate(VAL_IDS)}),
+        "annotations_trainval2017.zip": _zip({
+            "annotations/instances_val2017.json": json.dumps(inst).encode(),
+            "annotations/captions_val2017.json": json.dumps(_captions(inst)).encode(),
+            "annotations/person_keypoints_val2017.json": b"{}",
+            "annotations/instances_train2017.json": b"{}"}),
+        "v2_Questions_Val_mscoco.zip": _zip({"v2_OpenEnded_mscoco_val2014_questions.json": json.dumps(q).encode()}),
+        "v2_Annotations_Val_mscoco.zip": _zip({"v2_mscoco_val2014_annotations.json": json.dumps(a).encode()}),
+        "refcoco.zip": _zip({"refcoco/refs(unc).p": _pickle_py2(_refs()),
+                             "refcoco/refs(google).p": _pickle_py2([]),
+                             "refcoco/instances.json": b'{"images": [], "annotations": []}'}),
+    }
+
+
+KEY_OF = {"val2017.zip": "coco_val_images", "annotations_trainval2017.zip": "coco_annotations",
+          "v2_Questions_Val_mscoco.zip": "vqa_questions", "v2_Annotations_Val_mscoco.zip": "vqa_annotations",
+          "refcoco.zip": "refcoco"}
+
+
+def _write(official: dict[str, bytes], folder: Path, **replace: bytes) -> dict[str, Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for name, data in {**official, **replace}.items():
+        (folder / name).write_bytes(data)
+        out[KEY_OF[name]] = folder / name
+    return out
+
+
+def test_paper_sources_point_at_official_file_names():
+    names = {k: v["url"].rsplit("/", 1)[1] for k, v in PAPER_SOURCES.items()}
+    assert names == {v: k for k, v in KEY_OF.items()}
+
+
+def test_download_and_prepare_end_to_end(official, tmp_path):
+    with FileServer({f"/data/{n}": d for n, d in official.items()}) as srv:
+        params = DownloadParams(
+            sources={KEY_OF[n]: SourceParams(url=srv.url(f"/data/{n}"), size=len(d)) for n, d in official.items()},
+            subset=None, timeout_s=5.0, retries=1)
+        counts = prepare_paper_data(params, tmp_path / "raw", tmp_path / "ds", progress=False)
+        n_requests = len(srv.log)
+        prepare_paper_data(params, tmp_path / "raw", tmp_path / "ds2", progress=False)
+        assert len(srv.log) == n_requests == 5        # verified raw files are re-used
+    assert counts == {"test_images": 6, "test_objects": 12, "test_captions": 12, "test_questions": 9,
+                      "test_refs": 2, "test_ref_sentences": 4, "refs_dropped_ann_mismatch": 1}
+
+    recs = load_split(tmp_path / "ds", "test")
+    assert [r.image_id for r in recs] == VAL_IDS
+    by_id = {r.image_id: r for r in recs}
+    with zipfile.ZipFile(tmp_path / "raw" / "val2017.zip") as zf:
+        assert by_id[139].path.read_bytes() == zf.read(f"val2017/{_name(139)}")
+    assert (by_id[285].width, by_id[285].height) == (31, 21)
+    assert Image.open(by_id[285].path).size == (31, 21)
+    assert by_id[139].questions[0].answer == "thing139000" and len(by_id[139].questions[0].answers) == 10
+    assert by_id[139].captions[0] == "A photo number 0 of 139."
+    assert not by_id[632].questions and not by_id[785].questions and not by_id[785].refs
+    (ref,) = {r.ref_id: r for r in by_id[632].refs}.values()  # ref 4 (unknown ann) is gone
+    assert (ref.ref_id, ref.ann_id, ref.bbox) == (1, 632000, (2.0, 5.0, 10.0, 8.0))
+    assert [r.sentence for r in by_id[776].refs] == ["left one 2 0", "left one 2 1"]
+    raw_refs = json.loads(annotation_path(tmp_path / "ds", "refs", "test").read_text())
+    assert {r["refcoco_split"] for r in raw_refs} == {"val", "testA"}
+
+    coco = COCO(str(annotation_path(tmp_path / "ds", "instances", "test")))
+    assert sorted(coco.getImgIds()) == VAL_IDS and len(coco.getAnnIds(imgIds=[776])) == 2
+    assert coco.annToMask(coco.loadAnns([139000])[0]).sum() > 0
+    caps = COCO(str(annotation_path(tmp_path / "ds", "captions", "test")))
+    assert len(caps.getAnnIds(imgIds=[139])) == 2
+    assert caps.loadRes([{"image_id": 139, "caption": "x"}]).getImgIds() == [139]
+
+
+def test_subset_keeps_first_ids_with_questions_or_refs_and_val_split(official, tmp_path):
+    arcs = _write(official, tmp_path / "raw")
+    counts = prepare_from_archives(arcs, tmp_path / "ds", subset=3, val_images=1)
+    assert [r.image_id for r in load_split(tmp_path / "ds", "val")] == [139]
+    assert [r.image_id for r in load_split(tmp_path / "ds", "test")] == [285, 632]
+    assert counts["val_questions"] == 3 and counts["test_questions"] == 3 and counts["test_refs"] == 1
+    assert sorted(p.name for p in (tmp_path / "ds/images/test").iterdir()) == [_name(285), _name(632)]
+    assert not list((tmp_path / "ds").glob(".*"))                         # no staging left
+
+
+def test_select_image_ids():
+    assert select_image_ids([5, 1, 3], {3}, None) == [1, 3, 5]
+    assert select_image_ids([5, 1, 3, 7], {7, 3, 5}, 2) == [3, 5]
+    with pytest.raises(ValueError, match="subset"):
+        select_image_ids([1], {1}, 0)
+
+
+def test_without_refcoco_source(official, tmp_path):
+    arcs = _write(official, tmp_path / "raw")
+    del arcs["refcoco"]
+    counts = prepare_from_archives(arcs, tmp_path / "ds")
+    assert "test_refs" not in counts and not annotation_path(tmp_path / "ds", "refs", "test").exists()
+    assert all(not r.refs for r in load_split(tmp_path / "ds", "test"))
+
+
+class _Evil:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (pathlib.Path.touch, (self.marker,))
+
+
+def test_malicious_pickle_is_refused(official, tmp_path):
+    marker = tmp_path / "pwned"
+    evil = _zip({"refcoco/refs(unc).p": pickle.dumps([_Evil(marker)])})
+    arcs = _write(official, tmp_path / "raw", **{"refcoco.zip": evil})
+    with pytest.raises(ValueError, match=r"refs\(unc\)\.p: refused pickle: forbidden global pathlib"):
+        prepare_from_archives(arcs, tmp_path / "ds")
+    assert not marker.exists() and not (tmp_path / "ds").exists()
+
+
+@pytest.mark.parametrize("payload", [
+    b"cbuiltins\neval\n(S'1+1'\ntR.",                 # builtins, but not a data type
+    b"cos\nsystem\n(S'true'\ntR.",                     # the classic
+])
+def test_restricted_unpickler_rejects_globals(payload):
+    with pytest.raises(ValueError, match="x.p: refused pickle: forbidden global"):
+        load_safe_pickle(payload, "x.p")
+
+
+def test_restricted_unpickler_accepts_python2_data():
+    data = {"a": [1, 2.5, "t", None, True], "s": {1, 2}, "f": frozenset({3}), "t": (1, "x")}
+    assert load_safe_pickle(pickle.dumps(data, protocol=2), "x.p") == data
+    assert load_safe_pickle(b"\x80\x02]q\x00U\x03abcq\x01a.", "x.p") == ["abc"]   # a Python 2 str
+    with pytest.raises(ValueError, match="x.p: corrupt pickle"):
+        load_safe_pickle(b"\x80\x02]q\x00", "x.p")
+
+
+@pytest.mark.parametrize("name, member, data, match", [
+    ("v2_Questions_Val_mscoco.zip", "v2_OpenEnded_mscoco_val2014_questions.json", b"{not json",
+     r"v2_OpenEnded_mscoco_val2014_questions.json: invalid JSON"),
+    ("v2_Questions_Val_mscoco.zip", "v2_OpenEnded_mscoco_val2014_questions.json",
+     b'{"questions": [{"image_id": 1, "question_id": 2}]}', r"questions\[0\]: missing key 'question'"),
+    ("v2_Annotations_Val_mscoco.zip", "wrong_name.json", b"{}", r"no member named 'v2_mscoco_val2014_annotations"),
+    ("refcoco.zip", "refcoco/refs(unc).p", pickle.dumps({"not": "a list"}), r"expected a list of refs"),
+    ("refcoco.zip", "refcoco/refs(unc).p", pickle.dumps([{"ref_id": 1, "ann_id": 2, "image_id": 3}]),
+     r"refs\(unc\)\.p\[0\]: missing key 'sentences'"),
+])
+def test_bad_inputs_give_one_line_errors(official, tmp_path, name, member, data, match):
+    arcs = _write(official, tmp_path / "raw", **{name: _zip({member: data})})
+    with pytest.raises(ValueError, match=match) as err:
+        prepare_from_archives(arcs, tmp_path / "ds")
+    assert "\n" not in str(err.value) and not (tmp_path / "ds").exists()
+
+
+def test_missing_images_in_archive(official, tmp_path):
+    few = _zip({f"val2017/{_name(139)}": _jpeg(30, 20, 0)})
+    arcs = _write(official, tmp_path / "raw", **{"val2017.zip": few})
+    with pytest.raises(ValueError, match=r"val2017.zip: 5 images missing, e.g. val2017/000000000285.jpg"):
+        prepare_from_archives(arcs, tmp_path / "ds")
+    assert not (tmp_path / "ds").exists()
+
+
+def test_source_keys_are_checked(tmp_path):
+    src = {k: SourceParams(url=v["url"]) for k, v in PAPER_SOURCES.items()}
+    bad = DownloadParams(sources={**src, "coco_train": SourceParams(url="http://x/y.zip")},
+                         subset=None, timeout_s=1.0, retries=0)
+    with pytest.raises(ValueError, match="sources.coco_train: unknown source"):
+        prepare_paper_data(bad, tmp_path / "raw", tmp_path / "ds")
+    del src["vqa_questions"]
+    with pytest.raises(ValueError, match="sources.vqa_questions: missing"):
+        prepare_paper_data(DownloadParams(sources=src, subset=None, timeout_s=1.0, retries=0),
+                           tmp_path / "raw", tmp_path / "ds")
+    assert not (tmp_path / "raw").exists()

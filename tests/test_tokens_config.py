@@ -1,0 +1,53 @@
+"""The tokens params schema: defaults, strict loading, validation messages."""
+import pytest
+import torch
+
+from vlmcompress.config import ConfigError, from_dict
+from vlmcompress.tokens import VisualTokens, compress
+from vlmcompress.tokens.config import METHOD_PARAMS, RecoverableParams, TokensParams
+
+
+def test_defaults_load_from_an_empty_section():
+    p = from_dict(TokensParams, {}, "tokens")
+    assert p.methods == list(METHOD_PARAMS)
+    assert p.budgets == [0.05, 0.10, 0.25, 0.50]
+    assert p.attention == "head_mean" and p.feature_layer == -2
+    assert p.recoverable == RecoverableParams()
+
+
+def test_budgets_keep_int_counts_and_float_fractions():
+    p = from_dict(TokensParams, {"budgets": [0.1, 64], "methods": ["recoverable", "visionzip"]}, "tokens")
+    assert p.budgets == [0.1, 64]
+    assert isinstance(p.budgets[0], float) and isinstance(p.budgets[1], int)
+
+
+@pytest.mark.parametrize("section,match", [
+    ({"methods": ["fastv"]}, r"tokens\.methods\[0\]: unknown method 'fastv'"),
+    ({"budgets": [0.1, 1.5]}, r"tokens\.budgets\[1\]: a fraction must be in \(0, 1\]"),
+    ({"budgets": [0]}, r"tokens\.budgets\[0\]: a token count must be >= 1"),
+    ({"attention": "max"}, r"tokens\.attention: expected 'head_mean' \| 'full'"),
+    ({"recoverable": {"salient_share": 0.8, "recovered_share": 0.4}}, r"tokens\.recoverable\.recovered_share"),
+    ({"recoverable": {"centre_neighbors": 0}}, r"tokens\.recoverable\.centre_neighbors: must be >= 1"),
+    ({"recoverable": {"unknown": 1}}, r"tokens\.recoverable\.unknown: unknown key"),
+    ({"prumerge_plus": {"attn_share": 2.0}}, r"tokens\.prumerge_plus\.attn_share"),
+    ({"visionzip": {"contextual_share": -0.1}}, r"tokens\.visionzip\.contextual_share"),
+])
+def test_bad_values_name_the_key(section, match):
+    with pytest.raises(ConfigError, match=match):
+        from_dict(TokensParams, section, "tokens")
+
+
+def test_method_params_feed_the_methods():
+    p = from_dict(TokensParams, {"recoverable": {"salient_share": 0.6, "recovered_share": 0.2}}, "tokens")
+    kw = p.method_params("recoverable")
+    assert kw["salient_share"] == 0.6 and kw["merge_mode"] == "average"
+    g = torch.Generator().manual_seed(0)
+    vt = VisualTokens(torch.randn(1, 16, 4, generator=g), torch.randn(1, 16, 3, generator=g),
+                      torch.softmax(torch.randn(1, 16, generator=g), 1), None,
+                      torch.rand(1, 16, generator=g), (4, 4))
+    c = compress(vt, "recoverable", budget=10, attention=p.attention, **kw)
+    assert (c.kind == 1).sum() == 6 and (c.kind == 2).sum() == 2
+    for name in METHOD_PARAMS:
+        assert isinstance(p.method_params(name), dict)
+    with pytest.raises(KeyError, match="unknown method"):
+        p.method_params("fastv")
