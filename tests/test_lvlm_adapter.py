@@ -135,3 +135,20 @@ def test_missing_weights_give_one_line_error(tmp_path, monkeypatch):
     with pytest.raises(ModelNotAvailableError, match="cannot load LLaVA model from folder"):
         (tmp_path / "empty").mkdir()
         load_lvlm(str(tmp_path / "empty"), "x")
+
+
+def test_shared_image_prefix_equals_separate_images(lvlm):
+    """Several questions per image: one tower pass and a shared prefill give the same answers."""
+    torch.manual_seed(2)
+    imgs = torch.rand(2, 3, 56, 56)
+    qs = ["what color is the circle?", "how many", "is there a red square?", "a"]
+    index = [0, 1, 1, 0]
+    shared = lvlm.generate(imgs, qs, image_index=index, max_new_tokens=5)
+    separate = lvlm.generate(imgs[index], qs, max_new_tokens=5)
+    assert shared == separate
+    # A transform sees the features repeated per sample.
+    seen = []
+    lvlm.generate(imgs, qs, image_index=index, max_new_tokens=1,
+                  transform=lambda f, t: (seen.append(f.tokens.shape[0]) or f.tokens,
+                                          torch.ones(f.tokens.shape[:2], dtype=torch.bool)))
+    assert seen == [4]

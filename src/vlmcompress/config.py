@@ -145,6 +145,7 @@ def to_dict(obj: Any) -> Any:
 # --- the params file -------------------------------------------------------------------
 # Imported late-bound: section schemas are defined beside the code that uses them.
 from vlmcompress.data.config import DataParams  # noqa: E402
+from vlmcompress.lvlm.config import LvlmParams  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,6 +155,7 @@ class Params:
     profile: Literal["embedded", "paper"]
     seed: int
     data: DataParams
+    lvlm: LvlmParams
 
 
 def read_yaml(path: Path) -> Any:

@@ -43,17 +43,24 @@ class Prompts:
     caption: str = "provide a one-sentence caption for the provided image."
     ground: str = "please provide the bounding box coordinate of the region this sentence describes: {ref}."
 
+    def instruction(self, task: str, text: str = "") -> str:
+        if task == "vqa":
+            return self.vqa.format(question=text)
+        if task == "caption":
+            return self.caption
+        if task == "ground":
+            return self.ground.format(ref=text)
+        raise ValueError(f"unknown task {task!r} (vqa, caption, ground)")
+
+    def render_followup(self, task: str, text: str = "") -> str:
+        """A later turn of a conversation: the template without system prompt and image."""
+        return " " + self.template.replace("<image>\n", "").replace("<image>", "").format(
+            instruction=self.instruction(task, text))
+
     def render(self, task: str, text: str = "") -> tuple[str, str]:
         """(text before the image, text after it) for one sample."""
-        if task == "vqa":
-            instruction = self.vqa.format(question=text)
-        elif task == "caption":
-            instruction = self.caption
-        elif task == "ground":
-            instruction = self.ground.format(ref=text)
-        else:
-            raise ValueError(f"unknown task {task!r} (vqa, caption, ground)")
-        full = (self.system + " " if self.system else "") + self.template.format(instruction=instruction)
+        full = (self.system + " " if self.system else "") + self.template.format(
+            instruction=self.instruction(task, text))
         before, sep, after = full.partition("<image>")
         if not sep:
             raise ValueError("prompt template has no <image> placeholder")
@@ -71,6 +78,12 @@ class VisualFeatures:
     cls_attn_heads: Tensor  # [B, H, N] the same per head
     last_hidden: Tensor   # [B, 1 + N, Dv] last vision layer output (CLS first), for patch embeddings
     grid: tuple[int, int]  # (H, W) patch grid
+
+    def index(self, idx: Tensor) -> "VisualFeatures":
+        """The features of images ``idx [B']`` (repeats allowed)."""
+        pick = lambda t: t.index_select(0, idx)  # noqa: E731
+        return VisualFeatures(pick(self.tokens), pick(self.hidden), pick(self.keys), pick(self.cls_attn),
+                              pick(self.cls_attn_heads), pick(self.last_hidden), self.grid)
 
 
 # A transform replaces the visual tokens: (features, raw questions) -> (tokens [B, K, D], mask [B, K]).
@@ -256,20 +269,59 @@ class LVLM:
             return feats.tokens, torch.ones(b, n, dtype=torch.bool, device=feats.tokens.device)
         return transform(feats, texts)
 
+    def _prefill_shared(self, vis: Tensor, pre: list[int], posts: list[list[int]], index: Tensor
+                        ) -> tuple[Tensor, Tensor, DynamicCache]:
+        """Prefill ``[pre, visual]`` once per image, then each sample's own suffix.
+
+        ``vis [U, N, D]`` for U unique images, ``index [B]`` the image of each sample. The
+        suffixes are left-padded *after* the shared prefix; the attention mask hides the
+        padding and positions follow the mask, so results equal a per-sample prefill.
+        """
+        u, b = vis.shape[0], index.shape[0]
+        prefix = torch.cat([self._embed_ids(pre).unsqueeze(0).expand(u, -1, -1), vis.to(self.dtype)], 1)
+        p = prefix.shape[1]
+        pmask = torch.ones(u, p, dtype=torch.long, device=self.device)
+        _, cache = self._lm_step(prefix, pmask, None, 0)
+        cache.reorder_cache(index.to(self.device))
+        s = max(len(x) for x in posts)
+        embeds = prefix.new_zeros(b, s, prefix.shape[-1])
+        mask = torch.zeros(b, p + s, dtype=torch.long, device=self.device)
+        mask[:, :p] = 1
+        for i, post in enumerate(posts):
+            if post:
+                embeds[i, s - len(post):] = self._embed_ids(post)
+                mask[i, p + s - len(post):] = 1
+        logits, cache = self._lm_step(embeds, mask, cache, p)
+        return logits, mask, cache
+
     @torch.inference_mode()
     def generate(self, images: Tensor, texts: Sequence[str] | None = None, task: str = "vqa",
-                 transform: TokenTransform | None = None, max_new_tokens: int = 16) -> list[str]:
+                 transform: TokenTransform | None = None, max_new_tokens: int = 16,
+                 image_index: Sequence[int] | Tensor | None = None) -> list[str]:
         """Greedy answers for a batch. ``texts``: questions (vqa), referring expressions (ground).
 
+        ``images [U, 3, H, W]``; ``image_index [B]`` names each sample's image (default: one
+        sample per image), so many questions about one image run the vision tower once and,
+        without a ``transform``, share the LM prefill of the image prefix.
         ``transform`` receives the raw ``texts`` — never the chat template or system prompt.
         """
-        b = images.shape[0]
+        index = torch.arange(images.shape[0]) if image_index is None else torch.as_tensor(image_index).long()
+        b = index.shape[0]
         texts = list(texts) if texts is not None else [""] * b
         if len(texts) != b:
-            raise ValueError(f"{b} images but {len(texts)} texts")
-        vis, vmask = self._visual(images, texts, transform)
-        embeds, mask, _ = self.build_inputs(vis, vmask.bool(), task, texts)
-        logits, cache = self._lm_step(embeds, mask, None, 0)
+            raise ValueError(f"{b} samples but {len(texts)} texts")
+        prompts = self._prompt_ids(task, texts)
+        feats = self.visual_features(images)
+        if transform is None and all(pre == prompts[0][0] for pre, _ in prompts):
+            logits, mask, cache = self._prefill_shared(feats.tokens, prompts[0][0], [p for _, p in prompts], index)
+        else:
+            feats = feats if image_index is None else feats.index(index.to(feats.tokens.device))
+            if transform is None:
+                vis, vmask = feats.tokens, torch.ones(feats.tokens.shape[:2], dtype=torch.bool, device=feats.tokens.device)
+            else:
+                vis, vmask = transform(feats, texts)
+            embeds, mask, _ = self.build_inputs(vis, vmask.bool(), task, texts)
+            logits, cache = self._lm_step(embeds, mask, None, 0)
         done = torch.zeros(b, dtype=torch.bool, device=self.device)
         out: list[list[int]] = [[] for _ in range(b)]
         emb = self.llava.get_input_embeddings()

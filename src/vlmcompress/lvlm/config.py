@@ -1,0 +1,84 @@
+"""Schema of the ``lvlm`` section of params.yaml."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class PromptParams:
+    """Chat template (must contain ``<image>`` and ``{instruction}``) and task instructions."""
+
+    system: str
+    template: str
+    vqa: str
+    caption: str
+    ground: str
+
+
+@dataclass(frozen=True)
+class ArchParams:
+    """Sizes of the embedded model (ignored when ``source: pretrained``)."""
+
+    image_size: int
+    patch_size: int
+    stem_layers: int          # 0: CLIP's one-conv patch embedding; n: n stride-2 3x3 convs
+    vision_hidden: int
+    vision_layers: int
+    vision_heads: int
+    text_hidden: int
+    text_layers: int
+    text_heads: int
+    text_max_len: int
+    projection_dim: int
+    lm_hidden: int
+    lm_layers: int
+    lm_heads: int
+    lm_intermediate: int
+    vision_feature_layer: int
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    """The staged recipe: (A) CLIP, (B) projector alignment, (C) language model."""
+
+    threads: int              # torch threads (0: leave torch's default)
+    pool_scenes: int          # fresh training scenes, drawn from seed streams never used by val/test
+    clip_steps: int
+    clip_batch: int
+    clip_lr: float
+    align_steps: int
+    align_batch: int
+    align_lr: float
+    lm_steps: int
+    lm_batch: int
+    lm_lr: float
+    lm_turns: int             # question/answer turns packed into one training sequence
+    caption_prob: float       # chance that a sequence includes a caption turn
+    ground_prob: float        # chance that a sequence includes a grounding turn
+    warmup_steps: int
+    checkpoint_every: int     # steps between resumable checkpoints
+    eval_every: int           # steps between quick val checks (training curves)
+
+
+@dataclass(frozen=True)
+class EvalParams:
+    batch_size: int
+    max_questions: int        # 0: all test questions
+    max_captions: int         # images captioned for CIDEr (0: all)
+    max_refs: int             # referring expressions grounded (0: all)
+    gallery: int              # retrieval gallery size (images; 0: whole split)
+
+
+@dataclass(frozen=True)
+class LvlmParams:
+    source: Literal["train", "pretrained"]   # train: embedded model; pretrained: load llava/clip
+    llava: str                # hub id or folder (pretrained)
+    clip: str
+    dtype: Literal["float32", "bfloat16", "float16"]
+    device: str
+    attn_layer: int           # vision layer whose CLS attention the adapter records
+    prompts: PromptParams
+    arch: ArchParams
+    train: TrainParams
+    eval: EvalParams

@@ -1,0 +1,120 @@
+"""The LVLM stage (``02_lvlm``): train (embedded) or resolve (paper) the model, then score it."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from vlmcompress.config import Params, to_dict
+from vlmcompress.data.records import ImageRecord
+from vlmcompress.eval.tasks import (majority_baseline, run_captions, run_grounding, run_retrieval, run_vqa,
+                                    vqa_items)
+from vlmcompress.io import atomic_path, write_json
+from vlmcompress.lvlm.adapter import LVLM, Prompts
+from vlmcompress.lvlm.config import EvalParams, LvlmParams
+from vlmcompress.lvlm.load import load_lvlm
+from vlmcompress.paths import outputs_dir
+
+
+def stage_dir() -> Path:
+    return outputs_dir("lvlm")
+
+
+def model_paths(params: Params) -> tuple[str, str]:
+    """(llava, clip) locations every later stage loads: the trained folders or the hub ids."""
+    if params.lvlm.source == "train":
+        root = stage_dir() / "model"
+        return str(root / "llava"), str(root / "clip")
+    return params.lvlm.llava, params.lvlm.clip
+
+
+def load_stage_lvlm(params: Params) -> LVLM:
+    llava, clip = model_paths(params)
+    L = params.lvlm
+    return load_lvlm(llava, clip, prompts=Prompts(**dataclasses.asdict(L.prompts)), attn_layer=L.attn_layer,
+                     dtype=L.dtype, device=L.device)
+
+
+def _config_hash(params: Params) -> str:
+    """What a checkpoint depends on: a changed recipe must not resume a stale run."""
+    keys = {"seed": params.seed, "scenes": to_dict(params.data.scenes), "lvlm": to_dict(params.lvlm)}
+    keys["lvlm"].pop("eval")
+    keys["lvlm"]["train"].pop("checkpoint_every")
+    keys["lvlm"]["train"].pop("eval_every")
+    return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def train_embedded(params: Params, val: list[ImageRecord], log=print) -> dict[str, float]:
+    """Train the embedded model into ``outputs/lvlm/model`` (resuming from ``checkpoints/``)."""
+    from vlmcompress.lvlm.train import Trainer
+
+    out = stage_dir()
+    work = out / "checkpoints"
+    digest = _config_hash(params)
+    stamp = work / "config_hash"
+    if work.exists() and (not stamp.is_file() or stamp.read_text() != digest):
+        shutil.rmtree(work)  # a different recipe: start over
+    work.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(digest)
+    items = vqa_items(val, 200, seed=1)
+
+    def quick(lvlm: LVLM) -> dict[str, float]:
+        r = run_vqa(lvlm, items, batch_size=params.lvlm.eval.batch_size)
+        return {"val_acc": round(r.acc, 2)}
+
+    trainer = Trainer(params.lvlm, params.data.scenes, work, seed=params.seed, log=log)
+    t0 = time.perf_counter()
+    seconds = trainer.run(out / "model", eval_fn=quick)
+    trainer.write_curves(out / "curves.csv")
+    seconds["train_seconds"] = round(sum(v for k, v in seconds.items()), 1)
+    seconds["wall_seconds"] = round(time.perf_counter() - t0, 1)
+    return seconds
+
+
+def evaluate(lvlm: LVLM, train: list[ImageRecord], test: list[ImageRecord], ev: EvalParams,
+             progress: bool = True) -> tuple[dict[str, Any], pd.DataFrame]:
+    """All floors' figures on the test split, and a table of example answers."""
+    items = vqa_items(test, ev.max_questions, seed=0)
+    vqa = run_vqa(lvlm, items, batch_size=ev.batch_size, progress=progress)
+    maj, maj_by_type = majority_baseline(train, items)
+    gallery = test[: ev.gallery] if ev.gallery > 0 else test
+    ret = run_retrieval(lvlm, gallery)
+    cap_recs = test[: ev.max_captions] if ev.max_captions > 0 else test
+    cider, caps = run_captions(lvlm, cap_recs, batch_size=ev.batch_size)
+    g50, miou = run_grounding(lvlm, test, batch_size=ev.batch_size, max_refs=ev.max_refs)
+    metrics: dict[str, Any] = {
+        "vqa_acc": round(vqa.acc, 2), "vqa_majority_acc": round(maj, 2), "vqa_questions": vqa.n,
+        "vqa_acc_by_type": {k: round(v, 2) for k, v in vqa.by_type.items()},
+        "vqa_majority_acc_by_type": {k: round(v, 2) for k, v in maj_by_type.items()},
+        **{k: round(v, 2) for k, v in ret.items()}, "retrieval_gallery": len(gallery),
+        "caption_cider": round(cider, 2), "grounding_acc50": round(g50, 2), "grounding_miou": round(miou, 4),
+    }
+    qtext = {q.question_id: (r.image_id, q.question, q.question_type) for r, q in items}
+    rows = [{"image_id": qtext[qid][0], "type": qtext[qid][2], "question": qtext[qid][1], "answer": gt,
+             "prediction": pred} for qid, pred, gt in vqa.predictions[:200]]
+    rows += [{"image_id": i, "type": "caption", "question": "", "answer": next(r.captions[0] for r in cap_recs
+              if r.image_id == i), "prediction": c} for i, c in list(caps.items())[:20]]
+    return metrics, pd.DataFrame(rows)
+
+
+def run_lvlm_stage(params: Params, splits: dict[str, list[ImageRecord]], log=print) -> dict[str, Any]:
+    """Train or resolve, evaluate, and write ``outputs/lvlm/{metrics.json, examples.csv}``."""
+    out = stage_dir()
+    timing: dict[str, float] = {}
+    if params.lvlm.source == "train":
+        timing = train_embedded(params, splits["val"], log=log)
+    lvlm = load_stage_lvlm(params)
+    train = splits.get("train", [])
+    metrics, examples = evaluate(lvlm, train, splits["test"], params.lvlm.eval)
+    metrics.update(timing)
+    metrics.setdefault("train_seconds", 0.0)
+    with atomic_path(out / "examples.csv") as tmp:
+        examples.to_csv(tmp, index=False)
+    write_json(out / "metrics.json", metrics)
+    return metrics

@@ -1,0 +1,420 @@
+"""Staged training of the embedded LLaVA-architecture model on procedural scenes.
+
+Trained jointly from scratch with the loss on answers only, a small LLaVA stays at the
+most-common-answer baseline: its language model never learns to look. A staged recipe
+fixes that, each stage giving the next a signal it can use:
+
+A. **CLIP** (vision + text towers): per-patch heads on the LLaVA feature layer (colour,
+   shape, size, object centre), patch-to-phrase alignment in the joint space (each object
+   patch matches the text embedding of ``"a small red circle"``), and the usual contrastive
+   image-caption loss.
+B. **Projector alignment**: each projected patch token is regressed onto the sum of the LM's
+   word embeddings of its object's words (background onto ``"background"``), so the LM starts
+   out reading visual tokens as if they were words.
+C. **Language model** (+ projector; towers frozen): multi-turn sequences (several questions,
+   sometimes a caption and a grounding turn, about one image), loss on answer tokens only.
+
+Training data are fresh scenes from seed streams that never produce val/test scenes. Every
+batch is a pure function of ``(seed, phase, step)``, so a resumed run sees the same batches.
+Written with ``accelerate`` so the same code runs under ``accelerate launch``.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from torch import Tensor, nn
+
+from vlmcompress.data.config import ScenesParams
+from vlmcompress.data.scenes import (COLORS, QUESTION_TYPES, SHAPES, SIZES, SceneObject, make_captions,
+                                     make_questions, make_refs, make_scene, question_candidates, scene_rng,
+                                     sample_scene)
+from vlmcompress.io import atomic_path, write_json
+from vlmcompress.lvlm.adapter import CLIP_MEAN, CLIP_STD, LVLM, Prompts
+from vlmcompress.lvlm.build import ModelSpec, build_clip, build_llava, save_lvlm
+from vlmcompress.lvlm.config import LvlmParams
+from vlmcompress.lvlm.labels import patch_labels
+from vlmcompress.lvlm.tokenizer import build_tokenizers, build_vocab
+
+POOL_STREAM = 100          # seed stream of the training pool (val/test use 1..3)
+VOCAB_STREAM = 99          # scenes whose language seeds the vocabulary
+PHRASES = ["background"] + [f"a {z} {c} {s}" for z in SIZES for c in COLORS for s in SHAPES]
+
+
+def phrase_index(labels: Tensor) -> Tensor:
+    """Per-patch index into :data:`PHRASES` from ``labels [..., 4, G, G]`` -> ``[..., G, G]``."""
+    color, shape, size = labels[..., 0, :, :], labels[..., 1, :, :], labels[..., 2, :, :]
+    idx = ((size - 1) * len(COLORS) + (color - 1)) * len(SHAPES) + (shape - 1) + 1
+    return torch.where(color > 0, idx, torch.zeros_like(idx))
+
+
+# --- data ------------------------------------------------------------------------------
+
+@dataclass
+class Pool:
+    images: Tensor                      # [M, H, W, 3] uint8
+    labels: Tensor                      # [M, 4, G, G] int64 (colour, shape, size, centre)
+    objects: list[list[SceneObject]]
+    captions: list[list[str]]
+
+
+def _pool_item(p: ScenesParams, index: int, patch: int) -> tuple[np.ndarray, np.ndarray, list, list]:
+    s = make_scene(p, POOL_STREAM, index, n_questions=0)
+    return s.image, patch_labels(s.objects, p.image_size, patch), s.objects, s.captions
+
+
+def build_pool(p: ScenesParams, n: int, patch: int, workers: int = 2) -> Pool:
+    """``n`` training scenes with their dense labels (process pool; deterministic)."""
+    with ProcessPoolExecutor(max_workers=workers) as ex:
+        items = list(ex.map(_pool_item, [p] * n, range(n), [patch] * n, chunksize=max(1, n // 32)))
+    return Pool(images=torch.from_numpy(np.stack([i[0] for i in items])),
+                labels=torch.from_numpy(np.stack([i[1] for i in items])),
+                objects=[i[2] for i in items], captions=[i[3] for i in items])
+
+
+def box_text(o: SceneObject, image_size: int) -> str:
+    """LLaVA-1.5's grounding format: normalised ``[x1, y1, x2, y2]`` with two decimals."""
+    x, y, w, h = o.bbox
+    vals = [x / image_size, y / image_size, (x + w) / image_size, (y + h) / image_size]
+    return "[" + ", ".join(f"{min(max(v, 0.0), 1.0):.2f}" for v in vals) + "]"
+
+
+def scene_vocab(p: ScenesParams, prompts: Prompts, n_scenes: int = 400) -> list[str]:
+    """Every word the scenes' language and the prompts can produce, plus box coordinates."""
+    corpus: list[str] = [prompts.system, prompts.template, prompts.vqa, prompts.caption, prompts.ground, *PHRASES]
+    for i in range(n_scenes):
+        rng = scene_rng(p.seed, VOCAB_STREAM, i)
+        objs = sample_scene(rng, p)
+        corpus += make_captions(objs, rng, 5) + make_refs(objs)
+        for t in QUESTION_TYPES:
+            corpus += [f"{q} {a}" for q, a in question_candidates(objs, rng, t)]
+    extra = [f"{i / 100:.2f}" for i in range(101)] + [str(i) for i in range(10)] + ["yes", "no", "[", "]", ","]
+    return build_vocab(corpus, extra)
+
+
+def sample_turns(objs: Sequence[SceneObject], captions: Sequence[str], rng: np.random.Generator, n: int,
+                 caption_prob: float, ground_prob: float, image_size: int) -> list[tuple[str, str, str]]:
+    """``n`` (task, text, answer) turns about one scene: questions of every type, sometimes a
+    caption (the canonical left-to-right one) and a grounding turn."""
+    turns: list[tuple[str, str, str]] = []
+    if rng.random() < caption_prob:
+        turns.append(("caption", "", captions[0]))
+    if objs and rng.random() < ground_prob:
+        o = objs[int(rng.integers(len(objs)))]
+        turns.append(("ground", make_refs([o])[0], box_text(o, image_size)))
+    turns += [("vqa", q["question"], q["answer"]) for q in make_questions(objs, rng, max(n - len(turns), 0))]
+    return [turns[i] for i in rng.permutation(len(turns))]
+
+
+# --- training machinery ----------------------------------------------------------------
+
+def _lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+    return f
+
+
+def _to_pixels(images_u8: Tensor) -> Tensor:
+    """``[B, H, W, 3]`` uint8 -> ``[B, 3, H, W]`` float in [0, 1]."""
+    return images_u8.permute(0, 3, 1, 2).float() / 255.0
+
+
+class DenseHeads(nn.Module):
+    """Per-patch colour / shape / size / centre classifiers on the LLaVA feature layer."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.color = nn.Linear(dim, len(COLORS) + 1)
+        self.shape = nn.Linear(dim, len(SHAPES) + 1)
+        self.size = nn.Linear(dim, len(SIZES) + 1)
+        self.centre = nn.Linear(dim, 2)
+
+    def loss(self, feats: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, float]]:
+        """``feats [B, N, D]``, ``labels [B, 4, G, G]`` -> loss and per-head patch accuracy."""
+        lab = labels.flatten(2).transpose(1, 2)               # [B, N, 4]
+        obj = lab[..., 0] > 0
+        total, acc = feats.new_zeros(()), {}
+        for k, head in enumerate((self.color, self.shape, self.size)):
+            logits = head(feats)
+            mask = torch.ones_like(obj) if k == 0 else obj     # shape/size only on object patches
+            total = total + F.cross_entropy(logits[mask], lab[..., k][mask])
+            acc[("color", "shape", "size")[k]] = (logits.argmax(-1) == lab[..., k])[mask].float().mean().item()
+        logits = self.centre(feats)
+        total = total + F.cross_entropy(logits.reshape(-1, 2), lab[..., 3].reshape(-1),
+                                        weight=feats.new_tensor([1.0, 8.0]))
+        return total, acc
+
+
+class Trainer:
+    """Runs phases A, B, C with resumable checkpoints under ``work_dir``; saves HF folders."""
+
+    PHASES = ("clip", "align", "lm")
+
+    def __init__(self, params: LvlmParams, scenes: ScenesParams, work_dir: str | Path, seed: int,
+                 log: Callable[[str], None] = print) -> None:
+        self.p, self.t, self.scenes, self.seed = params, params.train, scenes, seed
+        self.work = Path(work_dir)
+        self.log = log
+        self.accel = Accelerator()
+        if self.t.threads > 0:
+            torch.set_num_threads(self.t.threads)
+        a = params.arch
+        self.spec = ModelSpec(**dataclasses.asdict(a))
+        self.prompts = Prompts(**dataclasses.asdict(params.prompts))
+        torch.manual_seed(seed)
+        vocab = scene_vocab(scenes, self.prompts)
+        self.tok, self.clip_tok = build_tokenizers(vocab)
+        ids = {k: self.tok.convert_tokens_to_ids(k) for k in ("<pad>", "<s>", "</s>", "<image>")}
+        self.clip = build_clip(self.spec, len(vocab), ids["<pad>"], ids["<s>"], ids["</s>"])
+        self.llava = build_llava(self.spec, self.clip, len(vocab), ids["<image>"], ids["<pad>"], ids["<s>"], ids["</s>"])
+        self.heads = DenseHeads(a.vision_hidden)
+        self.curves: list[dict[str, Any]] = []
+        self.phase_seconds: dict[str, float] = {}
+
+    # -- bookkeeping ----------------------------------------------------------------------
+    @property
+    def _progress_path(self) -> Path:
+        return self.work / "progress.json"
+
+    def _progress(self) -> dict[str, Any]:
+        if self._progress_path.is_file():
+            return json.loads(self._progress_path.read_text())
+        return {"done": [], "phase": None, "step": 0, "seconds": {}}
+
+    def _save_weights(self, name: str) -> None:
+        state = {"clip": self.clip.state_dict(), "llava": self.llava.state_dict(), "heads": self.heads.state_dict()}
+        with atomic_path(self.work / f"{name}.pt") as tmp:
+            torch.save(state, tmp)
+
+    def _load_weights(self, name: str) -> None:
+        state = torch.load(self.work / f"{name}.pt", map_location="cpu", weights_only=True)
+        self.clip.load_state_dict(state["clip"])
+        self.llava.load_state_dict(state["llava"])
+        self.heads.load_state_dict(state["heads"])
+
+    def _rng(self, phase: str, step: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, self.PHASES.index(phase), step])
+
+    # -- the loop shared by all phases ------------------------------------------------------
+    def _run_phase(self, phase: str, steps: int, lr: float, params: list[nn.Parameter],
+                   step_fn: Callable[[np.random.Generator], tuple[Tensor, dict[str, float]]],
+                   modules: list[nn.Module], eval_fn: Callable[[], dict[str, float]] | None = None) -> None:
+        prog = self._progress()
+        if phase in prog["done"]:
+            self._load_weights(f"after_{phase}")
+            self.phase_seconds[phase] = prog["seconds"].get(phase, 0.0)
+            self.log(f"[{phase}] already done, loaded")
+            return
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(self.t.warmup_steps, steps))
+        opt, sched = self.accel.prepare(opt, sched)
+        state_dir = self.work / f"{phase}_state"
+        start, spent = 0, 0.0
+        if prog["phase"] == phase and state_dir.is_dir():
+            self._load_weights(f"{phase}_weights")
+            self.accel.load_state(str(state_dir))
+            start, spent = prog["step"], prog["seconds"].get(phase, 0.0)
+            self.log(f"[{phase}] resuming at step {start}")
+        for m in modules:
+            m.train()
+        t0 = time.perf_counter() - spent
+        for step in range(start, steps):
+            loss, logs = step_fn(self._rng(phase, step))
+            opt.zero_grad(set_to_none=True)
+            self.accel.backward(loss)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            row = {"phase": phase, "step": step + 1, "seconds": round(time.perf_counter() - t0, 1),
+                   "loss": round(loss.item(), 4), **{k: round(v, 4) for k, v in logs.items()}}
+            done = step + 1 == steps
+            if eval_fn is not None and ((step + 1) % self.t.eval_every == 0 or done):
+                for m in modules:
+                    m.eval()
+                row.update(eval_fn())
+                for m in modules:
+                    m.train()
+            if (step + 1) % self.t.eval_every == 0 or done or step == start:
+                self.curves.append(row)
+                self.log(" ".join(f"{k}={v}" for k, v in row.items()))
+            if (step + 1) % self.t.checkpoint_every == 0 and not done:
+                self._save_weights(f"{phase}_weights")
+                self.accel.save_state(str(state_dir))
+                prog.update(phase=phase, step=step + 1)
+                prog["seconds"][phase] = time.perf_counter() - t0
+                write_json(self._progress_path, prog)
+        for m in modules:
+            m.eval()
+        self.phase_seconds[phase] = time.perf_counter() - t0
+        self._save_weights(f"after_{phase}")
+        prog["done"].append(phase)
+        prog["seconds"][phase] = self.phase_seconds[phase]
+        prog.update(phase=None, step=0)
+        write_json(self._progress_path, prog)
+
+    # -- phase A: CLIP ----------------------------------------------------------------------
+    def _clip_step(self, pool: Pool) -> Callable[[np.random.Generator], tuple[Tensor, dict[str, float]]]:
+        vision, clip, t = self.clip.vision_model, self.clip, self.t
+        layer = self.spec.vision_feature_layer
+        phrase_enc = self.clip_tok(PHRASES, padding=True, return_tensors="pt")
+
+        def step(rng: np.random.Generator) -> tuple[Tensor, dict[str, float]]:
+            idx = torch.from_numpy(rng.choice(len(pool.captions), t.clip_batch, replace=False))
+            pix = _to_pixels(pool.images[idx])
+            labels = pool.labels[idx]
+            flip = torch.from_numpy(rng.random(len(idx)) < 0.5)
+            # Horizontal flips: images and labels together (captions are left-right free but
+            # for the first, so flipped samples draw one of the unordered ones).
+            pix = torch.where(flip[:, None, None, None], pix.flip(-1), pix)
+            labels = torch.where(flip[:, None, None, None], labels.flip(-1), labels)
+            caps = [pool.captions[i][int(rng.integers(1 if f else 0, len(pool.captions[i])))]
+                    for i, f in zip(idx.tolist(), flip.tolist())]
+            out = vision((pix - LVLM_MEAN) / LVLM_STD, output_hidden_states=True, return_dict=True)
+            dense, acc = self.heads.loss(out.hidden_states[layer][:, 1:], labels)
+            scale = clip.logit_scale.exp().clamp(max=100)
+            # Patch <-> phrase alignment in the joint space.
+            ph = F.normalize(clip.text_projection(clip.text_model(**phrase_enc).pooler_output), dim=-1)
+            pe = F.normalize(clip.visual_projection(vision.post_layernorm(out.last_hidden_state[:, 1:])), dim=-1)
+            target = phrase_index(labels).flatten(1)                       # [B, N]
+            ce = F.cross_entropy((scale * pe @ ph.T).flatten(0, 1), target.flatten(), reduction="none")
+            objm = (target > 0).flatten().float()
+            align = (ce * objm).sum() / objm.sum().clamp(min=1) + 0.1 * (ce * (1 - objm)).mean()
+            # Image <-> caption contrastive loss.
+            enc = self.clip_tok(caps, padding=True, return_tensors="pt")
+            te = F.normalize(clip.text_projection(clip.text_model(**enc).pooler_output), dim=-1)
+            ie = F.normalize(clip.visual_projection(out.pooler_output), dim=-1)
+            logits = scale * ie @ te.T
+            tgt = torch.arange(len(idx))
+            contrast = 0.5 * (F.cross_entropy(logits, tgt) + F.cross_entropy(logits.T, tgt))
+            acc["i2t"] = (logits.argmax(1) == tgt).float().mean().item()
+            return dense + align + contrast, acc
+
+        return step
+
+    # -- phase B: projector alignment -----------------------------------------------------
+    def _align_step(self, pool: Pool) -> Callable[[np.random.Generator], tuple[Tensor, dict[str, float]]]:
+        emb = self.llava.get_input_embeddings()
+        ids = self.tok.convert_tokens_to_ids
+        # Word ids of each phrase's words ("background" alone for background patches).
+        words = [[ids(w) for w in ph.split() if w != "a"] for ph in PHRASES]
+        proj, vision, layer = self.llava.model.multi_modal_projector, self.llava.model.vision_tower, self.spec.vision_feature_layer
+
+        def step(rng: np.random.Generator) -> tuple[Tensor, dict[str, float]]:
+            idx = torch.from_numpy(rng.choice(len(pool.captions), self.t.align_batch, replace=False))
+            with torch.no_grad():
+                out = vision((_to_pixels(pool.images[idx]) - LVLM_MEAN) / LVLM_STD, output_hidden_states=True,
+                             return_dict=True)
+                table = torch.stack([emb.weight[w].sum(0) for w in words])  # [P, D]
+                target = table[phrase_index(pool.labels[idx]).flatten(1)]   # [B, N, D]
+            pred = proj(out.hidden_states[layer][:, 1:])
+            loss = (pred - target).pow(2).sum(-1).mean() / target.pow(2).sum(-1).mean()
+            return loss, {}
+
+        return step
+
+    # -- phase C: language model ------------------------------------------------------------
+    def _sequence(self, vis: Tensor, turns: list[tuple[str, str, str]]) -> tuple[Tensor, Tensor]:
+        """One multi-turn training sequence: ``inputs_embeds [T, D]`` and ``labels [T]``."""
+        emb = self.llava.get_input_embeddings()
+        eos = self.tok.eos_token_id
+        before, after = self.prompts.render(turns[0][0], turns[0][1])
+        pre = self.tok(before).input_ids
+        ids: list[int] = []
+        labels: list[int] = []
+        for k, (task, text, answer) in enumerate(turns):
+            prompt = after if k == 0 else self.prompts.render_followup(task, text)
+            p_ids = self.tok(prompt, add_special_tokens=False).input_ids
+            a_ids = self.tok(" " + answer, add_special_tokens=False).input_ids + [eos]
+            ids += p_ids + a_ids
+            labels += [-100] * len(p_ids) + a_ids
+        seq = torch.cat([emb(torch.tensor(pre)), vis, emb(torch.tensor(ids))])
+        lab = torch.tensor([-100] * (len(pre) + vis.shape[0]) + labels)
+        return seq, lab
+
+    def _lm_step(self, pool: Pool) -> Callable[[np.random.Generator], tuple[Tensor, dict[str, float]]]:
+        vision, proj, layer = self.llava.model.vision_tower, self.llava.model.multi_modal_projector, self.spec.vision_feature_layer
+        lm, head = self.llava.model.language_model, self.llava.lm_head
+        t = self.t
+
+        def step(rng: np.random.Generator) -> tuple[Tensor, dict[str, float]]:
+            idx = rng.choice(len(pool.captions), t.lm_batch, replace=False)
+            with torch.no_grad():
+                out = vision((_to_pixels(pool.images[torch.from_numpy(idx)]) - LVLM_MEAN) / LVLM_STD,
+                             output_hidden_states=True, return_dict=True)
+            vis = proj(out.hidden_states[layer][:, 1:])
+            seqs = []
+            for b, i in enumerate(idx.tolist()):
+                turns = sample_turns(pool.objects[i], pool.captions[i], rng, t.lm_turns, t.caption_prob,
+                                     t.ground_prob, self.spec.image_size)
+                seqs.append(self._sequence(vis[b], turns))
+            T = max(s.shape[0] for s, _ in seqs)
+            embeds = vis.new_zeros(len(seqs), T, vis.shape[-1])
+            labels = torch.full((len(seqs), T), -100, dtype=torch.long)
+            mask = torch.zeros(len(seqs), T, dtype=torch.long)
+            for b, (s, lab) in enumerate(seqs):
+                embeds[b, : s.shape[0]], labels[b, : s.shape[0]], mask[b, : s.shape[0]] = s, lab, 1
+            h = lm(inputs_embeds=embeds, attention_mask=mask, return_dict=True).last_hidden_state
+            sel = labels[:, 1:] != -100                       # logits only where an answer token is next
+            logits = head(h[:, :-1][sel])
+            target = labels[:, 1:][sel]
+            loss = F.cross_entropy(logits, target)
+            return loss, {"tok_acc": (logits.argmax(-1) == target).float().mean().item()}
+
+        return step
+
+    def lvlm(self) -> LVLM:
+        """The model being trained, behind the adapter (shares the modules, no copy)."""
+        self.clip.vision_model.load_state_dict(self.llava.model.vision_tower.state_dict())
+        return LVLM(self.llava, self.tok, self.clip, self.clip_tok, prompts=self.prompts,
+                    attn_layer=self.p.attn_layer).eval()
+
+    # -- everything -------------------------------------------------------------------------
+    def run(self, out_dir: str | Path, eval_fn: Callable[[LVLM], dict[str, float]] | None = None) -> dict[str, float]:
+        """Train all phases (resuming if a previous run was interrupted) and save HF folders."""
+        self.work.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        pool = build_pool(self.scenes, self.t.pool_scenes, self.spec.patch_size)
+        self.phase_seconds["pool"] = time.perf_counter() - t0
+        self.log(f"pool of {self.t.pool_scenes} scenes in {self.phase_seconds['pool']:.1f} s")
+        c, v = self.clip, self.clip.vision_model
+        self._run_phase("clip", self.t.clip_steps, self.t.clip_lr,
+                        list(c.parameters()) + list(self.heads.parameters()), self._clip_step(pool), [c, self.heads])
+        self.llava.model.vision_tower.load_state_dict(v.state_dict())
+        self.llava.model.vision_tower.requires_grad_(False)
+        proj = self.llava.model.multi_modal_projector
+        self._run_phase("align", self.t.align_steps, self.t.align_lr, list(proj.parameters()),
+                        self._align_step(pool), [proj])
+        lm_params = list(proj.parameters()) + list(self.llava.model.language_model.parameters()) + \
+            list(self.llava.lm_head.parameters())
+        ev = (lambda: eval_fn(self.lvlm())) if eval_fn is not None else None
+        self._run_phase("lm", self.t.lm_steps, self.t.lm_lr, lm_params, self._lm_step(pool),
+                        [proj, self.llava.model.language_model, self.llava.lm_head], ev)
+        save_lvlm(out_dir, self.llava, self.tok, self.clip, self.clip_tok)
+        return {f"{k}_seconds": round(s, 1) for k, s in self.phase_seconds.items()}
+
+    def write_curves(self, path: str | Path) -> None:
+        keys: list[str] = []
+        for row in self.curves:
+            keys += [k for k in row if k not in keys]
+        with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=keys)
+            w.writeheader()
+            w.writerows(self.curves)
+
+
+LVLM_MEAN = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+LVLM_STD = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
