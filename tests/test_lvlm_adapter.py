@@ -17,7 +17,8 @@ WORDS = ("user assistant : what color is the circle square red blue small a of t
 # llava-1.5's shape in miniature: CLIP ViT with CLS and one-conv patches, layer -2, "default" select.
 TINY = ModelSpec(image_size=56, patch_size=14, stem_layers=0, vision_hidden=32, vision_layers=3,
                  vision_heads=2, text_hidden=32, text_layers=2, text_heads=2, text_max_len=32,
-                 projection_dim=16, lm_hidden=32, lm_layers=2, lm_heads=2, lm_intermediate=64)
+                 projection_dim=16, lm_hidden=32, lm_layers=2, lm_heads=2, lm_intermediate=64,
+                 hidden_act="quick_gelu")
 
 
 @pytest.fixture(scope="module")
@@ -152,3 +153,20 @@ def test_shared_image_prefix_equals_separate_images(lvlm):
                   transform=lambda f, t: (seen.append(f.tokens.shape[0]) or f.tokens,
                                           torch.ones(f.tokens.shape[:2], dtype=torch.bool)))
     assert seen == [4]
+
+
+def test_token_compressor_plugs_into_generation(lvlm):
+    """Text-guided recovery at a fixed budget: K tokens per image, batch == one by one."""
+    from vlmcompress.tokens.patch import TokenCompressor
+
+    imgs = torch.rand(3, 3, 56, 56)
+    qs = ["what color is the circle?", "how many red", "is there a small square?"]
+    comp = TokenCompressor(lvlm, "recoverable", budget=0.25)
+    batched = lvlm.generate(imgs, qs, transform=comp, max_new_tokens=4)
+    assert comp.kept == [4, 4, 4] and comp.last.tokens.shape[:2] == (3, 4)
+    single = [lvlm.generate(imgs[i:i + 1], qs[i:i + 1], transform=TokenCompressor(lvlm, "recoverable", budget=0.25),
+                            max_new_tokens=4)[0] for i in range(3)]
+    assert batched == single
+    feats = lvlm.visual_features(imgs)
+    assert feats.cls_attn_full.shape == (3, 16)
+    assert bool((feats.cls_attn_full.sum(1) <= 1 + 1e-5).all())

@@ -18,6 +18,7 @@ size and CLIP normalisation happen here, differentiably.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -78,12 +79,14 @@ class VisualFeatures:
     cls_attn_heads: Tensor  # [B, H, N] the same per head
     last_hidden: Tensor   # [B, 1 + N, Dv] last vision layer output (CLS first), for patch embeddings
     grid: tuple[int, int]  # (H, W) patch grid
+    cls_attn_full: Tensor | None = None  # [B, N] single-head full-width CLS attention (official code)
 
     def index(self, idx: Tensor) -> "VisualFeatures":
         """The features of images ``idx [B']`` (repeats allowed)."""
         pick = lambda t: t.index_select(0, idx)  # noqa: E731
         return VisualFeatures(pick(self.tokens), pick(self.hidden), pick(self.keys), pick(self.cls_attn),
-                              pick(self.cls_attn_heads), pick(self.last_hidden), self.grid)
+                              pick(self.cls_attn_heads), pick(self.last_hidden), self.grid,
+                              None if self.cls_attn_full is None else pick(self.cls_attn_full))
 
 
 # A transform replaces the visual tokens: (features, raw questions) -> (tokens [B, K, D], mask [B, K]).
@@ -106,7 +109,13 @@ def _capture_cls_attention(attn: nn.Module, store: dict[str, Tensor]) -> Iterato
         k = module.k_proj(h).view(b, t, nh, hd).transpose(1, 2)                   # [B, H, T, hd]
         attn_w = torch.softmax((q @ k.transpose(-1, -2)) * module.scale, dim=-1)  # [B, H, 1, T]
         store["cls_attn_heads"] = attn_w[:, :, 0, 1:]
-        store["keys"] = k.transpose(1, 2).reshape(b, t, nh * hd)[:, 1:]
+        kf = k.transpose(1, 2).reshape(b, t, nh * hd)                             # [B, T, C]
+        store["keys"] = kf[:, 1:]
+        # The "full width" variant of the PruMerge / Recoverable Compression code: one head
+        # over all C channels, softmax(q k^T / sqrt(C)).
+        qf = q.transpose(1, 2).reshape(b, 1, nh * hd)
+        full = torch.softmax((qf @ kf.transpose(1, 2)) / math.sqrt(nh * hd), dim=-1)
+        store["cls_attn_full"] = full[:, 0, 1:]
 
     handle = attn.register_forward_pre_hook(hook, with_kwargs=True)
     try:
@@ -189,7 +198,8 @@ class LVLM:
         tokens = self.llava.model.multi_modal_projector(hidden)
         heads = store["cls_attn_heads"]
         return VisualFeatures(tokens=tokens, hidden=hidden, keys=store["keys"], cls_attn=heads.mean(1),
-                              cls_attn_heads=heads, last_hidden=out.last_hidden_state, grid=self.grid)
+                              cls_attn_heads=heads, last_hidden=out.last_hidden_state, grid=self.grid,
+                              cls_attn_full=store["cls_attn_full"])
 
     def patch_embeddings(self, feats: VisualFeatures) -> Tensor:
         """Patches in CLIP's joint space: ``[B, N, P]`` unit vectors (post-LN + visual projection)."""

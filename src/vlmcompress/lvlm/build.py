@@ -19,6 +19,7 @@ class ModelSpec:
     image_size: int = 128
     patch_size: int = 8
     stem_layers: int = 3
+    stem_context: int = 0
     vision_hidden: int = 128
     vision_layers: int = 4
     vision_heads: int = 4
@@ -32,18 +33,20 @@ class ModelSpec:
     lm_heads: int = 4
     lm_intermediate: int = 768
     vision_feature_layer: int = -2
+    hidden_act: str = "gelu"   # CLIP's own is quick_gelu; exact GELU is one fused op on CPU
 
 
 def build_clip(spec: ModelSpec, vocab_size: int, pad_id: int, bos_id: int, eos_id: int) -> CLIPModel:
     vision = dict(hidden_size=spec.vision_hidden, intermediate_size=4 * spec.vision_hidden,
                   num_hidden_layers=spec.vision_layers, num_attention_heads=spec.vision_heads,
-                  image_size=spec.image_size, patch_size=spec.patch_size, projection_dim=spec.projection_dim)
+                  image_size=spec.image_size, patch_size=spec.patch_size, projection_dim=spec.projection_dim,
+                  hidden_act=spec.hidden_act)
     text = dict(vocab_size=vocab_size, hidden_size=spec.text_hidden, intermediate_size=4 * spec.text_hidden,
                 num_hidden_layers=spec.text_layers, num_attention_heads=spec.text_heads,
                 max_position_embeddings=spec.text_max_len, pad_token_id=pad_id, bos_token_id=bos_id,
-                eos_token_id=eos_id, projection_dim=spec.projection_dim)
+                eos_token_id=eos_id, projection_dim=spec.projection_dim, hidden_act=spec.hidden_act)
     if spec.stem_layers > 0:
-        vcfg = VlmcVisionConfig(stem_layers=spec.stem_layers, **vision)
+        vcfg = VlmcVisionConfig(stem_layers=spec.stem_layers, stem_context=spec.stem_context, **vision)
         return VlmcCLIPModel(VlmcCLIPConfig(text_config=text, vision_config=vcfg.to_dict(),
                                             projection_dim=spec.projection_dim))
     return CLIPModel(CLIPConfig(text_config=text, vision_config=CLIPVisionConfig(**vision).to_dict(),

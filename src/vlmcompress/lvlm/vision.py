@@ -19,13 +19,16 @@ from transformers import AutoConfig, AutoModel, CLIPConfig, CLIPModel, CLIPVisio
 class VlmcVisionConfig(CLIPVisionConfig):
     model_type = "vlmc_clip_vision"
 
-    def __init__(self, stem_layers: int = 3, **kwargs):
+    def __init__(self, stem_layers: int = 3, stem_context: int = 0, **kwargs):
         self.stem_layers = stem_layers
+        self.stem_context = stem_context
         super().__init__(**kwargs)
 
 
 class ConvStemEmbeddings(nn.Module):
-    """CLIP-style embeddings whose patch embedding is ``stem_layers`` stride-2 3x3 convolutions.
+    """CLIP-style embeddings whose patch embedding is ``stem_layers`` stride-2 3x3 convolutions,
+    then ``stem_context`` residual stride-1 3x3 convolutions on the patch grid (each widens a
+    patch's view by two patches: the shape of a 36 px object is then visible from any of its patches).
 
     ``pixel_values [B, 3, H, W]`` -> ``[B, 1 + (H/p)(W/p), D]`` (CLS first), like CLIP's.
     Fixed input size (no position interpolation): the embedded model is trained at one size.
@@ -44,6 +47,8 @@ class ConvStemEmbeddings(nn.Module):
             if i < n - 1:
                 layers.append(nn.GELU())
         self.stem = nn.Sequential(*layers)
+        self.context = nn.ModuleList(nn.Sequential(nn.GELU(), nn.Conv2d(d, d, 3, padding=1))
+                                     for _ in range(config.stem_context))
         num_positions = (config.image_size // config.patch_size) ** 2 + 1
         self.class_embedding = nn.Parameter(torch.randn(d) * config.initializer_range)
         self.position_embedding = nn.Embedding(num_positions, d)
@@ -53,7 +58,10 @@ class ConvStemEmbeddings(nn.Module):
         b, _, h, w = pixel_values.shape
         if interpolate_pos_encoding or h != self.image_size or w != self.image_size:
             raise ValueError(f"input image size ({h}*{w}) must be the model's ({self.image_size}*{self.image_size})")
-        patches = self.stem(pixel_values.to(self.stem[0].weight.dtype)).flatten(2).transpose(1, 2)
+        x = self.stem(pixel_values.to(self.stem[0].weight.dtype))        # [B, D, H/p, W/p]
+        for block in self.context:
+            x = x + block(x)
+        patches = x.flatten(2).transpose(1, 2)
         emb = torch.cat([self.class_embedding.expand(b, 1, -1), patches], dim=1)
         # The table itself, not a position-id buffer: transformers does not restore
         # non-persistent buffers of custom modules on `from_pretrained`.
