@@ -1,0 +1,172 @@
+"""Encode / decode real images to / from real files with a trained codec.
+
+``encode_image(model, img, rate) -> bytes`` and ``decode_image(model, data) -> img`` work
+on ``uint8 [H, W, 3]`` arrays; bpp is ``len(file) * 8 / (H * W)`` (header included).
+The decoder reproduces the encoder's quantised reconstruction (the ``forward`` output in
+eval mode, clamped and rounded to uint8) and is deterministic run to run.
+
+``encode_file`` / ``decode_file`` are the command-line entry points (PNG in / out). A
+file names the weights that wrote it by hash, so ``decode_file`` can find its model by
+itself among the saved codecs under ``outputs/codec`` when no ``model_dir`` is given.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from vlmcompress.codec.bitstream import (MAX_DIM, Bitstream, BitstreamError, as_float32, pack,
+                                         unpack)
+from vlmcompress.codec.losses import TokenFn
+from vlmcompress.codec.model import LVLMCodec, check_rate, weights_hash
+from vlmcompress.codec.train import CONFIG_NAME, load_codec, read_codec_record
+from vlmcompress.io import atomic_open, atomic_path
+
+
+def image_to_tensor(img: np.ndarray) -> Tensor:
+    """``uint8 [H, W, 3]`` -> ``float [1, 3, H, W]`` in [0, 1] (validated)."""
+    if not isinstance(img, np.ndarray) or img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
+        desc = f"{img.dtype} {img.shape}" if isinstance(img, np.ndarray) else type(img).__name__
+        raise ValueError(f"image must be a uint8 array [H, W, 3], got {desc}")
+    h, w = img.shape[:2]
+    if not (1 <= h <= MAX_DIM and 1 <= w <= MAX_DIM):
+        raise ValueError(f"image size {h}x{w} outside 1..{MAX_DIM}")
+    return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None].float() / 255.0
+
+
+def tensor_to_image(x: Tensor) -> np.ndarray:
+    """``[1, 3, H, W]`` in [0, 1] -> ``uint8 [H, W, 3]`` (clamped, rounded)."""
+    return x[0].clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+
+
+def _require_updated(model: LVLMCodec) -> None:
+    if model.core.entropy_bottleneck._quantized_cdf.numel() == 0:
+        raise ValueError("the codec's entropy coder tables are empty: call model.update(force=True)")
+
+
+def encode_image(model: LVLMCodec, img: np.ndarray, rate: float, *,
+                 token_fn: TokenFn | None = None) -> bytes:
+    """Compress ``uint8 [H, W, 3]`` at ``rate`` (float in [0, levels-1]) to a file's bytes.
+
+    ``token_fn`` (the LVLM vision tower) is needed only when the pre-editing net fuses
+    tokens. The rate is rounded to float32 first: the value in the file is the one coded.
+    """
+    _require_updated(model)
+    x = image_to_tensor(img)
+    rate = as_float32(check_rate(rate, model.levels))  # monotone rounding keeps it in range
+    device = next(model.parameters()).device
+    x = x.to(device)
+    tokens = None
+    if model.needs_tokens:
+        if token_fn is None:
+            raise ValueError("this codec's pre-editing net fuses LVLM tokens: pass token_fn")
+        with torch.no_grad():
+            tokens = token_fn(x)
+    out = model.compress(x, rate, tokens)
+    (y,), (z,) = out["strings"]
+    h, w = out["size"]
+    return pack(Bitstream(height=h, width=w, rate=rate, model_hash=weights_hash(model), z=z, y=y))
+
+
+def decode_image(model: LVLMCodec, data: bytes, *, source: str = "bitstream") -> np.ndarray:
+    """Decode a file's bytes with the model that wrote them -> ``uint8 [H, W, 3]``.
+
+    Raises :class:`BitstreamError` for anything wrong with the data, including a file
+    written by other weights.
+    """
+    bs = unpack(data, source)
+    mine = weights_hash(model)
+    if bs.model_hash != mine:
+        raise BitstreamError(f"{source}: written by codec {bs.model_hash.hex()}, "
+                             f"not by this one ({mine.hex()})")
+    try:
+        rate = check_rate(bs.rate, model.levels)
+    except ValueError as exc:
+        raise BitstreamError(f"{source}: {exc}") from None
+    _require_updated(model)
+    shape = model.latent_shape((bs.height, bs.width))
+    try:
+        x_hat = model.decompress([[bs.y], [bs.z]], shape, rate, (bs.height, bs.width))["x_hat"]
+    except (ValueError, RuntimeError, IndexError) as exc:
+        raise BitstreamError(f"{source}: cannot decode payload ({type(exc).__name__})") from None
+    return tensor_to_image(x_hat)
+
+
+def bits_per_pixel(data: bytes, height: int, width: int) -> float:
+    return len(data) * 8.0 / (height * width)
+
+
+def read_png(path: str | Path) -> np.ndarray:
+    """Any image PIL reads -> ``uint8 [H, W, 3]`` (one-line error naming the file)."""
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise ValueError(f"{path}: cannot read image ({type(exc).__name__})") from None
+
+
+def write_png(path: str | Path, img: np.ndarray) -> None:
+    with atomic_path(path) as tmp:
+        Image.fromarray(img).save(tmp, format="PNG")
+
+
+def encode_file(model_dir: str | Path, in_png: str | Path, out: str | Path, rate: float, *,
+                token_fn: TokenFn | None = None) -> dict:
+    """Encode an image file with a saved codec; returns ``{bytes, bpp, height, width, rate}``."""
+    model = load_codec(model_dir)
+    img = read_png(in_png)
+    data = encode_image(model, img, rate, token_fn=token_fn)
+    with atomic_open(out, "wb") as fh:
+        fh.write(data)
+    h, w = img.shape[:2]
+    return {"bytes": len(data), "bpp": bits_per_pixel(data, h, w), "height": h, "width": w,
+            "rate": as_float32(rate)}
+
+
+def find_model_dir(model_hash: bytes, roots: Iterable[str | Path]) -> Path | None:
+    """The saved codec folder (``codec.json``) under ``roots`` whose weights have this hash."""
+    want = model_hash.hex()
+    for root in roots:
+        for cfg in sorted(Path(root).rglob(CONFIG_NAME)):
+            try:
+                record = read_codec_record(cfg.parent)
+            except (ValueError, FileNotFoundError):
+                continue
+            if record.get("model_hash") == want:
+                return cfg.parent
+    return None
+
+
+def default_model_roots() -> list[Path]:
+    from vlmcompress.paths import outputs_dir
+    return [outputs_dir("codec")]
+
+
+def decode_file(in_path: str | Path, out_png: str | Path, model_dir: str | Path | None = None, *,
+                search_roots: Iterable[str | Path] | None = None) -> dict:
+    """Decode a codec file to PNG; returns ``{bytes, bpp, height, width, rate, model_dir}``.
+
+    Without ``model_dir`` the model is looked up by the file's model hash under
+    ``search_roots`` (default: ``outputs/codec``).
+    """
+    in_path = Path(in_path)
+    try:
+        data = in_path.read_bytes()
+    except OSError as exc:
+        raise FileNotFoundError(f"{in_path}: cannot read ({exc.strerror})") from None
+    bs = unpack(data, str(in_path))
+    if model_dir is None:
+        roots = list(search_roots) if search_roots is not None else default_model_roots()
+        model_dir = find_model_dir(bs.model_hash, roots)
+        if model_dir is None:
+            raise FileNotFoundError(f"{in_path}: no saved codec with model hash {bs.model_hash.hex()} "
+                                    f"under {', '.join(map(str, roots))}; pass model_dir")
+    model = load_codec(model_dir)
+    img = decode_image(model, data, source=str(in_path))
+    write_png(out_png, img)
+    return {"bytes": len(data), "bpp": bits_per_pixel(data, bs.height, bs.width),
+            "height": bs.height, "width": bs.width, "rate": bs.rate, "model_dir": str(model_dir)}

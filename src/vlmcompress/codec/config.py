@@ -1,0 +1,131 @@
+"""Schema of a learned-codec section of params.yaml (model, loss, training).
+
+One :class:`CodecParams` describes one trained codec; the LVLM-oriented codec and the
+pixel-MSE baseline are two instances that differ only in values (the baseline turns the
+token terms and, usually, the pre-editing net off). :func:`check_codec_params` adds the
+cross-field checks a type check cannot express, with messages naming the key path.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+from vlmcompress.config import ConfigError
+
+
+@dataclass(frozen=True)
+class PreEditParams:
+    """U-Net-like pre-editing network run on the encoder side before coding."""
+
+    enabled: bool
+    channels: int            # width of the first level; doubles at each downsampling
+    depth: int               # number of stride-2 downsamplings (the image is padded to 64 anyway)
+    use_tokens: bool         # fuse the LVLM vision tower's patch tokens at the bottleneck
+    token_dim: int           # Dv, the width of those tokens (ignored when use_tokens is false)
+    token_channels: int      # width the tokens are projected to before fusion
+
+
+@dataclass(frozen=True)
+class CodecModelParams:
+    """Variable-rate mean-scale hyperprior with gain units (one model, many rates)."""
+
+    name: str                       # key of vlmcompress.codec.model.MODELS
+    N: int                          # channels of the transforms and of the hyper latent z
+    M: int                          # channels of the latent y
+    levels: int                     # R discrete rate levels; `rate` is a float in [0, R-1]
+    gain_init: tuple[float, float]  # gain of level 0 and level R-1 at init (geometric in between)
+    hyper_gain: bool                # gain units on the hyper latent z too
+    preedit: PreEditParams
+
+
+@dataclass(frozen=True)
+class LossParams:
+    """Rate + weighted distortion terms; a term with weight 0 is not computed at all."""
+
+    lambdas: list[float]        # one Lagrange multiplier per rate level (len == levels)
+    w_token_mse: float          # MSE between LVLM visual tokens of original and reconstruction
+    w_token_cos: float          # 1 - cosine similarity of the same tokens, averaged
+    w_rank: float               # token rank loss (eigenvalue spectrum of the token matrix)
+    rank_mode: str              # key of vlmcompress.codec.losses.RANK_LOSSES
+    w_pixel: float              # pixel MSE, scaled by 255**2 as in CompressAI
+
+
+@dataclass(frozen=True)
+class CodecTrainParams:
+    seed: int
+    steps: int
+    batch_size: int
+    patch_size: int               # random crops of this size (images smaller than it: error)
+    lr: float
+    aux_lr: float
+    lr_decay_at: float            # fraction of `steps` after which lr is multiplied by 0.1
+    grad_clip: float              # max grad norm of the main parameters (0: off)
+    rate_sampling: Literal["discrete", "continuous"]  # level per batch: integer, or uniform float
+    checkpoint_every: int         # steps between resumable checkpoints
+    log_every: int                # steps between rows of curves.csv
+    quantile_update: bool         # end of training: fit the entropy bottleneck's quantiles by
+                                  # bisection (CompressAI update_quantiles) before saving; short
+                                  # runs leave the aux-loss fit far from converged
+
+
+@dataclass(frozen=True)
+class CodecParams:
+    model: CodecModelParams
+    loss: LossParams
+    train: CodecTrainParams
+
+
+def _require(ok: bool, path: str, msg: str) -> None:
+    if not ok:
+        raise ConfigError(f"{path}: {msg}")
+
+
+def check_model_params(p: CodecModelParams, path: str = "model") -> None:
+    """Value checks of a model section (raises :class:`ConfigError` naming the key)."""
+    _require(p.N > 0, f"{path}.N", f"must be > 0, got {p.N}")
+    _require(p.M > 0, f"{path}.M", f"must be > 0, got {p.M}")
+    _require(1 <= p.levels <= 64, f"{path}.levels", f"must be in [1, 64], got {p.levels}")
+    lo, hi = p.gain_init
+    _require(all(math.isfinite(g) and g > 0 for g in (lo, hi)), f"{path}.gain_init",
+             f"gains must be finite and > 0, got {list(p.gain_init)}")
+    _require(lo <= hi, f"{path}.gain_init", "must be non-decreasing (level R-1 is the highest rate)")
+    e = p.preedit
+    if e.enabled:
+        _require(e.channels > 0, f"{path}.preedit.channels", f"must be > 0, got {e.channels}")
+        _require(1 <= e.depth <= 6, f"{path}.preedit.depth", f"must be in [1, 6], got {e.depth}")
+        if e.use_tokens:
+            _require(e.token_dim > 0, f"{path}.preedit.token_dim", f"must be > 0, got {e.token_dim}")
+            _require(e.token_channels > 0, f"{path}.preedit.token_channels",
+                     f"must be > 0, got {e.token_channels}")
+
+
+def check_codec_params(p: CodecParams, path: str = "codec") -> None:
+    """Cross-field checks of a whole codec section."""
+    from vlmcompress.codec.losses import RANK_LOSSES  # late: losses imports torch
+    from vlmcompress.codec.model import MODELS
+
+    _require(p.model.name in MODELS, f"{path}.model.name",
+             f"unknown model {p.model.name!r} (known: {', '.join(sorted(MODELS))})")
+    check_model_params(p.model, f"{path}.model")
+    lo = p.loss
+    _require(len(lo.lambdas) == p.model.levels, f"{path}.loss.lambdas",
+             f"needs one value per rate level ({p.model.levels}), got {len(lo.lambdas)}")
+    _require(all(math.isfinite(v) and v > 0 for v in lo.lambdas), f"{path}.loss.lambdas",
+             "values must be finite and > 0")
+    for name in ("w_token_mse", "w_token_cos", "w_rank", "w_pixel"):
+        v = getattr(lo, name)
+        _require(math.isfinite(v) and v >= 0, f"{path}.loss.{name}", f"must be >= 0, got {v}")
+    _require(lo.w_token_mse + lo.w_token_cos + lo.w_rank + lo.w_pixel > 0, f"{path}.loss",
+             "at least one distortion weight must be > 0")
+    _require(lo.rank_mode in RANK_LOSSES, f"{path}.loss.rank_mode",
+             f"unknown rank loss {lo.rank_mode!r} (known: {', '.join(sorted(RANK_LOSSES))})")
+    t = p.train
+    for name in ("steps", "batch_size", "patch_size", "checkpoint_every", "log_every"):
+        v = getattr(t, name)
+        _require(v > 0, f"{path}.train.{name}", f"must be > 0, got {v}")
+    _require(t.patch_size % 64 == 0, f"{path}.train.patch_size",
+             f"must be a multiple of 64 (the codec's stride), got {t.patch_size}")
+    _require(t.lr > 0 and t.aux_lr > 0, f"{path}.train.lr", "lr and aux_lr must be > 0")
+    _require(0 < t.lr_decay_at <= 1, f"{path}.train.lr_decay_at", f"must be in (0, 1], got {t.lr_decay_at}")
+    _require(t.grad_clip >= 0, f"{path}.train.grad_clip", f"must be >= 0, got {t.grad_clip}")

@@ -1,0 +1,284 @@
+"""Variable-rate end-to-end codec on CompressAI entropy models, plus the pre-editing net.
+
+The core is a mean-scale hyperprior (Minnen et al. 2018, CompressAI ``mbt2018-mean``)
+made variable-rate with *gain units* (Cui et al., "Asymmetric Gained Deep Image
+Compression With Continuous Rate Adaptation", CVPR 2021): each of ``R`` rate levels owns
+a per-channel gain vector applied to the latent ``y`` before quantisation and an inverse
+gain applied after it (optionally the same for the hyper latent ``z``). A real-valued
+``rate`` in ``[0, R-1]`` interpolates geometrically between the two adjacent levels,
+so one set of weights covers a continuum of rates.
+
+Gains are stored as log-gains (positive by construction, and the geometric interpolation
+is a linear one in log space). At init level ``r`` has gain
+``exp(linspace(log g_0, log g_{R-1}))[r]`` and inverse ``1/gain``: an untrained model is
+already a variable-rate quantiser (higher rate = finer quantisation step), which training
+then refines.
+
+:class:`LVLMCodec` wraps the core with the optional pre-editing net and handles any image
+size by replicate-padding to the stride (64) and cropping the reconstruction.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from compressai.entropy_models import EntropyBottleneck, GaussianConditional
+from compressai.layers import GDN
+from compressai.models import CompressionModel
+from compressai.models.utils import conv, deconv
+from torch import Tensor
+
+from vlmcompress.codec.config import CodecModelParams, check_model_params
+from vlmcompress.codec.preedit import PreEditNet
+
+MODELS: dict[str, type[nn.Module]] = {}
+
+# Entropy-coder tables rebuilt by ``update(force=True)``; never part of a saved model.
+CODER_TABLE_SUFFIXES = ("._quantized_cdf", "._offset", "._cdf_length", ".scale_table")
+
+
+def register_model(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
+    """Class decorator: make a core codec buildable by name from params.yaml."""
+
+    def deco(cls: type[nn.Module]) -> type[nn.Module]:
+        MODELS[name] = cls
+        return cls
+
+    return deco
+
+
+def check_rate(rate: float, levels: int) -> float:
+    """Validate a rate (float in ``[0, levels-1]``) and return it as a Python float."""
+    try:
+        r = float(rate)
+    except (TypeError, ValueError):
+        raise ValueError(f"rate must be a number, got {rate!r}") from None
+    if not math.isfinite(r) or r < 0 or r > levels - 1:
+        raise ValueError(f"rate must be in [0, {levels - 1}], got {rate!r}")
+    return r
+
+
+def interpolate_log_gains(log_gains: Tensor, rate: float) -> Tensor:
+    """Gain vector at a real-valued rate.
+
+    Args:
+        log_gains: ``[R, C]`` per-level log-gains.
+        rate: float in ``[0, R-1]`` (checked by the caller).
+    Returns:
+        ``[1, C, 1, 1]`` gains ``exp((1-t) log g_lo + t log g_hi)`` with
+        ``lo = floor(rate)``, ``hi = min(lo + 1, R-1)``, ``t = rate - lo``.
+    """
+    levels = log_gains.shape[0]
+    lo = min(int(math.floor(rate)), levels - 1)
+    hi = min(lo + 1, levels - 1)
+    t = rate - lo
+    mixed = log_gains[lo] * (1.0 - t) + log_gains[hi] * t
+    return torch.exp(mixed).view(1, -1, 1, 1)
+
+
+def pad_to_multiple(x: Tensor, multiple: int) -> Tensor:
+    """Replicate-pad ``[B, C, H, W]`` on the bottom/right to multiples of ``multiple``.
+
+    Replicate (not zero) padding: a flat extension of the border costs almost no bits.
+    """
+    h, w = x.shape[-2:]
+    ph, pw = (-h) % multiple, (-w) % multiple
+    if ph == 0 and pw == 0:
+        return x
+    return F.pad(x, (0, pw, 0, ph), mode="replicate")
+
+
+@register_model("gained-mean-scale-hyperprior")
+class GainedMeanScaleHyperprior(CompressionModel):
+    """Mean-scale hyperprior with gain units.
+
+    ``forward(x [B,3,H,W], rate) -> {"x_hat": [B,3,H,W], "likelihoods": {"y", "z"}}``
+    with ``H, W`` multiples of 64.
+    """
+
+    def __init__(self, N: int, M: int, levels: int, gain_init: tuple[float, float] = (0.5, 2.0),
+                 hyper_gain: bool = True):
+        super().__init__()
+        self.N, self.M, self.levels, self.use_hyper_gain = int(N), int(M), int(levels), bool(hyper_gain)
+        self.entropy_bottleneck = EntropyBottleneck(N)
+        self.gaussian_conditional = GaussianConditional(None)
+        self.g_a = nn.Sequential(conv(3, N), GDN(N), conv(N, N), GDN(N), conv(N, N), GDN(N), conv(N, M))
+        self.g_s = nn.Sequential(
+            deconv(M, N), GDN(N, inverse=True), deconv(N, N), GDN(N, inverse=True),
+            deconv(N, N), GDN(N, inverse=True), deconv(N, 3))
+        self.h_a = nn.Sequential(
+            conv(M, N, stride=1, kernel_size=3), nn.LeakyReLU(inplace=True),
+            conv(N, N), nn.LeakyReLU(inplace=True), conv(N, N))
+        self.h_s = nn.Sequential(
+            deconv(N, M), nn.LeakyReLU(inplace=True), deconv(M, M * 3 // 2), nn.LeakyReLU(inplace=True),
+            conv(M * 3 // 2, M * 2, stride=1, kernel_size=3))
+        lo, hi = gain_init
+        init = torch.linspace(math.log(lo), math.log(hi), self.levels)[:, None]
+        self.log_gain = nn.Parameter(init.repeat(1, M))
+        self.log_inv_gain = nn.Parameter(-init.repeat(1, M))
+        if self.use_hyper_gain:
+            self.log_hyper_gain = nn.Parameter(torch.zeros(self.levels, N))
+            self.log_inv_hyper_gain = nn.Parameter(torch.zeros(self.levels, N))
+
+    @classmethod
+    def from_params(cls, p: CodecModelParams) -> GainedMeanScaleHyperprior:
+        return cls(p.N, p.M, p.levels, tuple(p.gain_init), p.hyper_gain)
+
+    @property
+    def downsampling_factor(self) -> int:
+        return 2 ** (4 + 2)
+
+    def _gains(self, rate: float) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        r = check_rate(rate, self.levels)
+        g = interpolate_log_gains(self.log_gain, r)
+        ig = interpolate_log_gains(self.log_inv_gain, r)
+        if not self.use_hyper_gain:
+            return g, ig, None, None
+        return (g, ig, interpolate_log_gains(self.log_hyper_gain, r),
+                interpolate_log_gains(self.log_inv_hyper_gain, r))
+
+    def _params(self, z_hat: Tensor) -> tuple[Tensor, Tensor]:
+        scales, means = self.h_s(z_hat).chunk(2, 1)
+        return scales, means
+
+    def forward(self, x: Tensor, rate: float) -> dict:
+        g, ig, hg, ihg = self._gains(rate)
+        y = self.g_a(x) * g
+        z = self.h_a(y)
+        if hg is not None:
+            z = z * hg
+        z_hat, z_lik = self.entropy_bottleneck(z)
+        if ihg is not None:
+            z_hat = z_hat * ihg
+        scales, means = self._params(z_hat)
+        y_hat, y_lik = self.gaussian_conditional(y, scales, means=means)
+        x_hat = self.g_s(y_hat * ig)
+        return {"x_hat": x_hat, "likelihoods": {"y": y_lik, "z": z_lik}}
+
+    def compress(self, x: Tensor, rate: float) -> dict:
+        g, _, hg, ihg = self._gains(rate)
+        y = self.g_a(x) * g
+        z = self.h_a(y)
+        if hg is not None:
+            z = z * hg
+        z_strings = self.entropy_bottleneck.compress(z)
+        z_hat = self.entropy_bottleneck.decompress(z_strings, z.shape[-2:])
+        if ihg is not None:
+            z_hat = z_hat * ihg
+        scales, means = self._params(z_hat)
+        indexes = self.gaussian_conditional.build_indexes(scales)
+        y_strings = self.gaussian_conditional.compress(y, indexes, means=means)
+        return {"strings": [y_strings, z_strings], "shape": tuple(z.shape[-2:])}
+
+    def decompress(self, strings: list[list[bytes]], shape: tuple[int, int], rate: float) -> dict:
+        if not (isinstance(strings, (list, tuple)) and len(strings) == 2):
+            raise ValueError("strings must be [y_strings, z_strings]")
+        _, ig, _, ihg = self._gains(rate)
+        z_hat = self.entropy_bottleneck.decompress(strings[1], shape)
+        if ihg is not None:
+            z_hat = z_hat * ihg
+        scales, means = self._params(z_hat)
+        indexes = self.gaussian_conditional.build_indexes(scales)
+        y_hat = self.gaussian_conditional.decompress(strings[0], indexes, z_hat.dtype, means)
+        return {"x_hat": self.g_s(y_hat * ig).clamp_(0, 1)}
+
+
+class LVLMCodec(CompressionModel):
+    """Pre-editing net (optional) + a registered variable-rate core, for any image size.
+
+    ``forward(x [B,3,H,W] in [0,1], rate, tokens [B,N,Dv] | None)`` returns
+    ``{"x_hat": [B,3,H,W], "likelihoods": {"y", "z"}, "x_edit": [B,3,H,W]}``; ``tokens``
+    are the LVLM vision tower's patch tokens of ``x`` (needed only when the pre-editing
+    net fuses tokens). ``x_hat`` is not clamped in ``forward`` (gradients), it is in
+    ``decompress``.
+    """
+
+    def __init__(self, params: CodecModelParams):
+        super().__init__()
+        check_model_params(params)
+        if params.name not in MODELS:
+            raise ValueError(f"unknown codec model {params.name!r} (known: {', '.join(sorted(MODELS))})")
+        self.params = params
+        self.preedit = PreEditNet(params.preedit) if params.preedit.enabled else None
+        self.core = MODELS[params.name].from_params(params)
+
+    @property
+    def levels(self) -> int:
+        return self.params.levels
+
+    @property
+    def stride(self) -> int:
+        s = self.core.downsampling_factor
+        return math.lcm(s, self.preedit.stride) if self.preedit is not None else s
+
+    @property
+    def needs_tokens(self) -> bool:
+        return self.preedit is not None and self.params.preedit.use_tokens
+
+    def _prepare(self, x: Tensor, tokens: Tensor | None) -> Tensor:
+        if x.dim() != 4 or x.shape[1] != 3 or not x.is_floating_point():
+            raise ValueError(f"x must be a float tensor [B, 3, H, W], got {x.dtype} {tuple(x.shape)}")
+        xp = pad_to_multiple(x, self.stride)
+        if self.preedit is None:
+            return xp
+        return self.preedit(xp, tokens if self.needs_tokens else None)
+
+    def forward(self, x: Tensor, rate: float, tokens: Tensor | None = None) -> dict:
+        h, w = x.shape[-2:]
+        x_edit = self._prepare(x, tokens)
+        out = self.core(x_edit, rate)
+        return {"x_hat": out["x_hat"][..., :h, :w], "likelihoods": out["likelihoods"],
+                "x_edit": x_edit[..., :h, :w]}
+
+    @torch.no_grad()
+    def compress(self, x: Tensor, rate: float, tokens: Tensor | None = None) -> dict:
+        """-> ``{"strings": [y_strings, z_strings], "shape": z_hw, "size": (H, W)}``."""
+        h, w = x.shape[-2:]
+        out = self.core.compress(self._prepare(x, tokens), rate)
+        out["size"] = (int(h), int(w))
+        return out
+
+    @torch.no_grad()
+    def decompress(self, strings: list, shape: tuple[int, int], rate: float,
+                   size: tuple[int, int]) -> dict:
+        """-> ``{"x_hat": [B, 3, H, W]}`` clamped to [0, 1]."""
+        h, w = size
+        x_hat = self.core.decompress(strings, shape, rate)["x_hat"]
+        return {"x_hat": x_hat[..., :h, :w]}
+
+    def latent_shape(self, size: tuple[int, int]) -> tuple[int, int]:
+        """Spatial shape of ``z`` for an image of ``size = (H, W)``."""
+        s = self.stride
+        hp, wp = -(-size[0] // s) * s, -(-size[1] // s) * s
+        f = self.core.downsampling_factor
+        return hp // f, wp // f
+
+
+def build_codec(params: CodecModelParams) -> LVLMCodec:
+    """A fresh (untrained) codec from its params section."""
+    return LVLMCodec(params)
+
+
+def saved_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """The state dict that is saved: weights and fixed buffers, not the coder tables."""
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
+            if not k.endswith(CODER_TABLE_SUFFIXES)}
+
+
+def weights_hash(model: nn.Module) -> bytes:
+    """First 16 bytes of SHA-256 over the saved state dict (names, dtypes, shapes, values).
+
+    Identifies the weights that wrote a bitstream; independent of the coder tables,
+    which ``update(force=True)`` derives from the weights.
+    """
+    h = hashlib.sha256()
+    for name, t in sorted(saved_state_dict(model).items()):
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(repr(tuple(t.shape)).encode())
+        h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
+    return h.digest()[:16]

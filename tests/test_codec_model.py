@@ -1,0 +1,288 @@
+"""Codec model, pre-editing net, losses and params schema (tiny models, tiny images)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from vlmcompress.codec.coder import encode_image
+from vlmcompress.codec.config import (CodecModelParams, CodecParams, CodecTrainParams, LossParams,
+                                      PreEditParams, check_codec_params)
+from vlmcompress.codec.losses import (RANK_LOSSES, CodecLoss, bpp_from_likelihoods, effective_rank,
+                                      lambda_at, token_spectrum)
+from vlmcompress.codec.model import (MODELS, build_codec, check_rate, interpolate_log_gains,
+                                     weights_hash)
+from vlmcompress.codec.preedit import PreEditNet, tokens_to_grid
+from vlmcompress.config import ConfigError, from_dict, to_dict
+
+TOKEN_DIM = 8
+
+
+def model_params(preedit: bool = True, use_tokens: bool = True, levels: int = 3) -> CodecModelParams:
+    return CodecModelParams(
+        name="gained-mean-scale-hyperprior", N=16, M=24, levels=levels, gain_init=(0.5, 2.0),
+        hyper_gain=True,
+        preedit=PreEditParams(enabled=preedit, channels=4, depth=2, use_tokens=use_tokens,
+                              token_dim=TOKEN_DIM, token_channels=4))
+
+
+def loss_params(**weights: float) -> LossParams:
+    w = {"w_token_mse": 1.0, "w_token_cos": 0.5, "w_rank": 0.5, "w_pixel": 0.01, **weights}
+    return LossParams(lambdas=[0.5, 1.0, 2.0], rank_mode="spectrum", **w)
+
+
+class TinyTokens:
+    """A deterministic differentiable stand-in for a vision tower: 16 tokens of dim 8."""
+
+    def __init__(self) -> None:
+        self.proj = torch.randn(3, TOKEN_DIM, generator=torch.Generator().manual_seed(1))
+        self.calls = 0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        pooled = torch.nn.functional.adaptive_avg_pool2d(x, 4).flatten(2).transpose(1, 2)
+        return torch.tanh(3 * (pooled - 0.5) @ self.proj)
+
+
+def lively(model, scale: float = 10.0):
+    """Scale the analysis output so an untrained model codes non-zero symbols.
+
+    An untrained g_a outputs |y| ~ 0.04, which quantises to all zeros at every rate;
+    scaling y (and unscaling in g_s) gives the rate tests something to code.
+    """
+    with torch.no_grad():
+        model.core.g_a[-1].weight.mul_(scale)
+        model.core.g_a[-1].bias.mul_(scale)
+        model.core.g_s[0].weight.div_(scale)
+    model.update(force=True)
+    return model.eval()
+
+
+def make_image(h: int, w: int) -> np.ndarray:
+    yy, xx = np.mgrid[0:h, 0:w]
+    return np.stack([128 + 100 * np.sin(xx / 5.0), 128 + 80 * np.cos(yy / 3.0), (xx * 3) % 256],
+                    -1).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return lively(build_codec(model_params()))
+
+
+@pytest.mark.parametrize("hw", [(64, 64), (45, 70)])
+def test_forward_shapes_any_size(model, hw):
+    x = torch.rand(2, 3, *hw)
+    tok = TinyTokens()(x)
+    with torch.no_grad():
+        out = model(x, 1.0, tok)
+    assert out["x_hat"].shape == x.shape
+    assert out["x_edit"].shape == x.shape
+    assert set(out["likelihoods"]) == {"y", "z"}
+    # padded to 64: y is 1/16 of the padded size, z 1/64
+    hp, wp = [math.ceil(s / 64) * 64 for s in hw]
+    assert out["likelihoods"]["y"].shape == (2, 24, hp // 16, wp // 16)
+    assert out["likelihoods"]["z"].shape == (2, 16, hp // 64, wp // 64)
+    assert model.latent_shape(hw) == (hp // 64, wp // 64)
+    lik = torch.cat([v.flatten() for v in out["likelihoods"].values()])
+    assert bool(((lik > 0) & (lik <= 1)).all())
+
+
+@pytest.mark.parametrize("bad", [-0.1, 2.01, float("nan"), float("inf"), "x", None])
+def test_rate_out_of_range_is_rejected(model, bad):
+    with pytest.raises(ValueError, match="rate"):
+        model(torch.rand(1, 3, 64, 64), bad, TinyTokens()(torch.rand(1, 3, 64, 64)))
+
+
+def test_check_rate_accepts_bounds():
+    assert check_rate(0, 3) == 0.0 and check_rate(2, 3) == 2.0
+    assert check_rate(0, 1) == 0.0
+    with pytest.raises(ValueError):
+        check_rate(0.5, 1)
+
+
+def test_gain_interpolation_is_geometric():
+    log_g = torch.log(torch.tensor([[1.0, 2.0], [4.0, 8.0], [16.0, 32.0]]))
+    assert torch.allclose(interpolate_log_gains(log_g, 1.0).flatten(), torch.tensor([4.0, 8.0]))
+    assert torch.allclose(interpolate_log_gains(log_g, 2.0).flatten(), torch.tensor([16.0, 32.0]))
+    assert torch.allclose(interpolate_log_gains(log_g, 0.5).flatten(), torch.tensor([2.0, 4.0]))
+    assert interpolate_log_gains(log_g, 0.25).shape == (1, 2, 1, 1)
+
+
+def test_higher_rate_gives_more_bytes(model):
+    """One model, continuous rate control: bytes grow strictly with the rate (incl. fractional)."""
+    img = make_image(45, 70)
+    tok = TinyTokens()
+    sizes = [len(encode_image(model, img, r, token_fn=tok)) for r in (0.0, 0.5, 1.0, 1.5, 2.0)]
+    assert all(a < b for a, b in zip(sizes, sizes[1:])), sizes
+
+
+def test_preedit_is_identity_at_init_and_uses_tokens():
+    torch.manual_seed(0)
+    net = PreEditNet(PreEditParams(True, 4, 2, True, TOKEN_DIM, 4))
+    x = torch.rand(2, 3, 32, 48)
+    t1, t2 = torch.randn(2, 16, TOKEN_DIM), torch.randn(2, 16, TOKEN_DIM)
+    assert torch.equal(net(x, t1), x)
+    with torch.no_grad():
+        net.head.weight.normal_(0, 0.1)
+    e1, e2 = net(x, t1), net(x, t2)
+    assert not torch.allclose(e1, x)
+    assert not torch.allclose(e1, e2), "the token branch does not reach the output"
+    with pytest.raises(ValueError, match="tokens"):
+        net(x)
+    with pytest.raises(ValueError, match="multiple"):
+        net(torch.rand(1, 3, 30, 32), t1[:1])
+
+
+def test_preedit_without_tokens_ignores_them():
+    net = PreEditNet(PreEditParams(True, 4, 2, False, TOKEN_DIM, 4))
+    x = torch.rand(1, 3, 32, 32)
+    assert torch.equal(net(x), x)
+    assert not hasattr(net, "token_proj")
+
+
+def test_tokens_to_grid_handles_cls_and_rejects_non_square():
+    t = torch.arange(2 * 17 * 3, dtype=torch.float).reshape(2, 17, 3)
+    grid = tokens_to_grid(t)
+    assert grid.shape == (2, 3, 4, 4)
+    assert torch.equal(grid[:, :, 0, 0], t[:, 1])  # CLS (index 0) dropped
+    assert tokens_to_grid(t[:, 1:]).shape == (2, 3, 4, 4)
+    with pytest.raises(ValueError, match="square"):
+        tokens_to_grid(torch.zeros(1, 15, 3))
+
+
+def test_weights_hash_tracks_weights(model):
+    h = weights_hash(model)
+    assert len(h) == 16
+    clone = build_codec(model.params)
+    clone.load_state_dict(model.state_dict())
+    assert weights_hash(clone) == h
+    with torch.no_grad():
+        clone.core.g_s[0].bias[0] += 1e-3
+    assert weights_hash(clone) != h
+
+
+def test_registry_and_unknown_model():
+    assert "gained-mean-scale-hyperprior" in MODELS
+    bad = model_params()
+    bad = CodecModelParams(**{**bad.__dict__, "name": "nope"})
+    with pytest.raises(ValueError, match="nope"):
+        build_codec(bad)
+
+
+# --- losses ------------------------------------------------------------------------------
+
+def test_loss_terms_and_total():
+    torch.manual_seed(0)
+    m = build_codec(model_params()).train()
+    tok = TinyTokens()
+    x = torch.rand(2, 3, 64, 64)
+    crit = CodecLoss(loss_params(), tok)
+    ref = crit.reference_tokens(x)
+    out = m(x, 0.5, ref)
+    terms = crit(out, x, 0.5, ref)
+    terms["loss"].backward()
+    terms = {k: v.detach() for k, v in terms.items()}
+    assert set(terms) == {"bpp_loss", "token_mse", "token_cos", "rank_loss", "pixel_mse",
+                          "lambda", "distortion", "loss"}
+    lam = math.sqrt(0.5 * 1.0)
+    assert float(terms["lambda"]) == pytest.approx(lam)
+    dist = (terms["token_mse"] + 0.5 * terms["token_cos"] + 0.5 * terms["rank_loss"]
+            + 0.01 * 255 ** 2 * terms["pixel_mse"])
+    assert float(terms["distortion"]) == pytest.approx(float(dist), rel=1e-5)
+    assert float(terms["loss"]) == pytest.approx(float(terms["bpp_loss"] + lam * dist), rel=1e-5)
+    grads = [p.grad for p in m.preedit.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_token_terms_switch_off():
+    torch.manual_seed(0)
+    m = build_codec(model_params(preedit=False)).train()
+    x = torch.rand(1, 3, 64, 64)
+
+    def forbidden(_x):
+        raise AssertionError("token_fn must not run when every token term is off")
+
+    crit = CodecLoss(loss_params(w_token_mse=0.0, w_token_cos=0.0, w_rank=0.0, w_pixel=1.0), forbidden)
+    terms = crit(m(x, 0.0), x, 0.0)
+    assert set(terms) == {"bpp_loss", "pixel_mse", "lambda", "distortion", "loss"}
+    tok = TinyTokens()
+    only_rank = CodecLoss(loss_params(w_token_mse=0.0, w_token_cos=0.0, w_pixel=0.0), tok)
+    terms = only_rank(m(x, 0.0), x, 0.0)
+    assert "rank_loss" in terms and "token_mse" not in terms and "pixel_mse" not in terms
+    assert tok.calls == 2  # reference + reconstruction
+    with pytest.raises(ValueError, match="token_fn"):
+        CodecLoss(loss_params(), None)
+
+
+def test_token_loss_gradient_reaches_codec():
+    """Gradients flow through token_fn into the codec (the LVLM is frozen, not detached)."""
+    torch.manual_seed(0)
+    m = build_codec(model_params(preedit=False)).train()
+    x = torch.rand(1, 3, 64, 64)
+    crit = CodecLoss(loss_params(w_token_cos=0.0, w_rank=0.0, w_pixel=0.0), TinyTokens())
+    terms = crit(m(x, 1.0), x, 1.0)
+    (terms["loss"] - terms["bpp_loss"]).backward()  # distortion only
+    g = m.core.g_s[-1].weight.grad
+    assert g is not None and float(g.abs().sum()) > 0
+
+
+def test_rank_losses_behave():
+    torch.manual_seed(0)
+    t = torch.randn(2, 16, TOKEN_DIM)
+    for name, fn in RANK_LOSSES.items():
+        assert float(fn(t, t)) == pytest.approx(0.0, abs=1e-6), name
+        collapsed = t.mean(1, keepdim=True) + 0.01 * torch.randn(2, 16, TOKEN_DIM)
+        collapsed[:, :, 0] += torch.linspace(-3, 3, 16)  # energy onto one direction
+        assert float(fn(collapsed, t)) > 0.05, name
+        # degenerate (repeated) tokens still give finite gradients
+        rep = t[:, :1].repeat(1, 16, 1).clone().requires_grad_(True)
+        fn(rep, t).backward()
+        assert torch.isfinite(rep.grad).all(), name
+    p = token_spectrum(t)
+    assert p.shape == (2, TOKEN_DIM) and torch.allclose(p.sum(-1), torch.ones(2))
+    ortho = torch.eye(16)[:, :TOKEN_DIM][None] * 4.0  # 8 orthogonal directions, equal energy
+    ortho = torch.cat([ortho, -ortho], dim=1)  # centred
+    assert float(effective_rank(ortho)) == pytest.approx(TOKEN_DIM, rel=1e-4)
+
+
+def test_bpp_and_lambda():
+    lik = {"y": torch.full((1, 4, 2, 2), 0.5), "z": torch.full((1, 2, 1, 1), 0.25)}
+    assert float(bpp_from_likelihoods(lik, 16)) == pytest.approx((16 * 1 + 2 * 2) / 16)
+    assert lambda_at([1.0, 4.0, 16.0], 0.5) == pytest.approx(2.0)
+    assert lambda_at([1.0, 4.0, 16.0], 2) == pytest.approx(16.0)
+    with pytest.raises(ValueError):
+        lambda_at([1.0, 4.0], 1.5)
+
+
+# --- params schema ------------------------------------------------------------------------
+
+def full_params() -> CodecParams:
+    return CodecParams(model=model_params(), loss=loss_params(),
+                       train=CodecTrainParams(seed=0, steps=4, batch_size=2, patch_size=64, lr=1e-4,
+                                              aux_lr=1e-3, lr_decay_at=1.0, grad_clip=1.0,
+                                              rate_sampling="discrete", checkpoint_every=2,
+                                              log_every=1, quantile_update=True))
+
+
+def test_params_roundtrip_through_yaml_dict():
+    p = full_params()
+    check_codec_params(p)
+    again = from_dict(CodecParams, to_dict(p), "codec")
+    assert again == p
+
+
+@pytest.mark.parametrize("path,value,key", [
+    (("loss", "lambdas"), [1.0, 2.0], "codec.loss.lambdas"),
+    (("loss", "rank_mode"), "bogus", "codec.loss.rank_mode"),
+    (("model", "gain_init"), [2.0, 0.5], "codec.model.gain_init"),
+    (("train", "patch_size"), 100, "codec.train.patch_size"),
+    (("model", "name"), "nope", "codec.model.name"),
+])
+def test_params_errors_name_the_key(path, value, key):
+    d = to_dict(full_params())
+    d[path[0]][path[1]] = value
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        check_codec_params(from_dict(CodecParams, d, "codec"))

@@ -1,0 +1,132 @@
+"""Training loop: disjoint optimizers, exact resume, checkpoints, curves, load_codec."""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from vlmcompress.codec.config import (CodecModelParams, CodecParams, CodecTrainParams, LossParams,
+                                      PreEditParams)
+from vlmcompress.codec.model import build_codec, weights_hash
+from vlmcompress.codec.train import (batch_indices, draw_rate, load_codec, make_batch,
+                                     split_parameters, train_codec)
+
+TOKEN_DIM = 8
+
+
+def token_fn(x: torch.Tensor) -> torch.Tensor:
+    proj = torch.randn(3, TOKEN_DIM, generator=torch.Generator().manual_seed(1))
+    pooled = torch.nn.functional.adaptive_avg_pool2d(x, 4).flatten(2).transpose(1, 2)
+    return torch.tanh(3 * (pooled - 0.5) @ proj)
+
+
+def params(steps: int = 4, preedit: bool = True, rate_sampling: str = "discrete") -> CodecParams:
+    return CodecParams(
+        model=CodecModelParams(
+            name="gained-mean-scale-hyperprior", N=8, M=12, levels=3, gain_init=(0.5, 2.0),
+            hyper_gain=True,
+            preedit=PreEditParams(enabled=preedit, channels=4, depth=2, use_tokens=preedit,
+                                  token_dim=TOKEN_DIM, token_channels=4)),
+        loss=LossParams(lambdas=[0.5, 1.0, 2.0], w_token_mse=1.0, w_token_cos=0.1, w_rank=0.1,
+                        rank_mode="spectrum", w_pixel=0.001),
+        train=CodecTrainParams(seed=7, steps=steps, batch_size=2, patch_size=64, lr=1e-3, aux_lr=1e-2,
+                               lr_decay_at=0.5, grad_clip=1.0, rate_sampling=rate_sampling,
+                               checkpoint_every=2, log_every=1, quantile_update=True))
+
+
+@pytest.fixture(scope="module")
+def images() -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    return (torch.rand(5, 3, 72, 80, generator=g) * 255).to(torch.uint8)
+
+
+def test_optimizer_parameter_sets_are_disjoint_and_complete():
+    m = build_codec(params().model)
+    main, aux = split_parameters(m)
+    assert not set(main) & set(aux)
+    assert set(main) | set(aux) == {n for n, _ in m.named_parameters()}
+    assert aux == ["core.entropy_bottleneck.quantiles"]
+    assert any(n.startswith("preedit.") for n in main) and "core.log_gain" in main
+
+
+def test_sampling_is_a_function_of_seed_and_step(images):
+    a = make_batch(images, batch_indices(5, 2, 7, 3), 64, 7, 3)
+    b = make_batch(images, batch_indices(5, 2, 7, 3), 64, 7, 3)
+    c = make_batch(images, batch_indices(5, 2, 7, 4), 64, 7, 4)
+    assert a.shape == (2, 3, 64, 64) and torch.equal(a, b) and not torch.equal(a, c)
+    # one epoch (n // batch steps) visits distinct images
+    seen = torch.cat([batch_indices(5, 2, 7, s) for s in range(2)])
+    assert len(set(seen.tolist())) == 4
+    assert {draw_rate(3, "discrete", 7, s) for s in range(30)} == {0.0, 1.0, 2.0}
+    cont = [draw_rate(3, "continuous", 7, s) for s in range(30)]
+    assert all(0 <= r <= 2 for r in cont) and len({round(r, 6) for r in cont}) == 30
+    with pytest.raises(ValueError, match="smaller than patch_size"):
+        make_batch(images, torch.tensor([0]), 128, 7, 0)
+
+
+def _rows(path):
+    with open(path, newline="") as fh:
+        timing = ("seconds", "steps_per_s")
+        return [{k: v for k, v in r.items() if k not in timing} for r in csv.DictReader(fh)]
+
+
+def test_resume_continues_exactly(images, tmp_path):
+    full = train_codec(params(), images, token_fn, tmp_path / "full")
+    part = train_codec(params(), images, token_fn, tmp_path / "split", stop_at=3)
+    assert part.steps == 3 and not (tmp_path / "split" / "model").exists()
+    ckpt = json.loads((tmp_path / "split" / "checkpoint" / "codec.json").read_text())
+    assert ckpt["step"] == 3  # the stop step is checkpointed too
+    resumed = train_codec(params(), images, token_fn, tmp_path / "split")
+    assert resumed.steps == 4 and resumed.steps_this_run == 1
+    sd_full, sd_res = full.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(sd_full[k], sd_res[k]) for k in sd_full)
+    rows_full, rows_split = _rows(tmp_path / "full" / "curves.csv"), _rows(tmp_path / "split" / "curves.csv")
+    assert [r["step"] for r in rows_split] == ["1", "2", "3", "4"]
+    assert rows_full == rows_split
+    assert {"loss", "bpp_loss", "token_mse", "token_cos", "rank_loss", "pixel_mse", "aux_loss",
+            "rate", "lr"} <= set(rows_full[0])
+    assert float(rows_full[-1]["lr"]) == pytest.approx(1e-4)  # decayed after half the steps
+
+
+def test_saved_model_loads_with_hash_and_coder_tables(images, tmp_path):
+    res = train_codec(params(steps=2, preedit=False), images, token_fn, tmp_path / "run")
+    record = json.loads((tmp_path / "run" / "model" / "codec.json").read_text())
+    loaded = load_codec(tmp_path / "run")  # the training folder resolves to run/model
+    assert record["model_hash"] == weights_hash(loaded).hex() == weights_hash(res.model).hex()
+    assert record["step"] == 2 and record["params"]["train"]["steps"] == 2
+    assert loaded.core.entropy_bottleneck._quantized_cdf.numel() > 0
+    assert not loaded.training
+    q = loaded.core.entropy_bottleneck.quantiles
+    assert not torch.allclose(q[:, 0, 0], torch.full_like(q[:, 0, 0], -10.0))  # fitted at the end
+    # a changed weights file no longer matches its recorded hash
+    from safetensors.torch import load_file, save_file
+    path = tmp_path / "run" / "model" / "model.safetensors"
+    sd = load_file(str(path))
+    sd["core.log_gain"] = sd["core.log_gain"] + 1
+    save_file(sd, str(path))
+    with pytest.raises(ValueError, match="model_hash"):
+        load_codec(tmp_path / "run")
+
+
+def test_resume_with_other_params_is_refused(images, tmp_path):
+    train_codec(params(steps=2, preedit=False), images, token_fn, tmp_path / "run", stop_at=2)
+    changed = params(steps=2, preedit=False)
+    changed = dataclasses.replace(changed, loss=dataclasses.replace(changed.loss, w_rank=0.0))
+    with pytest.raises(ValueError, match="different params"):
+        train_codec(changed, images, token_fn, tmp_path / "run")
+    # more steps is a legal change: training continues
+    longer = train_codec(params(steps=3, preedit=False), images, token_fn, tmp_path / "run")
+    assert longer.steps == 3 and longer.steps_this_run == 1
+
+
+def test_pixel_only_baseline_trains_without_token_fn(images, tmp_path):
+    p = params(steps=2, preedit=False, rate_sampling="continuous")
+    p = dataclasses.replace(p, loss=dataclasses.replace(p.loss, w_token_mse=0.0, w_token_cos=0.0,
+                                                         w_rank=0.0, w_pixel=1.0))
+    res = train_codec(p, images, None, tmp_path / "px")
+    assert "token_mse" not in res.last and "pixel_mse" in res.last
+    with pytest.raises(ValueError, match="token_fn"):
+        train_codec(params(steps=1), images, None, tmp_path / "tok")
