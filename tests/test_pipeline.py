@@ -60,19 +60,40 @@ def test_executed_notebooks_are_never_dependencies():
     assert all(o.startswith("outputs/") for o in outs)
 
 
-def test_data_notebook_runs_end_to_end(project_root):
-    """01_data through papermill on a tiny params file, in a throw-away project root."""
+def _run_notebook(name: str, root: Path) -> dict:
     import papermill
 
+    out = root / "outputs" / "notebooks" / f"{name}.ipynb"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    papermill.execute_notebook(str(REPO / "notebooks" / f"{name}.ipynb"), str(out),
+                               parameters={"params_path": str(root / "params.yaml")},
+                               kernel_name="python3", cwd=str(root), progress_bar=False)
+    return nbformat.read(out, as_version=4)
+
+
+def test_data_and_lvlm_notebooks_run_end_to_end(project_root):
+    """01_data then 02_lvlm through papermill on tiny params, in a throw-away project root."""
     params = yaml.safe_load((project_root / "params.yaml").read_text())
     params["data"]["scenes"].update(n_train=8, n_val=4, n_test=8)
+    params["lvlm"]["arch"].update(vision_hidden=32, vision_layers=2, vision_heads=2, text_hidden=32, text_layers=1,
+                                  text_heads=2, projection_dim=16, lm_hidden=32, lm_layers=1, lm_heads=2,
+                                  lm_intermediate=64, stem_context=0)
+    params["lvlm"]["train"].update(pool_scenes=16, clip_steps=2, clip_batch=4, align_steps=2, align_batch=4,
+                                   lm_steps=2, lm_batch=2, lm_turns=2, warmup_steps=1, checkpoint_every=1,
+                                   eval_every=1)
+    params["lvlm"]["eval"].update(batch_size=8, max_questions=16, max_captions=2, max_refs=4, gallery=8)
     (project_root / "params.yaml").write_text(yaml.safe_dump(params))
-    out = project_root / "outputs" / "notebooks" / "01_data.ipynb"
-    out.parent.mkdir(parents=True)
-    papermill.execute_notebook(str(REPO / "notebooks" / "01_data.ipynb"), str(out),
-                               parameters={"params_path": str(project_root / "params.yaml")},
-                               kernel_name="python3", cwd=str(project_root), progress_bar=False)
+
+    executed = _run_notebook("01_data", project_root)
     metrics = json.loads((project_root / "outputs" / "data" / "metrics.json").read_text())
     assert metrics["images.test"] == 8 and metrics["questions.test"] > 0
-    executed = nbformat.read(out, as_version=4)
     assert any(o.get("output_type") == "display_data" for c in executed.cells for o in c.get("outputs", []))
+
+    _run_notebook("02_lvlm", project_root)
+    lv = json.loads((project_root / "outputs" / "lvlm" / "metrics.json").read_text())
+    for key in ("vqa_acc", "vqa_majority_acc", "vqa_acc_by_type", "vqa_majority_acc_by_type", "retrieval_i2t_r1",
+                "retrieval_t2i_r1", "caption_cider", "grounding_acc50", "train_seconds"):
+        assert key in lv, key
+    assert lv["vqa_questions"] == 16 and lv["train_seconds"] > 0
+    model = project_root / "outputs" / "lvlm" / "model"
+    assert (model / "llava" / "model.safetensors").is_file() and (model / "clip" / "model.safetensors").is_file()
