@@ -23,7 +23,7 @@ class ArchParams:
     image_size: int
     patch_size: int
     stem_layers: int          # 0: CLIP's one-conv patch embedding; n: n stride-2 3x3 convs
-    stem_context: int         # residual 3x3 convs on the patch grid after the stem (wider view)
+    stem_context: int         # stride-1 3x3 convs on the patch grid after the stem (wider view)
     vision_hidden: int
     vision_layers: int
     vision_heads: int

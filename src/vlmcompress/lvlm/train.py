@@ -379,6 +379,7 @@ class Trainer:
     def lvlm(self) -> LVLM:
         """The model being trained, behind the adapter (shares the modules, no copy)."""
         self.clip.vision_model.load_state_dict(self.llava.model.vision_tower.state_dict())
+        self.llava.model.vision_tower.eval()
         return LVLM(self.llava, self.tok, self.clip, self.clip_tok, prompts=self.prompts,
                     attn_layer=self.p.attn_layer).eval()
 
@@ -394,7 +395,9 @@ class Trainer:
         self._run_phase("clip", self.t.clip_steps, self.t.clip_lr,
                         list(c.parameters()) + list(self.heads.parameters()), self._clip_step(pool), [c, self.heads])
         self.llava.model.vision_tower.load_state_dict(v.state_dict())
-        self.llava.model.vision_tower.requires_grad_(False)
+        # Frozen from here on, and in eval mode: BatchNorm in the stem must use its running
+        # statistics, not the statistics of each training batch.
+        self.llava.model.vision_tower.requires_grad_(False).eval()
         proj = self.llava.model.multi_modal_projector
         self._run_phase("align", self.t.align_steps, self.t.align_lr, list(proj.parameters()),
                         self._align_step(pool), [proj])
