@@ -15,6 +15,10 @@ PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
 
 
+def _out_path(out) -> str:
+    return out if isinstance(out, str) else next(iter(out))
+
+
 def _lookup(tree: dict, dotted: str) -> bool:
     node = tree
     for part in dotted.split("."):
@@ -46,8 +50,11 @@ def test_stage_wiring(name):
     src_nb, out_nb = [a for a in argv if a.endswith(".ipynb")]
     assert src_nb in stage["deps"], "the clean notebook is a dependency"
     assert out_nb.startswith("outputs/notebooks/") and out_nb in stage["outs"]
+    earlier = {_out_path(o) for s in list(DVC["stages"])[:list(DVC["stages"]).index(name)]
+               for o in DVC["stages"][s].get("outs", [])}
     for dep in stage["deps"]:
-        assert (REPO / dep).exists(), f"stage {name}: missing dep {dep}"
+        # A dep is committed code/notebook, or the output of an earlier stage.
+        assert dep in earlier or (REPO / dep).exists(), f"stage {name}: missing dep {dep}"
     metrics = [m for m in stage.get("metrics", [])]
     assert metrics and all(list(m.values())[0]["cache"] is False for m in metrics)
 
