@@ -13,45 +13,12 @@ from vlmcompress.codec.bitstream import (HEADER_SIZE, MAX_DIM, OVERHEAD, Bitstre
                                          as_float32, pack, unpack)
 from vlmcompress.codec.coder import (decode_file, decode_image, encode_file, encode_image,
                                      image_to_tensor, read_png, tensor_to_image, write_png)
-from vlmcompress.codec.config import CodecModelParams, PreEditParams
 from vlmcompress.codec.model import build_codec
 from vlmcompress.codec.train import load_codec, save_codec
 
-TOKEN_DIM = 8
+from codec_helpers import TinyTokens, lively, make_image, model_params
 
-
-def model_params(use_tokens: bool) -> CodecModelParams:
-    return CodecModelParams(
-        name="gained-mean-scale-hyperprior", N=16, M=24, levels=3, gain_init=(0.5, 2.0),
-        hyper_gain=True,
-        preedit=PreEditParams(enabled=True, channels=4, depth=2, use_tokens=use_tokens,
-                              token_dim=TOKEN_DIM, token_channels=4))
-
-
-def token_fn(x: torch.Tensor) -> torch.Tensor:
-    proj = torch.randn(3, TOKEN_DIM, generator=torch.Generator().manual_seed(1))
-    pooled = torch.nn.functional.adaptive_avg_pool2d(x, 4).flatten(2).transpose(1, 2)
-    return torch.tanh(3 * (pooled - 0.5) @ proj)
-
-
-def lively(model, seed_edit: int | None = None):
-    """Untrained models code all-zero latents; scale y up (and back in g_s), and give the
-    pre-editing net a non-zero residual so the tokens branch matters."""
-    with torch.no_grad():
-        model.core.g_a[-1].weight.mul_(10.0)
-        model.core.g_a[-1].bias.mul_(10.0)
-        model.core.g_s[0].weight.div_(10.0)
-        if seed_edit is not None:
-            g = torch.Generator().manual_seed(seed_edit)
-            model.preedit.head.weight.copy_(torch.randn(model.preedit.head.weight.shape, generator=g) * 0.05)
-    model.update(force=True)
-    return model.eval()
-
-
-def make_image(h: int, w: int) -> np.ndarray:
-    yy, xx = np.mgrid[0:h, 0:w]
-    return np.stack([128 + 100 * np.sin(xx / 5.0), 128 + 80 * np.cos(yy / 3.0), (xx * 3) % 256],
-                    -1).astype(np.uint8)
+token_fn = TinyTokens()
 
 
 @pytest.fixture(scope="module")

@@ -14,13 +14,9 @@ from vlmcompress.codec.model import build_codec, weights_hash
 from vlmcompress.codec.train import (batch_indices, draw_rate, load_codec, make_batch,
                                      split_parameters, train_codec)
 
-TOKEN_DIM = 8
+from codec_helpers import TOKEN_DIM, TinyTokens
 
-
-def token_fn(x: torch.Tensor) -> torch.Tensor:
-    proj = torch.randn(3, TOKEN_DIM, generator=torch.Generator().manual_seed(1))
-    pooled = torch.nn.functional.adaptive_avg_pool2d(x, 4).flatten(2).transpose(1, 2)
-    return torch.tanh(3 * (pooled - 0.5) @ proj)
+token_fn = TinyTokens()
 
 
 def params(steps: int = 4, preedit: bool = True, rate_sampling: str = "discrete") -> CodecParams:
