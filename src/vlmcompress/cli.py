@@ -19,11 +19,17 @@ def _check_params(args: argparse.Namespace) -> int:
     return 0
 
 
-def _token_fn(model_dir: str | None, params_path: str | None):
-    """The LVLM vision tower when the codec's pre-editing net fuses tokens, else None."""
-    from vlmcompress.codec.train import load_codec
-    model = load_codec(model_dir) if model_dir else None
-    if model is None or not getattr(model, "needs_tokens", False):
+def _token_fn(model_dir: str, params_path: str | None):
+    """The LVLM vision tower when the codec's pre-editing net fuses tokens, else None.
+
+    Decided from the codec's saved config, so the weights are loaded once (by ``encode_file``).
+    """
+    from vlmcompress.codec.config import CodecModelParams
+    from vlmcompress.codec.train import read_codec_record, resolve_model_dir
+    from vlmcompress.config import from_dict
+    record = read_codec_record(resolve_model_dir(model_dir))
+    pre = from_dict(CodecModelParams, record.get("model"), "model").preedit
+    if not (pre.enabled and pre.use_tokens):
         return None
     from vlmcompress.config import load_params
     from vlmcompress.lvlm.stage import load_stage_lvlm

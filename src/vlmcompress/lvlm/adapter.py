@@ -271,9 +271,10 @@ class LVLM:
                                   past_key_values=cache, use_cache=True, return_dict=True)
         return self.llava.lm_head(out.last_hidden_state[:, -1]), out.past_key_values
 
-    def _visual(self, images: Tensor, texts: Sequence[str], transform: TokenTransform | None
-                ) -> tuple[Tensor, Tensor]:
-        feats = self.visual_features(images)
+    @staticmethod
+    def _apply(feats: VisualFeatures, texts: Sequence[str], transform: TokenTransform | None
+               ) -> tuple[Tensor, Tensor]:
+        """Visual tokens and their mask: all tokens, or what ``transform`` keeps."""
         if transform is None:
             b, n, _ = feats.tokens.shape
             return feats.tokens, torch.ones(b, n, dtype=torch.bool, device=feats.tokens.device)
@@ -326,10 +327,7 @@ class LVLM:
             logits, mask, cache = self._prefill_shared(feats.tokens, prompts[0][0], [p for _, p in prompts], index)
         else:
             feats = feats if image_index is None else feats.index(index.to(feats.tokens.device))
-            if transform is None:
-                vis, vmask = feats.tokens, torch.ones(feats.tokens.shape[:2], dtype=torch.bool, device=feats.tokens.device)
-            else:
-                vis, vmask = transform(feats, texts)
+            vis, vmask = self._apply(feats, texts, transform)
             embeds, mask, _ = self.build_inputs(vis, vmask.bool(), task, texts)
             logits, cache = self._lm_step(embeds, mask, None, 0)
         done = torch.zeros(b, dtype=torch.bool, device=self.device)
@@ -353,7 +351,7 @@ class LVLM:
     def answer_loss(self, images: Tensor, texts: Sequence[str], answers: Sequence[str], task: str = "vqa",
                     transform: TokenTransform | None = None) -> Tensor:
         """Mean cross-entropy over answer tokens (+EOS); differentiable w.r.t. ``images``."""
-        vis, vmask = self._visual(images, texts, transform)
+        vis, vmask = self._apply(self.visual_features(images), texts, transform)
         embeds, mask, labels = self.build_inputs(vis, vmask.bool(), task, texts, answers, left_pad=False)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         h = self.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos,

@@ -72,7 +72,7 @@ def train_embedded(params: Params, val: list[ImageRecord], log=print) -> dict[st
     t0 = time.perf_counter()
     seconds = trainer.run(out / "model", eval_fn=quick)
     trainer.write_curves(out / "curves.csv")
-    seconds["train_seconds"] = round(sum(v for k, v in seconds.items()), 1)
+    seconds["train_seconds"] = round(sum(seconds.values()), 1)
     seconds["wall_seconds"] = round(time.perf_counter() - t0, 1)
     return seconds
 
@@ -98,8 +98,9 @@ def evaluate(lvlm: LVLM, train: list[ImageRecord], test: list[ImageRecord], ev: 
     qtext = {q.question_id: (r.image_id, q.question, q.question_type) for r, q in items}
     rows = [{"image_id": qtext[qid][0], "type": qtext[qid][2], "question": qtext[qid][1], "answer": gt,
              "prediction": pred} for qid, pred, gt in vqa.predictions[:200]]
-    rows += [{"image_id": i, "type": "caption", "question": "", "answer": next(r.captions[0] for r in cap_recs
-              if r.image_id == i), "prediction": c} for i, c in list(caps.items())[:20]]
+    refs = {r.image_id: r.captions[0] for r in cap_recs}
+    rows += [{"image_id": i, "type": "caption", "question": "", "answer": refs[i], "prediction": c}
+             for i, c in list(caps.items())[:20]]
     return metrics, pd.DataFrame(rows)
 
 
