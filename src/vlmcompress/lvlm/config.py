@@ -55,6 +55,8 @@ class TrainParams:
     lm_batch: int
     lm_lr: float
     lm_turns: int             # question/answer turns packed into one training sequence
+    lm_bg_start: int          # background visual tokens kept per image at the first LM step ...
+    lm_bg_ramp: float         # ... growing linearly to all of them over this fraction of LM steps
     caption_prob: float       # chance that a sequence includes a caption turn
     ground_prob: float        # chance that a sequence includes a grounding turn
     warmup_steps: int

@@ -211,7 +211,7 @@ class Trainer:
 
     # -- the loop shared by all phases ------------------------------------------------------
     def _run_phase(self, phase: str, steps: int, lr: float, params: list[nn.Parameter],
-                   step_fn: Callable[[np.random.Generator], tuple[Tensor, dict[str, float]]],
+                   step_fn: Callable[[np.random.Generator, int], tuple[Tensor, dict[str, float]]],
                    modules: list[nn.Module], eval_fn: Callable[[], dict[str, float]] | None = None,
                    max_grad_norm: float | None = 1.0) -> None:
         prog = self._progress()
@@ -234,7 +234,7 @@ class Trainer:
             m.train()
         t0 = time.perf_counter() - spent
         for step in range(start, steps):
-            loss, logs = step_fn(self._rng(phase, step))
+            loss, logs = step_fn(self._rng(phase, step), step)
             opt.zero_grad(set_to_none=True)
             self.accel.backward(loss)
             if max_grad_norm is not None:
@@ -269,12 +269,12 @@ class Trainer:
         write_json(self._progress_path, prog)
 
     # -- phase A: CLIP ----------------------------------------------------------------------
-    def _clip_step(self, pool: Pool) -> Callable[[np.random.Generator], tuple[Tensor, dict[str, float]]]:
+    def _clip_step(self, pool: Pool) -> Callable[[np.random.Generator, int], tuple[Tensor, dict[str, float]]]:
         vision, clip, t = self.clip.vision_model, self.clip, self.t
         layer = self.spec.vision_feature_layer
         phrase_enc = self.clip_tok(PHRASES, padding=True, return_tensors="pt")
 
-        def step(rng: np.random.Generator) -> tuple[Tensor, dict[str, float]]:
+        def step(rng: np.random.Generator, step_no: int) -> tuple[Tensor, dict[str, float]]:
             idx = torch.from_numpy(rng.choice(len(pool.captions), t.clip_batch, replace=False))
             pix = _to_pixels(pool.images[idx])
             labels = pool.labels[idx]
@@ -308,14 +308,14 @@ class Trainer:
         return step
 
     # -- phase B: projector alignment -----------------------------------------------------
-    def _align_step(self, pool: Pool) -> Callable[[np.random.Generator], tuple[Tensor, dict[str, float]]]:
+    def _align_step(self, pool: Pool) -> Callable[[np.random.Generator, int], tuple[Tensor, dict[str, float]]]:
         emb = self.llava.get_input_embeddings()
         ids = self.tok.convert_tokens_to_ids
         # Word ids of each phrase's words ("background" alone for background patches).
         words = [[ids(w) for w in ph.split() if w != "a"] for ph in PHRASES]
         proj, vision, layer = self.llava.model.multi_modal_projector, self.llava.model.vision_tower, self.spec.vision_feature_layer
 
-        def step(rng: np.random.Generator) -> tuple[Tensor, dict[str, float]]:
+        def step(rng: np.random.Generator, step_no: int) -> tuple[Tensor, dict[str, float]]:
             idx = torch.from_numpy(rng.choice(len(pool.captions), self.t.align_batch, replace=False))
             with torch.no_grad():
                 out = vision((_to_pixels(pool.images[idx]) - LVLM_MEAN) / LVLM_STD, output_hidden_states=True,
@@ -329,8 +329,12 @@ class Trainer:
         return step
 
     # -- phase C: language model ------------------------------------------------------------
-    def _sequence(self, vis: Tensor, turns: list[tuple[str, str, str]]) -> tuple[Tensor, Tensor]:
-        """One multi-turn training sequence: ``inputs_embeds [T, D]`` and ``labels [T]``."""
+    def _sequence(self, vis: Tensor, turns: list[tuple[str, str, str]], vis_pos: Tensor,
+                  n_vis: int) -> tuple[Tensor, Tensor, Tensor]:
+        """One multi-turn training sequence: ``inputs_embeds [T, D]``, ``labels [T]`` and
+        ``position_ids [T]``. ``vis [K, D]`` are the kept visual tokens at grid positions
+        ``vis_pos [K]`` out of ``n_vis``; positions are those of the full sequence, so a token
+        keeps its position whether or not its neighbours were dropped."""
         emb = self.llava.get_input_embeddings()
         eos = self.tok.eos_token_id
         before, after = self.prompts.render(turns[0][0], turns[0][1])
@@ -345,31 +349,56 @@ class Trainer:
             labels += [-100] * len(p_ids) + a_ids
         seq = torch.cat([emb(torch.tensor(pre)), vis, emb(torch.tensor(ids))])
         lab = torch.tensor([-100] * (len(pre) + vis.shape[0]) + labels)
-        return seq, lab
+        pos = torch.cat([torch.arange(len(pre)), len(pre) + vis_pos,
+                         len(pre) + n_vis + torch.arange(len(ids))])
+        return seq, lab, pos
 
-    def _lm_step(self, pool: Pool) -> Callable[[np.random.Generator], tuple[Tensor, dict[str, float]]]:
+    def _kept_tokens(self, labels: Tensor, step: int, rng: np.random.Generator) -> list[Tensor]:
+        """Curriculum over visual tokens: every object patch, and ``lm_bg_start`` background
+        patches growing linearly to all of them over the first ``lm_bg_ramp`` of the LM steps.
+
+        With all 256 tokens at once, the few object tokens get ~1/256 of the attention at
+        initialisation and the LM barely learns to look; fewer distractors make the signal
+        strong early. ``labels [B, 4, G, G]`` -> per image the kept grid indices, ascending.
+        """
+        obj = labels[:, 0].flatten(1) > 0                                  # [B, N]
+        n = obj.shape[1]
+        ramp = self.t.lm_bg_ramp * self.t.lm_steps
+        frac = 1.0 if ramp <= 0 else min(1.0, step / ramp)
+        out = []
+        for b in range(obj.shape[0]):
+            bg = (~obj[b]).nonzero().flatten()
+            k = min(len(bg), int(round(self.t.lm_bg_start + frac * (n - self.t.lm_bg_start))))
+            pick = bg[torch.from_numpy(rng.permutation(len(bg))[:k])]
+            out.append(torch.cat([obj[b].nonzero().flatten(), pick]).sort().values)
+        return out
+
+    def _lm_step(self, pool: Pool) -> Callable[[np.random.Generator, int], tuple[Tensor, dict[str, float]]]:
         vision, proj, layer = self.llava.model.vision_tower, self.llava.model.multi_modal_projector, self.spec.vision_feature_layer
         lm, head = self.llava.model.language_model, self.llava.lm_head
         t = self.t
 
-        def step(rng: np.random.Generator) -> tuple[Tensor, dict[str, float]]:
+        def step(rng: np.random.Generator, step_no: int) -> tuple[Tensor, dict[str, float]]:
             idx = rng.choice(len(pool.captions), t.lm_batch, replace=False)
             with torch.no_grad():
                 out = vision((_to_pixels(pool.images[torch.from_numpy(idx)]) - LVLM_MEAN) / LVLM_STD,
                              output_hidden_states=True, return_dict=True)
             vis = proj(out.hidden_states[layer][:, 1:])
+            keep = self._kept_tokens(pool.labels[torch.from_numpy(idx)], step_no, rng)
             seqs = []
             for b, i in enumerate(idx.tolist()):
                 turns = sample_turns(pool.objects[i], pool.captions[i], rng, t.lm_turns, t.caption_prob,
                                      t.ground_prob, self.spec.image_size)
-                seqs.append(self._sequence(vis[b], turns))
-            T = max(s.shape[0] for s, _ in seqs)
+                seqs.append(self._sequence(vis[b, keep[b]], turns, keep[b], vis.shape[1]))
+            T = max(s.shape[0] for s, _, _ in seqs)
             embeds = vis.new_zeros(len(seqs), T, vis.shape[-1])
             labels = torch.full((len(seqs), T), -100, dtype=torch.long)
             mask = torch.zeros(len(seqs), T, dtype=torch.long)
-            for b, (s, lab) in enumerate(seqs):
-                embeds[b, : s.shape[0]], labels[b, : s.shape[0]], mask[b, : s.shape[0]] = s, lab, 1
-            h = lm(inputs_embeds=embeds, attention_mask=mask, return_dict=True).last_hidden_state
+            pos = torch.zeros(len(seqs), T, dtype=torch.long)
+            for b, (s, lab, p) in enumerate(seqs):
+                n = s.shape[0]
+                embeds[b, :n], labels[b, :n], mask[b, :n], pos[b, :n] = s, lab, 1, p
+            h = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, return_dict=True).last_hidden_state
             sel = labels[:, 1:] != -100                       # logits only where an answer token is next
             logits = head(h[:, :-1][sel])
             target = labels[:, 1:][sel]
