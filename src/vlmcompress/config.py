@@ -146,6 +146,7 @@ def to_dict(obj: Any) -> Any:
 # Imported late-bound: section schemas are defined beside the code that uses them.
 from vlmcompress.data.config import DataParams  # noqa: E402
 from vlmcompress.lvlm.config import LvlmParams  # noqa: E402
+from vlmcompress.tokens.config import TokensParams  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,6 +157,7 @@ class Params:
     seed: int
     data: DataParams
     lvlm: LvlmParams
+    tokens: TokensParams
 
 
 def read_yaml(path: Path) -> Any:

@@ -415,7 +415,7 @@ class LVLM:
         done = torch.zeros(b, dtype=torch.bool, device=self.device)
         out: list[list[int]] = [[] for _ in range(b)]
         emb = self.llava.get_input_embeddings()
-        for _ in range(max_new_tokens):
+        for step in range(max_new_tokens):
             nxt = logits.argmax(-1)
             for i in range(b):
                 if not done[i]:
@@ -423,7 +423,7 @@ class LVLM:
                         done[i] = True
                     else:
                         out[i].append(int(nxt[i]))
-            if bool(done.all()):
+            if bool(done.all()) or step == max_new_tokens - 1:   # no LM step whose logits go unused
                 break
             logits = decoder.step(emb(nxt)[:, None])
         return [self.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in out]

@@ -19,6 +19,7 @@ keeps the visual tokens as they are before the LM and runs the prefill itself
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -146,6 +147,7 @@ class FastV:
     last_keep: Tensor | None = None
     cache: DynamicCache | None = None
     kept: list[int] = field(default_factory=list)
+    selection_seconds: float = 0.0   # time spent scoring and gathering (the method's overhead)
     uses_text = True   # the ranking depends on the question: no shared prefill across questions
 
     def __call__(self, feats, texts: Sequence[str]) -> tuple[Tensor, Tensor]:
@@ -171,6 +173,7 @@ class FastV:
         mask4 = additive_mask(mask, mask.shape[1], embeds.dtype)
         h_in = _run_layers(lm.layers[:K - 1], embeds, mask4, pos, pe, cache)
         h = _run_layers(lm.layers[K - 1:K], h_in, mask4, pos, pe, cache)
+        t0 = time.perf_counter()
         scores = last_query_attention(lm.layers[K - 1], h_in[:, -1:], pe[0][:, -1:], pe[1][:, -1:],
                                       cache.layers[K - 1].keys, mask)
         keep_vis = keep_visual(scores, visual & mask.bool(), self.budget)
@@ -178,6 +181,7 @@ class FastV:
         h = h.gather(1, idx.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
         pos2 = pos.gather(1, idx)
         mask2 = (mask.bool() & (~visual | keep_vis)).gather(1, idx).long()
+        self.selection_seconds += time.perf_counter() - t0
         pe2 = lm.rotary_emb(h, pos2)
         h = _run_layers(lm.layers[K:], h, additive_mask(mask2, mask2.shape[1], h.dtype), pos2, pe2, cache)
         logits = lvlm.llava.lm_head(lm.norm(h[:, -1]))
