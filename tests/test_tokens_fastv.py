@@ -32,12 +32,19 @@ def attn(request, lvlm):
     lm.set_attn_implementation(old)
 
 
-def _inputs(lvlm, imgs, qs):
-    feats = lvlm.visual_features(imgs)
-    vis = feats.tokens
+def _inputs_from(lvlm, vis, qs):
     embeds, mask, _, visual = lvlm._assemble(vis, torch.ones(vis.shape[:2], dtype=torch.bool),
                                              lvlm._prompt_ids("vqa", qs))
     return embeds, mask, visual
+
+
+def _inputs(lvlm, imgs, qs):
+    return _inputs_from(lvlm, lvlm.visual_features(imgs).tokens, qs)
+
+
+def _prefill(fv, lvlm, embeds, mask, visual):
+    """Per-sample layout: the whole prompt as the prefix, no suffix."""
+    return fv.prefill(lvlm, embeds, mask, visual, torch.arange(embeds.shape[0]), embeds[:, :0], mask[:, :0])
 
 
 def test_helpers_mask_and_compact():
@@ -61,7 +68,7 @@ def test_scores_are_layer_k_attention_of_the_last_token(lvlm, attn):
     torch.manual_seed(0)
     embeds, mask, visual = _inputs(lvlm, torch.rand(3, 3, 56, 56), QS)
     fv = FastV(budget=0.25, layer=2)
-    fv.prefill(lvlm, embeds, mask, visual)
+    _prefill(fv, lvlm, embeds, mask, visual)
     lm = lvlm.language_model
     old = lm.config._attn_implementation
     lm.set_attn_implementation("eager")
@@ -92,7 +99,7 @@ def test_budget_all_equals_unpruned_generation(lvlm, attn):
 def test_budget_all_logits_equal_the_dense_lm(lvlm, attn):
     torch.manual_seed(2)
     embeds, mask, visual = _inputs(lvlm, torch.rand(2, 3, 56, 56), QS[:2])
-    logits, _ = FastV(budget=N, layer=1).prefill(lvlm, embeds, mask, visual)
+    logits, _ = _prefill(FastV(budget=N, layer=1), lvlm, embeds, mask, visual)
     dense, _ = lvlm._lm_step(embeds, mask, None, 0)
     torch.testing.assert_close(logits, dense, rtol=1e-4, atol=1e-5)
 
@@ -106,6 +113,24 @@ def test_batch_equals_one_by_one(lvlm, attn):
     single = [lvlm.generate(imgs[i:i + 1], [q], transform=FastV(budget=0.25, layer=1), max_new_tokens=6)[0]
               for i, q in zip(index, QS)]
     assert batched == single and fv.kept == [4, 4, 4]
+
+
+@torch.inference_mode()
+def test_shared_prefix_layout_equals_per_sample_layout(lvlm, attn):
+    """Layers 1..K run once per image prefix, then per question: same logits, same choice."""
+    torch.manual_seed(5)
+    feats = lvlm.visual_features(torch.rand(2, 3, 56, 56))
+    index = torch.tensor([0, 1, 1])
+    prompts = lvlm._prompt_ids("vqa", QS)
+    ones = torch.ones(2, N, dtype=torch.bool)
+    parts = lvlm._split_inputs(feats.tokens, ones, prompts[0][0], [p for _, p in prompts])
+    shared = FastV(budget=0.25, layer=2)
+    logits_s, _ = shared.prefill(lvlm, *parts[:3], index, *parts[3:])
+    embeds, mask, visual = _inputs_from(lvlm, feats.tokens[index], QS)
+    single = FastV(budget=0.25, layer=2)
+    logits_p, _ = _prefill(single, lvlm, embeds, mask, visual)
+    torch.testing.assert_close(logits_s, logits_p, rtol=1e-4, atol=1e-5)
+    assert torch.equal(shared.last_keep, single.last_keep)
 
 
 def _tail_model(lvlm, K: int) -> LlamaModel:
@@ -134,7 +159,7 @@ def test_pruned_tokens_are_absent_from_the_cache_after_layer_k(lvlm, attn):
     embeds, mask, visual = _inputs(lvlm, torch.rand(1, 3, 56, 56), QS[2:])
     T = embeds.shape[1]
     fv = FastV(budget=keep, layer=K)
-    logits, decoder = fv.prefill(lvlm, embeds, mask, visual)
+    logits, decoder = _prefill(fv, lvlm, embeds, mask, visual)
     layers = fv.cache.layers
     assert [l.keys.shape[2] for l in layers] == [T, T - (N - keep), T - (N - keep)]
 

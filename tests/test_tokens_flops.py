@@ -125,7 +125,8 @@ def test_formula_matches_counted_flops_of_a_real_model(stem_lvlm):
     assert _count(dense) == pytest.approx(lm_prefill_flops(T_text, N, lm), rel=2e-3)
     visual = torch.zeros(1, T_text + N, dtype=torch.bool)
     visual[0, 3:3 + N] = True
-    counted = _count(lambda: FastV(budget=K, layer=1).prefill(lv, embeds, mask, visual))
+    counted = _count(lambda: FastV(budget=K, layer=1).prefill(lv, embeds, mask, visual, torch.arange(1),
+                                                              embeds[:, :0], mask[:, :0]))
     assert counted == pytest.approx(lm_prefill_flops_fastv(T_text, N, K, 1, lm), rel=5e-3)
 
     enc = lv.clip_tokenizer(["what color is the circle?"], return_tensors="pt")

@@ -104,16 +104,18 @@ class LMDecoder(Protocol):
 
 @runtime_checkable
 class LMTransform(Protocol):
-    """A transform that also runs the LM prefill itself (FastV prunes visual tokens *inside* the LM).
+    """A transform that runs the LM prefill itself (FastV prunes visual tokens *inside* the LM).
 
-    ``prefill(lvlm, embeds [B, T, D], mask [B, T], visual [B, T] bool)`` gets the assembled,
-    left-padded prompts (``visual`` marks the visual-token positions) and returns the
+    It receives every visual token, as one shared prefix per image and a suffix per sample:
+    ``prefill(lvlm, prefix [U, P, D], prefix_mask [U, P], prefix_visual [U, P] bool,
+    index [B], suffix [B, S, D], suffix_mask [B, S])`` — sample b is ``prefix[index[b]]``
+    followed by ``suffix[b]`` (padding anywhere, hidden by the masks; ``prefix_visual`` marks
+    the visual tokens; S may be 0, then the prefix is the whole prompt) — and returns the
     next-token logits ``[B, V]`` and an :class:`LMDecoder` that continues on its own cache.
     """
 
-    def __call__(self, feats: VisualFeatures, texts: Sequence[str]) -> tuple[Tensor, Tensor]: ...
-
-    def prefill(self, lvlm: "LVLM", embeds: Tensor, mask: Tensor, visual: Tensor) -> tuple[Tensor, LMDecoder]: ...
+    def prefill(self, lvlm: "LVLM", prefix: Tensor, prefix_mask: Tensor, prefix_visual: Tensor, index: Tensor,
+                suffix: Tensor, suffix_mask: Tensor) -> tuple[Tensor, LMDecoder]: ...
 
 
 class DenseDecoder:
@@ -337,32 +339,39 @@ class LVLM:
             return feats.tokens, torch.ones(b, n, dtype=torch.bool, device=feats.tokens.device)
         return transform(feats, texts)
 
-    def _prefill_shared(self, vis: Tensor, vmask: Tensor, pre: list[int], posts: list[list[int]],
-                        index: Tensor) -> tuple[Tensor, DenseDecoder]:
-        """Prefill ``[pre, visual]`` once per image, then each sample's own suffix.
+    def _split_inputs(self, vis: Tensor, vmask: Tensor, pre: list[int], posts: list[list[int]]
+                      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """``[pre, visual]`` once per image and each sample's suffix, left-padded.
 
-        ``vis [U, K, D]`` and ``vmask [U, K]`` for U unique images (padding rows masked),
-        ``index [B]`` the image of each sample. The suffixes are left-padded *after* the shared
-        prefix; the attention mask hides all padding and positions follow the mask, so results
-        equal a per-sample prefill.
+        vis [U, K, D], vmask [U, K] -> prefix [U, P, D], prefix_mask [U, P], prefix_visual [U, P],
+        suffix [B, S, D], suffix_mask [B, S]
         """
-        u, b = vis.shape[0], index.shape[0]
-        index = index.to(self.device)
+        u, k = vmask.shape
         prefix = torch.cat([self._embed_ids(pre).unsqueeze(0).expand(u, -1, -1), vis.to(self.dtype)], 1)
-        p = prefix.shape[1]
-        pmask = torch.cat([torch.ones(u, len(pre), dtype=torch.long, device=self.device),
-                           vmask.to(device=self.device, dtype=torch.long)], 1)
-        _, cache = self._lm_step(prefix, pmask, None, 0)
-        cache.reorder_cache(index)
+        ones = torch.ones(u, len(pre), dtype=torch.long, device=self.device)
+        pmask = torch.cat([ones, vmask.to(device=self.device, dtype=torch.long)], 1)
+        pvisual = torch.cat([torch.zeros_like(ones, dtype=torch.bool), vmask.to(self.device).bool()], 1)
         s = max(len(x) for x in posts)
-        embeds = prefix.new_zeros(b, s, prefix.shape[-1])
-        mask = torch.zeros(b, p + s, dtype=torch.long, device=self.device)
-        mask[:, :p] = pmask.index_select(0, index)
+        suffix = prefix.new_zeros(len(posts), s, prefix.shape[-1])
+        smask = torch.zeros(len(posts), s, dtype=torch.long, device=self.device)
         for i, post in enumerate(posts):
             if post:
-                embeds[i, s - len(post):] = self._embed_ids(post)
-                mask[i, p + s - len(post):] = 1
-        logits, cache = self._lm_step(embeds, mask, cache, p)
+                suffix[i, s - len(post):] = self._embed_ids(post)
+                smask[i, s - len(post):] = 1
+        return prefix, pmask, pvisual, suffix, smask
+
+    def _prefill_shared(self, prefix: Tensor, pmask: Tensor, suffix: Tensor, smask: Tensor, index: Tensor
+                        ) -> tuple[Tensor, DenseDecoder]:
+        """Prefill each image's prefix once, then each sample's suffix after its image's prefix.
+
+        The attention mask hides all padding and positions follow the mask, so results equal a
+        per-sample prefill.
+        """
+        index = index.to(self.device)
+        _, cache = self._lm_step(prefix, pmask, None, 0)
+        cache.reorder_cache(index)
+        mask = torch.cat([pmask.index_select(0, index), smask], 1)
+        logits, cache = self._lm_step(suffix, mask, cache, prefix.shape[1])
         return logits, DenseDecoder(self, mask, cache)
 
     def transform_texts(self, task: str, texts: Sequence[str]) -> list[str]:
@@ -399,16 +408,24 @@ class LVLM:
             raise ValueError(f"{b} samples but {len(texts)} texts")
         prompts = self._prompt_ids(task, texts)
         shared = all(pre == prompts[0][0] for pre, _ in prompts)
+        in_lm = isinstance(transform, LMTransform)
         decoder: LMDecoder
-        if shared and not uses_text(transform) and not isinstance(transform, LMTransform):
-            vis, vmask = self._apply(feats, [""] * u, transform)
-            logits, decoder = self._prefill_shared(vis, vmask, prompts[0][0], [p for _, p in prompts], index)
+        if shared and (in_lm or not uses_text(transform)):
+            # The visual tokens do not depend on the question: one prefix per image.
+            vis, vmask = self._apply(feats, [""] * u, None if in_lm else transform)
+            parts = self._split_inputs(vis, vmask, prompts[0][0], [p for _, p in prompts])
+            if in_lm:
+                logits, decoder = transform.prefill(self, *parts[:3], index.to(self.device), *parts[3:])
+            else:
+                prefix, pmask, _, suffix, smask = parts
+                logits, decoder = self._prefill_shared(prefix, pmask, suffix, smask, index)
         else:
             feats = feats if image_index is None else feats.index(index.to(feats.tokens.device))
-            vis, vmask = self._apply(feats, self.transform_texts(task, texts), transform)
+            vis, vmask = self._apply(feats, self.transform_texts(task, texts), None if in_lm else transform)
             embeds, mask, _, visual = self._assemble(vis, vmask.bool(), prompts)
-            if isinstance(transform, LMTransform):
-                logits, decoder = transform.prefill(self, embeds, mask, visual)
+            if in_lm:
+                logits, decoder = transform.prefill(self, embeds, mask, visual, torch.arange(b, device=self.device),
+                                                    embeds[:, :0], mask[:, :0])
             else:
                 logits, cache = self._lm_step(embeds, mask, None, 0)
                 decoder = DenseDecoder(self, mask, cache)

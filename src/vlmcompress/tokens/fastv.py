@@ -14,7 +14,7 @@ model's own attention implementation (eager or SDPA) and a 4-D additive mask tha
 the padding of a batch whose samples keep different numbers of tokens.
 
 :class:`FastV` is a plain object handed to ``LVLM.generate(transform=...)`` for one call: it
-keeps the visual tokens as they are before the LM and runs the prefill itself
+gets every visual token and runs the prefill itself
 (:class:`vlmcompress.lvlm.adapter.LMTransform`). Nothing is patched on a module or class.
 """
 from __future__ import annotations
@@ -136,9 +136,15 @@ class FastV:
     """FastV as a transform for ``LVLM.generate``: ``budget`` (fraction of each sample's visual
     tokens, or a count) kept after decoder layer ``layer`` (K, 1-based).
 
-    After a call, ``scores [B, T]`` is layer K's attention row of the last token, ``last_keep
-    [B, N]`` marks the visual tokens each sample kept (in visual-token order), ``cache`` is the
-    pruned KV cache, and ``kept`` lists kept counts per sample.
+    The adapter hands it one prefix per image (``[prompt start, visual tokens]``) and one
+    suffix per sample (the question): layers 1..K run on each prefix once — causal attention
+    makes that exact — then on the suffixes; the last suffix token's attention in layer K
+    ranks the visual tokens of its sample.
+
+    After a call, ``scores [B, T]`` is layer K's attention row of the last token over the
+    sample's sequence (prefix then suffix), ``last_keep [B, N]`` marks the visual tokens each
+    sample kept (in visual-token order), ``cache`` is the pruned KV cache, ``kept`` lists kept
+    counts per sample and ``selection_seconds`` the time spent choosing and gathering.
     """
 
     budget: int | float
@@ -147,16 +153,12 @@ class FastV:
     last_keep: Tensor | None = None
     cache: DynamicCache | None = None
     kept: list[int] = field(default_factory=list)
-    selection_seconds: float = 0.0   # time spent scoring and gathering (the method's overhead)
-    uses_text = True   # the ranking depends on the question: no shared prefill across questions
+    selection_seconds: float = 0.0
+    uses_text = True   # the ranking depends on the question
 
-    def __call__(self, feats, texts: Sequence[str]) -> tuple[Tensor, Tensor]:
-        """Before the LM FastV changes nothing: every visual token goes in."""
-        b, n, _ = feats.tokens.shape
-        return feats.tokens, torch.ones(b, n, dtype=torch.bool, device=feats.tokens.device)
-
-    def prefill(self, lvlm, embeds: Tensor, mask: Tensor, visual: Tensor) -> tuple[Tensor, FastVDecoder]:
-        """Prefill with pruning after layer K. embeds [B, T, D], mask [B, T], visual [B, T] bool
+    def prefill(self, lvlm, prefix: Tensor, prefix_mask: Tensor, prefix_visual: Tensor, index: Tensor,
+                suffix: Tensor, suffix_mask: Tensor) -> tuple[Tensor, FastVDecoder]:
+        """Prefill with pruning after layer K (layout: :class:`vlmcompress.lvlm.adapter.LMTransform`)
         -> next-token logits [B, V] and the decoder."""
         lm = lvlm.language_model
         impl = lm.config._attn_implementation
@@ -166,22 +168,43 @@ class FastV:
         L = len(lm.layers)
         if not 1 <= self.layer <= L:
             raise ValueError(f"tokens.fastv.layer: must be in [1, {L}] for this LM, got {self.layer}")
-        K = self.layer
+        K, P, S = self.layer, prefix.shape[1], suffix.shape[1]
+        early, last_early = lm.layers[:K - 1], lm.layers[K - 1:K]
         cache = DynamicCache(config=lm.config)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        pe = lm.rotary_emb(embeds, pos)
-        mask4 = additive_mask(mask, mask.shape[1], embeds.dtype)
-        h_in = _run_layers(lm.layers[:K - 1], embeds, mask4, pos, pe, cache)
-        h = _run_layers(lm.layers[K - 1:K], h_in, mask4, pos, pe, cache)
+
+        # Layers 1..K on each image's prefix, once.
+        pos = (prefix_mask.cumsum(-1) - 1).clamp(min=0)
+        pe = lm.rotary_emb(prefix, pos)
+        m4 = additive_mask(prefix_mask, P, prefix.dtype)
+        h_in = _run_layers(early, prefix, m4, pos, pe, cache)
+        h = _run_layers(last_early, h_in, m4, pos, pe, cache)
+        if not torch.equal(index, torch.arange(prefix.shape[0], device=index.device)):
+            cache.reorder_cache(index)
+            h, h_in = h.index_select(0, index), h_in.index_select(0, index)
+        mask = prefix_mask.index_select(0, index)
+        visual = prefix_visual.index_select(0, index)
+        last_pe = (pe[0].index_select(0, index)[:, -1:], pe[1].index_select(0, index)[:, -1:])
+        if S > 0:   # then layers 1..K on each sample's suffix, after its prefix
+            mask = torch.cat([mask, suffix_mask], 1)
+            visual = torch.cat([visual, torch.zeros_like(suffix_mask, dtype=torch.bool)], 1)
+            pos_s = (mask.cumsum(-1) - 1).clamp(min=0)[:, P:]
+            pe_s = lm.rotary_emb(suffix, pos_s)
+            m4 = additive_mask(mask, S, suffix.dtype)
+            hs_in = _run_layers(early, suffix, m4, pos_s, pe_s, cache)
+            hs = _run_layers(last_early, hs_in, m4, pos_s, pe_s, cache)
+            h, h_in = torch.cat([h, hs], 1), hs_in
+            last_pe = (pe_s[0][:, -1:], pe_s[1][:, -1:])
+
         t0 = time.perf_counter()
-        scores = last_query_attention(lm.layers[K - 1], h_in[:, -1:], pe[0][:, -1:], pe[1][:, -1:],
-                                      cache.layers[K - 1].keys, mask)
+        scores = last_query_attention(lm.layers[K - 1], h_in[:, -1:], *last_pe, cache.layers[K - 1].keys, mask)
         keep_vis = keep_visual(scores, visual & mask.bool(), self.budget)
-        idx = compact(mask.bool() & (~visual | keep_vis))                          # [B, T']
+        keep = mask.bool() & (~visual | keep_vis)
+        idx = compact(keep)                                                      # [B, T']
         h = h.gather(1, idx.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
-        pos2 = pos.gather(1, idx)
-        mask2 = (mask.bool() & (~visual | keep_vis)).gather(1, idx).long()
+        pos2 = (mask.cumsum(-1) - 1).clamp(min=0).gather(1, idx)                 # original positions
+        mask2 = keep.gather(1, idx).long()
         self.selection_seconds += time.perf_counter() - t0
+
         pe2 = lm.rotary_emb(h, pos2)
         h = _run_layers(lm.layers[K:], h, additive_mask(mask2, mask2.shape[1], h.dtype), pos2, pe2, cache)
         logits = lvlm.llava.lm_head(lm.norm(h[:, -1]))
@@ -191,9 +214,7 @@ class FastV:
 
     def _record(self, keep_vis: Tensor, visual: Tensor) -> None:
         """Kept flags in visual-token order: [B, N] (N = max visual tokens; padding False)."""
-        n = int(visual.sum(dim=1).max())
-        order = compact(visual)[:, -n:] if n > 0 else visual.new_zeros(visual.shape[0], 0).long()
-        # compact() right-aligns; visual counts are equal in practice, else the front is padding
+        order = compact(visual)                     # visual positions of each row, right-aligned
         self.last_keep = keep_vis.gather(1, order) & visual.gather(1, order)
         self.kept += keep_vis.sum(dim=1).tolist()
 

@@ -291,6 +291,26 @@ def metrics_from(table: pd.DataFrame, outputs: dict[Run, RunOutput]) -> dict[str
     return m
 
 
+def summary_table(metrics: dict[str, Any]) -> pd.DataFrame:
+    """Method x budget: ``acc (rel %) · tokens`` cells; the full model in column ``1.00``."""
+    cols: list[str] = []
+    for blocks in metrics["methods"].values():
+        cols += [k for k in blocks if k not in cols]
+    cols = sorted((c for c in cols if c != "adaptive"), key=float) + (["adaptive"] if "adaptive" in cols else [])
+    cols.append(FULL_KEY)
+    rows = {"full": {c: "" for c in cols}}
+    rows["full"][FULL_KEY] = f"{metrics['full_acc']:.1f} (100) · {metrics['full_tokens']:.0f}"
+    def cell(b: dict[str, Any] | None) -> str:
+        if b is None:
+            return ""
+        rel = "–" if b["rel_acc"] is None else f"{b['rel_acc']:.0f}"
+        return f"{b['acc']:.1f} ({rel}) · {b['mean_tokens']:.0f}"
+
+    for m, blocks in metrics["methods"].items():
+        rows[m] = {c: cell(blocks.get(c)) for c in cols}
+    return pd.DataFrame(rows).T[cols]
+
+
 # --- examples for figures --------------------------------------------------------------
 
 def pick_examples(items: Sequence[tuple[ImageRecord, Question]], n: int) -> list[tuple[ImageRecord, Question]]:
@@ -440,4 +460,7 @@ def run_tokens_stage(params: Params, splits: dict[str, list[ImageRecord]], log=p
         eff.to_csv(tmp, index=False)
     write_json(out_dir / "examples.json", examples)
     write_json(out_dir / "metrics.json", metrics)
+    log("VQA accuracy % (share of full %) · mean visual tokens\n" + summary_table(metrics).to_string())
+    log(f"prefill speedup at {key} ({E.reference_method}): {metrics[f'prefill_speedup_{key}']}, "
+        f"selection overhead {metrics['selection_overhead_pct']} % of its prefill")
     return metrics
