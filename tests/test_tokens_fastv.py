@@ -190,3 +190,8 @@ def test_registered_in_the_harness_with_its_params(lvlm):
         make_transform(lvlm, "fastv", None, p)
     with pytest.raises(ValueError, match=r"tokens\.fastv\.layer: must be in \[1, 3\]"):
         lvlm.generate(torch.rand(1, 3, 56, 56), QS[:1], transform=FastV(budget=0.5, layer=4), max_new_tokens=1)
+
+
+def test_answer_loss_refuses_in_lm_pruning(lvlm):
+    with pytest.raises(ValueError, match="inside the LM is not supported"):
+        lvlm.answer_loss(torch.rand(1, 3, 56, 56), QS[:1], ["red"], transform=FastV(budget=0.5, layer=1))

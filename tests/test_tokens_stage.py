@@ -170,3 +170,20 @@ def test_stage_rejects_a_fastv_layer_deeper_than_the_lm(tiny_project):
         tiny_project.tokens, fastv=dataclasses.replace(tiny_project.tokens.fastv, layer=9)))
     with pytest.raises(ValueError, match=r"tokens\.fastv\.layer: must be in \[1, 3\]"):
         run_tokens_stage(P, load_all())
+
+
+def test_make_batches_groups_images_and_keeps_each_sample_with_its_image():
+    import torch
+
+    from vlmcompress.tokens.stage import make_batches
+
+    recs = _records(5)
+    samples = [(recs[i], f"s{k}") for k, i in enumerate([0, 0, 1, 2, 1, 3, 4, 0])]
+    batches = make_batches(samples, lambda s: s[0], lambda s: s[1], 2,
+                           load=lambda r: torch.full((3, 2, 2), float(r.image_id)))
+    assert [[r.image_id for r in b.records] for b in batches] == [[0, 1], [2, 3], [4]]
+    for b in batches:
+        assert b.texts == [s[1] for s in b.samples]
+        for s, i in zip(b.samples, b.index):
+            assert b.records[i] is s[0] and float(b.images[i, 0, 0, 0]) == s[0].image_id
+    assert sorted(s[1] for b in batches for s in b.samples) == sorted(s[1] for s in samples)

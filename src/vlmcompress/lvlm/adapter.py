@@ -381,7 +381,7 @@ class LVLM:
 
     @torch.inference_mode()
     def generate(self, images: Tensor, texts: Sequence[str] | None = None, task: str = "vqa",
-                 transform: TokenTransform | None = None, max_new_tokens: int = 16,
+                 transform: TokenTransform | LMTransform | None = None, max_new_tokens: int = 16,
                  image_index: Sequence[int] | Tensor | None = None) -> list[str]:
         """Greedy answers for a batch. ``texts``: questions (vqa), referring expressions (ground).
 
@@ -396,7 +396,7 @@ class LVLM:
 
     @torch.inference_mode()
     def generate_from_features(self, feats: VisualFeatures, texts: Sequence[str] | None = None,
-                               task: str = "vqa", transform: TokenTransform | None = None,
+                               task: str = "vqa", transform: TokenTransform | LMTransform | None = None,
                                max_new_tokens: int = 16, image_index: Sequence[int] | Tensor | None = None
                                ) -> list[str]:
         """:meth:`generate` on visual features computed once (e.g. reused by many transforms)."""

@@ -166,8 +166,9 @@ def make_batches(samples: Sequence[Any], record_of: Callable[[Any], ImageRecord]
 
 @dataclass
 class RunOutput:
-    """Per-sample outputs of one run over all batches."""
+    """Per-sample outputs of one run over all batches (``samples`` in the same order)."""
 
+    samples: list[Any] = field(default_factory=list)
     answers: list[str] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)       # visual tokens the LM attends to (FastV: after K)
     gflops: list[float] = field(default_factory=list)
@@ -230,6 +231,7 @@ class Sweeper:
                 o = out[run]
                 o.seconds += time.perf_counter() - t0
                 o.cpu_seconds += time.process_time() - c0
+                o.samples += batch.samples
                 o.answers += answers
                 counts = _visual_counts(tr, n, batch.index, self.n_patches)
                 o.tokens += counts
@@ -239,12 +241,12 @@ class Sweeper:
 
 # --- scoring ---------------------------------------------------------------------------
 
-def vqa_table(items: Sequence[tuple[ImageRecord, Question]], outputs: dict[Run, RunOutput]) -> pd.DataFrame:
+def vqa_table(outputs: dict[Run, RunOutput]) -> pd.DataFrame:
     """Long table: method, budget, mean_tokens, question_type ('all' = overall), acc, n."""
     rows = []
     for run, o in outputs.items():
         scores: dict[str, list[float]] = defaultdict(list)
-        for (_, q), a in zip(items, o.answers):
+        for (_, q), a in zip(o.samples, o.answers):
             scores[q.question_type].append(vqa_accuracy(a, q.answers))
         mean_tokens = float(np.mean(o.tokens))
         everything = [s for v in scores.values() for s in v]
@@ -254,17 +256,21 @@ def vqa_table(items: Sequence[tuple[ImageRecord, Question]], outputs: dict[Run, 
     return pd.DataFrame(rows)
 
 
-def caption_scores(records: Sequence[ImageRecord], outputs: dict[Run, RunOutput]) -> dict[str, float]:
-    refs = {r.image_id: r.captions for r in records}
-    return {run.label: round(cider({r.image_id: a for r, a in zip(records, o.answers)}, refs), 2)
-            for run, o in outputs.items()}
+def caption_scores(outputs: dict[Run, RunOutput]) -> dict[str, float]:
+    """CIDEr (percent) per ``method@budget``; samples are image records."""
+    out = {}
+    for run, o in outputs.items():
+        refs = {r.image_id: r.captions for r in o.samples}
+        out[run.label] = round(cider({r.image_id: a for r, a in zip(o.samples, o.answers)}, refs), 2)
+    return out
 
 
-def grounding_scores(items: Sequence[tuple[ImageRecord, Any]], outputs: dict[Run, RunOutput]) -> dict[str, float]:
+def grounding_scores(outputs: dict[Run, RunOutput]) -> dict[str, float]:
+    """Accuracy at IoU >= 0.5 (percent) per ``method@budget``; samples are (record, ref)."""
     out = {}
     for run, o in outputs.items():
         hits = []
-        for (r, ref), text in zip(items, o.answers):
+        for (r, ref), text in zip(o.samples, o.answers):
             box = parse_box(text)
             x, y, w, h = ref.bbox
             gt = (x / r.width, y / r.height, (x + w) / r.width, (y + h) / r.height)
@@ -434,7 +440,7 @@ def run_tokens_stage(params: Params, splits: dict[str, list[ImageRecord]], log=p
     with clock("vqa"):
         batches = make_batches(items, lambda s: s[0], lambda s: s[1].question, E.batch_images)
         vqa = sweeper.sweep(batches, runs, "vqa", VQA_TOKENS, progress=progress)
-    table = vqa_table(items, vqa)
+    table = vqa_table(vqa)
     metrics = metrics_from(table, vqa)
     metrics["n_visual_tokens"] = sweeper.n_patches
     metrics["vqa_seconds_by_method"] = {m: round(sum(o.seconds for r, o in vqa.items() if r.method == m), 1)
@@ -449,12 +455,12 @@ def run_tokens_stage(params: Params, splits: dict[str, list[ImageRecord]], log=p
         cap_recs = _limit(test, E.max_captions)
         cap = sweeper.sweep(make_batches(cap_recs, lambda r: r, None, E.batch_images), task_runs, "caption",
                             CAPTION_TOKENS, progress=progress)
-        metrics[f"caption_cider_{key}"] = caption_scores(cap_recs, cap)
+        metrics[f"caption_cider_{key}"] = caption_scores(cap)
     with clock("grounding"):
         refs = _limit([(r, ref) for r in test for ref in r.refs], E.max_refs)
         ground = sweeper.sweep(make_batches(refs, lambda s: s[0], lambda s: s[1].sentence, E.batch_images),
                                task_runs, "ground", GROUND_TOKENS, progress=progress)
-        metrics[f"grounding_acc50_{key}"] = grounding_scores(refs, ground)
+        metrics[f"grounding_acc50_{key}"] = grounding_scores(ground)
     log(f"captions and grounding: {len(task_runs)} runs in {seconds['captions'] + seconds['grounding']:.0f} s")
 
     with clock("efficiency"):
