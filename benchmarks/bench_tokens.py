@@ -4,7 +4,7 @@
 
 Loads the stage's LVLM (``outputs/lvlm/model`` or the hub ids of the paper profile) and a
 type-stratified batch of test questions, then for ``full`` and each method of ``tokens.methods``
-at ``--budget`` measures (``vlmcompress.tokens.timing.measure_prefill``):
+at ``--budget`` measures (``vlmcompress.tokens.timing.measure_prefills``, repeats round-robin):
 
 * prefill latency = time to the first token (vision tower, selection, LM prefill), median of
   ``--repeats`` after one warm-up, and the speedup over all tokens;

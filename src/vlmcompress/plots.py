@@ -107,6 +107,9 @@ def token_accuracy_curves(acc: "pd.DataFrame", question_type: str = "all") -> pl
     if len(full):
         ax.axhline(float(full.acc.iloc[0]), ls="--", c="k", lw=1, label=f"full ({int(full.mean_tokens.iloc[0])} tokens)")
     ax.set_xscale("log")
+    ticks = sorted({int(round(v)) for v in d.mean_tokens})
+    ax.set_xticks(ticks, [str(t) for t in ticks], fontsize=8)
+    ax.xaxis.set_minor_locator(plt.NullLocator())
     ax.set_xlabel("visual tokens given to the LM (mean; log scale; ★ adaptive)")
     ax.set_ylabel(f"VQA accuracy, {question_type} (%)")
     ax.legend(fontsize=8, ncol=2)
@@ -127,8 +130,9 @@ def token_maps(examples: Sequence[dict], methods: Sequence[str] | None = None) -
         for ax, m in zip(row, methods):
             ax.imshow(img)
             res = ex["methods"][m]
+            every = all(k == 1 for k in res["cells"])      # all tokens kept: nothing to mark
             for i, kind in enumerate(res["cells"]):
-                if kind in TOKEN_CELL_STYLE:
+                if kind in TOKEN_CELL_STYLE and not every:
                     r, c = divmod(i, gw)
                     ax.add_patch(Rectangle((c * cw, r * ch), cw, ch, fill=True, alpha=0.35, lw=0.6,
                                            fc=TOKEN_CELL_STYLE[kind][1], ec=TOKEN_CELL_STYLE[kind][1]))

@@ -346,7 +346,7 @@ class LVLM:
         vis [U, K, D], vmask [U, K] -> prefix [U, P, D], prefix_mask [U, P], prefix_visual [U, P],
         suffix [B, S, D], suffix_mask [B, S]
         """
-        u, k = vmask.shape
+        u = vmask.shape[0]
         prefix = torch.cat([self._embed_ids(pre).unsqueeze(0).expand(u, -1, -1), vis.to(self.dtype)], 1)
         ones = torch.ones(u, len(pre), dtype=torch.long, device=self.device)
         pmask = torch.cat([ones, vmask.to(device=self.device, dtype=torch.long)], 1)

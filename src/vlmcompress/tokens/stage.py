@@ -38,7 +38,7 @@ from vlmcompress.tokens.fastv import FastV
 from vlmcompress.tokens.flops import model_dims, prefill_gflops
 from vlmcompress.tokens.methods import ADAPTIVE
 from vlmcompress.tokens.patch import TEXT_GUIDED, TextEmbeddingCache, make_transform
-from vlmcompress.tokens.timing import measure_prefill
+from vlmcompress.tokens.timing import measure_prefills
 from vlmcompress.tokens.types import KIND_SALIENT
 
 FULL_KEY = "1.00"
@@ -377,17 +377,21 @@ def token_examples(lvlm: Any, items: Sequence[tuple[ImageRecord, Question]], par
 
 def efficiency_table(lvlm: Any, items: Sequence[tuple[ImageRecord, Question]], runs: Sequence[Run],
                      params: TokensParams, seed: int = 0, log=print) -> pd.DataFrame:
-    """Measured prefill cost of every run on the same ``bench_batch`` questions."""
+    """Measured prefill cost of every run on the same ``bench_batch`` requests: one question
+    about each of ``bench_batch`` distinct images (no prefix shared between requests)."""
     E = params.eval
-    batch = make_batches(items[: E.bench_batch], lambda s: s[0], lambda s: s[1].question, E.bench_batch)[0]
-    rows = []
-    for run in runs:
-        c = measure_prefill(lvlm, batch.images, batch.texts,
-                            lambda run=run: make_transform(lvlm, run.method, run.budget, params, seed=seed),
-                            repeats=E.bench_repeats, image_index=batch.index)
-        rows.append({"method": run.method, "budget": run.key, "prefill_ms": round(c.prefill_ms, 2),
-                     "vision_ms": round(c.vision_ms, 2), "selection_ms": round(c.selection_ms, 3),
-                     "peak_mb": round(c.peak_mb, 2)})
+    first: dict[int, tuple[ImageRecord, Question]] = {}
+    for r, q in items:
+        first.setdefault(r.image_id, (r, q))
+    one_each = list(first.values())[: E.bench_batch]
+    batch = make_batches(one_each, lambda s: s[0], lambda s: s[1].question, E.bench_batch)[0]
+    makers = {run.label: (lambda run=run: make_transform(lvlm, run.method, run.budget, params, seed=seed))
+              for run in runs}
+    costs = measure_prefills(lvlm, batch.images, batch.texts, makers, repeats=E.bench_repeats,
+                             image_index=batch.index)
+    rows = [{"method": run.method, "budget": run.key, "prefill_ms": round(c.prefill_ms, 2),
+             "vision_ms": round(c.vision_ms, 2), "selection_ms": round(c.selection_ms, 3),
+             "peak_mb": round(c.peak_mb, 2)} for run, c in zip(runs, costs.values())]
     df = pd.DataFrame(rows)
     full_ms = float(df.loc[df.method == "full", "prefill_ms"].iloc[0])
     df["speedup"] = (full_ms / df["prefill_ms"]).round(3)

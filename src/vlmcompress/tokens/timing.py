@@ -2,7 +2,8 @@
 
 Prefill = time to the first token: vision tower, the method's selection and merging (for
 text-guided methods including CLIP's text tower), and the LM prefill — one
-``LVLM.generate(..., max_new_tokens=1)`` call, the median over repeats after one warm-up.
+``LVLM.generate(..., max_new_tokens=1)`` call, the median over repeats after one warm-up;
+repeats go round-robin over the configurations compared.
 Selection time is measured around the transform (FastV: around its in-LM scoring and gather),
 so ``selection_ms / prefill_ms`` is the method's own overhead.
 
@@ -16,7 +17,7 @@ from __future__ import annotations
 import statistics
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,35 +102,50 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.inference_mode()
-def measure_prefill(lvlm: Any, images: Tensor, texts: Sequence[str], make, repeats: int = 5,
-                    image_index: Sequence[int] | None = None) -> PrefillCost:
-    """Cost of prefilling ``texts`` about ``images`` with the transform ``make()`` builds
-    (``None``: every token). A fresh transform per call, so no cached text embedding helps."""
+def prefill_once(lvlm: Any, images: Tensor, texts: Sequence[str], transform: Any,
+                 image_index: Sequence[int] | None = None) -> tuple[float, float]:
+    """(seconds to the first token, seconds of it spent selecting and merging) of one call."""
     device = lvlm.device
+    timed = transform if (transform is None or isinstance(transform, FastV)) else _TimedTransform(transform)
+    _sync(device)
+    t0 = time.perf_counter()
+    lvlm.generate(images, texts, transform=timed, max_new_tokens=1, image_index=image_index)
+    _sync(device)
+    total = time.perf_counter() - t0
+    if transform is None:
+        return total, 0.0
+    return total, transform.selection_seconds if isinstance(transform, FastV) else timed.seconds
 
-    def once() -> tuple[float, float]:
-        tr = make()
-        timed = tr if (tr is None or isinstance(tr, FastV)) else _TimedTransform(tr)
-        _sync(device)
-        t0 = time.perf_counter()
-        lvlm.generate(images, texts, transform=timed, max_new_tokens=1, image_index=image_index)
-        _sync(device)
-        total = time.perf_counter() - t0
-        sel = 0.0 if tr is None else (tr.selection_seconds if isinstance(tr, FastV) else timed.seconds)
-        return total, sel
 
-    once()                                                                # warm-up
-    runs = [once() for _ in range(repeats)]
-    vis = []
+@torch.inference_mode()
+def vision_once(lvlm: Any, images: Tensor) -> float:
+    _sync(lvlm.device)
+    t0 = time.perf_counter()
+    lvlm.visual_features(images)
+    _sync(lvlm.device)
+    return time.perf_counter() - t0
+
+
+@torch.inference_mode()
+def measure_prefills(lvlm: Any, images: Tensor, texts: Sequence[str], makers: dict[str, Callable[[], Any]],
+                     repeats: int = 5, image_index: Sequence[int] | None = None) -> dict[str, PrefillCost]:
+    """Cost of prefilling ``texts`` about ``images`` with each transform ``makers[name]()``
+    builds (``None``: every token); a fresh transform per call, so no cached text embedding
+    helps. After one warm-up each, the repeats go round-robin over the configurations, so a
+    burst of load on a shared machine slows all of them alike instead of one."""
+    for make in makers.values():
+        prefill_once(lvlm, images, texts, make(), image_index)
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in makers}
+    vision: list[float] = []
     for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        lvlm.visual_features(images)
-        _sync(device)
-        vis.append(time.perf_counter() - t0)
-    peak = peak_memory_mb(lambda: lvlm.generate(images, texts, transform=make(), max_new_tokens=1,
-                                                image_index=image_index), device)
-    return PrefillCost(prefill_ms=1e3 * statistics.median(r[0] for r in runs),
-                       vision_ms=1e3 * statistics.median(vis),
-                       selection_ms=1e3 * statistics.median(r[1] for r in runs),
-                       peak_mb=peak)
+        vision.append(vision_once(lvlm, images))
+        for name, make in makers.items():
+            times[name].append(prefill_once(lvlm, images, texts, make(), image_index))
+    vis_ms = 1e3 * statistics.median(vision)
+    out = {}
+    for name, make in makers.items():
+        peak = peak_memory_mb(lambda: lvlm.generate(images, texts, transform=make(), max_new_tokens=1,
+                                                    image_index=image_index), lvlm.device)
+        out[name] = PrefillCost(prefill_ms=1e3 * statistics.median(t for t, _ in times[name]), vision_ms=vis_ms,
+                                selection_ms=1e3 * statistics.median(s for _, s in times[name]), peak_mb=peak)
+    return out
