@@ -86,7 +86,8 @@ def test_data_and_lvlm_notebooks_run_end_to_end(project_root):
                                   text_heads=2, projection_dim=16, lm_hidden=32, lm_layers=1, lm_heads=2,
                                   lm_intermediate=64, stem_context=0)
     params["lvlm"]["train"].update(pool_scenes=16, clip_steps=2, clip_batch=4, align_steps=2, align_batch=4,
-                                   lm_steps=2, lm_batch=2, lm_turns=2, lm_bg_start=4, lm_bg_ramp=0.5,
+                                   lm_steps=2, lm_batch=2, lm_turns=2, lm_bg_start=4, lm_bg_ramp=0.5, lm_look_weight=1.0,
+                                   lm_look_layer=0,
                                    warmup_steps=1, checkpoint_every=1,
                                    eval_every=1)
     params["lvlm"]["eval"].update(batch_size=8, max_questions=16, max_captions=2, max_refs=4, gallery=8)
