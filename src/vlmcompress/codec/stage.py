@@ -15,10 +15,10 @@ the projector (``VisualFeatures.hidden``), not the projected tokens: (1) they ar
 vision encoder's output every LLaVA-family model built on that tower consumes, so the
 codec is not tied to one projector / LM (the paper's claim of generalising across
 LVLMs rests on this); (2) the projector is a frozen per-token map, so keeping its input
-keeps its output, while the reverse does not hold (the embedded projector shrinks JPEG's
-token error ~50x, which would make the token loss nearly blind); (3) the trainer hands
-one tensor both to the loss and to the pre-editing net's token branch, and the encoder
-(library and CLI) feeds the pre-editing net these same features.
+keeps its output, while the reverse does not hold (a projector may ignore directions a
+different LM would use); (3) the trainer hands one tensor both to the loss and to the
+pre-editing net's token branch, and the encoder (library and CLI) feeds the pre-editing net
+these same features.
 """
 from __future__ import annotations
 
