@@ -11,8 +11,6 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-from vlmcompress.config import ConfigError
-
 VVENC_PRESETS = ("faster", "fast", "medium", "slow", "slower")
 
 
@@ -122,6 +120,8 @@ class CodecStageParams:
 
 
 def _require(ok: bool, path: str, msg: str) -> None:
+    # Late import: vlmcompress.config imports this module to assemble Params.
+    from vlmcompress.config import ConfigError
     if not ok:
         raise ConfigError(f"{path}: {msg}")
 
@@ -179,6 +179,7 @@ def check_codec_params(p: CodecParams, path: str = "codec") -> None:
 def check_stage_params(p: CodecStageParams, path: str = "codec") -> None:
     """Checks of the whole ``codec`` section, including every codec it derives."""
     from vlmcompress.codec.variants import ABLATIONS, model_variants  # late: avoids a cycle
+    from vlmcompress.config import ConfigError
 
     check_codec_params(p.ours, path)
     b = p.baseline
