@@ -44,7 +44,7 @@ from vlmcompress.codec.coder import (bits_per_pixel, decode_image, encode_image,
 from vlmcompress.codec.config import CodecParams, CodecStageParams, check_stage_params
 from vlmcompress.codec.losses import TokenFn
 from vlmcompress.codec.model import LVLMCodec
-from vlmcompress.codec.train import (CURVES_NAME, MODEL_DIR, load_codec, train_codec,
+from vlmcompress.codec.train import (CURVES_NAME, load_codec, train_codec,
                                      training_state)
 from vlmcompress.codec.variants import BASELINE, OURS, model_variants
 from vlmcompress.config import Params
