@@ -16,6 +16,9 @@ from __future__ import annotations
 import argparse
 import warnings
 
+# compressai 1.2.8 calls torch.jit.script at import; the deprecation notice is noise here.
+warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
+
 from vlmcompress.codec.config import check_stage_params
 from vlmcompress.codec.model import build_codec
 from vlmcompress.codec.stage import load_test_images, lvlm_token_fn, time_codecs, timing_image
@@ -27,7 +30,6 @@ from vlmcompress.lvlm.stage import load_stage_lvlm
 
 
 def main() -> None:
-    warnings.filterwarnings("ignore", category=FutureWarning)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params", default=None, help="params file (default: the project's params.yaml)")
     ap.add_argument("--model", default=None, help="trained codec folder (default: untrained, same architecture)")
