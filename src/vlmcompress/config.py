@@ -144,6 +144,7 @@ def to_dict(obj: Any) -> Any:
 
 # --- the params file -------------------------------------------------------------------
 # Imported late-bound: section schemas are defined beside the code that uses them.
+from vlmcompress.codec.config import CodecStageParams  # noqa: E402
 from vlmcompress.data.config import DataParams  # noqa: E402
 from vlmcompress.lvlm.config import LvlmParams  # noqa: E402
 
@@ -156,6 +157,7 @@ class Params:
     seed: int
     data: DataParams
     lvlm: LvlmParams
+    codec: CodecStageParams
 
 
 def read_yaml(path: Path) -> Any:
