@@ -147,6 +147,7 @@ def to_dict(obj: Any) -> Any:
 from vlmcompress.codec.config import CodecStageParams  # noqa: E402
 from vlmcompress.data.config import DataParams  # noqa: E402
 from vlmcompress.lvlm.config import LvlmParams  # noqa: E402
+from vlmcompress.tokens.config import TokensParams  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,6 +159,7 @@ class Params:
     data: DataParams
     lvlm: LvlmParams
     codec: CodecStageParams
+    tokens: TokensParams
 
 
 def read_yaml(path: Path) -> Any:
