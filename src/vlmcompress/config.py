@@ -145,6 +145,8 @@ def to_dict(obj: Any) -> Any:
 # --- the params file -------------------------------------------------------------------
 # Imported late-bound: section schemas are defined beside the code that uses them.
 from vlmcompress.data.config import DataParams  # noqa: E402
+from vlmcompress.eval.config import AnchorsParams, BDRateParams, EvalCodecParams  # noqa: E402
+from vlmcompress.figures.config import FiguresParams  # noqa: E402
 from vlmcompress.lvlm.config import LvlmParams  # noqa: E402
 
 
@@ -156,6 +158,10 @@ class Params:
     seed: int
     data: DataParams
     lvlm: LvlmParams
+    anchors: AnchorsParams
+    bdrate: BDRateParams
+    eval_codec: EvalCodecParams
+    figures: FiguresParams
 
 
 def read_yaml(path: Path) -> Any:
