@@ -12,7 +12,7 @@ class FiguresParams:
     formats: list[Literal["png", "svg", "pdf"]]  # every figure in each of these (png first: README)
     dpi: int
     rate_metrics: list[str]        # columns of outputs/eval_codec/curves.csv drawn against bpp
-    token_examples: int            # entries of outputs/tokens/examples.json drawn (0: none)
+    token_examples: int            # (image, question) examples of outputs/tokens/examples.json drawn (>= 1)
 
 
 def check_figures_params(p: FiguresParams, path: str = "figures") -> None:
@@ -22,5 +22,5 @@ def check_figures_params(p: FiguresParams, path: str = "figures") -> None:
         raise ConfigError(f"{path}.dpi: must be >= 30, got {p.dpi}")
     if not p.rate_metrics:
         raise ConfigError(f"{path}.rate_metrics: need at least one metric")
-    if p.token_examples < 0:
-        raise ConfigError(f"{path}.token_examples: must be >= 0, got {p.token_examples}")
+    if p.token_examples < 1:
+        raise ConfigError(f"{path}.token_examples: must be >= 1, got {p.token_examples}")
