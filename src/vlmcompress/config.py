@@ -144,6 +144,7 @@ def to_dict(obj: Any) -> Any:
 
 # --- the params file -------------------------------------------------------------------
 # Imported late-bound: section schemas are defined beside the code that uses them.
+from vlmcompress.codec.config import CodecStageParams  # noqa: E402
 from vlmcompress.data.config import DataParams  # noqa: E402
 from vlmcompress.eval.config import AnchorsParams, BDRateParams, EvalCodecParams  # noqa: E402
 from vlmcompress.figures.config import FiguresParams  # noqa: E402
@@ -158,6 +159,7 @@ class Params:
     seed: int
     data: DataParams
     lvlm: LvlmParams
+    codec: CodecStageParams
     anchors: AnchorsParams
     bdrate: BDRateParams
     eval_codec: EvalCodecParams
