@@ -29,7 +29,7 @@ from vlmcompress.lvlm.build import build_clip, build_llava, save_lvlm
 from vlmcompress.lvlm.tokenizer import build_tokenizers, build_vocab
 
 from codec_helpers import lively, make_image
-from test_lvlm_adapter import TINY, WORDS
+from lvlm_helpers import TINY, WORDS
 
 REPO = Path(__file__).resolve().parents[1]
 CONTRACT = ("vqa_acc", "caption_cider", "retrieval_i2t_r1", "retrieval_t2i_r1", "grounding_acc50", "psnr")
