@@ -78,19 +78,32 @@ def _run_notebook(name: str, root: Path) -> dict:
     return nbformat.read(out, as_version=4)
 
 
-def test_data_and_lvlm_notebooks_run_end_to_end(project_root):
-    """01_data then 02_lvlm through papermill on tiny params, in a throw-away project root."""
+def _write_tiny_params(project_root: Path) -> dict:
     params = yaml.safe_load((project_root / "params.yaml").read_text())
     params["data"]["scenes"].update(n_train=8, n_val=4, n_test=8)
     params["lvlm"]["arch"].update(vision_hidden=32, vision_layers=2, vision_heads=2, text_hidden=32, text_layers=1,
                                   text_heads=2, projection_dim=16, lm_hidden=32, lm_layers=1, lm_heads=2,
                                   lm_intermediate=64, stem_context=0)
     params["lvlm"]["train"].update(pool_scenes=16, clip_steps=2, clip_batch=4, align_steps=2, align_batch=4,
-                                   lm_steps=2, lm_batch=2, lm_turns=2, lm_bg_start=4, lm_bg_ramp=0.5,
+                                   lm_steps=2, lm_batch=2, lm_turns=2, lm_bg_start=4, lm_bg_ramp=0.5, lm_look_weight=1.0,
+                                   lm_look_layer=0,
                                    warmup_steps=1, checkpoint_every=1,
                                    eval_every=1)
     params["lvlm"]["eval"].update(batch_size=8, max_questions=16, max_captions=2, max_refs=4, gallery=8)
+    codec = params["codec"]
+    codec["model"].update(N=8, M=12, levels=3, gain_init=[1.0, 50.0])
+    codec["model"]["preedit"].update(channels=4, depth=2, token_dim=32, token_channels=4)
+    codec["loss"]["lambdas"] = [0.5, 1.0, 2.0]
+    codec["baseline"]["lambdas"] = [0.001, 0.005, 0.02]
+    codec["train"].update(steps=2, batch_size=2, checkpoint_every=2, log_every=1, quantile_update=False)
+    codec["eval"].update(n_test_images=2, n_rates=2, example_rates=[0.0, 1.0, 2.0], timing_repeats=1)
     (project_root / "params.yaml").write_text(yaml.safe_dump(params))
+    return params
+
+
+def test_data_and_lvlm_notebooks_run_end_to_end(project_root):
+    """01_data then 02_lvlm through papermill on tiny params, in a throw-away project root."""
+    _write_tiny_params(project_root)
 
     executed = _run_notebook("01_data", project_root)
     metrics = json.loads((project_root / "outputs" / "data" / "metrics.json").read_text())
@@ -105,3 +118,18 @@ def test_data_and_lvlm_notebooks_run_end_to_end(project_root):
     assert lv["vqa_questions"] == 16 and lv["train_seconds"] > 0
     model = project_root / "outputs" / "lvlm" / "model"
     assert (model / "llava" / "model.safetensors").is_file() and (model / "clip" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_codec_notebook_runs_end_to_end(project_root):
+    """01_data, 02_lvlm and 03_codec through papermill on tiny params (the codec's figures included)."""
+    _write_tiny_params(project_root)
+    for name in ("01_data", "02_lvlm"):
+        _run_notebook(name, project_root)
+    executed = _run_notebook("03_codec", project_root)
+    metrics = json.loads((project_root / "outputs" / "codec" / "metrics.json").read_text())
+    for key in ("train_seconds", "bpp_min", "bpp_max", "roundtrip_max_abs_err", "encode_ms_512", "decode_ms_512",
+                "vvc_encode_ms_512", "vvc_decode_ms_512"):
+        assert key in metrics, key
+    figures = [o for c in executed.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert len(figures) >= 3  # curves, reconstructions, token distortion vs bpp

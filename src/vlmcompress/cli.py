@@ -13,8 +13,9 @@ from collections.abc import Sequence
 
 
 def _check_params(args: argparse.Namespace) -> int:
+    from vlmcompress.codec.config import check_stage_params
     from vlmcompress.config import load_params
-    load_params(args.params)
+    check_stage_params(load_params(args.params).codec)
     print(f"{args.params or 'params.yaml'}: ok")
     return 0
 
@@ -31,10 +32,10 @@ def _token_fn(model_dir: str, params_path: str | None):
     pre = from_dict(CodecModelParams, record.get("model"), "model").preedit
     if not (pre.enabled and pre.use_tokens):
         return None
+    from vlmcompress.codec.stage import lvlm_token_fn
     from vlmcompress.config import load_params
     from vlmcompress.lvlm.stage import load_stage_lvlm
-    lvlm = load_stage_lvlm(load_params(params_path))
-    return lambda x: lvlm.visual_features(x).hidden
+    return lvlm_token_fn(load_stage_lvlm(load_params(params_path)))  # the stage's token target
 
 
 def _encode(args: argparse.Namespace) -> int:
@@ -53,7 +54,7 @@ def _decode(args: argparse.Namespace) -> int:
 
 def _default_model() -> str:
     from vlmcompress.paths import outputs_dir
-    path = outputs_dir("codec", "ours")
+    path = outputs_dir("codec", "models", "ours")
     if not path.exists():
         raise FileNotFoundError(f"{path}: no trained codec; run `make repro` or pass --model DIR")
     return str(path)
@@ -69,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("input")
     e.add_argument("output")
     e.add_argument("--rate", type=float, required=True, help="rate level in [0, levels-1] (continuous)")
-    e.add_argument("--model", default=None, help="codec folder (default: outputs/codec/ours)")
+    e.add_argument("--model", default=None, help="codec folder (default: outputs/codec/models/ours)")
     e.add_argument("--params", default=None, help="params file naming the LVLM (for token-fusing codecs)")
     e.set_defaults(func=_encode)
     d = sub.add_parser("decode", help="decode a file written by `vlmcompress encode` to PNG")

@@ -144,7 +144,10 @@ def to_dict(obj: Any) -> Any:
 
 # --- the params file -------------------------------------------------------------------
 # Imported late-bound: section schemas are defined beside the code that uses them.
+from vlmcompress.codec.config import CodecStageParams  # noqa: E402
 from vlmcompress.data.config import DataParams  # noqa: E402
+from vlmcompress.eval.config import AnchorsParams, BDRateParams, EvalCodecParams  # noqa: E402
+from vlmcompress.figures.config import FiguresParams  # noqa: E402
 from vlmcompress.lvlm.config import LvlmParams  # noqa: E402
 from vlmcompress.tokens.config import TokensParams  # noqa: E402
 
@@ -157,7 +160,12 @@ class Params:
     seed: int
     data: DataParams
     lvlm: LvlmParams
+    codec: CodecStageParams
     tokens: TokensParams
+    anchors: AnchorsParams
+    bdrate: BDRateParams
+    eval_codec: EvalCodecParams
+    figures: FiguresParams
 
 
 def read_yaml(path: Path) -> Any:

@@ -81,6 +81,21 @@ def accuracy_table(metrics: dict) -> "pd.DataFrame":
     return pd.DataFrame(rows).T
 
 
+def codec_curves(curves: "pd.DataFrame", window: int = 5) -> plt.Figure:
+    """Training curves of every codec (rolling mean over ``window`` logged rows: each step
+    draws its own rate, so raw rows jump): loss, estimated bpp, and each distortion term."""
+    terms = [t for t in ("bpp_loss", "token_mse", "token_cos", "rank_loss", "pixel_mse") if t in curves]
+    fig, axes = plt.subplots(1, len(terms) + 1, figsize=(3.6 * (len(terms) + 1), 3.2))
+    for name, d in curves.groupby("model", sort=False):
+        for ax, col in zip(axes, ["loss", *terms]):
+            if col in d and d[col].notna().any():
+                ax.plot(d["step"], d[col].rolling(window, min_periods=1).mean(), label=name)
+    for ax, col in zip(axes, ["loss", *terms]):
+        ax.set_title(col)
+        ax.set_xlabel("step")
+        if col != "bpp_loss":
+            ax.set_yscale("log")
+    axes[0].legend(fontsize=7)
 # --- token compression (05_eval_tokens, 06_figures) ---------------------------------------
 
 # Colours of the grid-cell roles in outputs/tokens/examples.json (KIND_* codes of vlmcompress.tokens).
@@ -117,6 +132,45 @@ def token_accuracy_curves(acc: "pd.DataFrame", question_type: str = "all") -> pl
     return fig
 
 
+def reconstruction_grid(examples: "pd.DataFrame", folder: str | Path) -> plt.Figure:
+    """The original beside each codec's decoded file at each rate (one row per codec)."""
+    folder = Path(folder)
+    models = list(dict.fromkeys(examples["model"]))
+    rates = sorted(set(examples["rate"]))
+    fig, axes = plt.subplots(len(models), len(rates) + 1, figsize=(2.6 * (len(rates) + 1), 2.9 * len(models)),
+                             squeeze=False)
+    original = np.asarray(Image.open(folder / "original.png"))
+    for r, name in enumerate(models):
+        axes[r, 0].imshow(original)
+        axes[r, 0].set_title("original", fontsize=8)
+        axes[r, 0].set_ylabel(name, fontsize=9)
+        for c, rate in enumerate(rates, start=1):
+            row = examples[(examples["model"] == name) & (examples["rate"] == rate)].iloc[0]
+            axes[r, c].imshow(np.asarray(Image.open(folder / row["png"])))
+            axes[r, c].set_title(f"rate {rate:.2f}: {row['bpp']:.3f} bpp\n"
+                                 f"{row['psnr']:.1f} dB, token MSE {row['token_mse']:.3g}", fontsize=7)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    return fig
+
+
+def rd_curves(rd: "pd.DataFrame") -> plt.Figure:
+    """Token distortion and PSNR against real-file bpp, one line per codec (points: rates)."""
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for name, d in rd.groupby("model", sort=False):
+        d = d.sort_values("bpp")
+        axes[0].plot(d["bpp"], d["token_mse"], marker="o", label=name)
+        axes[1].plot(d["bpp"], d["psnr"], marker="o", label=name)
+    axes[0].set_yscale("log")
+    axes[0].set_ylabel("token MSE (LVLM vision features)")
+    axes[1].set_ylabel("PSNR (dB)")
+    for ax in axes:
+        ax.set_xlabel("bpp (file bytes x 8 / pixels)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
 def token_maps(examples: Sequence[dict], methods: Sequence[str] | None = None) -> plt.Figure:
     """For each example question (rows), the image with each method's token roles drawn over
     the patch grid (columns): kept by attention, recovered by the question, merge centres."""

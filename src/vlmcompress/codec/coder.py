@@ -23,7 +23,7 @@ from vlmcompress.codec.bitstream import (MAX_DIM, Bitstream, BitstreamError, as_
                                          unpack)
 from vlmcompress.codec.losses import TokenFn
 from vlmcompress.codec.model import LVLMCodec, check_rate, weights_hash
-from vlmcompress.codec.train import CONFIG_NAME, load_codec, read_codec_record
+from vlmcompress.codec.train import CHECKPOINT_DIR, CONFIG_NAME, load_codec, read_codec_record
 from vlmcompress.io import atomic_open, atomic_path
 
 
@@ -131,7 +131,8 @@ def find_model_dir(model_hash: bytes, roots: Iterable[str | Path]) -> Path | Non
     """The saved codec folder (``codec.json``) under ``roots`` whose weights have this hash."""
     want = model_hash.hex()
     for root in roots:
-        for cfg in sorted(Path(root).rglob(CONFIG_NAME)):
+        # A final model before a training checkpoint holding the same weights.
+        for cfg in sorted(Path(root).rglob(CONFIG_NAME), key=lambda p: (p.parent.name == CHECKPOINT_DIR, p)):
             try:
                 record = read_codec_record(cfg.parent)
             except (ValueError, FileNotFoundError):

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-from vlmcompress.config import ConfigError
+VVENC_PRESETS = ("faster", "fast", "medium", "slow", "slower")
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,52 @@ class CodecParams:
     train: CodecTrainParams
 
 
+@dataclass(frozen=True)
+class BaselineParams:
+    """The pixel baseline: the same architecture and training budget, loss ``bpp + lambda*255**2*MSE``."""
+
+    enabled: bool
+    lambdas: list[float]     # one per rate level, in CompressAI's units (MSE on 0..255 pixels)
+    preedit: Literal["same", "no_tokens", "off"]  # keep the pre-editing net as is, without its
+                                                  # LVLM token branch (a pixel codec needs no LVLM), or drop it
+
+
+@dataclass(frozen=True)
+class CodecEvalParams:
+    """What the codec stage measures after training (real files, test split)."""
+
+    n_test_images: int       # first this many test images for bpp / PSNR / token distortion (0: all)
+    n_rates: int             # rates evenly spaced over [0, levels-1] in rd.csv (>= 2: both ends)
+    example_rates: list[float]  # rates of the reconstructions shown in the notebook
+    timing_repeats: int      # encode/decode of the 512x512 image: median of this many, after a warm-up
+    timing_threads: int      # torch and VVenC threads while timing (0: leave torch's default)
+    vvc_preset: str          # VVenC preset of the speed comparison
+    vvc_qp: int              # VVC QP of the speed comparison
+
+
+@dataclass(frozen=True)
+class CodecStageParams:
+    """The ``codec`` section of params.yaml: our codec, its pixel baseline, ablations, evaluation.
+
+    ``model``/``loss``/``train`` describe ``ours`` (the LVLM-oriented codec); the baseline
+    and every ablation are derived from them (:mod:`vlmcompress.codec.variants`).
+    """
+
+    model: CodecModelParams
+    loss: LossParams
+    train: CodecTrainParams
+    baseline: BaselineParams
+    ablations: list[str]     # names in vlmcompress.codec.variants.ABLATIONS, each trained like ours
+    eval: CodecEvalParams
+
+    @property
+    def ours(self) -> CodecParams:
+        return CodecParams(model=self.model, loss=self.loss, train=self.train)
+
+
 def _require(ok: bool, path: str, msg: str) -> None:
+    # Late import: vlmcompress.config imports this module to assemble Params.
+    from vlmcompress.config import ConfigError
     if not ok:
         raise ConfigError(f"{path}: {msg}")
 
@@ -129,3 +174,37 @@ def check_codec_params(p: CodecParams, path: str = "codec") -> None:
     _require(t.lr > 0 and t.aux_lr > 0, f"{path}.train.lr", "lr and aux_lr must be > 0")
     _require(0 < t.lr_decay_at <= 1, f"{path}.train.lr_decay_at", f"must be in (0, 1], got {t.lr_decay_at}")
     _require(t.grad_clip >= 0, f"{path}.train.grad_clip", f"must be >= 0, got {t.grad_clip}")
+
+
+def check_stage_params(p: CodecStageParams, path: str = "codec") -> None:
+    """Checks of the whole ``codec`` section, including every codec it derives."""
+    from vlmcompress.codec.variants import ABLATIONS, model_variants  # late: avoids a cycle
+    from vlmcompress.config import ConfigError
+
+    check_codec_params(p.ours, path)
+    b = p.baseline
+    _require(len(b.lambdas) == p.model.levels, f"{path}.baseline.lambdas",
+             f"needs one value per rate level ({p.model.levels}), got {len(b.lambdas)}")
+    _require(all(math.isfinite(v) and v > 0 for v in b.lambdas), f"{path}.baseline.lambdas",
+             "values must be finite and > 0")
+    for i, name in enumerate(p.ablations):
+        _require(name in ABLATIONS, f"{path}.ablations[{i}]",
+                 f"unknown ablation {name!r} (known: {', '.join(sorted(ABLATIONS))})")
+    _require(len(set(p.ablations)) == len(p.ablations), f"{path}.ablations", "names must be unique")
+    for name, variant in model_variants(p).items():
+        try:
+            check_codec_params(variant, path)
+        except ConfigError as exc:
+            raise ConfigError(f"{exc} (in codec variant {name!r})") from None
+    e = p.eval
+    _require(e.n_test_images >= 0, f"{path}.eval.n_test_images", f"must be >= 0, got {e.n_test_images}")
+    _require(e.n_rates >= 2, f"{path}.eval.n_rates", f"must be >= 2 (both ends), got {e.n_rates}")
+    _require(len(e.example_rates) > 0, f"{path}.eval.example_rates", "needs at least one rate")
+    for i, r in enumerate(e.example_rates):
+        _require(0 <= r <= p.model.levels - 1, f"{path}.eval.example_rates[{i}]",
+                 f"must be in [0, {p.model.levels - 1}], got {r}")
+    _require(e.timing_repeats > 0, f"{path}.eval.timing_repeats", f"must be > 0, got {e.timing_repeats}")
+    _require(e.timing_threads >= 0, f"{path}.eval.timing_threads", f"must be >= 0, got {e.timing_threads}")
+    _require(e.vvc_preset in VVENC_PRESETS, f"{path}.eval.vvc_preset",
+             f"unknown VVenC preset {e.vvc_preset!r} (known: {', '.join(VVENC_PRESETS)})")
+    _require(0 <= e.vvc_qp <= 63, f"{path}.eval.vvc_qp", f"must be in [0, 63], got {e.vvc_qp}")

@@ -263,6 +263,38 @@ def _check_resume(record: dict, params: CodecParams, where: Path) -> None:
                          "delete it or call train_codec(..., resume=False)")
 
 
+def _comparable(params: CodecParams | dict) -> dict:
+    d = to_dict(params) if not isinstance(params, dict) else params
+    train = {k: v for k, v in (d.get("train") or {}).items() if k not in _RESUMABLE_CHANGES}
+    return {"model": d.get("model"), "loss": d.get("loss"), "train": train}
+
+
+def training_state(out_dir: str | Path, params: CodecParams) -> str:
+    """What :func:`train_codec` would do with ``out_dir`` for ``params``.
+
+    ``"done"``: ``model/`` holds a codec trained with these params for ``train.steps``;
+    ``"resume"``: a compatible checkpoint at or before ``train.steps``; ``"fresh"``: nothing
+    to continue from; ``"stale"``: a checkpoint of other params (or past ``train.steps``)
+    that :func:`train_codec` would refuse: delete the folder to start over.
+    """
+    out_dir = Path(out_dir)
+    want = _comparable(params)
+    for sub, state in ((MODEL_DIR, "done"), (CHECKPOINT_DIR, "resume")):
+        if not (out_dir / sub / CONFIG_NAME).exists():
+            continue
+        try:
+            record = read_codec_record(out_dir / sub)
+        except ValueError:
+            return "stale"
+        same = _comparable(record.get("params") or {}) == want
+        step = int(record.get("step", -1))
+        if state == "done" and same and step == params.train.steps:
+            return "done"
+        if state == "resume":
+            return "resume" if same and step <= params.train.steps else "stale"
+    return "fresh"
+
+
 def _truncate_curves(path: Path, step: int) -> None:
     """Drop rows logged after the checkpoint we resume from (they will be redone)."""
     if not path.exists():

@@ -85,3 +85,43 @@ def check_anchors_params(p: AnchorsParams, path: str = "anchors") -> None:
 def check_bdrate_params(p: BDRateParams, path: str = "bdrate") -> None:
     if not 0.0 <= p.min_overlap <= 1.0:
         raise ConfigError(f"{path}.min_overlap: need a fraction in [0, 1], got {p.min_overlap}")
+
+
+@dataclass(frozen=True)
+class EvalCodecParams:
+    """The codec-evaluation stage (``04_eval_codec``): which test images, which rates, how fast.
+
+    Every learned codec under ``outputs/codec/models`` is coded at ``learned_rates``; the
+    anchors' quality points are then picked to span the learned codecs' mean bpp (widened by
+    ``anchor_span`` on each side), so the curves overlap where BD-rate needs them to.
+    """
+
+    n_images: int                 # first this many test images are coded and scored (0: all)
+    max_questions: int            # VQA questions drawn from them, seeded (0: all)
+    max_captions: int             # images captioned, the first of the subset (0: all)
+    max_refs: int                 # referring expressions grounded, seeded (0: all)
+    batch_size: int               # LVLM batch
+    learned_rates: list[float]    # rates of every learned codec ([]: anchors.n_points evenly
+                                  # spaced over each model's [0, levels-1])
+    anchor_span: float            # >= 1: anchors span the learned codecs' bpp range widened by
+                                  # this factor each side; 0: use anchors.bpp_range as given
+    workers: int                  # encoding processes (0: encode in the stage's own process)
+    n_examples: int               # images kept per codec at about equal bpp, for the figures
+    example_bpp: float            # bpp of those examples (0: the median bpp of `ours`)
+
+
+def check_eval_codec_params(p: EvalCodecParams, path: str = "eval_codec") -> None:
+    """Value checks a type check cannot express (messages name the key path)."""
+    for name in ("n_images", "max_questions", "max_captions", "max_refs", "workers", "n_examples"):
+        if getattr(p, name) < 0:
+            raise ConfigError(f"{path}.{name}: must be >= 0, got {getattr(p, name)}")
+    if p.batch_size < 1:
+        raise ConfigError(f"{path}.batch_size: must be >= 1, got {p.batch_size}")
+    if p.learned_rates and (len(p.learned_rates) < 2 or min(p.learned_rates) < 0):
+        raise ConfigError(f"{path}.learned_rates: need >= 2 rates >= 0 (or [] for an even "
+                          f"spread), got {p.learned_rates}")
+    if p.anchor_span != 0 and p.anchor_span < 1:
+        raise ConfigError(f"{path}.anchor_span: need 0 (use anchors.bpp_range) or a factor "
+                          f">= 1, got {p.anchor_span}")
+    if p.example_bpp < 0:
+        raise ConfigError(f"{path}.example_bpp: must be >= 0, got {p.example_bpp}")

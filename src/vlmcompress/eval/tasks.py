@@ -65,7 +65,7 @@ def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
 
 def recall_at_k(sim: Tensor, gt: Sequence[set[int]], ks: Sequence[int] = (1, 5)) -> dict[int, float]:
     """``sim [Q, G]``; query q is a hit at k if any of ``gt[q]`` is among its top k. Percentages."""
-    top = sim.topk(max(ks), dim=1).indices.tolist()
+    top = sim.topk(min(max(ks), sim.shape[1]), dim=1).indices.tolist()   # a gallery may hold < k items
     return {k: 100.0 * float(np.mean([bool(set(t[:k]) & g) for t, g in zip(top, gt)])) for k in ks}
 
 

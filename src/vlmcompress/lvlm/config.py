@@ -57,6 +57,10 @@ class TrainParams:
     lm_turns: int             # question/answer turns packed into one training sequence
     lm_bg_start: int          # background visual tokens kept per image at the first LM step ...
     lm_bg_ramp: float         # ... growing linearly to all of them over this fraction of LM steps
+    lm_look_weight: float     # weight of the 'look' loss: answer-position attention mass on the
+                              # patches a turn is about (0: off; at 1.0 on the head mean of one
+                              # layer it starved colour readout in a measured run, so off by default)
+    lm_look_layer: int        # LM layer whose head-mean attention the look loss supervises
     caption_prob: float       # chance that a sequence includes a caption turn
     ground_prob: float        # chance that a sequence includes a grounding turn
     warmup_steps: int

@@ -24,12 +24,13 @@ import csv
 import dataclasses
 import json
 import math
+import re
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -38,14 +39,14 @@ from accelerate import Accelerator
 from torch import Tensor, nn
 
 from vlmcompress.data.config import ScenesParams
-from vlmcompress.data.scenes import (COLORS, QUESTION_TYPES, SHAPES, SIZES, SceneObject, make_captions,
+from vlmcompress.data.scenes import (COLORS, PLURALS, QUESTION_TYPES, SHAPES, SIZES, SceneObject, make_captions,
                                      make_questions, make_refs, make_scene, question_candidates, scene_rng,
                                      sample_scene)
 from vlmcompress.io import atomic_path, write_json
 from vlmcompress.lvlm.adapter import CLIP_MEAN, CLIP_STD, LVLM, Prompts
 from vlmcompress.lvlm.build import ModelSpec, build_clip, build_llava, save_lvlm
 from vlmcompress.lvlm.config import LvlmParams
-from vlmcompress.lvlm.labels import patch_labels
+from vlmcompress.lvlm.labels import COLOR_IDS, SHAPE_IDS, patch_labels
 from vlmcompress.lvlm.tokenizer import build_tokenizers, build_vocab
 
 POOL_STREAM = 100          # seed stream of the training pool (val/test use 1..3)
@@ -60,7 +61,85 @@ def phrase_index(labels: Tensor) -> Tensor:
     return torch.where(color > 0, idx, torch.zeros_like(idx))
 
 
+SHAPE_WORDS = {**SHAPE_IDS, **{PLURALS[s]: i for s, i in SHAPE_IDS.items()}}
+
+
+def relevant_patches(text: str, labels: Tensor) -> Tensor:
+    """The patches a turn is about, from its words and the dense labels ``[4, G, G]`` -> ``[N]`` bool.
+
+    Colour-shape pairs in the text ("the red circle") select those objects' patches; without
+    a pair, or when no object matches one (a "no" existence question), any patch sharing a
+    named colour or shape; a turn naming neither (a caption) is about every object patch.
+    """
+    words = re.findall(r"[a-z]+", text.lower())
+    color, shape = labels[0].flatten(), labels[1].flatten()
+    obj = color > 0
+    pairs = [(COLOR_IDS[a], SHAPE_WORDS[b]) for a, b in zip(words, words[1:]) if a in COLOR_IDS and b in SHAPE_WORDS]
+    out = torch.zeros_like(obj)
+    for c, s in pairs:
+        out |= (color == c) & (shape == s)
+    if out.any():
+        return out
+    cols = [COLOR_IDS[w] for w in words if w in COLOR_IDS]
+    shps = [SHAPE_WORDS[w] for w in words if w in SHAPE_WORDS]
+    if not cols and not shps:
+        return obj
+    for c in cols:
+        out |= color == c
+    for s in shps:
+        out |= obj & (shape == s)
+    return out
+
+
+def look_loss(attn: Tensor, queries: Tensor, targets: Tensor) -> Tensor:
+    """Negative log attention mass on the relevant tokens, averaged over queries.
+
+    ``attn [B, H, T, T]`` softmax attention of one layer; ``queries [Q, 2]`` (batch row,
+    position) of the tokens that predict an answer; ``targets [Q, T]`` bool relevant keys.
+    Queries without a relevant key (e.g. a scene with no object named) are skipped.
+    """
+    rows = attn[queries[:, 0], :, queries[:, 1]].mean(1)              # [Q, T]
+    mass = (rows * targets).sum(-1)
+    has = targets.any(-1)
+    if not has.any():
+        return attn.new_zeros(())
+    return -(mass[has].clamp(min=1e-6).log()).mean()
+
+
+def background_budget(step: int, steps: int, start: int, ramp: float, n_tokens: int) -> int:
+    """Background visual tokens kept at ``step``: ``start``, growing linearly to all
+    ``n_tokens`` over the first ``ramp`` fraction of ``steps`` (then all)."""
+    span = ramp * steps
+    frac = 1.0 if span <= 0 else min(1.0, step / span)
+    return int(round(start + frac * max(n_tokens - start, 0)))
+
+
+def kept_tokens(labels: Tensor, n_background: int, rng: np.random.Generator) -> list[Tensor]:
+    """Curriculum over visual tokens: every object patch plus ``n_background`` random background
+    patches. ``labels [B, 4, G, G]`` -> per image the kept grid indices, ascending.
+
+    With all 256 tokens from the start, the few object tokens get ~1/256 of the attention at
+    initialisation; fewer distractors make early steps cheaper and the signal stronger.
+    """
+    obj = labels[:, 0].flatten(1) > 0                                      # [B, N]
+    out = []
+    for b in range(obj.shape[0]):
+        bg = (~obj[b]).nonzero().flatten()
+        pick = bg[torch.from_numpy(rng.permutation(len(bg))[:min(len(bg), n_background)])]
+        out.append(torch.cat([obj[b].nonzero().flatten(), pick]).sort().values)
+    return out
+
+
 # --- data ------------------------------------------------------------------------------
+
+class TrainSeq(NamedTuple):
+    """One multi-turn LM training sequence."""
+
+    embeds: Tensor                    # [T, D] inputs_embeds
+    labels: Tensor                    # [T] answer token ids, -100 elsewhere
+    positions: Tensor                 # [T] position ids (visual tokens keep their grid positions)
+    queries: list[tuple[int, str]]    # per turn: index of the token predicting its answer, turn text
+    vis_start: int                    # index of the first visual token
 
 @dataclass
 class Pool:
@@ -195,6 +274,27 @@ class Trainer:
             return json.loads(self._progress_path.read_text())
         return {"done": [], "phase": None, "step": 0, "seconds": {}}
 
+    @property
+    def _curves_path(self) -> Path:
+        return self.work / "curves.jsonl"
+
+    def _log_row(self, row: dict[str, Any]) -> None:
+        """Keep a curve row in memory and in the work dir, so a resumed run has the whole curve."""
+        self.curves.append(row)
+        with open(self._curves_path, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+    def _load_curves(self, phase: str | None, step: int) -> None:
+        """Rows logged before this run: every row of finished phases, and of ``phase`` up to
+        its checkpoint ``step`` (later rows are about to be recomputed)."""
+        if not self._curves_path.is_file():
+            return
+        rows = [json.loads(line) for line in self._curves_path.read_text().splitlines() if line.strip()]
+        rows = [r for r in rows if r["phase"] != phase or r["step"] <= step]
+        with atomic_path(self._curves_path) as tmp:
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        self.curves = rows
+
     def _save_weights(self, name: str) -> None:
         state = {"clip": self.clip.state_dict(), "llava": self.llava.state_dict(), "heads": self.heads.state_dict()}
         with atomic_path(self.work / f"{name}.pt") as tmp:
@@ -251,7 +351,7 @@ class Trainer:
                 for m in modules:
                     m.train()
             if (step + 1) % self.t.eval_every == 0 or done or step == start:
-                self.curves.append(row)
+                self._log_row(row)
                 self.log(" ".join(f"{k}={v}" for k, v in row.items()))
             if (step + 1) % self.t.checkpoint_every == 0 and not done:
                 self._save_weights(f"{phase}_weights")
@@ -330,9 +430,10 @@ class Trainer:
 
     # -- phase C: language model ------------------------------------------------------------
     def _sequence(self, vis: Tensor, turns: list[tuple[str, str, str]], vis_pos: Tensor,
-                  n_vis: int) -> tuple[Tensor, Tensor, Tensor]:
+                  n_vis: int) -> TrainSeq:
         """One multi-turn training sequence: ``inputs_embeds [T, D]``, ``labels [T]`` and
-        ``position_ids [T]``. ``vis [K, D]`` are the kept visual tokens at grid positions
+        ``position_ids [T]``, and per turn (index of the token that predicts its first answer
+        token, the turn's text). ``vis [K, D]`` are the kept visual tokens at grid positions
         ``vis_pos [K]`` out of ``n_vis``; positions are those of the full sequence, so a token
         keeps its position whether or not its neighbours were dropped."""
         emb = self.llava.get_input_embeddings()
@@ -341,69 +442,85 @@ class Trainer:
         pre = self.tok(before).input_ids
         ids: list[int] = []
         labels: list[int] = []
+        queries: list[tuple[int, str]] = []
+        start = len(pre) + vis.shape[0]
         for k, (task, text, answer) in enumerate(turns):
             prompt = after if k == 0 else self.prompts.render_followup(task, text)
             p_ids = self.tok(prompt, add_special_tokens=False).input_ids
             a_ids = self.tok(" " + answer, add_special_tokens=False).input_ids + [eos]
+            queries.append((start + len(ids) + len(p_ids) - 1, text))
             ids += p_ids + a_ids
             labels += [-100] * len(p_ids) + a_ids
         seq = torch.cat([emb(torch.tensor(pre)), vis, emb(torch.tensor(ids))])
         lab = torch.tensor([-100] * (len(pre) + vis.shape[0]) + labels)
         pos = torch.cat([torch.arange(len(pre)), len(pre) + vis_pos,
                          len(pre) + n_vis + torch.arange(len(ids))])
-        return seq, lab, pos
+        return TrainSeq(seq, lab, pos, queries, len(pre))
 
-    def _kept_tokens(self, labels: Tensor, step: int, rng: np.random.Generator) -> list[Tensor]:
-        """Curriculum over visual tokens: every object patch, and ``lm_bg_start`` background
-        patches growing linearly to all of them over the first ``lm_bg_ramp`` of the LM steps.
+    def lm_loss(self, feats: Tensor, labels: Tensor, objects: Sequence[Sequence[SceneObject]],
+                captions: Sequence[Sequence[str]], rng: np.random.Generator, step_no: int
+                ) -> tuple[Tensor, dict[str, float]]:
+        """LM loss on a batch: ``feats [B, N, C]`` vision features of the LLaVA feature layer,
+        ``labels [B, 4, G, G]`` their scenes' dense labels; turns are drawn from ``rng``.
 
-        With all 256 tokens at once, the few object tokens get ~1/256 of the attention at
-        initialisation and the LM barely learns to look; fewer distractors make the signal
-        strong early. ``labels [B, 4, G, G]`` -> per image the kept grid indices, ascending.
+        Cross-entropy on answer tokens, plus (``lm_look_weight`` > 0) the look loss on the
+        head-mean attention of layer ``lm_look_layer`` at each answer-predicting position.
         """
-        obj = labels[:, 0].flatten(1) > 0                                  # [B, N]
-        n = obj.shape[1]
-        ramp = self.t.lm_bg_ramp * self.t.lm_steps
-        frac = 1.0 if ramp <= 0 else min(1.0, step / ramp)
-        out = []
-        for b in range(obj.shape[0]):
-            bg = (~obj[b]).nonzero().flatten()
-            k = min(len(bg), int(round(self.t.lm_bg_start + frac * (n - self.t.lm_bg_start))))
-            pick = bg[torch.from_numpy(rng.permutation(len(bg))[:k])]
-            out.append(torch.cat([obj[b].nonzero().flatten(), pick]).sort().values)
-        return out
+        proj, t = self.llava.model.multi_modal_projector, self.t
+        lm, head = self.llava.model.language_model, self.llava.lm_head
+        look = t.lm_look_weight > 0
+        vis = proj(feats)
+        n_bg = background_budget(step_no, t.lm_steps, t.lm_bg_start, t.lm_bg_ramp, labels[0, 0].numel())
+        keep = kept_tokens(labels, n_bg, rng)
+        seqs = [self._sequence(vis[b, keep[b]], sample_turns(objects[b], captions[b], rng, t.lm_turns,
+                                                             t.caption_prob, t.ground_prob, self.spec.image_size),
+                               keep[b], vis.shape[1]) for b in range(len(objects))]
+        T = max(s.embeds.shape[0] for s in seqs)
+        embeds = vis.new_zeros(len(seqs), T, vis.shape[-1])
+        target_ids = torch.full((len(seqs), T), -100, dtype=torch.long)
+        mask = torch.zeros(len(seqs), T, dtype=torch.long)
+        pos = torch.zeros(len(seqs), T, dtype=torch.long)
+        queries, targets = [], []
+        for b, sq in enumerate(seqs):
+            n = sq.embeds.shape[0]
+            embeds[b, :n], target_ids[b, :n], mask[b, :n], pos[b, :n] = sq.embeds, sq.labels, 1, sq.positions
+            if look:
+                vis_at = sq.vis_start + torch.arange(len(keep[b]))   # sequence index of each kept token
+                for qpos, text in sq.queries:
+                    tgt = torch.zeros(T, dtype=torch.bool)
+                    tgt[vis_at[relevant_patches(text, labels[b])[keep[b]]]] = True
+                    queries.append((b, qpos))
+                    targets.append(tgt)
+        captured: list[Tensor] = []
+        hook = lm.layers[t.lm_look_layer].self_attn.register_forward_hook(
+            lambda mod, args, out: captured.append(out[1])) if look else None
+        try:
+            h = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, return_dict=True).last_hidden_state
+        finally:
+            if hook is not None:
+                hook.remove()
+        sel = target_ids[:, 1:] != -100                   # logits only where an answer token is next
+        logits = head(h[:, :-1][sel])
+        target = target_ids[:, 1:][sel]
+        loss = F.cross_entropy(logits, target)
+        logs = {"tok_acc": (logits.argmax(-1) == target).float().mean().item()}
+        if look:
+            ll = look_loss(captured[0], torch.tensor(queries), torch.stack(targets))
+            loss = loss + t.lm_look_weight * ll
+            logs["look"] = ll.item()
+        return loss, logs
 
     def _lm_step(self, pool: Pool) -> Callable[[np.random.Generator, int], tuple[Tensor, dict[str, float]]]:
-        vision, proj, layer = self.llava.model.vision_tower, self.llava.model.multi_modal_projector, self.spec.vision_feature_layer
-        lm, head = self.llava.model.language_model, self.llava.lm_head
-        t = self.t
+        vision, layer = self.llava.model.vision_tower, self.spec.vision_feature_layer
 
         def step(rng: np.random.Generator, step_no: int) -> tuple[Tensor, dict[str, float]]:
-            idx = rng.choice(len(pool.captions), t.lm_batch, replace=False)
+            idx = rng.choice(len(pool.captions), self.t.lm_batch, replace=False)
+            sel = torch.from_numpy(idx)
             with torch.no_grad():
-                out = vision((_to_pixels(pool.images[torch.from_numpy(idx)]) - LVLM_MEAN) / LVLM_STD,
-                             output_hidden_states=True, return_dict=True)
-            vis = proj(out.hidden_states[layer][:, 1:])
-            keep = self._kept_tokens(pool.labels[torch.from_numpy(idx)], step_no, rng)
-            seqs = []
-            for b, i in enumerate(idx.tolist()):
-                turns = sample_turns(pool.objects[i], pool.captions[i], rng, t.lm_turns, t.caption_prob,
-                                     t.ground_prob, self.spec.image_size)
-                seqs.append(self._sequence(vis[b, keep[b]], turns, keep[b], vis.shape[1]))
-            T = max(s.shape[0] for s, _, _ in seqs)
-            embeds = vis.new_zeros(len(seqs), T, vis.shape[-1])
-            labels = torch.full((len(seqs), T), -100, dtype=torch.long)
-            mask = torch.zeros(len(seqs), T, dtype=torch.long)
-            pos = torch.zeros(len(seqs), T, dtype=torch.long)
-            for b, (s, lab, p) in enumerate(seqs):
-                n = s.shape[0]
-                embeds[b, :n], labels[b, :n], mask[b, :n], pos[b, :n] = s, lab, 1, p
-            h = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, return_dict=True).last_hidden_state
-            sel = labels[:, 1:] != -100                       # logits only where an answer token is next
-            logits = head(h[:, :-1][sel])
-            target = labels[:, 1:][sel]
-            loss = F.cross_entropy(logits, target)
-            return loss, {"tok_acc": (logits.argmax(-1) == target).float().mean().item()}
+                out = vision((_to_pixels(pool.images[sel]) - LVLM_MEAN) / LVLM_STD, output_hidden_states=True,
+                             return_dict=True)
+            return self.lm_loss(out.hidden_states[layer][:, 1:], pool.labels[sel], [pool.objects[i] for i in idx],
+                                [pool.captions[i] for i in idx], rng, step_no)
 
         return step
 
@@ -418,6 +535,8 @@ class Trainer:
     def run(self, out_dir: str | Path, eval_fn: Callable[[LVLM], dict[str, float]] | None = None) -> dict[str, float]:
         """Train all phases (resuming if a previous run was interrupted) and save HF folders."""
         self.work.mkdir(parents=True, exist_ok=True)
+        prog = self._progress()
+        self._load_curves(prog["phase"], prog["step"])
         t0 = time.perf_counter()
         pool = build_pool(self.scenes, self.t.pool_scenes, self.spec.patch_size)
         self.phase_seconds["pool"] = time.perf_counter() - t0
@@ -438,8 +557,15 @@ class Trainer:
         lm_params = list(proj.parameters()) + list(self.llava.model.language_model.parameters()) + \
             list(self.llava.lm_head.parameters())
         ev = (lambda: eval_fn(self.lvlm())) if eval_fn is not None else None
-        self._run_phase("lm", self.t.lm_steps, self.t.lm_lr, lm_params, self._lm_step(pool),
-                        [proj, self.llava.model.language_model, self.llava.lm_head], ev)
+        lm_cfg = self.llava.model.language_model.config
+        attn_impl = lm_cfg._attn_implementation
+        if self.t.lm_look_weight > 0:
+            lm_cfg._attn_implementation = "eager"  # the look loss needs one layer's attention weights
+        try:
+            self._run_phase("lm", self.t.lm_steps, self.t.lm_lr, lm_params, self._lm_step(pool),
+                            [proj, self.llava.model.language_model, self.llava.lm_head], ev)
+        finally:
+            lm_cfg._attn_implementation = attn_impl
         save_lvlm(out_dir, self.llava, self.tok, self.clip, self.clip_tok)
         return {f"{k}_seconds": round(s, 1) for k, s in self.phase_seconds.items()}
 

@@ -1,0 +1,174 @@
+"""Regenerate the README's results section from the pipeline's metrics files (never by hand).
+
+    python scripts/readme_results.py            # rewrite README.md between the markers
+    python scripts/readme_results.py --check    # exit 1 if README.md is not up to date
+
+Everything between ``<!-- results:start -->`` and ``<!-- results:end -->`` is replaced by
+tables built from ``outputs/*/metrics.json``, ``outputs/tokens/accuracy.csv`` and
+``outputs/repro/metrics.json``, plus links to the main figures. A file that does not exist
+yet is reported as such; the output depends on the files only, so running twice changes nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+CODECS = ("ours", "pixel_baseline", "jpeg", "webp", "avif", "hevc")
+BD_METRICS = ("vqa_acc", "caption_cider", "retrieval_i2t_r1", "retrieval_t2i_r1", "grounding_acc50", "psnr")
+FIGURES = (("rate_accuracy", "Rate vs accuracy, every codec"), ("bd_rate", "BD-rate against VVC"),
+           ("ablation", "Loss terms and pre-editing"), ("token_accuracy", "Accuracy vs visual tokens kept"),
+           ("codec_examples", "Reconstructions at about equal bpp"),
+           ("token_examples", "Kept, recovered and merged tokens"))
+
+
+def _load(path: Path) -> Any:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise SystemExit(f"readme_results: {path}: invalid JSON at line {exc.lineno}") from None
+
+
+def fmt(v: Any, nd: int = 1) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "–"
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return f"{v:.{nd}f}" if isinstance(v, float) else str(v)
+    return str(v)
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(r) + " |" for r in rows)]
+
+
+def _missing(rel: str) -> list[str]:
+    return [f"_`{rel}` does not exist yet: run `make repro`._", ""]
+
+
+def lvlm_section(root: Path) -> list[str]:
+    m = _load(root / "outputs/lvlm/metrics.json")
+    out = ["### The LVLM on uncoded test images", ""]
+    if m is None:
+        return out + _missing("outputs/lvlm/metrics.json")
+    keys = (("VQA accuracy (%)", "vqa_acc"), ("most-common-answer baseline (%)", "vqa_majority_acc"),
+            ("CIDEr", "caption_cider"), ("image→text R@1 (%)", "retrieval_i2t_r1"),
+            ("text→image R@1 (%)", "retrieval_t2i_r1"), ("grounding acc@0.5 (%)", "grounding_acc50"))
+    return out + table(["metric", "value"], [[name, fmt(m.get(k))] for name, k in keys]) + [""]
+
+
+def codec_section(root: Path) -> list[str]:
+    m = _load(root / "outputs/eval_codec/metrics.json")
+    out = ["### Codec: BD-rate (%) against VVC (negative: fewer bits for the same score)", ""]
+    if m is None:
+        return out + _missing("outputs/eval_codec/metrics.json")
+    bd = m.get("bd_rate", {})
+    rows = [[c, *(fmt(bd.get(c, {}).get(k)) for k in BD_METRICS)] for c in CODECS if c in bd]
+    rows += [[c, *(fmt(bd[c].get(k)) for k in BD_METRICS)] for c in sorted(bd) if c not in CODECS]
+    pix = m.get("bd_rate_vs_pixel_baseline")
+    if pix:
+        rows.append(["ours vs pixel_baseline", *(fmt(pix.get(k)) for k in BD_METRICS)])
+    out += table(["codec", *BD_METRICS], rows)
+    ref = m.get("reference", {})
+    out += ["", f"On {m.get('n_images', '?')} test images ({m.get('vqa_questions', '?')} questions); uncoded: "
+            + ", ".join(f"{k} {fmt(ref.get(k))}" for k in BD_METRICS if k != "psnr") + ".", ""]
+    return out
+
+
+def tokens_section(root: Path) -> list[str]:
+    path = root / "outputs/tokens/accuracy.csv"
+    out = ["### Visual-token compression: VQA accuracy (%) by tokens kept", ""]
+    if not path.is_file():
+        return out + _missing("outputs/tokens/accuracy.csv")
+    with open(path, newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if r.get("question_type") == "all"]
+    budgets = sorted({float(r["budget"]) for r in rows})
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    cell = {(r["method"], float(r["budget"])): r for r in rows}
+
+    def show(method: str, b: float) -> str:
+        r = cell.get((method, b))
+        return f"{float(r['acc']):.1f} ({float(r['mean_tokens']):.0f})" if r else "–"
+
+    out += table(["method", *(f"budget {fmt(b, 2).rstrip('0').rstrip('.')}" for b in budgets)],
+                 [[meth, *(show(meth, b) for b in budgets)] for meth in methods])
+    return out + ["", "Cells: accuracy (mean visual tokens kept).", ""]
+
+
+def repro_section(root: Path) -> list[str]:
+    m = _load(root / "outputs/repro/metrics.json")
+    out = ["### Reproduction time", ""]
+    if m is None:
+        return out + ["_Not measured yet: `python scripts/time_repro.py` times `make repro`._", ""]
+    line = f"`make repro` of all stages: {fmt(m.get('repro_minutes'))} min on {m.get('cpus', '?')} CPUs"
+    if "noop_seconds" in m:
+        line += f"; again with nothing changed: {fmt(m['noop_seconds'])} s"
+    return out + [line + ".", ""]
+
+
+def figures_section(root: Path) -> list[str]:
+    out = ["### Figures", ""]
+    have = [(n, t) for n, t in FIGURES if (root / f"outputs/figures/{n}.png").is_file()]
+    if not have:
+        return out + _missing("outputs/figures/")
+    for name, title in have:
+        out += [f"**{title}** ([data](outputs/figures/{name}.csv), [svg](outputs/figures/{name}.svg))", "",
+                f"![{title}](outputs/figures/{name}.png)", ""]
+    return out
+
+
+SECTIONS: tuple[Callable[[Path], list[str]], ...] = (lvlm_section, codec_section, tokens_section,
+                                                      repro_section, figures_section)
+
+
+def render(root: Path) -> str:
+    lines = ["_Generated by `python scripts/readme_results.py` from the files under `outputs/`; "
+             "do not edit by hand._", ""]
+    for section in SECTIONS:
+        lines += section(root)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def splice(readme: str, body: str, where: str = "README.md") -> str:
+    """``readme`` with the text between the markers replaced by ``body``."""
+    if readme.count(START) != 1 or readme.count(END) != 1 or readme.index(START) > readme.index(END):
+        raise SystemExit(f"readme_results: {where}: needs exactly one {START} ... {END} pair")
+    head, rest = readme.split(START)
+    _, tail = rest.split(END)
+    return f"{head}{START}\n{body}{END}{tail}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--root", type=Path, default=ROOT)
+    ap.add_argument("--check", action="store_true", help="exit 1 when README.md would change")
+    args = ap.parse_args(argv)
+    path = args.root / "README.md"
+    if not path.is_file():
+        raise SystemExit(f"readme_results: {path}: no such file")
+    old = path.read_text()
+    new = splice(old, render(args.root), str(path))
+    if args.check:
+        if new != old:
+            print(f"{path}: results section is out of date; run python scripts/readme_results.py")
+            return 1
+        return 0
+    if new != old:
+        path.write_text(new)
+        print(f"{path}: results section updated")
+    else:
+        print(f"{path}: results section already up to date")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

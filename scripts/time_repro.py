@@ -1,0 +1,65 @@
+"""Time a full reproduction: ``make repro`` (or any command), then the same again with nothing changed.
+
+    python scripts/time_repro.py                       # times `make repro`, then a no-op re-run
+    python scripts/time_repro.py --cmd "dvc repro" --no-noop
+
+Prints ``repro_minutes: <m>`` (and ``noop_seconds: <s>``) and writes them to
+``outputs/repro/metrics.json``, which ``scripts/readme_results.py`` puts in the README.
+The command's own output streams through unchanged; a failing command exits with its code
+and writes nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from vlmcompress.io import write_json  # noqa: E402
+
+
+def timed(cmd: list[str], cwd: Path) -> tuple[int, float]:
+    """Run ``cmd`` in ``cwd``; (exit code, wall seconds)."""
+    t0 = time.perf_counter()
+    try:
+        code = subprocess.run(cmd, cwd=cwd).returncode
+    except OSError as exc:
+        print(f"time_repro: cannot run {shlex.join(cmd)}: {exc.strerror}", file=sys.stderr)
+        return 127, time.perf_counter() - t0
+    return code, time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cmd", default="make repro", help="command to time (default: make repro)")
+    ap.add_argument("--noop", action=argparse.BooleanOptionalAction, default=True,
+                    help="run the command a second time and time that no-op run too")
+    ap.add_argument("--root", type=Path, default=ROOT, help="project root to run in")
+    ap.add_argument("--out", type=Path, default=None, help="metrics file (default: <root>/outputs/repro/metrics.json)")
+    args = ap.parse_args(argv)
+    cmd = shlex.split(args.cmd)
+    code, seconds = timed(cmd, args.root)
+    if code != 0:
+        print(f"time_repro: `{args.cmd}` failed with exit code {code} after {seconds / 60:.2f} min", file=sys.stderr)
+        return code
+    result = {"repro_minutes": round(seconds / 60, 2), "cpus": os.cpu_count() or 0}
+    print(f"repro_minutes: {result['repro_minutes']}")
+    if args.noop:
+        code, again = timed(cmd, args.root)
+        if code != 0:
+            print(f"time_repro: second `{args.cmd}` failed with exit code {code}", file=sys.stderr)
+            return code
+        result["noop_seconds"] = round(again, 1)
+        print(f"noop_seconds: {result['noop_seconds']}")
+    write_json(args.out or args.root / "outputs" / "repro" / "metrics.json", result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

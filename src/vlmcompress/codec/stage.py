@@ -1,0 +1,398 @@
+"""The codec stage (``03_codec``): train our codec, its pixel baseline and ablations; measure them.
+
+Outputs under ``outputs/codec/``::
+
+    models/<name>/model/       the trained codec (``load_codec``; ``vlmcompress encode --model``)
+    models/<name>/checkpoint/  resumable state (kept across runs: DVC ``persist``)
+    models/<name>/curves.csv   training curve of that codec
+    curves.csv                 all training curves, with a ``model`` column
+    rd.csv                     model, rate, bpp, psnr, token_mse (real files, test images)
+    examples/                  the original and each codec's decoded files at a few rates
+    metrics.json               the issue's contract (train_seconds, bpp range, round trip, speed)
+
+The token target is the LVLM vision tower's selected-layer features, the ones fed to
+the projector (``VisualFeatures.hidden``), not the projected tokens: (1) they are the
+vision encoder's output every LLaVA-family model built on that tower consumes, so the
+codec is not tied to one projector / LM (the paper's claim of generalising across
+LVLMs rests on this); (2) the projector is a frozen per-token map, so keeping its input
+keeps its output, while the reverse does not hold (a projector may ignore directions a
+different LM would use); (3) the trainer hands one tensor both to the loss and to the
+pre-editing net's token branch, and the encoder (library and CLI) feeds the pre-editing net
+these same features.
+"""
+from __future__ import annotations
+
+import csv
+import math
+import shutil
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from torch import Tensor
+
+from vlmcompress.codec.anchors import make_anchor
+from vlmcompress.codec.bitstream import as_float32
+from vlmcompress.codec.coder import (bits_per_pixel, decode_image, encode_image, image_to_tensor,
+                                     read_png, tensor_to_image, write_png)
+from vlmcompress.codec.config import CodecParams, CodecStageParams, check_stage_params
+from vlmcompress.codec.losses import TokenFn
+from vlmcompress.codec.model import LVLMCodec
+from vlmcompress.codec.train import (CURVES_NAME, load_codec, train_codec,
+                                     training_state)
+from vlmcompress.codec.variants import BASELINE, OURS, model_variants
+from vlmcompress.config import Params
+from vlmcompress.data.records import ImageRecord
+from vlmcompress.eval.quality import psnr, to_tensor
+from vlmcompress.io import atomic_path, write_json
+from vlmcompress.paths import outputs_dir
+
+TIMING_SIZE = 512
+Log = Callable[[str], Any]
+
+
+def stage_dir() -> Path:
+    return outputs_dir("codec")
+
+
+def models_dir() -> Path:
+    return outputs_dir("codec", "models")
+
+
+# --- inputs ---------------------------------------------------------------------------------
+
+class RecordImages(Sequence):
+    """Map-style data set of training images: ``[3, H, W]`` uint8 tensors, read on demand.
+
+    Images with a side below ``min_side`` are scaled up (aspect kept) so every one can give
+    a ``min_side`` crop; reading on demand keeps COCO-sized splits out of memory.
+    """
+
+    def __init__(self, records: Sequence[ImageRecord], min_side: int):
+        self.paths = [r.path for r in records]
+        self.min_side = int(min_side)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> Tensor:
+        img = read_png(self.paths[i])
+        h, w = img.shape[:2]
+        if min(h, w) < self.min_side:
+            k = self.min_side / min(h, w)
+            size = (max(self.min_side, math.ceil(w * k)), max(self.min_side, math.ceil(h * k)))
+            img = np.asarray(Image.fromarray(img).resize(size, Image.Resampling.BICUBIC))
+        return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)
+
+
+def lvlm_token_fn(lvlm: Any) -> TokenFn:
+    """``x [B,3,H,W] in [0,1] -> [B, N, Dv]``: the frozen tower's features fed to the projector.
+
+    Differentiable w.r.t. ``x``; the LVLM's own weights are frozen (this instance only), so a
+    backward pass through it costs no weight gradients. Output: float32 on ``x``'s device.
+    """
+    lvlm.llava.requires_grad_(False)
+    lvlm.eval()
+
+    def token_fn(x: Tensor) -> Tensor:
+        return lvlm.visual_features(x).hidden.float().to(x.device)
+
+    return token_fn
+
+
+def check_token_dim(cp: CodecParams, token_fn: TokenFn, probe: Tensor) -> None:
+    """One-line error when the pre-editing net expects tokens of another width than the LVLM's."""
+    pre = cp.model.preedit
+    if not (pre.enabled and pre.use_tokens):
+        return
+    with torch.no_grad():
+        dim = token_fn(probe[:1]).shape[-1]
+    if dim != pre.token_dim:
+        raise ValueError(f"codec.model.preedit.token_dim: is {pre.token_dim} but the LVLM's vision "
+                         f"features have width {dim}")
+
+
+def needs_lvlm(cp: CodecParams) -> bool:
+    """Whether training or encoding with ``cp`` runs the LVLM (a token loss or token fusion)."""
+    pre, lo = cp.model.preedit, cp.loss
+    token_loss = lo.w_token_mse > 0 or lo.w_token_cos > 0 or lo.w_rank > 0
+    return token_loss or (pre.enabled and pre.use_tokens)
+
+
+def load_test_images(records: Sequence[ImageRecord], n: int) -> list[np.ndarray]:
+    """The first ``n`` test images (all when ``n == 0``) as ``uint8 [H, W, 3]``."""
+    chosen = records[:n] if n > 0 else records
+    return [read_png(r.path) for r in chosen]
+
+
+def _square(img: np.ndarray, side: int) -> np.ndarray:
+    h, w = img.shape[:2]
+    s = min(h, w)
+    top, left = (h - s) // 2, (w - s) // 2
+    crop = img[top:top + s, left:left + s]
+    if s == side:
+        return np.ascontiguousarray(crop)
+    return np.asarray(Image.fromarray(crop).resize((side, side), Image.Resampling.BICUBIC))
+
+
+def timing_image(images: Sequence[np.ndarray], size: int = TIMING_SIZE) -> np.ndarray:
+    """A ``size`` x ``size`` test image: the first image's centre crop if it is large enough,
+    else a k x k mosaic of the first k*k test images (real content at the data set's scale,
+    e.g. 16 scenes of 128 px)."""
+    if not images:
+        raise ValueError("no test images to build the timing image from")
+    first = images[0]
+    h, w = first.shape[:2]
+    if min(h, w) >= size:  # native resolution: no resampling
+        top, left = (h - size) // 2, (w - size) // 2
+        return np.ascontiguousarray(first[top:top + size, left:left + size])
+    k = math.ceil(size / min(first.shape[:2]))
+    tile = size // k
+    tiles = [_square(images[i % len(images)], tile) for i in range(k * k)]
+    rows = [np.concatenate(tiles[r * k:(r + 1) * k], axis=1) for r in range(k)]
+    mosaic = np.concatenate(rows, axis=0)
+    return _square(mosaic, size) if mosaic.shape[0] != size else mosaic
+
+
+# --- training -------------------------------------------------------------------------------
+
+def train_seconds_from_curves(path: Path) -> float:
+    """Training wall time recorded in a ``curves.csv``, summed over resumed runs.
+
+    Each run's rows count seconds from that run's start, so a drop in ``seconds`` marks a
+    resumption; the time of a run is its last kept row (rows after the checkpoint a run
+    resumed from were dropped, and their time is redone, not counted twice).
+    """
+    if not path.exists():
+        return 0.0
+    with open(path, newline="") as fh:
+        secs = [float(r["seconds"]) for r in csv.DictReader(fh)]
+    total, prev = 0.0, 0.0
+    for s in secs:
+        if s < prev:
+            total += prev
+        prev = s
+    return round(total + prev, 1)
+
+
+def train_variant(name: str, cp: CodecParams, images: Sequence, token_fn: TokenFn | None,
+                  log: Log = print) -> LVLMCodec:
+    """Train (or resume, or reuse) one codec into ``models/<name>``; returns it in eval mode."""
+    out = models_dir() / name
+    state = training_state(out, cp)
+    if state == "done":
+        log(f"{name}: trained model found, {cp.train.steps} steps")
+        return load_codec(out)
+    if state == "stale":
+        log(f"{name}: checkpoint of other params, starting over")
+        shutil.rmtree(out)
+    log(f"{name}: {'resuming' if state == 'resume' else 'training'} to {cp.train.steps} steps")
+    res = train_codec(cp, images, token_fn if needs_lvlm(cp) else None, out)
+    log(f"{name}: {res.steps_this_run} steps in {res.seconds:.0f} s; last: "
+        + ", ".join(f"{k}={v:.4g}" for k, v in res.last.items() if k not in ("step", "seconds")))
+    return res.model  # updated and in eval mode: the weights just saved to models/<name>/model
+
+
+def prune_models(keep: Sequence[str]) -> list[str]:
+    """Delete ``models/<name>`` folders not in ``keep`` (DVC persists the folder across runs,
+    so a codec dropped from params would otherwise linger); returns the names removed."""
+    mdir = models_dir()
+    mdir.mkdir(parents=True, exist_ok=True)
+    removed = sorted(d.name for d in mdir.iterdir() if d.is_dir() and d.name not in keep)
+    for name in removed:
+        shutil.rmtree(mdir / name)
+    return removed
+
+
+def combined_curves(names: Sequence[str]) -> pd.DataFrame:
+    frames = []
+    for name in names:
+        path = models_dir() / name / CURVES_NAME
+        if path.exists():
+            frames.append(pd.read_csv(path).assign(model=name))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+# --- measurements ---------------------------------------------------------------------------
+
+def eval_rates(levels: int, n: int) -> list[float]:
+    """``n`` float32-exact rates evenly spaced over ``[0, levels-1]`` (both ends included)."""
+    return [as_float32(r) for r in np.linspace(0.0, levels - 1, n)]
+
+
+def _tokens(token_fn: TokenFn, img: np.ndarray) -> Tensor:
+    with torch.no_grad():
+        return token_fn(image_to_tensor(img))
+
+
+def measure_rd(name: str, model: LVLMCodec, images: Sequence[np.ndarray], rates: Sequence[float],
+               token_fn: TokenFn, ref_tokens: Sequence[Tensor]) -> tuple[list[dict], float]:
+    """Real files at every rate: mean bpp / PSNR / token MSE per rate, and the round-trip error.
+
+    The round-trip error is the largest ``|decode(encode(x)) - forward(x)|`` in 8-bit levels
+    over all images and rates (``forward``: the model's reconstruction in eval mode, clamped
+    and rounded like the decoder's output).
+    """
+    enc_fn = token_fn if model.needs_tokens else None
+    rows, worst = [], 0
+    for rate in rates:
+        bpps, psnrs, tmses = [], [], []
+        for img, ref in zip(images, ref_tokens):
+            data = encode_image(model, img, rate, token_fn=enc_fn)
+            dec = decode_image(model, data)
+            x = image_to_tensor(img)
+            with torch.no_grad():
+                fwd = tensor_to_image(model(x, rate, ref if model.needs_tokens else None)["x_hat"])
+            worst = max(worst, int(np.abs(dec.astype(np.int16) - fwd.astype(np.int16)).max()))
+            h, w = img.shape[:2]
+            bpps.append(bits_per_pixel(data, h, w))
+            psnrs.append(float(psnr(to_tensor(img), to_tensor(dec))[0]))
+            tmses.append(float((_tokens(token_fn, dec) - ref).pow(2).mean()))
+        rows.append({"model": name, "rate": rate, "bpp": float(np.mean(bpps)),
+                     "psnr": float(np.mean(psnrs)), "token_mse": float(np.mean(tmses))})
+    return rows, float(worst)
+
+
+def _median_ms(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
+    out = fn()  # warm-up (allocations, caches, the ffmpeg binary's first start)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return round(1000 * statistics.median(times), 2), out
+
+
+def time_codecs(model: LVLMCodec, token_fn: TokenFn | None, img: np.ndarray, rate: float, *,
+                vvc_preset: str, vvc_qp: int, repeats: int, threads: int) -> dict[str, float]:
+    """Encode/decode wall time (ms, median of ``repeats`` after a warm-up) of ``img``, ours vs VVC.
+
+    Both run in this process with the same thread count (``threads``; 0: torch's current one).
+    Our encode time includes the LVLM tower when the pre-editing net fuses its tokens.
+    """
+    old = torch.get_num_threads()
+    n = threads if threads > 0 else old
+    torch.set_num_threads(n)
+    try:
+        enc_fn = token_fn if model.needs_tokens else None
+        enc_ms, data = _median_ms(lambda: encode_image(model, img, rate, token_fn=enc_fn), repeats)
+        dec_ms, _ = _median_ms(lambda: decode_image(model, data), repeats)
+        vvc = make_anchor("vvc", preset=vvc_preset, threads=n)
+        vvc_enc_ms, vvc_data = _median_ms(lambda: vvc.encode(img, vvc_qp), repeats)
+        vvc_dec_ms, _ = _median_ms(lambda: vvc.decode(vvc_data), repeats)
+    finally:
+        torch.set_num_threads(old)
+    h, w = img.shape[:2]
+    return {"encode_ms_512": enc_ms, "decode_ms_512": dec_ms, "vvc_encode_ms_512": vvc_enc_ms,
+            "vvc_decode_ms_512": vvc_dec_ms, "timing_bpp_512": round(bits_per_pixel(data, h, w), 4),
+            "vvc_timing_bpp_512": round(bits_per_pixel(vvc_data, h, w), 4), "timing_threads": n}
+
+
+def write_examples(models: dict[str, LVLMCodec], img: np.ndarray, rates: Sequence[float],
+                   token_fn: TokenFn, out_dir: Path) -> pd.DataFrame:
+    """The original and every codec's real file + decoded PNG at each rate, with their numbers."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_png(out_dir / "original.png", img)
+    ref = _tokens(token_fn, img)
+    rows = []
+    for name, model in models.items():
+        for rate in rates:
+            rate = as_float32(rate)
+            data = encode_image(model, img, rate, token_fn=token_fn if model.needs_tokens else None)
+            stem = f"{name}_rate{rate:.2f}"
+            with atomic_path(out_dir / f"{stem}.vlmc") as tmp:
+                tmp.write_bytes(data)
+            dec = decode_image(model, data)
+            write_png(out_dir / f"{stem}.png", dec)
+            h, w = img.shape[:2]
+            rows.append({"model": name, "rate": rate, "bpp": bits_per_pixel(data, h, w),
+                         "psnr": float(psnr(to_tensor(img), to_tensor(dec))[0]),
+                         "token_mse": float((_tokens(token_fn, dec) - ref).pow(2).mean()),
+                         "png": f"{stem}.png", "file": f"{stem}.vlmc"})
+    table = pd.DataFrame(rows)
+    with atomic_path(out_dir / "examples.csv") as tmp:
+        table.to_csv(tmp, index=False)
+    return table
+
+
+# --- the stage ------------------------------------------------------------------------------
+
+def run_codec_stage(params: Params, splits: dict[str, list[ImageRecord]], log: Log = print
+                    ) -> dict[str, Any]:
+    """Train every codec of ``params.codec``, measure them with real files, write the outputs.
+
+    The token target is the stage's LVLM (``load_stage_lvlm(params)``, see the module
+    docstring). Returns the metrics written to ``outputs/codec/metrics.json``.
+    """
+    P: CodecStageParams = params.codec
+    check_stage_params(P)
+    for split in ("train", "test"):
+        if not splits.get(split):
+            raise ValueError(f"codec stage: the data set has no '{split}' images "
+                             f"(splits found: {', '.join(sorted(splits)) or 'none'})")
+    variants = model_variants(P)
+    from vlmcompress.lvlm.stage import load_stage_lvlm  # late: transformers is slow to import
+    token_fn = lvlm_token_fn(load_stage_lvlm(params))
+    train_set = RecordImages(splits["train"], P.train.patch_size)
+    for cp in variants.values():
+        check_token_dim(cp, token_fn, train_set[0][None].float() / 255.0)
+
+    root, mdir = stage_dir(), models_dir()
+    for name in prune_models(list(variants)):
+        log(f"{name}: no longer in params, removed")
+    models = {name: train_variant(name, cp, train_set, token_fn, log) for name, cp in variants.items()}
+    curves = combined_curves(list(variants))
+    with atomic_path(root / "curves.csv") as tmp:
+        curves.to_csv(tmp, index=False)
+
+    images = load_test_images(splits["test"], P.eval.n_test_images)
+    refs = [_tokens(token_fn, img) for img in images]
+    rates = eval_rates(P.model.levels, P.eval.n_rates)
+    rows: list[dict] = []
+    roundtrip = 0.0
+    for name, model in models.items():
+        log(f"{name}: measuring {len(images)} test images at {len(rates)} rates")
+        r, err = measure_rd(name, model, images, rates, token_fn, refs)
+        rows += r
+        roundtrip = max(roundtrip, err)
+    rd = pd.DataFrame(rows)
+    with atomic_path(root / "rd.csv") as tmp:
+        rd.to_csv(tmp, index=False)
+    write_examples(models, images[0], P.eval.example_rates, token_fn, root / "examples")
+
+    log("timing encode/decode of a 512x512 image, ours vs VVC")
+    timing = time_codecs(models[OURS], token_fn, timing_image(images), (P.model.levels - 1) / 2,
+                         vvc_preset=P.eval.vvc_preset, vvc_qp=P.eval.vvc_qp,
+                         repeats=P.eval.timing_repeats, threads=P.eval.timing_threads)
+
+    ours_rd = rd[rd["model"] == OURS]
+    metrics: dict[str, Any] = {
+        "train_seconds": 0.0,
+        "bpp_min": round(float(ours_rd["bpp"].min()), 4),
+        "bpp_max": round(float(ours_rd["bpp"].max()), 4),
+        "roundtrip_max_abs_err": roundtrip,
+        **timing,
+        "vvc_qp": P.eval.vvc_qp,
+        "test_images": len(images),
+    }
+    for name in variants:
+        d = rd[rd["model"] == name]
+        secs = train_seconds_from_curves(mdir / name / CURVES_NAME)
+        metrics["train_seconds"] = round(metrics["train_seconds"] + secs, 1)
+        metrics.update({f"{name}.train_seconds": secs, f"{name}.steps": variants[name].train.steps,
+                        f"{name}.bpp_min": round(float(d["bpp"].min()), 4),
+                        f"{name}.bpp_max": round(float(d["bpp"].max()), 4),
+                        f"{name}.token_mse_at_bpp_max": round(float(d.loc[d["bpp"].idxmax(), "token_mse"]), 5),
+                        f"{name}.psnr_at_bpp_max": round(float(d.loc[d["bpp"].idxmax(), "psnr"]), 2)})
+    write_json(root / "metrics.json", metrics)
+    return metrics
+
+
+__all__ = ["run_codec_stage", "stage_dir", "models_dir", "lvlm_token_fn", "RecordImages", "timing_image",
+           "time_codecs", "measure_rd", "train_variant", "eval_rates", "BASELINE", "OURS"]

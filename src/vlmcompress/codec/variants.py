@@ -1,0 +1,97 @@
+"""The codecs the stage trains, derived from one ``codec`` params section.
+
+* ``ours``: the section's ``model`` / ``loss`` / ``train`` as written.
+* ``pixel_baseline``: the same architecture and training budget, trained for pixels
+  only (``bpp + lambda * 255**2 * MSE``, its own ``lambdas``), so the gain of the token
+  losses is measured rather than assumed. ``baseline.preedit`` says what happens to the
+  pre-editing net: kept as is, kept without its LVLM token branch (default: a pixel codec
+  should not need the LVLM to encode), or dropped.
+* one ``ours-<ablation>`` per name in ``ablations``: ``ours`` with one switch flipped.
+  Ablations are registered by name (CompressAI's registry habit), so params.yaml names them.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+from vlmcompress.codec.config import CodecParams, CodecStageParams, LossParams
+
+Ablation = Callable[[CodecParams], CodecParams]
+ABLATIONS: dict[str, Ablation] = {}
+
+OURS = "ours"
+BASELINE = "pixel_baseline"
+
+
+def register_ablation(name: str) -> Callable[[Ablation], Ablation]:
+    """Decorator: make ``fn(ours_params) -> variant_params`` selectable in ``codec.ablations``."""
+
+    def deco(fn: Ablation) -> Ablation:
+        if name in ABLATIONS:
+            raise ValueError(f"ablation {name!r} is already registered")
+        ABLATIONS[name] = fn
+        return fn
+
+    return deco
+
+
+def _loss(p: CodecParams, **changes: float) -> CodecParams:
+    return dataclasses.replace(p, loss=dataclasses.replace(p.loss, **changes))
+
+
+def _preedit(p: CodecParams, **changes: bool) -> CodecParams:
+    pre = dataclasses.replace(p.model.preedit, **changes)
+    return dataclasses.replace(p, model=dataclasses.replace(p.model, preedit=pre))
+
+
+@register_ablation("no_rank")
+def _no_rank(p: CodecParams) -> CodecParams:
+    """Without the token rank loss."""
+    return _loss(p, w_rank=0.0)
+
+
+@register_ablation("no_token")
+def _no_token(p: CodecParams) -> CodecParams:
+    """Without the token-level distortion (MSE and cosine); rank and pixel terms stay."""
+    return _loss(p, w_token_mse=0.0, w_token_cos=0.0)
+
+
+@register_ablation("no_pixel")
+def _no_pixel(p: CodecParams) -> CodecParams:
+    """Without the small pixel term: token losses only."""
+    return _loss(p, w_pixel=0.0)
+
+
+@register_ablation("no_preedit")
+def _no_preedit(p: CodecParams) -> CodecParams:
+    """Without the pre-editing net."""
+    return _preedit(p, enabled=False)
+
+
+@register_ablation("no_preedit_tokens")
+def _no_preedit_tokens(p: CodecParams) -> CodecParams:
+    """Pre-editing net without its LVLM token branch."""
+    return _preedit(p, use_tokens=False)
+
+
+def baseline_params(p: CodecStageParams) -> CodecParams:
+    """The pixel-MSE baseline of the same architecture and training budget."""
+    ours = p.ours
+    loss = LossParams(lambdas=list(p.baseline.lambdas), w_token_mse=0.0, w_token_cos=0.0, w_rank=0.0,
+                      rank_mode=ours.loss.rank_mode, w_pixel=1.0)
+    base = dataclasses.replace(ours, loss=loss)
+    if p.baseline.preedit == "no_tokens":
+        base = _preedit(base, use_tokens=False)
+    elif p.baseline.preedit == "off":
+        base = _preedit(base, enabled=False)
+    return base
+
+
+def model_variants(p: CodecStageParams) -> dict[str, CodecParams]:
+    """``name -> CodecParams`` of every codec the stage trains, ``ours`` first."""
+    out = {OURS: p.ours}
+    if p.baseline.enabled:
+        out[BASELINE] = baseline_params(p)
+    for name in p.ablations:
+        out[f"{OURS}-{name}"] = ABLATIONS[name](p.ours)
+    return out

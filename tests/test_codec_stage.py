@@ -1,0 +1,161 @@
+"""The codec stage end to end: tiny codecs, a tiny random LVLM, a throw-away project root."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from vlmcompress.codec.config import (BaselineParams, CodecEvalParams, CodecModelParams,
+                                      CodecTrainParams, LossParams, PreEditParams, check_stage_params)
+from vlmcompress.codec.stage import (RecordImages, lvlm_token_fn, prune_models, run_codec_stage,
+                                     timing_image, train_seconds_from_curves, train_variant)
+from vlmcompress.codec.train import load_codec
+from vlmcompress.codec.variants import ABLATIONS, model_variants
+from vlmcompress.config import ConfigError, Params
+from vlmcompress.data.stage import load_all, run_data_stage
+from vlmcompress.lvlm.stage import load_stage_lvlm
+
+from lvlm_helpers import TINY, save_tiny_lvlm
+
+CONTRACT = ("train_seconds", "bpp_min", "bpp_max", "roundtrip_max_abs_err", "encode_ms_512", "decode_ms_512",
+            "vvc_encode_ms_512", "vvc_decode_ms_512")
+
+
+def tiny_codec(params: Params, ablations: list[str]) -> Params:
+    model = CodecModelParams(
+        name="gained-mean-scale-hyperprior", N=8, M=12, levels=3, gain_init=(1.0, 50.0), hyper_gain=True,
+        preedit=PreEditParams(enabled=True, channels=4, depth=2, use_tokens=True,
+                              token_dim=TINY.vision_hidden, token_channels=4))
+    codec = dataclasses.replace(
+        params.codec, model=model,
+        loss=LossParams(lambdas=[0.5, 1.0, 2.0], w_token_mse=1.0, w_token_cos=0.1, w_rank=0.1,
+                        rank_mode="spectrum", w_pixel=1e-4),
+        train=CodecTrainParams(seed=0, steps=2, batch_size=2, patch_size=64, lr=1e-3, aux_lr=1e-2,
+                               lr_decay_at=0.5, grad_clip=1.0, rate_sampling="continuous",
+                               checkpoint_every=2, log_every=1, quantile_update=False),
+        baseline=BaselineParams(enabled=True, lambdas=[0.001, 0.005, 0.02], preedit="no_tokens"),
+        ablations=ablations,
+        eval=CodecEvalParams(n_test_images=2, n_rates=2, example_rates=[0.0, 2.0], timing_repeats=1,
+                             timing_threads=1, vvc_preset="faster", vvc_qp=40))
+    return dataclasses.replace(params, codec=codec)
+
+
+@pytest.fixture
+def stage_env(project_root, params, tiny_scenes):
+    """Tiny scenes and a tiny LVLM where the stage looks for them (outputs/data, outputs/lvlm)."""
+    p = dataclasses.replace(params, data=dataclasses.replace(
+        params.data, scenes=dataclasses.replace(tiny_scenes, n_train=4, n_val=1, n_test=2)))
+    run_data_stage(p)
+    save_tiny_lvlm(project_root / "outputs" / "lvlm" / "model")
+    return project_root, tiny_codec(p, []), load_all()
+
+
+def test_stage_trains_measures_and_writes_the_contract(stage_env, capsys):
+    root, p, splits = stage_env
+    logs: list[str] = []
+    metrics = run_codec_stage(p, splits, log=logs.append)
+    out = root / "outputs" / "codec"
+    assert json.loads((out / "metrics.json").read_text()) == metrics
+    for key in CONTRACT:
+        assert isinstance(metrics[key], float) and np.isfinite(metrics[key]), key
+    assert metrics["train_seconds"] > 0 and metrics["encode_ms_512"] > 0 and metrics["vvc_decode_ms_512"] > 0
+    assert 0 < metrics["bpp_min"] < metrics["bpp_max"]
+    assert metrics["roundtrip_max_abs_err"] <= 1  # decode(encode(x)) vs the forward reconstruction
+    names = ["ours", "pixel_baseline"]
+    assert metrics["train_seconds"] == pytest.approx(sum(metrics[f"{n}.train_seconds"] for n in names), abs=0.2)
+
+    rd = pd.read_csv(out / "rd.csv")
+    assert list(rd.columns) == ["model", "rate", "bpp", "psnr", "token_mse"]
+    assert sorted(rd["model"].unique()) == sorted(names) and sorted(set(rd["rate"])) == [0.0, 2.0]
+    ours = rd[rd["model"] == "ours"].sort_values("rate")
+    assert ours["bpp"].is_monotonic_increasing  # more rate, more bytes (real files)
+    assert metrics["bpp_min"] == pytest.approx(ours["bpp"].min(), abs=1e-4)
+
+    curves = pd.read_csv(out / "curves.csv")
+    assert list(curves.groupby("model").size().loc[names]) == [2, 2]
+    base = curves[curves["model"] == "pixel_baseline"]
+    # the baseline really had no token term: never computed, pixel MSE is its only distortion
+    assert base[["token_mse", "token_cos", "rank_loss"]].isna().all().all() and base["pixel_mse"].notna().all()
+    assert curves[curves["model"] == "ours"]["token_mse"].notna().all()
+    record = json.loads((out / "models" / "pixel_baseline" / "model" / "codec.json").read_text())
+    assert record["params"]["loss"]["w_token_mse"] == record["params"]["loss"]["w_rank"] == 0
+    assert not record["model"]["preedit"]["use_tokens"]
+
+    for name in names:  # each loadable from its training folder, as `--model` accepts it
+        assert load_codec(out / "models" / name).levels == 3
+    ex = pd.read_csv(out / "examples" / "examples.csv")
+    assert len(ex) == 2 * 2 and all((out / "examples" / f).is_file() for f in [*ex["png"], *ex["file"]])
+
+    # The CLI encodes with a trained codec (the LVLM named by --params) and finds it again by hash.
+    from vlmcompress.cli import main
+    Image.fromarray(np.asarray(Image.open(splits["test"][0].path).convert("RGB"))).save(root / "in.png")
+    assert main(["encode", str(root / "in.png"), str(root / "x.vlmc"), "--rate", "1.0",
+                 "--model", str(out / "models" / "ours"), "--params", str(root / "params.yaml")]) == 0
+    assert main(["decode", str(root / "x.vlmc"), str(root / "out.png")]) == 0
+    assert "models/ours/model" in capsys.readouterr().out
+
+    # A second run reuses every trained codec (its recorded training time with it).
+    token_fn = lvlm_token_fn(load_stage_lvlm(p))
+    images = RecordImages(splits["train"], 64)
+    for name, cp in model_variants(p.codec).items():
+        train_variant(name, cp, images, token_fn, log=logs.append)
+    assert sum("trained model found" in line for line in logs) == 2
+
+
+def test_stale_checkpoints_and_dropped_variants_are_cleared(stage_env):
+    root, p, splits = stage_env
+    out = root / "outputs" / "codec" / "models"
+    (out / "ours-old").mkdir(parents=True)
+    assert prune_models(["ours"]) == ["ours-old"] and not (out / "ours-old").exists()
+    token_fn = lvlm_token_fn(load_stage_lvlm(p))
+    images = RecordImages(splits["train"], 64)
+    cp = dataclasses.replace(p.codec.ours, train=dataclasses.replace(p.codec.train, steps=1))
+    logs: list[str] = []
+    train_variant("ours", cp, images, token_fn, log=logs.append)
+    changed = dataclasses.replace(cp, loss=dataclasses.replace(cp.loss, w_rank=0.0))
+    train_variant("ours", changed, images, token_fn, log=logs.append)
+    assert logs[0] == "ours: training to 1 steps" and logs[2] == "ours: checkpoint of other params, starting over"
+    assert json.loads((out / "ours" / "model" / "codec.json").read_text())["params"]["loss"]["w_rank"] == 0
+    more = dataclasses.replace(changed, train=dataclasses.replace(changed.train, steps=2))
+    train_variant("ours", more, images, token_fn, log=logs.append)
+    assert logs[-2] == "ours: resuming to 2 steps"
+    assert train_seconds_from_curves(out / "ours" / "curves.csv") > 0
+
+
+def test_stage_params_checks(params):
+    check_stage_params(params.codec)
+    bad = dataclasses.replace(params.codec, ablations=["no_such"])
+    with pytest.raises(ConfigError, match=r"^codec\.ablations\[0\]: unknown ablation 'no_such'"):
+        check_stage_params(bad)
+    lone = dataclasses.replace(params.codec, loss=dataclasses.replace(params.codec.loss, w_token_cos=0.0,
+                                                                       w_rank=0.0, w_pixel=0.0),
+                               ablations=["no_token"])
+    with pytest.raises(ConfigError, match="at least one distortion weight.*ours-no_token"):
+        check_stage_params(lone)
+    short = dataclasses.replace(params.codec, baseline=dataclasses.replace(params.codec.baseline, lambdas=[1.0]))
+    with pytest.raises(ConfigError, match=r"^codec\.baseline\.lambdas: needs one value per rate level"):
+        check_stage_params(short)
+    variants = model_variants(dataclasses.replace(params.codec, ablations=sorted(ABLATIONS)))
+    assert list(variants)[:2] == ["ours", "pixel_baseline"] and len(variants) == 2 + len(ABLATIONS)
+    assert not variants["ours-no_preedit"].model.preedit.enabled
+    assert variants["ours-no_token"].loss.w_token_mse == 0 and variants["ours-no_token"].loss.w_rank > 0
+
+
+def test_timing_image_is_a_mosaic_or_a_crop():
+    small = [np.full((128, 128, 3), i, np.uint8) for i in range(3)]
+    img = timing_image(small)
+    assert img.shape == (512, 512, 3) and img[0, 0, 0] == 0 and img[0, 128, 0] == 1 and img[0, 384, 0] == 0
+    big = np.arange(600 * 700 * 3, dtype=np.uint32).astype(np.uint8).reshape(600, 700, 3)
+    assert np.array_equal(timing_image([big]), big[44:556, 94:606])
+
+
+def test_train_seconds_add_up_over_resumed_runs(tmp_path):
+    path = tmp_path / "curves.csv"
+    # run 1 logged steps 1-3, was resumed from step 2 (row 3 dropped), run 2 logged 3-4
+    path.write_text("step,loss,seconds\n1,1,2.0\n2,1,4.0\n3,1,1.5\n4,1,3.0\n")
+    assert train_seconds_from_curves(path) == 7.0
+    assert train_seconds_from_curves(tmp_path / "none.csv") == 0.0

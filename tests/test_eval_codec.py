@@ -1,0 +1,285 @@
+"""The codec-evaluation stage on a tiny world: 3 scenes, a tiny LVLM, two tiny learned codecs,
+JPEG + VVC; plus the BD tables, the cache and the process pool on their own."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from vlmcompress.codec.config import (CodecModelParams, CodecParams, CodecTrainParams, LossParams,
+                                      PreEditParams)
+from vlmcompress.codec.model import build_codec
+from vlmcompress.codec.train import save_codec, train_codec
+from vlmcompress.config import ConfigError, from_dict, Params
+from vlmcompress.eval import codec_stage, sweep
+from vlmcompress.eval.codec_stage import (bd_metrics, bd_tables, check_stage_params, pick_examples,
+                                          run_eval_codec_stage, target_report)
+from vlmcompress.eval.sweep import CodecSpec, code_images, make_pool
+from vlmcompress.lvlm import load_lvlm
+from vlmcompress.lvlm.build import build_clip, build_llava, save_lvlm
+from vlmcompress.lvlm.tokenizer import build_tokenizers, build_vocab
+
+from codec_helpers import lively, make_image
+from lvlm_helpers import TINY, WORDS
+
+REPO = Path(__file__).resolve().parents[1]
+CONTRACT = ("vqa_acc", "caption_cider", "retrieval_i2t_r1", "retrieval_t2i_r1", "grounding_acc50", "psnr")
+
+
+def _codec_params(tokens: bool) -> CodecParams:
+    return CodecParams(
+        model=CodecModelParams(name="gained-mean-scale-hyperprior", N=8, M=12, levels=3, gain_init=(0.5, 2.0),
+                               hyper_gain=True,
+                               preedit=PreEditParams(enabled=tokens, channels=4, depth=2, use_tokens=tokens,
+                                                     token_dim=TINY.vision_hidden, token_channels=4)),
+        loss=LossParams(lambdas=[0.5, 1.0, 2.0], w_token_mse=1.0 if tokens else 0.0, w_token_cos=0.0,
+                        w_rank=0.0, rank_mode="spectrum", w_pixel=0.001 if tokens else 1.0),
+        train=CodecTrainParams(seed=0, steps=1, batch_size=2, patch_size=64, lr=1e-3, aux_lr=1e-2,
+                               lr_decay_at=1.0, grad_clip=0.0, rate_sampling="continuous", checkpoint_every=1,
+                               log_every=1, quantile_update=False))
+
+
+def _tiny_lvlm(where: Path):
+    torch.manual_seed(0)
+    vocab = build_vocab(WORDS, ["?", ".", ",", "[", "]"])
+    tok, clip_tok = build_tokenizers(vocab)
+    ids = {k: tok.convert_tokens_to_ids(k) for k in ("<pad>", "<s>", "</s>", "<image>")}
+    clip = build_clip(TINY, len(vocab), ids["<pad>"], ids["<s>"], ids["</s>"])
+    llava = build_llava(TINY, clip, len(vocab), ids["<image>"], ids["<pad>"], ids["<s>"], ids["</s>"])
+    folder = save_lvlm(where, llava, tok, clip, clip_tok)
+    return load_lvlm(str(folder / "llava"), str(folder / "clip"))
+
+
+def _stage_params(root: Path, folder: Path) -> dict:
+    p = yaml.safe_load((REPO / "params.yaml").read_text())
+    p["data"]["scenes"].update(n_train=2, n_val=1, n_test=3)
+    p["data"]["image_folders"] = [str(folder)]
+    p["anchors"].update(codecs=[{"name": "jpeg"}, {"name": "vvc", "options": {"preset": "faster"}}],
+                        n_points=2, n_calibration=1, qualities={"vvc": [45, 33]})
+    p["eval_codec"].update(n_images=3, max_questions=6, max_captions=1, max_refs=3, batch_size=4,
+                           learned_rates=[], anchor_span=1.5, workers=0, n_examples=2, example_bpp=0.0)
+    (root / "params.yaml").write_text(yaml.safe_dump(p))
+    return p
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A throw-away project root with data, two learned codecs and an image folder; the LVLM."""
+    from vlmcompress.config import load_params
+    from vlmcompress.data.generate import generate_scenes
+    from vlmcompress.data.stage import load_all
+
+    root = tmp_path_factory.mktemp("evalroot")
+    folder = root / "extra"
+    folder.mkdir()
+    for i, (h, w) in enumerate([(30, 41), (48, 36)]):
+        Image.fromarray(make_image(h, w)).save(folder / f"img {i}.png")
+    _stage_params(root, folder)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VLMCOMPRESS_ROOT", str(root))
+        P = load_params(root / "params.yaml")
+        generate_scenes(P.data.scenes, root / "outputs/data/dataset", workers=1)
+        splits = load_all(root / "outputs/data/dataset")
+        lvlm = _tiny_lvlm(root / "lvlm")
+        models = root / "outputs/codec/models"
+        train = torch.stack([torch.from_numpy(np.array(Image.open(r.path).convert("RGB"))).permute(2, 0, 1)
+                             for r in splits["train"]])
+        # `ours`: the trainer's own layout (model/ inside); the baseline: a bare saved model.
+        res = train_codec(_codec_params(True), train, lambda x: lvlm.visual_features(x).hidden,
+                          models / "ours", resume=False)
+        save_codec(lively(res.model, seed_edit=1), models / "ours" / "model", params=_codec_params(True))
+        torch.manual_seed(1)
+        save_codec(lively(build_codec(_codec_params(False).model)), models / "pixel_baseline")
+        yield {"root": root, "params": P, "splits": splits, "lvlm": lvlm, "mp": mp}
+
+
+@pytest.fixture(scope="module")
+def first_run(world):
+    metrics = run_eval_codec_stage(world["params"], world["splits"], lvlm=world["lvlm"], progress=False,
+                                   log=lambda s: None)
+    return metrics
+
+
+def test_stage_writes_the_metrics_contract(world, first_run):
+    m = first_run
+    out = world["root"] / "outputs/eval_codec"
+    assert json.loads((out / "metrics.json").read_text()) == json.loads(json.dumps(m))
+    assert set(m["bd_rate"]) == {"ours", "pixel_baseline", "jpeg"}          # every codec but the anchor
+    for codec in m["bd_rate"]:
+        for metric in CONTRACT:
+            v = m["bd_rate"][codec][metric]
+            assert v is None or math.isfinite(v)
+    assert set(CONTRACT) <= set(m["bd_rate_vs_pixel_baseline"])
+    assert m["points"] == {"ours": 2, "pixel_baseline": 2, "jpeg": 2, "vvc": 2}
+    assert m["n_images"] == 3 and m["vqa_questions"] == 6
+    assert m["reference"]["token_cos"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_curves_are_real_file_sizes_and_scores(world, first_run):
+    out = world["root"] / "outputs/eval_codec"
+    curves = pd.read_csv(out / "curves.csv")
+    assert len(curves) == 8 + 1 and (curves["kind"] == "reference").sum() == 1
+    for col in ("bpp", "psnr", "ms_ssim", "token_mse", "token_cos", "vqa_acc", "caption_cider",
+                "retrieval_i2t_r1", "retrieval_i2t_r5", "retrieval_t2i_r1", "retrieval_t2i_r5", "grounding_acc50"):
+        assert curves[col].notna().all() or col in ("psnr",), col
+    assert any(c.startswith("vqa_acc_") for c in curves)
+    # bpp of a VVC point = mean over images of 8 * (size of the .266 file) / pixels
+    row = curves[(curves["codec"] == "vvc") & (curves["point"] == 33)].iloc[0]
+    files = sorted((out / "cache/test/vvc/q033").glob("*.266"))
+    assert len(files) == 3
+    want = np.mean([8 * f.stat().st_size / (128 * 128) for f in files])
+    assert row["bpp"] == pytest.approx(want)
+    vvc = curves[curves["codec"] == "vvc"].sort_values("point")
+    assert vvc["bpp"].is_monotonic_decreasing                     # higher QP, fewer bits
+    learned = curves[curves["codec"] == "ours"]
+    assert learned["point"].tolist() == [0.0, 2.0]                  # an even spread over [0, levels-1]
+
+
+def test_examples_and_folders(world, first_run):
+    out = world["root"] / "outputs/eval_codec"
+    ex = pd.read_csv(out / "examples.csv")
+    assert set(ex["codec"]) == {"original", "ours", "pixel_baseline", "jpeg", "vvc"}
+    assert ex["image"].nunique() == 2 and all((out / f).is_file() for f in ex["file"])
+    folders = pd.read_csv(out / "folders.csv")
+    assert set(folders["codec"]) == {"ours", "pixel_baseline", "jpeg", "vvc"}
+    assert (folders["n_images"] == 2).all() and folders["folder"].unique().tolist() == ["extra"]
+    assert set(first_run["folders"]["extra"]["bd_rate"]) == {"ours", "pixel_baseline", "jpeg"}
+    assert set(first_run["folders"]["extra"]["bd_rate"]["ours"]) == {"psnr", "ms_ssim"}
+
+
+def test_rerun_reuses_every_coded_image(world, first_run, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("re-encoded an image that was cached")
+
+    monkeypatch.setattr(sweep, "code_image", refuse)
+    before = pd.read_csv(world["root"] / "outputs/eval_codec/curves.csv")
+    again = run_eval_codec_stage(world["params"], world["splits"], lvlm=world["lvlm"], progress=False,
+                                 log=lambda s: None)
+    after = pd.read_csv(world["root"] / "outputs/eval_codec/curves.csv")
+    pd.testing.assert_frame_equal(before, after)
+    assert again["bd_rate"] == first_run["bd_rate"]
+
+
+def test_stale_cache_entry_is_recoded(world, first_run, tmp_path):
+    """A changed image (same key) is coded again; the other images come from the cache."""
+    imgs = {"a": make_image(32, 40), "b": make_image(40, 32)}
+    spec = CodecSpec.anchor("jpeg")
+    with make_pool(0) as pool:
+        first = code_images([(spec, [50])], imgs, tmp_path, pool, progress=False)
+        imgs["b"] = 255 - imgs["b"]
+        calls = []
+        real = sweep.code_image
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(sweep, "code_image", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+            second = code_images([(spec, [50])], imgs, tmp_path, pool, progress=False)
+    assert calls == ["b"]
+    assert first.loc[first["image"] == "a", "nbytes"].item() == second.loc[second["image"] == "a", "nbytes"].item()
+
+
+@pytest.mark.slow
+def test_process_pool_matches_inline(tmp_path):
+    imgs = {str(i): make_image(40 + i, 48) for i in range(3)}
+    jobs = [(CodecSpec.anchor("jpeg"), [20, 60]), (CodecSpec.anchor("webp"), [30])]
+    with make_pool(0) as pool:
+        inline = code_images(jobs, imgs, tmp_path / "a", pool, progress=False)
+    with make_pool(2) as pool:
+        pooled = code_images(jobs, imgs, tmp_path / "b", pool, progress=False)
+    pd.testing.assert_frame_equal(inline, pooled)
+
+
+# --- BD tables and the notebook's helpers (no coding) -----------------------------------------------
+
+def _synthetic_curves() -> pd.DataFrame:
+    bpp = np.geomspace(0.05, 0.8, 6)
+    quality = 20 + 10 * np.log10(bpp / 0.05)          # the same metric curve for every codec
+    rows = []
+    for codec, kind, scale in (("vvc", "anchor", 1.0), ("jpeg", "anchor", 2.0), ("pixel_baseline", "learned", 1.0),
+                               ("ours", "learned", 0.5), ("no_rank", "learned", 0.8)):
+        for b, q in zip(bpp * scale, quality):
+            rows.append({"codec": codec, "kind": kind, "point": b, "bpp": b,
+                         **{m: q for m in ("vqa_acc", "psnr", "token_cos")}})
+    rows.append({"codec": "original", "kind": "reference", "point": np.nan, "bpp": 24.0,
+                 "vqa_acc": 50.0, "psnr": np.nan, "token_cos": 1.0})
+    return pd.DataFrame(rows)
+
+
+def test_bd_tables_keys_and_values(params):
+    curves = _synthetic_curves()
+    bd = bd_tables(curves, params, ["vqa_acc", "psnr", "token_cos"])
+    m = bd_metrics(bd, params.bdrate.anchor)
+    assert set(m["bd_rate"]) == {"jpeg", "pixel_baseline", "ours", "no_rank"}
+    assert set(m["ablation_bd_rate"]) == {"ours", "no_rank"}
+    assert m["bd_rate"]["ours"]["vqa_acc"] == pytest.approx(-50.0, abs=0.01)
+    assert m["bd_rate"]["jpeg"]["psnr"] == pytest.approx(100.0, abs=0.01)
+    assert m["bd_rate_vs_pixel_baseline"]["token_cos"] == pytest.approx(-50.0, abs=0.01)
+    assert m["ablation_bd_rate"]["no_rank"]["vqa_acc"] == pytest.approx(-20.0, abs=0.01)
+    json.dumps(m, allow_nan=False)                      # JSON-safe: NaN would be null
+
+
+def test_undefined_bd_rate_is_null_with_a_reason(params):
+    curves = _synthetic_curves()
+    curves.loc[curves["codec"] == "jpeg", "vqa_acc"] += 100      # no shared quality range
+    bd = bd_tables(curves, params, ["vqa_acc"])
+    row = bd[(bd["codec"] == "jpeg") & (bd["metric"] == "vqa_acc")].iloc[0]
+    assert math.isnan(row["bd_rate"]) and row["reason"]
+    assert bd_metrics(bd, "vvc")["bd_rate"]["jpeg"]["vqa_acc"] is None
+
+
+def test_target_report_says_by_how_much(params):
+    curves = _synthetic_curves()
+    bd = bd_tables(curves, params, ["vqa_acc"])
+    rep = target_report(bd, curves, {("vvc", "vqa_acc"): -60.0, ("pixel_baseline", "vqa_acc"): -25.0})
+    vvc, pix = rep.iloc[0], rep.iloc[1]
+    assert not vvc["met"] and vvc["shortfall"] == pytest.approx(10.0, abs=0.01)
+    assert pix["met"] and pix["uncoded"] == 50.0
+
+
+def test_pick_examples_takes_the_closest_point_per_image():
+    rd = pd.DataFrame({"codec": ["a", "a", "a", "b"], "point": [1, 2, 1, 5], "image": ["x", "x", "y", "x"],
+                       "bpp": [0.1, 0.5, 0.3, 0.25], "psnr": 0.0, "ms_ssim": 0.0, "nbytes": 1})
+    ex = pick_examples(rd, 0.2, ["x", "y"])
+    got = {(r.codec, r.image): r.point for r in ex.itertuples()}
+    assert got == {("a", "x"): 1, ("a", "y"): 1, ("b", "x"): 5}
+
+
+def test_stage_params_are_checked_before_work(params):
+    bad = dataclasses.replace(params, bdrate=dataclasses.replace(params.bdrate, anchor="h266"))
+    with pytest.raises(ConfigError, match=r"^bdrate\.anchor: 'h266' is not among anchors\.codecs"):
+        check_stage_params(bad)
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["eval_codec"]["workers"] = "two"
+    with pytest.raises(ConfigError, match=r"^eval_codec\.workers: expected int"):
+        from_dict(Params, raw)
+    neg = dataclasses.replace(params, eval_codec=dataclasses.replace(params.eval_codec, anchor_span=0.5))
+    with pytest.raises(ConfigError, match=r"^eval_codec\.anchor_span"):
+        check_stage_params(neg)
+
+
+@pytest.mark.parametrize("name", ["params.yaml", "configs/paper.yaml"])
+def test_shipped_profiles_pass_the_stage_checks(name):
+    from vlmcompress.config import load_params
+    check_stage_params(load_params(REPO / name))
+
+
+def test_learned_rates_outside_a_model_are_refused():
+    spec = CodecSpec(name="ours", kind="learned", levels=3, model_dir="m")
+    assert sweep.learned_points(spec, [], 4) == [0.0, 0.6667, 1.3333, 2.0]
+    with pytest.raises(ValueError, match=r"^eval_codec\.learned_rates: \[2\.5\] outside \[0, 2\]"):
+        sweep.learned_points(spec, [0.0, 2.5], 4)
+
+
+def test_missing_model_folder_is_one_line_error(tmp_path):
+    (tmp_path / "ours").mkdir()
+    with pytest.raises(FileNotFoundError, match="no saved codec"):
+        codec_stage.learned_codecs(tmp_path)
+    shutil.rmtree(tmp_path / "ours")
+    assert codec_stage.learned_codecs(tmp_path) == []

@@ -1,0 +1,92 @@
+"""The figures stage from small synthetic inputs: every figure in every format, its CSV beside it."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from vlmcompress.figures import plots
+from vlmcompress.figures.stage import FIGURES, run_figures_stage, save
+from vlmcompress.io import write_json
+
+from test_eval_codec import _synthetic_curves
+
+
+def _write_inputs(root: Path) -> None:
+    ev, tok = root / "outputs/eval_codec", root / "outputs/tokens"
+    ev.mkdir(parents=True)
+    tok.mkdir(parents=True)
+    curves = _synthetic_curves()
+    for m in ("caption_cider", "retrieval_i2t_r1", "retrieval_t2i_r1", "grounding_acc50", "ms_ssim"):
+        curves[m] = curves["vqa_acc"]
+    curves.to_csv(ev / "curves.csv", index=False)
+    bd = pd.DataFrame([{"codec": c, "anchor": a, "metric": m, "bd_rate": v, "overlap": 1.0, "n_anchor": 6,
+                        "n_test": 6, "reason": ""}
+                       for c, a, v in (("ours", "vvc", -50.0), ("jpeg", "vvc", 100.0), ("pixel_baseline", "vvc", 0.0),
+                                       ("ours", "pixel_baseline", -50.0), ("no_rank", "pixel_baseline", -20.0))
+                       for m in ("vqa_acc", "psnr", "token_cos")])
+    bd.to_csv(ev / "bd_table.csv", index=False)
+    rows = []
+    rng = np.random.default_rng(0)
+    for image in ("1", "2"):
+        (ev / "examples" / image).mkdir(parents=True)
+        for codec in ("original", "ours", "vvc"):
+            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(ev / "examples" / image / f"{codec}.png")
+            rows.append({"image": image, "codec": codec, "kind": "reference" if codec == "original" else "x",
+                         "point": 1.0, "bpp": 0.2, "psnr": 30.0, "ms_ssim": 0.9, "target_bpp": 0.2,
+                         "file": f"examples/{image}/{codec}.png"})
+    pd.DataFrame(rows).to_csv(ev / "examples.csv", index=False)
+    acc = pd.DataFrame([{"method": m, "budget": b, "mean_tokens": 256 * b, "question_type": t, "acc": 40 + 10 * b}
+                        for m in ("full", "recoverable", "prumerge") for b in (0.1, 0.25, 1.0)
+                        for t in ("all", "color", "count")])
+    acc.to_csv(tok / "accuracy.csv", index=False)
+    Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(root / "scene.png")
+    examples = [{"image_path": "scene.png", "question": f"what color is it {q}?", "answer": "red", "method": m,
+                 "budget": 0.1, "prediction": "red", "grid": 4, "kinds": [int(k) for k in rng.integers(0, 4, 16)]}
+                for q in range(3) for m in ("recoverable", "prumerge")]
+    write_json(tok / "examples.json", examples)
+
+
+def test_every_figure_with_its_csv(project_root, params):
+    _write_inputs(project_root)
+    p = dataclasses.replace(params, figures=dataclasses.replace(params.figures, token_examples=2, dpi=60))
+    metrics = run_figures_stage(p)
+    out = project_root / "outputs/figures"
+    assert metrics["n_figures"] == len(FIGURES) == 6
+    for name in FIGURES:
+        for ext in ("png", "svg", "csv"):
+            assert (out / f"{name}.{ext}").stat().st_size > 0, f"{name}.{ext}"
+        assert len(pd.read_csv(out / f"{name}.csv")) == metrics["rows"][name] > 0
+    assert Image.open(out / "rate_accuracy.png").size[0] > 400
+    tok = pd.read_csv(out / "token_examples.csv")
+    assert tok["example"].nunique() == 2 and set(tok["method"]) == {"recoverable", "prumerge"}
+    ra = pd.read_csv(out / "rate_accuracy.csv")
+    assert set(ra["metric"]) == set(params.figures.rate_metrics)
+    assert json.loads((out / "metrics.json").read_text()) == metrics
+
+
+def test_svg_is_byte_stable(tmp_path):
+    data = pd.DataFrame({"codec": ["ours", "jpeg"], "anchor": "vvc", "metric": "vqa_acc", "bd_rate": [-50.0, 20.0]})
+    for run in ("a", "b"):
+        save(plots.bd_rate_heatmap(data), data, "bd", tmp_path / run, ["svg"], 60)
+    assert (tmp_path / "a/bd.svg").read_bytes() == (tmp_path / "b/bd.svg").read_bytes()
+
+
+def test_missing_input_is_a_one_line_error(project_root, params):
+    _write_inputs(project_root)
+    (project_root / "outputs/tokens/accuracy.csv").unlink()
+    with pytest.raises(FileNotFoundError, match=r"outputs/tokens/accuracy\.csv: missing input of the figures stage"):
+        run_figures_stage(params)
+
+
+def test_bad_token_example_names_the_entry():
+    with pytest.raises(ValueError, match=r"entry 0: kinds must be 2x2"):
+        plots.token_examples_data([{"image_path": "x", "question": "q", "method": "m", "grid": 2,
+                                    "kinds": [0, 1, 2]}], 1)
+    with pytest.raises(ValueError, match=r"rate_accuracy: input has no column 'vqa_acc'"):
+        plots.rate_accuracy_data(pd.DataFrame({"codec": [], "kind": [], "point": [], "bpp": []}), ["vqa_acc"])

@@ -1,0 +1,87 @@
+"""scripts/readme_results.py (idempotent, from the metrics files) and scripts/time_repro.py."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import shlex
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+readme = _script("readme_results")
+time_repro = _script("time_repro")
+
+
+def _project(root: Path) -> None:
+    (root / "README.md").write_text("# x\n\nintro\n\n<!-- results:start -->\nstale text\n<!-- results:end -->\n\ntail\n")
+    (root / "outputs/eval_codec").mkdir(parents=True)
+    (root / "outputs/eval_codec/metrics.json").write_text(json.dumps({
+        "bd_rate": {"ours": {"vqa_acc": -61.23, "psnr": 40.0}, "jpeg": {"vqa_acc": 120.5, "psnr": None}},
+        "bd_rate_vs_pixel_baseline": {"vqa_acc": -30.0}, "reference": {"vqa_acc": 71.2},
+        "n_images": 48, "vqa_questions": 288}))
+    (root / "outputs/tokens").mkdir(parents=True)
+    (root / "outputs/tokens/accuracy.csv").write_text(
+        "method,budget,mean_tokens,question_type,acc\n"
+        "recoverable,0.1,25.6,all,66.5\nrecoverable,0.1,25.6,color,70.0\nfull,1.0,256,all,70.1\n")
+    (root / "outputs/repro").mkdir(parents=True)
+    (root / "outputs/repro/metrics.json").write_text(json.dumps({"repro_minutes": 42.5, "cpus": 2,
+                                                                 "noop_seconds": 3.2}))
+    (root / "outputs/figures").mkdir(parents=True)
+    (root / "outputs/figures/rate_accuracy.png").write_bytes(b"png")
+
+
+def test_readme_section_from_metrics_and_idempotent(tmp_path, capsys):
+    _project(tmp_path)
+    assert readme.main(["--root", str(tmp_path)]) == 0
+    first = (tmp_path / "README.md").read_text()
+    assert "stale text" not in first and first.startswith("# x\n\nintro\n") and first.endswith("\n\ntail\n")
+    assert "| ours | -61.2 | – | – | – | – | 40.0 |" in first
+    assert "| jpeg | 120.5 | – | – | – | – | – |" in first
+    assert "| ours vs pixel_baseline | -30.0 |" in first
+    assert "| recoverable | 66.5 (26) | – |" in first and "| full | – | 70.1 (256) |" in first
+    assert "42.5 min on 2 CPUs; again with nothing changed: 3.2 s" in first
+    assert "![Rate vs accuracy, every codec](outputs/figures/rate_accuracy.png)" in first
+    assert "_`outputs/lvlm/metrics.json` does not exist yet" in first
+    assert readme.main(["--root", str(tmp_path)]) == 0
+    assert (tmp_path / "README.md").read_text() == first
+    assert readme.main(["--root", str(tmp_path), "--check"]) == 0
+    (tmp_path / "outputs/repro/metrics.json").write_text(json.dumps({"repro_minutes": 50.0, "cpus": 2}))
+    assert readme.main(["--root", str(tmp_path), "--check"]) == 1
+
+
+def test_readme_without_markers_is_refused(tmp_path):
+    (tmp_path / "README.md").write_text("# no markers\n")
+    with pytest.raises(SystemExit, match="needs exactly one <!-- results:start -->"):
+        readme.main(["--root", str(tmp_path)])
+
+
+def test_repo_readme_has_one_results_section():
+    text = (REPO / "README.md").read_text()
+    assert text.count(readme.START) == 1 and text.count(readme.END) == 1
+
+
+def test_time_repro_prints_and_writes_minutes(tmp_path, capsys):
+    cmd = shlex.join([sys.executable, "-c", "pass"])
+    assert time_repro.main(["--cmd", cmd, "--root", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("repro_minutes: ") and "noop_seconds: " in out
+    m = json.loads((tmp_path / "outputs/repro/metrics.json").read_text())
+    assert set(m) == {"repro_minutes", "noop_seconds", "cpus"} and m["repro_minutes"] >= 0
+
+
+def test_time_repro_failure_writes_nothing(tmp_path, capsys):
+    cmd = shlex.join([sys.executable, "-c", "raise SystemExit(3)"])
+    assert time_repro.main(["--cmd", cmd, "--root", str(tmp_path)]) == 3
+    assert "failed with exit code 3" in capsys.readouterr().err
+    assert not (tmp_path / "outputs/repro/metrics.json").exists()
