@@ -18,9 +18,8 @@ from test_eval_codec import _synthetic_curves
 
 
 def _write_inputs(root: Path) -> None:
-    ev, tok = root / "outputs/eval_codec", root / "outputs/tokens"
+    ev = root / "outputs/eval_codec"
     ev.mkdir(parents=True)
-    tok.mkdir(parents=True)
     curves = _synthetic_curves()
     for m in ("caption_cider", "retrieval_i2t_r1", "retrieval_t2i_r1", "grounding_acc50", "ms_ssim"):
         curves[m] = curves["vqa_acc"]
@@ -41,6 +40,14 @@ def _write_inputs(root: Path) -> None:
                          "point": 1.0, "bpp": 0.2, "psnr": 30.0, "ms_ssim": 0.9, "target_bpp": 0.2,
                          "file": f"examples/{image}/{codec}.png"})
     pd.DataFrame(rows).to_csv(ev / "examples.csv", index=False)
+    _write_token_inputs(root)
+
+
+def _write_token_inputs(root: Path) -> None:
+    """Synthetic outputs/tokens/{accuracy.csv, examples.json} (the token stage's contract)."""
+    tok = root / "outputs/tokens"
+    tok.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(1)
     acc = pd.DataFrame([{"method": m, "budget": b, "mean_tokens": 256 * b, "question_type": t, "acc": 40 + 10 * b}
                         for m in ("full", "recoverable", "prumerge") for b in (0.1, 0.25, 1.0)
                         for t in ("all", "color", "count")])
