@@ -49,8 +49,10 @@ def _write_token_inputs(root: Path) -> None:
     tok.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(1)
     acc = pd.DataFrame([{"method": m, "budget": b, "mean_tokens": 256 * b, "question_type": t, "acc": 40 + 10 * b}
-                        for m in ("full", "recoverable", "prumerge") for b in (0.1, 0.25, 1.0)
-                        for t in ("all", "color", "count")])
+                        for m in ("recoverable", "prumerge") for b in (0.1, 0.25, 1.0)
+                        for t in ("all", "color", "count")]
+                       + [{"method": "full", "budget": 1.0, "mean_tokens": 256, "question_type": t, "acc": 55.0}
+                          for t in ("all", "color", "count")])
     acc.to_csv(tok / "accuracy.csv", index=False)
     Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(root / "scene.png")
     examples = [{"image_path": "scene.png", "question": f"what color is it {q}?", "answer": "red", "method": m,
