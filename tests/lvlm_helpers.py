@@ -1,7 +1,7 @@
-"""A tiny random llava-1.5-shaped LVLM (CLIP ViT tower, layer -2, "default" select), saved
-to a folder and loaded back through the paper profile's loader; shared by the tests."""
+"""A tiny random llava-1.5-shaped LVLM for tests (saved and loaded like the paper's model)."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -20,12 +20,23 @@ TINY = ModelSpec(image_size=56, patch_size=14, stem_layers=0, vision_hidden=32, 
                  hidden_act="quick_gelu")
 
 
-def save_tiny_lvlm(out_dir: str | Path, seed: int = 0) -> Path:
-    """Build the tiny model with random weights and write ``out_dir/{llava,clip}``."""
+def save_tiny_lvlm(out_dir: Path, spec: ModelSpec = TINY, kv_heads: int | None = None, seed: int = 0) -> Path:
+    """Build a random model of ``spec`` (``kv_heads``: grouped-query attention in the LM) and
+    save it as ``out_dir/{llava,clip}``."""
     torch.manual_seed(seed)
     vocab = build_vocab(WORDS, ["?", ".", ",", "[", "]"])
     tok, clip_tok = build_tokenizers(vocab)
     ids = {k: tok.convert_tokens_to_ids(k) for k in ("<pad>", "<s>", "</s>", "<image>")}
-    clip = build_clip(TINY, len(vocab), ids["<pad>"], ids["<s>"], ids["</s>"])
-    llava = build_llava(TINY, clip, len(vocab), ids["<image>"], ids["<pad>"], ids["<s>"], ids["</s>"])
+    clip = build_clip(spec, len(vocab), ids["<pad>"], ids["<s>"], ids["</s>"])
+    llava = build_llava(spec, clip, len(vocab), ids["<image>"], ids["<pad>"], ids["<s>"], ids["</s>"])
+    if kv_heads is not None:
+        cfg = llava.config
+        cfg.text_config.num_key_value_heads = kv_heads
+        tower = llava.model.vision_tower.state_dict()
+        llava = type(llava)(cfg)
+        llava.model.vision_tower.load_state_dict(tower)
     return save_lvlm(out_dir, llava, tok, clip, clip_tok)
+
+
+def with_lm(spec: ModelSpec = TINY, **changes) -> ModelSpec:
+    return dataclasses.replace(spec, **changes)

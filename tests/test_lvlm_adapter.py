@@ -6,9 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from vlmcompress.lvlm import LVLM, ModelNotAvailableError, Prompts, load_lvlm
-
 from lvlm_helpers import save_tiny_lvlm
+from vlmcompress.lvlm import LVLM, ModelNotAvailableError, Prompts, load_lvlm
 
 
 @pytest.fixture(scope="module")
@@ -154,3 +153,48 @@ def test_token_compressor_plugs_into_generation(lvlm):
     feats = lvlm.visual_features(imgs)
     assert feats.cls_attn_full.shape == (3, 16)
     assert bool((feats.cls_attn_full.sum(1) <= 1 + 1e-5).all())
+
+
+def test_image_only_compressor_shares_the_prefill_and_matches_per_sample(lvlm):
+    """Adaptive PruMerge keeps different counts per image; sharing one prefill per image gives
+    the same answers as the per-sample path (the lambda hides ``uses_text = False``)."""
+    from vlmcompress.tokens.patch import TokenCompressor
+
+    torch.manual_seed(3)
+    imgs = torch.rand(2, 3, 56, 56)
+    qs = ["what color is the circle?", "how many", "is there a red square?", "a"]
+    index = [0, 1, 1, 0]
+    comp = TokenCompressor(lvlm, "prumerge", budget=None)
+    shared = lvlm.generate(imgs, qs, image_index=index, transform=comp, max_new_tokens=5)
+    assert len(comp.kept) == 2            # compressed once per image, not once per question
+    ref = TokenCompressor(lvlm, "prumerge", budget=None)
+    per_sample = lvlm.generate(imgs, qs, image_index=index, transform=lambda f, t: ref(f, t), max_new_tokens=5)
+    assert len(ref.kept) == 4 and shared == per_sample
+
+
+def test_token_compressor_text_encoder_gets_the_question_not_the_system_prompt(lvlm):
+    """The official Recoverable Compression code embeds the prompt's first line (the system
+    prompt); ours embeds the raw question, through the real TokenCompressor."""
+    from vlmcompress.tokens.patch import TextEmbeddingCache, TokenCompressor
+
+    lvlm.prompts = Prompts(system="a chat between a curious human and an assistant.")
+    seen: list[list[str]] = []
+    hook = lvlm.clip.text_model.register_forward_pre_hook(
+        lambda m, a, kw: seen.append(lvlm.clip_tokenizer.batch_decode(kw["input_ids"], skip_special_tokens=True)),
+        with_kwargs=True)
+    qs = ["what color is the circle?", "how many red", "what color is the circle?"]
+    try:
+        comp = TokenCompressor(lvlm, "recoverable", budget=0.5, text_encoder=TextEmbeddingCache(lvlm))
+        lvlm.generate(torch.rand(3, 3, 56, 56), qs, transform=comp, max_new_tokens=2)
+        lvlm.generate(torch.rand(3, 3, 56, 56), qs, transform=comp, max_new_tokens=2)   # cached: no new pass
+        lvlm.generate(torch.rand(1, 3, 56, 56), None, task="caption",
+                      transform=TokenCompressor(lvlm, "recoverable", budget=0.5), max_new_tokens=2)
+    finally:
+        hook.remove()
+        lvlm.prompts = Prompts()
+    words = [[t.replace(" ", "") for t in batch] for batch in seen]
+    # Each distinct question once; a caption is guided by its instruction, never by the template.
+    assert words == [["whatcoloristhecircle?", "howmanyred"], ["provideaone-sentencecaptionfortheprovidedimage."]]
+    # The cached embeddings equal a direct encoding.
+    cache = TextEmbeddingCache(lvlm)
+    torch.testing.assert_close(cache(qs), lvlm.text_embeddings(qs), rtol=1e-5, atol=1e-6)

@@ -1,6 +1,8 @@
 """The LM phase's training signals: which patches a turn is about, the look loss, the token curriculum."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import torch
 
@@ -72,3 +74,20 @@ def test_kept_tokens_keep_every_object_patch_in_grid_order():
         assert {0, 1, 15} <= set(k.tolist()) and len(k) == 6
         assert torch.equal(k, k.sort().values)
     assert len(kept_tokens(lab, 1000, np.random.default_rng(0))[0]) == 16   # capped at the grid
+
+
+def test_resumed_training_keeps_the_curve_up_to_its_checkpoint(tmp_path):
+    from types import SimpleNamespace
+
+    from vlmcompress.lvlm.train import Trainer
+
+    path = tmp_path / "curves.jsonl"
+    rows = [{"phase": "clip", "step": 100}, {"phase": "lm", "step": 100}, {"phase": "lm", "step": 200},
+            {"phase": "lm", "step": 300}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    fake = SimpleNamespace(_curves_path=path, curves=[])
+    Trainer._load_curves(fake, "lm", 200)          # interrupted after the step-200 checkpoint
+    assert fake.curves == rows[:3]
+    assert [json.loads(x) for x in path.read_text().splitlines()] == rows[:3]
+    Trainer._load_curves(fake, None, 0)            # nothing in progress: everything is kept
+    assert fake.curves == rows[:3]

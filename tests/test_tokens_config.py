@@ -11,8 +11,8 @@ def test_defaults_load_from_an_empty_section():
     p = from_dict(TokensParams, {}, "tokens")
     assert p.methods == list(METHOD_PARAMS)
     assert p.budgets == [0.05, 0.10, 0.25, 0.50]
-    assert p.attention == "head_mean" and p.feature_layer == -2
-    assert p.recoverable == RecoverableParams()
+    assert p.attention == "head_mean" and p.attention_layer == -1
+    assert p.recoverable == RecoverableParams() and p.fastv.layer == 2 and "fastv" in p.methods
 
 
 def test_budgets_keep_int_counts_and_float_fractions():
@@ -22,7 +22,11 @@ def test_budgets_keep_int_counts_and_float_fractions():
 
 
 @pytest.mark.parametrize("section,match", [
-    ({"methods": ["fastv"]}, r"tokens\.methods\[0\]: unknown method 'fastv'"),
+    ({"methods": ["fastv2"]}, r"tokens\.methods\[0\]: unknown method 'fastv2'"),
+    ({"fastv": {"layer": 0}}, r"tokens\.fastv\.layer: must be >= 1"),
+    ({"eval": {"batch_images": 0}}, r"tokens\.eval\.batch_images: must be >= 1"),
+    ({"eval": {"task_budget": 1.5}}, r"tokens\.eval\.task_budget: a fraction must be in"),
+    ({"eval": {"example_methods": ["full", "nope"]}}, r"tokens\.eval\.example_methods\[1\]: unknown method"),
     ({"budgets": [0.1, 1.5]}, r"tokens\.budgets\[1\]: a fraction must be in \(0, 1\]"),
     ({"budgets": [0]}, r"tokens\.budgets\[0\]: a token count must be >= 1"),
     ({"attention": "max"}, r"tokens\.attention: expected 'head_mean' \| 'full'"),
@@ -49,5 +53,6 @@ def test_method_params_feed_the_methods():
     assert (c.kind == 1).sum() == 6 and (c.kind == 2).sum() == 2
     for name in METHOD_PARAMS:
         assert isinstance(p.method_params(name), dict)
+    assert p.method_params("fastv") == {"layer": 2}
     with pytest.raises(KeyError, match="unknown method"):
-        p.method_params("fastv")
+        p.method_params("fastv2")

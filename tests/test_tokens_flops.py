@@ -71,3 +71,66 @@ def test_llava_lm_matches_two_flops_per_parameter_per_token():
     assert lm_prefill_flops_fastv(64, 576, 58, 32, lm) == full
     with pytest.raises(ValueError, match="agg_layer"):
         lm_prefill_flops_fastv(64, 576, 58, 33, lm)
+
+
+# --- the formula against torch's FLOP counter on a tiny model with a conv stem ------------------
+
+@pytest.fixture(scope="module")
+def stem_lvlm(tmp_path_factory):
+    from lvlm_helpers import TINY, save_tiny_lvlm, with_lm
+    from vlmcompress.lvlm import load_lvlm
+
+    spec = with_lm(TINY, image_size=32, patch_size=8, stem_layers=3, stem_context=1, lm_layers=3)
+    folder = save_tiny_lvlm(tmp_path_factory.mktemp("flops") / "lvlm", spec)
+    lvlm = load_lvlm(str(folder / "llava"), str(folder / "clip"))
+    lvlm.vision_tower.set_attn_implementation("eager")     # attention as matmuls the counter sees
+    lvlm.language_model.set_attn_implementation("eager")
+    lvlm.clip.text_model.set_attn_implementation("eager")
+    return lvlm
+
+
+def _count(fn) -> int:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as fc:   # grad mode on: its module tracker needs autograd
+        fn()
+    return fc.get_total_flops()
+
+
+def test_formula_matches_counted_flops_of_a_real_model(stem_lvlm):
+    import torch
+
+    from vlmcompress.tokens.fastv import FastV
+    from vlmcompress.tokens.flops import model_dims, text_guidance_flops
+
+    lv = stem_lvlm
+    vision, projector, lm, text = model_dims(lv)
+    assert len(vision.stem) == 4 and lm.layers == 3
+    img = lv.preprocess(torch.rand(2, 3, 32, 32))
+    N = 16
+    assert _count(lambda: lv.vision_tower(img)) == pytest.approx(2 * vision_tower_flops(N, vision), rel=1e-9)
+    hidden = torch.randn(2, N, projector.in_dim)
+    proj = lv.llava.model.multi_modal_projector
+    assert _count(lambda: proj(hidden)) == pytest.approx(2 * projector_flops(N, projector), rel=1e-9)
+
+    T_text, K = 9, 5
+    embeds = torch.randn(1, T_text + N, lm.hidden)
+    mask = torch.ones(1, T_text + N, dtype=torch.long)
+
+    def dense():
+        h = lv.language_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        lv.llava.lm_head(h[:, -1])
+    # RoPE's tiny position product is the only matmul the formula leaves out.
+    assert _count(dense) == pytest.approx(lm_prefill_flops(T_text, N, lm), rel=2e-3)
+    visual = torch.zeros(1, T_text + N, dtype=torch.bool)
+    visual[0, 3:3 + N] = True
+    counted = _count(lambda: FastV(budget=K, layer=1).prefill(lv, embeds, mask, visual, torch.arange(1),
+                                                              embeds[:, :0], mask[:, :0]))
+    assert counted == pytest.approx(lm_prefill_flops_fastv(T_text, N, K, 1, lm), rel=5e-3)
+
+    enc = lv.clip_tokenizer(["what color is the circle?"], return_tensors="pt")
+    n_clip = enc.input_ids.shape[1]
+    feats = lv.visual_features(torch.rand(1, 3, 32, 32))
+    counted = _count(lambda: (lv.text_embeddings(["what color is the circle?"]), lv.patch_embeddings(feats)))
+    assert counted == pytest.approx(text_guidance_flops(n_clip, N, text), rel=1e-9)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from vlmcompress.tokens import (
-    ADAPTIVE, KIND_GLOBAL, KIND_MERGED, KIND_PAD, KIND_POOLED, KIND_RECOVERED, KIND_SALIENT,
+    ADAPTIVE, IN_LM_METHODS, KIND_GLOBAL, KIND_MERGED, KIND_PAD, KIND_POOLED, KIND_RECOVERED, KIND_SALIENT,
     METHOD_PARAMS, VisualTokens, compress, method_names, resolve_budget,
 )
 from vlmcompress.tokens.thresholds import iqr_threshold
@@ -45,7 +45,8 @@ def runs():
 
 def test_registry_lists_all_methods_with_params():
     assert set(method_names()) == NAMES
-    assert set(METHOD_PARAMS) == NAMES
+    # FastV prunes inside the LM (tokens.fastv), so it has params but no registry entry.
+    assert set(METHOD_PARAMS) == NAMES | IN_LM_METHODS and not NAMES & IN_LM_METHODS
     assert ADAPTIVE == {"prumerge", "prumerge_plus", "recoverable"}
 
 
@@ -282,3 +283,25 @@ def test_bad_inputs_give_clear_errors():
         compress(vt, "random", budget=0)
     with pytest.raises(ValueError, match="unknown token method"):
         compress(vt, "fastv")
+
+
+@pytest.mark.parametrize("name,budget", runs())
+def test_cell_map_marks_kept_patches_and_cluster_centres(name, budget):
+    """``cells`` (for figures): kept patches carry their kind at their own position, one cell
+    per cluster / contextual token is its centre, pooling marks every cell."""
+    vt = make_vt()
+    c = compress(vt, name, budget=budget)
+    assert c.cells.shape == (3, N) and c.cells.dtype == torch.int8
+    for b in range(3):
+        tok, src, kind = c.unpad(b)
+        cells = c.cells[b]
+        if name == "pool":
+            assert (cells == KIND_POOLED).all()
+            continue
+        for k in (KIND_SALIENT, KIND_RECOVERED):
+            assert sorted(src[kind == k].tolist()) == (cells == k).nonzero().flatten().tolist()
+        centres = (cells == KIND_MERGED).nonzero().flatten()
+        assert len(centres) == int((kind == KIND_MERGED).sum())
+        if name == "visionzip" and len(centres):
+            # contextual tokens are means over groups that contain their target
+            assert not (c.cells[b] == KIND_SALIENT)[centres].any()

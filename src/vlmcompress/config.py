@@ -149,6 +149,7 @@ from vlmcompress.data.config import DataParams  # noqa: E402
 from vlmcompress.eval.config import AnchorsParams, BDRateParams, EvalCodecParams  # noqa: E402
 from vlmcompress.figures.config import FiguresParams  # noqa: E402
 from vlmcompress.lvlm.config import LvlmParams  # noqa: E402
+from vlmcompress.tokens.config import TokensParams  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,6 +161,7 @@ class Params:
     data: DataParams
     lvlm: LvlmParams
     codec: CodecStageParams
+    tokens: TokensParams
     anchors: AnchorsParams
     bdrate: BDRateParams
     eval_codec: EvalCodecParams

@@ -96,6 +96,35 @@ def codec_curves(curves: "pd.DataFrame", window: int = 5) -> plt.Figure:
         if col != "bpp_loss":
             ax.set_yscale("log")
     axes[0].legend(fontsize=7)
+# --- token compression (05_eval_tokens, 06_figures) ---------------------------------------
+
+# Colours of the grid-cell roles in outputs/tokens/examples.json (KIND_* codes of vlmcompress.tokens).
+TOKEN_CELL_STYLE = {1: ("salient (attention)", "#1f77b4"), 2: ("recovered (text)", "#d62728"),
+                    3: ("merge centre", "#ff7f0e"), 5: ("pooled", "#7f7f7f")}
+
+
+def token_accuracy_curves(acc: "pd.DataFrame", question_type: str = "all") -> plt.Figure:
+    """VQA accuracy against the mean number of visual tokens, one line per method (fixed
+    budgets), adaptive modes as stars, full tokens as a dashed line. ``acc``: the stage's
+    ``accuracy.csv``."""
+    import seaborn as sns
+
+    d = acc[acc.question_type == question_type]
+    full = d[d.method == "full"]
+    fixed = d[(d.method != "full") & (d.budget != "adaptive")]
+    adaptive = d[d.budget == "adaptive"]
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    sns.lineplot(data=fixed, x="mean_tokens", y="acc", hue="method", marker="o", ax=ax)
+    palette = {t.get_text(): line.get_color() for t, line in zip(ax.get_legend().get_texts(), ax.get_lines())}
+    for row in adaptive.itertuples():
+        ax.scatter(row.mean_tokens, row.acc, marker="*", s=160, color=palette.get(row.method, "k"),
+                   edgecolor="k", zorder=5)
+    if len(full):
+        ax.axhline(float(full.acc.iloc[0]), ls="--", c="k", lw=1, label=f"full ({int(full.mean_tokens.iloc[0])} tokens)")
+    ax.set_xscale("log")
+    ax.set_xlabel("visual tokens given to the LM (mean; log scale; ★ adaptive)")
+    ax.set_ylabel(f"VQA accuracy, {question_type} (%)")
+    ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
     return fig
 
@@ -139,4 +168,30 @@ def rd_curves(rd: "pd.DataFrame") -> plt.Figure:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
+def token_maps(examples: Sequence[dict], methods: Sequence[str] | None = None) -> plt.Figure:
+    """For each example question (rows), the image with each method's token roles drawn over
+    the patch grid (columns): kept by attention, recovered by the question, merge centres."""
+    methods = list(methods or examples[0]["methods"])
+    fig, axes = plt.subplots(len(examples), len(methods), figsize=(2.4 * len(methods), 2.7 * len(examples)),
+                             squeeze=False)
+    for row, ex in zip(axes, examples):
+        img = np.asarray(Image.open(ex["image"]).convert("RGB"))
+        gh, gw = ex["grid"]
+        ch, cw = img.shape[0] / gh, img.shape[1] / gw
+        for ax, m in zip(row, methods):
+            ax.imshow(img)
+            res = ex["methods"][m]
+            for i, kind in enumerate(res["cells"]):
+                if kind in TOKEN_CELL_STYLE:
+                    r, c = divmod(i, gw)
+                    ax.add_patch(Rectangle((c * cw, r * ch), cw, ch, fill=True, alpha=0.35, lw=0.6,
+                                           fc=TOKEN_CELL_STYLE[kind][1], ec=TOKEN_CELL_STYLE[kind][1]))
+            ok = "✓" if res["correct"] else "✗"
+            ax.set_title(f"{m}: {textwrap.shorten(res['prediction'] or '∅', 14)} {ok}", fontsize=7)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        row[0].set_ylabel(textwrap.fill(f"{ex['question']} → {ex['answer']}", 28), fontsize=7)
+    handles = [Rectangle((0, 0), 1, 1, fc=c, alpha=0.5) for _, c in TOKEN_CELL_STYLE.values()]
+    fig.legend(handles, [n for n, _ in TOKEN_CELL_STYLE.values()], loc="lower center", ncol=4, fontsize=8)
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
     return fig

@@ -21,6 +21,7 @@ import contextlib
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -90,7 +91,49 @@ class VisualFeatures:
 
 
 # A transform replaces the visual tokens: (features, raw questions) -> (tokens [B, K, D], mask [B, K]).
+# A transform with ``uses_text = False`` promises to ignore the texts; then questions about one
+# image share its compressed tokens and the LM prefill of the image prefix.
 TokenTransform = Callable[[VisualFeatures, Sequence[str]], tuple[Tensor, Tensor]]
+
+
+class LMDecoder(Protocol):
+    """Greedy-decoding state after a prefill: ``step(embeds [B, 1, D]) -> logits [B, V]``."""
+
+    def step(self, embeds: Tensor) -> Tensor: ...
+
+
+@runtime_checkable
+class LMTransform(Protocol):
+    """A transform that runs the LM prefill itself (FastV prunes visual tokens *inside* the LM).
+
+    It receives every visual token, as one shared prefix per image and a suffix per sample:
+    ``prefill(lvlm, prefix [U, P, D], prefix_mask [U, P], prefix_visual [U, P] bool,
+    index [B], suffix [B, S, D], suffix_mask [B, S])`` — sample b is ``prefix[index[b]]``
+    followed by ``suffix[b]`` (padding anywhere, hidden by the masks; ``prefix_visual`` marks
+    the visual tokens; S may be 0, then the prefix is the whole prompt) — and returns the
+    next-token logits ``[B, V]`` and an :class:`LMDecoder` that continues on its own cache.
+    """
+
+    def prefill(self, lvlm: "LVLM", prefix: Tensor, prefix_mask: Tensor, prefix_visual: Tensor, index: Tensor,
+                suffix: Tensor, suffix_mask: Tensor) -> tuple[Tensor, LMDecoder]: ...
+
+
+class DenseDecoder:
+    """The plain LM's decoding state: its KV cache and the attention mask so far."""
+
+    def __init__(self, lvlm: "LVLM", mask: Tensor, cache: DynamicCache) -> None:
+        self.lvlm, self.mask, self.cache = lvlm, mask, cache
+
+    def step(self, embeds: Tensor) -> Tensor:
+        past = self.mask.shape[1]
+        self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], 1)
+        logits, self.cache = self.lvlm._lm_step(embeds, self.mask, self.cache, past)
+        return logits
+
+
+def uses_text(transform: TokenTransform | None) -> bool:
+    """Whether a transform may depend on the question (unknown callables: assume it does)."""
+    return transform is not None and bool(getattr(transform, "uses_text", True))
 
 
 @contextlib.contextmanager
@@ -233,6 +276,10 @@ class LVLM:
         emb = self.llava.get_input_embeddings()
         return emb(torch.tensor(ids, dtype=torch.long, device=self.device))
 
+    def prompt_lengths(self, task: str, texts: Sequence[str]) -> list[int]:
+        """Text tokens of each sample's prompt (everything but the visual tokens)."""
+        return [len(pre) + len(post) for pre, post in self._prompt_ids(task, texts)]
+
     def build_inputs(self, vis_tokens: Tensor, vis_mask: Tensor, task: str, texts: Sequence[str],
                      answers: Sequence[str] | None = None, left_pad: bool = True
                      ) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -241,9 +288,19 @@ class LVLM:
         Returns ``inputs_embeds [B, T, D]``, ``attention_mask [B, T]`` and, with answers,
         ``labels [B, T]`` (-100 everywhere but the answer tokens and their EOS).
         """
-        seqs, labels = [], []
-        for i, (pre, post) in enumerate(self._prompt_ids(task, texts)):
+        embeds, mask, labels, _ = self._assemble(vis_tokens, vis_mask, self._prompt_ids(task, texts),
+                                                 answers, left_pad)
+        return embeds, mask, labels
+
+    def _assemble(self, vis_tokens: Tensor, vis_mask: Tensor, prompts: list[tuple[list[int], list[int]]],
+                  answers: Sequence[str] | None = None, left_pad: bool = True
+                  ) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+        """:meth:`build_inputs` from tokenised prompts, plus ``visual [B, T]`` bool: where the
+        visual tokens sit in the padded sequence."""
+        seqs, labels, spans = [], [], []
+        for i, (pre, post) in enumerate(prompts):
             parts = [self._embed_ids(pre), vis_tokens[i][vis_mask[i]].to(self.dtype), self._embed_ids(post)]
+            spans.append((len(pre), parts[1].shape[0]))
             n_ctx = sum(p.shape[0] for p in parts)
             lab = [-100] * n_ctx
             if answers is not None:
@@ -257,13 +314,15 @@ class LVLM:
         d = seqs[0].shape[1]
         embeds = seqs[0].new_zeros(len(seqs), t, d)
         mask = torch.zeros(len(seqs), t, dtype=torch.long, device=self.device)
+        visual = torch.zeros(len(seqs), t, dtype=torch.bool, device=self.device)
         lab_t = torch.full((len(seqs), t), -100, dtype=torch.long, device=self.device)
         for i, (s, lab) in enumerate(zip(seqs, labels)):
-            sl = slice(t - s.shape[0], t) if left_pad else slice(0, s.shape[0])
-            embeds[i, sl] = s
-            mask[i, sl] = 1
-            lab_t[i, sl] = lab
-        return embeds, mask, (lab_t if answers is not None else None)
+            start = t - s.shape[0] if left_pad else 0
+            embeds[i, start:start + s.shape[0]] = s
+            mask[i, start:start + s.shape[0]] = 1
+            lab_t[i, start:start + s.shape[0]] = lab
+            visual[i, start + spans[i][0]:start + spans[i][0] + spans[i][1]] = True
+        return embeds, mask, (lab_t if answers is not None else None), visual
 
     def _lm_step(self, embeds: Tensor, mask: Tensor, cache: DynamicCache | None, past_len: int) -> tuple[Tensor, DynamicCache]:
         pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, past_len:]
@@ -280,60 +339,100 @@ class LVLM:
             return feats.tokens, torch.ones(b, n, dtype=torch.bool, device=feats.tokens.device)
         return transform(feats, texts)
 
-    def _prefill_shared(self, vis: Tensor, pre: list[int], posts: list[list[int]], index: Tensor
-                        ) -> tuple[Tensor, Tensor, DynamicCache]:
-        """Prefill ``[pre, visual]`` once per image, then each sample's own suffix.
+    def _split_inputs(self, vis: Tensor, vmask: Tensor, pre: list[int], posts: list[list[int]]
+                      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """``[pre, visual]`` once per image and each sample's suffix, left-padded.
 
-        ``vis [U, N, D]`` for U unique images, ``index [B]`` the image of each sample. The
-        suffixes are left-padded *after* the shared prefix; the attention mask hides the
-        padding and positions follow the mask, so results equal a per-sample prefill.
+        vis [U, K, D], vmask [U, K] -> prefix [U, P, D], prefix_mask [U, P], prefix_visual [U, P],
+        suffix [B, S, D], suffix_mask [B, S]
         """
-        u, b = vis.shape[0], index.shape[0]
+        u, k = vmask.shape
         prefix = torch.cat([self._embed_ids(pre).unsqueeze(0).expand(u, -1, -1), vis.to(self.dtype)], 1)
-        p = prefix.shape[1]
-        pmask = torch.ones(u, p, dtype=torch.long, device=self.device)
-        _, cache = self._lm_step(prefix, pmask, None, 0)
-        cache.reorder_cache(index.to(self.device))
+        ones = torch.ones(u, len(pre), dtype=torch.long, device=self.device)
+        pmask = torch.cat([ones, vmask.to(device=self.device, dtype=torch.long)], 1)
+        pvisual = torch.cat([torch.zeros_like(ones, dtype=torch.bool), vmask.to(self.device).bool()], 1)
         s = max(len(x) for x in posts)
-        embeds = prefix.new_zeros(b, s, prefix.shape[-1])
-        mask = torch.zeros(b, p + s, dtype=torch.long, device=self.device)
-        mask[:, :p] = 1
+        suffix = prefix.new_zeros(len(posts), s, prefix.shape[-1])
+        smask = torch.zeros(len(posts), s, dtype=torch.long, device=self.device)
         for i, post in enumerate(posts):
             if post:
-                embeds[i, s - len(post):] = self._embed_ids(post)
-                mask[i, p + s - len(post):] = 1
-        logits, cache = self._lm_step(embeds, mask, cache, p)
-        return logits, mask, cache
+                suffix[i, s - len(post):] = self._embed_ids(post)
+                smask[i, s - len(post):] = 1
+        return prefix, pmask, pvisual, suffix, smask
+
+    def _prefill_shared(self, prefix: Tensor, pmask: Tensor, suffix: Tensor, smask: Tensor, index: Tensor
+                        ) -> tuple[Tensor, DenseDecoder]:
+        """Prefill each image's prefix once, then each sample's suffix after its image's prefix.
+
+        The attention mask hides all padding and positions follow the mask, so results equal a
+        per-sample prefill.
+        """
+        index = index.to(self.device)
+        _, cache = self._lm_step(prefix, pmask, None, 0)
+        cache.reorder_cache(index)
+        mask = torch.cat([pmask.index_select(0, index), smask], 1)
+        logits, cache = self._lm_step(suffix, mask, cache, prefix.shape[1])
+        return logits, DenseDecoder(self, mask, cache)
+
+    def transform_texts(self, task: str, texts: Sequence[str]) -> list[str]:
+        """What a transform sees: the raw question / referring expression; for captions (no
+        user text) the caption instruction. Never the chat template or the system prompt."""
+        return [self.prompts.instruction(task) if task == "caption" else t for t in texts]
 
     @torch.inference_mode()
     def generate(self, images: Tensor, texts: Sequence[str] | None = None, task: str = "vqa",
-                 transform: TokenTransform | None = None, max_new_tokens: int = 16,
+                 transform: TokenTransform | LMTransform | None = None, max_new_tokens: int = 16,
                  image_index: Sequence[int] | Tensor | None = None) -> list[str]:
         """Greedy answers for a batch. ``texts``: questions (vqa), referring expressions (ground).
 
         ``images [U, 3, H, W]``; ``image_index [B]`` names each sample's image (default: one
         sample per image), so many questions about one image run the vision tower once and,
-        without a ``transform``, share the LM prefill of the image prefix.
-        ``transform`` receives the raw ``texts`` — never the chat template or system prompt.
+        unless the ``transform`` reads the question, share the LM prefill of the image prefix.
+        ``transform`` receives :meth:`transform_texts` — never the chat template or system prompt;
+        an :class:`LMTransform` also runs the LM prefill (pruning inside the LM).
         """
-        index = torch.arange(images.shape[0]) if image_index is None else torch.as_tensor(image_index).long()
+        return self.generate_from_features(self.visual_features(images), texts, task, transform,
+                                           max_new_tokens, image_index)
+
+    @torch.inference_mode()
+    def generate_from_features(self, feats: VisualFeatures, texts: Sequence[str] | None = None,
+                               task: str = "vqa", transform: TokenTransform | LMTransform | None = None,
+                               max_new_tokens: int = 16, image_index: Sequence[int] | Tensor | None = None
+                               ) -> list[str]:
+        """:meth:`generate` on visual features computed once (e.g. reused by many transforms)."""
+        u = feats.tokens.shape[0]
+        index = torch.arange(u) if image_index is None else torch.as_tensor(image_index).long()
         b = index.shape[0]
         texts = list(texts) if texts is not None else [""] * b
         if len(texts) != b:
             raise ValueError(f"{b} samples but {len(texts)} texts")
         prompts = self._prompt_ids(task, texts)
-        feats = self.visual_features(images)
-        if transform is None and all(pre == prompts[0][0] for pre, _ in prompts):
-            logits, mask, cache = self._prefill_shared(feats.tokens, prompts[0][0], [p for _, p in prompts], index)
+        shared = all(pre == prompts[0][0] for pre, _ in prompts)
+        in_lm = isinstance(transform, LMTransform)
+        decoder: LMDecoder
+        if shared and (in_lm or not uses_text(transform)):
+            # The visual tokens do not depend on the question: one prefix per image.
+            vis, vmask = self._apply(feats, [""] * u, None if in_lm else transform)
+            parts = self._split_inputs(vis, vmask, prompts[0][0], [p for _, p in prompts])
+            if in_lm:
+                logits, decoder = transform.prefill(self, *parts[:3], index.to(self.device), *parts[3:])
+            else:
+                prefix, pmask, _, suffix, smask = parts
+                logits, decoder = self._prefill_shared(prefix, pmask, suffix, smask, index)
         else:
             feats = feats if image_index is None else feats.index(index.to(feats.tokens.device))
-            vis, vmask = self._apply(feats, texts, transform)
-            embeds, mask, _ = self.build_inputs(vis, vmask.bool(), task, texts)
-            logits, cache = self._lm_step(embeds, mask, None, 0)
+            vis, vmask = self._apply(feats, self.transform_texts(task, texts), None if in_lm else transform)
+            embeds, mask, _, visual = self._assemble(vis, vmask.bool(), prompts)
+            if in_lm:
+                logits, decoder = transform.prefill(self, embeds, mask, visual, torch.arange(b, device=self.device),
+                                                    embeds[:, :0], mask[:, :0])
+            else:
+                logits, cache = self._lm_step(embeds, mask, None, 0)
+                decoder = DenseDecoder(self, mask, cache)
         done = torch.zeros(b, dtype=torch.bool, device=self.device)
         out: list[list[int]] = [[] for _ in range(b)]
         emb = self.llava.get_input_embeddings()
-        for _ in range(max_new_tokens):
+        for step in range(max_new_tokens):
             nxt = logits.argmax(-1)
             for i in range(b):
                 if not done[i]:
@@ -341,17 +440,17 @@ class LVLM:
                         done[i] = True
                     else:
                         out[i].append(int(nxt[i]))
-            if bool(done.all()):
+            if bool(done.all()) or step == max_new_tokens - 1:   # no LM step whose logits go unused
                 break
-            past = mask.shape[1]
-            mask = torch.cat([mask, torch.ones(b, 1, dtype=mask.dtype, device=mask.device)], 1)
-            logits, cache = self._lm_step(emb(nxt)[:, None], mask, cache, past)
+            logits = decoder.step(emb(nxt)[:, None])
         return [self.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in out]
 
     def answer_loss(self, images: Tensor, texts: Sequence[str], answers: Sequence[str], task: str = "vqa",
                     transform: TokenTransform | None = None) -> Tensor:
         """Mean cross-entropy over answer tokens (+EOS); differentiable w.r.t. ``images``."""
-        vis, vmask = self._apply(self.visual_features(images), texts, transform)
+        if isinstance(transform, LMTransform):
+            raise ValueError("answer_loss: a transform that prunes inside the LM is not supported")
+        vis, vmask = self._apply(self.visual_features(images), self.transform_texts(task, texts), transform)
         embeds, mask, labels = self.build_inputs(vis, vmask.bool(), task, texts, answers, left_pad=False)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         h = self.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos,

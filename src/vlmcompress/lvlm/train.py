@@ -274,6 +274,27 @@ class Trainer:
             return json.loads(self._progress_path.read_text())
         return {"done": [], "phase": None, "step": 0, "seconds": {}}
 
+    @property
+    def _curves_path(self) -> Path:
+        return self.work / "curves.jsonl"
+
+    def _log_row(self, row: dict[str, Any]) -> None:
+        """Keep a curve row in memory and in the work dir, so a resumed run has the whole curve."""
+        self.curves.append(row)
+        with open(self._curves_path, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+    def _load_curves(self, phase: str | None, step: int) -> None:
+        """Rows logged before this run: every row of finished phases, and of ``phase`` up to
+        its checkpoint ``step`` (later rows are about to be recomputed)."""
+        if not self._curves_path.is_file():
+            return
+        rows = [json.loads(line) for line in self._curves_path.read_text().splitlines() if line.strip()]
+        rows = [r for r in rows if r["phase"] != phase or r["step"] <= step]
+        with atomic_path(self._curves_path) as tmp:
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        self.curves = rows
+
     def _save_weights(self, name: str) -> None:
         state = {"clip": self.clip.state_dict(), "llava": self.llava.state_dict(), "heads": self.heads.state_dict()}
         with atomic_path(self.work / f"{name}.pt") as tmp:
@@ -330,7 +351,7 @@ class Trainer:
                 for m in modules:
                     m.train()
             if (step + 1) % self.t.eval_every == 0 or done or step == start:
-                self.curves.append(row)
+                self._log_row(row)
                 self.log(" ".join(f"{k}={v}" for k, v in row.items()))
             if (step + 1) % self.t.checkpoint_every == 0 and not done:
                 self._save_weights(f"{phase}_weights")
@@ -514,6 +535,8 @@ class Trainer:
     def run(self, out_dir: str | Path, eval_fn: Callable[[LVLM], dict[str, float]] | None = None) -> dict[str, float]:
         """Train all phases (resuming if a previous run was interrupted) and save HF folders."""
         self.work.mkdir(parents=True, exist_ok=True)
+        prog = self._progress()
+        self._load_curves(prog["phase"], prog["step"])
         t0 = time.perf_counter()
         pool = build_pool(self.scenes, self.t.pool_scenes, self.spec.patch_size)
         self.phase_seconds["pool"] = time.perf_counter() - t0

@@ -1,14 +1,17 @@
 """Training-free visual-token compression: pure, batched tensor functions.
 
 ``types`` (VisualTokens in, Compressed out), ``thresholds`` (IQR, LOF, top-k rules),
-``select`` (budget splits, spatial/random choice, FastV's in-LM step), ``merge``
+``select`` (budget splits, spatial/random choice, FastV's keep rule), ``merge``
 (clusters, global token, VisionZip contextual tokens, pooling), ``methods`` (the registry),
-``flops`` (prefill cost), ``config`` (the params schema).
+``fastv`` (pruning inside the LM), ``patch`` (a method as a transform for ``LVLM.generate``),
+``flops`` (prefill cost), ``config`` (the params schema), ``stage`` (the evaluation stage).
 """
-from vlmcompress.tokens.config import METHOD_PARAMS, TokensParams
+from vlmcompress.tokens.config import IN_LM_METHODS, METHOD_PARAMS, TokensParams
+from vlmcompress.tokens.fastv import FastV
 from vlmcompress.tokens.methods import (
     ADAPTIVE, METHODS, compress, get_method, method_names, pick_attention, register_method,
 )
+from vlmcompress.tokens.patch import TokenCompressor, make_transform
 from vlmcompress.tokens.select import fastv_keep, fastv_scores
 from vlmcompress.tokens.thresholds import iqr_threshold, lof_scores, lof_threshold, topk_mask
 from vlmcompress.tokens.types import (
@@ -17,7 +20,8 @@ from vlmcompress.tokens.types import (
 )
 
 __all__ = [
-    "ADAPTIVE", "METHODS", "METHOD_PARAMS", "TokensParams", "compress", "get_method", "method_names",
+    "ADAPTIVE", "METHODS", "METHOD_PARAMS", "IN_LM_METHODS", "TokensParams", "FastV", "TokenCompressor",
+    "make_transform", "compress", "get_method", "method_names",
     "pick_attention", "register_method", "fastv_keep", "fastv_scores", "iqr_threshold", "lof_scores",
     "lof_threshold", "topk_mask", "Compressed", "VisualTokens", "resolve_budget", "KIND_PAD",
     "KIND_SALIENT", "KIND_RECOVERED", "KIND_MERGED", "KIND_GLOBAL", "KIND_POOLED", "KIND_NAMES",

@@ -3,7 +3,9 @@ at which budgets, on which vision layer, and each method's own parameters.
 
 Each method's dataclass lists exactly the keyword parameters its function in
 :mod:`vlmcompress.tokens.methods` accepts (besides ``budget``, ``attention`` and
-``generator``), with the defaults used there; :data:`METHOD_PARAMS` maps a method name to it.
+``generator``), with the defaults used there; :data:`METHOD_PARAMS` maps a method name to it
+(``fastv``, which prunes inside the LM, takes its parameters in :mod:`vlmcompress.tokens.fastv`).
+``eval`` holds the stage's settings.
 Defaults follow the official code of each method, except ``merge_mode`` (see below).
 """
 from __future__ import annotations
@@ -101,6 +103,19 @@ class VisionZipParams:
 
 
 @dataclass(frozen=True)
+class FastVParams:
+    """``fastv`` (arXiv 2403.06764): visual tokens dropped inside the LM. The first ``layer``
+    decoder layers see every token; the attention the last prompt token pays to each visual
+    token in layer ``layer`` (1-based; official K = 2) picks the ones the remaining layers keep.
+    No adaptive mode. Runs in :mod:`vlmcompress.tokens.fastv`, not in the methods registry."""
+
+    layer: int = 2
+
+    def __post_init__(self) -> None:
+        _check_min("fastv", "layer", self.layer, 1)
+
+
+@dataclass(frozen=True)
 class RecoverableParams:
     """``recoverable`` (arXiv 2409.01179): salient tokens by CLS attention, recovered tokens by
     text similarity, the rest merged into attention-ranked centres plus one global token."""
@@ -149,7 +164,39 @@ METHOD_PARAMS: dict[str, type] = {
     "prumerge_plus": PruMergePlusParams,
     "visionzip": VisionZipParams,
     "recoverable": RecoverableParams,
+    "fastv": FastVParams,
 }
+IN_LM_METHODS = {"fastv"}   # prune inside the LM: not in the registry of pre-LM methods
+
+
+@dataclass(frozen=True)
+class TokensEvalParams:
+    """Settings of the ``05_eval_tokens`` stage (how much to evaluate, not how to compress)."""
+
+    max_questions: int = 1000        # VQA test questions, type-stratified (0: all)
+    batch_images: int = 32           # images per batch (all their questions, every method)
+    task_budget: float = 0.10        # captions and grounding run at this budget (and full)
+    max_captions: int = 100          # images captioned (0: all)
+    max_refs: int = 200              # referring expressions grounded (0: all)
+    examples: int = 6                # test questions saved with token maps for figures
+    example_methods: list[str] = field(
+        default_factory=lambda: ["full", "random", "prumerge", "visionzip", "recoverable"])
+    reference_method: str = "recoverable"  # its measured speedup/overhead at task_budget go to metrics
+    bench_repeats: int = 5           # timed prefills per configuration (median reported)
+    bench_batch: int = 8             # questions per timed prefill
+
+    def __post_init__(self) -> None:
+        for name in ("max_questions", "max_captions", "max_refs", "examples"):
+            _check_min("eval", name, getattr(self, name), 0)
+        for name in ("batch_images", "bench_repeats", "bench_batch"):
+            _check_min("eval", name, getattr(self, name), 1)
+        if not (0.0 < self.task_budget <= 1.0):
+            _fail("eval.task_budget", f"a fraction must be in (0, 1], got {self.task_budget}")
+        for i, name in enumerate(self.example_methods):
+            if name not in METHOD_PARAMS:
+                _fail(f"eval.example_methods[{i}]", f"unknown method {name!r} (known: {', '.join(METHOD_PARAMS)})")
+        if self.reference_method not in METHOD_PARAMS:
+            _fail("eval.reference_method", f"unknown method {self.reference_method!r}")
 
 
 @dataclass(frozen=True)
@@ -160,11 +207,9 @@ class TokensParams:
     # A float is a fraction of N (0.05 -> 29 of 576), an int a token count.
     budgets: list[int | float] = field(default_factory=lambda: [0.05, 0.10, 0.25, 0.50])
     adaptive: bool = True            # also run the adaptive mode of methods that have one
-    feature_layer: int = -2          # hidden_states index of the tokens fed to the projector (LLaVA: -2)
-    attention_layer: int = -1        # encoder layer whose CLS attention / keys score tokens
+    attention_layer: int = -1        # vision encoder layer whose CLS attention / keys score tokens
                                      # (PruMerge, Recoverable: last = 23; VisionZip's own code: -2)
     attention: Literal["head_mean", "full"] = "head_mean"  # VisualTokens.cls_attn or .cls_attn_full
-    fastv_layer: int = 2             # FastV: prune after this LM layer (official K = 2)
     full: FullParams = field(default_factory=FullParams)
     random: RandomParams = field(default_factory=RandomParams)
     pool: PoolParams = field(default_factory=PoolParams)
@@ -172,6 +217,8 @@ class TokensParams:
     prumerge_plus: PruMergePlusParams = field(default_factory=PruMergePlusParams)
     visionzip: VisionZipParams = field(default_factory=VisionZipParams)
     recoverable: RecoverableParams = field(default_factory=RecoverableParams)
+    fastv: FastVParams = field(default_factory=FastVParams)
+    eval: TokensEvalParams = field(default_factory=TokensEvalParams)
 
     def __post_init__(self) -> None:
         for i, name in enumerate(self.methods):
@@ -184,7 +231,6 @@ class TokensParams:
                 _fail(f"budgets[{i}]", f"a token count must be >= 1, got {b}")
             if isinstance(b, float) and not (0.0 < b <= 1.0):
                 _fail(f"budgets[{i}]", f"a fraction must be in (0, 1], got {b}")
-        _check_min("", "fastv_layer", self.fastv_layer, 0)
 
     def method_params(self, name: str) -> dict[str, Any]:
         """Keyword parameters for method ``name`` (its section as a dict)."""

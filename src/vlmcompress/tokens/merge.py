@@ -105,6 +105,23 @@ def global_token(tokens: Tensor, weights: Tensor, members: Tensor, *,
     return agg.unsqueeze(1).to(tokens.dtype), valid
 
 
+def visionzip_targets(remaining: Tensor, n_contextual: int | Tensor) -> tuple[Tensor, Tensor]:
+    """The targets of :func:`visionzip_contextual`: remaining ranks 0, s, 2s, … (first c).
+
+    remaining [B, N] bool, n_contextual int or [B] -> targets [B, N] bool, c [B] long (capped
+    at the number of remaining tokens)
+    """
+    B = remaining.shape[0]
+    dev = remaining.device
+    n_rem = remaining.sum(dim=1)
+    c = n_contextual.to(dev).long() if isinstance(n_contextual, Tensor) else \
+        torch.full((B,), int(n_contextual), dtype=torch.long, device=dev)
+    c = torch.minimum(c.clamp(min=0), n_rem)
+    rank = remaining.long().cumsum(dim=1) - 1
+    step = torch.clamp(n_rem // c.clamp(min=1), min=1).unsqueeze(1)
+    return remaining & (rank % step == 0) & (rank // step < c.unsqueeze(1)), c
+
+
 def visionzip_contextual(tokens: Tensor, keys: Tensor, remaining: Tensor,
                          n_contextual: int | Tensor) -> tuple[Tensor, Tensor]:
     """VisionZip's contextual tokens.
@@ -119,17 +136,11 @@ def visionzip_contextual(tokens: Tensor, keys: Tensor, remaining: Tensor,
     """
     B, N, D = tokens.shape
     dev = tokens.device
-    n_rem = remaining.sum(dim=1)
-    c = n_contextual.to(dev).long() if isinstance(n_contextual, Tensor) else \
-        torch.full((B,), int(n_contextual), dtype=torch.long, device=dev)
-    c = torch.minimum(c.clamp(min=0), n_rem)
+    target, c = visionzip_targets(remaining, n_contextual)
     C = int(c.max()) if B else 0
     valid = torch.arange(C, device=dev).unsqueeze(0) < c.unsqueeze(1)
     if C == 0:
         return tokens.new_zeros(B, 0, D), valid
-    rank = remaining.long().cumsum(dim=1) - 1
-    step = torch.clamp(n_rem // c.clamp(min=1), min=1).unsqueeze(1)
-    target = remaining & (rank % step == 0) & (rank // step < c.unsqueeze(1))
     tidx = front_order(target)[:, :C]                                    # [B, C]
     kn = F.normalize(keys.float(), dim=-1)
     sim = kn @ _gather_rows(kn, tidx).transpose(1, 2)                    # [B, N, C]

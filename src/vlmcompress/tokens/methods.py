@@ -26,13 +26,13 @@ from vlmcompress.tokens.config import (
     RecoverableParams, VisionZipParams,
 )
 from vlmcompress.tokens.merge import (
-    avg_pool_tokens, global_token, merge_into_centres, pool_grid, visionzip_contextual,
+    avg_pool_tokens, global_token, merge_into_centres, pool_grid, visionzip_contextual, visionzip_targets,
 )
 from vlmcompress.tokens.select import random_scores, split_budget, spread_mask, stride_mask
 from vlmcompress.tokens.thresholds import adaptive_mask, iqr_threshold, topk_mask
 from vlmcompress.tokens.types import (
     KIND_GLOBAL, KIND_MERGED, KIND_POOLED, KIND_RECOVERED, KIND_SALIENT, Compressed, VisualTokens,
-    pack, resolve_budget,
+    front_order, pack, resolve_budget,
 )
 
 Method = Callable[..., Compressed]
@@ -115,7 +115,8 @@ def _clusters_and_global(vt: VisualTokens, attn: Tensor, centres: Tensor, pool: 
     """Merged centres (pool = what they may absorb) then the global token over ``members``."""
     merged, m_valid = merge_into_centres(vt.tokens, vt.keys, attn, centres, pool,
                                          n_neighbors=n_neighbors, extra_score=extra_score, mode=mode)
-    extras = [(merged, m_valid, KIND_MERGED)]
+    cidx = front_order(centres)[:, :merged.shape[1]]                    # centres in patch order
+    extras = [(merged, m_valid, KIND_MERGED, cidx)]
     if use_global:
         g, g_valid = global_token(vt.tokens, attn, members, mode=mode)
         extras.append((g, g_valid, KIND_GLOBAL))
@@ -159,7 +160,9 @@ def pool(vt: VisualTokens, *, budget: int | float | None = None, attention: str 
     B, M, _ = pooled.shape
     valid = torch.ones(B, M, dtype=torch.bool, device=pooled.device)
     none = torch.zeros(vt.tokens.shape[:2], dtype=torch.int8, device=pooled.device)
-    return pack(vt.tokens, none, [(pooled, valid, KIND_POOLED)])
+    out = pack(vt.tokens, none, [(pooled, valid, KIND_POOLED)])
+    out.cells = torch.full_like(none, KIND_POOLED)      # every patch is averaged into a cell
+    return out
 
 
 @register_method("prumerge", adaptive=True)
@@ -228,7 +231,8 @@ def visionzip(vt: VisualTokens, *, budget: int | float | None = None, attention:
     n_ctx, n_dom = split_budget(k, (p.contextual_share,))
     dominant = topk_mask(attn, n_dom)
     ctx, valid = visionzip_contextual(vt.tokens, vt.keys, ~dominant, n_ctx)
-    return pack(vt.tokens, _kept_kind((dominant, KIND_SALIENT)), [(ctx, valid, KIND_MERGED)])
+    targets = front_order(visionzip_targets(~dominant, n_ctx)[0])[:, :ctx.shape[1]]
+    return pack(vt.tokens, _kept_kind((dominant, KIND_SALIENT)), [(ctx, valid, KIND_MERGED, targets)])
 
 
 @register_method("recoverable", adaptive=True)

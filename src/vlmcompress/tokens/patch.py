@@ -1,25 +1,44 @@
-"""Attach a registered token-compression method to one LVLM instance.
+"""Attach a token-compression method to one LVLM instance, for one call.
 
-The method is pure tensor code (:mod:`vlmcompress.tokens.methods`); this is the thin layer
-that feeds it from the adapter's :class:`~vlmcompress.lvlm.adapter.VisualFeatures`: CLS
-attention and keys of the chosen vision layer, and — for text-guided methods — the cosine
-similarity of every patch (in CLIP's joint space) to the question's CLIP text embedding.
-Nothing is patched on a class: a :class:`TokenCompressor` is a plain callable passed to
-``LVLM.generate(transform=...)`` for one call, so it is detached as soon as that call returns.
+The methods are pure tensor code (:mod:`vlmcompress.tokens.methods`); :class:`TokenCompressor`
+is the thin layer that feeds one from the adapter's
+:class:`~vlmcompress.lvlm.adapter.VisualFeatures`: CLS attention and keys of the chosen vision
+layer, and — for text-guided methods — the cosine similarity of every patch (in CLIP's joint
+space) to the question's CLIP text embedding. FastV, which prunes inside the LM, is
+:class:`~vlmcompress.tokens.fastv.FastV`. Nothing is patched on a class: a transform is a plain
+object passed to ``LVLM.generate(transform=...)``, so it is detached as soon as that call
+returns. :func:`make_transform` builds either from a method name and the ``tokens`` params.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from vlmcompress.tokens.config import IN_LM_METHODS, TokensParams
+from vlmcompress.tokens.fastv import FastV
 from vlmcompress.tokens.methods import compress
 from vlmcompress.tokens.types import Compressed, VisualTokens
 
 TEXT_GUIDED = {"recoverable"}
+
+
+class TextEmbeddingCache:
+    """``texts -> [B, P]`` CLIP text embeddings, each distinct text encoded once (the stage
+    runs one question through many methods and budgets)."""
+
+    def __init__(self, lvlm: Any) -> None:
+        self.lvlm = lvlm
+        self.memo: dict[str, Tensor] = {}
+
+    def __call__(self, texts: Sequence[str]) -> Tensor:
+        new = list(dict.fromkeys(t for t in texts if t not in self.memo))
+        if new:
+            self.memo.update(zip(new, self.lvlm.text_embeddings(new)))
+        return torch.stack([self.memo[t] for t in texts])
 
 
 @dataclass
@@ -27,7 +46,8 @@ class TokenCompressor:
     """``(features, questions) -> (tokens [B, K, D], mask [B, K])`` for ``LVLM.generate``.
 
     ``last`` keeps the most recent :class:`Compressed` (kinds and sources of the kept tokens),
-    for figures and for reporting the mean number of tokens kept.
+    for figures and for reporting the mean number of tokens kept. ``text_encoder`` (default:
+    the LVLM's CLIP text tower) embeds the questions of text-guided methods.
     """
 
     lvlm: Any
@@ -36,18 +56,25 @@ class TokenCompressor:
     attention: str = "head_mean"
     params: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
+    text_encoder: Callable[[Sequence[str]], Tensor] | None = None
     last: Compressed | None = None
     kept: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._gen = torch.Generator().manual_seed(self.seed)
 
+    @property
+    def uses_text(self) -> bool:
+        """Only text-guided methods read the question; the others compress per image."""
+        return self.method in TEXT_GUIDED
+
     def visual_tokens(self, feats, questions: Sequence[str]) -> VisualTokens:
         text_sim = None
         if self.method in TEXT_GUIDED:
-            text = self.lvlm.text_embeddings(questions)                 # [B, P]
+            encode = self.text_encoder or self.lvlm.text_embeddings
+            text = encode(questions)                                    # [B, P]
             patches = self.lvlm.patch_embeddings(feats)                 # [B, N, P]
-            text_sim = torch.einsum("bnp,bp->bn", patches, text)
+            text_sim = torch.einsum("bnp,bp->bn", patches, text.to(patches))
         return VisualTokens(tokens=feats.tokens, keys=feats.keys, cls_attn=feats.cls_attn,
                             cls_attn_full=feats.cls_attn_full, text_sim=text_sim, grid=feats.grid)
 
@@ -61,3 +88,19 @@ class TokenCompressor:
     @property
     def mean_tokens(self) -> float:
         return sum(self.kept) / len(self.kept) if self.kept else float("nan")
+
+
+def make_transform(lvlm: Any, method: str, budget: int | float | None, params: TokensParams,
+                   seed: int = 0, text_encoder: Callable[[Sequence[str]], Tensor] | None = None
+                   ) -> TokenCompressor | FastV | None:
+    """The transform of a named method at a budget (``None``: adaptive), configured from the
+    ``tokens`` params; ``None`` for ``full`` (every token, the adapter's fastest path)."""
+    kwargs = params.method_params(method)
+    if method == "full":
+        return None
+    if method in IN_LM_METHODS:
+        if budget is None:
+            raise ValueError(f"{method}: has no adaptive mode; give a budget")
+        return FastV(budget=budget, **kwargs)
+    return TokenCompressor(lvlm, method, budget=budget, attention=params.attention, params=kwargs,
+                           seed=seed, text_encoder=text_encoder)

@@ -101,6 +101,10 @@ class Compressed:
     mask: Tensor
     source: Tensor
     kind: Tensor
+    # [B, N] int8, the role of each original patch (for figures): KIND_SALIENT / KIND_RECOVERED
+    # if kept, KIND_MERGED if it is a cluster centre (or a VisionZip target), KIND_POOLED for
+    # pooling, 0 otherwise (dropped: absorbed by a cluster or the global token, or lost)
+    cells: Tensor | None = None
 
     def counts(self) -> Tensor:
         """[B] number of real tokens per image."""
@@ -146,14 +150,19 @@ def pack(tokens: Tensor, kept_kind: Tensor,
     kept_kind: [B, N] int, KIND_* of each kept patch (0 = dropped); kept patches stay in
                row-major order, whatever their kind
     extras:    (values [B, M, D], valid [B, M] bool, kind) groups appended after the kept
-               patches, in the given order, invalid rows skipped
+               patches, in the given order, invalid rows skipped; an optional fourth item,
+               centre patch indices [B, M], marks those patches with ``kind`` in ``cells``
     """
     B, N, D = tokens.shape
     dev = tokens.device
     parts_t, parts_v, parts_k, parts_s = [tokens], [kept_kind > 0], [kept_kind.to(torch.int8)], \
         [torch.arange(N, device=dev).expand(B, N)]
-    for values, valid, kind in extras:
+    cells = kept_kind.to(torch.int8).clone()
+    for values, valid, kind, *centres in extras:
         M = values.shape[1]
+        if centres and M > 0:
+            mark = torch.zeros_like(cells).scatter_(1, centres[0], valid.to(torch.int8))
+            cells = torch.where((mark > 0) & (cells == 0), torch.tensor(kind, dtype=torch.int8, device=dev), cells)
         parts_t.append(values.to(tokens.dtype))
         parts_v.append(valid)
         parts_k.append(torch.full((B, M), kind, dtype=torch.int8, device=dev))
@@ -167,4 +176,4 @@ def pack(tokens: Tensor, kept_kind: Tensor,
     kind = torch.cat(parts_k, dim=1).gather(1, order).masked_fill(~mask, KIND_PAD)
     source = torch.cat(parts_s, dim=1).gather(1, order)
     source = torch.where(mask & ((kind == KIND_SALIENT) | (kind == KIND_RECOVERED)), source, -1)
-    return Compressed(out_t, mask, source, kind)
+    return Compressed(out_t, mask, source, kind, cells)

@@ -1,0 +1,493 @@
+"""The token-compression stage (``05_eval_tokens``): every method at every budget on the test split.
+
+One pass over the test images does all the work: each batch of images goes through the vision
+tower once, and then through every (method, budget) run — full, the fixed budgets, the adaptive
+modes, FastV inside the LM. Questions are a type-stratified subset (``tokens.eval.max_questions``),
+at most one question of each type per image, so several questions share an image (one tower
+pass, and for methods that ignore the question one compression and one prefill of the image
+prefix). Captions (CIDEr) and grounding run at ``tokens.eval.task_budget``; prefill latency,
+selection overhead and peak memory are measured for every run on a small fixed batch.
+
+Writes ``outputs/tokens/``: ``metrics.json`` (``full_acc``; ``methods.<method>.<budget>`` =
+``{acc, rel_acc, mean_tokens, prefill_gflops}``; ``prefill_speedup_<task budget>``,
+``selection_overhead_pct``; task and efficiency tables), ``accuracy.csv`` (method, budget,
+mean_tokens, question_type — ``all`` for overall —, acc), ``efficiency.csv`` and
+``examples.json`` (token maps of a few test questions, for figures).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from vlmcompress.config import Params
+from vlmcompress.data.records import ImageRecord, Question
+from vlmcompress.eval.tasks import box_iou, cider, load_image, parse_box, vqa_accuracy
+from vlmcompress.io import atomic_path, write_json
+from vlmcompress.paths import outputs_dir
+from vlmcompress.tokens.config import TokensParams
+from vlmcompress.tokens.fastv import FastV
+from vlmcompress.tokens.flops import model_dims, prefill_gflops
+from vlmcompress.tokens.methods import ADAPTIVE
+from vlmcompress.tokens.patch import TEXT_GUIDED, TextEmbeddingCache, make_transform
+from vlmcompress.tokens.timing import measure_prefill
+from vlmcompress.tokens.types import KIND_SALIENT
+
+FULL_KEY = "1.00"
+VQA_TOKENS = 4        # answers are one word or a number (+ EOS)
+CAPTION_TOKENS = 40
+GROUND_TOKENS = 12
+
+
+def stage_dir():
+    return outputs_dir("tokens")
+
+
+def budget_key(budget: int | float | None) -> str:
+    """``None`` -> ``'adaptive'``, 0.1 -> ``'0.10'``, 0.125 -> ``'0.125'``, a count 64 -> ``'64'``."""
+    if budget is None:
+        return "adaptive"
+    if isinstance(budget, int):
+        return str(budget)
+    two = f"{budget:.2f}"
+    return two if math.isclose(float(two), budget, abs_tol=1e-12) else repr(budget)
+
+
+@dataclass(frozen=True)
+class Run:
+    """One evaluated configuration: a method at a budget (``None``: adaptive; ``full``: all)."""
+
+    method: str
+    budget: int | float | None
+
+    @property
+    def key(self) -> str:
+        return FULL_KEY if self.method == "full" else budget_key(self.budget)
+
+    @property
+    def label(self) -> str:
+        return f"{self.method}@{self.key}"
+
+
+def plan_runs(p: TokensParams) -> list[Run]:
+    """``full`` first (every relative accuracy needs it), then each method at each budget and,
+    with ``adaptive: true``, in its adaptive mode where it has one."""
+    runs = [Run("full", None)]
+    for m in p.methods:
+        if m == "full":
+            continue
+        runs += [Run(m, b) for b in p.budgets]
+        if p.adaptive and m in ADAPTIVE:
+            runs.append(Run(m, None))
+    return runs
+
+
+def stratified_questions(records: Sequence[ImageRecord], n: int, seed: int = 0
+                         ) -> list[tuple[ImageRecord, Question]]:
+    """A seeded subset of ``n`` questions (0: all) with each question type in its share of the
+    split (largest remainder), at most one question per type per image where possible,
+    grouped by image."""
+    every = [(r, q) for r in records for q in r.questions]
+    if n <= 0 or n >= len(every):
+        return every
+    counts = Counter(q.question_type for _, q in every)
+    exact = {t: n * c / len(every) for t, c in counts.items()}
+    quota = {t: int(v) for t, v in exact.items()}
+    for t in sorted(exact, key=lambda t: (quota[t] - exact[t], t))[: n - sum(quota.values())]:
+        quota[t] += 1
+    rng = np.random.default_rng(seed)
+    order = [records[i] for i in rng.permutation(len(records))]
+    qorder = {r.image_id: [r.questions[j] for j in rng.permutation(len(r.questions))] for r in order}
+    picked: dict[int, list[Question]] = defaultdict(list)
+    taken: set[int] = set()
+    for one_per_type in (True, False):
+        for r in order:
+            types = {q.question_type for q in picked[r.image_id]}
+            for q in qorder[r.image_id]:
+                if quota[q.question_type] == 0 or q.question_id in taken:
+                    continue
+                if one_per_type and q.question_type in types:
+                    continue
+                picked[r.image_id].append(q)
+                taken.add(q.question_id)
+                types.add(q.question_type)
+                quota[q.question_type] -= 1
+            if not any(quota.values()):
+                break
+        if not any(quota.values()):
+            break
+    return [(r, q) for r in order for q in picked.get(r.image_id, [])]
+
+
+@dataclass
+class Batch:
+    """Samples about a few images: ``images [U, 3, H, W]``, ``index [B]`` (image of each sample)."""
+
+    records: list[ImageRecord]
+    images: torch.Tensor
+    index: list[int]
+    texts: list[str] | None
+    samples: list[Any]
+
+
+def make_batches(samples: Sequence[Any], record_of: Callable[[Any], ImageRecord], text_of, n_images: int,
+                 load: Callable[[ImageRecord], torch.Tensor] = lambda r: load_image(r.path)) -> list[Batch]:
+    """Consecutive samples grouped so each batch holds ``n_images`` distinct images."""
+    groups: list[list[Any]] = []
+    seen: dict[int, int] = {}
+    for s in samples:
+        rid = record_of(s).image_id
+        if rid not in seen:
+            if not groups or len({record_of(x).image_id for x in groups[-1]}) >= n_images:
+                groups.append([])
+            seen[rid] = len(groups) - 1
+        groups[seen[rid]].append(s)
+    out = []
+    for g in groups:
+        first: dict[int, int] = {}
+        recs = []
+        for s in g:
+            r = record_of(s)
+            if r.image_id not in first:
+                first[r.image_id] = len(recs)
+                recs.append(r)
+        out.append(Batch(recs, torch.stack([load(r) for r in recs]), [first[record_of(s).image_id] for s in g],
+                         None if text_of is None else [text_of(s) for s in g], list(g)))
+    return out
+
+
+@dataclass
+class RunOutput:
+    """Per-sample outputs of one run over all batches (``samples`` in the same order)."""
+
+    samples: list[Any] = field(default_factory=list)
+    answers: list[str] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)       # visual tokens the LM attends to (FastV: after K)
+    gflops: list[float] = field(default_factory=list)
+    seconds: float = 0.0          # wall time in generate (tower pass excluded: shared by all runs)
+    cpu_seconds: float = 0.0      # process CPU time of the same
+
+
+def _visual_counts(tr: Any, n_samples: int, index: Sequence[int], n_patches: int) -> list[int]:
+    """Tokens per sample from a transform used for one call. A transform that ignores the
+    question compresses once per image when the adapter shares the prefill (then it kept one
+    count per image, and with one sample per image the two orders coincide)."""
+    if tr is None:
+        return [n_patches] * n_samples
+    kept = list(tr.kept)
+    if len(kept) == n_samples:
+        return kept
+    return [kept[i] for i in index]
+
+
+class Sweeper:
+    """Runs every configuration over batches, sharing the tower pass and text embeddings."""
+
+    def __init__(self, lvlm: Any, params: TokensParams, seed: int = 0) -> None:
+        self.lvlm, self.params, self.seed = lvlm, params, seed
+        self.dims = model_dims(lvlm)
+        self.n_patches = lvlm.grid[0] * lvlm.grid[1]
+        self.text_cache = TextEmbeddingCache(lvlm)
+
+    def gflops(self, run: Run, n_visual: int, n_text: int, n_clip: int) -> float:
+        vision, projector, lm, text = self.dims
+        N = self.n_patches
+        if run.method == "fastv":
+            g = prefill_gflops(n_patches=N, n_visual=N, n_text=n_text, vision=vision, projector=projector, lm=lm,
+                               fastv=(self.params.fastv.layer, n_visual))
+        else:
+            g = prefill_gflops(n_patches=N, n_visual=n_visual, n_text=n_text, vision=vision, projector=projector,
+                               lm=lm, text=text if run.method in TEXT_GUIDED else None, n_clip_tokens=n_clip)
+        return g["total"]
+
+    def sweep(self, batches: Sequence[Batch], runs: Sequence[Run], task: str, max_new_tokens: int,
+              progress: bool = False) -> dict[Run, RunOutput]:
+        from tqdm.auto import tqdm
+
+        lv = self.lvlm
+        out = {r: RunOutput() for r in runs}
+        for bi, batch in enumerate(tqdm(batches, disable=not progress, desc=task)):
+            n = len(batch.index)
+            texts = batch.texts if batch.texts is not None else [""] * n
+            n_text = lv.prompt_lengths(task, texts)
+            guide = lv.transform_texts(task, texts)
+            n_clip = [len(ids) for ids in lv.clip_tokenizer(guide, truncation=True).input_ids]
+            with torch.inference_mode():
+                feats = lv.visual_features(batch.images)
+            for run in runs:
+                tr = make_transform(lv, run.method, run.budget, self.params, seed=self.seed * 100_003 + bi,
+                                    text_encoder=self.text_cache)
+                t0, c0 = time.perf_counter(), time.process_time()
+                answers = lv.generate_from_features(feats, batch.texts, task=task, transform=tr,
+                                                    max_new_tokens=max_new_tokens, image_index=batch.index)
+                o = out[run]
+                o.seconds += time.perf_counter() - t0
+                o.cpu_seconds += time.process_time() - c0
+                o.samples += batch.samples
+                o.answers += answers
+                counts = _visual_counts(tr, n, batch.index, self.n_patches)
+                o.tokens += counts
+                o.gflops += [self.gflops(run, k, t, c) for k, t, c in zip(counts, n_text, n_clip)]
+        return out
+
+
+# --- scoring ---------------------------------------------------------------------------
+
+def vqa_table(outputs: dict[Run, RunOutput]) -> pd.DataFrame:
+    """Long table: method, budget, mean_tokens, question_type ('all' = overall), acc, n."""
+    rows = []
+    for run, o in outputs.items():
+        scores: dict[str, list[float]] = defaultdict(list)
+        for (_, q), a in zip(o.samples, o.answers):
+            scores[q.question_type].append(vqa_accuracy(a, q.answers))
+        mean_tokens = float(np.mean(o.tokens))
+        everything = [s for v in scores.values() for s in v]
+        for qt, v in [("all", everything)] + sorted(scores.items()):
+            rows.append({"method": run.method, "budget": run.key, "mean_tokens": round(mean_tokens, 2),
+                         "question_type": qt, "acc": round(100.0 * float(np.mean(v)), 2), "n": len(v)})
+    return pd.DataFrame(rows)
+
+
+def caption_scores(outputs: dict[Run, RunOutput]) -> dict[str, float]:
+    """CIDEr (percent) per ``method@budget``; samples are image records."""
+    out = {}
+    for run, o in outputs.items():
+        refs = {r.image_id: r.captions for r in o.samples}
+        out[run.label] = round(cider({r.image_id: a for r, a in zip(o.samples, o.answers)}, refs), 2)
+    return out
+
+
+def grounding_scores(outputs: dict[Run, RunOutput]) -> dict[str, float]:
+    """Accuracy at IoU >= 0.5 (percent) per ``method@budget``; samples are (record, ref)."""
+    out = {}
+    for run, o in outputs.items():
+        hits = []
+        for (r, ref), text in zip(o.samples, o.answers):
+            box = parse_box(text)
+            x, y, w, h = ref.bbox
+            gt = (x / r.width, y / r.height, (x + w) / r.width, (y + h) / r.height)
+            hits.append(box is not None and box_iou(box, gt) >= 0.5)
+        out[run.label] = round(100.0 * float(np.mean(hits)), 2)
+    return out
+
+
+def metrics_from(table: pd.DataFrame, outputs: dict[Run, RunOutput]) -> dict[str, Any]:
+    """The contract: ``full_acc`` and ``methods.<method>.<budget>`` blocks."""
+    overall = table[table.question_type == "all"].set_index(["method", "budget"])
+    full = outputs[next(r for r in outputs if r.method == "full")]
+    full_acc = float(overall.loc[("full", FULL_KEY), "acc"])
+    m: dict[str, Any] = {"full_acc": full_acc, "full_tokens": float(np.mean(full.tokens)),
+                         "full_prefill_gflops": round(float(np.mean(full.gflops)), 4),
+                         "vqa_questions": len(full.answers), "methods": {}}
+    for run, o in outputs.items():
+        if run.method == "full":
+            continue
+        acc = float(overall.loc[(run.method, run.key), "acc"])
+        m["methods"].setdefault(run.method, {})[run.key] = {
+            "acc": acc,
+            "rel_acc": round(100.0 * acc / full_acc, 2) if full_acc > 0 else None,
+            "mean_tokens": round(float(np.mean(o.tokens)), 2),
+            "prefill_gflops": round(float(np.mean(o.gflops)), 4),
+        }
+    return m
+
+
+def summary_table(metrics: dict[str, Any]) -> pd.DataFrame:
+    """Method x budget: ``acc (rel %) · tokens`` cells; the full model in column ``1.00``."""
+    cols: list[str] = []
+    for blocks in metrics["methods"].values():
+        cols += [k for k in blocks if k not in cols]
+    cols = sorted((c for c in cols if c != "adaptive"), key=float) + (["adaptive"] if "adaptive" in cols else [])
+    cols.append(FULL_KEY)
+    rows = {"full": {c: "" for c in cols}}
+    rows["full"][FULL_KEY] = f"{metrics['full_acc']:.1f} (100) · {metrics['full_tokens']:.0f}"
+    def cell(b: dict[str, Any] | None) -> str:
+        if b is None:
+            return ""
+        rel = "–" if b["rel_acc"] is None else f"{b['rel_acc']:.0f}"
+        return f"{b['acc']:.1f} ({rel}) · {b['mean_tokens']:.0f}"
+
+    for m, blocks in metrics["methods"].items():
+        rows[m] = {c: cell(blocks.get(c)) for c in cols}
+    return pd.DataFrame(rows).T[cols]
+
+
+# --- examples for figures --------------------------------------------------------------
+
+def pick_examples(items: Sequence[tuple[ImageRecord, Question]], n: int) -> list[tuple[ImageRecord, Question]]:
+    """Questions about images with the smallest objects, one question type after another."""
+    def smallest(r: ImageRecord) -> float:
+        return min((o.bbox[2] * o.bbox[3] for o in r.objects), default=math.inf)
+
+    by_type: dict[str, list] = defaultdict(list)
+    for it in sorted(items, key=lambda it: (smallest(it[0]), it[1].question_id)):
+        by_type[it[1].question_type].append(it)
+    out, used = [], set()
+    while len(out) < n and any(by_type.values()):
+        for t in sorted(by_type):
+            while by_type[t] and by_type[t][0][0].image_id in used:
+                by_type[t].pop(0)
+            if by_type[t] and len(out) < n:
+                it = by_type[t].pop(0)
+                used.add(it[0].image_id)
+                out.append(it)
+    return out
+
+
+def cell_kinds(tr: Any, n_patches: int) -> list[int]:
+    """Role of every grid cell (row-major) after a one-sample call: KIND_* codes, 0 = dropped."""
+    if tr is None:
+        return [KIND_SALIENT] * n_patches
+    if isinstance(tr, FastV):
+        return [KIND_SALIENT if k else 0 for k in tr.last_keep[0].tolist()]
+    return [int(k) for k in tr.last.cells[0].tolist()]
+
+
+def token_examples(lvlm: Any, items: Sequence[tuple[ImageRecord, Question]], params: TokensParams,
+                   seed: int = 0) -> list[dict[str, Any]]:
+    """Image, question, answer and per method (at the task budget) prediction + cell kinds."""
+    E = params.eval
+    n_patches = lvlm.grid[0] * lvlm.grid[1]
+    out = []
+    for rec, q in pick_examples(items, E.examples):
+        img = load_image(rec.path).unsqueeze(0)
+        entry: dict[str, Any] = {"image_id": rec.image_id, "image": str(rec.path), "question": q.question,
+                                 "question_type": q.question_type, "answer": q.answer,
+                                 "grid": list(lvlm.grid), "budget": budget_key(E.task_budget),
+                                 "objects": [{"category": o.category, "bbox": list(o.bbox)} for o in rec.objects],
+                                 "methods": {}}
+        for method in E.example_methods:
+            tr = make_transform(lvlm, method, None if method == "full" else E.task_budget, params, seed=seed)
+            pred = lvlm.generate(img, [q.question], transform=tr, max_new_tokens=VQA_TOKENS)[0]
+            entry["methods"][method] = {"prediction": pred, "correct": vqa_accuracy(pred, q.answers) > 0,
+                                        "cells": cell_kinds(tr, n_patches)}
+        out.append(entry)
+    return out
+
+
+# --- efficiency ------------------------------------------------------------------------
+
+def efficiency_table(lvlm: Any, items: Sequence[tuple[ImageRecord, Question]], runs: Sequence[Run],
+                     params: TokensParams, seed: int = 0, log=print) -> pd.DataFrame:
+    """Measured prefill cost of every run on the same ``bench_batch`` questions."""
+    E = params.eval
+    batch = make_batches(items[: E.bench_batch], lambda s: s[0], lambda s: s[1].question, E.bench_batch)[0]
+    rows = []
+    for run in runs:
+        c = measure_prefill(lvlm, batch.images, batch.texts,
+                            lambda run=run: make_transform(lvlm, run.method, run.budget, params, seed=seed),
+                            repeats=E.bench_repeats, image_index=batch.index)
+        rows.append({"method": run.method, "budget": run.key, "prefill_ms": round(c.prefill_ms, 2),
+                     "vision_ms": round(c.vision_ms, 2), "selection_ms": round(c.selection_ms, 3),
+                     "peak_mb": round(c.peak_mb, 2)})
+    df = pd.DataFrame(rows)
+    full_ms = float(df.loc[df.method == "full", "prefill_ms"].iloc[0])
+    df["speedup"] = (full_ms / df["prefill_ms"]).round(3)
+    df["selection_pct"] = (100.0 * df["selection_ms"] / df["prefill_ms"]).round(3)
+    return df
+
+
+# --- the stage -------------------------------------------------------------------------
+
+class _Clock:
+    """``with clock(name):`` adds the block's wall and process-CPU seconds under ``name``."""
+
+    def __init__(self, wall: dict[str, float], cpu: dict[str, float]) -> None:
+        self.wall, self.cpu = wall, cpu
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        w, c = time.perf_counter(), time.process_time()
+        try:
+            yield
+        finally:
+            self.wall[name] = self.wall.get(name, 0.0) + time.perf_counter() - w
+            self.cpu[name] = self.cpu.get(name, 0.0) + time.process_time() - c
+
+
+def _limit(seq: Sequence, n: int) -> list:
+    return list(seq[:n]) if n > 0 else list(seq)
+
+
+def run_tokens_stage(params: Params, splits: dict[str, list[ImageRecord]], log=print,
+                     progress: bool = False) -> dict[str, Any]:
+    """Evaluate every method x budget; write ``outputs/tokens/*``; return the metrics."""
+    from vlmcompress.lvlm.stage import load_stage_lvlm
+
+    T, E = params.tokens, params.tokens.eval
+    out_dir = stage_dir()
+    lvlm = load_stage_lvlm(params)
+    lvlm.attn_layer = T.attention_layer            # the vision layer whose CLS attention scores tokens
+    if "fastv" in T.methods and not 1 <= T.fastv.layer <= len(lvlm.language_model.layers):
+        raise ValueError(f"tokens.fastv.layer: must be in [1, {len(lvlm.language_model.layers)}] "
+                         f"for this LM, got {T.fastv.layer}")
+    test = splits["test"]
+    runs = plan_runs(T)
+    sweeper = Sweeper(lvlm, T, seed=params.seed)
+    seconds: dict[str, float] = {}
+    cpu: dict[str, float] = {}
+    clock = _Clock(seconds, cpu)
+
+    items = stratified_questions(test, E.max_questions, seed=params.seed)
+    with clock("vqa"):
+        batches = make_batches(items, lambda s: s[0], lambda s: s[1].question, E.batch_images)
+        vqa = sweeper.sweep(batches, runs, "vqa", VQA_TOKENS, progress=progress)
+    table = vqa_table(vqa)
+    metrics = metrics_from(table, vqa)
+    metrics["n_visual_tokens"] = sweeper.n_patches
+    metrics["vqa_seconds_by_method"] = {m: round(sum(o.seconds for r, o in vqa.items() if r.method == m), 1)
+                                        for m in dict.fromkeys(r.method for r in runs)}
+    metrics["vqa_cpu_seconds_by_method"] = {m: round(sum(o.cpu_seconds for r, o in vqa.items() if r.method == m), 1)
+                                            for m in dict.fromkeys(r.method for r in runs)}
+    log(f"VQA: {len(items)} questions, {len(runs)} runs in {seconds['vqa']:.0f} s (CPU {cpu['vqa']:.0f} s)")
+
+    task_runs = [Run("full", None)] + [Run(m, E.task_budget) for m in T.methods if m != "full"]
+    key = budget_key(E.task_budget)
+    with clock("captions"):
+        cap_recs = _limit(test, E.max_captions)
+        cap = sweeper.sweep(make_batches(cap_recs, lambda r: r, None, E.batch_images), task_runs, "caption",
+                            CAPTION_TOKENS, progress=progress)
+        metrics[f"caption_cider_{key}"] = caption_scores(cap)
+    with clock("grounding"):
+        refs = _limit([(r, ref) for r in test for ref in r.refs], E.max_refs)
+        ground = sweeper.sweep(make_batches(refs, lambda s: s[0], lambda s: s[1].sentence, E.batch_images),
+                               task_runs, "ground", GROUND_TOKENS, progress=progress)
+        metrics[f"grounding_acc50_{key}"] = grounding_scores(ground)
+    log(f"captions and grounding: {len(task_runs)} runs in {seconds['captions'] + seconds['grounding']:.0f} s")
+
+    with clock("efficiency"):
+        eff = efficiency_table(lvlm, items, runs, T, seed=params.seed, log=log)
+    ref = eff[(eff.method == E.reference_method) & (eff.budget == key)]
+    metrics[f"prefill_speedup_{key}"] = float(ref["speedup"].iloc[0]) if len(ref) else None
+    metrics["selection_overhead_pct"] = float(ref["selection_pct"].iloc[0]) if len(ref) else None
+    metrics["reference_method"] = E.reference_method
+    metrics["prefill_ms_full"] = float(eff.loc[eff.method == "full", "prefill_ms"].iloc[0])
+    metrics["efficiency"] = {f"{r.method}@{r.budget}": {"prefill_ms": r.prefill_ms, "speedup": r.speedup,
+                                                        "selection_pct": r.selection_pct, "peak_mb": r.peak_mb}
+                             for r in eff.itertuples()}
+
+    with clock("examples"):
+        examples = token_examples(lvlm, items, T, seed=params.seed)
+    # Wall and process CPU seconds per phase: CPU time stays meaningful on a shared machine.
+    metrics["eval_seconds"] = {k: round(v, 1) for k, v in seconds.items()}
+    metrics["eval_cpu_seconds"] = {k: round(v, 1) for k, v in cpu.items()}
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out_dir / "accuracy.csv") as tmp:
+        table.drop(columns="n").to_csv(tmp, index=False)
+    with atomic_path(out_dir / "efficiency.csv") as tmp:
+        eff.to_csv(tmp, index=False)
+    write_json(out_dir / "examples.json", examples)
+    write_json(out_dir / "metrics.json", metrics)
+    log("VQA accuracy % (share of full %) · mean visual tokens\n" + summary_table(metrics).to_string())
+    log(f"prefill speedup at {key} ({E.reference_method}): {metrics[f'prefill_speedup_{key}']}, "
+        f"selection overhead {metrics['selection_overhead_pct']} % of its prefill")
+    return metrics
