@@ -31,9 +31,11 @@ METRIC_LABELS = {"vqa_acc": "VQA accuracy (%)", "caption_cider": "CIDEr", "retri
                  "retrieval_t2i_r5": "text→image R@5 (%)", "grounding_acc50": "grounding acc@0.5 (%)",
                  "psnr": "PSNR (dB)", "ms_ssim": "MS-SSIM", "token_cos": "visual-token cosine",
                  "token_mse": "visual-token MSE"}
-# Token kinds of outputs/tokens/examples.json: colour (RGBA) drawn over each patch.
+# Cell codes of outputs/tokens/examples.json (vlmcompress.tokens.types.KIND_*; 0 = the patch's
+# token was dropped): name and the colour (RGBA) drawn over the patch.
 TOKEN_KINDS = {0: ("dropped", (0.0, 0.0, 0.0, 0.55)), 1: ("salient", (0.84, 0.15, 0.16, 0.45)),
-               2: ("recovered", (0.12, 0.47, 0.71, 0.55)), 3: ("merged centre", (1.0, 0.84, 0.0, 0.6))}
+               2: ("recovered", (0.12, 0.47, 0.71, 0.55)), 3: ("merged centre", (1.0, 0.84, 0.0, 0.6)),
+               4: ("global", (0.58, 0.40, 0.74, 0.5)), 5: ("pooled", (0.17, 0.63, 0.17, 0.45))}
 
 
 @contextlib.contextmanager
@@ -277,27 +279,52 @@ def codec_examples(data: pd.DataFrame, root: Path) -> plt.Figure:
     return fig
 
 
+def _example_runs(e: Mapping[str, Any], i: int) -> tuple[str, list[int], list[tuple[str, Mapping[str, Any]]]]:
+    """(image path, [grid rows, cols], [(method, run)]) of one examples.json entry.
+
+    The tokens stage writes ``{image, grid: [h, w], methods: {m: {prediction, cells}}}``; a
+    flat ``{image_path, grid: g, method, kinds, prediction}`` entry (one method) is read too.
+    """
+    if "methods" in e:
+        missing = [k for k in ("image", "question", "grid") if k not in e]
+        runs = [(str(m), r) for m, r in e["methods"].items()]
+        path, grid, key = e.get("image"), e.get("grid"), "cells"
+    else:
+        missing = [k for k in ("image_path", "question", "method", "grid", "kinds") if k not in e]
+        runs = [(str(e.get("method")), e)]
+        path, grid, key = e.get("image_path"), e.get("grid"), "kinds"
+    if missing:
+        raise ValueError(f"tokens examples.json entry {i}: no {missing[0]!r}")
+    gh, gw = (int(grid), int(grid)) if isinstance(grid, (int, float)) else (int(grid[0]), int(grid[1]))
+    out = []
+    for m, r in runs:
+        cells = [int(k) for k in r.get(key, [])]
+        if len(cells) != gh * gw or any(k not in TOKEN_KINDS for k in cells):
+            raise ValueError(f"tokens examples.json entry {i} ({m}): {key} must be {gh}x{gw} values in "
+                             f"{min(TOKEN_KINDS)}..{max(TOKEN_KINDS)}")
+        out.append((m, {**r, "cells": cells}))
+    return str(path), [gh, gw], out
+
+
 def token_examples_data(examples: Sequence[Mapping[str, Any]], limit: int) -> pd.DataFrame:
     """Flatten ``outputs/tokens/examples.json`` for the first ``limit`` (image, question) pairs:
-    one row per entry (method, budget), the patch kinds as a digit string, their counts."""
+    one row per (example, method), the patch kinds as a digit string and their counts."""
     rows, pairs = [], {}
+    names = [name.replace(" ", "_") for name, _ in TOKEN_KINDS.values()]
     for i, e in enumerate(examples):
-        missing = [k for k in ("image_path", "question", "method", "grid", "kinds") if k not in e]
-        if missing:
-            raise ValueError(f"tokens examples.json entry {i}: no {missing[0]!r}")
-        pair = pairs.setdefault((str(e["image_path"]), str(e["question"])), len(pairs))
+        path, (gh, gw), runs = _example_runs(e, i)
+        pair = pairs.setdefault((path, str(e["question"])), len(pairs))
         if pair >= limit:
             continue
-        g, kinds = int(e["grid"]), [int(k) for k in e["kinds"]]
-        if len(kinds) != g * g or any(k not in TOKEN_KINDS for k in kinds):
-            raise ValueError(f"tokens examples.json entry {i}: kinds must be {g}x{g} values in 0..3")
-        counts = {TOKEN_KINDS[k][0].replace(" ", "_"): kinds.count(k) for k in TOKEN_KINDS}
-        rows.append({"example": pair, "image_path": e["image_path"], "question": e["question"],
-                     "answer": e.get("answer", ""), "method": e["method"], "budget": e.get("budget"),
-                     "prediction": e.get("prediction", ""), "grid": g, **counts,
-                     "kinds": "".join(map(str, kinds))})
-    cols = ["example", "image_path", "question", "answer", "method", "budget", "prediction", "grid",
-            *(name.replace(" ", "_") for name, _ in TOKEN_KINDS.values()), "kinds"]
+        for method, r in runs:
+            cells = r["cells"]
+            rows.append({"example": pair, "image_path": path, "question": e["question"],
+                         "answer": e.get("answer", ""), "method": method, "budget": e.get("budget", r.get("budget")),
+                         "prediction": r.get("prediction", ""), "grid_h": gh, "grid_w": gw,
+                         **{n: cells.count(k) for n, k in zip(names, TOKEN_KINDS)},
+                         "kinds": "".join(map(str, cells))})
+    cols = ["example", "image_path", "question", "answer", "method", "budget", "prediction", "grid_h", "grid_w",
+            *names, "kinds"]
     return pd.DataFrame(rows, columns=cols)
 
 
@@ -318,18 +345,19 @@ def token_examples(data: pd.DataFrame, root: Path) -> plt.Figure:
                 ax = axes[i, j]
                 path = Path(r.image_path)
                 img = np.asarray(Image.open(path if path.is_absolute() else root / path).convert("RGB"))
-                g = int(r.grid)
-                kinds = np.array([int(c) for c in r.kinds]).reshape(g, g)
-                over = np.array([TOKEN_KINDS[k][1] for k in kinds.ravel()]).reshape(g, g, 4)
+                gh, gw = int(r.grid_h), int(r.grid_w)
+                kinds = np.array([int(c) for c in r.kinds]).reshape(gh, gw)
+                over = np.array([TOKEN_KINDS[k][1] for k in kinds.ravel()]).reshape(gh, gw, 4)
                 h, w = img.shape[:2]
                 ax.imshow(img, extent=(0, w, h, 0), interpolation="nearest")
                 ax.imshow(over, extent=(0, w, h, 0), interpolation="nearest")
-                kept = int(np.isin(kinds, (1, 2, 3)).sum())
-                budget = "" if pd.isna(r.budget) else f" @{r.budget}"
+                kept = int((kinds != 0).sum())
+                budget = "" if pd.isna(r.budget) or r.method == "full" else f" @{r.budget}"
                 question = f"Q: {r.question} (answer: {r.answer})\n" if j == 0 else "\n"
-                ax.set_title(f"{question}{r.method}{budget}: {kept}/{g * g} tokens -> {r.prediction}",
+                ax.set_title(f"{question}{r.method}{budget}: {kept}/{gh * gw} patches -> {r.prediction}",
                              fontsize=7, loc="left")
-        fig.legend(handles=[Patch(color=c, label=name) for name, c in TOKEN_KINDS.values()],
-                   loc="lower center", ncol=4, frameon=False)
+        shown = {int(k) for k in "".join(data["kinds"])} if len(data) else set()
+        fig.legend(handles=[Patch(color=c, label=name) for k, (name, c) in TOKEN_KINDS.items() if k in shown],
+                   loc="lower center", ncol=6, frameon=False)
         fig.tight_layout(rect=(0, 0.05, 1, 1))
     return fig
