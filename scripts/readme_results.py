@@ -15,7 +15,7 @@ import csv
 import json
 import math
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -84,22 +84,30 @@ def codec_section(root: Path) -> list[str]:
     return out
 
 
+def _budget_order(key: str) -> tuple[int, float, str]:
+    """Numeric budgets (fractions or counts) ascending, then named ones (``adaptive``)."""
+    try:
+        return (0, float(key), key)
+    except ValueError:
+        return (1, 0.0, key)
+
+
 def tokens_section(root: Path) -> list[str]:
     path = root / "outputs/tokens/accuracy.csv"
-    out = ["### Visual-token compression: VQA accuracy (%) by tokens kept", ""]
+    out = ["### Visual-token compression: VQA accuracy (%) by token budget", ""]
     if not path.is_file():
         return out + _missing("outputs/tokens/accuracy.csv")
     with open(path, newline="") as fh:
         rows = [r for r in csv.DictReader(fh) if r.get("question_type") == "all"]
-    budgets = sorted({float(r["budget"]) for r in rows})
+    budgets = sorted({r["budget"] for r in rows}, key=_budget_order)
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    cell = {(r["method"], float(r["budget"])): r for r in rows}
+    cell = {(r["method"], r["budget"]): r for r in rows}
 
-    def show(method: str, b: float) -> str:
+    def show(method: str, b: str) -> str:
         r = cell.get((method, b))
         return f"{float(r['acc']):.1f} ({float(r['mean_tokens']):.0f})" if r else "–"
 
-    out += table(["method", *(f"budget {fmt(b, 2).rstrip('0').rstrip('.')}" for b in budgets)],
+    out += table(["method", *(f"budget {b}" for b in budgets)],
                  [[meth, *(show(meth, b) for b in budgets)] for meth in methods])
     return out + ["", "Cells: accuracy (mean visual tokens kept).", ""]
 

@@ -25,11 +25,9 @@ from vlmcompress.eval.codec_stage import (bd_metrics, bd_tables, check_stage_par
                                           run_eval_codec_stage, target_report)
 from vlmcompress.eval.sweep import CodecSpec, code_images, make_pool
 from vlmcompress.lvlm import load_lvlm
-from vlmcompress.lvlm.build import build_clip, build_llava, save_lvlm
-from vlmcompress.lvlm.tokenizer import build_tokenizers, build_vocab
 
 from codec_helpers import lively, make_image
-from lvlm_helpers import TINY, WORDS
+from lvlm_helpers import TINY, save_tiny_lvlm
 
 REPO = Path(__file__).resolve().parents[1]
 CONTRACT = ("vqa_acc", "caption_cider", "retrieval_i2t_r1", "retrieval_t2i_r1", "grounding_acc50", "psnr")
@@ -49,13 +47,7 @@ def _codec_params(tokens: bool) -> CodecParams:
 
 
 def _tiny_lvlm(where: Path):
-    torch.manual_seed(0)
-    vocab = build_vocab(WORDS, ["?", ".", ",", "[", "]"])
-    tok, clip_tok = build_tokenizers(vocab)
-    ids = {k: tok.convert_tokens_to_ids(k) for k in ("<pad>", "<s>", "</s>", "<image>")}
-    clip = build_clip(TINY, len(vocab), ids["<pad>"], ids["<s>"], ids["</s>"])
-    llava = build_llava(TINY, clip, len(vocab), ids["<image>"], ids["<pad>"], ids["<s>"], ids["</s>"])
-    folder = save_lvlm(where, llava, tok, clip, clip_tok)
+    folder = save_tiny_lvlm(where)
     return load_lvlm(str(folder / "llava"), str(folder / "clip"))
 
 
@@ -89,7 +81,7 @@ def world(tmp_path_factory):
         P = load_params(root / "params.yaml")
         generate_scenes(P.data.scenes, root / "outputs/data/dataset", workers=1)
         splits = load_all(root / "outputs/data/dataset")
-        lvlm = _tiny_lvlm(root / "lvlm")
+        lvlm = _tiny_lvlm(root / "outputs/lvlm/model")     # where load_stage_lvlm looks
         models = root / "outputs/codec/models"
         train = torch.stack([torch.from_numpy(np.array(Image.open(r.path).convert("RGB"))).permute(2, 0, 1)
                              for r in splits["train"]])
@@ -283,3 +275,30 @@ def test_missing_model_folder_is_one_line_error(tmp_path):
         codec_stage.learned_codecs(tmp_path)
     shutil.rmtree(tmp_path / "ours")
     assert codec_stage.learned_codecs(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_eval_and_figures_notebooks_run_end_to_end(world, first_run):
+    """04_eval_codec then 06_figures through papermill in the tiny world (token outputs synthetic)."""
+    import nbformat
+    import papermill
+
+    from test_figures import _write_token_inputs
+
+    root = world["root"]
+    _write_token_inputs(root)
+    # Encode in a spawned pool from inside the kernel: drop one codec's cache, two workers.
+    shutil.rmtree(root / "outputs/eval_codec/cache/test/jpeg")
+    p = yaml.safe_load((root / "params.yaml").read_text())
+    p["eval_codec"]["workers"] = 2
+    (root / "params.yaml").write_text(yaml.safe_dump(p))
+    for name in ("04_eval_codec", "06_figures"):
+        out = root / "outputs/notebooks" / f"{name}.ipynb"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        papermill.execute_notebook(str(REPO / "notebooks" / f"{name}.ipynb"), str(out),
+                                   parameters={"params_path": str(root / "params.yaml")}, kernel_name="python3",
+                                   cwd=str(root), progress_bar=False)
+        nb = nbformat.read(out, as_version=4)
+        assert any(o.get("output_type") == "display_data" for c in nb.cells for o in c.get("outputs", []))
+    assert json.loads((root / "outputs/figures/metrics.json").read_text())["n_figures"] == 6
+    assert len(list((root / "outputs/eval_codec/cache/test/jpeg").rglob("*.jpg"))) == 2 * 3

@@ -18,9 +18,8 @@ from test_eval_codec import _synthetic_curves
 
 
 def _write_inputs(root: Path) -> None:
-    ev, tok = root / "outputs/eval_codec", root / "outputs/tokens"
+    ev = root / "outputs/eval_codec"
     ev.mkdir(parents=True)
-    tok.mkdir(parents=True)
     curves = _synthetic_curves()
     for m in ("caption_cider", "retrieval_i2t_r1", "retrieval_t2i_r1", "grounding_acc50", "ms_ssim"):
         curves[m] = curves["vqa_acc"]
@@ -41,14 +40,29 @@ def _write_inputs(root: Path) -> None:
                          "point": 1.0, "bpp": 0.2, "psnr": 30.0, "ms_ssim": 0.9, "target_bpp": 0.2,
                          "file": f"examples/{image}/{codec}.png"})
     pd.DataFrame(rows).to_csv(ev / "examples.csv", index=False)
-    acc = pd.DataFrame([{"method": m, "budget": b, "mean_tokens": 256 * b, "question_type": t, "acc": 40 + 10 * b}
-                        for m in ("full", "recoverable", "prumerge") for b in (0.1, 0.25, 1.0)
-                        for t in ("all", "color", "count")])
+    _write_token_inputs(root)
+
+
+def _write_token_inputs(root: Path) -> None:
+    """Synthetic outputs/tokens/{accuracy.csv, examples.json} (the token stage's contract)."""
+    tok = root / "outputs/tokens"
+    tok.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(1)
+    acc = pd.DataFrame([{"method": m, "budget": f"{b:.2f}", "mean_tokens": 256 * b, "question_type": t,
+                         "acc": 40 + 10 * b, "n": 10}
+                        for m in ("recoverable", "prumerge") for b in (0.1, 0.25, 0.5)
+                        for t in ("all", "color", "count")]
+                       + [{"method": "full", "budget": "1.00", "mean_tokens": 256, "question_type": t, "acc": 55.0,
+                           "n": 10} for t in ("all", "color", "count")])
     acc.to_csv(tok / "accuracy.csv", index=False)
     Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(root / "scene.png")
-    examples = [{"image_path": "scene.png", "question": f"what color is it {q}?", "answer": "red", "method": m,
-                 "budget": 0.1, "prediction": "red", "grid": 4, "kinds": [int(k) for k in rng.integers(0, 4, 16)]}
-                for q in range(3) for m in ("recoverable", "prumerge")]
+    # The tokens stage's layout: one entry per question, every method's cells inside.
+    examples = [{"image_id": q, "image": str(root / "scene.png"), "question": f"what color is it {q}?",
+                 "question_type": "color", "answer": "red", "grid": [4, 4], "budget": "0.10", "objects": [],
+                 "methods": {m: {"prediction": "red", "correct": True,
+                                 "cells": [int(k) for k in rng.integers(0, 6, 16)]}
+                             for m in ("full", "recoverable", "prumerge")}}
+                for q in range(3)]
     write_json(tok / "examples.json", examples)
 
 
@@ -64,7 +78,8 @@ def test_every_figure_with_its_csv(project_root, params):
         assert len(pd.read_csv(out / f"{name}.csv")) == metrics["rows"][name] > 0
     assert Image.open(out / "rate_accuracy.png").size[0] > 400
     tok = pd.read_csv(out / "token_examples.csv")
-    assert tok["example"].nunique() == 2 and set(tok["method"]) == {"recoverable", "prumerge"}
+    assert tok["example"].nunique() == 2 and set(tok["method"]) == {"full", "recoverable", "prumerge"}
+    assert (tok[["dropped", "salient", "recovered", "merged_centre", "global", "pooled"]].sum(axis=1) == 16).all()
     ra = pd.read_csv(out / "rate_accuracy.csv")
     assert set(ra["metric"]) == set(params.figures.rate_metrics)
     assert json.loads((out / "metrics.json").read_text()) == metrics
@@ -84,9 +99,17 @@ def test_missing_input_is_a_one_line_error(project_root, params):
         run_figures_stage(params)
 
 
-def test_bad_token_example_names_the_entry():
-    with pytest.raises(ValueError, match=r"entry 0: kinds must be 2x2"):
-        plots.token_examples_data([{"image_path": "x", "question": "q", "method": "m", "grid": 2,
-                                    "kinds": [0, 1, 2]}], 1)
+def test_token_examples_formats_and_errors():
+    flat = [{"image_path": "x.png", "question": "q", "method": "m", "grid": 2, "kinds": [0, 1, 2, 3],
+             "budget": "0.25", "prediction": "p"}]
+    d = plots.token_examples_data(flat, 1)
+    assert d[["grid_h", "grid_w", "dropped", "salient", "recovered"]].iloc[0].tolist() == [2, 2, 1, 1, 1]
+    with pytest.raises(ValueError, match=r"entry 0 \(m\): kinds must be 2x2 values in 0\.\.5"):
+        plots.token_examples_data([{**flat[0], "kinds": [0, 1, 2]}], 1)
+    nested = [{"image": "x.png", "question": "q", "grid": [1, 2], "methods": {"a": {"cells": [1, 7]}}}]
+    with pytest.raises(ValueError, match=r"entry 0 \(a\): cells must be 1x2 values"):
+        plots.token_examples_data(nested, 1)
+    with pytest.raises(ValueError, match=r"entry 0: no 'grid'"):
+        plots.token_examples_data([{"image": "x.png", "question": "q", "methods": {}}], 1)
     with pytest.raises(ValueError, match=r"rate_accuracy: input has no column 'vqa_acc'"):
         plots.rate_accuracy_data(pd.DataFrame({"codec": [], "kind": [], "point": [], "bpp": []}), ["vqa_acc"])

@@ -33,7 +33,8 @@ def _project(root: Path) -> None:
     (root / "outputs/tokens").mkdir(parents=True)
     (root / "outputs/tokens/accuracy.csv").write_text(
         "method,budget,mean_tokens,question_type,acc\n"
-        "recoverable,0.1,25.6,all,66.5\nrecoverable,0.1,25.6,color,70.0\nfull,1.0,256,all,70.1\n")
+        "recoverable,0.10,25.6,all,66.5\nrecoverable,0.10,25.6,color,70.0\nfull,1.00,256,all,70.1\n"
+        "recoverable,adaptive,30.2,all,67.0\n")
     (root / "outputs/repro").mkdir(parents=True)
     (root / "outputs/repro/metrics.json").write_text(json.dumps({"repro_minutes": 42.5, "cpus": 2,
                                                                  "noop_seconds": 3.2}))
@@ -49,7 +50,8 @@ def test_readme_section_from_metrics_and_idempotent(tmp_path, capsys):
     assert "| ours | -61.2 | – | – | – | – | 40.0 |" in first
     assert "| jpeg | 120.5 | – | – | – | – | – |" in first
     assert "| ours vs pixel_baseline | -30.0 |" in first
-    assert "| recoverable | 66.5 (26) | – |" in first and "| full | – | 70.1 (256) |" in first
+    assert "| method | budget 0.10 | budget 1.00 | budget adaptive |" in first
+    assert "| recoverable | 66.5 (26) | – | 67.0 (30) |" in first and "| full | – | 70.1 (256) | – |" in first
     assert "42.5 min on 2 CPUs; again with nothing changed: 3.2 s" in first
     assert "![Rate vs accuracy, every codec](outputs/figures/rate_accuracy.png)" in first
     assert "_`outputs/lvlm/metrics.json` does not exist yet" in first

@@ -20,6 +20,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 from PIL import Image  # noqa: E402
 
 # Fixed colours so a codec looks the same in every figure.
@@ -30,15 +31,25 @@ METRIC_LABELS = {"vqa_acc": "VQA accuracy (%)", "caption_cider": "CIDEr", "retri
                  "retrieval_t2i_r5": "text→image R@5 (%)", "grounding_acc50": "grounding acc@0.5 (%)",
                  "psnr": "PSNR (dB)", "ms_ssim": "MS-SSIM", "token_cos": "visual-token cosine",
                  "token_mse": "visual-token MSE"}
-# Token kinds of outputs/tokens/examples.json: colour (RGBA) drawn over each patch.
+# Cell codes of outputs/tokens/examples.json (vlmcompress.tokens.types.KIND_*; 0 = the patch's
+# token was dropped): name and the colour (RGBA) drawn over the patch.
 TOKEN_KINDS = {0: ("dropped", (0.0, 0.0, 0.0, 0.55)), 1: ("salient", (0.84, 0.15, 0.16, 0.45)),
-               2: ("recovered", (0.12, 0.47, 0.71, 0.55)), 3: ("merged centre", (1.0, 0.84, 0.0, 0.6))}
+               2: ("recovered", (0.12, 0.47, 0.71, 0.55)), 3: ("merged centre", (1.0, 0.84, 0.0, 0.6)),
+               4: ("global", (0.58, 0.40, 0.74, 0.5)), 5: ("pooled", (0.17, 0.63, 0.17, 0.45))}
 
 
 @contextlib.contextmanager
 def style() -> Iterator[None]:
     with sns.axes_style("whitegrid"), sns.plotting_context("paper", font_scale=1.1):
         yield
+
+
+def log_x(ax: plt.Axes) -> None:
+    """Log x axis labelled with plain numbers (0.1, 0.2, 0.5 ...), minor ticks unlabelled."""
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
 
 
 def codec_palette(names: Sequence[str]) -> dict[str, Any]:
@@ -96,7 +107,7 @@ def rate_accuracy(data: pd.DataFrame, title: str = "") -> plt.Figure:
             ref = data[(data["kind"] == "reference") & (data["metric"] == m)]
             if len(ref):
                 ax.axhline(float(ref["value"].iloc[0]), ls="--", lw=1, color=CODEC_COLOURS["original"])
-            ax.set_xscale("log")
+            log_x(ax)
             ax.set_xlabel("bits per pixel")
             ax.set_ylabel(label(m))
         for ax in list(axes.flat)[len(metrics):]:
@@ -128,14 +139,15 @@ def bd_rate_heatmap(data: pd.DataFrame) -> plt.Figure:
     anchor = data["anchor"].iloc[0] if len(data) else "?"
     finite = table.to_numpy(dtype=float)
     lim = float(np.nanmax(np.abs(finite))) if np.isfinite(finite).any() else 100.0
-    with style():
+    with sns.axes_style("white"), sns.plotting_context("paper", font_scale=1.1):
         fig, ax = plt.subplots(figsize=(1.1 * table.shape[1] + 2.5, 0.5 * table.shape[0] + 1.8))
         sns.heatmap(table, annot=True, fmt=".1f", cmap="RdBu_r", center=0, vmin=-lim, vmax=lim, ax=ax,
-                    cbar_kws={"label": f"BD-rate vs {anchor} (%)"})
+                    cbar_kws={"label": f"BD-rate vs {anchor} (%)"}, linewidths=0.5, linecolor="white")
         ax.set_xticklabels([label(t.get_text()) for t in ax.get_xticklabels()], rotation=35, ha="right")
+        ax.set_yticklabels(ax.get_yticklabels(), rotation=0)
         ax.set_xlabel("")
         ax.set_ylabel("")
-        ax.set_title(f"BD-rate against {anchor} (negative: fewer bits for equal quality)")
+        ax.set_title(f"BD-rate against {anchor} (negative: fewer bits for equal quality; blank: undefined)")
         fig.tight_layout()
     return fig
 
@@ -166,7 +178,7 @@ def ablation(data: pd.DataFrame) -> plt.Figure:
             m = curve["metric"].iloc[0]
             sns.lineplot(curve.sort_values("bpp"), x="bpp", y="value", hue="codec", hue_order=order, palette=pal,
                          marker="o", ax=a, estimator=None, sort=True)
-            a.set_xscale("log")
+            log_x(a)
             a.set_xlabel("bits per pixel")
             a.set_ylabel(label(m))
             a.set_title("learned codecs")
@@ -209,15 +221,22 @@ def token_accuracy(data: pd.DataFrame) -> plt.Figure:
         fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
         for ax, t in zip(axes.flat, types):
             d = data[data["question_type"] == t]
-            sns.lineplot(d, x="mean_tokens", y="acc", hue="method", hue_order=methods, palette=pal, marker="o",
-                         ax=ax, legend=False, estimator=None, sort=True)
-            ax.set_xscale("log")
+            # A method with one operating point (all tokens) is a reference line, not a curve.
+            single = [m for m in methods if d.loc[d["method"] == m, "mean_tokens"].nunique() == 1]
+            curves = d[~d["method"].isin(single)]
+            sns.lineplot(curves, x="mean_tokens", y="acc", hue="method", hue_order=methods, palette=pal,
+                         marker="o", ax=ax, legend=False, estimator=None, sort=True)
+            for m in single:
+                ax.axhline(float(d.loc[d["method"] == m, "acc"].iloc[0]), ls="--", lw=1, color=pal[m])
+            log_x(ax)
             ax.set_xlabel("visual tokens kept (mean)")
             ax.set_ylabel("VQA accuracy (%)")
             ax.set_title("all questions" if t == "all" else t)
         for ax in list(axes.flat)[len(types):]:
             ax.axis("off")
-        handles = [plt.Line2D([], [], color=pal[m], marker="o", label=m) for m in methods]
+        one = {m for m in methods if data.loc[data["method"] == m, "mean_tokens"].nunique() == 1}
+        handles = [plt.Line2D([], [], color=pal[m], marker=None if m in one else "o", ls="--" if m in one else "-",
+                              label=m) for m in methods]
         fig.legend(handles=handles, loc="lower center", ncol=min(len(methods), 6), frameon=False,
                    bbox_to_anchor=(0.5, -0.02))
         fig.tight_layout(rect=(0, 0.08, 1, 1))
@@ -237,7 +256,7 @@ def codec_examples(data: pd.DataFrame, root: Path) -> plt.Figure:
     codecs = ["original"] + [c for c in _codec_order(data[data["codec"] != "original"])]
     target = float(data["target_bpp"].iloc[0]) if "target_bpp" in data and len(data) else float("nan")
     with style():
-        fig, axes = plt.subplots(len(images), len(codecs), figsize=(1.9 * len(codecs), 2.1 * len(images)),
+        fig, axes = plt.subplots(len(images), len(codecs), figsize=(1.6 * len(codecs), 1.85 * len(images)),
                                  squeeze=False)
         for i, img in enumerate(images):
             for j, c in enumerate(codecs):
@@ -250,7 +269,8 @@ def codec_examples(data: pd.DataFrame, root: Path) -> plt.Figure:
                     ax.axis("off")
                     continue
                 r = row.iloc[0]
-                ax.imshow(np.asarray(Image.open(root / r["file"]).convert("RGB")))
+                # nearest: show the codec's pixels as they are (and keep the PNG small)
+                ax.imshow(np.asarray(Image.open(root / r["file"]).convert("RGB")), interpolation="nearest")
                 sub = "uncoded" if c == "original" else f"{r['bpp']:.3f} bpp, {r['psnr']:.1f} dB"
                 ax.set_title(f"{c}\n{sub}" if i == 0 else sub, fontsize=7)
         if math.isfinite(target):
@@ -259,27 +279,52 @@ def codec_examples(data: pd.DataFrame, root: Path) -> plt.Figure:
     return fig
 
 
+def _example_runs(e: Mapping[str, Any], i: int) -> tuple[str, list[int], list[tuple[str, Mapping[str, Any]]]]:
+    """(image path, [grid rows, cols], [(method, run)]) of one examples.json entry.
+
+    The tokens stage writes ``{image, grid: [h, w], methods: {m: {prediction, cells}}}``; a
+    flat ``{image_path, grid: g, method, kinds, prediction}`` entry (one method) is read too.
+    """
+    if "methods" in e:
+        missing = [k for k in ("image", "question", "grid") if k not in e]
+        runs = [(str(m), r) for m, r in e["methods"].items()]
+        path, grid, key = e.get("image"), e.get("grid"), "cells"
+    else:
+        missing = [k for k in ("image_path", "question", "method", "grid", "kinds") if k not in e]
+        runs = [(str(e.get("method")), e)]
+        path, grid, key = e.get("image_path"), e.get("grid"), "kinds"
+    if missing:
+        raise ValueError(f"tokens examples.json entry {i}: no {missing[0]!r}")
+    gh, gw = (int(grid), int(grid)) if isinstance(grid, (int, float)) else (int(grid[0]), int(grid[1]))
+    out = []
+    for m, r in runs:
+        cells = [int(k) for k in r.get(key, [])]
+        if len(cells) != gh * gw or any(k not in TOKEN_KINDS for k in cells):
+            raise ValueError(f"tokens examples.json entry {i} ({m}): {key} must be {gh}x{gw} values in "
+                             f"{min(TOKEN_KINDS)}..{max(TOKEN_KINDS)}")
+        out.append((m, {**r, "cells": cells}))
+    return str(path), [gh, gw], out
+
+
 def token_examples_data(examples: Sequence[Mapping[str, Any]], limit: int) -> pd.DataFrame:
     """Flatten ``outputs/tokens/examples.json`` for the first ``limit`` (image, question) pairs:
-    one row per entry (method, budget), the patch kinds as a digit string, their counts."""
+    one row per (example, method), the patch kinds as a digit string and their counts."""
     rows, pairs = [], {}
+    names = [name.replace(" ", "_") for name, _ in TOKEN_KINDS.values()]
     for i, e in enumerate(examples):
-        missing = [k for k in ("image_path", "question", "method", "grid", "kinds") if k not in e]
-        if missing:
-            raise ValueError(f"tokens examples.json entry {i}: no {missing[0]!r}")
-        pair = pairs.setdefault((str(e["image_path"]), str(e["question"])), len(pairs))
+        path, (gh, gw), runs = _example_runs(e, i)
+        pair = pairs.setdefault((path, str(e["question"])), len(pairs))
         if pair >= limit:
             continue
-        g, kinds = int(e["grid"]), [int(k) for k in e["kinds"]]
-        if len(kinds) != g * g or any(k not in TOKEN_KINDS for k in kinds):
-            raise ValueError(f"tokens examples.json entry {i}: kinds must be {g}x{g} values in 0..3")
-        counts = {TOKEN_KINDS[k][0].replace(" ", "_"): kinds.count(k) for k in TOKEN_KINDS}
-        rows.append({"example": pair, "image_path": e["image_path"], "question": e["question"],
-                     "answer": e.get("answer", ""), "method": e["method"], "budget": e.get("budget"),
-                     "prediction": e.get("prediction", ""), "grid": g, **counts,
-                     "kinds": "".join(map(str, kinds))})
-    cols = ["example", "image_path", "question", "answer", "method", "budget", "prediction", "grid",
-            *(name.replace(" ", "_") for name, _ in TOKEN_KINDS.values()), "kinds"]
+        for method, r in runs:
+            cells = r["cells"]
+            rows.append({"example": pair, "image_path": path, "question": e["question"],
+                         "answer": e.get("answer", ""), "method": method, "budget": e.get("budget", r.get("budget")),
+                         "prediction": r.get("prediction", ""), "grid_h": gh, "grid_w": gw,
+                         **{n: cells.count(k) for n, k in zip(names, TOKEN_KINDS)},
+                         "kinds": "".join(map(str, cells))})
+    cols = ["example", "image_path", "question", "answer", "method", "budget", "prediction", "grid_h", "grid_w",
+            *names, "kinds"]
     return pd.DataFrame(rows, columns=cols)
 
 
@@ -300,18 +345,19 @@ def token_examples(data: pd.DataFrame, root: Path) -> plt.Figure:
                 ax = axes[i, j]
                 path = Path(r.image_path)
                 img = np.asarray(Image.open(path if path.is_absolute() else root / path).convert("RGB"))
-                g = int(r.grid)
-                kinds = np.array([int(c) for c in r.kinds]).reshape(g, g)
-                over = np.array([TOKEN_KINDS[k][1] for k in kinds.ravel()]).reshape(g, g, 4)
+                gh, gw = int(r.grid_h), int(r.grid_w)
+                kinds = np.array([int(c) for c in r.kinds]).reshape(gh, gw)
+                over = np.array([TOKEN_KINDS[k][1] for k in kinds.ravel()]).reshape(gh, gw, 4)
                 h, w = img.shape[:2]
-                ax.imshow(img, extent=(0, w, h, 0))
+                ax.imshow(img, extent=(0, w, h, 0), interpolation="nearest")
                 ax.imshow(over, extent=(0, w, h, 0), interpolation="nearest")
-                kept = int(np.isin(kinds, (1, 2, 3)).sum())
-                budget = "" if pd.isna(r.budget) else f" @{r.budget}"
-                ax.set_title(f"{r.method}{budget}: {kept}/{g * g} tokens\n-> {r.prediction}", fontsize=7)
-            axes[i, 0].text(0, -0.32, f"Q: {d['question'].iloc[0]}  (answer: {d['answer'].iloc[0]})",
-                            transform=axes[i, 0].transAxes, fontsize=7, va="top")
-        fig.legend(handles=[Patch(color=c, label=name) for name, c in TOKEN_KINDS.values()],
-                   loc="lower center", ncol=4, frameon=False)
+                kept = int((kinds != 0).sum())
+                budget = "" if pd.isna(r.budget) or r.method == "full" else f" @{r.budget}"
+                question = f"Q: {r.question} (answer: {r.answer})\n" if j == 0 else "\n"
+                ax.set_title(f"{question}{r.method}{budget}: {kept}/{gh * gw} patches -> {r.prediction}",
+                             fontsize=7, loc="left")
+        shown = {int(k) for k in "".join(data["kinds"])} if len(data) else set()
+        fig.legend(handles=[Patch(color=c, label=name) for k, (name, c) in TOKEN_KINDS.items() if k in shown],
+                   loc="lower center", ncol=6, frameon=False)
         fig.tight_layout(rect=(0, 0.05, 1, 1))
     return fig
