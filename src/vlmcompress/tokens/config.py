@@ -210,6 +210,9 @@ class TokensParams:
     attention_layer: int = -1        # vision encoder layer whose CLS attention / keys score tokens
                                      # (PruMerge, Recoverable: last = 23; VisionZip's own code: -2)
     attention: Literal["head_mean", "full"] = "head_mean"  # VisualTokens.cls_attn or .cls_attn_full
+    # Kept tokens at their grid positions (merged ones at their centre's) and the text after the
+    # whole grid, instead of packed contiguously as LLaVA does; for an LM trained that way.
+    grid_positions: bool = False
     full: FullParams = field(default_factory=FullParams)
     random: RandomParams = field(default_factory=RandomParams)
     pool: PoolParams = field(default_factory=PoolParams)

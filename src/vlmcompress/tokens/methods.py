@@ -26,7 +26,7 @@ from vlmcompress.tokens.config import (
     RecoverableParams, VisionZipParams,
 )
 from vlmcompress.tokens.merge import (
-    avg_pool_tokens, global_token, merge_into_centres, pool_grid, visionzip_contextual, visionzip_targets,
+    avg_pool_tokens, global_token, merge_into_centres, pool_cell_centres, pool_grid, visionzip_contextual, visionzip_targets,
 )
 from vlmcompress.tokens.select import random_scores, split_budget, spread_mask, stride_mask
 from vlmcompress.tokens.thresholds import adaptive_mask, iqr_threshold, topk_mask
@@ -160,7 +160,8 @@ def pool(vt: VisualTokens, *, budget: int | float | None = None, attention: str 
     B, M, _ = pooled.shape
     valid = torch.ones(B, M, dtype=torch.bool, device=pooled.device)
     none = torch.zeros(vt.tokens.shape[:2], dtype=torch.int8, device=pooled.device)
-    out = pack(vt.tokens, none, [(pooled, valid, KIND_POOLED)])
+    centres = pool_cell_centres(vt.grid, out_grid).to(pooled.device).expand(B, M)
+    out = pack(vt.tokens, none, [(pooled, valid, KIND_POOLED, centres)])
     out.cells = torch.full_like(none, KIND_POOLED)      # every patch is averaged into a cell
     return out
 

@@ -447,6 +447,7 @@ def run_tokens_stage(params: Params, splits: dict[str, list[ImageRecord]], log=p
     table = vqa_table(vqa)
     metrics = metrics_from(table, vqa)
     metrics["n_visual_tokens"] = sweeper.n_patches
+    metrics["grid_positions"] = params.tokens.grid_positions
     metrics["vqa_seconds_by_method"] = {m: round(sum(o.seconds for r, o in vqa.items() if r.method == m), 1)
                                         for m in dict.fromkeys(r.method for r in runs)}
     metrics["vqa_cpu_seconds_by_method"] = {m: round(sum(o.cpu_seconds for r, o in vqa.items() if r.method == m), 1)
