@@ -23,7 +23,7 @@ from vlmcompress.tokens.fastv import FastV
 from vlmcompress.tokens.methods import compress
 from vlmcompress.tokens.types import Compressed, VisualTokens
 
-TEXT_GUIDED = {"recoverable"}
+TEXT_GUIDED = {"recoverable", "recoverable_spread"}
 
 
 class TextEmbeddingCache:
