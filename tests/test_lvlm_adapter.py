@@ -198,3 +198,75 @@ def test_token_compressor_text_encoder_gets_the_question_not_the_system_prompt(l
     # The cached embeddings equal a direct encoding.
     cache = TextEmbeddingCache(lvlm)
     torch.testing.assert_close(cache(qs), lvlm.text_embeddings(qs), rtol=1e-5, atol=1e-6)
+
+
+def test_grid_position_shift_counts_only_real_tokens():
+    from vlmcompress.lvlm.adapter import grid_position_shift
+
+    vmask = torch.tensor([[True, False, True, True], [True, True, False, False]])
+    positions = torch.tensor([[3, 0, 7, 15], [5, 9, 0, 0]])
+    shift, tail = grid_position_shift(vmask, positions, n_grid=16)
+    # Real slots are the 0th, 1st, 2nd real token: grid index minus that rank; padding gets 0.
+    assert shift.tolist() == [[3, 0, 6, 13], [5, 8, 0, 0]]
+    assert tail.tolist() == [16 - 3, 16 - 2]
+
+
+def _logits_with_tokens_at_grid_positions(lvlm, imgs, question, keep):
+    """Reference: the full prompt with dropped visual tokens hidden by the attention mask and
+    every token at its uncompressed position -> next-token logits ``[B, V]``."""
+    feats = lvlm.visual_features(imgs)
+    b, n, _ = feats.tokens.shape
+    embeds, mask, _, visual = lvlm._assemble(feats.tokens, torch.ones(b, n, dtype=torch.bool),
+                                             lvlm._prompt_ids("vqa", [question] * b), left_pad=False)
+    mask = mask.clone()
+    mask[visual] = keep.flatten().long()
+    pos = torch.arange(mask.shape[1]).expand(b, -1)
+    h = lvlm.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos).last_hidden_state
+    return lvlm.llava.lm_head(h[:, -1])
+
+
+@pytest.mark.parametrize("text_guided", [False, True])
+def test_grid_positions_equal_the_full_sequence_with_dropped_tokens_masked(lvlm, text_guided):
+    """Kept tokens at their grid positions, text after the whole grid: the first answer token
+    equals the one from the uncompressed sequence with the dropped tokens masked out, on the
+    shared-prefix path (image-only transform) and the per-sample path (text-guided)."""
+    torch.manual_seed(4)
+    imgs = torch.rand(2, 3, 56, 56)
+    keep = torch.zeros(2, 16, dtype=torch.bool)
+    keep[0, [1, 6, 7, 12]] = True
+    keep[1, [0, 15]] = True                     # a different count per image: padding in the batch
+
+    def transform(feats, texts):
+        k = int(keep.sum(1).max())
+        idx = torch.stack([torch.cat([r.nonzero().flatten(), r.new_zeros(k - int(r.sum()), dtype=torch.long)])
+                           for r in keep])
+        vmask = torch.arange(k)[None] < keep.sum(1, keepdim=True)
+        return feats.tokens.gather(1, idx[..., None].expand(-1, -1, feats.tokens.shape[-1])), vmask, idx
+
+    transform.uses_text = text_guided
+    q = "what color is the circle?"
+    ref = _logits_with_tokens_at_grid_positions(lvlm, imgs, q, keep).argmax(-1)
+    got = lvlm.generate(imgs, [q, q], transform=transform, max_new_tokens=1)
+    assert got == [lvlm.tokenizer.decode([int(t)], skip_special_tokens=True).strip() for t in ref]
+
+
+def test_compressed_positions_put_merged_tokens_at_their_centres():
+    from vlmcompress.tokens.methods import compress
+    from vlmcompress.tokens.types import KIND_GLOBAL, KIND_MERGED, KIND_PAD, VisualTokens
+
+    torch.manual_seed(0)
+    b, n, d = 2, 16, 8
+    attn = torch.softmax(torch.randn(b, n), -1)
+    vt = VisualTokens(tokens=torch.randn(b, n, d), keys=torch.randn(b, n, d), cls_attn=attn, cls_attn_full=None,
+                      text_sim=torch.randn(b, n), grid=(4, 4))
+    out = compress(vt, "recoverable", budget=6)
+    kept = out.source >= 0
+    assert torch.equal(out.position[kept], out.source[kept])
+    merged = out.kind == KIND_MERGED
+    centre_cells = [set(r.nonzero().flatten().tolist()) for r in (out.cells == KIND_MERGED)]
+    for i in range(b):
+        assert set(out.position[i][merged[i]].tolist()) == centre_cells[i]
+    assert bool((out.position[out.kind == KIND_GLOBAL] == n - 1).all())
+    assert bool((out.position[out.kind == KIND_PAD] == 0).all())
+    pooled = compress(vt, "pool", budget=4)          # 2 x 2 cells of a 4 x 4 grid: centres (1, 1), (1, 3), ...
+    assert pooled.position[0].tolist() == [5, 7, 13, 15]

@@ -87,3 +87,19 @@ def test_time_repro_failure_writes_nothing(tmp_path, capsys):
     assert time_repro.main(["--cmd", cmd, "--root", str(tmp_path)]) == 3
     assert "failed with exit code 3" in capsys.readouterr().err
     assert not (tmp_path / "outputs/repro/metrics.json").exists()
+
+
+def test_token_ablation_overrides_are_validated_like_params():
+    from vlmcompress.tokens.config import TokensParams
+
+    ablation = _script("token_ablation")
+    base = TokensParams()
+    t = ablation.apply_overrides(base, "grid_positions=true, recoverable.merge=false,recoverable.recovered_share=0.5")
+    assert t.grid_positions is True and t.recoverable.merge is False and t.recoverable.recovered_share == 0.5
+    assert t.prumerge == base.prumerge                       # untouched sections stay as they were
+    assert ablation.apply_overrides(base, "") == base
+    for bad in ("grid_position=true", "recoverable.nope=1", "no_equals_sign"):
+        with pytest.raises(SystemExit, match="token_ablation"):
+            ablation.apply_overrides(base, bad)
+    with pytest.raises(ValueError, match="recovered_share"):   # the loader's own range check
+        ablation.apply_overrides(base, "recoverable.recovered_share=0.9")

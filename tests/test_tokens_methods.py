@@ -12,7 +12,7 @@ from vlmcompress.tokens.thresholds import iqr_threshold
 
 H = W = 8
 N = H * W
-NAMES = {"full", "random", "pool", "prumerge", "prumerge_plus", "visionzip", "recoverable"}
+NAMES = {"full", "random", "pool", "prumerge", "prumerge_plus", "visionzip", "recoverable", "recoverable_spread"}
 FIXED = ["random", "prumerge", "prumerge_plus", "visionzip", "recoverable"]
 
 
@@ -47,7 +47,7 @@ def test_registry_lists_all_methods_with_params():
     assert set(method_names()) == NAMES
     # FastV prunes inside the LM (tokens.fastv), so it has params but no registry entry.
     assert set(METHOD_PARAMS) == NAMES | IN_LM_METHODS and not NAMES & IN_LM_METHODS
-    assert ADAPTIVE == {"prumerge", "prumerge_plus", "recoverable"}
+    assert ADAPTIVE == {"prumerge", "prumerge_plus", "recoverable", "recoverable_spread"}
 
 
 @pytest.mark.parametrize("name", sorted(NAMES))
@@ -305,3 +305,24 @@ def test_cell_map_marks_kept_patches_and_cluster_centres(name, budget):
         if name == "visionzip" and len(centres):
             # contextual tokens are means over groups that contain their target
             assert not (c.cells[b] == KIND_SALIENT)[centres].any()
+
+
+def test_recoverable_spread_spreads_the_salient_share_and_recovers_by_text():
+    """The variant keeps the faithful method's salient count but spreads those tokens evenly
+    over the grid; the rest of the budget goes to the tokens most similar to the question."""
+    torch.manual_seed(1)
+    n, d = 64, 6
+    attn = torch.zeros(1, n)
+    attn[0, :8] = 1.0                                       # CLS attention piled in the first row
+    text = torch.zeros(1, n)
+    text[0, [40, 41, 50, 51]] = torch.tensor([4.0, 3.0, 2.0, 1.0])
+    vt = VisualTokens(tokens=torch.randn(1, n, d), keys=torch.randn(1, n, d), cls_attn=attn.softmax(-1),
+                      cls_attn_full=None, text_sim=text, grid=(8, 8))
+    faithful = compress(vt, "recoverable", budget=8, merge=False, global_token=False, recovered_share=0.5)
+    spread = compress(vt, "recoverable_spread", budget=8)
+    sal_f = faithful.source[faithful.kind == KIND_SALIENT].tolist()
+    sal_s = spread.source[spread.kind == KIND_SALIENT].tolist()
+    assert sal_f == [0, 1, 2, 3] and sal_s == [8, 24, 40, 56]            # ranks (i + 0.5)·64/4
+    rec = spread.source[spread.kind == KIND_RECOVERED].tolist()
+    assert 40 not in rec and {41, 50, 51} <= set(rec)    # 40 is already salient: the next best recovered
+    assert int(spread.mask.sum()) == 8 and not bool((spread.kind == KIND_MERGED).any())

@@ -17,7 +17,7 @@ from vlmcompress.tokens.stage import (FULL_KEY, Run, budget_key, plan_runs, run_
                                       stratified_questions)
 from vlmcompress.tokens.types import KIND_NAMES
 
-BUDGET_BLOCK = {"acc", "rel_acc", "mean_tokens", "prefill_gflops"}
+BUDGET_BLOCK = {"acc", "rel_acc", "mean_tokens", "prefill_gflops", "lm_prefill_gflops"}
 
 
 def test_budget_keys():
@@ -107,6 +107,8 @@ def check_contract(P: Params, metrics: dict, root: Path, budgets: tuple[str, ...
         # 10% of 16 tokens = 2 (pooling: the largest grid with <= 2 cells, 1 x 2)
         assert metrics["methods"][m]["0.10"]["mean_tokens"] == 2, m
         assert metrics["methods"][m]["0.10"]["prefill_gflops"] < metrics["full_prefill_gflops"]
+        lm10 = metrics["methods"][m]["0.10"]["lm_prefill_gflops"]
+        assert 0 < lm10 < metrics["full_lm_prefill_gflops"] < metrics["full_prefill_gflops"]
     for key in ("prefill_speedup_0.10", "selection_overhead_pct"):
         assert isinstance(metrics[key], float) and metrics[key] > 0
     assert set(metrics["caption_cider_0.10"]) == {"full@1.00"} | {f"{m}@0.10" for m in methods}

@@ -93,7 +93,24 @@ class VisualFeatures:
 # A transform replaces the visual tokens: (features, raw questions) -> (tokens [B, K, D], mask [B, K]).
 # A transform with ``uses_text = False`` promises to ignore the texts; then questions about one
 # image share its compressed tokens and the LM prefill of the image prefix.
-TokenTransform = Callable[[VisualFeatures, Sequence[str]], tuple[Tensor, Tensor]]
+# A transform may add a third tensor, ``positions [B, K]`` long: the grid index each kept token
+# stands at. The LM then gives token k the position it would have with every token present
+# (prefix + index) and the text after the image the positions after the whole grid, instead of
+# packing the kept tokens contiguously (see :func:`grid_position_shift`).
+TokenTransform = Callable[[VisualFeatures, Sequence[str]], "tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]"]
+
+
+def grid_position_shift(vmask: Tensor, positions: Tensor, n_grid: int) -> tuple[Tensor, Tensor]:
+    """What to add to contiguous position ids so kept visual tokens sit at their grid positions.
+
+    ``vmask [B, K]`` bool real tokens (padding anywhere), ``positions [B, K]`` grid index of
+    each -> ``shift [B, K]`` for the visual slots (0 on padding) and ``tail [B]`` for every
+    token after the image: contiguous ids count only real tokens, so real slot k (k-th real
+    token) needs ``positions - k``, and text after K_b tokens needs ``n_grid - K_b``.
+    """
+    rank = vmask.long().cumsum(1) - 1
+    shift = torch.where(vmask, positions.long() - rank, torch.zeros_like(rank))
+    return shift, n_grid - vmask.long().sum(1)
 
 
 class LMDecoder(Protocol):
@@ -121,13 +138,15 @@ class LMTransform(Protocol):
 class DenseDecoder:
     """The plain LM's decoding state: its KV cache and the attention mask so far."""
 
-    def __init__(self, lvlm: "LVLM", mask: Tensor, cache: DynamicCache) -> None:
-        self.lvlm, self.mask, self.cache = lvlm, mask, cache
+    def __init__(self, lvlm: "LVLM", mask: Tensor, cache: DynamicCache, shift: Tensor | None = None) -> None:
+        self.lvlm, self.mask, self.cache, self.shift = lvlm, mask, cache, shift
 
     def step(self, embeds: Tensor) -> Tensor:
         past = self.mask.shape[1]
         self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], 1)
-        logits, self.cache = self.lvlm._lm_step(embeds, self.mask, self.cache, past)
+        if self.shift is not None:   # generated tokens follow the text: the last column's shift
+            self.shift = torch.cat([self.shift, self.shift[:, -1:]], 1)
+        logits, self.cache = self.lvlm._lm_step(embeds, self.mask, self.cache, past, self.shift)
         return logits
 
 
@@ -324,20 +343,45 @@ class LVLM:
             visual[i, start + spans[i][0]:start + spans[i][0] + spans[i][1]] = True
         return embeds, mask, (lab_t if answers is not None else None), visual
 
-    def _lm_step(self, embeds: Tensor, mask: Tensor, cache: DynamicCache | None, past_len: int) -> tuple[Tensor, DynamicCache]:
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, past_len:]
+    def _lm_step(self, embeds: Tensor, mask: Tensor, cache: DynamicCache | None, past_len: int,
+                 shift: Tensor | None = None) -> tuple[Tensor, DynamicCache]:
+        """One LM call on the new columns of ``mask [B, T]``; positions count real tokens, plus
+        ``shift [B, T]`` (grid positions of compressed visual tokens) when given."""
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        if shift is not None:
+            pos = pos + shift
+        pos = pos[:, past_len:]
         out = self.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos,
                                   past_key_values=cache, use_cache=True, return_dict=True)
         return self.llava.lm_head(out.last_hidden_state[:, -1]), out.past_key_values
 
     @staticmethod
     def _apply(feats: VisualFeatures, texts: Sequence[str], transform: TokenTransform | None
-               ) -> tuple[Tensor, Tensor]:
-        """Visual tokens and their mask: all tokens, or what ``transform`` keeps."""
+               ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Visual tokens, their mask and (if the transform gives them) their grid positions."""
         if transform is None:
             b, n, _ = feats.tokens.shape
-            return feats.tokens, torch.ones(b, n, dtype=torch.bool, device=feats.tokens.device)
-        return transform(feats, texts)
+            return feats.tokens, torch.ones(b, n, dtype=torch.bool, device=feats.tokens.device), None
+        out = transform(feats, texts)
+        return (out[0], out[1], out[2]) if len(out) == 3 else (out[0], out[1], None)
+
+    def _sequence_shift(self, vmask: Tensor, positions: Tensor | None, n_grid: int,
+                        prompts: list[tuple[list[int], list[int]]], mask: Tensor, left_pad: bool) -> Tensor | None:
+        """``shift [B, T]`` for :meth:`_assemble`'s layout ``[pre, real visual, post (, answer)]``
+        padded to ``mask [B, T]``; None when no positions were given."""
+        if positions is None:
+            return None
+        vshift, tail = grid_position_shift(vmask, positions.to(vmask.device), n_grid)
+        out = torch.zeros_like(mask)
+        for i, (pre, _) in enumerate(prompts):
+            n = int(mask[i].sum())
+            row = torch.full((n,), int(tail[i]), dtype=out.dtype, device=out.device)
+            row[:len(pre)] = 0
+            v = vshift[i][vmask[i]]
+            row[len(pre):len(pre) + v.shape[0]] = v
+            start = out.shape[1] - n if left_pad else 0
+            out[i, start:start + n] = row
+        return out
 
     def _split_inputs(self, vis: Tensor, vmask: Tensor, pre: list[int], posts: list[list[int]]
                       ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -360,19 +404,24 @@ class LVLM:
                 smask[i, s - len(post):] = 1
         return prefix, pmask, pvisual, suffix, smask
 
-    def _prefill_shared(self, prefix: Tensor, pmask: Tensor, suffix: Tensor, smask: Tensor, index: Tensor
-                        ) -> tuple[Tensor, DenseDecoder]:
+    def _prefill_shared(self, prefix: Tensor, pmask: Tensor, suffix: Tensor, smask: Tensor, index: Tensor,
+                        pshift: Tensor | None = None, tail: Tensor | None = None) -> tuple[Tensor, DenseDecoder]:
         """Prefill each image's prefix once, then each sample's suffix after its image's prefix.
 
-        The attention mask hides all padding and positions follow the mask, so results equal a
+        The attention mask hides all padding and positions follow the mask (plus ``pshift
+        [U, P]`` and, after the prefix, ``tail [U]`` for grid positions), so results equal a
         per-sample prefill.
         """
         index = index.to(self.device)
-        _, cache = self._lm_step(prefix, pmask, None, 0)
+        _, cache = self._lm_step(prefix, pmask, None, 0, pshift)
         cache.reorder_cache(index)
         mask = torch.cat([pmask.index_select(0, index), smask], 1)
-        logits, cache = self._lm_step(suffix, mask, cache, prefix.shape[1])
-        return logits, DenseDecoder(self, mask, cache)
+        shift = None
+        if pshift is not None and tail is not None:
+            shift = torch.cat([pshift.index_select(0, index),
+                               tail.index_select(0, index)[:, None].expand(-1, smask.shape[1])], 1)
+        logits, cache = self._lm_step(suffix, mask, cache, prefix.shape[1], shift)
+        return logits, DenseDecoder(self, mask, cache, shift)
 
     def transform_texts(self, task: str, texts: Sequence[str]) -> list[str]:
         """What a transform sees: the raw question / referring expression; for captions (no
@@ -412,23 +461,29 @@ class LVLM:
         decoder: LMDecoder
         if shared and (in_lm or not uses_text(transform)):
             # The visual tokens do not depend on the question: one prefix per image.
-            vis, vmask = self._apply(feats, [""] * u, None if in_lm else transform)
+            vis, vmask, gpos = self._apply(feats, [""] * u, None if in_lm else transform)
             parts = self._split_inputs(vis, vmask, prompts[0][0], [p for _, p in prompts])
             if in_lm:
                 logits, decoder = transform.prefill(self, *parts[:3], index.to(self.device), *parts[3:])
             else:
                 prefix, pmask, _, suffix, smask = parts
-                logits, decoder = self._prefill_shared(prefix, pmask, suffix, smask, index)
+                pshift = tail = None
+                if gpos is not None:
+                    vshift, tail = grid_position_shift(vmask.to(self.device).bool(), gpos.to(self.device),
+                                                       feats.tokens.shape[1])
+                    pshift = torch.cat([torch.zeros_like(pmask[:, :len(prompts[0][0])]), vshift], 1)
+                logits, decoder = self._prefill_shared(prefix, pmask, suffix, smask, index, pshift, tail)
         else:
             feats = feats if image_index is None else feats.index(index.to(feats.tokens.device))
-            vis, vmask = self._apply(feats, self.transform_texts(task, texts), None if in_lm else transform)
+            vis, vmask, gpos = self._apply(feats, self.transform_texts(task, texts), None if in_lm else transform)
             embeds, mask, _, visual = self._assemble(vis, vmask.bool(), prompts)
             if in_lm:
                 logits, decoder = transform.prefill(self, embeds, mask, visual, torch.arange(b, device=self.device),
                                                     embeds[:, :0], mask[:, :0])
             else:
-                logits, cache = self._lm_step(embeds, mask, None, 0)
-                decoder = DenseDecoder(self, mask, cache)
+                shift = self._sequence_shift(vmask.bool(), gpos, feats.tokens.shape[1], prompts, mask, True)
+                logits, cache = self._lm_step(embeds, mask, None, 0, shift)
+                decoder = DenseDecoder(self, mask, cache, shift)
         done = torch.zeros(b, dtype=torch.bool, device=self.device)
         out: list[list[int]] = [[] for _ in range(b)]
         emb = self.llava.get_input_embeddings()
@@ -450,9 +505,14 @@ class LVLM:
         """Mean cross-entropy over answer tokens (+EOS); differentiable w.r.t. ``images``."""
         if isinstance(transform, LMTransform):
             raise ValueError("answer_loss: a transform that prunes inside the LM is not supported")
-        vis, vmask = self._apply(self.visual_features(images), self.transform_texts(task, texts), transform)
-        embeds, mask, labels = self.build_inputs(vis, vmask.bool(), task, texts, answers, left_pad=False)
+        feats = self.visual_features(images)
+        vis, vmask, gpos = self._apply(feats, self.transform_texts(task, texts), transform)
+        prompts = self._prompt_ids(task, texts)
+        embeds, mask, labels, _ = self._assemble(vis, vmask.bool(), prompts, answers, left_pad=False)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        shift = self._sequence_shift(vmask.bool(), gpos, feats.tokens.shape[1], prompts, mask, False)
+        if shift is not None:
+            pos = pos + shift
         h = self.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos,
                                 return_dict=True).last_hidden_state
         logits = self.llava.lm_head(h[:, :-1])

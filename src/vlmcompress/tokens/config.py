@@ -142,8 +142,13 @@ class RecoverableParams:
     merge_mode: MergeMode = "average"
     salient_share: float = 0.5       # fixed budget: share of k for salient tokens
     recovered_share: float = 0.25    # fixed budget: share of k for recovered; the rest merged
+    # Where the salient tokens are: 'cls' = highest CLS attention (the paper); 'spread' = the
+    # same number spread evenly over the grid (recoverable_spread, an improved variant).
+    salient_source: Literal["cls", "spread"] = "cls"
 
     def __post_init__(self) -> None:
+        if self.salient_source not in ("cls", "spread"):
+            _fail("recoverable.salient_source", f"expected 'cls' or 'spread', got {self.salient_source!r}")
         for name in ("salient_neighbors", "recovery_neighbors", "centre_neighbors"):
             _check_min("recoverable", name, getattr(self, name), 1)
         _check_min("recoverable", "merge_neighbors", self.merge_neighbors, 0)
@@ -156,6 +161,20 @@ class RecoverableParams:
                   f"salient_share + recovered_share must be <= 1, got {self.salient_share + self.recovered_share}")
 
 
+@dataclass(frozen=True)
+class RecoverableSpreadParams(RecoverableParams):
+    """``recoverable_spread``: our variant of ``recoverable`` for an LM that reads token
+    statistics (counting). Salient tokens spread evenly over the grid instead of chosen by CLS
+    attention; half the budget recovered by question similarity; no merged or global tokens
+    (averages of unrelated patches, on the embedded LM, came out as box fragments and "2").
+    """
+
+    salient_source: Literal["cls", "spread"] = "spread"
+    merge: bool = False
+    global_token: bool = False
+    recovered_share: float = 0.5
+
+
 METHOD_PARAMS: dict[str, type] = {
     "full": FullParams,
     "random": RandomParams,
@@ -164,6 +183,7 @@ METHOD_PARAMS: dict[str, type] = {
     "prumerge_plus": PruMergePlusParams,
     "visionzip": VisionZipParams,
     "recoverable": RecoverableParams,
+    "recoverable_spread": RecoverableSpreadParams,
     "fastv": FastVParams,
 }
 IN_LM_METHODS = {"fastv"}   # prune inside the LM: not in the registry of pre-LM methods
@@ -210,6 +230,9 @@ class TokensParams:
     attention_layer: int = -1        # vision encoder layer whose CLS attention / keys score tokens
                                      # (PruMerge, Recoverable: last = 23; VisionZip's own code: -2)
     attention: Literal["head_mean", "full"] = "head_mean"  # VisualTokens.cls_attn or .cls_attn_full
+    # Kept tokens at their grid positions (merged ones at their centre's) and the text after the
+    # whole grid, instead of packed contiguously as LLaVA does; for an LM trained that way.
+    grid_positions: bool = False
     full: FullParams = field(default_factory=FullParams)
     random: RandomParams = field(default_factory=RandomParams)
     pool: PoolParams = field(default_factory=PoolParams)
@@ -217,6 +240,7 @@ class TokensParams:
     prumerge_plus: PruMergePlusParams = field(default_factory=PruMergePlusParams)
     visionzip: VisionZipParams = field(default_factory=VisionZipParams)
     recoverable: RecoverableParams = field(default_factory=RecoverableParams)
+    recoverable_spread: RecoverableSpreadParams = field(default_factory=RecoverableSpreadParams)
     fastv: FastVParams = field(default_factory=FastVParams)
     eval: TokensEvalParams = field(default_factory=TokensEvalParams)
 

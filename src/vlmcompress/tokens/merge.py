@@ -179,3 +179,11 @@ def avg_pool_tokens(tokens: Tensor, grid: tuple[int, int], out_grid: tuple[int, 
     x = tokens.float().view(B, H, W, D).permute(0, 3, 1, 2)
     y = F.adaptive_avg_pool2d(x, out_grid)
     return y.flatten(2).transpose(1, 2).to(tokens.dtype)
+
+
+def pool_cell_centres(grid: tuple[int, int], out_grid: tuple[int, int]) -> Tensor:
+    """Row-major patch index of the centre of each :func:`avg_pool_tokens` cell -> ``[h·w]``."""
+    (H, W), (h, w) = grid, out_grid
+    rows = (torch.arange(h) * 2 + 1) * H // (2 * h)
+    cols = (torch.arange(w) * 2 + 1) * W // (2 * w)
+    return (rows[:, None] * W + cols[None, :]).flatten()

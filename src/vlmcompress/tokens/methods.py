@@ -23,10 +23,10 @@ from torch import Tensor
 
 from vlmcompress.tokens.config import (
     FullParams, PoolParams, PruMergeParams, PruMergePlusParams, RandomParams,
-    RecoverableParams, VisionZipParams,
+    RecoverableParams, RecoverableSpreadParams, VisionZipParams,
 )
 from vlmcompress.tokens.merge import (
-    avg_pool_tokens, global_token, merge_into_centres, pool_grid, visionzip_contextual, visionzip_targets,
+    avg_pool_tokens, global_token, merge_into_centres, pool_cell_centres, pool_grid, visionzip_contextual, visionzip_targets,
 )
 from vlmcompress.tokens.select import random_scores, split_budget, spread_mask, stride_mask
 from vlmcompress.tokens.thresholds import adaptive_mask, iqr_threshold, topk_mask
@@ -160,7 +160,8 @@ def pool(vt: VisualTokens, *, budget: int | float | None = None, attention: str 
     B, M, _ = pooled.shape
     valid = torch.ones(B, M, dtype=torch.bool, device=pooled.device)
     none = torch.zeros(vt.tokens.shape[:2], dtype=torch.int8, device=pooled.device)
-    out = pack(vt.tokens, none, [(pooled, valid, KIND_POOLED)])
+    centres = pool_cell_centres(vt.grid, out_grid).to(pooled.device).expand(B, M)
+    out = pack(vt.tokens, none, [(pooled, valid, KIND_POOLED, centres)])
     out.cells = torch.full_like(none, KIND_POOLED)      # every patch is averaged into a cell
     return out
 
@@ -235,6 +236,14 @@ def visionzip(vt: VisualTokens, *, budget: int | float | None = None, attention:
     return pack(vt.tokens, _kept_kind((dominant, KIND_SALIENT)), [(ctx, valid, KIND_MERGED, targets)])
 
 
+@register_method("recoverable_spread", adaptive=True)
+def recoverable_spread(vt: VisualTokens, *, budget: int | float | None = None, attention: str = "head_mean",
+                       generator: torch.Generator | None = None, **params: Any) -> Compressed:
+    """Our variant (:class:`RecoverableSpreadParams`): the salient count of ``recoverable``,
+    but spread evenly over the grid; text-guided recovery as published; no merged tokens."""
+    return _recoverable(vt, budget, attention, _params(RecoverableSpreadParams, "recoverable_spread", params))
+
+
 @register_method("recoverable", adaptive=True)
 def recoverable(vt: VisualTokens, *, budget: int | float | None = None, attention: str = "head_mean",
                 generator: torch.Generator | None = None, **params: Any) -> Compressed:
@@ -254,7 +263,15 @@ def recoverable(vt: VisualTokens, *, budget: int | float | None = None, attentio
     global token. Official quirks not reproduced: the whole batch shares one LOF fit, and the
     centre count uses the vision width instead of N (``centre_count_base``).
     """
-    p: RecoverableParams = _params(RecoverableParams, "recoverable", params)
+    return _recoverable(vt, budget, attention, _params(RecoverableParams, "recoverable", params))
+
+
+def _spread_like(mask: Tensor) -> Tensor:
+    """As many tokens per image as ``mask [B, N]`` holds, spread evenly over the grid."""
+    return spread_mask(torch.ones_like(mask), mask.sum(dim=1))
+
+
+def _recoverable(vt: VisualTokens, budget: int | float | None, attention: str, p: RecoverableParams) -> Compressed:
     attn = pick_attention(vt, attention)
     text = vt.text_sim
     if text is None and (p.recover or (p.merge and p.text_weight != 0.0)):
@@ -267,6 +284,8 @@ def recoverable(vt: VisualTokens, *, budget: int | float | None = None, attentio
         salient = adaptive_mask(p.salient_rule, attn, None, whisker=p.whisker,
                                 n_neighbors=p.salient_neighbors, lof_threshold_value=p.lof_threshold,
                                 min_keep=p.min_salient)
+        if p.salient_source == "spread":
+            salient = _spread_like(salient)
         recovered = none
         if p.recover:
             recovered = adaptive_mask(p.recovery_rule, text, ~salient, whisker=p.whisker,
@@ -293,6 +312,8 @@ def recoverable(vt: VisualTokens, *, budget: int | float | None = None, attentio
             else:
                 n_sal += rest - n_glob
         salient = topk_mask(attn, n_sal)
+        if p.salient_source == "spread":
+            salient = _spread_like(salient)
         recovered = topk_mask(text, n_rec, ~salient) if p.recover else none
         leftover = ~(salient | recovered)
         centres = topk_mask(attn, n_ctr, leftover)

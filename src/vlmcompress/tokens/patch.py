@@ -23,7 +23,7 @@ from vlmcompress.tokens.fastv import FastV
 from vlmcompress.tokens.methods import compress
 from vlmcompress.tokens.types import Compressed, VisualTokens
 
-TEXT_GUIDED = {"recoverable"}
+TEXT_GUIDED = {"recoverable", "recoverable_spread"}
 
 
 class TextEmbeddingCache:
@@ -57,6 +57,7 @@ class TokenCompressor:
     params: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     text_encoder: Callable[[Sequence[str]], Tensor] | None = None
+    grid_positions: bool = False      # also return each token's grid position (see TokenTransform)
     last: Compressed | None = None
     kept: list[int] = field(default_factory=list)
 
@@ -78,11 +79,13 @@ class TokenCompressor:
         return VisualTokens(tokens=feats.tokens, keys=feats.keys, cls_attn=feats.cls_attn,
                             cls_attn_full=feats.cls_attn_full, text_sim=text_sim, grid=feats.grid)
 
-    def __call__(self, feats, questions: Sequence[str]) -> tuple[Tensor, Tensor]:
+    def __call__(self, feats, questions: Sequence[str]) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]:
         out = compress(self.visual_tokens(feats, questions), self.method, budget=self.budget,
                        attention=self.attention, generator=self._gen, **self.params)
         self.last = out
         self.kept += out.mask.sum(1).tolist()
+        if self.grid_positions:
+            return out.tokens, out.mask, out.position
         return out.tokens, out.mask
 
     @property
@@ -103,4 +106,4 @@ def make_transform(lvlm: Any, method: str, budget: int | float | None, params: T
             raise ValueError(f"{method}: has no adaptive mode; give a budget")
         return FastV(budget=budget, **kwargs)
     return TokenCompressor(lvlm, method, budget=budget, attention=params.attention, params=kwargs,
-                           seed=seed, text_encoder=text_encoder)
+                           seed=seed, text_encoder=text_encoder, grid_positions=params.grid_positions)

@@ -9,7 +9,7 @@ prefix). Captions (CIDEr) and grounding run at ``tokens.eval.task_budget``; pref
 selection overhead and peak memory are measured for every run on a small fixed batch.
 
 Writes ``outputs/tokens/``: ``metrics.json`` (``full_acc``; ``methods.<method>.<budget>`` =
-``{acc, rel_acc, mean_tokens, prefill_gflops}``; ``prefill_speedup_<task budget>``,
+``{acc, rel_acc, mean_tokens, prefill_gflops, lm_prefill_gflops}``; ``prefill_speedup_<task budget>``,
 ``selection_overhead_pct``; task and efficiency tables), ``accuracy.csv`` (method, budget,
 mean_tokens, question_type — ``all`` for overall —, acc), ``efficiency.csv`` and
 ``examples.json`` (token maps of a few test questions, for figures).
@@ -172,6 +172,7 @@ class RunOutput:
     answers: list[str] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)       # visual tokens the LM attends to (FastV: after K)
     gflops: list[float] = field(default_factory=list)
+    lm_gflops: list[float] = field(default_factory=list)   # the LM prefill alone (the part compression shrinks)
     seconds: float = 0.0          # wall time in generate (tower pass excluded: shared by all runs)
     cpu_seconds: float = 0.0      # process CPU time of the same
 
@@ -197,7 +198,7 @@ class Sweeper:
         self.n_patches = lvlm.grid[0] * lvlm.grid[1]
         self.text_cache = TextEmbeddingCache(lvlm)
 
-    def gflops(self, run: Run, n_visual: int, n_text: int, n_clip: int) -> float:
+    def gflops(self, run: Run, n_visual: int, n_text: int, n_clip: int) -> dict[str, float]:
         vision, projector, lm, text = self.dims
         N = self.n_patches
         if run.method == "fastv":
@@ -206,7 +207,7 @@ class Sweeper:
         else:
             g = prefill_gflops(n_patches=N, n_visual=n_visual, n_text=n_text, vision=vision, projector=projector,
                                lm=lm, text=text if run.method in TEXT_GUIDED else None, n_clip_tokens=n_clip)
-        return g["total"]
+        return g
 
     def sweep(self, batches: Sequence[Batch], runs: Sequence[Run], task: str, max_new_tokens: int,
               progress: bool = False) -> dict[Run, RunOutput]:
@@ -235,7 +236,9 @@ class Sweeper:
                 o.answers += answers
                 counts = _visual_counts(tr, n, batch.index, self.n_patches)
                 o.tokens += counts
-                o.gflops += [self.gflops(run, k, t, c) for k, t, c in zip(counts, n_text, n_clip)]
+                g = [self.gflops(run, k, t, c) for k, t, c in zip(counts, n_text, n_clip)]
+                o.gflops += [x["total"] for x in g]
+                o.lm_gflops += [x["lm"] for x in g]
         return out
 
 
@@ -286,6 +289,7 @@ def metrics_from(table: pd.DataFrame, outputs: dict[Run, RunOutput]) -> dict[str
     full_acc = float(overall.loc[("full", FULL_KEY), "acc"])
     m: dict[str, Any] = {"full_acc": full_acc, "full_tokens": float(np.mean(full.tokens)),
                          "full_prefill_gflops": round(float(np.mean(full.gflops)), 4),
+                         "full_lm_prefill_gflops": round(float(np.mean(full.lm_gflops)), 4),
                          "vqa_questions": len(full.answers), "methods": {}}
     for run, o in outputs.items():
         if run.method == "full":
@@ -296,6 +300,7 @@ def metrics_from(table: pd.DataFrame, outputs: dict[Run, RunOutput]) -> dict[str
             "rel_acc": round(100.0 * acc / full_acc, 2) if full_acc > 0 else None,
             "mean_tokens": round(float(np.mean(o.tokens)), 2),
             "prefill_gflops": round(float(np.mean(o.gflops)), 4),
+            "lm_prefill_gflops": round(float(np.mean(o.lm_gflops)), 4),
         }
     return m
 
@@ -447,6 +452,7 @@ def run_tokens_stage(params: Params, splits: dict[str, list[ImageRecord]], log=p
     table = vqa_table(vqa)
     metrics = metrics_from(table, vqa)
     metrics["n_visual_tokens"] = sweeper.n_patches
+    metrics["grid_positions"] = params.tokens.grid_positions
     metrics["vqa_seconds_by_method"] = {m: round(sum(o.seconds for r, o in vqa.items() if r.method == m), 1)
                                         for m in dict.fromkeys(r.method for r in runs)}
     metrics["vqa_cpu_seconds_by_method"] = {m: round(sum(o.cpu_seconds for r, o in vqa.items() if r.method == m), 1)

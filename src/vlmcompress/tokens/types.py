@@ -95,6 +95,9 @@ class Compressed:
     mask:   [B, K]     bool, True = real token
     source: [B, K]     long, original patch index of kept/recovered tokens; -1 otherwise
     kind:   [B, K]     int8, one of the KIND_* values (0 = padding)
+    position: [B, K]   long, the patch each token stands at: its own for a kept token, its
+                       centre's for a merged or pooled one, N - 1 (the grid's end) for a global
+                       token, 0 for padding (for LMs that give visual tokens grid positions)
     """
 
     tokens: Tensor
@@ -105,6 +108,7 @@ class Compressed:
     # if kept, KIND_MERGED if it is a cluster centre (or a VisionZip target), KIND_POOLED for
     # pooling, 0 otherwise (dropped: absorbed by a cluster or the global token, or lost)
     cells: Tensor | None = None
+    position: Tensor | None = None
 
     def counts(self) -> Tensor:
         """[B] number of real tokens per image."""
@@ -157,6 +161,7 @@ def pack(tokens: Tensor, kept_kind: Tensor,
     dev = tokens.device
     parts_t, parts_v, parts_k, parts_s = [tokens], [kept_kind > 0], [kept_kind.to(torch.int8)], \
         [torch.arange(N, device=dev).expand(B, N)]
+    parts_p = [parts_s[0]]
     cells = kept_kind.to(torch.int8).clone()
     for values, valid, kind, *centres in extras:
         M = values.shape[1]
@@ -167,6 +172,7 @@ def pack(tokens: Tensor, kept_kind: Tensor,
         parts_v.append(valid)
         parts_k.append(torch.full((B, M), kind, dtype=torch.int8, device=dev))
         parts_s.append(torch.full((B, M), -1, dtype=torch.long, device=dev))
+        parts_p.append(centres[0].long() if centres else torch.full((B, M), N - 1, dtype=torch.long, device=dev))
     valid = torch.cat(parts_v, dim=1)
     K = int(valid.sum(dim=1).max()) if B > 0 else 0
     order = front_order(valid)[:, :K]                        # real rows first, order kept
@@ -176,4 +182,5 @@ def pack(tokens: Tensor, kept_kind: Tensor,
     kind = torch.cat(parts_k, dim=1).gather(1, order).masked_fill(~mask, KIND_PAD)
     source = torch.cat(parts_s, dim=1).gather(1, order)
     source = torch.where(mask & ((kind == KIND_SALIENT) | (kind == KIND_RECOVERED)), source, -1)
-    return Compressed(out_t, mask, source, kind, cells)
+    position = torch.cat(parts_p, dim=1).gather(1, order).masked_fill(~mask, 0)
+    return Compressed(out_t, mask, source, kind, cells, position)

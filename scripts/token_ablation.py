@@ -1,0 +1,81 @@
+"""VQA accuracy by question type for token-compression settings side by side, on the stage's model.
+
+    python scripts/token_ablation.py --methods random recoverable --budgets 0.10 \
+        --set grid_positions=false --set grid_positions=true --questions 500
+
+Each ``--set`` is one configuration: comma-separated ``key=value`` overrides of the ``tokens``
+params section (dotted for a method's own params, e.g. ``recoverable.merge=false``); values
+are YAML. Prints one table per configuration (rows: method and budget; columns: question
+types). Uses the trained model under ``outputs/lvlm/model`` and the test split; writes nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from vlmcompress.config import from_dict, load_params, to_dict  # noqa: E402
+from vlmcompress.tokens.config import TokensParams  # noqa: E402
+
+
+def apply_overrides(tokens: TokensParams, spec: str) -> TokensParams:
+    """``tokens`` with ``k=v,k2=v2`` applied (validated by the same loader as params.yaml)."""
+    raw: dict[str, Any] = to_dict(tokens)
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"token_ablation: --set {spec!r}: expected key=value, got {item!r}")
+        *parents, leaf = key.strip().split(".")
+        node = raw
+        for p in parents:
+            if not isinstance(node.get(p), dict):
+                raise SystemExit(f"token_ablation: --set: tokens.{key} is not a params key")
+            node = node[p]
+        if leaf not in node:
+            raise SystemExit(f"token_ablation: --set: tokens.{key} is not a params key")
+        node[leaf] = yaml.safe_load(value)
+    return from_dict(TokensParams, raw, "tokens")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--methods", nargs="+", default=["random", "recoverable"])
+    ap.add_argument("--budgets", nargs="+", type=float, default=[0.10])
+    ap.add_argument("--adaptive", action="store_true", help="also the adaptive modes")
+    ap.add_argument("--set", dest="sets", action="append", default=[], help="one configuration (repeatable)")
+    ap.add_argument("--questions", type=int, default=500, help="stratified test questions")
+    ap.add_argument("--params", type=Path, default=ROOT / "params.yaml")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from vlmcompress.data.stage import load_all
+    from vlmcompress.lvlm.stage import load_stage_lvlm
+    from vlmcompress.tokens import stage as S
+
+    params = load_params(args.params)
+    if params.lvlm.train.threads > 0:
+        torch.set_num_threads(params.lvlm.train.threads)
+    lvlm = load_stage_lvlm(params)
+    lvlm.attn_layer = params.tokens.attention_layer
+    items = S.stratified_questions(load_all()["test"], args.questions, seed=params.seed)
+    batches = S.make_batches(items, lambda s: s[0], lambda s: s[1].question, params.tokens.eval.batch_images)
+    for spec in args.sets or [""]:
+        tokens = dataclasses.replace(apply_overrides(params.tokens, spec), methods=["full", *args.methods],
+                                     budgets=args.budgets, adaptive=args.adaptive)
+        outputs = S.Sweeper(lvlm, tokens, seed=params.seed).sweep(batches, S.plan_runs(tokens), "vqa", S.VQA_TOKENS)
+        table = S.vqa_table(outputs)
+        print(f"== {spec or 'params as given'} ({len(items)} questions)")
+        print(table.pivot_table(index=["method", "budget"], columns="question_type", values="acc").round(1).to_string())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
