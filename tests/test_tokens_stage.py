@@ -34,7 +34,7 @@ def test_plan_runs_full_first_then_budgets_and_adaptive_modes(params):
         if m != "full":
             assert {f"{m}@{k}" for k in ("0.05", "0.10", "0.25", "0.50")} <= labels
     assert {r.method for r in runs if r.budget is None and r.method != "full"} == \
-        {"prumerge", "prumerge_plus", "recoverable"}
+        {"prumerge", "prumerge_plus", "recoverable", "recoverable_spread"}
     assert len(labels) == len(runs)
 
 
