@@ -117,7 +117,8 @@ def repro_section(root: Path) -> list[str]:
     out = ["### Reproduction time", ""]
     if m is None:
         return out + ["_Not measured yet: `python scripts/time_repro.py` times `make repro`._", ""]
-    line = f"`make repro` of all stages: {fmt(m.get('repro_minutes'))} min on {m.get('cpus', '?')} CPUs"
+    cmd = m.get("command", "make repro")
+    line = f"`{cmd}`: {fmt(m.get('repro_minutes'))} min on {m.get('cpus', '?')} CPUs"
     if "noop_seconds" in m:
         line += f"; again with nothing changed: {fmt(m['noop_seconds'])} s"
     return out + [line + ".", ""]

@@ -1,7 +1,7 @@
 """Time a full reproduction: ``make repro`` (or any command), then the same again with nothing changed.
 
     python scripts/time_repro.py                       # times `make repro`, then a no-op re-run
-    python scripts/time_repro.py --cmd "dvc repro" --no-noop
+    python scripts/time_repro.py --cmd "dvc repro -f" --noop-cmd "make repro"   # every stage forced
 
 Prints ``repro_minutes: <m>`` (and ``noop_seconds: <s>``) and writes them to
 ``outputs/repro/metrics.json``, which ``scripts/readme_results.py`` puts in the README.
@@ -40,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cmd", default="make repro", help="command to time (default: make repro)")
     ap.add_argument("--noop", action=argparse.BooleanOptionalAction, default=True,
                     help="run the command a second time and time that no-op run too")
+    ap.add_argument("--noop-cmd", default=None,
+                    help="command of the second, nothing-changed run (default: --cmd; use it when --cmd forces)")
     ap.add_argument("--root", type=Path, default=ROOT, help="project root to run in")
     ap.add_argument("--out", type=Path, default=None, help="metrics file (default: <root>/outputs/repro/metrics.json)")
     args = ap.parse_args(argv)
@@ -48,12 +50,13 @@ def main(argv: list[str] | None = None) -> int:
     if code != 0:
         print(f"time_repro: `{args.cmd}` failed with exit code {code} after {seconds / 60:.2f} min", file=sys.stderr)
         return code
-    result = {"repro_minutes": round(seconds / 60, 2), "cpus": os.cpu_count() or 0}
+    result = {"repro_minutes": round(seconds / 60, 2), "cpus": os.cpu_count() or 0, "command": args.cmd}
     print(f"repro_minutes: {result['repro_minutes']}")
     if args.noop:
-        code, again = timed(cmd, args.root)
+        noop = shlex.split(args.noop_cmd) if args.noop_cmd else cmd
+        code, again = timed(noop, args.root)
         if code != 0:
-            print(f"time_repro: second `{args.cmd}` failed with exit code {code}", file=sys.stderr)
+            print(f"time_repro: second `{shlex.join(noop)}` failed with exit code {code}", file=sys.stderr)
             return code
         result["noop_seconds"] = round(again, 1)
         print(f"noop_seconds: {result['noop_seconds']}")

@@ -79,7 +79,19 @@ def test_time_repro_prints_and_writes_minutes(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.startswith("repro_minutes: ") and "noop_seconds: " in out
     m = json.loads((tmp_path / "outputs/repro/metrics.json").read_text())
-    assert set(m) == {"repro_minutes", "noop_seconds", "cpus"} and m["repro_minutes"] >= 0
+    assert set(m) == {"repro_minutes", "noop_seconds", "cpus", "command"} and m["repro_minutes"] >= 0
+
+
+def test_time_repro_second_run_can_use_its_own_command(tmp_path, capsys):
+    marker = tmp_path / "second_ran"
+    first = shlex.join([sys.executable, "-c", "pass"])
+    second = shlex.join([sys.executable, "-c", f"open({str(marker)!r}, 'w').close()"])
+    assert time_repro.main(["--cmd", first, "--noop-cmd", second, "--root", str(tmp_path)]) == 0
+    assert marker.exists()
+    bad = shlex.join([sys.executable, "-c", "raise SystemExit(4)"])
+    (tmp_path / "x").mkdir()
+    assert time_repro.main(["--cmd", first, "--noop-cmd", bad, "--root", str(tmp_path / "x")]) == 4
+    assert "second" in capsys.readouterr().err and not (tmp_path / "x/outputs/repro/metrics.json").exists()
 
 
 def test_time_repro_failure_writes_nothing(tmp_path, capsys):
