@@ -311,9 +311,10 @@ def _recoverable(vt: VisualTokens, budget: int | float | None, attention: str, p
                 n_rec += rest - n_glob
             else:
                 n_sal += rest - n_glob
-        salient = topk_mask(attn, n_sal)
         if p.salient_source == "spread":
-            salient = _spread_like(salient)
+            salient = spread_mask(torch.ones_like(attn, dtype=torch.bool), n_sal)
+        else:
+            salient = topk_mask(attn, n_sal)
         recovered = topk_mask(text, n_rec, ~salient) if p.recover else none
         leftover = ~(salient | recovered)
         centres = topk_mask(attn, n_ctr, leftover)
