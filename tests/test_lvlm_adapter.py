@@ -211,25 +211,38 @@ def test_grid_position_shift_counts_only_real_tokens():
     assert tail.tolist() == [16 - 3, 16 - 2]
 
 
-def _logits_with_tokens_at_grid_positions(lvlm, imgs, question, keep):
-    """Reference: the full prompt with dropped visual tokens hidden by the attention mask and
-    every token at its uncompressed position -> next-token logits ``[B, V]``."""
+def _greedy_with_tokens_at_grid_positions(lvlm, imgs, question, keep, steps):
+    """Reference: greedy decoding of the full prompt with the dropped visual tokens hidden by
+    the attention mask and every token at its uncompressed position, no cache -> ``[B, steps]``."""
     feats = lvlm.visual_features(imgs)
     b, n, _ = feats.tokens.shape
     embeds, mask, _, visual = lvlm._assemble(feats.tokens, torch.ones(b, n, dtype=torch.bool),
                                              lvlm._prompt_ids("vqa", [question] * b), left_pad=False)
     mask = mask.clone()
     mask[visual] = keep.flatten().long()
-    pos = torch.arange(mask.shape[1]).expand(b, -1)
-    h = lvlm.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos).last_hidden_state
-    return lvlm.llava.lm_head(h[:, -1])
+    out = []
+    for _ in range(steps):
+        pos = torch.arange(mask.shape[1]).expand(b, -1)
+        h = lvlm.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos).last_hidden_state
+        last = mask.shape[1] - 1 - mask.flip(1).argmax(1)       # the last token that is not masked out
+        nxt = lvlm.llava.lm_head(h[torch.arange(b), last]).argmax(-1)
+        out.append(nxt)
+        embeds = torch.cat([embeds, lvlm.llava.get_input_embeddings()(nxt)[:, None]], 1)
+        mask = torch.cat([mask, mask.new_ones(b, 1)], 1)
+    return torch.stack(out, 1)
 
 
+@pytest.mark.parametrize("template", ["USER: <image>\n{instruction} ASSISTANT:", "USER: {instruction} <image>"])
 @pytest.mark.parametrize("text_guided", [False, True])
-def test_grid_positions_equal_the_full_sequence_with_dropped_tokens_masked(lvlm, text_guided):
-    """Kept tokens at their grid positions, text after the whole grid: the first answer token
-    equals the one from the uncompressed sequence with the dropped tokens masked out, on the
-    shared-prefix path (image-only transform) and the per-sample path (text-guided)."""
+def test_grid_positions_equal_the_full_sequence_with_dropped_tokens_masked(lvlm, text_guided, template):
+    """Kept tokens at their grid positions, text after the whole grid: greedy answers equal those
+    of the uncompressed sequence with the dropped tokens masked out, on the shared-prefix path
+    (image-only transform) and the per-sample path (text-guided), also when nothing follows
+    the image (generated tokens then come straight after the grid)."""
+    import dataclasses
+
+    saved = lvlm.prompts
+    lvlm.prompts = dataclasses.replace(saved, template=template)
     torch.manual_seed(4)
     imgs = torch.rand(2, 3, 56, 56)
     keep = torch.zeros(2, 16, dtype=torch.bool)
@@ -245,9 +258,16 @@ def test_grid_positions_equal_the_full_sequence_with_dropped_tokens_masked(lvlm,
 
     transform.uses_text = text_guided
     q = "what color is the circle?"
-    ref = _logits_with_tokens_at_grid_positions(lvlm, imgs, q, keep).argmax(-1)
-    got = lvlm.generate(imgs, [q, q], transform=transform, max_new_tokens=1)
-    assert got == [lvlm.tokenizer.decode([int(t)], skip_special_tokens=True).strip() for t in ref]
+    try:
+        ref = _greedy_with_tokens_at_grid_positions(lvlm, imgs, q, keep, steps=4)
+        got = lvlm.generate(imgs, [q, q], transform=transform, max_new_tokens=4)
+    finally:
+        lvlm.prompts = saved
+    expect = []
+    for row in ref.tolist():
+        ids = row[:next((i for i, t in enumerate(row) if t in lvlm.eos_ids), len(row))]
+        expect.append(lvlm.tokenizer.decode(ids, skip_special_tokens=True).strip())
+    assert got == expect
 
 
 def test_compressed_positions_put_merged_tokens_at_their_centres():

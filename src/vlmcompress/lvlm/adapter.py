@@ -138,14 +138,17 @@ class LMTransform(Protocol):
 class DenseDecoder:
     """The plain LM's decoding state: its KV cache and the attention mask so far."""
 
-    def __init__(self, lvlm: "LVLM", mask: Tensor, cache: DynamicCache, shift: Tensor | None = None) -> None:
-        self.lvlm, self.mask, self.cache, self.shift = lvlm, mask, cache, shift
+    def __init__(self, lvlm: "LVLM", mask: Tensor, cache: DynamicCache, shift: Tensor | None = None,
+                 tail: Tensor | None = None) -> None:
+        """``shift [B, T]`` / ``tail [B]``: grid-position shift of the prompt and of every token
+        after the image (generated ones included); both None for contiguous positions."""
+        self.lvlm, self.mask, self.cache, self.shift, self.tail = lvlm, mask, cache, shift, tail
 
     def step(self, embeds: Tensor) -> Tensor:
         past = self.mask.shape[1]
         self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], 1)
-        if self.shift is not None:   # generated tokens follow the text: the last column's shift
-            self.shift = torch.cat([self.shift, self.shift[:, -1:]], 1)
+        if self.shift is not None and self.tail is not None:
+            self.shift = torch.cat([self.shift, self.tail[:, None].to(self.shift)], 1)
         logits, self.cache = self.lvlm._lm_step(embeds, self.mask, self.cache, past, self.shift)
         return logits
 
@@ -366,11 +369,12 @@ class LVLM:
         return (out[0], out[1], out[2]) if len(out) == 3 else (out[0], out[1], None)
 
     def _sequence_shift(self, vmask: Tensor, positions: Tensor | None, n_grid: int,
-                        prompts: list[tuple[list[int], list[int]]], mask: Tensor, left_pad: bool) -> Tensor | None:
+                        prompts: list[tuple[list[int], list[int]]], mask: Tensor, left_pad: bool
+                        ) -> tuple[Tensor | None, Tensor | None]:
         """``shift [B, T]`` for :meth:`_assemble`'s layout ``[pre, real visual, post (, answer)]``
-        padded to ``mask [B, T]``; None when no positions were given."""
+        padded to ``mask [B, T]``, and ``tail [B]`` (after the image); Nones without positions."""
         if positions is None:
-            return None
+            return None, None
         vshift, tail = grid_position_shift(vmask, positions.to(vmask.device), n_grid)
         out = torch.zeros_like(mask)
         for i, (pre, _) in enumerate(prompts):
@@ -381,7 +385,7 @@ class LVLM:
             row[len(pre):len(pre) + v.shape[0]] = v
             start = out.shape[1] - n if left_pad else 0
             out[i, start:start + n] = row
-        return out
+        return out, tail
 
     def _split_inputs(self, vis: Tensor, vmask: Tensor, pre: list[int], posts: list[list[int]]
                       ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -416,12 +420,12 @@ class LVLM:
         _, cache = self._lm_step(prefix, pmask, None, 0, pshift)
         cache.reorder_cache(index)
         mask = torch.cat([pmask.index_select(0, index), smask], 1)
-        shift = None
+        shift = tail_b = None
         if pshift is not None and tail is not None:
-            shift = torch.cat([pshift.index_select(0, index),
-                               tail.index_select(0, index)[:, None].expand(-1, smask.shape[1])], 1)
+            tail_b = tail.index_select(0, index)
+            shift = torch.cat([pshift.index_select(0, index), tail_b[:, None].expand(-1, smask.shape[1])], 1)
         logits, cache = self._lm_step(suffix, mask, cache, prefix.shape[1], shift)
-        return logits, DenseDecoder(self, mask, cache, shift)
+        return logits, DenseDecoder(self, mask, cache, shift, tail_b)
 
     def transform_texts(self, task: str, texts: Sequence[str]) -> list[str]:
         """What a transform sees: the raw question / referring expression; for captions (no
@@ -456,8 +460,11 @@ class LVLM:
         if len(texts) != b:
             raise ValueError(f"{b} samples but {len(texts)} texts")
         prompts = self._prompt_ids(task, texts)
-        shared = all(pre == prompts[0][0] for pre, _ in prompts)
         in_lm = isinstance(transform, LMTransform)
+        # One prefix per image needs a suffix per sample: with nothing after the image (a
+        # template ending in <image>) the plain path would read logits at a prefix column,
+        # which may be padding of a compressed image; such prompts go one sequence per sample.
+        shared = all(pre == prompts[0][0] for pre, _ in prompts) and (in_lm or all(post for _, post in prompts))
         decoder: LMDecoder
         if shared and (in_lm or not uses_text(transform)):
             # The visual tokens do not depend on the question: one prefix per image.
@@ -481,9 +488,9 @@ class LVLM:
                 logits, decoder = transform.prefill(self, embeds, mask, visual, torch.arange(b, device=self.device),
                                                     embeds[:, :0], mask[:, :0])
             else:
-                shift = self._sequence_shift(vmask.bool(), gpos, feats.tokens.shape[1], prompts, mask, True)
+                shift, tail = self._sequence_shift(vmask.bool(), gpos, feats.tokens.shape[1], prompts, mask, True)
                 logits, cache = self._lm_step(embeds, mask, None, 0, shift)
-                decoder = DenseDecoder(self, mask, cache, shift)
+                decoder = DenseDecoder(self, mask, cache, shift, tail)
         done = torch.zeros(b, dtype=torch.bool, device=self.device)
         out: list[list[int]] = [[] for _ in range(b)]
         emb = self.llava.get_input_embeddings()
@@ -510,7 +517,7 @@ class LVLM:
         prompts = self._prompt_ids(task, texts)
         embeds, mask, labels, _ = self._assemble(vis, vmask.bool(), prompts, answers, left_pad=False)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        shift = self._sequence_shift(vmask.bool(), gpos, feats.tokens.shape[1], prompts, mask, False)
+        shift, _ = self._sequence_shift(vmask.bool(), gpos, feats.tokens.shape[1], prompts, mask, False)
         if shift is not None:
             pos = pos + shift
         h = self.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos,
