@@ -348,15 +348,18 @@ class LVLM:
 
     def _lm_step(self, embeds: Tensor, mask: Tensor, cache: DynamicCache | None, past_len: int,
                  shift: Tensor | None = None) -> tuple[Tensor, DynamicCache]:
-        """One LM call on the new columns of ``mask [B, T]``; positions count real tokens, plus
-        ``shift [B, T]`` (grid positions of compressed visual tokens) when given."""
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        if shift is not None:
-            pos = pos + shift
-        pos = pos[:, past_len:]
+        """One LM call on the new columns of ``mask [B, T]`` (positions: :meth:`_position_ids`)."""
+        pos = self._position_ids(mask, shift)[:, past_len:]
         out = self.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos,
                                   past_key_values=cache, use_cache=True, return_dict=True)
         return self.llava.lm_head(out.last_hidden_state[:, -1]), out.past_key_values
+
+    @staticmethod
+    def _position_ids(mask: Tensor, shift: Tensor | None = None) -> Tensor:
+        """``[B, T]`` position ids counting real tokens of ``mask [B, T]``, plus ``shift [B, T]``
+        (grid positions of compressed visual tokens) when given."""
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        return pos if shift is None else pos + shift
 
     @staticmethod
     def _apply(feats: VisualFeatures, texts: Sequence[str], transform: TokenTransform | None
@@ -516,10 +519,8 @@ class LVLM:
         vis, vmask, gpos = self._apply(feats, self.transform_texts(task, texts), transform)
         prompts = self._prompt_ids(task, texts)
         embeds, mask, labels, _ = self._assemble(vis, vmask.bool(), prompts, answers, left_pad=False)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
         shift, _ = self._sequence_shift(vmask.bool(), gpos, feats.tokens.shape[1], prompts, mask, False)
-        if shift is not None:
-            pos = pos + shift
+        pos = self._position_ids(mask, shift)
         h = self.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos,
                                 return_dict=True).last_hidden_state
         logits = self.llava.lm_head(h[:, :-1])

@@ -173,7 +173,7 @@ class FastV:
         cache = DynamicCache(config=lm.config)
 
         # Layers 1..K on each image's prefix, once.
-        pos = (prefix_mask.cumsum(-1) - 1).clamp(min=0)
+        pos = lvlm._position_ids(prefix_mask)
         pe = lm.rotary_emb(prefix, pos)
         m4 = additive_mask(prefix_mask, P, prefix.dtype)
         h_in = _run_layers(early, prefix, m4, pos, pe, cache)
@@ -187,7 +187,7 @@ class FastV:
         if S > 0:   # then layers 1..K on each sample's suffix, after its prefix
             mask = torch.cat([mask, suffix_mask], 1)
             visual = torch.cat([visual, torch.zeros_like(suffix_mask, dtype=torch.bool)], 1)
-            pos_s = (mask.cumsum(-1) - 1).clamp(min=0)[:, P:]
+            pos_s = lvlm._position_ids(mask)[:, P:]
             pe_s = lm.rotary_emb(suffix, pos_s)
             m4 = additive_mask(mask, S, suffix.dtype)
             hs_in = _run_layers(early, suffix, m4, pos_s, pe_s, cache)
@@ -201,7 +201,7 @@ class FastV:
         keep = mask.bool() & (~visual | keep_vis)
         idx = compact(keep)                                                      # [B, T']
         h = h.gather(1, idx.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
-        pos2 = (mask.cumsum(-1) - 1).clamp(min=0).gather(1, idx)                 # original positions
+        pos2 = lvlm._position_ids(mask).gather(1, idx)                 # original positions
         mask2 = keep.gather(1, idx).long()
         self.selection_seconds += time.perf_counter() - t0
 
