@@ -21,7 +21,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from vlmcompress.config import from_dict, load_params, to_dict  # noqa: E402
+from vlmcompress.config import ConfigError, from_dict, load_params, to_dict  # noqa: E402
 from vlmcompress.tokens.config import TokensParams  # noqa: E402
 
 
@@ -60,16 +60,21 @@ def main(argv: list[str] | None = None) -> int:
     from vlmcompress.lvlm.stage import load_stage_lvlm
     from vlmcompress.tokens import stage as S
 
-    params = load_params(args.params)
+    # The params and every configuration are checked before the model loads: a typo fails at once.
+    try:
+        params = load_params(args.params)
+        configs = [(spec, dataclasses.replace(apply_overrides(params.tokens, spec), methods=["full", *args.methods],
+                                              budgets=args.budgets, adaptive=args.adaptive))
+                   for spec in args.sets or [""]]
+    except ConfigError as exc:
+        raise SystemExit(f"token_ablation: {exc}") from None
     if params.lvlm.train.threads > 0:
         torch.set_num_threads(params.lvlm.train.threads)
     lvlm = load_stage_lvlm(params)
     lvlm.attn_layer = params.tokens.attention_layer
     items = S.stratified_questions(load_all()["test"], args.questions, seed=params.seed)
     batches = S.make_batches(items, lambda s: s[0], lambda s: s[1].question, params.tokens.eval.batch_images)
-    for spec in args.sets or [""]:
-        tokens = dataclasses.replace(apply_overrides(params.tokens, spec), methods=["full", *args.methods],
-                                     budgets=args.budgets, adaptive=args.adaptive)
+    for spec, tokens in configs:
         outputs = S.Sweeper(lvlm, tokens, seed=params.seed).sweep(batches, S.plan_runs(tokens), "vqa", S.VQA_TOKENS)
         table = S.vqa_table(outputs)
         print(f"== {spec or 'params as given'} ({len(items)} questions)")
