@@ -91,3 +91,84 @@ def test_resumed_training_keeps_the_curve_up_to_its_checkpoint(tmp_path):
     assert [json.loads(x) for x in path.read_text().splitlines()] == rows[:3]
     Trainer._load_curves(fake, None, 0)            # nothing in progress: everything is kept
     assert fake.curves == rows[:3]
+
+
+def _tiny_params(**train):
+    import dataclasses
+
+    from vlmcompress.config import load_params
+
+    p = load_params()
+    L = p.lvlm
+    arch = dataclasses.replace(L.arch, vision_hidden=32, vision_layers=2, vision_heads=2, text_hidden=32, text_layers=1,
+                               text_heads=2, projection_dim=16, lm_hidden=32, lm_layers=1, lm_heads=2,
+                               lm_intermediate=64, stem_context=0)
+    t = dataclasses.replace(L.train, threads=1, pool_scenes=12, clip_steps=2, clip_batch=4, text_steps=2, text_batch=4,
+                            text_questions=2, align_steps=2, align_batch=4, lm_steps=2, lm_batch=2, lm_turns=2,
+                            lm_bg_start=4, warmup_steps=1, checkpoint_every=1, eval_every=1, **train)
+    scenes = dataclasses.replace(p.data.scenes, n_train=4, n_val=2, n_test=2)
+    return dataclasses.replace(L, arch=arch, train=t), scenes
+
+
+def test_phase_digests_change_only_the_phases_a_param_reaches():
+    import dataclasses
+
+    from vlmcompress.lvlm.train import phase_digests
+
+    base, scenes = _tiny_params()
+    d0 = phase_digests(base, scenes, 0)
+
+    def changed(**train) -> set[str]:
+        d = phase_digests(dataclasses.replace(base, train=dataclasses.replace(base.train, **train)), scenes, 0)
+        return {k for k in d if d[k] != d0[k]}
+
+    assert changed(text_steps=3) == {"text"}          # the LM never reads the text tower
+    assert changed(lm_lr=0.5) == changed(caption_prob=0.9) == {"lm"}
+    assert changed(align_steps=3) == {"align", "lm"}
+    assert changed(clip_steps=3) == changed(pool_scenes=13) == {"clip", "text", "align", "lm"}
+    assert changed(checkpoint_every=7) == changed(eval_every=7) == set()
+    assert phase_digests(base, scenes, 1)["lm"] != d0["lm"]
+
+
+def test_text_losses_reward_pointing_a_question_at_its_patches():
+    import torch.nn.functional as F
+
+    from vlmcompress.lvlm.train import text_losses
+
+    patches = F.normalize(torch.eye(4)[None].repeat(2, 1, 1), dim=-1)       # [B=2, N=4, P=4]
+    images = F.normalize(torch.tensor([[1.0, 0, 0, 1], [0, 1, 1, 0]]), dim=-1)
+    rows, targets = torch.tensor([0, 1]), torch.tensor([[0.5, 0.5, 0, 0], [0, 0, 0, 1.0]])
+    on = F.normalize(torch.tensor([[1.0, 1, 0, 0], [0, 0, 0, 1]]), dim=-1)  # each question on its patches
+    off = F.normalize(torch.tensor([[0.0, 0, 1, 1], [1, 0, 0, 0]]), dim=-1)
+    good, logs_good = text_losses(patches, images, on, images, rows, targets, 10.0)
+    bad, logs_bad = text_losses(patches, images, off, images, rows, targets, 10.0)
+    assert logs_good["hit1"] == 1.0 and logs_bad["hit1"] == 0.0
+    assert logs_good["loc"] < logs_bad["loc"] and good < bad
+    assert logs_good["contrast"] == logs_bad["contrast"]          # same captions: only localisation moved
+
+
+def test_trainer_reuses_finished_phases_whose_params_did_not_change(tmp_path):
+    import dataclasses
+
+    from vlmcompress.lvlm.train import Trainer
+
+    params, scenes = _tiny_params()
+    logs: list[str] = []
+    first = Trainer(params, scenes, tmp_path / "work", seed=0, log=logs.append)
+    first.run(tmp_path / "m1")
+    lm_before = {k: v.clone() for k, v in first.llava.state_dict().items()}
+    text_before = {k: v.clone() for k, v in first.clip.text_model.state_dict().items()}
+
+    changed = dataclasses.replace(params, train=dataclasses.replace(params.train, text_steps=3, text_lr=0.01))
+    logs.clear()
+    second = Trainer(changed, scenes, tmp_path / "work", seed=0, log=logs.append)
+    second.run(tmp_path / "m2")
+    assert any(m.startswith("[clip] already done") for m in logs)
+    assert any(m.startswith("[text] done with other params") for m in logs)
+    assert any(m.startswith("[align] already done") for m in logs) and any(m.startswith("[lm] already done") for m in logs)
+    after = second.llava.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in lm_before.items())        # projector, LM and tower untouched
+    assert any(not torch.equal(second.clip.text_model.state_dict()[k], v) for k, v in text_before.items())
+    rows = [json.loads(x) for x in (tmp_path / "work" / "curves.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in rows if r["phase"] == "text") == 3      # the stale text curve was replaced
+    assert len([r for r in rows if r["phase"] == "text" and r["step"] == 1]) == 1

@@ -84,7 +84,8 @@ def _write_tiny_params(project_root: Path) -> dict:
     params["lvlm"]["arch"].update(vision_hidden=32, vision_layers=2, vision_heads=2, text_hidden=32, text_layers=1,
                                   text_heads=2, projection_dim=16, lm_hidden=32, lm_layers=1, lm_heads=2,
                                   lm_intermediate=64, stem_context=0)
-    params["lvlm"]["train"].update(pool_scenes=16, clip_steps=2, clip_batch=4, align_steps=2, align_batch=4,
+    params["lvlm"]["train"].update(pool_scenes=16, clip_steps=2, clip_batch=4, text_steps=2, text_batch=4,
+                                   text_questions=2, align_steps=2, align_batch=4,
                                    lm_steps=2, lm_batch=2, lm_turns=2, lm_bg_start=4, lm_bg_ramp=0.5, lm_look_weight=1.0,
                                    lm_look_layer=0,
                                    warmup_steps=1, checkpoint_every=1,

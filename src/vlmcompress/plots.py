@@ -52,8 +52,11 @@ def save_figure(fig: plt.Figure, path: str | Path, formats: Sequence[str] = ("pn
 
 
 def training_curves(curves: "pd.DataFrame") -> plt.Figure:
-    """Loss per phase and, where logged, the quick validation accuracy of the LM phase."""
-    phases = list(dict.fromkeys(curves["phase"]))
+    """Loss per phase (in training order) and, where logged, the quick validation accuracy of
+    the LM phase."""
+    order = ("clip", "text", "align", "lm")      # a reused phase's rows may come after later ones
+    seen = list(dict.fromkeys(curves["phase"]))
+    phases = [p for p in order if p in seen] + [p for p in seen if p not in order]
     fig, axes = plt.subplots(1, len(phases) + 1, figsize=(4 * (len(phases) + 1), 3.2))
     for ax, ph in zip(axes, phases):
         d = curves[curves["phase"] == ph]

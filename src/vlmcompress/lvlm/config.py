@@ -48,6 +48,10 @@ class TrainParams:
     clip_steps: int
     clip_batch: int
     clip_lr: float
+    text_steps: int           # phase A2: CLIP's text tower alone learns to point questions at their patches
+    text_batch: int
+    text_lr: float
+    text_questions: int       # questions per scene in a text-phase batch
     align_steps: int
     align_batch: int
     align_lr: float
@@ -75,6 +79,7 @@ class EvalParams:
     max_captions: int         # images captioned for CIDEr (0: all)
     max_refs: int             # referring expressions grounded (0: all)
     gallery: int              # retrieval gallery size (images; 0: whole split)
+    text_probe_images: int    # test images of the text-guidance probe (lvlm/probe.py; 0: off)
 
 
 @dataclass(frozen=True)

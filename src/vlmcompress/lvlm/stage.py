@@ -2,23 +2,21 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from vlmcompress.config import Params, to_dict
+from vlmcompress.config import Params
 from vlmcompress.data.records import ImageRecord
-from vlmcompress.eval.tasks import (majority_baseline, run_captions, run_grounding, run_retrieval, run_vqa,
-                                    vqa_items)
+from vlmcompress.eval.tasks import (file_images, majority_baseline, run_captions, run_grounding, run_retrieval,
+                                    run_vqa, vqa_items)
 from vlmcompress.io import atomic_path, write_json
 from vlmcompress.lvlm.adapter import LVLM, Prompts
 from vlmcompress.lvlm.config import EvalParams, LvlmParams
 from vlmcompress.lvlm.load import load_lvlm
+from vlmcompress.lvlm.probe import text_localisation
 from vlmcompress.paths import outputs_dir
 
 
@@ -41,27 +39,14 @@ def load_stage_lvlm(params: Params) -> LVLM:
                      dtype=L.dtype, device=L.device)
 
 
-def _config_hash(params: Params) -> str:
-    """What a checkpoint depends on: a changed recipe must not resume a stale run."""
-    keys = {"seed": params.seed, "scenes": to_dict(params.data.scenes), "lvlm": to_dict(params.lvlm)}
-    keys["lvlm"].pop("eval")
-    keys["lvlm"]["train"].pop("checkpoint_every")
-    keys["lvlm"]["train"].pop("eval_every")
-    return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def train_embedded(params: Params, val: list[ImageRecord], log=print) -> dict[str, float]:
     """Train the embedded model into ``outputs/lvlm/model`` (resuming from ``checkpoints/``)."""
     from vlmcompress.lvlm.train import Trainer
 
     out = stage_dir()
+    # Kept across recipes: the trainer reuses each finished phase whose params digest matches.
     work = out / "checkpoints"
-    digest = _config_hash(params)
-    stamp = work / "config_hash"
-    if work.exists() and (not stamp.is_file() or stamp.read_text() != digest):
-        shutil.rmtree(work)  # a different recipe: start over
     work.mkdir(parents=True, exist_ok=True)
-    stamp.write_text(digest)
     items = vqa_items(val, 200, seed=1)
 
     def quick(lvlm: LVLM) -> dict[str, float]:
@@ -95,6 +80,15 @@ def evaluate(lvlm: LVLM, train: list[ImageRecord], test: list[ImageRecord], ev: 
         **{k: round(v, 2) for k, v in ret.items()}, "retrieval_gallery": len(gallery),
         "caption_cider": round(cider, 2), "grounding_acc50": round(g50, 2), "grounding_miou": round(miou, 4),
     }
+    if ev.text_probe_images > 0:
+        # What text-guided recovery ranks by: are the patches most similar to a question the
+        # ones it asks about? k = 5% of the grid, the recovered half of a 10% budget.
+        k = max(1, round(0.05 * lvlm.grid[0] * lvlm.grid[1]))
+        loc = text_localisation(lvlm, test[: ev.text_probe_images], k, file_images)
+        if loc is not None:
+            metrics.update(text_loc_k=k, text_loc_precision=loc["all"]["precision"], text_loc_base=loc["all"]["base"],
+                           text_loc_hit1=loc["all"]["hit1"],
+                           text_loc_by_type={t: v for t, v in loc.items() if t != "all"})
     qtext = {q.question_id: (r.image_id, q.question, q.question_type) for r, q in items}
     rows = [{"image_id": qtext[qid][0], "type": qtext[qid][2], "question": qtext[qid][1], "answer": gt,
              "prediction": pred} for qid, pred, gt in vqa.predictions[:200]]

@@ -8,6 +8,11 @@ A. **CLIP** (vision + text towers): per-patch heads on the LLaVA feature layer (
    shape, size, object centre), patch-to-phrase alignment in the joint space (each object
    patch matches the text embedding of ``"a small red circle"``), and the usual contrastive
    image-caption loss.
+A2. **Text tower** (vision frozen): each training question's CLIP embedding is pulled onto the
+   patches it asks about (``relevant_patches``: a softmax over the image's patches with the
+   target spread over them), beside the caption contrastive loss. Phase A aligns patches with
+   full phrases only ("a small red circle"); a question naming just a shape ("how many
+   circles") then pointed nowhere, and text-guided token recovery had nothing to recover.
 B. **Projector alignment**: each projected patch token is regressed onto the sum of the LM's
    word embeddings of its object's words (background onto ``"background"``), so the LM starts
    out reading visual tokens as if they were words.
@@ -16,12 +21,16 @@ C. **Language model** (+ projector; towers frozen): multi-turn sequences (severa
 
 Training data are fresh scenes from seed streams that never produce val/test scenes. Every
 batch is a pure function of ``(seed, phase, step)``, so a resumed run sees the same batches.
+Each phase has a digest of the params it depends on (:func:`phase_digests`); a finished phase
+whose digest still matches is reused, so a changed text-phase recipe retrains neither the
+projector nor the LM.
 Written with ``accelerate`` so the same code runs under ``accelerate launch``.
 """
 from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import json
 import math
 import re
@@ -128,6 +137,58 @@ def kept_tokens(labels: Tensor, n_background: int, rng: np.random.Generator) -> 
         pick = bg[torch.from_numpy(rng.permutation(len(bg))[:min(len(bg), n_background)])]
         out.append(torch.cat([obj[b].nonzero().flatten(), pick]).sort().values)
     return out
+
+
+# --- phases ----------------------------------------------------------------------------
+
+PHASE_STREAM = {"clip": 0, "align": 1, "lm": 2, "text": 3}   # seed stream of each phase's batches
+# What each phase trains, as (state group, key prefixes): a reused or resumed phase restores
+# only these, so it never overwrites what a re-run earlier phase has just produced.
+PHASE_OWNS: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {
+    "clip": (("clip", ("",)), ("heads", ("",)), ("llava", ("model.vision_tower.",))),
+    "text": (("clip", ("text_model.", "text_projection.")),),
+    "align": (("llava", ("model.multi_modal_projector.",)),),
+    "lm": (("llava", ("model.multi_modal_projector.", "model.language_model.", "lm_head.")),),
+}
+PHASE_INPUTS = {"clip": None, "text": "clip", "align": "clip", "lm": "align"}   # the phase each starts from
+
+
+def phase_digests(params: LvlmParams, scenes: ScenesParams, seed: int) -> dict[str, str]:
+    """Per phase, a hash of everything its result depends on: the shared recipe (seed, scenes,
+    architecture, prompts — the vocabulary —, pool, warm-up), its own ``<phase>_*`` params and
+    the digest of the phase it starts from."""
+    t = dataclasses.asdict(params.train)
+    common = {"seed": seed, "scenes": dataclasses.asdict(scenes), "arch": dataclasses.asdict(params.arch),
+              "prompts": dataclasses.asdict(params.prompts), "pool": t["pool_scenes"], "warmup": t["warmup_steps"]}
+    own = {"clip": {k: v for k, v in t.items() if k.startswith("clip_")},
+           "text": {k: v for k, v in t.items() if k.startswith("text_")},
+           "align": {k: v for k, v in t.items() if k.startswith("align_")},
+           "lm": {k: v for k, v in t.items() if k.startswith("lm_") or k in ("caption_prob", "ground_prob")}}
+    out: dict[str, str] = {}
+    for phase in ("clip", "text", "align", "lm"):
+        parent = PHASE_INPUTS[phase]
+        blob = {"common": common, "own": own[phase], "parent": out[parent] if parent else None}
+        out[phase] = hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
+    return out
+
+
+def text_losses(patches: Tensor, images: Tensor, questions: Tensor, captions: Tensor, rows: Tensor,
+                targets: Tensor, scale: Tensor | float) -> tuple[Tensor, dict[str, float]]:
+    """Phase A2's loss: question -> patch localisation plus image <-> caption contrast.
+
+    ``patches [B, N, P]`` and ``images [B, P]`` unit embeddings of B images; ``questions [Q, P]``
+    with ``rows [Q]`` (the image of each) and ``targets [Q, N]`` (distribution over its
+    relevant patches); ``captions [B, P]`` one per image. Localisation is the cross-entropy of
+    ``softmax(scale * cos)`` over the image's patches against the target; ``hit1`` is how often
+    the most similar patch is a relevant one.
+    """
+    logits = scale * torch.einsum("qnp,qp->qn", patches[rows], questions)
+    loc = -(targets * logits.log_softmax(-1)).sum(-1).mean()
+    sim = scale * images @ captions.T
+    tgt = torch.arange(images.shape[0])
+    contrast = 0.5 * (F.cross_entropy(sim, tgt) + F.cross_entropy(sim.T, tgt))
+    hit = targets.gather(1, logits.argmax(-1, keepdim=True)).gt(0).float().mean().item()
+    return loc + contrast, {"loc": loc.item(), "contrast": contrast.item(), "hit1": hit}
 
 
 # --- data ------------------------------------------------------------------------------
@@ -241,7 +302,7 @@ class DenseHeads(nn.Module):
 class Trainer:
     """Runs phases A, B, C with resumable checkpoints under ``work_dir``; saves HF folders."""
 
-    PHASES = ("clip", "align", "lm")
+    PHASES = ("clip", "text", "align", "lm")      # run order
 
     def __init__(self, params: LvlmParams, scenes: ScenesParams, work_dir: str | Path, seed: int,
                  log: Callable[[str], None] = print) -> None:
@@ -261,6 +322,7 @@ class Trainer:
         self.clip = build_clip(self.spec, len(vocab), ids["<pad>"], ids["<s>"], ids["</s>"])
         self.llava = build_llava(self.spec, self.clip, len(vocab), ids["<image>"], ids["<pad>"], ids["<s>"], ids["</s>"])
         self.heads = DenseHeads(a.vision_hidden)
+        self.digests = phase_digests(params, scenes, seed)
         self.curves: list[dict[str, Any]] = []
         self.phase_seconds: dict[str, float] = {}
 
@@ -300,14 +362,20 @@ class Trainer:
         with atomic_path(self.work / f"{name}.pt") as tmp:
             torch.save(state, tmp)
 
-    def _load_weights(self, name: str) -> None:
+    def _load_weights(self, name: str, phase: str) -> None:
+        """Restore from snapshot ``name`` the weights ``phase`` trains (:data:`PHASE_OWNS`)."""
         state = torch.load(self.work / f"{name}.pt", map_location="cpu", weights_only=True)
-        self.clip.load_state_dict(state["clip"])
-        self.llava.load_state_dict(state["llava"])
-        self.heads.load_state_dict(state["heads"])
+        groups = {"clip": self.clip, "llava": self.llava, "heads": self.heads}
+        for group, prefixes in PHASE_OWNS[phase]:
+            part = {k: v for k, v in state[group].items() if k.startswith(prefixes)}
+            want = {k for k in groups[group].state_dict() if k.startswith(prefixes)}
+            if set(part) != want:
+                raise RuntimeError(f"{name}.pt: the {phase} weights of '{group}' do not match this model "
+                                   f"({len(want - set(part))} missing, {len(set(part) - want)} unexpected)")
+            groups[group].load_state_dict(part, strict=False)
 
     def _rng(self, phase: str, step: int) -> np.random.Generator:
-        return np.random.default_rng([self.seed, self.PHASES.index(phase), step])
+        return np.random.default_rng([self.seed, PHASE_STREAM[phase], step])
 
     # -- the loop shared by all phases ------------------------------------------------------
     def _run_phase(self, phase: str, steps: int, lr: float, params: list[nn.Parameter],
@@ -315,21 +383,27 @@ class Trainer:
                    modules: list[nn.Module], eval_fn: Callable[[], dict[str, float]] | None = None,
                    max_grad_norm: float | None = 1.0) -> None:
         prog = self._progress()
-        if phase in prog["done"]:
-            self._load_weights(f"after_{phase}")
+        digest = self.digests[phase]
+        digests = prog.setdefault("digests", {})
+        if phase in prog["done"] and digests.get(phase) == digest:
+            self._load_weights(f"after_{phase}", phase)
             self.phase_seconds[phase] = prog["seconds"].get(phase, 0.0)
             self.log(f"[{phase}] already done, loaded")
             return
+        if phase in prog["done"]:
+            self.log(f"[{phase}] done with other params: training again")
+            prog["done"].remove(phase)
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(self.t.warmup_steps, steps))
         opt, sched = self.accel.prepare(opt, sched)
         state_dir = self.work / f"{phase}_state"
         start, spent = 0, 0.0
-        if prog["phase"] == phase and state_dir.is_dir():
-            self._load_weights(f"{phase}_weights")
+        if prog["phase"] == phase and prog.get("phase_digest") == digest and state_dir.is_dir():
+            self._load_weights(f"{phase}_weights", phase)
             self.accel.load_state(str(state_dir))
             start, spent = prog["step"], prog["seconds"].get(phase, 0.0)
             self.log(f"[{phase}] resuming at step {start}")
+        self._load_curves(phase, start)      # rows of an interrupted or stale run of this phase go
         for m in modules:
             m.train()
         t0 = time.perf_counter() - spent
@@ -356,7 +430,7 @@ class Trainer:
             if (step + 1) % self.t.checkpoint_every == 0 and not done:
                 self._save_weights(f"{phase}_weights")
                 self.accel.save_state(str(state_dir))
-                prog.update(phase=phase, step=step + 1)
+                prog.update(phase=phase, step=step + 1, phase_digest=digest)
                 prog["seconds"][phase] = time.perf_counter() - t0
                 write_json(self._progress_path, prog)
         for m in modules:
@@ -364,8 +438,9 @@ class Trainer:
         self.phase_seconds[phase] = time.perf_counter() - t0
         self._save_weights(f"after_{phase}")
         prog["done"].append(phase)
+        digests[phase] = digest
         prog["seconds"][phase] = self.phase_seconds[phase]
-        prog.update(phase=None, step=0)
+        prog.update(phase=None, step=0, phase_digest=None)
         write_json(self._progress_path, prog)
 
     # -- phase A: CLIP ----------------------------------------------------------------------
@@ -404,6 +479,33 @@ class Trainer:
             contrast = 0.5 * (F.cross_entropy(logits, tgt) + F.cross_entropy(logits.T, tgt))
             acc["i2t"] = (logits.argmax(1) == tgt).float().mean().item()
             return dense + align + contrast, acc
+
+        return step
+
+    # -- phase A2: text tower -------------------------------------------------------------
+    def _text_step(self, pool: Pool) -> Callable[[np.random.Generator, int], tuple[Tensor, dict[str, float]]]:
+        clip, vision, t = self.clip, self.clip.vision_model, self.t
+
+        def step(rng: np.random.Generator, step_no: int) -> tuple[Tensor, dict[str, float]]:
+            idx = rng.choice(len(pool.captions), t.text_batch, replace=False)
+            with torch.no_grad():
+                out = vision((_to_pixels(pool.images[torch.from_numpy(idx)]) - LVLM_MEAN) / LVLM_STD, return_dict=True)
+                pe = F.normalize(clip.visual_projection(vision.post_layernorm(out.last_hidden_state[:, 1:])), dim=-1)
+                ie = F.normalize(clip.visual_projection(out.pooler_output), dim=-1)
+            texts, rows, targets = [], [], []
+            for j, i in enumerate(idx.tolist()):
+                for q in make_questions(pool.objects[i], rng, t.text_questions):
+                    rel = relevant_patches(q["question"], pool.labels[i])
+                    if rel.any():
+                        texts.append(q["question"])
+                        rows.append(j)
+                        targets.append(rel.float() / rel.sum())
+            caps = [pool.captions[i][int(rng.integers(len(pool.captions[i])))] for i in idx.tolist()]
+            enc = self.clip_tok(texts + caps, padding=True, return_tensors="pt")
+            te = F.normalize(clip.text_projection(clip.text_model(**enc).pooler_output), dim=-1)
+            scale = clip.logit_scale.exp().clamp(max=100).detach()
+            return text_losses(pe, ie, te[:len(texts)], te[len(texts):], torch.tensor(rows, dtype=torch.long),
+                               torch.stack(targets), scale)
 
         return step
 
@@ -548,6 +650,9 @@ class Trainer:
                         # shape learning several-fold in probes, and the phase is stable without it.
                         max_grad_norm=None)
         self.llava.model.vision_tower.load_state_dict(v.state_dict())
+        text = [c.text_model, c.text_projection]
+        self._run_phase("text", self.t.text_steps, self.t.text_lr, [q for m in text for q in m.parameters()],
+                        self._text_step(pool), text)
         # Frozen from here on, and in eval mode: BatchNorm in the stem must use its running
         # statistics, not the statistics of each training batch.
         self.llava.model.vision_tower.requires_grad_(False).eval()
