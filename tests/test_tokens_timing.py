@@ -37,5 +37,8 @@ def test_measure_prefills_on_a_tiny_model(tmp_path):
     assert costs["full"].selection_ms == 0.0 and costs["rec"].selection_ms > 0 and costs["fastv"].selection_ms > 0
     for c in costs.values():
         assert c.prefill_ms > c.selection_ms and c.vision_ms > 0 and c.peak_mb > 0
+    # The text tower's share is inside the selection time, and only text-guided methods have one.
+    assert 0 < costs["rec"].text_ms < costs["rec"].selection_ms
+    assert costs["full"].text_ms == costs["fastv"].text_ms == 0.0
     # Fewer tokens in the LM never need more memory (here the vision tower sets the peak).
     assert costs["rec"].peak_mb <= costs["full"].peak_mb

@@ -11,6 +11,7 @@ returns. :func:`make_transform` builds either from a method name and the ``token
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,6 +61,7 @@ class TokenCompressor:
     grid_positions: bool = False      # also return each token's grid position (see TokenTransform)
     last: Compressed | None = None
     kept: list[int] = field(default_factory=list)
+    text_seconds: float = 0.0         # time spent in the text encoder (part of the selection cost)
 
     def __post_init__(self) -> None:
         self._gen = torch.Generator().manual_seed(self.seed)
@@ -73,7 +75,9 @@ class TokenCompressor:
         text_sim = None
         if self.method in TEXT_GUIDED:
             encode = self.text_encoder or self.lvlm.text_embeddings
+            t0 = time.perf_counter()
             text = encode(questions)                                    # [B, P]
+            self.text_seconds += time.perf_counter() - t0
             patches = self.lvlm.patch_embeddings(feats)                 # [B, N, P]
             text_sim = torch.einsum("bnp,bp->bn", patches, text.to(patches))
         return VisualTokens(tokens=feats.tokens, keys=feats.keys, cls_attn=feats.cls_attn,

@@ -5,7 +5,8 @@ text-guided methods including CLIP's text tower), and the LM prefill — one
 ``LVLM.generate(..., max_new_tokens=1)`` call, the median over repeats after one warm-up;
 repeats go round-robin over the configurations compared.
 Selection time is measured around the transform (FastV: around its in-LM scoring and gather),
-so ``selection_ms / prefill_ms`` is the method's own overhead.
+so ``selection_ms / prefill_ms`` is the method's own overhead; ``text_ms`` is the part of it
+spent in the CLIP text tower (text-guided methods only).
 
 Peak memory: on CUDA the allocator's peak above the memory held before the call; on the
 CPU (no allocator statistics) the peak total size of the tensor storages created during the
@@ -92,7 +93,8 @@ class _TimedTransform:
 class PrefillCost:
     prefill_ms: float     # median time to the first token (vision + selection + LM prefill)
     vision_ms: float      # median vision-tower time (the same for every method)
-    selection_ms: float   # median selection + merging time inside the prefill
+    selection_ms: float   # median selection + merging time inside the prefill (text encoding included)
+    text_ms: float        # median of the part spent encoding the questions (CLIP text tower)
     peak_mb: float        # peak memory of one prefill beyond the weights
 
 
@@ -103,8 +105,9 @@ def _sync(device: torch.device) -> None:
 
 @torch.inference_mode()
 def prefill_once(lvlm: Any, images: Tensor, texts: Sequence[str], transform: Any,
-                 image_index: Sequence[int] | None = None) -> tuple[float, float]:
-    """(seconds to the first token, seconds of it spent selecting and merging) of one call."""
+                 image_index: Sequence[int] | None = None) -> tuple[float, float, float]:
+    """(seconds to the first token, seconds of it spent selecting and merging, seconds of that
+    spent in the text encoder) of one call; ``transform`` must be fresh (its counters at 0)."""
     device = lvlm.device
     timed = transform if (transform is None or isinstance(transform, FastV)) else _TimedTransform(transform)
     _sync(device)
@@ -113,8 +116,9 @@ def prefill_once(lvlm: Any, images: Tensor, texts: Sequence[str], transform: Any
     _sync(device)
     total = time.perf_counter() - t0
     if transform is None:
-        return total, 0.0
-    return total, transform.selection_seconds if isinstance(transform, FastV) else timed.seconds
+        return total, 0.0, 0.0
+    text = float(getattr(transform, "text_seconds", 0.0))
+    return total, transform.selection_seconds if isinstance(transform, FastV) else timed.seconds, text
 
 
 @torch.inference_mode()
@@ -135,7 +139,7 @@ def measure_prefills(lvlm: Any, images: Tensor, texts: Sequence[str], makers: di
     burst of load on a shared machine slows all of them alike instead of one."""
     for make in makers.values():
         prefill_once(lvlm, images, texts, make(), image_index)
-    times: dict[str, list[tuple[float, float]]] = {name: [] for name in makers}
+    times: dict[str, list[tuple[float, float, float]]] = {name: [] for name in makers}
     vision: list[float] = []
     for _ in range(repeats):
         vision.append(vision_once(lvlm, images))
@@ -146,6 +150,7 @@ def measure_prefills(lvlm: Any, images: Tensor, texts: Sequence[str], makers: di
     for name, make in makers.items():
         peak = peak_memory_mb(lambda: lvlm.generate(images, texts, transform=make(), max_new_tokens=1,
                                                     image_index=image_index), lvlm.device)
-        out[name] = PrefillCost(prefill_ms=1e3 * statistics.median(t for t, _ in times[name]), vision_ms=vis_ms,
-                                selection_ms=1e3 * statistics.median(s for _, s in times[name]), peak_mb=peak)
+        out[name] = PrefillCost(prefill_ms=1e3 * statistics.median(t for t, _, _ in times[name]), vision_ms=vis_ms,
+                                selection_ms=1e3 * statistics.median(s for _, s, _ in times[name]),
+                                text_ms=1e3 * statistics.median(t for _, _, t in times[name]), peak_mb=peak)
     return out
