@@ -56,3 +56,13 @@ def test_method_params_feed_the_methods():
     assert p.method_params("fastv") == {"layer": 2}
     with pytest.raises(KeyError, match="unknown method"):
         p.method_params("fastv2")
+
+
+def test_a_bad_recoverable_spread_share_names_its_own_section():
+    import pytest
+
+    from vlmcompress.config import ConfigError
+    from vlmcompress.tokens.config import RecoverableSpreadParams
+
+    with pytest.raises(ConfigError, match=r"tokens\.recoverable_spread\.recovered_share"):
+        RecoverableSpreadParams(salient_share=0.75, recovered_share=0.5)

@@ -147,17 +147,18 @@ class RecoverableParams:
     salient_source: Literal["cls", "spread"] = "cls"
 
     def __post_init__(self) -> None:
+        name = "recoverable_spread" if isinstance(self, RecoverableSpreadParams) else "recoverable"
         if self.salient_source not in ("cls", "spread"):
-            _fail("recoverable.salient_source", f"expected 'cls' or 'spread', got {self.salient_source!r}")
-        for name in ("salient_neighbors", "recovery_neighbors", "centre_neighbors"):
-            _check_min("recoverable", name, getattr(self, name), 1)
-        _check_min("recoverable", "merge_neighbors", self.merge_neighbors, 0)
-        _check_min("recoverable", "min_salient", self.min_salient, 0)
-        _check_min("recoverable", "whisker", self.whisker, 0.0)
-        _check_share("recoverable", "salient_share", self.salient_share)
-        _check_share("recoverable", "recovered_share", self.recovered_share)
+            _fail(f"{name}.salient_source", f"expected 'cls' or 'spread', got {self.salient_source!r}")
+        for field_name in ("salient_neighbors", "recovery_neighbors", "centre_neighbors"):
+            _check_min(name, field_name, getattr(self, field_name), 1)
+        _check_min(name, "merge_neighbors", self.merge_neighbors, 0)
+        _check_min(name, "min_salient", self.min_salient, 0)
+        _check_min(name, "whisker", self.whisker, 0.0)
+        _check_share(name, "salient_share", self.salient_share)
+        _check_share(name, "recovered_share", self.recovered_share)
         if self.salient_share + self.recovered_share > 1.0 + 1e-9:
-            _fail("recoverable.recovered_share",
+            _fail(f"{name}.recovered_share",
                   f"salient_share + recovered_share must be <= 1, got {self.salient_share + self.recovered_share}")
 
 
