@@ -319,10 +319,12 @@ def test_recoverable_spread_spreads_the_salient_share_and_recovers_by_text():
     vt = VisualTokens(tokens=torch.randn(1, n, d), keys=torch.randn(1, n, d), cls_attn=attn.softmax(-1),
                       cls_attn_full=None, text_sim=text, grid=(8, 8))
     faithful = compress(vt, "recoverable", budget=8, merge=False, global_token=False, recovered_share=0.5)
-    spread = compress(vt, "recoverable_spread", budget=8)
+    spread = compress(vt, "recoverable_spread", budget=8, salient_share=0.5, recovered_share=0.5)
     sal_f = faithful.source[faithful.kind == KIND_SALIENT].tolist()
     sal_s = spread.source[spread.kind == KIND_SALIENT].tolist()
     assert sal_f == [0, 1, 2, 3] and sal_s == [8, 24, 40, 56]            # ranks (i + 0.5)·64/4
     rec = spread.source[spread.kind == KIND_RECOVERED].tolist()
     assert 40 not in rec and {41, 50, 51} <= set(rec)    # 40 is already salient: the next best recovered
     assert int(spread.mask.sum()) == 8 and not bool((spread.kind == KIND_MERGED).any())
+    default = compress(vt, "recoverable_spread", budget=8)                  # 3/4 spread, 1/4 recovered
+    assert (default.kind == KIND_SALIENT).sum() == 6 and default.source[default.kind == KIND_RECOVERED].tolist() == [40, 41]
