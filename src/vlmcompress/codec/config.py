@@ -49,6 +49,8 @@ class LossParams:
     w_rank: float               # token rank loss (eigenvalue spectrum of the token matrix)
     rank_mode: str              # key of vlmcompress.codec.losses.RANK_LOSSES
     w_pixel: float              # pixel MSE, scaled by 255**2 as in CompressAI
+    w_lowpass: float = 0.0      # MSE of lowpass x lowpass block means (colour of regions), also x 255**2
+    lowpass: int = 8            # block side of that term (the LVLM's patch size keeps one colour per token)
 
 
 @dataclass(frozen=True)
@@ -158,10 +160,11 @@ def check_codec_params(p: CodecParams, path: str = "codec") -> None:
              f"needs one value per rate level ({p.model.levels}), got {len(lo.lambdas)}")
     _require(all(math.isfinite(v) and v > 0 for v in lo.lambdas), f"{path}.loss.lambdas",
              "values must be finite and > 0")
-    for name in ("w_token_mse", "w_token_cos", "w_rank", "w_pixel"):
+    for name in ("w_token_mse", "w_token_cos", "w_rank", "w_pixel", "w_lowpass"):
         v = getattr(lo, name)
         _require(math.isfinite(v) and v >= 0, f"{path}.loss.{name}", f"must be >= 0, got {v}")
-    _require(lo.w_token_mse + lo.w_token_cos + lo.w_rank + lo.w_pixel > 0, f"{path}.loss",
+    _require(lo.lowpass >= 1, f"{path}.loss.lowpass", f"must be >= 1, got {lo.lowpass}")
+    _require(lo.w_token_mse + lo.w_token_cos + lo.w_rank + lo.w_pixel + lo.w_lowpass > 0, f"{path}.loss",
              "at least one distortion weight must be > 0")
     _require(lo.rank_mode in RANK_LOSSES, f"{path}.loss.rank_mode",
              f"unknown rank loss {lo.rank_mode!r} (known: {', '.join(sorted(RANK_LOSSES))})")

@@ -12,7 +12,8 @@ With one model for all rates (gain units) the multiplier becomes one ``lambda`` 
 rate level; here::
 
     loss = bpp + lambda(rate) * (w_pixel * 255**2 * MSE_pix + w_token_mse * MSE_tok
-                                 + w_token_cos * (1 - cos_tok) + w_rank * L_rank)
+                                 + w_token_cos * (1 - cos_tok) + w_rank * L_rank
+                                 + w_lowpass * 255**2 * MSE(pool(x_hat), pool(x)))
 
 ``lambda(rate)`` interpolates geometrically between adjacent levels, like the gains.
 A weight of 0 switches a term off: it is neither computed nor reported (and the LVLM
@@ -113,6 +114,17 @@ def effective_rank_loss(t_hat: Tensor, t_ref: Tensor) -> Tensor:
     return ((effective_rank(t_hat) - effective_rank(t_ref)).abs() / scale).mean()
 
 
+def lowpass_mse(x_hat: Tensor, x: Tensor, block: int) -> Tensor:
+    """MSE between the ``block x block`` means of two images ``[B, 3, H, W]`` (scalar).
+
+    The colour of each region, without its texture: a weak full-resolution pixel MSE lets
+    a short-trained codec drift in hue (the LVLM then names the wrong colour), while a
+    strong one spends bits on background texture the LVLM ignores. Block means cost
+    few bits and pin the hue of every patch. Edges beyond a whole block are dropped.
+    """
+    return F.mse_loss(F.avg_pool2d(x_hat, block), F.avg_pool2d(x, block))
+
+
 def lambda_at(lambdas: list[float] | tuple[float, ...], rate: float) -> float:
     """Lagrange multiplier at a real-valued rate: geometric interpolation of the levels."""
     levels = len(lambdas)
@@ -131,7 +143,8 @@ class CodecLoss(nn.Module):
     ``[B,3,H,W]`` in [0,1]; ``ref_tokens`` the LVLM tokens of ``x`` if the caller already
     has them (else computed here without gradient). Terms reported: ``bpp_loss``,
     ``lambda``, ``distortion``, ``loss`` and each enabled one of ``token_mse``,
-    ``token_cos``, ``rank_loss``, ``pixel_mse`` (MSE in [0,1] units, before the 255**2).
+    ``token_cos``, ``rank_loss``, ``pixel_mse``, ``lowpass_mse`` (MSEs in [0,1] units,
+    before the 255**2).
     """
 
     def __init__(self, params: LossParams, token_fn: TokenFn | None = None):
@@ -179,6 +192,9 @@ class CodecLoss(nn.Module):
         if p.w_pixel > 0:
             terms["pixel_mse"] = F.mse_loss(x_hat, x)
             distortion = distortion + p.w_pixel * 255.0 ** 2 * terms["pixel_mse"]
+        if p.w_lowpass > 0:
+            terms["lowpass_mse"] = lowpass_mse(x_hat, x, p.lowpass)
+            distortion = distortion + p.w_lowpass * 255.0 ** 2 * terms["lowpass_mse"]
         lam = lambda_at(p.lambdas, rate)
         terms["lambda"] = x_hat.new_tensor(lam)
         terms["distortion"] = distortion
