@@ -238,9 +238,34 @@ def test_params_roundtrip_through_yaml_dict():
     (("model", "gain_init"), [2.0, 0.5], "codec.model.gain_init"),
     (("train", "patch_size"), 100, "codec.train.patch_size"),
     (("model", "name"), "nope", "codec.model.name"),
+    (("loss", "lowpass"), 0, "codec.loss.lowpass"),
+    (("loss", "w_lowpass"), -1.0, "codec.loss.w_lowpass"),
 ])
 def test_params_errors_name_the_key(path, value, key):
     d = to_dict(full_params())
     d[path[0]][path[1]] = value
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         check_codec_params(from_dict(CodecParams, d, "codec"))
+
+
+def test_lowpass_term_sees_block_colour_not_texture():
+    from vlmcompress.codec.losses import lowpass_mse
+
+    x = torch.full((1, 3, 16, 16), 0.5)
+    checker = (torch.arange(16)[:, None] + torch.arange(16)[None]) % 2         # zero-mean texture
+    textured = x + 0.2 * (checker.float() - 0.5)
+    assert float(lowpass_mse(textured, x, 8)) == pytest.approx(0.0, abs=1e-12)
+    assert float(torch.nn.functional.mse_loss(textured, x)) > 0.009
+    tinted = x.clone()
+    tinted[:, 0] += 0.1                                                        # a hue shift
+    assert float(lowpass_mse(tinted, x, 8)) == pytest.approx(0.01 / 3, rel=1e-4)
+
+
+def test_lowpass_term_enters_the_distortion():
+    torch.manual_seed(0)
+    m = build_codec(model_params(preedit=False)).train()
+    x = torch.rand(2, 3, 64, 64)
+    crit = CodecLoss(loss_params(w_token_mse=0.0, w_token_cos=0.0, w_rank=0.0, w_pixel=0.0, w_lowpass=0.02))
+    terms = {k: v.detach() for k, v in crit(m(x, 1.0), x, 1.0).items()}
+    assert set(terms) == {"bpp_loss", "lowpass_mse", "lambda", "distortion", "loss"}
+    assert float(terms["distortion"]) == pytest.approx(0.02 * 255 ** 2 * float(terms["lowpass_mse"]), rel=1e-5)
