@@ -118,6 +118,26 @@ def test_resume_with_other_params_is_refused(images, tmp_path):
     assert longer.steps == 3 and longer.steps_this_run == 1
 
 
+def test_a_record_without_a_later_defaulted_key_is_still_the_same_codec(images, tmp_path):
+    import json
+
+    from vlmcompress.codec.train import training_state
+
+    p = params(steps=2, preedit=False)
+    train_codec(p, images, token_fn, tmp_path / "run")
+    assert training_state(tmp_path / "run", p) == "done"
+    for sub in ("model", "checkpoint"):                     # as written before w_lowpass existed
+        path = tmp_path / "run" / sub / "codec.json"
+        if path.exists():
+            rec = json.loads(path.read_text())
+            for key in ("w_lowpass", "lowpass"):
+                rec["params"]["loss"].pop(key)
+            path.write_text(json.dumps(rec))
+    assert training_state(tmp_path / "run", p) == "done"
+    on = dataclasses.replace(p, loss=dataclasses.replace(p.loss, w_lowpass=0.1))
+    assert training_state(tmp_path / "run", on) in ("stale", "fresh")
+
+
 def test_pixel_only_baseline_trains_without_token_fn(images, tmp_path):
     p = params(steps=2, preedit=False, rate_sampling="continuous")
     p = dataclasses.replace(p, loss=dataclasses.replace(p.loss, w_token_mse=0.0, w_token_cos=0.0,

@@ -87,7 +87,7 @@ def accuracy_table(metrics: dict) -> "pd.DataFrame":
 def codec_curves(curves: "pd.DataFrame", window: int = 5) -> plt.Figure:
     """Training curves of every codec (rolling mean over ``window`` logged rows: each step
     draws its own rate, so raw rows jump): loss, estimated bpp, and each distortion term."""
-    terms = [t for t in ("bpp_loss", "token_mse", "token_cos", "rank_loss", "pixel_mse") if t in curves]
+    terms = [t for t in ("bpp_loss", "token_mse", "token_cos", "rank_loss", "pixel_mse", "lowpass_mse") if t in curves]
     fig, axes = plt.subplots(1, len(terms) + 1, figsize=(3.6 * (len(terms) + 1), 3.2))
     for name, d in curves.groupby("model", sort=False):
         for ax, col in zip(axes, ["loss", *terms]):

@@ -37,7 +37,7 @@ from vlmcompress.codec.config import CodecModelParams, CodecParams, check_codec_
 from vlmcompress.codec.losses import CodecLoss, TokenFn
 from vlmcompress.codec.model import (CODER_TABLE_SUFFIXES, LVLMCodec, build_codec,
                                      saved_state_dict, weights_hash)
-from vlmcompress.config import from_dict, to_dict
+from vlmcompress.config import ConfigError, from_dict, to_dict
 from vlmcompress.io import atomic_path, read_json
 
 FORMAT = "vlmcompress-codec"
@@ -254,16 +254,19 @@ class TrainResult:
 
 
 def _check_resume(record: dict, params: CodecParams, where: Path) -> None:
-    old = record.get("params") or {}
-    new = to_dict(params)
-    old_train = {k: v for k, v in (old.get("train") or {}).items() if k not in _RESUMABLE_CHANGES}
-    new_train = {k: v for k, v in new["train"].items() if k not in _RESUMABLE_CHANGES}
-    if old.get("model") != new["model"] or old.get("loss") != new["loss"] or old_train != new_train:
+    if _comparable(record.get("params") or {}) != _comparable(params):
         raise ValueError(f"{where}: checkpoint was trained with different params; "
                          "delete it or call train_codec(..., resume=False)")
 
 
 def _comparable(params: CodecParams | dict) -> dict:
+    if isinstance(params, dict):
+        # A record written before a defaulted key existed means that default: parse it back so
+        # it compares equal (a record that no longer parses is compared as written: stale).
+        try:
+            params = from_dict(CodecParams, params, "record")
+        except (ConfigError, TypeError, ValueError):
+            pass
     d = to_dict(params) if not isinstance(params, dict) else params
     train = {k: v for k, v in (d.get("train") or {}).items() if k not in _RESUMABLE_CHANGES}
     return {"model": d.get("model"), "loss": d.get("loss"), "train": train}

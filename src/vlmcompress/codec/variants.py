@@ -62,6 +62,12 @@ def _no_pixel(p: CodecParams) -> CodecParams:
     return _loss(p, w_pixel=0.0)
 
 
+@register_ablation("no_lowpass")
+def _no_lowpass(p: CodecParams) -> CodecParams:
+    """Without the low-pass colour term."""
+    return _loss(p, w_lowpass=0.0)
+
+
 @register_ablation("no_preedit")
 def _no_preedit(p: CodecParams) -> CodecParams:
     """Without the pre-editing net."""
