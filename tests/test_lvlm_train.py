@@ -172,3 +172,21 @@ def test_trainer_reuses_finished_phases_whose_params_did_not_change(tmp_path):
     rows = [json.loads(x) for x in (tmp_path / "work" / "curves.jsonl").read_text().splitlines()]
     assert max(r["step"] for r in rows if r["phase"] == "text") == 3      # the stale text curve was replaced
     assert len([r for r in rows if r["phase"] == "text" and r["step"] == 1]) == 1
+
+
+def test_text_phase_embeds_patches_with_the_towers_running_statistics(tmp_path):
+    """A reused phase A must not leave the tower in train mode for phase A2 (BatchNorm)."""
+    from vlmcompress.lvlm.train import Trainer
+
+    params, scenes = _tiny_params()
+    Trainer(params, scenes, tmp_path / "work", seed=0, log=lambda m: None).run(tmp_path / "m1")
+    again = Trainer(params, scenes, tmp_path / "work2", seed=0, log=lambda m: None)
+    seen: list[bool] = []
+    again.clip.vision_model.register_forward_pre_hook(lambda mod, args: seen.append(mod.training))
+    import shutil
+    shutil.copytree(tmp_path / "work", tmp_path / "work2")
+    prog = json.loads((tmp_path / "work2" / "progress.json").read_text())
+    prog["done"].remove("text")                              # only the text phase runs again
+    (tmp_path / "work2" / "progress.json").write_text(json.dumps(prog))
+    again.run(tmp_path / "m2")
+    assert seen and not any(seen)

@@ -141,6 +141,7 @@ def kept_tokens(labels: Tensor, n_background: int, rng: np.random.Generator) -> 
 
 # --- phases ----------------------------------------------------------------------------
 
+PHASES = ("clip", "text", "align", "lm")                       # run order
 PHASE_STREAM = {"clip": 0, "align": 1, "lm": 2, "text": 3}   # seed stream of each phase's batches
 # What each phase trains, as (state group, key prefixes): a reused or resumed phase restores
 # only these, so it never overwrites what a re-run earlier phase has just produced.
@@ -165,7 +166,7 @@ def phase_digests(params: LvlmParams, scenes: ScenesParams, seed: int) -> dict[s
            "align": {k: v for k, v in t.items() if k.startswith("align_")},
            "lm": {k: v for k, v in t.items() if k.startswith("lm_") or k in ("caption_prob", "ground_prob")}}
     out: dict[str, str] = {}
-    for phase in ("clip", "text", "align", "lm"):
+    for phase in PHASES:
         parent = PHASE_INPUTS[phase]
         blob = {"common": common, "own": own[phase], "parent": out[parent] if parent else None}
         out[phase] = hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
@@ -300,9 +301,8 @@ class DenseHeads(nn.Module):
 
 
 class Trainer:
-    """Runs phases A, B, C with resumable checkpoints under ``work_dir``; saves HF folders."""
-
-    PHASES = ("clip", "text", "align", "lm")      # run order
+    """Runs phases A, A2, B, C (:data:`PHASES`) with resumable checkpoints under ``work_dir``;
+    saves HF folders."""
 
     def __init__(self, params: LvlmParams, scenes: ScenesParams, work_dir: str | Path, seed: int,
                  log: Callable[[str], None] = print) -> None:
@@ -650,6 +650,10 @@ class Trainer:
                         # shape learning several-fold in probes, and the phase is stable without it.
                         max_grad_norm=None)
         self.llava.model.vision_tower.load_state_dict(v.state_dict())
+        # The tower is frozen from here on, in eval mode: a reused phase A leaves the freshly
+        # built model in train mode, and the stem's BatchNorm would then embed the text phase's
+        # patches with batch statistics instead of the running ones used at inference.
+        v.requires_grad_(False).eval()
         text = [c.text_model, c.text_projection]
         self._run_phase("text", self.t.text_steps, self.t.text_lr, [q for m in text for q in m.parameters()],
                         self._text_step(pool), text)
