@@ -63,7 +63,11 @@ def lvlm_section(root: Path) -> list[str]:
     keys = (("VQA accuracy (%)", "vqa_acc"), ("most-common-answer baseline (%)", "vqa_majority_acc"),
             ("CIDEr", "caption_cider"), ("image→text R@1 (%)", "retrieval_i2t_r1"),
             ("text→image R@1 (%)", "retrieval_t2i_r1"), ("grounding acc@0.5 (%)", "grounding_acc50"))
-    return out + table(["metric", "value"], [[name, fmt(m.get(k))] for name, k in keys]) + [""]
+    rows = [[name, fmt(m.get(k))] for name, k in keys]
+    if "text_loc_precision" in m:       # the text tower's question -> patch ranking (lvlm/probe.py)
+        rows.append([f"question → top-{m.get('text_loc_k', '?')} patches relevant (%; base rate)",
+                     f"{fmt(m['text_loc_precision'])} ({fmt(m.get('text_loc_base'))})"])
+    return out + table(["metric", "value"], rows) + [""]
 
 
 def codec_section(root: Path) -> list[str]:
@@ -109,7 +113,14 @@ def tokens_section(root: Path) -> list[str]:
 
     out += table(["method", *(f"budget {b}" for b in budgets)],
                  [[meth, *(show(meth, b) for b in budgets)] for meth in methods])
-    return out + ["", "Cells: accuracy (mean visual tokens kept).", ""]
+    out += ["", "Cells: accuracy (mean visual tokens kept).", ""]
+    m = _load(root / "outputs/tokens/metrics.json")
+    if m and m.get("selection_overhead_pct") is not None:
+        speed = next((v for k, v in m.items() if k.startswith("prefill_speedup_")), None)
+        out += [f"Measured prefill of `{m.get('reference_method')}` at the task budget: {fmt(speed, 2)}× faster than "
+                f"all tokens; selection and merging {fmt(m['selection_overhead_pct'])} % of its prefill, of which "
+                f"the CLIP text tower {fmt(m.get('text_encoder_pct'))} %.", ""]
+    return out
 
 
 def repro_section(root: Path) -> list[str]:

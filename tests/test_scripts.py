@@ -35,6 +35,12 @@ def _project(root: Path) -> None:
         "method,budget,mean_tokens,question_type,acc\n"
         "recoverable,0.10,25.6,all,66.5\nrecoverable,0.10,25.6,color,70.0\nfull,1.00,256,all,70.1\n"
         "recoverable,adaptive,30.2,all,67.0\n")
+    (root / "outputs/tokens/metrics.json").write_text(json.dumps({
+        "reference_method": "recoverable", "prefill_speedup_0.10": 1.456, "selection_overhead_pct": 9.87,
+        "text_encoder_pct": 6.1}))
+    (root / "outputs/lvlm").mkdir(parents=True)
+    (root / "outputs/lvlm/metrics.json").write_text(json.dumps({"vqa_acc": 63.7, "text_loc_k": 13,
+                                                                "text_loc_precision": 72.69, "text_loc_base": 7.74}))
     (root / "outputs/repro").mkdir(parents=True)
     (root / "outputs/repro/metrics.json").write_text(json.dumps({"repro_minutes": 42.5, "cpus": 2,
                                                                  "noop_seconds": 3.2}))
@@ -54,12 +60,18 @@ def test_readme_section_from_metrics_and_idempotent(tmp_path, capsys):
     assert "| recoverable | 66.5 (26) | – | 67.0 (30) |" in first and "| full | – | 70.1 (256) | – |" in first
     assert "42.5 min on 2 CPUs; again with nothing changed: 3.2 s" in first
     assert "![Rate vs accuracy, every codec](outputs/figures/rate_accuracy.png)" in first
-    assert "_`outputs/lvlm/metrics.json` does not exist yet" in first
+    assert "| question → top-13 patches relevant (%; base rate) | 72.7 (7.7) |" in first
+    assert "| VQA accuracy (%) | 63.7 |" in first and "| CIDEr | – |" in first
+    assert ("`recoverable` at the task budget: 1.46× faster than all tokens; selection and merging 9.9 % "
+            "of its prefill, of which the CLIP text tower 6.1 %.") in first
     assert readme.main(["--root", str(tmp_path)]) == 0
     assert (tmp_path / "README.md").read_text() == first
     assert readme.main(["--root", str(tmp_path), "--check"]) == 0
     (tmp_path / "outputs/repro/metrics.json").write_text(json.dumps({"repro_minutes": 50.0, "cpus": 2}))
     assert readme.main(["--root", str(tmp_path), "--check"]) == 1
+    (tmp_path / "outputs/lvlm/metrics.json").unlink()
+    assert readme.main(["--root", str(tmp_path)]) == 0
+    assert "_`outputs/lvlm/metrics.json` does not exist yet" in (tmp_path / "README.md").read_text()
 
 
 def test_readme_without_markers_is_refused(tmp_path):
