@@ -6,8 +6,9 @@ For each codec and rate, on the first ``--images`` test scenes regenerated with 
 labels: the estimated bpp, the token MSE on object and on background patches (the LVLM
 features the codec is trained on), and how often the embedded tower's own per-patch heads
 (colour, shape; trained in the LVLM's phase A, kept in ``outputs/lvlm/checkpoints``) still
-read the right colour and shape of an object patch from the reconstruction. Embedded profile
-only; writes nothing.
+read the right colour and shape of an object patch from the reconstruction. The first row,
+``uncoded``, is what they read from the originals (the ceiling). Embedded profile only; writes
+nothing.
 """
 from __future__ import annotations
 
@@ -54,8 +55,16 @@ def main(argv: list[str] | None = None) -> int:
     lab = lab.flatten(2).transpose(1, 2)                                            # [B, N, 4]
     obj = lab[..., 0] > 0
     rows = []
+
+    def readout(t: "torch.Tensor") -> dict[str, float]:
+        return {"colour_acc_obj": (heads.color(t).argmax(-1) == lab[..., 0])[obj].float().mean().item(),
+                "shape_acc_obj": (heads.shape(t).argmax(-1) == lab[..., 1])[obj].float().mean().item()}
+
     with torch.no_grad():
         ref = token_fn(x)
+        # The ceiling: what the heads read from the uncoded images.
+        rows.append({"codec": "uncoded", "rate": float("nan"), "bpp_est": float("nan"),
+                     "token_mse_obj": 0.0, "token_mse_bg": 0.0, **readout(ref)})
         for path in args.models:
             model = load_codec(path).eval()
             for rate in args.rates:
@@ -65,8 +74,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append({"codec": path, "rate": rate,
                              "bpp_est": bpp_from_likelihoods(out["likelihoods"], x.shape[0] * x.shape[2] * x.shape[3]).item(),
                              "token_mse_obj": err[obj].mean().item(), "token_mse_bg": err[~obj].mean().item(),
-                             "colour_acc_obj": (heads.color(t).argmax(-1) == lab[..., 0])[obj].float().mean().item(),
-                             "shape_acc_obj": (heads.shape(t).argmax(-1) == lab[..., 1])[obj].float().mean().item()})
+                             **readout(t)})
     print(pd.DataFrame(rows).round(4).to_string(index=False))
     return 0
 
