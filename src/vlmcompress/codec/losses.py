@@ -119,8 +119,9 @@ def lowpass_mse(x_hat: Tensor, x: Tensor, block: int) -> Tensor:
 
     The colour of each region, without its texture: a weak full-resolution pixel MSE lets
     a short-trained codec drift in hue (the LVLM then names the wrong colour), while a
-    strong one spends bits on background texture the LVLM ignores. Block means cost
-    few bits and pin the hue of every patch. Edges beyond a whole block are dropped.
+    strong one spends bits on background texture the LVLM ignores. Block means pin the hue
+    of every patch, but the background's blocks cost bits too (measured: off by default,
+    see docs/architecture.md). Edges beyond a whole block are dropped.
     """
     return F.mse_loss(F.avg_pool2d(x_hat, block), F.avg_pool2d(x, block))
 
