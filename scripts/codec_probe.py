@@ -39,7 +39,14 @@ def main(argv: list[str] | None = None) -> int:
     from vlmcompress.lvlm.stage import load_stage_lvlm, stage_dir
     from vlmcompress.lvlm.train import Trainer
 
-    params = load_params(args.params)
+    from vlmcompress.config import ConfigError
+
+    try:
+        params = load_params(args.params)
+        models = {path: load_codec(path).eval() for path in args.models}
+    except (ConfigError, OSError, ValueError) as exc:
+        print(f"codec_probe: {exc}", file=sys.stderr)
+        return 1
     if params.lvlm.source != "train":
         print("codec_probe: needs the embedded LVLM (lvlm.source: train)", file=sys.stderr)
         return 1
@@ -65,8 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         # The ceiling: what the heads read from the uncoded images.
         rows.append({"codec": "uncoded", "rate": float("nan"), "bpp_est": float("nan"),
                      "token_mse_obj": 0.0, "token_mse_bg": 0.0, **readout(ref)})
-        for path in args.models:
-            model = load_codec(path).eval()
+        for path, model in models.items():
             for rate in args.rates:
                 out = model(x, rate, ref if model.needs_tokens else None)
                 t = token_fn(out["x_hat"].clamp(0, 1))

@@ -36,12 +36,20 @@ def main(argv: list[str] | None = None) -> int:
     from vlmcompress.lvlm.probe import text_localisation
     from vlmcompress.lvlm.stage import model_paths
 
-    params = load_params(args.params)
-    llava, clip = model_paths(params)
-    L = params.lvlm
-    lvlm = load_lvlm(llava, args.clip or clip, prompts=Prompts(**dataclasses.asdict(L.prompts)),
-                     attn_layer=L.attn_layer, dtype=L.dtype, device=L.device)
-    out = text_localisation(lvlm, load_split(dataset_root(), "test")[: args.images], args.k, file_images)
+    from vlmcompress.config import ConfigError
+    from vlmcompress.lvlm.load import ModelNotAvailableError
+
+    try:
+        params = load_params(args.params)
+        llava, clip = model_paths(params)
+        L = params.lvlm
+        lvlm = load_lvlm(llava, args.clip or clip, prompts=Prompts(**dataclasses.asdict(L.prompts)),
+                         attn_layer=L.attn_layer, dtype=L.dtype, device=L.device)
+        records = load_split(dataset_root(), "test")[: args.images]
+    except (ConfigError, ModelNotAvailableError, OSError, ValueError) as exc:
+        print(f"text_probe: {exc}", file=sys.stderr)
+        return 1
+    out = text_localisation(lvlm, records, args.k, file_images)
     if out is None:
         print("the test records carry no scenes colour/shape attributes: nothing to probe", file=sys.stderr)
         return 1

@@ -127,3 +127,15 @@ def test_token_ablation_overrides_are_validated_like_params():
             ablation.apply_overrides(base, bad)
     with pytest.raises(ValueError, match="recovered_share"):   # the loader's own range check
         ablation.apply_overrides(base, "recoverable.recovered_share=0.9")
+
+
+def test_probes_answer_bad_input_with_one_line(tmp_path, capsys):
+    codec_probe, text_probe = _script("codec_probe"), _script("text_probe")
+    assert codec_probe.main([str(tmp_path / "no_such_codec")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("codec_probe: ") and "\n" not in err
+    bad = tmp_path / "params.yaml"
+    bad.write_text("seed: 0\nnot_a_section: 1\n")
+    assert text_probe.main(["--params", str(bad)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("text_probe: ") and "not_a_section" in err and "\n" not in err
