@@ -65,6 +65,8 @@ class TrainParams:
                               # patches a turn is about (0: off; at 1.0 on the head mean of one
                               # layer it starved colour readout in a measured run, so off by default)
     lm_look_layer: int        # LM layer whose head-mean attention the look loss supervises
+    lm_loss_per: Literal["token", "turn"]  # answer-token CE averaged per token, or per
+                              # turn (a 20-word caption then weighs as much as a one-word answer)
     caption_prob: float       # chance that a sequence includes a caption turn
     ground_prob: float        # chance that a sequence includes a grounding turn
     warmup_steps: int

@@ -199,6 +199,7 @@ class TrainSeq(NamedTuple):
 
     embeds: Tensor                    # [T, D] inputs_embeds
     labels: Tensor                    # [T] answer token ids, -100 elsewhere
+    weights: Tensor                   # [T] 1 / (answer length) on answer tokens, 0 elsewhere
     positions: Tensor                 # [T] position ids (visual tokens keep their grid positions)
     queries: list[tuple[int, str]]    # per turn: index of the token predicting its answer, turn text
     vis_start: int                    # index of the first visual token
@@ -544,6 +545,7 @@ class Trainer:
         pre = self.tok(before).input_ids
         ids: list[int] = []
         labels: list[int] = []
+        weights: list[float] = []
         queries: list[tuple[int, str]] = []
         start = len(pre) + vis.shape[0]
         for k, (task, text, answer) in enumerate(turns):
@@ -553,11 +555,13 @@ class Trainer:
             queries.append((start + len(ids) + len(p_ids) - 1, text))
             ids += p_ids + a_ids
             labels += [-100] * len(p_ids) + a_ids
+            weights += [0.0] * len(p_ids) + [1.0 / len(a_ids)] * len(a_ids)
         seq = torch.cat([emb(torch.tensor(pre)), vis, emb(torch.tensor(ids))])
         lab = torch.tensor([-100] * (len(pre) + vis.shape[0]) + labels)
+        wts = torch.tensor([0.0] * (len(pre) + vis.shape[0]) + weights)
         pos = torch.cat([torch.arange(len(pre)), len(pre) + vis_pos,
                          len(pre) + n_vis + torch.arange(len(ids))])
-        return TrainSeq(seq, lab, pos, queries, len(pre))
+        return TrainSeq(seq, lab, wts, pos, queries, len(pre))
 
     def lm_loss(self, feats: Tensor, labels: Tensor, objects: Sequence[Sequence[SceneObject]],
                 captions: Sequence[Sequence[str]], rng: np.random.Generator, step_no: int
@@ -580,12 +584,14 @@ class Trainer:
         T = max(s.embeds.shape[0] for s in seqs)
         embeds = vis.new_zeros(len(seqs), T, vis.shape[-1])
         target_ids = torch.full((len(seqs), T), -100, dtype=torch.long)
+        weights = torch.zeros(len(seqs), T)
         mask = torch.zeros(len(seqs), T, dtype=torch.long)
         pos = torch.zeros(len(seqs), T, dtype=torch.long)
         queries, targets = [], []
         for b, sq in enumerate(seqs):
             n = sq.embeds.shape[0]
             embeds[b, :n], target_ids[b, :n], mask[b, :n], pos[b, :n] = sq.embeds, sq.labels, 1, sq.positions
+            weights[b, :n] = sq.weights
             if look:
                 vis_at = sq.vis_start + torch.arange(len(keep[b]))   # sequence index of each kept token
                 for qpos, text in sq.queries:
@@ -604,7 +610,11 @@ class Trainer:
         sel = target_ids[:, 1:] != -100                   # logits only where an answer token is next
         logits = head(h[:, :-1][sel])
         target = target_ids[:, 1:][sel]
-        loss = F.cross_entropy(logits, target)
+        if t.lm_loss_per == "turn":
+            w = weights[:, 1:][sel]
+            loss = (F.cross_entropy(logits, target, reduction="none") * w).sum() / w.sum()
+        else:
+            loss = F.cross_entropy(logits, target)
         logs = {"tok_acc": (logits.argmax(-1) == target).float().mean().item()}
         if look:
             ll = look_loss(captured[0], torch.tensor(queries), torch.stack(targets))
