@@ -190,3 +190,72 @@ def test_text_phase_embeds_patches_with_the_towers_running_statistics(tmp_path):
     (tmp_path / "work2" / "progress.json").write_text(json.dumps(prog))
     again.run(tmp_path / "m2")
     assert seen and not any(seen)
+
+
+def test_position_code_is_linear_in_column_and_row_along_orthogonal_directions():
+    from vlmcompress.lvlm.train import position_code
+
+    g, scale = 4, 0.3
+    code = position_code(g, 16, scale, seed=0)                     # [16, 16]
+    assert code.shape == (g * g, 16)
+    right, down = code[1] - code[0], code[g] - code[0]
+    # One step right is the same vector everywhere on the grid (linear), and orthogonal to one step down.
+    assert torch.allclose(code[g + 3] - code[g + 2], right, atol=1e-6)
+    assert torch.allclose(code[2 * g + 1] - code[g + 1], down, atol=1e-6)
+    assert abs(float(right @ down)) < 1e-6
+    # Corners sit at (+-scale, +-scale) along the two directions; the code is fixed by the seed.
+    assert torch.isclose(code[0].norm(), torch.tensor(scale * (1 - 1 / g) * 2 ** 0.5), atol=1e-5)
+    assert torch.equal(code, position_code(g, 16, scale, seed=0))
+    assert not torch.equal(code, position_code(g, 16, scale, seed=1))
+
+
+def test_dense_position_heads_learn_where_a_patch_is_only_when_weighted():
+    from vlmcompress.lvlm.train import DenseHeads
+
+    lab = _labels().unsqueeze(0).repeat(2, 1, 1, 1)                 # [2, 4, 4, 4]
+    feats = torch.eye(16).unsqueeze(0).repeat(2, 1, 1)              # each patch its own one-hot feature
+    assert not hasattr(DenseHeads(16), "row")
+    heads = DenseHeads(16, grid=4, position_weight=1.0)
+    opt = torch.optim.Adam(heads.parameters(), lr=0.1)
+    for _ in range(50):
+        loss, acc = heads.loss(feats, lab)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    _, acc = heads.loss(feats, lab)
+    assert acc["row"] == acc["col"] == 1.0
+
+
+def test_turn_mask_lets_a_turn_see_the_image_and_itself_but_no_other_turn():
+    from vlmcompress.lvlm.train import turn_mask
+
+    seg = torch.tensor([[0, 0, 0, 1, 1, 2, 2, -1]])               # prefix+image, turn 1, turn 2, padding
+    m = turn_mask(seg)[0, 0]
+    assert m.shape == (8, 8)
+    assert m[4, :5].tolist() == [True] * 5 and not m[4, 5:].any()  # turn 1: image + itself, causal
+    assert m[6, :3].all() and not m[6, 3:5].any() and m[6, 5:7].all() and not m[6, 7]  # turn 2 blind to turn 1
+    assert m[1].tolist() == [True, True] + [False] * 6              # the image stays causal
+    assert m[7].tolist() == [False] * 7 + [True]                    # padding sees itself only (no NaN row)
+
+
+def test_a_packed_isolated_turn_computes_what_it_would_alone():
+    """The 4-D turn mask + restarted positions make turn 2 of a packed sequence equal the
+    single-turn sequence (prefix, image, turn 2): what the model sees at test time."""
+    from transformers import LlamaConfig, LlamaModel
+
+    from vlmcompress.lvlm.train import turn_mask
+
+    torch.manual_seed(0)
+    lm = LlamaModel(LlamaConfig(vocab_size=10, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=4)).eval()
+    shared, t1, t2 = torch.randn(1, 5, 32), torch.randn(1, 3, 32), torch.randn(1, 4, 32)
+    packed = torch.cat([shared, t1, t2], 1)
+    seg = torch.tensor([[0] * 5 + [1] * 3 + [2] * 4])
+    pos = torch.cat([torch.arange(5), 5 + torch.arange(3), 5 + torch.arange(4)]).unsqueeze(0)
+    mask = torch.zeros(1, 1, 12, 12).masked_fill(~turn_mask(seg), torch.finfo(torch.float32).min)
+    with torch.no_grad():
+        h = lm(inputs_embeds=packed, attention_mask=mask, position_ids=pos).last_hidden_state
+        alone = lm(inputs_embeds=torch.cat([shared, t2], 1), position_ids=torch.arange(9)[None]).last_hidden_state
+        first = lm(inputs_embeds=torch.cat([shared, t1], 1), position_ids=torch.arange(8)[None]).last_hidden_state
+    assert torch.allclose(h[:, 8:], alone[:, 5:], atol=1e-5)
+    assert torch.allclose(h[:, :8], first, atol=1e-5)

@@ -48,6 +48,7 @@ class TrainParams:
     clip_steps: int
     clip_batch: int
     clip_lr: float
+    clip_position_weight: float  # weight of the tower's per-patch grid row/column heads (0: off)
     text_steps: int           # phase A2: CLIP's text tower alone learns to point questions at their patches
     text_batch: int
     text_lr: float
@@ -55,6 +56,7 @@ class TrainParams:
     align_steps: int
     align_batch: int
     align_lr: float
+    align_position_scale: float  # position code added to the align target, in word-embedding norms (0: off)
     lm_steps: int
     lm_batch: int
     lm_lr: float
@@ -65,6 +67,7 @@ class TrainParams:
                               # patches a turn is about (0: off; at 1.0 on the head mean of one
                               # layer it starved colour readout in a measured run, so off by default)
     lm_look_layer: int        # LM layer whose head-mean attention the look loss supervises
+    lm_isolate_turns: bool    # each turn a separate single-turn sample sharing the image (turn_mask)
     lm_loss_per: Literal["token", "turn"]  # answer-token CE averaged per token, or per
                               # turn (a 20-word caption then weighs as much as a one-word answer)
     caption_prob: float       # chance that a sequence includes a caption turn

@@ -115,6 +115,20 @@ def look_loss(attn: Tensor, queries: Tensor, targets: Tensor) -> Tensor:
     return -(mass[has].clamp(min=1e-6).log()).mean()
 
 
+def turn_mask(segments: Tensor) -> Tensor:
+    """Who may attend to whom in a batch of packed single-turn samples: ``segments [B, T]``
+    (0: the shared prompt prefix and image, k >= 1: turn k, -1: padding) -> ``[B, 1, T, T]``
+    bool, True where query i may attend key j: causal, and only to the shared part or to its
+    own turn. A padding query attends to itself alone (a row with no key would be NaN).
+    """
+    T = segments.shape[1]
+    q, k = segments[:, :, None], segments[:, None, :]
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    allowed = causal & (k >= 0) & (q >= 0) & ((k == 0) | (k == q))
+    allowed |= torch.eye(T, dtype=torch.bool) & (q < 0)
+    return allowed.unsqueeze(1)
+
+
 def background_budget(step: int, steps: int, start: int, ramp: float, n_tokens: int) -> int:
     """Background visual tokens kept at ``step``: ``start``, growing linearly to all
     ``n_tokens`` over the first ``ramp`` fraction of ``steps`` (then all)."""
@@ -201,6 +215,7 @@ class TrainSeq(NamedTuple):
     labels: Tensor                    # [T] answer token ids, -100 elsewhere
     weights: Tensor                   # [T] 1 / (answer length) on answer tokens, 0 elsewhere
     positions: Tensor                 # [T] position ids (visual tokens keep their grid positions)
+    segments: Tensor                  # [T] 0 on the prompt prefix and the image, k + 1 on turn k
     queries: list[tuple[int, str]]    # per turn: index of the token predicting its answer, turn text
     vis_start: int                    # index of the first visual token
 
@@ -276,14 +291,24 @@ def _to_pixels(images_u8: Tensor) -> Tensor:
 
 
 class DenseHeads(nn.Module):
-    """Per-patch colour / shape / size / centre classifiers on the LLaVA feature layer."""
+    """Per-patch colour / shape / size / centre classifiers on the LLaVA feature layer, and
+    (``position_weight`` > 0) the patch's grid row and column.
 
-    def __init__(self, dim: int) -> None:
+    Without the position heads nothing asks the tower to keep where a patch is: a linear probe
+    of its object patches read the grid column right 10% of the time (chance 6%), and the LM
+    answered spatial questions at chance and grounded nothing.
+    """
+
+    def __init__(self, dim: int, grid: int = 0, position_weight: float = 0.0) -> None:
         super().__init__()
         self.color = nn.Linear(dim, len(COLORS) + 1)
         self.shape = nn.Linear(dim, len(SHAPES) + 1)
         self.size = nn.Linear(dim, len(SIZES) + 1)
         self.centre = nn.Linear(dim, 2)
+        self.position_weight = position_weight
+        if position_weight > 0:
+            self.row = nn.Linear(dim, grid)
+            self.col = nn.Linear(dim, grid)
 
     def loss(self, feats: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, float]]:
         """``feats [B, N, D]``, ``labels [B, 4, G, G]`` -> loss and per-head patch accuracy."""
@@ -298,7 +323,31 @@ class DenseHeads(nn.Module):
         logits = self.centre(feats)
         total = total + F.cross_entropy(logits.reshape(-1, 2), lab[..., 3].reshape(-1),
                                         weight=feats.new_tensor([1.0, 8.0]))
+        if self.position_weight > 0:
+            g = labels.shape[-1]
+            cell = torch.arange(g * g, device=feats.device)
+            for name, target in (("row", cell // g), ("col", cell % g)):
+                logits = getattr(self, name)(feats)                     # [B, N, G]
+                tgt = target.expand(feats.shape[0], -1)
+                total = total + self.position_weight * F.cross_entropy(logits.flatten(0, 1), tgt.flatten())
+                acc[name] = (logits.argmax(-1) == tgt)[obj].float().mean().item()
         return total, acc
+
+
+def position_code(grid: int, dim: int, scale: float, seed: int) -> Tensor:
+    """Where each patch is, as a vector the LM can read: ``[G*G, dim]``.
+
+    Column and row, each mapped linearly to [-1, 1], along two fixed orthonormal directions
+    (drawn from ``seed``) times ``scale``. Added to the projector's alignment target, so a
+    visual token starts out as its object's words *plus* its place: a linear code is what a
+    comparison ("left of") and a box readout need.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    basis, _ = torch.linalg.qr(torch.randn(dim, 2, generator=gen))          # [dim, 2] orthonormal
+    cell = torch.arange(grid * grid)
+    coords = torch.stack([cell % grid, cell // grid], -1).float()           # [N, 2] (x, y)
+    coords = 2 * (coords + 0.5) / grid - 1
+    return scale * coords @ basis.T
 
 
 class Trainer:
@@ -322,7 +371,7 @@ class Trainer:
         ids = {k: self.tok.convert_tokens_to_ids(k) for k in ("<pad>", "<s>", "</s>", "<image>")}
         self.clip = build_clip(self.spec, len(vocab), ids["<pad>"], ids["<s>"], ids["</s>"])
         self.llava = build_llava(self.spec, self.clip, len(vocab), ids["<image>"], ids["<pad>"], ids["<s>"], ids["</s>"])
-        self.heads = DenseHeads(a.vision_hidden)
+        self.heads = DenseHeads(a.vision_hidden, a.image_size // a.patch_size, self.t.clip_position_weight)
         self.digests = phase_digests(params, scenes, seed)
         self.curves: list[dict[str, Any]] = []
         self.phase_seconds: dict[str, float] = {}
@@ -517,6 +566,11 @@ class Trainer:
         # Word ids of each phrase's words ("background" alone for background patches).
         words = [[ids(w) for w in ph.split() if w != "a"] for ph in PHRASES]
         proj, vision, layer = self.llava.model.multi_modal_projector, self.llava.model.vision_tower, self.spec.vision_feature_layer
+        # The position code's unit is a word embedding's typical norm (the LM's embeddings
+        # are at their initialisation here), so place weighs like one more word.
+        word_norm = emb.weight.detach().norm(dim=-1).mean().item()
+        where = position_code(self.spec.image_size // self.spec.patch_size, emb.weight.shape[1],
+                              self.t.align_position_scale * word_norm, self.seed)
 
         def step(rng: np.random.Generator, step_no: int) -> tuple[Tensor, dict[str, float]]:
             idx = torch.from_numpy(rng.choice(len(pool.captions), self.t.align_batch, replace=False))
@@ -524,7 +578,7 @@ class Trainer:
                 out = vision((_to_pixels(pool.images[idx]) - LVLM_MEAN) / LVLM_STD, output_hidden_states=True,
                              return_dict=True)
                 table = torch.stack([emb.weight[w].sum(0) for w in words])  # [P, D]
-                target = table[phrase_index(pool.labels[idx]).flatten(1)]   # [B, N, D]
+                target = table[phrase_index(pool.labels[idx]).flatten(1)] + where  # [B, N, D]
             pred = proj(out.hidden_states[layer][:, 1:])
             loss = (pred - target).pow(2).sum(-1).mean() / target.pow(2).sum(-1).mean()
             return loss, {}
@@ -533,12 +587,16 @@ class Trainer:
 
     # -- phase C: language model ------------------------------------------------------------
     def _sequence(self, vis: Tensor, turns: list[tuple[str, str, str]], vis_pos: Tensor,
-                  n_vis: int) -> TrainSeq:
+                  n_vis: int, isolate: bool = False) -> TrainSeq:
         """One multi-turn training sequence: ``inputs_embeds [T, D]``, ``labels [T]`` and
         ``position_ids [T]``, and per turn (index of the token that predicts its first answer
         token, the turn's text). ``vis [K, D]`` are the kept visual tokens at grid positions
         ``vis_pos [K]`` out of ``n_vis``; positions are those of the full sequence, so a token
-        keeps its position whether or not its neighbours were dropped."""
+        keeps its position whether or not its neighbours were dropped.
+
+        ``isolate``: every turn is a single-turn sample sharing the image prefix — the first
+        turn's prompt, positions restarting right after the image — and (with :func:`turn_mask`)
+        seeing no other turn: the shape of every question at test time."""
         emb = self.llava.get_input_embeddings()
         eos = self.tok.eos_token_id
         before, after = self.prompts.render(turns[0][0], turns[0][1])
@@ -547,21 +605,30 @@ class Trainer:
         labels: list[int] = []
         weights: list[float] = []
         queries: list[tuple[int, str]] = []
+        segs: list[int] = []
+        text_pos: list[Tensor] = []
         start = len(pre) + vis.shape[0]
         for k, (task, text, answer) in enumerate(turns):
-            prompt = after if k == 0 else self.prompts.render_followup(task, text)
+            if k == 0:
+                prompt = after
+            elif isolate:
+                prompt = self.prompts.render(task, text)[1]
+            else:
+                prompt = self.prompts.render_followup(task, text)
             p_ids = self.tok(prompt, add_special_tokens=False).input_ids
             a_ids = self.tok(" " + answer, add_special_tokens=False).input_ids + [eos]
             queries.append((start + len(ids) + len(p_ids) - 1, text))
+            text_pos.append(torch.arange(len(p_ids) + len(a_ids)) + (0 if isolate else len(ids)))
             ids += p_ids + a_ids
+            segs += [k + 1] * (len(p_ids) + len(a_ids))
             labels += [-100] * len(p_ids) + a_ids
             weights += [0.0] * len(p_ids) + [1.0 / len(a_ids)] * len(a_ids)
         seq = torch.cat([emb(torch.tensor(pre)), vis, emb(torch.tensor(ids))])
         lab = torch.tensor([-100] * (len(pre) + vis.shape[0]) + labels)
         wts = torch.tensor([0.0] * (len(pre) + vis.shape[0]) + weights)
-        pos = torch.cat([torch.arange(len(pre)), len(pre) + vis_pos,
-                         len(pre) + n_vis + torch.arange(len(ids))])
-        return TrainSeq(seq, lab, wts, pos, queries, len(pre))
+        pos = torch.cat([torch.arange(len(pre)), len(pre) + vis_pos, len(pre) + n_vis + torch.cat(text_pos)])
+        seg = torch.tensor([0] * (len(pre) + vis.shape[0]) + segs)
+        return TrainSeq(seq, lab, wts, pos, seg, queries, len(pre))
 
     def lm_loss(self, feats: Tensor, labels: Tensor, objects: Sequence[Sequence[SceneObject]],
                 captions: Sequence[Sequence[str]], rng: np.random.Generator, step_no: int
@@ -580,18 +647,19 @@ class Trainer:
         keep = kept_tokens(labels, n_bg, rng)
         seqs = [self._sequence(vis[b, keep[b]], sample_turns(objects[b], captions[b], rng, t.lm_turns,
                                                              t.caption_prob, t.ground_prob, self.spec.image_size),
-                               keep[b], vis.shape[1]) for b in range(len(objects))]
+                               keep[b], vis.shape[1], t.lm_isolate_turns) for b in range(len(objects))]
         T = max(s.embeds.shape[0] for s in seqs)
         embeds = vis.new_zeros(len(seqs), T, vis.shape[-1])
         target_ids = torch.full((len(seqs), T), -100, dtype=torch.long)
         weights = torch.zeros(len(seqs), T)
         mask = torch.zeros(len(seqs), T, dtype=torch.long)
         pos = torch.zeros(len(seqs), T, dtype=torch.long)
+        segments = torch.full((len(seqs), T), -1, dtype=torch.long)
         queries, targets = [], []
         for b, sq in enumerate(seqs):
             n = sq.embeds.shape[0]
             embeds[b, :n], target_ids[b, :n], mask[b, :n], pos[b, :n] = sq.embeds, sq.labels, 1, sq.positions
-            weights[b, :n] = sq.weights
+            weights[b, :n], segments[b, :n] = sq.weights, sq.segments
             if look:
                 vis_at = sq.vis_start + torch.arange(len(keep[b]))   # sequence index of each kept token
                 for qpos, text in sq.queries:
@@ -602,8 +670,12 @@ class Trainer:
         captured: list[Tensor] = []
         hook = lm.layers[t.lm_look_layer].self_attn.register_forward_hook(
             lambda mod, args, out: captured.append(out[1])) if look else None
+        attn_mask: Tensor = mask
+        if t.lm_isolate_turns:   # additive 4-D mask: transformers passes a 4-D mask through as given
+            allowed = turn_mask(segments)
+            attn_mask = torch.zeros(allowed.shape, dtype=embeds.dtype).masked_fill(~allowed, torch.finfo(embeds.dtype).min)
         try:
-            h = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, return_dict=True).last_hidden_state
+            h = lm(inputs_embeds=embeds, attention_mask=attn_mask, position_ids=pos, return_dict=True).last_hidden_state
         finally:
             if hook is not None:
                 hook.remove()
