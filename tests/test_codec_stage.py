@@ -159,3 +159,33 @@ def test_train_seconds_add_up_over_resumed_runs(tmp_path):
     path.write_text("step,loss,seconds\n1,1,2.0\n2,1,4.0\n3,1,1.5\n4,1,3.0\n")
     assert train_seconds_from_curves(path) == 7.0
     assert train_seconds_from_curves(tmp_path / "none.csv") == 0.0
+
+
+def test_a_codec_trained_against_another_lvlm_tower_is_trained_again(stage_env):
+    import torch
+
+    from vlmcompress.codec.stage import tower_digest
+
+    root, p, splits = stage_env
+    lvlm = load_stage_lvlm(p)
+    token_fn, tower = lvlm_token_fn(lvlm), tower_digest(lvlm)
+    images = RecordImages(splits["train"], 64)
+    cp = dataclasses.replace(p.codec.ours, train=dataclasses.replace(p.codec.train, steps=1))
+    logs: list[str] = []
+    train_variant("ours", cp, images, token_fn, log=logs.append, tower=tower)
+    train_variant("ours", cp, images, token_fn, log=logs.append, tower=tower)
+    assert logs[-1] == "ours: trained model found, 1 steps"
+    with torch.no_grad():                                   # a retrained LVLM: other tower weights
+        lvlm.vision_tower.post_layernorm.weight.add_(0.5)
+    other = tower_digest(lvlm)
+    assert other != tower and tower_digest(lvlm) == other
+    train_variant("ours", cp, images, token_fn, log=logs.append, tower=other)
+    assert "ours: trained against another LVLM tower, starting over" in logs
+    assert logs[-2] == "ours: training to 1 steps"
+    assert (root / "outputs/codec/models/ours" / "tower.txt").read_text().strip() == other
+    # The pixel baseline never reads the LVLM: the tower does not concern it.
+    base = model_variants(p.codec)["pixel_baseline"]
+    base = dataclasses.replace(base, train=dataclasses.replace(base.train, steps=1))
+    train_variant("pixel_baseline", base, images, None, log=logs.append, tower=tower)
+    train_variant("pixel_baseline", base, images, None, log=logs.append, tower=other)
+    assert logs[-1] == "pixel_baseline: trained model found, 1 steps"

@@ -139,3 +139,20 @@ def test_probes_answer_bad_input_with_one_line(tmp_path, capsys):
     assert text_probe.main(["--params", str(bad)]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("text_probe: ") and "not_a_section" in err and "\n" not in err
+    position_probe = _script("position_probe")
+    assert position_probe.main(["--llava", str(tmp_path / "no_such_model")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("position_probe: ") and "no_such_model" in err and "\n" not in err
+
+
+def test_position_probe_reads_a_linear_code_and_not_noise():
+    import torch
+
+    probe = _script("position_probe").probe_accuracy
+    torch.manual_seed(0)
+    col = torch.arange(16).repeat(40)                                  # 40 "images" of 16 cells
+    coded = torch.nn.functional.one_hot(col, 16).float() + 0.1 * torch.randn(640, 16)
+    noise = torch.randn(640, 16)
+    train, test, mask = slice(0, 480), slice(480, None), torch.ones(640, dtype=torch.bool)
+    assert probe(coded, col, train, test, mask) == 1.0
+    assert probe(noise, col, train, test, mask) < 0.3

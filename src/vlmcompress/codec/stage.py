@@ -23,6 +23,7 @@ these same features.
 from __future__ import annotations
 
 import csv
+import hashlib
 import math
 import shutil
 import statistics
@@ -106,6 +107,17 @@ def lvlm_token_fn(lvlm: Any) -> TokenFn:
     return token_fn
 
 
+def tower_digest(lvlm: Any) -> str:
+    """Fingerprint of what :func:`lvlm_token_fn` computes: the vision tower's weights (names,
+    shapes, bytes) and the feature layer it reads. A codec trained against one tower is stale
+    for another (its token losses and token fusion were fitted to that tower's features)."""
+    h = hashlib.sha256(f"layer={lvlm.feature_layer}".encode())
+    for name, t in sorted(lvlm.vision_tower.state_dict().items()):
+        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def check_token_dim(cp: CodecParams, token_fn: TokenFn, probe: Tensor) -> None:
     """One-line error when the pre-editing net expects tokens of another width than the LVLM's."""
     pre = cp.model.preedit
@@ -181,11 +193,24 @@ def train_seconds_from_curves(path: Path) -> float:
     return round(total + prev, 1)
 
 
+TOWER_NAME = "tower.txt"   # models/<name>/tower.txt: tower_digest of the LVLM a codec was trained against
+
+
 def train_variant(name: str, cp: CodecParams, images: Sequence, token_fn: TokenFn | None,
-                  log: Log = print) -> LVLMCodec:
-    """Train (or resume, or reuse) one codec into ``models/<name>``; returns it in eval mode."""
+                  log: Log = print, tower: str | None = None) -> LVLMCodec:
+    """Train (or resume, or reuse) one codec into ``models/<name>``; returns it in eval mode.
+
+    ``tower``: :func:`tower_digest` of the LVLM behind ``token_fn``. A codec that reads the
+    LVLM (:func:`needs_lvlm`) and was trained, or checkpointed, against another tower (or an
+    unrecorded one) starts over: its parameters alone cannot tell.
+    """
     out = models_dir() / name
     state = training_state(out, cp)
+    marker = out / TOWER_NAME
+    if (tower is not None and needs_lvlm(cp) and state in ("done", "resume")
+            and (not marker.is_file() or marker.read_text().strip() != tower)):
+        log(f"{name}: trained against another LVLM tower, starting over")
+        state = "stale"
     if state == "done":
         log(f"{name}: trained model found, {cp.train.steps} steps")
         return load_codec(out)
@@ -193,6 +218,10 @@ def train_variant(name: str, cp: CodecParams, images: Sequence, token_fn: TokenF
         log(f"{name}: checkpoint of other params, starting over")
         shutil.rmtree(out)
     log(f"{name}: {'resuming' if state == 'resume' else 'training'} to {cp.train.steps} steps")
+    if tower is not None and needs_lvlm(cp):
+        out.mkdir(parents=True, exist_ok=True)
+        with atomic_path(marker) as tmp:   # before training: a resumed checkpoint is of this tower
+            tmp.write_text(tower + "\n")
     res = train_codec(cp, images, token_fn if needs_lvlm(cp) else None, out)
     log(f"{name}: {res.steps_this_run} steps in {res.seconds:.0f} s; last: "
         + ", ".join(f"{k}={v:.4g}" for k, v in res.last.items() if k not in ("step", "seconds")))
@@ -338,7 +367,8 @@ def run_codec_stage(params: Params, splits: dict[str, list[ImageRecord]], log: L
                              f"(splits found: {', '.join(sorted(splits)) or 'none'})")
     variants = model_variants(P)
     from vlmcompress.lvlm.stage import load_stage_lvlm  # late: transformers is slow to import
-    token_fn = lvlm_token_fn(load_stage_lvlm(params))
+    lvlm = load_stage_lvlm(params)
+    token_fn, tower = lvlm_token_fn(lvlm), tower_digest(lvlm)
     train_set = RecordImages(splits["train"], P.train.patch_size)
     for cp in variants.values():
         check_token_dim(cp, token_fn, train_set[0][None].float() / 255.0)
@@ -346,7 +376,7 @@ def run_codec_stage(params: Params, splits: dict[str, list[ImageRecord]], log: L
     root, mdir = stage_dir(), models_dir()
     for name in prune_models(list(variants)):
         log(f"{name}: no longer in params, removed")
-    models = {name: train_variant(name, cp, train_set, token_fn, log) for name, cp in variants.items()}
+    models = {name: train_variant(name, cp, train_set, token_fn, log, tower) for name, cp in variants.items()}
     curves = combined_curves(list(variants))
     with atomic_path(root / "curves.csv") as tmp:
         curves.to_csv(tmp, index=False)

@@ -1,0 +1,78 @@
+"""Do the visual tokens say where each patch is? A linear probe of grid row and column.
+
+    python scripts/position_probe.py [--params params.yaml] [--llava FOLDER] [--scenes 400]
+
+Embeds ``--scenes`` training-stream scenes with the stage's LLaVA (or ``--llava``), fits a
+least-squares one-hot classifier of each patch's grid column and row on the first three
+quarters of the scenes and prints its accuracy on the object patches of the rest, for the
+tower's LLaVA feature layer and for the projector's output (what the LM reads). Chance is
+1 / grid side. Scenes profile only (the pool needs the scene generator's labels).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from vlmcompress.config import load_params  # noqa: E402
+
+
+def probe_accuracy(x, target, train, test, mask) -> float:
+    """``x [M, D]`` features, ``target [M]`` class ids; fit on rows ``train``, score on the
+    ``test`` rows where ``mask`` holds -> accuracy."""
+    import torch
+
+    X = torch.cat([x.double(), torch.ones(len(x), 1, dtype=torch.double)], 1)
+    Y = torch.nn.functional.one_hot(target, int(target.max()) + 1).double()
+    W = torch.linalg.lstsq(X[train], Y[train]).solution
+    pred = (X[test] @ W).argmax(1)
+    return (pred == target[test])[mask[test]].float().mean().item()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--params", default=None)
+    ap.add_argument("--llava", default=None, help="LLaVA folder to probe instead of the stage's")
+    ap.add_argument("--scenes", type=int, default=400)
+    args = ap.parse_args(argv)
+    import torch
+
+    from vlmcompress.config import ConfigError
+    from vlmcompress.lvlm.load import ModelNotAvailableError, load_lvlm
+    from vlmcompress.lvlm.stage import model_paths
+    from vlmcompress.lvlm.train import build_pool
+
+    try:
+        params = load_params(args.params)
+        llava, clip = model_paths(params)
+        lvlm = load_lvlm(args.llava or llava, clip)
+    except (ConfigError, ModelNotAvailableError, OSError, ValueError) as exc:
+        print(f"position_probe: {exc}", file=sys.stderr)
+        return 1
+    if args.scenes < 8:
+        print("position_probe: --scenes must be at least 8", file=sys.stderr)
+        return 1
+    patch = lvlm.vision_tower.config.patch_size
+    pool = build_pool(params.data.scenes, args.scenes, patch)
+    images = pool.images.permute(0, 3, 1, 2).float() / 255.0
+    with torch.inference_mode():
+        feats = lvlm.visual_features(images)
+    n, (gh, g) = feats.tokens.shape[1], feats.grid
+    cell = torch.arange(n).repeat(args.scenes)
+    obj = (pool.labels[:, 0].flatten(1) > 0).flatten()
+    split = args.scenes * 3 // 4 * n
+    train, test = slice(0, split), slice(split, None)
+    print(f"{args.llava or llava}: {args.scenes} scenes, grid {gh}x{g}, object patches "
+          f"(chance: column {100 / g:.1f}%, row {100 / gh:.1f}%)")
+    for name, x in (("tower feature layer", feats.hidden), ("projector output", feats.tokens)):
+        flat = x.flatten(0, 1)
+        col = probe_accuracy(flat, cell % g, train, test, obj)
+        row = probe_accuracy(flat, cell // g, train, test, obj)
+        print(f"  {name:20s} column {100 * col:5.1f}%  row {100 * row:5.1f}%")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
