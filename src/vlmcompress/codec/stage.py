@@ -114,7 +114,7 @@ def tower_digest(lvlm: Any) -> str:
     h = hashlib.sha256(f"layer={lvlm.feature_layer}".encode())
     for name, t in sorted(lvlm.vision_tower.state_dict().items()):
         h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())  # 0-dim: BN counters
     return h.hexdigest()[:16]
 
 
