@@ -179,6 +179,9 @@ def test_a_codec_trained_against_another_lvlm_tower_is_trained_again(stage_env):
         lvlm.vision_tower.post_layernorm.weight.add_(0.5)
     other = tower_digest(lvlm)
     assert other != tower and tower_digest(lvlm) == other
+    lvlm.vision_tower.register_buffer("counter", torch.tensor(3))   # 0-dim, like BatchNorm's counters
+    assert tower_digest(lvlm) != other
+    del lvlm.vision_tower.counter
     train_variant("ours", cp, images, token_fn, log=logs.append, tower=other)
     assert "ours: trained against another LVLM tower, starting over" in logs
     assert logs[-2] == "ours: training to 1 steps"

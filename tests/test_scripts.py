@@ -156,3 +156,15 @@ def test_position_probe_reads_a_linear_code_and_not_noise():
     train, test, mask = slice(0, 480), slice(480, None), torch.ones(640, dtype=torch.bool)
     assert probe(coded, col, train, test, mask) == 1.0
     assert probe(noise, col, train, test, mask) < 0.3
+
+
+def test_flops_table_rows_and_bad_input(capsys):
+    ft = _script("flops_table")
+    rows = ft.table("llava-7b", (*ft.LLAVA15_7B, ft.CLIP_L_TEXT), 576, 40, 16)
+    assert len(rows) == 1 + len(ft.BUDGETS) and rows[0].split()[1] == "full"
+    ratio = {float(r.split()[1]): float(r.split()[7]) for r in rows[1:]}
+    assert ratio[0.05] < ratio[0.10] < ratio[0.25] < ratio[0.50] < 1.0
+    assert ratio[0.10] < 1 / 3            # LLaVA-1.5-7B: the LM dominates, so pruning pays
+    assert ft.main(["--text-tokens", "-1"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("flops_table: ") and "\n" not in err
