@@ -156,6 +156,11 @@ def test_position_probe_reads_a_linear_code_and_not_noise():
     train, test, mask = slice(0, 480), slice(480, None), torch.ones(640, dtype=torch.bool)
     assert probe(coded, col, train, test, mask) == 1.0
     assert probe(noise, col, train, test, mask) < 0.3
+    # A scalar code along one direction: the regression reads it, the one-hot classifier cannot.
+    mae = _script("position_probe").probe_mae
+    scalar = col[:, None].float() * torch.randn(1, 16) + 0.01 * torch.randn(640, 16)
+    assert mae(scalar, col, train, test, mask) < 0.1 and mae(noise, col, train, test, mask) > 3.0
+    assert probe(scalar, col, train, test, mask) < 0.5
 
 
 def test_flops_table_rows_and_bad_input(capsys):
