@@ -123,7 +123,10 @@ def test_stale_checkpoints_and_dropped_variants_are_cleared(stage_env):
     more = dataclasses.replace(changed, train=dataclasses.replace(changed.train, steps=2))
     train_variant("ours", more, images, token_fn, log=logs.append)
     assert logs[-2] == "ours: resuming to 2 steps"
-    assert train_seconds_from_curves(out / "ours" / "curves.csv") > 0
+    # Both runs' rows are kept (the sum itself: test_train_seconds_add_up_over_resumed_runs); a
+    # 1-step tiny run can log 0.0 s, so only the rows are asserted here, not a positive time.
+    assert pd.read_csv(out / "ours" / "curves.csv")["step"].tolist() == [1, 2]
+    assert train_seconds_from_curves(out / "ours" / "curves.csv") >= 0
 
 
 def test_stage_params_checks(params):
