@@ -57,15 +57,15 @@ def main(argv: list[str] | None = None) -> int:
     from vlmcompress.lvlm.stage import model_paths
     from vlmcompress.lvlm.train import build_pool
 
+    if args.scenes < 8:
+        print("position_probe: --scenes must be at least 8", file=sys.stderr)
+        return 1
     try:
         params = load_params(args.params)
         llava, clip = model_paths(params)
         lvlm = load_lvlm(args.llava or llava, clip)
     except (ConfigError, ModelNotAvailableError, OSError, ValueError) as exc:
         print(f"position_probe: {exc}", file=sys.stderr)
-        return 1
-    if args.scenes < 8:
-        print("position_probe: --scenes must be at least 8", file=sys.stderr)
         return 1
     patch = lvlm.vision_tower.config.patch_size
     pool = build_pool(params.data.scenes, args.scenes, patch)
