@@ -7,7 +7,8 @@ least-squares one-hot classifier of each patch's grid column and row on the firs
 quarters of the scenes and prints its accuracy on the object patches of the rest, and the
 mean absolute error (in grid cells) of a linear regression of the index, for the tower's
 LLaVA feature layer and for the projector's output (what the LM reads). Chance is 1 / grid
-side for the accuracy; predicting the mean index gives an MAE of about a quarter of the side. Scenes profile only (the pool needs the scene generator's labels).
+side for the accuracy; predicting the mean index gives an MAE of about a quarter of the side.
+Scenes profile only (the pool needs the scene generator's labels).
 """
 from __future__ import annotations
 
@@ -20,15 +21,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from vlmcompress.config import load_params  # noqa: E402
 
 
+def _fit_predict(x, y, train, test):
+    """Least squares with a bias on rows ``train`` of ``x [M, D]`` -> ``y [M, C]``; the
+    predictions for rows ``test``."""
+    import torch
+
+    X = torch.cat([x.double(), torch.ones(len(x), 1, dtype=torch.double)], 1)
+    W = torch.linalg.lstsq(X[train], y.double()[train]).solution
+    return X[test] @ W
+
+
 def probe_accuracy(x, target, train, test, mask) -> float:
     """``x [M, D]`` features, ``target [M]`` class ids; fit on rows ``train``, score on the
     ``test`` rows where ``mask`` holds -> accuracy."""
     import torch
 
-    X = torch.cat([x.double(), torch.ones(len(x), 1, dtype=torch.double)], 1)
-    Y = torch.nn.functional.one_hot(target, int(target.max()) + 1).double()
-    W = torch.linalg.lstsq(X[train], Y[train]).solution
-    pred = (X[test] @ W).argmax(1)
+    onehot = torch.nn.functional.one_hot(target, int(target.max()) + 1)
+    pred = _fit_predict(x, onehot, train, test).argmax(1)
     return (pred == target[test])[mask[test]].float().mean().item()
 
 
@@ -36,12 +45,8 @@ def probe_mae(x, target, train, test, mask) -> float:
     """Mean absolute error of a least-squares linear regression of ``target`` (a grid index) on
     ``x``, on the ``test`` rows where ``mask`` holds: the read-out for a position coded as a
     scalar along a direction, which a one-hot classifier cannot pick out of the middle."""
-    import torch
-
-    X = torch.cat([x.double(), torch.ones(len(x), 1, dtype=torch.double)], 1)
-    y = target.double()[:, None]
-    w = torch.linalg.lstsq(X[train], y[train]).solution
-    return (X[test] @ w - y[test]).abs().squeeze(1)[mask[test]].mean().item()
+    pred = _fit_predict(x, target[:, None], train, test).squeeze(1)
+    return (pred - target[test].double()).abs()[mask[test]].mean().item()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     from vlmcompress.config import ConfigError
     from vlmcompress.lvlm.load import ModelNotAvailableError, load_lvlm
     from vlmcompress.lvlm.stage import model_paths
-    from vlmcompress.lvlm.train import build_pool
+    from vlmcompress.lvlm.train import _to_pixels, build_pool
 
     if args.scenes < 8:
         print("position_probe: --scenes must be at least 8", file=sys.stderr)
@@ -69,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     patch = lvlm.vision_tower.config.patch_size
     pool = build_pool(params.data.scenes, args.scenes, patch)
-    images = pool.images.permute(0, 3, 1, 2).float() / 255.0
+    images = _to_pixels(pool.images)
     with torch.inference_mode():
         feats = lvlm.visual_features(images)
     n, (gh, g) = feats.tokens.shape[1], feats.grid
