@@ -174,6 +174,25 @@ def test_trainer_reuses_finished_phases_whose_params_did_not_change(tmp_path):
     assert len([r for r in rows if r["phase"] == "text" and r["step"] == 1]) == 1
 
 
+def test_projector_lr_scale_zero_keeps_phase_b_projector_and_still_trains_the_lm(tmp_path):
+    from vlmcompress.lvlm.train import Trainer
+
+    def after_lm(scale: float, name: str) -> tuple[dict, dict]:
+        params, scenes = _tiny_params(lm_projector_lr_scale=scale)
+        tr = Trainer(params, scenes, tmp_path / name, seed=0, log=lambda m: None)
+        tr.run(tmp_path / f"m_{name}")
+        phase_b = torch.load(tmp_path / name / "after_align.pt", weights_only=True)["llava"]
+        return phase_b, tr.llava.state_dict()
+
+    for scale, moves in ((0.0, False), (0.5, True)):
+        phase_b, final = after_lm(scale, f"s{scale}")
+        proj = [k for k in phase_b if k.startswith("model.multi_modal_projector.")]
+        lm = [k for k in phase_b if k.startswith("model.language_model.layers.")]
+        assert proj and lm
+        assert any(not torch.equal(final[k], phase_b[k]) for k in proj) == moves
+        assert any(not torch.equal(final[k], phase_b[k]) for k in lm)
+
+
 def test_text_phase_embeds_patches_with_the_towers_running_statistics(tmp_path):
     """A reused phase A must not leave the tower in train mode for phase A2 (BatchNorm)."""
     from vlmcompress.lvlm.train import Trainer

@@ -67,6 +67,8 @@ class TrainParams:
                               # patches a turn is about (0: off; at 1.0 on the head mean of one
                               # layer it starved colour readout in a measured run, so off by default)
     lm_look_layer: int        # LM layer whose head-mean attention the look loss supervises
+    lm_projector_lr_scale: float  # phase C's projector lr as a fraction of lm_lr (0: frozen, keeps
+                              # phase B's map of words + position code)
     lm_isolate_turns: bool    # each turn a separate single-turn sample sharing the image (turn_mask)
     lm_loss_per: Literal["token", "turn"]  # answer-token CE averaged per token, or per
                               # turn (a 20-word caption then weighs as much as a one-word answer)
