@@ -173,3 +173,18 @@ def test_flops_table_rows_and_bad_input(capsys):
     assert ft.main(["--text-tokens", "-1"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("flops_table: ") and "\n" not in err
+
+
+def test_lm_step_benchmark_times_each_variant_and_checks_its_arguments(capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_lm_step", REPO / "benchmarks" / "bench_lm_step.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    with pytest.raises(SystemExit):
+        bench.main(["--pool", "4"])                    # fewer scenes than one batch
+    assert "--pool must be >=" in capsys.readouterr().err
+    assert bench.main(["--steps", "1", "--warmup", "1", "--pool", "16", "--threads", "1", "--scales", "1", "0"]) == 0
+    lines = [x for x in capsys.readouterr().out.splitlines() if "s/step" in x]
+    assert [x.split(":")[0].split()[-1] for x in lines] == ["1", "0"]
+    assert all(float(x.split("median ")[1].split()[0]) > 0 for x in lines)

@@ -1,0 +1,97 @@
+"""Seconds per phase-C step of the embedded LVLM recipe, for recipe variants, same machine, same run.
+
+    python benchmarks/bench_lm_step.py [--params params.yaml] [--scales 1.0 0.0] [--turns 10]
+        [--steps 12] [--warmup 2] [--at 0.9] [--pool 400] [--threads 2] [--profile]
+
+Times one LM step (forward over the packed sequences, backward, AdamW) with the projector
+trained at each ``--scales`` value (``lm_projector_lr_scale``; 0 = frozen) and each ``--turns``
+value (``lm_turns``), at ``--at`` of phase C, i.e. past the visual-token ramp when ``--at`` >=
+``lm_bg_ramp`` (all 256 tokens). Step cost does not depend on trained weights, so the model is
+freshly initialised and nothing is read from ``outputs/``. Each figure is the median over
+``--steps`` steps after ``--warmup`` (the first step also computes the pool's tower features);
+variants run one after another in the same process. ``--profile`` prints the torch profiler's
+top operators of one more step of the last variant.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import tempfile
+import time
+from typing import Any
+
+import torch
+
+from vlmcompress.config import load_params
+from vlmcompress.lvlm.train import Trainer, build_pool
+
+
+def time_steps(params, scenes, pool, scale: float, turns: int, steps: int, warmup: int, at: float,
+               work: str, prof: Any = None) -> list[float]:
+    """Wall seconds of the ``steps`` phase-C steps after ``warmup`` ones, fresh model; ``prof``
+    (a torch profiler, not yet entered) records the timed steps only."""
+    t = dataclasses.replace(params.train, lm_projector_lr_scale=scale, lm_turns=turns)
+    trainer = Trainer(dataclasses.replace(params, train=t), scenes, work, seed=0, log=lambda m: None)
+    proj = trainer.llava.model.multi_modal_projector
+    lm = list(trainer.llava.model.language_model.parameters()) + list(trainer.llava.lm_head.parameters())
+    proj.requires_grad_(scale > 0)            # the optimiser groups of Trainer.run's phase C
+    groups = [{"params": lm}] + ([{"params": list(proj.parameters()), "lr": t.lm_lr * scale}] if scale > 0 else [])
+    opt = torch.optim.AdamW(groups, lr=t.lm_lr)
+    step_fn = trainer._lm_step(pool)
+    trainer.llava.train()
+    first = int(at * t.lm_steps)
+    out = []
+    for i in range(warmup + steps):
+        if i == warmup and prof is not None:
+            prof.__enter__()
+        t0 = time.perf_counter()
+        loss, _ = step_fn(trainer._rng("lm", first + i), first + i)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        out.append(time.perf_counter() - t0)
+    if prof is not None:
+        prof.__exit__(None, None, None)
+    return out[warmup:]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--params", default=None)
+    ap.add_argument("--scales", type=float, nargs="+", default=[1.0, 0.0])
+    ap.add_argument("--turns", type=int, nargs="+", default=None, help="lm_turns values (default: the params')")
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--at", type=float, default=0.9, help="fraction of phase C the steps are taken at")
+    ap.add_argument("--pool", type=int, default=400, help="scenes in the pool the batches are drawn from")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--profile", action="store_true")
+    a = ap.parse_args(argv)
+    if a.steps < 1 or a.warmup < 1 or a.pool < 1:
+        ap.error("--steps, --warmup and --pool must be >= 1 (the first step computes the pool's features)")
+    P = load_params(a.params)
+    L = dataclasses.replace(P.lvlm, train=dataclasses.replace(P.lvlm.train, pool_scenes=a.pool))
+    if a.pool < L.train.lm_batch:
+        ap.error(f"--pool must be >= lvlm.train.lm_batch ({L.train.lm_batch})")
+    torch.set_num_threads(a.threads)
+    pool = build_pool(P.data.scenes, a.pool, L.arch.patch_size)
+    turns = a.turns or [L.train.lm_turns]
+    print(f"phase-C step at {a.at:.0%} of {L.train.lm_steps} steps, batch {L.train.lm_batch}, "
+          f"{a.threads} threads; median of {a.steps} after {a.warmup} warm-up")
+    with tempfile.TemporaryDirectory() as work:
+        for turn in turns:
+            for scale in a.scales:
+                ts = time_steps(L, P.data.scenes, pool, scale, turn, a.steps, a.warmup, a.at, work)
+                print(f"lm_turns {turn:3d}  lm_projector_lr_scale {scale:g}: "
+                      f"median {statistics.median(ts):.3f} s/step (min {min(ts):.3f}, max {max(ts):.3f})")
+        if a.profile:
+            from torch.profiler import profile
+            prof = profile()
+            time_steps(L, P.data.scenes, pool, a.scales[-1], turns[-1], 1, 1, a.at, work, prof)
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
