@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from vlmcompress.config import load_params
+from vlmcompress.config import ConfigError, load_params
 from vlmcompress.lvlm.train import Trainer, build_pool
 
 
@@ -70,7 +70,12 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     if a.steps < 1 or a.warmup < 1 or a.pool < 1:
         ap.error("--steps, --warmup and --pool must be >= 1 (the first step computes the pool's features)")
-    P = load_params(a.params)
+    if min(a.scales) < 0:
+        ap.error("--scales must be >= 0 (0 freezes the projector)")
+    try:
+        P = load_params(a.params)
+    except ConfigError as exc:
+        ap.error(str(exc))
     L = dataclasses.replace(P.lvlm, train=dataclasses.replace(P.lvlm.train, pool_scenes=a.pool))
     if a.pool < L.train.lm_batch:
         ap.error(f"--pool must be >= lvlm.train.lm_batch ({L.train.lm_batch})")

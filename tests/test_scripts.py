@@ -12,8 +12,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+def _script(name: str, folder: str = "scripts"):
+    spec = importlib.util.spec_from_file_location(name, REPO / folder / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -176,14 +176,15 @@ def test_flops_table_rows_and_bad_input(capsys):
 
 
 def test_lm_step_benchmark_times_each_variant_and_checks_its_arguments(capsys):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_lm_step", REPO / "benchmarks" / "bench_lm_step.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _script("bench_lm_step", "benchmarks")
     with pytest.raises(SystemExit):
         bench.main(["--pool", "4"])                    # fewer scenes than one batch
     assert "--pool must be >=" in capsys.readouterr().err
+    for bad, says in ((["--scales", "-1"], "--scales"), (["--params", "/no/such.yaml"], "/no/such.yaml")):
+        with pytest.raises(SystemExit):
+            bench.main(bad)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert says in err[-1] and not any("Traceback" in x for x in err)
     assert bench.main(["--steps", "1", "--warmup", "1", "--pool", "16", "--threads", "1", "--scales", "1", "0"]) == 0
     lines = [x for x in capsys.readouterr().out.splitlines() if "s/step" in x]
     assert [x.split(":")[0].split()[-1] for x in lines] == ["1", "0"]
