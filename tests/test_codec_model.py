@@ -1,6 +1,7 @@
 """Codec model, pre-editing net, losses and params schema (tiny models, tiny images)."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -240,6 +241,7 @@ def test_params_roundtrip_through_yaml_dict():
     (("model", "name"), "nope", "codec.model.name"),
     (("loss", "lowpass"), 0, "codec.loss.lowpass"),
     (("loss", "w_lowpass"), -1.0, "codec.loss.w_lowpass"),
+    (("loss", "token_space"), "lm", "codec.loss.token_space"),
 ])
 def test_params_errors_name_the_key(path, value, key):
     d = to_dict(full_params())
@@ -269,3 +271,24 @@ def test_lowpass_term_enters_the_distortion():
     terms = {k: v.detach() for k, v in crit(m(x, 1.0), x, 1.0).items()}
     assert set(terms) == {"bpp_loss", "lowpass_mse", "lambda", "distortion", "loss"}
     assert float(terms["distortion"]) == pytest.approx(0.02 * 255 ** 2 * float(terms["lowpass_mse"]), rel=1e-5)
+
+
+def test_projector_token_space_compares_the_mapped_tokens():
+    torch.manual_seed(0)
+    m = build_codec(model_params(preedit=False)).train()
+    x = torch.rand(2, 3, 64, 64)
+    tower = torch.nn.Conv2d(3, 8, 8, 8)                                       # [B,3,64,64] -> [B,64,8]
+    token_fn = lambda img: tower(img).flatten(2).transpose(1, 2)            # noqa: E731
+    proj = torch.nn.Linear(8, 4)
+    lp = loss_params(w_token_mse=1.0, w_token_cos=0.0, w_rank=0.0, w_pixel=0.0)
+    out = m(x, 1.0)
+    ref = token_fn(x).detach()
+    on_tower = CodecLoss(lp, token_fn)(out, x, 1.0, ref)["token_mse"]
+    on_proj = CodecLoss(dataclasses.replace(lp, token_space="projector"), token_fn, proj)(out, x, 1.0, ref)["token_mse"]
+    t_hat = token_fn(out["x_hat"].clamp(0, 1))
+    assert float(on_tower) == pytest.approx(float(((t_hat - ref) ** 2).mean()), rel=1e-5)
+    assert float(on_proj) == pytest.approx(float(((proj(t_hat) - proj(ref)) ** 2).mean()), rel=1e-5)
+    on_proj.backward()
+    assert any(q.grad is not None and float(q.grad.abs().sum()) > 0 for q in m.parameters())   # through the map
+    with pytest.raises(ValueError, match="token_map"):
+        CodecLoss(dataclasses.replace(lp, token_space="projector"), token_fn)

@@ -195,3 +195,18 @@ def test_a_codec_trained_against_another_lvlm_tower_is_trained_again(stage_env):
     train_variant("pixel_baseline", base, images, None, log=logs.append, tower=tower)
     train_variant("pixel_baseline", base, images, None, log=logs.append, tower=other)
     assert logs[-1] == "pixel_baseline: trained model found, 1 steps"
+
+
+def test_a_projector_space_codec_is_also_stale_for_another_projector(stage_env):
+    import torch
+
+    from vlmcompress.codec.stage import tower_digest
+
+    _, p, _ = stage_env
+    lvlm = load_stage_lvlm(p)
+    tower, with_proj = tower_digest(lvlm), tower_digest(lvlm, projector=True)
+    assert with_proj != tower
+    with torch.no_grad():                                   # e.g. an LM phase that trained the projector
+        next(lvlm.llava.model.multi_modal_projector.parameters()).add_(0.5)
+    assert tower_digest(lvlm) == tower                      # a tower-space codec is still current
+    assert tower_digest(lvlm, projector=True) != with_proj

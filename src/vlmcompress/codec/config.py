@@ -12,6 +12,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 VVENC_PRESETS = ("faster", "fast", "medium", "slow", "slower")
+# Where the token terms compare original and reconstruction: the tower's features (what any
+# LVLM on that tower reads) or the projector's output (the LM's input space, where a drifted
+# hue moves the token as far as the LM's colour words are apart).
+TOKEN_SPACES = ("tower", "projector")
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,7 @@ class LossParams:
     w_pixel: float              # pixel MSE, scaled by 255**2 as in CompressAI
     w_lowpass: float = 0.0      # MSE of lowpass x lowpass block means (colour of regions), also x 255**2
     lowpass: int = 8            # block side of that term (the LVLM's patch size keeps one colour per token)
+    token_space: str = "tower"  # token terms on: tower (features fed to the projector) | projector (its output)
 
 
 @dataclass(frozen=True)
@@ -164,6 +169,8 @@ def check_codec_params(p: CodecParams, path: str = "codec") -> None:
         v = getattr(lo, name)
         _require(math.isfinite(v) and v >= 0, f"{path}.loss.{name}", f"must be >= 0, got {v}")
     _require(lo.lowpass >= 1, f"{path}.loss.lowpass", f"must be >= 1, got {lo.lowpass}")
+    _require(lo.token_space in TOKEN_SPACES, f"{path}.loss.token_space",
+             f"unknown token space {lo.token_space!r} (known: {', '.join(TOKEN_SPACES)})")
     _require(lo.w_token_mse + lo.w_token_cos + lo.w_rank + lo.w_pixel + lo.w_lowpass > 0, f"{path}.loss",
              "at least one distortion weight must be > 0")
     _require(lo.rank_mode in RANK_LOSSES, f"{path}.loss.rank_mode",

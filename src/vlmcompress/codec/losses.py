@@ -146,9 +146,15 @@ class CodecLoss(nn.Module):
     ``lambda``, ``distortion``, ``loss`` and each enabled one of ``token_mse``,
     ``token_cos``, ``rank_loss``, ``pixel_mse``, ``lowpass_mse`` (MSEs in [0,1] units,
     before the 255**2).
+
+    ``token_map`` (``[B,N,D] -> [B,N,D']``, frozen, differentiable) is applied to both token
+    sets before the token terms; required when ``params.token_space`` is ``"projector"``
+    (the LVLM's projector). ``ref_tokens`` stay in the tower's space either way: the
+    pre-editing net fuses those.
     """
 
-    def __init__(self, params: LossParams, token_fn: TokenFn | None = None):
+    def __init__(self, params: LossParams, token_fn: TokenFn | None = None,
+                 token_map: Callable[[Tensor], Tensor] | None = None):
         super().__init__()
         if params.rank_mode not in RANK_LOSSES:
             known = ", ".join(sorted(RANK_LOSSES))
@@ -158,6 +164,9 @@ class CodecLoss(nn.Module):
         if self.needs_tokens and token_fn is None:
             raise ValueError("token loss terms are on (w_token_mse/w_token_cos/w_rank > 0) "
                              "but token_fn is None")
+        if params.token_space == "projector" and self.needs_tokens and token_map is None:
+            raise ValueError("loss.token_space is 'projector' but no token_map (the LVLM's projector) was given")
+        self.token_map = token_map if params.token_space == "projector" else None
 
     @property
     def needs_tokens(self) -> bool:
@@ -181,6 +190,8 @@ class CodecLoss(nn.Module):
             if t_hat.shape != t_ref.shape:
                 raise ValueError(f"token_fn gave {tuple(t_hat.shape)} for the reconstruction "
                                  f"but {tuple(t_ref.shape)} for the original")
+            if self.token_map is not None:
+                t_hat, t_ref = self.token_map(t_hat), self.token_map(t_ref)
             if p.w_token_mse > 0:
                 terms["token_mse"] = token_mse(t_hat, t_ref)
                 distortion = distortion + p.w_token_mse * terms["token_mse"]

@@ -42,7 +42,7 @@ from vlmcompress.codec.anchors import make_anchor
 from vlmcompress.codec.bitstream import as_float32
 from vlmcompress.codec.coder import (bits_per_pixel, decode_image, encode_image, image_to_tensor,
                                      read_png, tensor_to_image, write_png)
-from vlmcompress.codec.config import CodecParams, CodecStageParams, check_stage_params
+from vlmcompress.codec.config import TOKEN_SPACES, CodecParams, CodecStageParams, check_stage_params
 from vlmcompress.codec.losses import TokenFn
 from vlmcompress.codec.model import LVLMCodec
 from vlmcompress.codec.train import (CURVES_NAME, load_codec, train_codec,
@@ -107,12 +107,15 @@ def lvlm_token_fn(lvlm: Any) -> TokenFn:
     return token_fn
 
 
-def tower_digest(lvlm: Any) -> str:
+def tower_digest(lvlm: Any, projector: bool = False) -> str:
     """Fingerprint of what :func:`lvlm_token_fn` computes: the vision tower's weights (names,
     shapes, bytes) and the feature layer it reads. A codec trained against one tower is stale
-    for another (its token losses and token fusion were fitted to that tower's features)."""
+    for another (its token losses and token fusion were fitted to that tower's features).
+    ``projector``: also the projector's weights, for a codec whose token terms are on its
+    output (``loss.token_space: projector``)."""
     h = hashlib.sha256(f"layer={lvlm.feature_layer}".encode())
-    for name, t in sorted(lvlm.vision_tower.state_dict().items()):
+    modules = [lvlm.vision_tower] + ([lvlm.llava.model.multi_modal_projector] if projector else [])
+    for name, t in sorted((n, t) for m in modules for n, t in m.state_dict().items()):
         h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
         h.update(t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())  # 0-dim: BN counters
     return h.hexdigest()[:16]
@@ -197,10 +200,12 @@ TOWER_NAME = "tower.txt"   # models/<name>/tower.txt: tower_digest of the LVLM a
 
 
 def train_variant(name: str, cp: CodecParams, images: Sequence, token_fn: TokenFn | None,
-                  log: Log = print, tower: str | None = None) -> LVLMCodec:
+                  log: Log = print, tower: str | None = None, token_map: Any = None) -> LVLMCodec:
     """Train (or resume, or reuse) one codec into ``models/<name>``; returns it in eval mode.
 
-    ``tower``: :func:`tower_digest` of the LVLM behind ``token_fn``. A codec that reads the
+    ``token_map``: the LVLM's frozen projector (used when ``cp.loss.token_space`` is
+    ``projector``). ``tower``: :func:`tower_digest` of the LVLM behind ``token_fn`` (with the
+    projector for such a codec). A codec that reads the
     LVLM (:func:`needs_lvlm`) and was trained, or checkpointed, against another tower (or an
     unrecorded one) starts over: its parameters alone cannot tell.
     """
@@ -222,7 +227,8 @@ def train_variant(name: str, cp: CodecParams, images: Sequence, token_fn: TokenF
         out.mkdir(parents=True, exist_ok=True)
         with atomic_path(marker) as tmp:   # before training: a resumed checkpoint is of this tower
             tmp.write_text(tower + "\n")
-    res = train_codec(cp, images, token_fn if needs_lvlm(cp) else None, out)
+    res = train_codec(cp, images, token_fn if needs_lvlm(cp) else None, out,
+                      token_map=token_map if needs_lvlm(cp) else None)
     log(f"{name}: {res.steps_this_run} steps in {res.seconds:.0f} s; last: "
         + ", ".join(f"{k}={v:.4g}" for k, v in res.last.items() if k not in ("step", "seconds")))
     return res.model  # updated and in eval mode: the weights just saved to models/<name>/model
@@ -368,7 +374,9 @@ def run_codec_stage(params: Params, splits: dict[str, list[ImageRecord]], log: L
     variants = model_variants(P)
     from vlmcompress.lvlm.stage import load_stage_lvlm  # late: transformers is slow to import
     lvlm = load_stage_lvlm(params)
-    token_fn, tower = lvlm_token_fn(lvlm), tower_digest(lvlm)
+    token_fn = lvlm_token_fn(lvlm)
+    projector = lvlm.llava.model.multi_modal_projector            # frozen by lvlm_token_fn
+    towers = {space: tower_digest(lvlm, projector=space == "projector") for space in TOKEN_SPACES}
     train_set = RecordImages(splits["train"], P.train.patch_size)
     for cp in variants.values():
         check_token_dim(cp, token_fn, train_set[0][None].float() / 255.0)
@@ -376,7 +384,8 @@ def run_codec_stage(params: Params, splits: dict[str, list[ImageRecord]], log: L
     root, mdir = stage_dir(), models_dir()
     for name in prune_models(list(variants)):
         log(f"{name}: no longer in params, removed")
-    models = {name: train_variant(name, cp, train_set, token_fn, log, tower) for name, cp in variants.items()}
+    models = {name: train_variant(name, cp, train_set, token_fn, log, towers[cp.loss.token_space], projector)
+              for name, cp in variants.items()}
     curves = combined_curves(list(variants))
     with atomic_path(root / "curves.csv") as tmp:
         curves.to_csv(tmp, index=False)
