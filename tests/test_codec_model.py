@@ -242,6 +242,7 @@ def test_params_roundtrip_through_yaml_dict():
     (("loss", "lowpass"), 0, "codec.loss.lowpass"),
     (("loss", "w_lowpass"), -1.0, "codec.loss.w_lowpass"),
     (("loss", "token_space"), "lm", "codec.loss.token_space"),
+    (("loss", "lowpass_weighting"), "saliency", "codec.loss.lowpass_weighting"),
 ])
 def test_params_errors_name_the_key(path, value, key):
     d = to_dict(full_params())
@@ -292,3 +293,35 @@ def test_projector_token_space_compares_the_mapped_tokens():
     assert any(q.grad is not None and float(q.grad.abs().sum()) > 0 for q in m.parameters())   # through the map
     with pytest.raises(ValueError, match="token_map"):
         CodecLoss(dataclasses.replace(lp, token_space="projector"), token_fn)
+
+
+def test_attention_weighted_lowpass_counts_the_attended_blocks():
+    from vlmcompress.codec.losses import attention_grid, lowpass_mse
+
+    x = torch.full((1, 3, 16, 16), 0.5)
+    tinted = x.clone()
+    tinted[:, 0, :8, :8] += 0.2                       # hue shift in the top-left block only
+    flat = torch.ones(1, 2, 2)
+    assert float(lowpass_mse(tinted, x, 8, flat)) == pytest.approx(float(lowpass_mse(tinted, x, 8)), rel=1e-6)
+    on_it = torch.tensor([[[1.0, 0.0], [0.0, 0.0]]])   # all the attention on the shifted block
+    off_it = torch.tensor([[[0.0, 1.0], [0.0, 0.0]]])
+    assert float(lowpass_mse(tinted, x, 8, on_it)) == pytest.approx(4 * float(lowpass_mse(tinted, x, 8)), rel=1e-5)
+    assert float(lowpass_mse(tinted, x, 8, off_it)) == pytest.approx(0.0, abs=1e-12)
+    attn = torch.arange(4.0)[None]                    # [B, N] row-major -> [B, 2, 2]
+    assert attention_grid(attn).tolist() == [[[0.0, 1.0], [2.0, 3.0]]]
+    with pytest.raises(ValueError, match="square"):
+        attention_grid(torch.ones(1, 6))
+
+
+def test_attention_weighting_needs_the_lvlm_attention():
+    lp = loss_params(w_token_mse=0.0, w_token_cos=0.0, w_rank=0.0, w_pixel=0.0, w_lowpass=0.01)
+    lp = dataclasses.replace(lp, lowpass_weighting="attention")
+    with pytest.raises(ValueError, match="attention_fn"):
+        CodecLoss(lp)
+    torch.manual_seed(0)
+    m = build_codec(model_params(preedit=False)).train()
+    x = torch.rand(2, 3, 64, 64)
+    seen = []
+    attn = lambda img: (seen.append(img.requires_grad), torch.rand(img.shape[0], 64))[1]   # noqa: E731
+    terms = CodecLoss(lp, attention_fn=attn)(m(x, 1.0), x, 1.0)
+    assert seen == [False] and float(terms["lowpass_mse"]) > 0       # read from the original image

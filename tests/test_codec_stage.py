@@ -206,6 +206,10 @@ def test_a_projector_space_codec_is_also_stale_for_another_projector(stage_env):
     lvlm = load_stage_lvlm(p)
     tower, with_proj = tower_digest(lvlm), tower_digest(lvlm, projector=True)
     assert with_proj != tower
+    with_attn = tower_digest(lvlm, attention=True)                # the attention layer is part of it
+    assert with_attn not in (tower, with_proj)
+    lvlm.attn_layer = lvlm.attn_layer - 1
+    assert tower_digest(lvlm, attention=True) != with_attn and tower_digest(lvlm) == tower
     with torch.no_grad():                                   # e.g. an LM phase that trained the projector
         next(lvlm.llava.model.multi_modal_projector.parameters()).add_(0.5)
     assert tower_digest(lvlm) == tower                      # a tower-space codec is still current

@@ -16,6 +16,7 @@ VVENC_PRESETS = ("faster", "fast", "medium", "slow", "slower")
 # LVLM on that tower reads) or the projector's output (the LM's input space, where a drifted
 # hue moves the token as far as the LM's colour words are apart).
 TOKEN_SPACES = ("tower", "projector")
+LOWPASS_WEIGHTINGS = ("uniform", "attention")
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,7 @@ class LossParams:
     w_lowpass: float = 0.0      # MSE of lowpass x lowpass block means (colour of regions), also x 255**2
     lowpass: int = 8            # block side of that term (the LVLM's patch size keeps one colour per token)
     token_space: str = "tower"  # token terms on: tower (features fed to the projector) | projector (its output)
+    lowpass_weighting: str = "uniform"  # low-pass blocks: uniform | attention (the LVLM's CLS attention of the original)
 
 
 @dataclass(frozen=True)
@@ -171,6 +173,8 @@ def check_codec_params(p: CodecParams, path: str = "codec") -> None:
     _require(lo.lowpass >= 1, f"{path}.loss.lowpass", f"must be >= 1, got {lo.lowpass}")
     _require(lo.token_space in TOKEN_SPACES, f"{path}.loss.token_space",
              f"unknown token space {lo.token_space!r} (known: {', '.join(TOKEN_SPACES)})")
+    _require(lo.lowpass_weighting in LOWPASS_WEIGHTINGS, f"{path}.loss.lowpass_weighting",
+             f"unknown weighting {lo.lowpass_weighting!r} (known: {', '.join(LOWPASS_WEIGHTINGS)})")
     _require(lo.w_token_mse + lo.w_token_cos + lo.w_rank + lo.w_pixel + lo.w_lowpass > 0, f"{path}.loss",
              "at least one distortion weight must be > 0")
     _require(lo.rank_mode in RANK_LOSSES, f"{path}.loss.rank_mode",

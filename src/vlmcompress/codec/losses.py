@@ -114,16 +114,33 @@ def effective_rank_loss(t_hat: Tensor, t_ref: Tensor) -> Tensor:
     return ((effective_rank(t_hat) - effective_rank(t_ref)).abs() / scale).mean()
 
 
-def lowpass_mse(x_hat: Tensor, x: Tensor, block: int) -> Tensor:
+def lowpass_mse(x_hat: Tensor, x: Tensor, block: int, weights: Tensor | None = None) -> Tensor:
     """MSE between the ``block x block`` means of two images ``[B, 3, H, W]`` (scalar).
 
     The colour of each region, without its texture: a weak full-resolution pixel MSE lets
     a short-trained codec drift in hue (the LVLM then names the wrong colour), while a
     strong one spends bits on background texture the LVLM ignores. Block means pin the hue
-    of every patch, but the background's blocks cost bits too (measured: off by default,
-    see docs/architecture.md). Edges beyond a whole block are dropped.
+    of every patch, but the background's blocks cost bits too (measured, docs/architecture.md).
+    Edges beyond a whole block are dropped.
+
+    ``weights [B, h, w]`` (any grid; resized bilinearly to the ``H//block x W//block`` block
+    grid, then scaled to mean 1 per image) weight each block's error, e.g. by the LVLM's CLS
+    attention, so the colour of what the LVLM looks at counts and the background's less.
     """
-    return F.mse_loss(F.avg_pool2d(x_hat, block), F.avg_pool2d(x, block))
+    err = (F.avg_pool2d(x_hat, block) - F.avg_pool2d(x, block)).pow(2).mean(1)      # [B, h', w']
+    if weights is None:
+        return err.mean()
+    w = F.interpolate(weights[:, None].to(err), size=err.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    w = w / w.mean(dim=(1, 2), keepdim=True).clamp_min(1e-12)
+    return (w * err).mean()
+
+
+def attention_grid(attn: Tensor) -> Tensor:
+    """CLS attention over ``N = g*g`` patch tokens ``[B, N]`` -> ``[B, g, g]`` (row-major grid)."""
+    g = math.isqrt(attn.shape[-1])
+    if g * g != attn.shape[-1]:
+        raise ValueError(f"{attn.shape[-1]} patch tokens do not form a square grid")
+    return attn.reshape(attn.shape[0], g, g)
 
 
 def lambda_at(lambdas: list[float] | tuple[float, ...], rate: float) -> float:
@@ -150,11 +167,14 @@ class CodecLoss(nn.Module):
     ``token_map`` (``[B,N,D] -> [B,N,D']``, frozen, differentiable) is applied to both token
     sets before the token terms; required when ``params.token_space`` is ``"projector"``
     (the LVLM's projector). ``ref_tokens`` stay in the tower's space either way: the
-    pre-editing net fuses those.
+    pre-editing net fuses those. ``attention_fn`` (``x -> [B, N]`` CLS attention of the
+    LVLM's tower, no gradient needed) weights the low-pass term's blocks when
+    ``params.lowpass_weighting`` is ``"attention"``.
     """
 
     def __init__(self, params: LossParams, token_fn: TokenFn | None = None,
-                 token_map: Callable[[Tensor], Tensor] | None = None):
+                 token_map: Callable[[Tensor], Tensor] | None = None,
+                 attention_fn: Callable[[Tensor], Tensor] | None = None):
         super().__init__()
         if params.rank_mode not in RANK_LOSSES:
             known = ", ".join(sorted(RANK_LOSSES))
@@ -167,6 +187,9 @@ class CodecLoss(nn.Module):
         if params.token_space == "projector" and self.needs_tokens and token_map is None:
             raise ValueError("loss.token_space is 'projector' but no token_map (the LVLM's projector) was given")
         self.token_map = token_map if params.token_space == "projector" else None
+        if params.w_lowpass > 0 and params.lowpass_weighting == "attention" and attention_fn is None:
+            raise ValueError("loss.lowpass_weighting is 'attention' but no attention_fn (the LVLM's CLS attention) was given")
+        self.attention_fn = attention_fn if params.lowpass_weighting == "attention" else None
 
     @property
     def needs_tokens(self) -> bool:
@@ -205,7 +228,11 @@ class CodecLoss(nn.Module):
             terms["pixel_mse"] = F.mse_loss(x_hat, x)
             distortion = distortion + p.w_pixel * 255.0 ** 2 * terms["pixel_mse"]
         if p.w_lowpass > 0:
-            terms["lowpass_mse"] = lowpass_mse(x_hat, x, p.lowpass)
+            weights = None
+            if self.attention_fn is not None:
+                with torch.no_grad():
+                    weights = attention_grid(self.attention_fn(x))
+            terms["lowpass_mse"] = lowpass_mse(x_hat, x, p.lowpass, weights)
             distortion = distortion + p.w_lowpass * 255.0 ** 2 * terms["lowpass_mse"]
         lam = lambda_at(p.lambdas, rate)
         terms["lambda"] = x_hat.new_tensor(lam)

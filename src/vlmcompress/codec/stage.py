@@ -42,7 +42,7 @@ from vlmcompress.codec.anchors import make_anchor
 from vlmcompress.codec.bitstream import as_float32
 from vlmcompress.codec.coder import (bits_per_pixel, decode_image, encode_image, image_to_tensor,
                                      read_png, tensor_to_image, write_png)
-from vlmcompress.codec.config import TOKEN_SPACES, CodecParams, CodecStageParams, check_stage_params
+from vlmcompress.codec.config import CodecParams, CodecStageParams, check_stage_params
 from vlmcompress.codec.losses import TokenFn
 from vlmcompress.codec.model import LVLMCodec
 from vlmcompress.codec.train import (CURVES_NAME, load_codec, train_codec,
@@ -107,13 +107,16 @@ def lvlm_token_fn(lvlm: Any) -> TokenFn:
     return token_fn
 
 
-def tower_digest(lvlm: Any, projector: bool = False) -> str:
+def tower_digest(lvlm: Any, projector: bool = False, attention: bool = False) -> str:
     """Fingerprint of what :func:`lvlm_token_fn` computes: the vision tower's weights (names,
     shapes, bytes) and the feature layer it reads. A codec trained against one tower is stale
     for another (its token losses and token fusion were fitted to that tower's features).
     ``projector``: also the projector's weights, for a codec whose token terms are on its
-    output (``loss.token_space: projector``)."""
+    output (``loss.token_space: projector``); ``attention``: also the layer whose CLS attention
+    weights the low-pass term (``loss.lowpass_weighting: attention``)."""
     h = hashlib.sha256(f"layer={lvlm.feature_layer}".encode())
+    if attention:
+        h.update(f"attn_layer={lvlm.attn_layer}".encode())
     modules = [lvlm.vision_tower] + ([lvlm.llava.model.multi_modal_projector] if projector else [])
     for name, t in sorted((n, t) for m in modules for n, t in m.state_dict().items()):
         h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
@@ -137,7 +140,21 @@ def needs_lvlm(cp: CodecParams) -> bool:
     """Whether training or encoding with ``cp`` runs the LVLM (a token loss or token fusion)."""
     pre, lo = cp.model.preedit, cp.loss
     token_loss = lo.w_token_mse > 0 or lo.w_token_cos > 0 or lo.w_rank > 0
-    return token_loss or (pre.enabled and pre.use_tokens)
+    return token_loss or (pre.enabled and pre.use_tokens) or uses_attention(cp)
+
+
+def uses_attention(cp: CodecParams) -> bool:
+    """Whether ``cp``'s low-pass term is weighted by the LVLM's CLS attention."""
+    return cp.loss.w_lowpass > 0 and cp.loss.lowpass_weighting == "attention"
+
+
+def lvlm_attention_fn(lvlm: Any) -> Callable[[Tensor], Tensor]:
+    """``x [B,3,H,W] in [0,1] -> [B, N]``: CLS attention (head mean) of the adapter's
+    ``attn_layer``, the saliency the low-pass term's ``attention`` weighting uses."""
+    def attention_fn(x: Tensor) -> Tensor:
+        return lvlm.visual_features(x).cls_attn.float().to(x.device)
+
+    return attention_fn
 
 
 def load_test_images(records: Sequence[ImageRecord], n: int) -> list[np.ndarray]:
@@ -200,11 +217,12 @@ TOWER_NAME = "tower.txt"   # models/<name>/tower.txt: tower_digest of the LVLM a
 
 
 def train_variant(name: str, cp: CodecParams, images: Sequence, token_fn: TokenFn | None,
-                  log: Log = print, tower: str | None = None, token_map: Any = None) -> LVLMCodec:
+                  log: Log = print, tower: str | None = None, token_map: Any = None,
+                  attention_fn: Any = None) -> LVLMCodec:
     """Train (or resume, or reuse) one codec into ``models/<name>``; returns it in eval mode.
 
     ``token_map``: the LVLM's frozen projector (used when ``cp.loss.token_space`` is
-    ``projector``). ``tower``: :func:`tower_digest` of the LVLM behind ``token_fn`` (with the
+    ``projector``); ``attention_fn``: its CLS attention (for ``lowpass_weighting: attention``). ``tower``: :func:`tower_digest` of the LVLM behind ``token_fn`` (with the
     projector for such a codec). A codec that reads the
     LVLM (:func:`needs_lvlm`) and was trained, or checkpointed, against another tower (or an
     unrecorded one) starts over: its parameters alone cannot tell.
@@ -228,7 +246,8 @@ def train_variant(name: str, cp: CodecParams, images: Sequence, token_fn: TokenF
         with atomic_path(marker) as tmp:   # before training: a resumed checkpoint is of this tower
             tmp.write_text(tower + "\n")
     res = train_codec(cp, images, token_fn if needs_lvlm(cp) else None, out,
-                      token_map=token_map if needs_lvlm(cp) else None)
+                      token_map=token_map if needs_lvlm(cp) else None,
+                      attention_fn=attention_fn if uses_attention(cp) else None)
     log(f"{name}: {res.steps_this_run} steps in {res.seconds:.0f} s; last: "
         + ", ".join(f"{k}={v:.4g}" for k, v in res.last.items() if k not in ("step", "seconds")))
     return res.model  # updated and in eval mode: the weights just saved to models/<name>/model
@@ -376,7 +395,11 @@ def run_codec_stage(params: Params, splits: dict[str, list[ImageRecord]], log: L
     lvlm = load_stage_lvlm(params)
     token_fn = lvlm_token_fn(lvlm)
     projector = lvlm.llava.model.multi_modal_projector            # frozen by lvlm_token_fn
-    towers = {space: tower_digest(lvlm, projector=space == "projector") for space in TOKEN_SPACES}
+    attention_fn = lvlm_attention_fn(lvlm)
+
+    def tower_of(cp: CodecParams) -> str:   # what a codec of these params was fitted to
+        return tower_digest(lvlm, projector=cp.loss.token_space == "projector", attention=uses_attention(cp))
+
     train_set = RecordImages(splits["train"], P.train.patch_size)
     for cp in variants.values():
         check_token_dim(cp, token_fn, train_set[0][None].float() / 255.0)
@@ -384,7 +407,7 @@ def run_codec_stage(params: Params, splits: dict[str, list[ImageRecord]], log: L
     root, mdir = stage_dir(), models_dir()
     for name in prune_models(list(variants)):
         log(f"{name}: no longer in params, removed")
-    models = {name: train_variant(name, cp, train_set, token_fn, log, towers[cp.loss.token_space], projector)
+    models = {name: train_variant(name, cp, train_set, token_fn, log, tower_of(cp), projector, attention_fn)
               for name, cp in variants.items()}
     curves = combined_curves(list(variants))
     with atomic_path(root / "curves.csv") as tmp:

@@ -322,7 +322,8 @@ def _append_row(path: Path, row: dict[str, float]) -> None:
 
 def train_codec(params: CodecParams, train_images: Tensor | Sequence, token_fn: TokenFn | None,
                 out_dir: str | Path, *, resume: bool = True, stop_at: int | None = None,
-                accelerator: Any = None, token_map: Callable[[Tensor], Tensor] | None = None) -> TrainResult:
+                accelerator: Any = None, token_map: Callable[[Tensor], Tensor] | None = None,
+                attention_fn: Callable[[Tensor], Tensor] | None = None) -> TrainResult:
     """Train (or resume training) one codec; see the module docstring.
 
     Args:
@@ -338,6 +339,8 @@ def train_codec(params: CodecParams, train_images: Tensor | Sequence, token_fn: 
         accelerator: an ``accelerate.Accelerator`` (default: a new one; one you pass must
             set ``find_unused_parameters=True`` for multi-process DDP).
         token_map: the LVLM's frozen projector, for ``loss.token_space: projector``.
+        attention_fn: ``x -> [B, N]`` the LVLM tower's CLS attention, for
+            ``loss.lowpass_weighting: attention``.
     """
     check_codec_params(params)
     if accelerator is None:
@@ -359,7 +362,7 @@ def train_codec(params: CodecParams, train_images: Tensor | Sequence, token_fn: 
 
     torch.manual_seed(_seed(tp.seed, 0))
     model = build_codec(params.model)
-    criterion = CodecLoss(params.loss, token_fn, token_map)
+    criterion = CodecLoss(params.loss, token_fn, token_map, attention_fn)
     if model.needs_tokens and token_fn is None:
         raise ValueError("the pre-editing net fuses LVLM tokens but token_fn is None")
     opt, aux_opt = make_optimizers(model, tp.lr, tp.aux_lr)
