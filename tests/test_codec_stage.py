@@ -214,3 +214,28 @@ def test_a_projector_space_codec_is_also_stale_for_another_projector(stage_env):
         next(lvlm.llava.model.multi_modal_projector.parameters()).add_(0.5)
     assert tower_digest(lvlm) == tower                      # a tower-space codec is still current
     assert tower_digest(lvlm, projector=True) != with_proj
+
+
+def test_the_attention_weighting_reuses_the_reference_pass(stage_env):
+    import torch
+
+    from vlmcompress.codec.stage import lvlm_attention_fn
+
+    _, p, _ = stage_env
+    lvlm = load_stage_lvlm(p)
+    token_fn = lvlm_token_fn(lvlm)
+    attention_fn = lvlm_attention_fn(lvlm, token_fn)
+    calls = []
+    inner = lvlm.visual_features
+    lvlm.visual_features = lambda x: (calls.append(x), inner(x))[1]      # this instance only
+    x, other = torch.rand(2, 3, 64, 64), torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        token_fn(x)                                        # the trainer's reference pass
+    assert len(calls) == 1
+    attn = attention_fn(x)
+    assert len(calls) == 1 and attn.shape == (2, lvlm.grid[0] * lvlm.grid[1])
+    token_fn(other.requires_grad_())                       # a pass with gradient keeps nothing
+    assert torch.equal(attention_fn(x), attn) and len(calls) == 2
+    fresh = attention_fn(other.detach())
+    assert len(calls) == 3 and torch.allclose(fresh, inner(other.detach()).cls_attn)
+    assert torch.allclose(attn, inner(x).cls_attn)

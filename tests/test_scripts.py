@@ -143,6 +143,13 @@ def test_probes_answer_bad_input_with_one_line(tmp_path, capsys):
     assert position_probe.main(["--llava", str(tmp_path / "no_such_model")]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("position_probe: ") and "no_such_model" in err and "\n" not in err
+    codec_trial = _script("codec_trial")
+    assert codec_trial.main([str(bad), str(tmp_path / "work")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("codec_trial: ") and "not_a_section" in err and "\n" not in err
+    assert codec_trial.main([str(REPO / "params.yaml"), str(tmp_path / "work"), "--rates", "9"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("codec_trial: rate must be in") and "\n" not in err
 
 
 def test_position_probe_reads_a_linear_code_and_not_noise():

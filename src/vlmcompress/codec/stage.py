@@ -97,13 +97,19 @@ def lvlm_token_fn(lvlm: Any) -> TokenFn:
 
     Differentiable w.r.t. ``x``; the LVLM's own weights are frozen (this instance only), so a
     backward pass through it costs no weight gradients. Output: float32 on ``x``'s device.
+    A call without gradient (the reference pass on the original) also keeps that image's CLS
+    attention in ``token_fn.last``, so :func:`lvlm_attention_fn` need not run the tower again.
     """
     lvlm.llava.requires_grad_(False)
     lvlm.eval()
 
     def token_fn(x: Tensor) -> Tensor:
-        return lvlm.visual_features(x).hidden.float().to(x.device)
+        feats = lvlm.visual_features(x)
+        if not torch.is_grad_enabled():
+            token_fn.last = (x, feats.cls_attn.float().to(x.device))   # type: ignore[attr-defined]
+        return feats.hidden.float().to(x.device)
 
+    token_fn.last = None   # type: ignore[attr-defined]
     return token_fn
 
 
@@ -148,11 +154,17 @@ def uses_attention(cp: CodecParams) -> bool:
     return cp.loss.w_lowpass > 0 and cp.loss.lowpass_weighting == "attention"
 
 
-def lvlm_attention_fn(lvlm: Any) -> Callable[[Tensor], Tensor]:
+def lvlm_attention_fn(lvlm: Any, token_fn: TokenFn | None = None) -> Callable[[Tensor], Tensor]:
     """``x [B,3,H,W] in [0,1] -> [B, N]``: CLS attention (head mean) of the adapter's
-    ``attn_layer``, the saliency the low-pass term's ``attention`` weighting uses."""
+    ``attn_layer``, the saliency the low-pass term's ``attention`` weighting uses. Taken from
+    ``token_fn``'s last no-gradient call when that was on this very tensor (the trainer's
+    reference pass on the original), else computed."""
     def attention_fn(x: Tensor) -> Tensor:
-        return lvlm.visual_features(x).cls_attn.float().to(x.device)
+        last = getattr(token_fn, "last", None)
+        if last is not None and last[0] is x:
+            return last[1]
+        with torch.no_grad():
+            return lvlm.visual_features(x).cls_attn.float().to(x.device)
 
     return attention_fn
 
@@ -395,7 +407,7 @@ def run_codec_stage(params: Params, splits: dict[str, list[ImageRecord]], log: L
     lvlm = load_stage_lvlm(params)
     token_fn = lvlm_token_fn(lvlm)
     projector = lvlm.llava.model.multi_modal_projector            # frozen by lvlm_token_fn
-    attention_fn = lvlm_attention_fn(lvlm)
+    attention_fn = lvlm_attention_fn(lvlm, token_fn)
 
     def tower_of(cp: CodecParams) -> str:   # what a codec of these params was fitted to
         return tower_digest(lvlm, projector=cp.loss.token_space == "projector", attention=uses_attention(cp))

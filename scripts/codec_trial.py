@@ -1,0 +1,88 @@
+"""Train the `ours` codec of a params file into a work dir and score it on VQA, outside the pipeline.
+
+    python scripts/codec_trial.py params.yaml /tmp/codec_trial [--load] [--images 64] [--rates 0 1 2 3]
+
+For comparing codec losses without touching ``outputs/codec``: trains ``codec.ours`` (resumable,
+against the stage's LVLM, with its projector and CLS attention for the loss options that need
+them) into the work dir, or with ``--load`` scores a trained model folder as it is (e.g.
+``outputs/codec/models/ours``). Then, for each rate, the forward reconstruction of the first
+``--images`` test scenes (bpp estimated from the likelihoods, not a file) goes through the
+LVLM: VQA accuracy on every question about them, overall and per type. Writes nothing else.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("params")
+    ap.add_argument("work", help="work dir to train into (or, with --load, a trained model folder)")
+    ap.add_argument("--load", action="store_true", help="score the model folder WORK without training")
+    ap.add_argument("--images", type=int, default=64)
+    ap.add_argument("--rates", type=float, nargs="+", default=[0.0, 1.0, 2.0, 3.0])
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args(argv)
+    if a.images < 1:
+        ap.error("--images must be >= 1")
+    import numpy as np
+    import torch
+
+    from vlmcompress.codec.losses import bpp_from_likelihoods
+    from vlmcompress.codec.model import check_rate
+    from vlmcompress.codec.stage import RecordImages, lvlm_attention_fn, lvlm_token_fn
+    from vlmcompress.codec.train import load_codec, train_codec
+    from vlmcompress.config import ConfigError, load_params
+    from vlmcompress.data.stage import load_all
+    from vlmcompress.eval.tasks import file_images, run_vqa
+    from vlmcompress.lvlm.stage import load_stage_lvlm
+
+    torch.set_num_threads(a.threads)
+    try:
+        P = load_params(a.params)
+        cp = P.codec.ours
+        for r in a.rates:
+            check_rate(r, cp.model.levels)
+        splits = load_all()
+        lvlm = load_stage_lvlm(P)
+        model = load_codec(a.work).eval() if a.load else None
+    except (ConfigError, OSError, ValueError) as exc:
+        print(f"codec_trial: {exc}", file=sys.stderr)
+        return 1
+    token_fn = lvlm_token_fn(lvlm)
+    if model is None:
+        t0 = time.perf_counter()
+        res = train_codec(cp, RecordImages(splits["train"], cp.train.patch_size), token_fn, a.work,
+                          token_map=lvlm.llava.model.multi_modal_projector, attention_fn=lvlm_attention_fn(lvlm, token_fn))
+        print(f"trained {res.steps_this_run} steps in {time.perf_counter() - t0:.1f} s", flush=True)
+        model = res.model.eval()
+    records = splits["test"][: a.images]
+    items = [(r, q) for r in records for q in r.questions]
+    for rate in a.rates:
+        decoded: dict[str, torch.Tensor] = {}
+        bpp: list[float] = []
+
+        def source(rec, rate=rate, decoded=decoded, bpp=bpp):
+            if rec.path not in decoded:
+                x = file_images(rec)[None]
+                with torch.no_grad():
+                    out = model(x, rate, token_fn(x)) if model.needs_tokens else model(x, rate)
+                bpp.append(float(bpp_from_likelihoods(out["likelihoods"], x.shape[-2] * x.shape[-1])))
+                decoded[rec.path] = out["x_hat"].clamp(0, 1)[0]
+            return decoded[rec.path]
+
+        res = run_vqa(lvlm, items, batch_size=48, images=source)
+        types = " ".join(f"{t} {v:.1f}" for t, v in res.by_type.items())
+        print(f"rate {rate:g}: bpp (estimated) {np.mean(bpp):.3f}  VQA {res.acc:.2f} ({res.n} questions)  {types}",
+              flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
