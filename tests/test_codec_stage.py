@@ -135,7 +135,7 @@ def test_stage_params_checks(params):
     with pytest.raises(ConfigError, match=r"^codec\.ablations\[0\]: unknown ablation 'no_such'"):
         check_stage_params(bad)
     lone = dataclasses.replace(params.codec, loss=dataclasses.replace(params.codec.loss, w_token_cos=0.0,
-                                                                       w_rank=0.0, w_pixel=0.0),
+                                                                       w_rank=0.0, w_pixel=0.0, w_lowpass=0.0),
                                ablations=["no_token"])
     with pytest.raises(ConfigError, match="at least one distortion weight.*ours-no_token"):
         check_stage_params(lone)

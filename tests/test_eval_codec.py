@@ -214,6 +214,8 @@ def test_bd_tables_keys_and_values(params):
     assert m["bd_rate"]["jpeg"]["psnr"] == pytest.approx(100.0, abs=0.01)
     assert m["bd_rate_vs_pixel_baseline"]["token_cos"] == pytest.approx(-50.0, abs=0.01)
     assert m["ablation_bd_rate"]["no_rank"]["vqa_acc"] == pytest.approx(-20.0, abs=0.01)
+    assert m["bd_quality"]["ours"]["vqa_acc"] == pytest.approx(10 * math.log10(2.0), abs=0.05)   # half the rate
+    assert m["bd_quality_vs_pixel_baseline"]["psnr"] == pytest.approx(10 * math.log10(2.0), abs=0.05)
     json.dumps(m, allow_nan=False)                      # JSON-safe: NaN would be null
 
 
@@ -224,6 +226,10 @@ def test_undefined_bd_rate_is_null_with_a_reason(params):
     row = bd[(bd["codec"] == "jpeg") & (bd["metric"] == "vqa_acc")].iloc[0]
     assert math.isnan(row["bd_rate"]) and row["reason"]
     assert bd_metrics(bd, "vvc")["bd_rate"]["jpeg"]["vqa_acc"] is None
+    # BD-quality shares rates, not scores: defined, +100 minus what the 2x rate would give (10 log10 2)
+    expect = 100.0 - 10 * math.log10(2.0)
+    assert row["bd_quality"] == pytest.approx(expect, abs=0.05) and not row["quality_reason"]
+    assert bd_metrics(bd, "vvc")["bd_quality"]["jpeg"]["vqa_acc"] == pytest.approx(expect, abs=0.05)
 
 
 def test_target_report_says_by_how_much(params):

@@ -16,7 +16,7 @@ Outputs (``outputs/eval_codec/``)::
 
     curves.csv       one row per (codec, point): bpp and every metric; ``original`` = no coding
     rd_images.csv    per-image bpp / PSNR / MS-SSIM of every (codec, point)
-    bd_table.csv     every BD-rate with its anchor, overlap and the reason when it is undefined
+    bd_table.csv     every BD-rate and BD-quality with its anchor, overlap and the reason when undefined
     examples.csv + examples/<image>/<codec>.png   decoded images at about equal bpp
     folders.csv      rate-distortion curves of each extra image folder (``folder`` column)
     metrics.json     bd_rate.<codec>.<metric>, bd_rate_vs_pixel_baseline.<metric>, ...
@@ -221,7 +221,10 @@ def _curves_by_codec(curves: pd.DataFrame, metrics: Sequence[str]) -> dict[str, 
 def bd_tables(curves: pd.DataFrame, params: Params, metrics: Sequence[str]) -> pd.DataFrame:
     """Every codec against the anchor, every learned codec against the pixel baseline.
 
-    Columns: codec, anchor, metric, bd_rate (percent), overlap, n_anchor, n_test, reason.
+    Columns: codec, anchor, metric, bd_rate (percent), overlap, n_anchor, n_test, reason, then
+    bd_quality (mean score difference at equal bpp, in the metric's units), quality_overlap and
+    quality_reason. BD-rate needs the curves to share a range of *scores*; a codec better than
+    the anchor at every rate can share none, and BD-quality (shared *rates*) still measures it.
     """
     B = params.bdrate
     by_codec = _curves_by_codec(curves, metrics)
@@ -233,15 +236,19 @@ def bd_tables(curves: pd.DataFrame, params: Params, metrics: Sequence[str]) -> p
     for anchor, tests in pairs:
         if anchor not in by_codec or not tests:
             continue
-        table = bd_table_results({c: by_codec[c] for c in [anchor, *tests]}, anchor, metrics,
-                                 method=B.method, min_overlap=B.min_overlap, monotone=B.monotone)
+        group = {c: by_codec[c] for c in [anchor, *tests]}
+        kw = dict(method=B.method, min_overlap=B.min_overlap, monotone=B.monotone)
+        rate = bd_table_results(group, anchor, metrics, **kw)
+        quality = bd_table_results(group, anchor, metrics, kind="quality", **kw)
         for codec in tests:
-            for m, r in table[codec].items():
+            for m, r in rate[codec].items():
+                q = quality[codec][m]
                 rows.append({"codec": codec, "anchor": anchor, "metric": m, "bd_rate": r.value,
                              "overlap": r.overlap, "n_anchor": r.n_anchor, "n_test": r.n_test,
-                             "reason": r.reason})
+                             "reason": r.reason, "bd_quality": q.value, "quality_overlap": q.overlap,
+                             "quality_reason": q.reason})
     return pd.DataFrame(rows, columns=["codec", "anchor", "metric", "bd_rate", "overlap", "n_anchor",
-                                       "n_test", "reason"])
+                                       "n_test", "reason", "bd_quality", "quality_overlap", "quality_reason"])
 
 
 def _num(v: float, nd: int = 2) -> float | None:
@@ -250,13 +257,17 @@ def _num(v: float, nd: int = 2) -> float | None:
 
 
 def bd_metrics(bd: pd.DataFrame, anchor: str) -> dict[str, Any]:
-    """The metrics-file view of a BD table: ``bd_rate``, ``bd_rate_vs_pixel_baseline``, ``ablation_bd_rate``."""
-    out: dict[str, Any] = {"bd_rate": {}, "ablation_bd_rate": {}}
+    """The metrics-file view of a BD table: ``bd_rate``, ``bd_rate_vs_pixel_baseline``,
+    ``ablation_bd_rate`` and the same three for ``bd_quality``."""
+    out: dict[str, Any] = {"bd_rate": {}, "ablation_bd_rate": {}, "bd_quality": {}, "ablation_bd_quality": {}}
     for r in bd.itertuples():
-        key = "bd_rate" if r.anchor == anchor else "ablation_bd_rate"
-        out[key].setdefault(r.codec, {})[r.metric] = _num(r.bd_rate)
+        vs_anchor = r.anchor == anchor
+        out["bd_rate" if vs_anchor else "ablation_bd_rate"].setdefault(r.codec, {})[r.metric] = _num(r.bd_rate)
+        out["bd_quality" if vs_anchor else "ablation_bd_quality"].setdefault(r.codec, {})[r.metric] = \
+            _num(r.bd_quality, 3)
     if OURS in out["ablation_bd_rate"]:
         out["bd_rate_vs_pixel_baseline"] = dict(out["ablation_bd_rate"][OURS])
+        out["bd_quality_vs_pixel_baseline"] = dict(out["ablation_bd_quality"][OURS])
     return out
 
 
@@ -454,10 +465,12 @@ def run_eval_codec_stage(params: Params, splits: Mapping[str, Sequence[ImageReco
 
 # --- notebook helpers ------------------------------------------------------------------------------
 
-def bd_pivot(bd: pd.DataFrame, anchor: str, metrics: Sequence[str] = BD_METRICS) -> pd.DataFrame:
-    """codec x metric table of BD-rates (percent) against ``anchor``."""
+def bd_pivot(bd: pd.DataFrame, anchor: str, metrics: Sequence[str] = BD_METRICS,
+             value: str = "bd_rate") -> pd.DataFrame:
+    """codec x metric table of BD-rates (percent) against ``anchor`` (``value="bd_quality"``:
+    BD-quality, the mean score difference at equal bpp)."""
     d = bd[(bd["anchor"] == anchor) & bd["metric"].isin(list(metrics))]
-    table = d.pivot(index="codec", columns="metric", values="bd_rate")
+    table = d.pivot(index="codec", columns="metric", values=value)
     return table.reindex(columns=[m for m in metrics if m in table.columns],
                          index=list(dict.fromkeys(d["codec"]))).round(2)
 
