@@ -82,6 +82,16 @@ def codec_section(root: Path) -> list[str]:
     if pix:
         rows.append(["ours vs pixel_baseline", *(fmt(pix.get(k)) for k in BD_METRICS)])
     out += table(["codec", *BD_METRICS], rows)
+    bq, pq = m.get("bd_quality", {}), m.get("bd_quality_vs_pixel_baseline")
+    if bq:
+        out += ["", "BD-quality against VVC: mean score difference at equal bpp (VQA and grounding in points, "
+                "CIDEr in CIDEr, PSNR in dB; positive: better), defined where BD-rate is not when the "
+                "curves share rates but not scores.", ""]
+        rows = [[c, *(fmt(bq.get(c, {}).get(k), 2) for k in BD_METRICS)] for c in CODECS if c in bq]
+        rows += [[c, *(fmt(bq[c].get(k), 2) for k in BD_METRICS)] for c in sorted(bq) if c not in CODECS]
+        if pq:
+            rows.append(["ours vs pixel_baseline", *(fmt(pq.get(k), 2) for k in BD_METRICS)])
+        out += table(["codec", *BD_METRICS], rows)
     ref = m.get("reference", {})
     out += ["", f"On {m.get('n_images', '?')} test images ({m.get('vqa_questions', '?')} questions); uncoded: "
             + ", ".join(f"{k} {fmt(ref.get(k))}" for k in BD_METRICS if k != "psnr") + ".", ""]

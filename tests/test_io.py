@@ -39,3 +39,15 @@ def test_read_json_errors_are_one_line(tmp_path):
     bad.write_text("{")
     with pytest.raises(ValueError, match="invalid JSON at line 1"):
         read_json(bad)
+
+
+def test_project_relative_paths_survive_a_move(tmp_path, monkeypatch):
+    from vlmcompress.paths import project_relative
+
+    root = tmp_path / "proj"
+    (root / "outputs/data").mkdir(parents=True)
+    (root / "params.yaml").write_text("seed: 0\n")
+    monkeypatch.setenv("VLMCOMPRESS_ROOT", str(root))
+    assert project_relative(root / "outputs/data/a.png") == "outputs/data/a.png"
+    outside = tmp_path / "elsewhere.png"
+    assert project_relative(outside) == str(outside.resolve())

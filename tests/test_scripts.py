@@ -29,6 +29,7 @@ def _project(root: Path) -> None:
     (root / "outputs/eval_codec/metrics.json").write_text(json.dumps({
         "bd_rate": {"ours": {"vqa_acc": -61.23, "psnr": 40.0}, "jpeg": {"vqa_acc": 120.5, "psnr": None}},
         "bd_rate_vs_pixel_baseline": {"vqa_acc": -30.0}, "reference": {"vqa_acc": 71.2},
+        "bd_quality": {"ours": {"vqa_acc": -4.5}}, "bd_quality_vs_pixel_baseline": {"vqa_acc": 9.25},
         "n_images": 48, "vqa_questions": 288}))
     (root / "outputs/tokens").mkdir(parents=True)
     (root / "outputs/tokens/accuracy.csv").write_text(
@@ -56,6 +57,7 @@ def test_readme_section_from_metrics_and_idempotent(tmp_path, capsys):
     assert "| ours | -61.2 | – | – | – | – | 40.0 |" in first
     assert "| jpeg | 120.5 | – | – | – | – | – |" in first
     assert "| ours vs pixel_baseline | -30.0 |" in first
+    assert "| ours | -4.50 | – |" in first and "| ours vs pixel_baseline | 9.25 |" in first   # BD-quality
     assert "| method | budget 0.10 | budget 1.00 | budget adaptive |" in first
     assert "| recoverable | 66.5 (26) | – | 67.0 (30) |" in first and "| full | – | 70.1 (256) | – |" in first
     assert "42.5 min on 2 CPUs; again with nothing changed: 3.2 s" in first

@@ -25,3 +25,14 @@ def project_root() -> Path:
 def outputs_dir(*parts: str) -> Path:
     """``<root>/outputs/<parts...>`` (not created)."""
     return project_root().joinpath("outputs", *parts)
+
+
+def project_relative(path: str | Path) -> str:
+    """``path`` as a POSIX path relative to the project root when it lies inside it (so an
+    output that names a file stays valid when the outputs are moved to another checkout),
+    else as given, absolute."""
+    p = Path(path).resolve()
+    try:
+        return p.relative_to(project_root().resolve()).as_posix()
+    except ValueError:
+        return str(p)

@@ -32,7 +32,7 @@ from vlmcompress.config import Params
 from vlmcompress.data.records import ImageRecord, Question
 from vlmcompress.eval.tasks import box_iou, cider, load_image, parse_box, vqa_accuracy
 from vlmcompress.io import atomic_path, write_json
-from vlmcompress.paths import outputs_dir
+from vlmcompress.paths import outputs_dir, project_relative
 from vlmcompress.tokens.config import TokensParams
 from vlmcompress.tokens.fastv import FastV
 from vlmcompress.tokens.flops import model_dims, prefill_gflops
@@ -364,7 +364,7 @@ def token_examples(lvlm: Any, items: Sequence[tuple[ImageRecord, Question]], par
     out = []
     for rec, q in pick_examples(items, E.examples):
         img = load_image(rec.path).unsqueeze(0)
-        entry: dict[str, Any] = {"image_id": rec.image_id, "image": str(rec.path), "question": q.question,
+        entry: dict[str, Any] = {"image_id": rec.image_id, "image": project_relative(rec.path), "question": q.question,
                                  "question_type": q.question_type, "answer": q.answer,
                                  "grid": list(lvlm.grid), "budget": budget_key(E.task_budget),
                                  "objects": [{"category": o.category, "bbox": list(o.bbox)} for o in rec.objects],
