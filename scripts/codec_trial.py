@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--images", type=int, default=64)
     ap.add_argument("--rates", type=float, nargs="+", default=[0.0, 1.0, 2.0, 3.0])
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--init", help="a trained codec folder the training starts from (e.g. the pixel baseline)")
     a = ap.parse_args(argv)
     if a.images < 1:
         ap.error("--images must be >= 1")
@@ -59,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     if model is None:
         t0 = time.perf_counter()
         res = train_codec(cp, RecordImages(splits["train"], cp.train.patch_size), token_fn, a.work,
-                          token_map=lvlm.llava.model.multi_modal_projector, attention_fn=lvlm_attention_fn(lvlm, token_fn))
+                          token_map=lvlm.llava.model.multi_modal_projector, attention_fn=lvlm_attention_fn(lvlm, token_fn),
+                          init_from=a.init)
         print(f"trained {res.steps_this_run} steps in {time.perf_counter() - t0:.1f} s", flush=True)
         model = res.model.eval()
     records = splits["test"][: a.images]

@@ -36,7 +36,8 @@ def tiny_codec(params: Params, ablations: list[str]) -> Params:
                         rank_mode="spectrum", w_pixel=1e-4),
         train=CodecTrainParams(seed=0, steps=2, batch_size=2, patch_size=64, lr=1e-3, aux_lr=1e-2,
                                lr_decay_at=0.5, grad_clip=1.0, rate_sampling="continuous",
-                               checkpoint_every=2, log_every=1, quantile_update=False),
+                               checkpoint_every=2, log_every=1, quantile_update=False,
+                               init_from="pixel_baseline"),
         baseline=BaselineParams(enabled=True, lambdas=[0.001, 0.005, 0.02], preedit="no_tokens"),
         ablations=ablations,
         eval=CodecEvalParams(n_test_images=2, n_rates=2, example_rates=[0.0, 2.0], timing_repeats=1,
@@ -59,6 +60,10 @@ def test_stage_trains_measures_and_writes_the_contract(stage_env, capsys):
     logs: list[str] = []
     metrics = run_codec_stage(p, splits, log=logs.append)
     out = root / "outputs" / "codec"
+    # ours fine-tunes the pixel baseline (train.init_from), so the baseline trains first.
+    starts = [line for line in logs if ": training to " in line]
+    assert starts == ["pixel_baseline: training to 2 steps",
+                      f"ours: training to 2 steps, starting from {out / 'models/pixel_baseline/model'}"]
     assert json.loads((out / "metrics.json").read_text()) == metrics
     for key in CONTRACT:
         assert isinstance(metrics[key], float) and np.isfinite(metrics[key]), key
@@ -239,3 +244,56 @@ def test_the_attention_weighting_reuses_the_reference_pass(stage_env):
     fresh = attention_fn(other.detach())
     assert len(calls) == 3 and torch.allclose(fresh, inner(other.detach()).cls_attn)
     assert torch.allclose(attn, inner(x).cls_attn)
+
+
+def test_init_from_trains_the_source_first_and_is_checked(params):
+    from vlmcompress.codec.variants import training_order
+
+    def with_init(src: str, **changes):
+        return dataclasses.replace(params.codec, train=dataclasses.replace(params.codec.train, init_from=src),
+                                   **changes)
+
+    ft = with_init("pixel_baseline", ablations=["no_rank"])
+    check_stage_params(ft)
+    variants = model_variants(ft)
+    assert variants["pixel_baseline"].train.init_from == ""          # the baseline starts from scratch
+    assert variants["ours-no_rank"].train.init_from == "pixel_baseline"
+    assert training_order(variants) == ["pixel_baseline", "ours", "ours-no_rank"]
+    assert training_order(model_variants(with_init(""))) == ["ours", "pixel_baseline"]
+    off = with_init("pixel_baseline", baseline=dataclasses.replace(params.codec.baseline, enabled=False))
+    with pytest.raises(ConfigError, match=r"^codec\.train\.init_from: 'pixel_baseline' is not trained by this "
+                                          r"params file \(codecs: ours\)$"):
+        check_stage_params(off)
+    with pytest.raises(ConfigError, match=r"^codec\.train\.init_from: codec 'ours' starts from itself"):
+        check_stage_params(with_init("ours"))
+    check_stage_params(with_init("runs/pretrained"))   # a folder: checked when the stage starts
+
+
+def test_a_codec_started_from_a_retrained_source_is_trained_again(stage_env):
+    from vlmcompress.codec.stage import init_dir
+
+    root, p, splits = stage_env
+    token_fn = lvlm_token_fn(load_stage_lvlm(p))
+    images = RecordImages(splits["train"], 64)
+    variants = model_variants(dataclasses.replace(p.codec, train=dataclasses.replace(
+        p.codec.train, steps=1, init_from="pixel_baseline")))
+    base, ours = variants["pixel_baseline"], variants["ours"]
+    logs: list[str] = []
+    train_variant("pixel_baseline", base, images, None, log=logs.append)
+    src = init_dir(ours, variants)
+    assert src == root / "outputs/codec/models/pixel_baseline/model"
+    train_variant("ours", ours, images, token_fn, log=logs.append, init=src)
+    assert logs[-2] == f"ours: training to 1 steps, starting from {src}"
+    train_variant("ours", ours, images, token_fn, log=logs.append, init=src)
+    assert logs[-1] == "ours: trained model found, 1 steps"
+    more = dataclasses.replace(base, train=dataclasses.replace(base.train, seed=1))   # a new baseline
+    train_variant("pixel_baseline", more, images, None, log=logs.append)
+    train_variant("ours", ours, images, token_fn, log=logs.append, init=src)
+    assert "ours: started from another codec, starting over" in logs
+    hashes = [json.loads((root / f"outputs/codec/models/{n}/model/codec.json").read_text())["model_hash"]
+              for n in ("pixel_baseline", "ours")]
+    assert (root / "outputs/codec/models/ours/init.txt").read_text().strip() == hashes[0]
+    # A folder that holds no codec fails before anything trains, naming it.
+    folder = dataclasses.replace(ours, train=dataclasses.replace(ours.train, init_from="nowhere"))
+    with pytest.raises(FileNotFoundError, match=r"nowhere/codec\.json: no such file"):
+        init_dir(folder, variants)

@@ -146,3 +146,32 @@ def test_pixel_only_baseline_trains_without_token_fn(images, tmp_path):
     assert "token_mse" not in res.last and "pixel_mse" in res.last
     with pytest.raises(ValueError, match="token_fn"):
         train_codec(params(steps=1), images, None, tmp_path / "tok")
+
+
+def test_warm_start_copies_every_matching_weight_and_reports_the_rest(images, tmp_path):
+    from vlmcompress.codec.train import warm_start
+
+    pixel = params(steps=1, preedit=True)
+    pixel = dataclasses.replace(pixel, model=dataclasses.replace(
+        pixel.model, preedit=dataclasses.replace(pixel.model.preedit, use_tokens=False)),
+        loss=dataclasses.replace(pixel.loss, w_token_mse=0.0, w_token_cos=0.0, w_rank=0.0, w_pixel=1.0))
+    src = train_codec(pixel, images, None, tmp_path / "px").model
+    ours = build_codec(params().model)
+    fresh = ours.state_dict()
+    left = warm_start(ours, tmp_path / "px")
+    # Only the token branch (projection and fusion block) is new.
+    assert left and all(name.startswith(("preedit.token_proj.", "preedit.fuse.")) for name in left)
+    src_sd, got = src.state_dict(), ours.state_dict()
+    copied = [k for k in got if k not in left and k in src_sd and src_sd[k].shape == got[k].shape]
+    assert copied and all(torch.equal(got[k], src_sd[k]) for k in copied)
+    assert all(torch.equal(got[k], fresh[k]) for k in left)
+    # A run started from it begins from those weights; resuming ignores init_from.
+    res = train_codec(params(steps=1), images, token_fn, tmp_path / "ft", init_from=tmp_path / "px")
+    assert res.steps == 1
+    (tmp_path / "bad").mkdir()
+    with pytest.raises(FileNotFoundError, match="codec.json: no such file"):
+        warm_start(ours, tmp_path / "bad")
+    other = build_codec(dataclasses.replace(params().model, N=4, M=6, preedit=dataclasses.replace(
+        params().model.preedit, enabled=False)))
+    with pytest.raises(ValueError, match=r"px/model: another architecture \(core\..*: \[.*\] here"):
+        warm_start(other, tmp_path / "px")

@@ -76,6 +76,8 @@ class CodecTrainParams:
     quantile_update: bool         # end of training: fit the entropy bottleneck's quantiles by
                                   # bisection (CompressAI update_quantiles) before saving; short
                                   # runs leave the aux-loss fit far from converged
+    init_from: str = ""           # "": random weights | a codec of the stage (e.g. pixel_baseline,
+                                  # trained first) | a saved codec folder: fine-tune from it
 
 
 @dataclass(frozen=True)
@@ -205,11 +207,22 @@ def check_stage_params(p: CodecStageParams, path: str = "codec") -> None:
         _require(name in ABLATIONS, f"{path}.ablations[{i}]",
                  f"unknown ablation {name!r} (known: {', '.join(sorted(ABLATIONS))})")
     _require(len(set(p.ablations)) == len(p.ablations), f"{path}.ablations", "names must be unique")
-    for name, variant in model_variants(p).items():
+    variants = model_variants(p)
+    for name, variant in variants.items():
         try:
             check_codec_params(variant, path)
         except ConfigError as exc:
             raise ConfigError(f"{exc} (in codec variant {name!r})") from None
+    src = p.train.init_from
+    if src:
+        from vlmcompress.codec.variants import codec_names, training_order
+        # A codec's name that this params file does not train is a mistake, not a folder.
+        _require(src in variants or src not in codec_names(), f"{path}.train.init_from",
+                 f"{src!r} is not trained by this params file (codecs: {', '.join(variants)})")
+        try:
+            training_order(variants)
+        except ValueError as exc:
+            _require(False, f"{path}.train.init_from", str(exc))
     e = p.eval
     _require(e.n_test_images >= 0, f"{path}.eval.n_test_images", f"must be >= 0, got {e.n_test_images}")
     _require(e.n_rates >= 2, f"{path}.eval.n_rates", f"must be >= 2 (both ends), got {e.n_rates}")

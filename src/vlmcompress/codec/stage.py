@@ -45,14 +45,14 @@ from vlmcompress.codec.coder import (bits_per_pixel, decode_image, encode_image,
 from vlmcompress.codec.config import CodecParams, CodecStageParams, check_stage_params
 from vlmcompress.codec.losses import TokenFn
 from vlmcompress.codec.model import LVLMCodec
-from vlmcompress.codec.train import (CURVES_NAME, load_codec, train_codec,
-                                     training_state)
-from vlmcompress.codec.variants import BASELINE, OURS, model_variants
+from vlmcompress.codec.train import (CURVES_NAME, MODEL_DIR, load_codec, read_codec_record,
+                                     resolve_model_dir, train_codec, training_state)
+from vlmcompress.codec.variants import BASELINE, OURS, init_source, model_variants, training_order
 from vlmcompress.config import Params
 from vlmcompress.data.records import ImageRecord
 from vlmcompress.eval.quality import psnr, to_tensor
 from vlmcompress.io import atomic_path, write_json
-from vlmcompress.paths import outputs_dir
+from vlmcompress.paths import outputs_dir, project_root
 
 TIMING_SIZE = 512
 Log = Callable[[str], Any]
@@ -226,43 +226,81 @@ def train_seconds_from_curves(path: Path) -> float:
 
 
 TOWER_NAME = "tower.txt"   # models/<name>/tower.txt: tower_digest of the LVLM a codec was trained against
+INIT_NAME = "init.txt"     # models/<name>/init.txt: model_hash of the codec its training started from
+
+
+def fitted_to(cp: CodecParams, tower: str | None, init: Path | None) -> dict[str, str]:
+    """The markers a trained codec must carry to be reused: ``{file name: content}``.
+
+    The tower digest for a codec that reads the LVLM; the weights hash of the codec it
+    starts from (``init``), so a retrained pixel baseline makes ours fine-tune again.
+    """
+    marks = {}
+    if tower is not None and needs_lvlm(cp):
+        marks[TOWER_NAME] = tower
+    if init is not None:
+        marks[INIT_NAME] = str(read_codec_record(resolve_model_dir(init))["model_hash"])
+    return marks
+
+
+_MISMATCH = {TOWER_NAME: "trained against another LVLM tower", INIT_NAME: "started from another codec"}
 
 
 def train_variant(name: str, cp: CodecParams, images: Sequence, token_fn: TokenFn | None,
                   log: Log = print, tower: str | None = None, token_map: Any = None,
-                  attention_fn: Any = None) -> LVLMCodec:
+                  attention_fn: Any = None, init: Path | None = None) -> LVLMCodec:
     """Train (or resume, or reuse) one codec into ``models/<name>``; returns it in eval mode.
 
     ``token_map``: the LVLM's frozen projector (used when ``cp.loss.token_space`` is
-    ``projector``); ``attention_fn``: its CLS attention (for ``lowpass_weighting: attention``). ``tower``: :func:`tower_digest` of the LVLM behind ``token_fn`` (with the
-    projector for such a codec). A codec that reads the
-    LVLM (:func:`needs_lvlm`) and was trained, or checkpointed, against another tower (or an
-    unrecorded one) starts over: its parameters alone cannot tell.
+    ``projector``); ``attention_fn``: its CLS attention (for ``lowpass_weighting: attention``).
+    ``tower``: :func:`tower_digest` of the LVLM behind ``token_fn`` (with the projector for
+    such a codec). ``init``: a saved codec the training starts from (``train.init_from``).
+    A codec trained, or checkpointed, against another tower (when it reads the LVLM,
+    :func:`needs_lvlm`) or from another starting codec starts over: its parameters alone
+    cannot tell.
     """
     out = models_dir() / name
     state = training_state(out, cp)
-    marker = out / TOWER_NAME
-    if (tower is not None and needs_lvlm(cp) and state in ("done", "resume")
-            and (not marker.is_file() or marker.read_text().strip() != tower)):
-        log(f"{name}: trained against another LVLM tower, starting over")
-        state = "stale"
+    marks = fitted_to(cp, tower, init)
+    if state in ("done", "resume"):
+        for fname, want in marks.items():
+            marker = out / fname
+            if not marker.is_file() or marker.read_text().strip() != want:
+                log(f"{name}: {_MISMATCH[fname]}, starting over")
+                state = "stale"
+                break
     if state == "done":
         log(f"{name}: trained model found, {cp.train.steps} steps")
         return load_codec(out)
     if state == "stale":
         log(f"{name}: checkpoint of other params, starting over")
         shutil.rmtree(out)
-    log(f"{name}: {'resuming' if state == 'resume' else 'training'} to {cp.train.steps} steps")
-    if tower is not None and needs_lvlm(cp):
+    log(f"{name}: {'resuming' if state == 'resume' else 'training'} to {cp.train.steps} steps"
+        + (f", starting from {init}" if init is not None and state != "resume" else ""))
+    if marks:
         out.mkdir(parents=True, exist_ok=True)
-        with atomic_path(marker) as tmp:   # before training: a resumed checkpoint is of this tower
-            tmp.write_text(tower + "\n")
+    for fname, want in marks.items():   # before training: a resumed checkpoint is of these
+        with atomic_path(out / fname) as tmp:
+            tmp.write_text(want + "\n")
     res = train_codec(cp, images, token_fn if needs_lvlm(cp) else None, out,
                       token_map=token_map if needs_lvlm(cp) else None,
-                      attention_fn=attention_fn if uses_attention(cp) else None)
+                      attention_fn=attention_fn if uses_attention(cp) else None, init_from=init)
     log(f"{name}: {res.steps_this_run} steps in {res.seconds:.0f} s; last: "
         + ", ".join(f"{k}={v:.4g}" for k, v in res.last.items() if k not in ("step", "seconds")))
     return res.model  # updated and in eval mode: the weights just saved to models/<name>/model
+
+
+def init_dir(cp: CodecParams, variants: dict[str, CodecParams]) -> Path | None:
+    """Folder of the codec ``cp`` starts from: a codec of the stage (already trained, see
+    :func:`training_order`) or a saved codec folder (absolute, or relative to the project)."""
+    src = cp.train.init_from
+    if not src:
+        return None
+    if init_source(cp, variants) is not None:
+        return models_dir() / src / MODEL_DIR
+    path = Path(src) if Path(src).is_absolute() else project_root() / src
+    read_codec_record(resolve_model_dir(path))   # a one-line error now, not after other codecs trained
+    return path
 
 
 def prune_models(keep: Sequence[str]) -> list[str]:
@@ -419,8 +457,11 @@ def run_codec_stage(params: Params, splits: dict[str, list[ImageRecord]], log: L
     root, mdir = stage_dir(), models_dir()
     for name in prune_models(list(variants)):
         log(f"{name}: no longer in params, removed")
-    models = {name: train_variant(name, cp, train_set, token_fn, log, tower_of(cp), projector, attention_fn)
-              for name, cp in variants.items()}
+    inits = {name: init_dir(cp, variants) for name, cp in variants.items()}
+    trained = {name: train_variant(name, variants[name], train_set, token_fn, log, tower_of(variants[name]),
+                                   projector, attention_fn, inits[name])
+               for name in training_order(variants)}
+    models = {name: trained[name] for name in variants}   # ours first, as before
     curves = combined_curves(list(variants))
     with atomic_path(root / "curves.csv") as tmp:
         curves.to_csv(tmp, index=False)

@@ -210,6 +210,34 @@ def _load_weights(model: LVLMCodec, path: Path) -> None:
                          f"(missing {missing[:3]}, unexpected {result.unexpected_keys[:3]})")
 
 
+def warm_start(model: LVLMCodec, model_dir: str | Path) -> list[str]:
+    """Copy into ``model`` every weight of the saved codec at ``model_dir`` whose name and
+    shape match; returns the names of ``model``'s weights left at their initial values.
+
+    A codec trained for pixels starts one trained for tokens (the seed paper fine-tunes a
+    pretrained codec): parts only ``model`` has (the pre-editing net's token branch) keep
+    their initialisation; the coder tables are rebuilt by ``update`` anyway. A weight of
+    another shape means another architecture: ``ValueError``.
+    """
+    model_dir = resolve_model_dir(model_dir)
+    read_codec_record(model_dir)
+    path = model_dir / WEIGHTS_NAME
+    try:
+        src = load_file(str(path))
+    except Exception as exc:  # safetensors raises several types for a bad file
+        raise ValueError(f"{path}: cannot read weights ({type(exc).__name__}: {exc})") from None
+    own = model.state_dict()
+    clash = [k for k, v in src.items() if k in own and own[k].shape != v.shape
+             and not k.endswith(CODER_TABLE_SUFFIXES)]
+    if clash:
+        k = clash[0]
+        raise ValueError(f"{model_dir}: another architecture ({k}: {list(src[k].shape)} here, "
+                         f"{list(own[k].shape)} wanted)")
+    take = {k: v for k, v in src.items() if k in own and not k.endswith(CODER_TABLE_SUFFIXES)}
+    torch.nn.Module.load_state_dict(model, take, strict=False)
+    return sorted(k for k in own if k not in take and not k.endswith(CODER_TABLE_SUFFIXES))
+
+
 def resolve_model_dir(model_dir: str | Path) -> Path:
     """A saved model folder, or a training output folder holding one in ``model/``."""
     model_dir = Path(model_dir)
@@ -323,7 +351,8 @@ def _append_row(path: Path, row: dict[str, float]) -> None:
 def train_codec(params: CodecParams, train_images: Tensor | Sequence, token_fn: TokenFn | None,
                 out_dir: str | Path, *, resume: bool = True, stop_at: int | None = None,
                 accelerator: Any = None, token_map: Callable[[Tensor], Tensor] | None = None,
-                attention_fn: Callable[[Tensor], Tensor] | None = None) -> TrainResult:
+                attention_fn: Callable[[Tensor], Tensor] | None = None,
+                init_from: str | Path | None = None) -> TrainResult:
     """Train (or resume training) one codec; see the module docstring.
 
     Args:
@@ -341,6 +370,8 @@ def train_codec(params: CodecParams, train_images: Tensor | Sequence, token_fn: 
         token_map: the LVLM's frozen projector, for ``loss.token_space: projector``.
         attention_fn: ``x -> [B, N]`` the LVLM tower's CLS attention, for
             ``loss.lowpass_weighting: attention``.
+        init_from: a saved codec (:func:`warm_start`) a fresh run starts from instead of
+            random weights; ignored when resuming (the checkpoint already holds it).
     """
     check_codec_params(params)
     if accelerator is None:
@@ -380,8 +411,11 @@ def train_codec(params: CodecParams, train_images: Tensor | Sequence, token_fn: 
         start = int(record["step"])
         if accelerator.is_main_process:
             _truncate_curves(curves, start)
-    elif accelerator.is_main_process and curves.exists():
-        curves.unlink()
+    else:
+        if init_from is not None:
+            warm_start(model, init_from)
+        if accelerator.is_main_process and curves.exists():
+            curves.unlink()
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()

@@ -8,6 +8,9 @@
   should not need the LVLM to encode), or dropped.
 * one ``ours-<ablation>`` per name in ``ablations``: ``ours`` with one switch flipped.
   Ablations are registered by name (CompressAI's registry habit), so params.yaml names them.
+
+``train.init_from`` may name another codec of the stage (ours and its ablations fine-tune
+the pixel baseline by default); :func:`training_order` trains such a source first.
 """
 from __future__ import annotations
 
@@ -85,7 +88,7 @@ def baseline_params(p: CodecStageParams) -> CodecParams:
     ours = p.ours
     loss = LossParams(lambdas=list(p.baseline.lambdas), w_token_mse=0.0, w_token_cos=0.0, w_rank=0.0,
                       rank_mode=ours.loss.rank_mode, w_pixel=1.0)
-    base = dataclasses.replace(ours, loss=loss)
+    base = dataclasses.replace(ours, loss=loss, train=dataclasses.replace(ours.train, init_from=""))
     if p.baseline.preedit == "no_tokens":
         base = _preedit(base, use_tokens=False)
     elif p.baseline.preedit == "off":
@@ -101,3 +104,35 @@ def model_variants(p: CodecStageParams) -> dict[str, CodecParams]:
     for name in p.ablations:
         out[f"{OURS}-{name}"] = ABLATIONS[name](p.ours)
     return out
+
+
+def codec_names() -> set[str]:
+    """Every name a codec of the stage can have, whatever the params."""
+    return {OURS, BASELINE} | {f"{OURS}-{name}" for name in ABLATIONS}
+
+
+def init_source(cp: CodecParams, variants: dict[str, CodecParams]) -> str | None:
+    """The codec of the stage ``cp`` starts from (``None``: random weights or a folder)."""
+    return cp.train.init_from if cp.train.init_from in variants else None
+
+
+def training_order(variants: dict[str, CodecParams]) -> list[str]:
+    """Names in the order they can be trained: every codec after the one it starts from.
+
+    Raises ``ValueError`` on a cycle (a codec that starts, directly or not, from itself).
+    """
+    order: list[str] = []
+
+    def visit(name: str, seen: tuple[str, ...]) -> None:
+        if name in order:
+            return
+        if name in seen:
+            raise ValueError(f"codec {name!r} starts from itself: {' -> '.join(seen + (name,))}")
+        src = init_source(variants[name], variants)
+        if src is not None:
+            visit(src, seen + (name,))
+        order.append(name)
+
+    for name in variants:
+        visit(name, ())
+    return order
