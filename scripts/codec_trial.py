@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rates", type=float, nargs="+", default=[0.0, 1.0, 2.0, 3.0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--init", help="a trained codec folder the training starts from (e.g. the pixel baseline)")
+    ap.add_argument("--uncoded", action="store_true", help="also score the original images (the ceiling)")
     a = ap.parse_args(argv)
     if a.images < 1:
         ap.error("--images must be >= 1")
@@ -66,6 +67,13 @@ def main(argv: list[str] | None = None) -> int:
         model = res.model.eval()
     records = splits["test"][: a.images]
     items = [(r, q) for r in records for q in r.questions]
+
+    def report(what: str, res) -> None:
+        types = " ".join(f"{t} {v:.1f}" for t, v in res.by_type.items())
+        print(f"{what}  VQA {res.acc:.2f} ({res.n} questions)  {types}", flush=True)
+
+    if a.uncoded:
+        report("uncoded", run_vqa(lvlm, items, batch_size=48, images=file_images))
     for rate in a.rates:
         decoded: dict[str, torch.Tensor] = {}
         bpp: list[float] = []
@@ -80,9 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             return decoded[rec.path]
 
         res = run_vqa(lvlm, items, batch_size=48, images=source)
-        types = " ".join(f"{t} {v:.1f}" for t, v in res.by_type.items())
-        print(f"rate {rate:g}: bpp (estimated) {np.mean(bpp):.3f}  VQA {res.acc:.2f} ({res.n} questions)  {types}",
-              flush=True)
+        report(f"rate {rate:g}: bpp (estimated) {np.mean(bpp):.3f}", res)
     return 0
 
 
