@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from vlmcompress.codec.bitstream import (HEADER_SIZE, MAX_DIM, OVERHEAD, Bitstream, BitstreamError,
-                                         as_float32, pack, unpack)
+from vlmcompress.codec.bitstream import (HASH_LEN, HEADER_SIZE, MAX_DIM, OVERHEAD, Bitstream,
+                                         BitstreamError, as_float32, leb128, pack, read_leb128, unpack)
 from vlmcompress.codec.coder import (decode_file, decode_image, encode_file, encode_image,
                                      image_to_tensor, read_png, tensor_to_image, write_png)
-from vlmcompress.codec.model import build_codec
+from vlmcompress.codec.model import build_codec, weights_hash
 from vlmcompress.codec.train import load_codec, save_codec
 
 from codec_helpers import TinyTokens, lively, make_image, model_params
@@ -57,7 +57,8 @@ def test_encode_decode_deterministic(model, data):
 def test_header_fields_and_bpp(model, data):
     bs = unpack(data)
     assert (bs.height, bs.width, bs.rate) == (64, 64, 1.0)
-    assert len(data) == OVERHEAD + len(bs.y) + len(bs.z)
+    assert len(bs.z) < 128 and len(data) == OVERHEAD + len(bs.y) + len(bs.z) == 22 + len(bs.y) + len(bs.z)
+    assert data[4] == 2 and bs.model_hash == weights_hash(model)[:HASH_LEN]
     odd = encode_image(model, make_image(64, 64), 0.1, token_fn=token_fn)
     assert unpack(odd).rate == as_float32(0.1) != 0.1  # the coded rate is the stored float32
 
@@ -79,6 +80,33 @@ def test_file_from_another_model_is_rejected(model, data):
     other = lively(build_codec(model_params(use_tokens=True)), seed_edit=4)
     with pytest.raises(BitstreamError, match="written by codec"):
         decode_image(other, data)
+
+
+def test_version_1_files_are_still_read(model, data):
+    """A version-1 file: 16 bytes of hash and a uint32 z length (what the coder wrote before)."""
+    bs = unpack(data)
+    body = (struct.pack("<4sBHHf16sI", b"VLMC", 1, bs.height, bs.width, bs.rate, weights_hash(model), len(bs.z))
+            + bs.z + bs.y)
+    old = _recrc(body)
+    assert len(old) == len(data) + 15
+    assert unpack(old).model_hash == weights_hash(model)
+    assert np.array_equal(decode_image(model, old), decode_image(model, data))
+    other = _recrc(body[:13] + b"\x01" * 16 + body[29:])
+    with pytest.raises(BitstreamError, match="written by codec 0101"):
+        decode_image(model, other)
+
+
+def test_leb128_roundtrip_and_malformed_lengths():
+    for n in (0, 1, 127, 128, 300, 2 ** 14, 2 ** 35 - 1):
+        enc = leb128(n)
+        assert read_leb128(b"x" + enc + b"y", 1) == (n, 1 + len(enc))
+    assert leb128(127) == b"\x7f" and leb128(128) == b"\x80\x01"
+    for bad, fragment in ((b"\x80", "truncated"), (b"\x80\x00", "shortest form"),
+                          (b"\xff" * 5 + b"\x01", "longer than 5 bytes")):
+        with pytest.raises(BitstreamError, match=fragment):
+            read_leb128(bad, 0)
+    with pytest.raises(ValueError):
+        leb128(-1)
 
 
 def test_saved_model_decodes_identically(model, data, tmp_path):
@@ -118,22 +146,28 @@ def _with_field(data: bytes, offset: int, fmt: str, value) -> bytes:
     return _recrc(bytes(body))
 
 
+def _with_length(data: bytes, z_len: int) -> bytes:
+    """``data`` with its z length replaced (and the CRC recomputed)."""
+    _, start = read_leb128(data, HEADER_SIZE)
+    return _recrc(data[:HEADER_SIZE] + leb128(z_len) + data[start:-4])
+
+
 def test_structural_errors_with_valid_crc(model, data):
     """Fields that are wrong although the CRC matches (a file written by a buggy writer)."""
     payload = len(data) - OVERHEAD
     cases = [  # (mutated file, fragment of the one-line message)
         (_with_field(data, 0, "<4s", b"PNG\x00"), "bad magic"),
-        (_with_field(data, 4, "<B", 2), "version 2"),
+        (_with_field(data, 4, "<B", 3), "version 3"),
         (_with_field(data, 5, "<H", 0), "image size 0x64"),
         (_with_field(data, 7, "<H", MAX_DIM + 1), "outside"),
         (_with_field(data, 9, "<f", float("nan")), "invalid rate"),
         (_with_field(data, 9, "<f", -1.0), "invalid rate"),
         (_with_field(data, 9, "<f", 2.5), "rate must be in [0, 2]"),
-        (_with_field(data, 13, "<16s", b"\x01" * 16), "written by codec"),
-        (_with_field(data, 29, "<I", payload + 1), "exceeds"),
-        (_with_field(data, 29, "<I", 0xFFFFFFFF), "exceeds"),
-        (_with_field(data, 29, "<I", 5), "malformed"),
-        (_with_field(data, 29, "<I", 0), "malformed"),
+        (_with_field(data, 13, "<4s", b"\x01" * 4), "written by codec"),
+        (_with_length(data, payload + 1), "exceeds"),
+        (_with_length(data, 2 ** 35 - 1), "exceeds"),
+        (_with_length(data, 5), "malformed"),
+        (_with_length(data, 0), "malformed"),
     ]
     for bad, fragment in cases:
         with pytest.raises(BitstreamError) as err:
@@ -154,8 +188,8 @@ def test_fuzz_mutated_files_raise_bitstream_error_quickly(model, data):
                 buf[pos] ^= int(rng.integers(1, 256))
         elif kind == 1:  # truncate
             buf = buf[:int(rng.integers(0, len(buf)))]
-        elif kind == 2:  # change the z length, keep the old CRC
-            struct.pack_into("<I", buf, 29, int(rng.integers(0, 2 ** 32)))
+        elif kind == 2:  # change the z length's byte, keep the old CRC
+            buf[HEADER_SIZE] = int(rng.integers(0, 256))
         elif kind == 3:  # insert or delete a byte in the middle
             pos = int(rng.integers(0, len(buf)))
             buf = buf[:pos] + buf[pos + 1:] if rng.random() < 0.5 else buf[:pos] + b"\x5a" + buf[pos:]
@@ -180,9 +214,11 @@ def test_non_bytes_input_is_rejected(model):
 
 
 def test_pack_validates_fields():
-    good = Bitstream(height=4, width=4, rate=1.0, model_hash=b"\x00" * 16, z=b"\x00" * 8, y=b"\x00" * 8)
+    good = Bitstream(height=4, width=4, rate=1.0, model_hash=b"\x00" * 4, z=b"\x00" * 8, y=b"\x00" * 8)
     assert unpack(pack(good)) == good
+    big = Bitstream(height=4, width=4, rate=1.0, model_hash=b"\x00" * 4, z=b"\x00" * 400, y=b"\x00" * 8)
+    assert unpack(pack(big)) == big and len(pack(big)) == OVERHEAD + 1 + 408   # a 2-byte z length
     with pytest.raises(ValueError):
-        pack(Bitstream(0, 4, 1.0, b"\x00" * 16, b"", b""))
+        pack(Bitstream(0, 4, 1.0, b"\x00" * 4, b"", b""))
     with pytest.raises(ValueError):
-        pack(Bitstream(4, 4, 1.0, b"\x00" * 15, b"", b""))
+        pack(Bitstream(4, 4, 1.0, b"\x00" * 16, b"", b""))

@@ -19,8 +19,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from vlmcompress.codec.bitstream import (MAX_DIM, Bitstream, BitstreamError, as_float32, pack,
-                                         unpack)
+from vlmcompress.codec.bitstream import (HASH_LEN, MAX_DIM, Bitstream, BitstreamError, as_float32,
+                                         pack, unpack)
 from vlmcompress.codec.losses import TokenFn
 from vlmcompress.codec.model import LVLMCodec, check_rate, weights_hash
 from vlmcompress.codec.train import CHECKPOINT_DIR, CONFIG_NAME, load_codec, read_codec_record
@@ -69,7 +69,7 @@ def encode_image(model: LVLMCodec, img: np.ndarray, rate: float, *,
     out = model.compress(x, rate, tokens)
     (y,), (z,) = out["strings"]
     h, w = out["size"]
-    return pack(Bitstream(height=h, width=w, rate=rate, model_hash=weights_hash(model), z=z, y=y))
+    return pack(Bitstream(height=h, width=w, rate=rate, model_hash=weights_hash(model)[:HASH_LEN], z=z, y=y))
 
 
 def decode_image(model: LVLMCodec, data: bytes, *, source: str = "bitstream") -> np.ndarray:
@@ -79,7 +79,7 @@ def decode_image(model: LVLMCodec, data: bytes, *, source: str = "bitstream") ->
     written by other weights.
     """
     bs = unpack(data, source)
-    mine = weights_hash(model)
+    mine = weights_hash(model)[:len(bs.model_hash)]   # a file carries a prefix of the hash
     if bs.model_hash != mine:
         raise BitstreamError(f"{source}: written by codec {bs.model_hash.hex()}, "
                              f"not by this one ({mine.hex()})")
@@ -128,7 +128,8 @@ def encode_file(model_dir: str | Path, in_png: str | Path, out: str | Path, rate
 
 
 def find_model_dir(model_hash: bytes, roots: Iterable[str | Path]) -> Path | None:
-    """The saved codec folder (``codec.json``) under ``roots`` whose weights have this hash."""
+    """The saved codec folder (``codec.json``) under ``roots`` whose weights' hash starts
+    with ``model_hash`` (a file carries its first bytes)."""
     want = model_hash.hex()
     for root in roots:
         # A final model before a training checkpoint holding the same weights.
@@ -137,7 +138,7 @@ def find_model_dir(model_hash: bytes, roots: Iterable[str | Path]) -> Path | Non
                 record = read_codec_record(cfg.parent)
             except (ValueError, FileNotFoundError):
                 continue
-            if record.get("model_hash") == want:
+            if str(record.get("model_hash", "")).startswith(want):
                 return cfg.parent
     return None
 

@@ -33,6 +33,7 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
+from vlmcompress.codec.bitstream import VERSION as BITSTREAM_VERSION
 from vlmcompress.io import atomic_path, write_json
 
 Point = int | float
@@ -92,7 +93,7 @@ class CodecSpec:
         """Everything the coded bytes depend on, besides the point and the image."""
         if self.kind == "anchor":
             return {"anchor": self.name, "options": self.options, "libs": library_versions()}
-        return {"learned": self.model_hash}
+        return {"learned": self.model_hash, "format": BITSTREAM_VERSION}
 
     @property
     def ext(self) -> str:
