@@ -175,3 +175,31 @@ def test_warm_start_copies_every_matching_weight_and_reports_the_rest(images, tm
         params().model.preedit, enabled=False)))
     with pytest.raises(ValueError, match=r"px/model: another architecture \(core\..*: \[.*\] here"):
         warm_start(other, tmp_path / "px")
+
+
+def test_gain_units_get_their_own_learning_rate(images, tmp_path):
+    from vlmcompress.codec.train import is_gain, make_optimizers
+
+    model = build_codec(params().model)
+    opt, _ = make_optimizers(model, 1e-3, 1e-2)
+    assert len(opt.param_groups) == 1                       # the layout of older checkpoints
+    opt, _ = make_optimizers(model, 1e-3, 1e-2, gain_lr_scale=10.0)
+    gains = {id(p) for p in opt.param_groups[1]["params"]}
+    names = {n for n, p in model.named_parameters() if id(p) in gains}
+    assert names == {"core.log_gain", "core.log_inv_gain", "core.log_hyper_gain", "core.log_inv_hyper_gain"}
+    assert all(is_gain(n) for n in names) and not is_gain("core.g_a.0.weight")
+
+    def first_step(scale: float) -> tuple[float, torch.Tensor]:
+        p = params(steps=1, preedit=False)
+        p = dataclasses.replace(p, train=dataclasses.replace(p.train, gain_lr_scale=scale, grad_clip=0.0,
+                                                              lr_decay_at=1.0))
+        init = build_codec(p.model).state_dict()["core.log_gain"]    # gains start from gain_init
+        after = train_codec(p, images, token_fn, tmp_path / f"s{scale}").model.state_dict()
+        return float((after["core.log_gain"] - init).abs().max()), after["core.g_a.0.weight"]
+
+    # Adam's first step moves a parameter with a gradient by lr, here x its group's scale;
+    # the rest of the model takes the same step whatever the gains' scale.
+    gain1, conv1 = first_step(1.0)
+    gain10, conv10 = first_step(10.0)
+    assert gain1 == pytest.approx(1e-3, rel=1e-3) and gain10 == pytest.approx(1e-2, rel=1e-3)
+    assert torch.equal(conv1, conv10)

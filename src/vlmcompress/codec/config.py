@@ -78,6 +78,8 @@ class CodecTrainParams:
                                   # runs leave the aux-loss fit far from converged
     init_from: str = ""           # "": random weights | a codec of the stage (e.g. pixel_baseline,
                                   # trained first) | a saved codec folder: fine-tune from it
+    gain_lr_scale: float = 1.0    # lr multiplier of the gain units: at 1 a 500-step run leaves the
+                                  # per-level gains at their init, so every level codes alike
 
 
 @dataclass(frozen=True)
@@ -190,6 +192,8 @@ def check_codec_params(p: CodecParams, path: str = "codec") -> None:
     _require(t.lr > 0 and t.aux_lr > 0, f"{path}.train.lr", "lr and aux_lr must be > 0")
     _require(0 < t.lr_decay_at <= 1, f"{path}.train.lr_decay_at", f"must be in (0, 1], got {t.lr_decay_at}")
     _require(t.grad_clip >= 0, f"{path}.train.grad_clip", f"must be >= 0, got {t.grad_clip}")
+    _require(math.isfinite(t.gain_lr_scale) and t.gain_lr_scale > 0, f"{path}.train.gain_lr_scale",
+             f"must be > 0, got {t.gain_lr_scale}")
 
 
 def check_stage_params(p: CodecStageParams, path: str = "codec") -> None:

@@ -66,12 +66,24 @@ def split_parameters(model: torch.nn.Module) -> tuple[list[str], list[str]]:
     return main, aux
 
 
-def make_optimizers(model: torch.nn.Module, lr: float, aux_lr: float
+def is_gain(name: str) -> bool:
+    """A gain unit's per-level log-gains (``log_gain``, ``log_inv_gain``, and the hyper ones)."""
+    leaf = name.rsplit(".", 1)[-1]
+    return leaf.startswith("log_") and leaf.endswith("gain")
+
+
+def make_optimizers(model: torch.nn.Module, lr: float, aux_lr: float, gain_lr_scale: float = 1.0
                     ) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
+    """Adam on the main parameters (the gain units in a group of their own, at
+    ``gain_lr_scale`` × lr, when that is not 1) and Adam on the auxiliary ones."""
     named = dict(model.named_parameters())
     main, aux = split_parameters(model)
-    return (torch.optim.Adam([named[n] for n in main], lr=lr),
-            torch.optim.Adam([named[n] for n in aux], lr=aux_lr))
+    if gain_lr_scale == 1.0:   # one group, as checkpoints written before the option hold
+        groups = [{"params": [named[n] for n in main], "lr_scale": 1.0}]
+    else:
+        groups = [{"params": [named[n] for n in main if not is_gain(n)], "lr_scale": 1.0},
+                  {"params": [named[n] for n in main if is_gain(n)], "lr_scale": gain_lr_scale}]
+    return torch.optim.Adam(groups, lr=lr), torch.optim.Adam([named[n] for n in aux], lr=aux_lr)
 
 
 def lr_at(step: int, params: CodecParams) -> float:
@@ -396,7 +408,7 @@ def train_codec(params: CodecParams, train_images: Tensor | Sequence, token_fn: 
     criterion = CodecLoss(params.loss, token_fn, token_map, attention_fn)
     if model.needs_tokens and token_fn is None:
         raise ValueError("the pre-editing net fuses LVLM tokens but token_fn is None")
-    opt, aux_opt = make_optimizers(model, tp.lr, tp.aux_lr)
+    opt, aux_opt = make_optimizers(model, tp.lr, tp.aux_lr, tp.gain_lr_scale)
     start = 0
     if resume and (ckpt_dir / CONFIG_NAME).exists():
         record = read_codec_record(ckpt_dir)
@@ -445,7 +457,7 @@ def train_codec(params: CodecParams, train_images: Tensor | Sequence, token_fn: 
     for step in range(start, end):
         lr = lr_at(step, params)
         for group in opt.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         idx = batch_indices(n_images, tp.batch_size, tp.seed, step)[rank::world]
         x = make_batch(train_images, idx, tp.patch_size, tp.seed, step).to(accelerator.device)
         rate = draw_rate(params.model.levels, tp.rate_sampling, tp.seed, step)
