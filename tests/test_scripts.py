@@ -152,6 +152,14 @@ def test_probes_answer_bad_input_with_one_line(tmp_path, capsys):
     assert codec_trial.main([str(REPO / "params.yaml"), str(tmp_path / "work"), "--rates", "9"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("codec_trial: rate must be in") and "\n" not in err
+    (tmp_path / "old/checkpoint").mkdir(parents=True)
+    (tmp_path / "old/checkpoint/codec.json").write_text("{}")
+    assert codec_trial.main([str(REPO / "params.yaml"), str(tmp_path / "old")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("codec_trial: ") and "holds a codec of other params" in err and "\n" not in err
+    assert codec_trial.main([str(REPO / "params.yaml"), str(tmp_path / "new"), "--init", str(tmp_path / "none")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("codec_trial: ") and "none/codec.json: no such file" in err and "\n" not in err
 
 
 def test_position_probe_reads_a_linear_code_and_not_noise():
