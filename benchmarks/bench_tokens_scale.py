@@ -1,6 +1,7 @@
 """Prefill cost of token compression at LLaVA-1.5's proportions, on a random-weight model.
 
     python benchmarks/bench_tokens_scale.py [--lm-layers 8] [--budget 0.10] [--repeats 3] [--batch 1]
+                                            [--shape llava15|tiny]
 
 The embedded model's three parts are all about the same small size, so CLIP's text tower,
 which text-guided recovery runs on every question, costs a good share of its prefill.
@@ -12,7 +13,8 @@ so fewer layers overstate the overhead). It saves the model, loads it back throu
 profile's loader (:func:`vlmcompress.lvlm.load.load_lvlm`) and times ``full`` against each
 method of ``--methods`` at ``--budget`` on scenes test questions
 (:func:`vlmcompress.tokens.stage.efficiency_table`: median of round-robin repeats after a
-warm-up). Only time is measured: a random model's answers mean nothing.
+warm-up). Only time is measured: a random model's answers mean nothing. ``--shape tiny`` is
+the same structure in miniature, to check the script itself in seconds.
 """
 from __future__ import annotations
 
@@ -31,11 +33,15 @@ LLAVA15 = dict(image_size=336, patch_size=14, stem_layers=0, vision_hidden=1024,
                vision_heads=16, text_hidden=768, text_layers=12, text_heads=12, text_max_len=77,
                projection_dim=768, lm_hidden=4096, lm_heads=32, lm_intermediate=11008,
                vision_feature_layer=-2, hidden_act="quick_gelu")
+TINY = dict(LLAVA15, image_size=56, vision_hidden=32, vision_layers=3, vision_heads=2, text_hidden=32,
+            text_layers=2, text_heads=2, projection_dim=16, lm_hidden=32, lm_heads=2, lm_intermediate=64)
+SHAPES = {"llava15": LLAVA15, "tiny": TINY}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params", default=None, help="params file (default: the project's params.yaml)")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="llava15")
     ap.add_argument("--lm-layers", type=int, default=8, help="Llama layers (Vicuna-7B has 32)")
     ap.add_argument("--budget", type=float, default=0.10)
     ap.add_argument("--methods", nargs="+", default=["random", "recoverable", "fastv"])
@@ -76,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     prompts = Prompts(**dataclasses.asdict(params.lvlm.prompts))
 
     torch.manual_seed(params.seed)
-    spec = ModelSpec(lm_layers=a.lm_layers, **LLAVA15)
+    spec = ModelSpec(lm_layers=a.lm_layers, **SHAPES[a.shape])
     tok, clip_tok = build_tokenizers(scene_vocab(params.data.scenes, prompts))
     ids = {k: tok.convert_tokens_to_ids(k) for k in ("<pad>", "<s>", "</s>", "<image>")}
     t0 = time.perf_counter()
@@ -91,14 +97,14 @@ def main(argv: list[str] | None = None) -> int:
                          attn_layer=T.attention_layer)
     print(f"built and loaded in {time.perf_counter() - t0:.0f} s: vision {sizes['vision'] / 1e6:.0f}M, "
           f"text {sizes['text'] / 1e6:.0f}M, LM {sizes['lm'] / 1e6:.0f}M parameters "
-          f"({a.lm_layers} of 32 layers); {lvlm.grid[0] * lvlm.grid[1]} visual tokens", flush=True)
+          f"({a.lm_layers} LM layers); {lvlm.grid[0] * lvlm.grid[1]} visual tokens", flush=True)
     items = stratified_questions(test, a.batch, seed=params.seed)
     runs = [Run("full", None)] + [Run(m, a.budget) for m in a.methods]
     table = efficiency_table(lvlm, items, runs, T, seed=params.seed)
     print(f"{a.batch} question(s) per prefill, median of {a.repeats}, {torch.get_num_threads()} threads")
     print(table.to_string(index=False))
     if a.out:
-        write_json(a.out, {"lm_layers": a.lm_layers, "budget": a.budget, "repeats": a.repeats, "batch": a.batch,
+        write_json(a.out, {"shape": a.shape, "lm_layers": a.lm_layers, "budget": a.budget, "repeats": a.repeats, "batch": a.batch,
                            "params_m": {k: round(v / 1e6, 1) for k, v in sizes.items()},
                            "rows": table.to_dict(orient="records")})
     return 0

@@ -39,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     from vlmcompress.codec.losses import bpp_from_likelihoods
     from vlmcompress.codec.model import check_rate
     from vlmcompress.codec.stage import RecordImages, lvlm_attention_fn, lvlm_token_fn
-    from vlmcompress.codec.train import load_codec, train_codec
+    from vlmcompress.codec.train import (load_codec, read_codec_record, resolve_model_dir, train_codec,
+                                         training_state)
     from vlmcompress.config import ConfigError, load_params
     from vlmcompress.data.stage import load_all
     from vlmcompress.eval.tasks import file_images, run_vqa
@@ -51,6 +52,11 @@ def main(argv: list[str] | None = None) -> int:
         cp = P.codec.ours
         for r in a.rates:
             check_rate(r, cp.model.levels)
+        if not a.load:   # fail before the LVLM loads, not after training starts
+            if training_state(a.work, cp) == "stale":
+                raise ValueError(f"{a.work}: holds a codec of other params; use another work dir or delete it")
+            if a.init:
+                read_codec_record(resolve_model_dir(a.init))
         splits = load_all()
         lvlm = load_stage_lvlm(P)
         model = load_codec(a.work).eval() if a.load else None

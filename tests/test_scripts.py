@@ -152,6 +152,14 @@ def test_probes_answer_bad_input_with_one_line(tmp_path, capsys):
     assert codec_trial.main([str(REPO / "params.yaml"), str(tmp_path / "work"), "--rates", "9"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("codec_trial: rate must be in") and "\n" not in err
+    (tmp_path / "old/checkpoint").mkdir(parents=True)
+    (tmp_path / "old/checkpoint/codec.json").write_text("{}")
+    assert codec_trial.main([str(REPO / "params.yaml"), str(tmp_path / "old")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("codec_trial: ") and "holds a codec of other params" in err and "\n" not in err
+    assert codec_trial.main([str(REPO / "params.yaml"), str(tmp_path / "new"), "--init", str(tmp_path / "none")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("codec_trial: ") and "none/codec.json: no such file" in err and "\n" not in err
 
 
 def test_position_probe_reads_a_linear_code_and_not_noise():
@@ -198,3 +206,26 @@ def test_lm_step_benchmark_times_each_variant_and_checks_its_arguments(capsys):
     lines = [x for x in capsys.readouterr().out.splitlines() if "s/step" in x]
     assert [x.split(":")[0].split()[-1] for x in lines] == ["1", "0"]
     assert all(float(x.split("median ")[1].split()[0]) > 0 for x in lines)
+
+
+def test_scale_benchmark_times_a_random_llava_and_checks_its_arguments(project_root, params, tiny_scenes, capsys):
+    import dataclasses
+
+    from vlmcompress.data.stage import run_data_stage
+
+    bench = _script("bench_tokens_scale", "benchmarks")
+    for bad, says in ((["--lm-layers", "0"], "must be >= 1"), (["--methods", "nope"], "unknown method")):
+        with pytest.raises(SystemExit):
+            bench.main(bad)
+        assert says in capsys.readouterr().err
+    assert bench.main(["--shape", "tiny"]) == 1                # no scenes yet: one line, no traceback
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("bench_tokens_scale: ")
+    run_data_stage(dataclasses.replace(params, data=dataclasses.replace(params.data, scenes=tiny_scenes)))
+    out = project_root / "bench.json"
+    assert bench.main(["--shape", "tiny", "--lm-layers", "1", "--repeats", "1", "--batch", "2",
+                       "--methods", "random", "recoverable", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["method"] for r in rows] == ["full", "random", "recoverable"]
+    assert all(r["prefill_ms"] > 0 for r in rows) and rows[0]["selection_pct"] == 0
+    assert rows[2]["text_ms"] > 0 and rows[2]["selection_ms"] >= rows[2]["text_ms"]
