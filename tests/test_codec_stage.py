@@ -267,6 +267,9 @@ def test_init_from_trains_the_source_first_and_is_checked(params):
     with pytest.raises(ConfigError, match=r"^codec\.train\.init_from: codec 'ours' starts from itself"):
         check_stage_params(with_init("ours"))
     check_stage_params(with_init("runs/pretrained"))   # a folder: checked when the stage starts
+    slow = dataclasses.replace(params.codec, train=dataclasses.replace(params.codec.train, gain_lr_scale=0.0))
+    with pytest.raises(ConfigError, match=r"^codec\.train\.gain_lr_scale: must be > 0, got 0\.0"):
+        check_stage_params(slow)
 
 
 def test_a_codec_started_from_a_retrained_source_is_trained_again(stage_env):
