@@ -210,12 +210,15 @@ def save_codec(model: LVLMCodec, out_dir: str | Path, *, params: CodecParams | N
     return out_dir
 
 
-def _load_weights(model: LVLMCodec, path: Path) -> None:
+def _read_weights(path: Path) -> dict[str, Tensor]:
     try:
-        state = load_file(str(path))
+        return load_file(str(path))
     except Exception as exc:  # safetensors raises several types for a bad file
         raise ValueError(f"{path}: cannot read weights ({type(exc).__name__}: {exc})") from None
-    result = torch.nn.Module.load_state_dict(model, state, strict=False)
+
+
+def _load_weights(model: LVLMCodec, path: Path) -> None:
+    result = torch.nn.Module.load_state_dict(model, _read_weights(path), strict=False)
     missing = [k for k in result.missing_keys if not k.endswith(CODER_TABLE_SUFFIXES)]
     if missing or result.unexpected_keys:
         raise ValueError(f"{path}: weights do not match the config "
@@ -233,11 +236,7 @@ def warm_start(model: LVLMCodec, model_dir: str | Path) -> list[str]:
     """
     model_dir = resolve_model_dir(model_dir)
     read_codec_record(model_dir)
-    path = model_dir / WEIGHTS_NAME
-    try:
-        src = load_file(str(path))
-    except Exception as exc:  # safetensors raises several types for a bad file
-        raise ValueError(f"{path}: cannot read weights ({type(exc).__name__}: {exc})") from None
+    src = _read_weights(model_dir / WEIGHTS_NAME)
     own = model.state_dict()
     clash = [k for k, v in src.items() if k in own and own[k].shape != v.shape
              and not k.endswith(CODER_TABLE_SUFFIXES)]
