@@ -192,6 +192,7 @@ def test_a_codec_trained_against_another_lvlm_tower_is_trained_again(stage_env):
     del lvlm.vision_tower.counter
     train_variant("ours", cp, images, token_fn, log=logs.append, tower=other)
     assert "ours: trained against another LVLM tower, starting over" in logs
+    assert "ours: checkpoint of other params, starting over" not in logs   # one reason, the right one
     assert logs[-2] == "ours: training to 1 steps"
     assert (root / "outputs/codec/models/ours" / "tower.txt").read_text().strip() == other
     # The pixel baseline never reads the LVLM: the tower does not concern it.
@@ -293,6 +294,7 @@ def test_a_codec_started_from_a_retrained_source_is_trained_again(stage_env):
     train_variant("pixel_baseline", more, images, None, log=logs.append)
     train_variant("ours", ours, images, token_fn, log=logs.append, init=src)
     assert "ours: started from another codec, starting over" in logs
+    assert "ours: checkpoint of other params, starting over" not in logs
     hashes = [json.loads((root / f"outputs/codec/models/{n}/model/codec.json").read_text())["model_hash"]
               for n in ("pixel_baseline", "ours")]
     assert (root / "outputs/codec/models/ours/init.txt").read_text().strip() == hashes[0]

@@ -261,19 +261,19 @@ def train_variant(name: str, cp: CodecParams, images: Sequence, token_fn: TokenF
     """
     out = models_dir() / name
     state = training_state(out, cp)
+    why = "checkpoint of other params"
     marks = fitted_to(cp, tower, init)
     if state in ("done", "resume"):
         for fname, want in marks.items():
             marker = out / fname
             if not marker.is_file() or marker.read_text().strip() != want:
-                log(f"{name}: {_MISMATCH[fname]}, starting over")
-                state = "stale"
+                why, state = _MISMATCH[fname], "stale"
                 break
     if state == "done":
         log(f"{name}: trained model found, {cp.train.steps} steps")
         return load_codec(out)
     if state == "stale":
-        log(f"{name}: checkpoint of other params, starting over")
+        log(f"{name}: {why}, starting over")
         shutil.rmtree(out)
     log(f"{name}: {'resuming' if state == 'resume' else 'training'} to {cp.train.steps} steps"
         + (f", starting from {init}" if init is not None and state != "resume" else ""))
