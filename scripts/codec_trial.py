@@ -1,6 +1,7 @@
-"""Train the `ours` codec of a params file into a work dir and score it on VQA, outside the pipeline.
+"""Train a codec of a params file (default `ours`) into a work dir and score it on VQA, outside the pipeline.
 
     python scripts/codec_trial.py params.yaml /tmp/codec_trial [--load] [--images 64] [--rates 0 1 2 3]
+                                  [--variant pixel_baseline] [--init DIR] [--uncoded]
 
 For comparing codec losses without touching ``outputs/codec``: trains ``codec.ours`` (resumable,
 against the stage's LVLM, with its projector and CLS attention for the loss options that need
@@ -30,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--init", help="a trained codec folder the training starts from (e.g. the pixel baseline)")
     ap.add_argument("--uncoded", action="store_true", help="also score the original images (the ceiling)")
+    ap.add_argument("--variant", default="ours",
+                    help="which codec of the params to train: ours (default), pixel_baseline, ours-<ablation>")
     a = ap.parse_args(argv)
     if a.images < 1:
         ap.error("--images must be >= 1")
@@ -39,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     from vlmcompress.codec.losses import bpp_from_likelihoods
     from vlmcompress.codec.model import check_rate
     from vlmcompress.codec.stage import RecordImages, lvlm_attention_fn, lvlm_token_fn
+    from vlmcompress.codec.variants import model_variants
     from vlmcompress.codec.train import (load_codec, read_codec_record, resolve_model_dir, train_codec,
                                          training_state)
     from vlmcompress.config import ConfigError, load_params
@@ -49,7 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(a.threads)
     try:
         P = load_params(a.params)
-        cp = P.codec.ours
+        variants = model_variants(P.codec)
+        if a.variant not in variants:
+            raise ValueError(f"--variant {a.variant!r}: these params train {', '.join(variants)}")
+        cp = variants[a.variant]
         for r in a.rates:
             check_rate(r, cp.model.levels)
         if not a.load:   # fail before the LVLM loads, not after training starts
@@ -83,18 +90,20 @@ def main(argv: list[str] | None = None) -> int:
     for rate in a.rates:
         decoded: dict[str, torch.Tensor] = {}
         bpp: list[float] = []
+        zbpp: list[float] = []
 
-        def source(rec, rate=rate, decoded=decoded, bpp=bpp):
+        def source(rec, rate=rate, decoded=decoded, bpp=bpp, zbpp=zbpp):
             if rec.path not in decoded:
                 x = file_images(rec)[None]
                 with torch.no_grad():
                     out = model(x, rate, token_fn(x)) if model.needs_tokens else model(x, rate)
                 bpp.append(float(bpp_from_likelihoods(out["likelihoods"], x.shape[-2] * x.shape[-1])))
+                zbpp.append(float(bpp_from_likelihoods({"z": out["likelihoods"]["z"]}, x.shape[-2] * x.shape[-1])))
                 decoded[rec.path] = out["x_hat"].clamp(0, 1)[0]
             return decoded[rec.path]
 
         res = run_vqa(lvlm, items, batch_size=48, images=source)
-        report(f"rate {rate:g}: bpp (estimated) {np.mean(bpp):.3f}", res)
+        report(f"rate {rate:g}: bpp (estimated) {np.mean(bpp):.4f} (z {np.mean(zbpp):.4f})", res)
     return 0
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from vlmcompress.codec.coder import encode_image
+from vlmcompress.codec.coder import decode_image, encode_image, image_to_tensor, tensor_to_image
 from vlmcompress.codec.config import (CodecModelParams, CodecParams, CodecTrainParams, LossParams,
                                       PreEditParams, check_codec_params)
 from vlmcompress.codec.losses import (RANK_LOSSES, CodecLoss, bpp_from_likelihoods, effective_rank,
@@ -68,6 +68,21 @@ def test_gain_interpolation_is_geometric():
     assert torch.allclose(interpolate_log_gains(log_g, 2.0).flatten(), torch.tensor([16.0, 32.0]))
     assert torch.allclose(interpolate_log_gains(log_g, 0.5).flatten(), torch.tensor([2.0, 4.0]))
     assert interpolate_log_gains(log_g, 0.25).shape == (1, 2, 1, 1)
+
+
+def test_hyper_channels_narrow_z_only():
+    """``hyper_channels`` sets z's width (0: N); y, the transforms and the file API are unchanged."""
+    torch.manual_seed(0)
+    narrow = lively(build_codec(dataclasses.replace(model_params(use_tokens=False), hyper_channels=4)))
+    wide = build_codec(model_params(use_tokens=False))
+    assert narrow.core.Nz == 4 and wide.core.Nz == wide.core.N == 16
+    x = image_to_tensor(make_image(64, 64))
+    out = narrow(x, 1.0)
+    assert out["likelihoods"]["z"].shape == (1, 4, 1, 1) and out["likelihoods"]["y"].shape[1] == 24
+    narrow.update(force=True)
+    img = make_image(64, 64)
+    decoded = decode_image(narrow, encode_image(narrow, img, 1.0))
+    assert np.abs(decoded.astype(int) - tensor_to_image(narrow.eval()(x, 1.0)["x_hat"]).astype(int)).max() <= 1
 
 
 def test_higher_rate_gives_more_bytes(model):
@@ -243,6 +258,7 @@ def test_params_roundtrip_through_yaml_dict():
     (("loss", "w_lowpass"), -1.0, "codec.loss.w_lowpass"),
     (("loss", "token_space"), "lm", "codec.loss.token_space"),
     (("loss", "lowpass_weighting"), "saliency", "codec.loss.lowpass_weighting"),
+    (("model", "hyper_channels"), -1, "codec.model.hyper_channels"),
 ])
 def test_params_errors_name_the_key(path, value, key):
     d = to_dict(full_params())

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from vlmcompress.codec.bitstream import (HASH_LEN, MAX_DIM, Bitstream, BitstreamError, as_float32,
+from vlmcompress.codec.bitstream import (HASH_LEN, MAX_DIM, Bitstream, BitstreamError, coded_rate,
                                          pack, unpack)
 from vlmcompress.codec.losses import TokenFn
 from vlmcompress.codec.model import LVLMCodec, check_rate, weights_hash
@@ -53,11 +53,11 @@ def encode_image(model: LVLMCodec, img: np.ndarray, rate: float, *,
     """Compress ``uint8 [H, W, 3]`` at ``rate`` (float in [0, levels-1]) to a file's bytes.
 
     ``token_fn`` (the LVLM vision tower) is needed only when the pre-editing net fuses
-    tokens. The rate is rounded to float32 first: the value in the file is the one coded.
+    tokens. The rate is rounded to float16 first: the value in the file is the one coded.
     """
     _require_updated(model)
     x = image_to_tensor(img)
-    rate = as_float32(check_rate(rate, model.levels))  # monotone rounding keeps it in range
+    rate = coded_rate(check_rate(rate, model.levels))  # monotone rounding keeps it in range
     device = next(model.parameters()).device
     x = x.to(device)
     tokens = None
@@ -67,9 +67,10 @@ def encode_image(model: LVLMCodec, img: np.ndarray, rate: float, *,
         with torch.no_grad():
             tokens = token_fn(x)
     out = model.compress(x, rate, tokens)
-    (y,), (z,) = out["strings"]
+    (stream,) = out["strings"]
     h, w = out["size"]
-    return pack(Bitstream(height=h, width=w, rate=rate, model_hash=weights_hash(model)[:HASH_LEN], z=z, y=y))
+    return pack(Bitstream(height=h, width=w, rate=rate, model_hash=weights_hash(model)[:HASH_LEN],
+                          streams=(stream,)))
 
 
 def decode_image(model: LVLMCodec, data: bytes, *, source: str = "bitstream") -> np.ndarray:
@@ -90,7 +91,11 @@ def decode_image(model: LVLMCodec, data: bytes, *, source: str = "bitstream") ->
     _require_updated(model)
     shape = model.latent_shape((bs.height, bs.width))
     try:
-        x_hat = model.decompress([[bs.y], [bs.z]], shape, rate, (bs.height, bs.width))["x_hat"]
+        if len(bs.streams) == 1:
+            x_hat = model.decompress(list(bs.streams), shape, rate, (bs.height, bs.width))["x_hat"]
+        else:   # versions 1 and 2: z and y apart
+            z, y = bs.streams
+            x_hat = model.decompress([[y], [z]], shape, rate, (bs.height, bs.width), split=True)["x_hat"]
     except (ValueError, RuntimeError, IndexError) as exc:
         raise BitstreamError(f"{source}: cannot decode payload ({type(exc).__name__})") from None
     return tensor_to_image(x_hat)
@@ -124,7 +129,7 @@ def encode_file(model_dir: str | Path, in_png: str | Path, out: str | Path, rate
         fh.write(data)
     h, w = img.shape[:2]
     return {"bytes": len(data), "bpp": bits_per_pixel(data, h, w), "height": h, "width": w,
-            "rate": as_float32(rate)}
+            "rate": coded_rate(rate)}
 
 
 def find_model_dir(model_hash: bytes, roots: Iterable[str | Path]) -> Path | None:

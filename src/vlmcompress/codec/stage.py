@@ -39,7 +39,7 @@ from PIL import Image
 from torch import Tensor
 
 from vlmcompress.codec.anchors import make_anchor
-from vlmcompress.codec.bitstream import as_float32
+from vlmcompress.codec.bitstream import coded_rate
 from vlmcompress.codec.coder import (bits_per_pixel, decode_image, encode_image, image_to_tensor,
                                      read_png, tensor_to_image, write_png)
 from vlmcompress.codec.config import CodecParams, CodecStageParams, check_stage_params
@@ -326,8 +326,8 @@ def combined_curves(names: Sequence[str]) -> pd.DataFrame:
 # --- measurements ---------------------------------------------------------------------------
 
 def eval_rates(levels: int, n: int) -> list[float]:
-    """``n`` float32-exact rates evenly spaced over ``[0, levels-1]`` (both ends included)."""
-    return [as_float32(r) for r in np.linspace(0.0, levels - 1, n)]
+    """``n`` rates as a file codes them (float16) evenly spaced over ``[0, levels-1]`` (both ends included)."""
+    return [coded_rate(r) for r in np.linspace(0.0, levels - 1, n)]
 
 
 def _tokens(token_fn: TokenFn, img: np.ndarray) -> Tensor:
@@ -407,7 +407,7 @@ def write_examples(models: dict[str, LVLMCodec], img: np.ndarray, rates: Sequenc
     rows = []
     for name, model in models.items():
         for rate in rates:
-            rate = as_float32(rate)
+            rate = coded_rate(rate)
             data = encode_image(model, img, rate, token_fn=token_fn if model.needs_tokens else None)
             stem = f"{name}_rate{rate:.2f}"
             with atomic_path(out_dir / f"{stem}.vlmc") as tmp:
