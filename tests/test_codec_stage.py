@@ -147,8 +147,19 @@ def test_stage_params_checks(params):
     short = dataclasses.replace(params.codec, baseline=dataclasses.replace(params.codec.baseline, lambdas=[1.0]))
     with pytest.raises(ConfigError, match=r"^codec\.baseline\.lambdas: needs one value per rate level"):
         check_stage_params(short)
+    for key, value, fragment in (("steps", -1, "must be >= 0"), ("patch_size", 100, "must be 0 .train.patch_size. or a multiple of 64")):
+        bad_base = dataclasses.replace(params.codec, baseline=dataclasses.replace(params.codec.baseline,
+                                                                                  **{key: value}))
+        with pytest.raises(ConfigError, match=rf"^codec\.baseline\.{key}: {fragment}"):
+            check_stage_params(bad_base)
     variants = model_variants(dataclasses.replace(params.codec, ablations=sorted(ABLATIONS)))
     assert list(variants)[:2] == ["ours", "pixel_baseline"] and len(variants) == 2 + len(ABLATIONS)
+    # the baseline's own budget: 0 takes ours' values, anything else only changes the baseline
+    assert variants["pixel_baseline"].train.steps == params.codec.train.steps
+    own = model_variants(dataclasses.replace(params.codec, baseline=dataclasses.replace(
+        params.codec.baseline, steps=7, patch_size=64)))
+    assert (own["pixel_baseline"].train.steps, own["pixel_baseline"].train.patch_size) == (7, 64)
+    assert own["ours"].train == params.codec.train
     assert not variants["ours-no_preedit"].model.preedit.enabled
     assert variants["ours-no_token"].loss.w_token_mse == 0 and variants["ours-no_token"].loss.w_rank > 0
 

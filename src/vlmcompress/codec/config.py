@@ -93,12 +93,15 @@ class CodecParams:
 
 @dataclass(frozen=True)
 class BaselineParams:
-    """The pixel baseline: the same architecture and training budget, loss ``bpp + lambda*255**2*MSE``."""
+    """The pixel baseline: the same architecture, loss ``bpp + lambda*255**2*MSE``; its own
+    step count and crop size (a pixel codec needs no whole scene: it learns from crops)."""
 
     enabled: bool
     lambdas: list[float]     # one per rate level, in CompressAI's units (MSE on 0..255 pixels)
     preedit: Literal["same", "no_tokens", "off"]  # keep the pre-editing net as is, without its
                                                   # LVLM token branch (a pixel codec needs no LVLM), or drop it
+    steps: int = 0           # training steps (0: train.steps)
+    patch_size: int = 0      # random crops of this size (0: train.patch_size)
 
 
 @dataclass(frozen=True)
@@ -210,6 +213,9 @@ def check_stage_params(p: CodecStageParams, path: str = "codec") -> None:
              f"needs one value per rate level ({p.model.levels}), got {len(b.lambdas)}")
     _require(all(math.isfinite(v) and v > 0 for v in b.lambdas), f"{path}.baseline.lambdas",
              "values must be finite and > 0")
+    _require(b.steps >= 0, f"{path}.baseline.steps", f"must be >= 0 (0: train.steps), got {b.steps}")
+    _require(b.patch_size >= 0 and b.patch_size % 64 == 0, f"{path}.baseline.patch_size",
+             f"must be 0 (train.patch_size) or a multiple of 64 (the codec's stride), got {b.patch_size}")
     for i, name in enumerate(p.ablations):
         _require(name in ABLATIONS, f"{path}.ablations[{i}]",
                  f"unknown ablation {name!r} (known: {', '.join(sorted(ABLATIONS))})")

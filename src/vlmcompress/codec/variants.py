@@ -1,9 +1,10 @@
 """The codecs the stage trains, derived from one ``codec`` params section.
 
 * ``ours``: the section's ``model`` / ``loss`` / ``train`` as written.
-* ``pixel_baseline``: the same architecture and training budget, trained for pixels
-  only (``bpp + lambda * 255**2 * MSE``, its own ``lambdas``), so the gain of the token
-  losses is measured rather than assumed. ``baseline.preedit`` says what happens to the
+* ``pixel_baseline``: the same architecture, trained for pixels only
+  (``bpp + lambda * 255**2 * MSE``, its own ``lambdas``, and its own ``steps`` and crop
+  ``patch_size``: on 64 px crops a step costs a quarter, and 2,000 of them made a far better
+  codec than 500 whole scenes), so the gain of the token losses is measured rather than assumed. ``baseline.preedit`` says what happens to the
   pre-editing net: kept as is, kept without its LVLM token branch (default: a pixel codec
   should not need the LVLM to encode), or dropped.
 * one ``ours-<ablation>`` per name in ``ablations``: ``ours`` with one switch flipped.
@@ -84,11 +85,13 @@ def _no_preedit_tokens(p: CodecParams) -> CodecParams:
 
 
 def baseline_params(p: CodecStageParams) -> CodecParams:
-    """The pixel-MSE baseline of the same architecture and training budget."""
+    """The pixel-MSE baseline of the same architecture (its own lambdas, steps and crops)."""
     ours = p.ours
     loss = LossParams(lambdas=list(p.baseline.lambdas), w_token_mse=0.0, w_token_cos=0.0, w_rank=0.0,
                       rank_mode=ours.loss.rank_mode, w_pixel=1.0)
-    base = dataclasses.replace(ours, loss=loss, train=dataclasses.replace(ours.train, init_from=""))
+    train = dataclasses.replace(ours.train, init_from="", steps=p.baseline.steps or ours.train.steps,
+                                patch_size=p.baseline.patch_size or ours.train.patch_size)
+    base = dataclasses.replace(ours, loss=loss, train=train)
     if p.baseline.preedit == "no_tokens":
         base = _preedit(base, use_tokens=False)
     elif p.baseline.preedit == "off":
