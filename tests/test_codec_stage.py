@@ -155,7 +155,9 @@ def test_stage_params_checks(params):
     variants = model_variants(dataclasses.replace(params.codec, ablations=sorted(ABLATIONS)))
     assert list(variants)[:2] == ["ours", "pixel_baseline"] and len(variants) == 2 + len(ABLATIONS)
     # the baseline's own budget: 0 takes ours' values, anything else only changes the baseline
-    assert variants["pixel_baseline"].train.steps == params.codec.train.steps
+    same = model_variants(dataclasses.replace(params.codec, baseline=dataclasses.replace(
+        params.codec.baseline, steps=0, patch_size=0)))["pixel_baseline"].train
+    assert (same.steps, same.patch_size) == (params.codec.train.steps, params.codec.train.patch_size)
     own = model_variants(dataclasses.replace(params.codec, baseline=dataclasses.replace(
         params.codec.baseline, steps=7, patch_size=64)))
     assert (own["pixel_baseline"].train.steps, own["pixel_baseline"].train.patch_size) == (7, 64)
