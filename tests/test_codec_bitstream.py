@@ -76,8 +76,8 @@ def _split_strings(model, img: np.ndarray, rate: float) -> tuple[bytes, bytes]:
         y = core.g_a(xe) * g
         z = core.h_a(y) * hg
         (z_str,) = core.entropy_bottleneck.compress(z)
-        z_hat = core.entropy_bottleneck.decompress([z_str], z.shape[-2:]) * ihg
-        scales, means = core._params(z_hat)
+        z_hat = core.entropy_bottleneck.decompress([z_str], z.shape[-2:])
+        scales, means = core._y_prior(z_hat, ihg)
         (y_str,) = core.gaussian_conditional.compress(y, core.gaussian_conditional.build_indexes(scales), means=means)
     return z_str, y_str
 

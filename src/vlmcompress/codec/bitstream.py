@@ -119,7 +119,7 @@ def _string_ok(s: bytes) -> bool:
     return len(s) >= _MIN_STRING and len(s) % _WORD == 0
 
 
-def _check_body(data: bytes, version: int, need: int, source: str) -> bytes:
+def _check_body(data: bytes, need: int, source: str) -> bytes:
     """The file without its CRC, once its length and CRC are right."""
     if len(data) < need:
         raise BitstreamError(f"{source}: truncated ({len(data)} bytes, need at least {need})")
@@ -137,7 +137,7 @@ def _check_size_rate(h: int, w: int, rate: float, source: str) -> None:
 
 
 def _unpack_v3(data: bytes, source: str) -> Bitstream:
-    body = _check_body(data, 3, _PREFIX.size + 2 + _TAIL3.size + _MIN_STRING + _CRC.size, source)
+    body = _check_body(data, _PREFIX.size + 2 + _TAIL3.size + _MIN_STRING + _CRC.size, source)
     h1, pos = read_leb128(body, _PREFIX.size, source, "image height")
     w1, pos = read_leb128(body, pos, source, "image width")
     if pos + _TAIL3.size > len(body):
@@ -153,7 +153,7 @@ def _unpack_v3(data: bytes, source: str) -> Bitstream:
 def _unpack_split(data: bytes, version: int, source: str) -> Bitstream:
     """Versions 1 and 2: fixed header, then the z length, z and y strings."""
     header = _HEADERS[version]
-    body = _check_body(data, version, header.size + (version >= 2) + _CRC.size + 2 * _MIN_STRING, source)
+    body = _check_body(data, header.size + (version >= 2) + _CRC.size + 2 * _MIN_STRING, source)
     fields = header.unpack(body[:header.size])
     h, w, rate, model_hash = fields[2:6]
     _check_size_rate(h, w, rate, source)

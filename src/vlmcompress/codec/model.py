@@ -143,7 +143,10 @@ class GainedMeanScaleHyperprior(CompressionModel):
         return (g, ig, interpolate_log_gains(self.log_hyper_gain, r),
                 interpolate_log_gains(self.log_inv_hyper_gain, r))
 
-    def _params(self, z_hat: Tensor) -> tuple[Tensor, Tensor]:
+    def _y_prior(self, z_hat: Tensor, inv_hyper_gain: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Decoded z ``[B, Nz, h, w]`` -> y's Gaussian ``(scales, means)``, each ``[B, M, 4h, 4w]``."""
+        if inv_hyper_gain is not None:
+            z_hat = z_hat * inv_hyper_gain
         scales, means = self.h_s(z_hat).chunk(2, 1)
         return scales, means
 
@@ -154,9 +157,7 @@ class GainedMeanScaleHyperprior(CompressionModel):
         if hg is not None:
             z = z * hg
         z_hat, z_lik = self.entropy_bottleneck(z)
-        if ihg is not None:
-            z_hat = z_hat * ihg
-        scales, means = self._params(z_hat)
+        scales, means = self._y_prior(z_hat, ihg)
         y_hat, y_lik = self.gaussian_conditional(y, scales, means=means)
         x_hat = self.g_s(y_hat * ig)
         return {"x_hat": x_hat, "likelihoods": {"y": y_lik, "z": z_lik}}
@@ -183,10 +184,7 @@ class GainedMeanScaleHyperprior(CompressionModel):
         eb, gc = self.entropy_bottleneck, self.gaussian_conditional
         z_idx, z_med = self._z_tables(z.shape)
         z_sym = eb.quantize(z, "symbols", z_med)
-        z_hat = eb.dequantize(z_sym, z_med)
-        if ihg is not None:
-            z_hat = z_hat * ihg
-        scales, means = self._params(z_hat)
+        scales, means = self._y_prior(eb.dequantize(z_sym, z_med), ihg)
         y_idx = gc.build_indexes(scales)
         y_sym = gc.quantize(y, "symbols", means)
         z_tab, y_tab = _coder_tables(eb), _coder_tables(gc)
@@ -214,9 +212,7 @@ class GainedMeanScaleHyperprior(CompressionModel):
             z_sym.append(dec.decode_stream(z_idx[0].reshape(-1).tolist(), *z_tab))
             decoders.append(dec)
         z_hat = eb.dequantize(torch.tensor(z_sym, dtype=torch.int32).view(z_shape), z_med)
-        if ihg is not None:
-            z_hat = z_hat * ihg
-        scales, means = self._params(z_hat)
+        scales, means = self._y_prior(z_hat, ihg)
         y_idx = gc.build_indexes(scales)
         y_sym = [dec.decode_stream(y_idx[i].reshape(-1).tolist(), *y_tab) for i, dec in enumerate(decoders)]
         y_hat = gc.dequantize(torch.tensor(y_sym, dtype=torch.int32).view(y_idx.shape), means)
@@ -228,9 +224,7 @@ class GainedMeanScaleHyperprior(CompressionModel):
             raise ValueError("strings must be [y_strings, z_strings]")
         _, ig, _, ihg = self._gains(rate)
         z_hat = self.entropy_bottleneck.decompress(strings[1], shape)
-        if ihg is not None:
-            z_hat = z_hat * ihg
-        scales, means = self._params(z_hat)
+        scales, means = self._y_prior(z_hat, ihg)
         indexes = self.gaussian_conditional.build_indexes(scales)
         y_hat = self.gaussian_conditional.decompress(strings[0], indexes, z_hat.dtype, means)
         return {"x_hat": self.g_s(y_hat * ig).clamp_(0, 1)}

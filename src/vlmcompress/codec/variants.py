@@ -3,8 +3,9 @@
 * ``ours``: the section's ``model`` / ``loss`` / ``train`` as written.
 * ``pixel_baseline``: the same architecture, trained for pixels only
   (``bpp + lambda * 255**2 * MSE``, its own ``lambdas``, and its own ``steps`` and crop
-  ``patch_size``: on 64 px crops a step costs a quarter, and 2,000 of them made a far better
-  codec than 500 whole scenes), so the gain of the token losses is measured rather than assumed. ``baseline.preedit`` says what happens to the
+  ``patch_size``: a step on 64 px crops costs ~0.37 of a whole-scene step on 2 cores, and
+  2,000 of them made a far better codec than 500 whole scenes), so the gain of the token
+  losses is measured rather than assumed. ``baseline.preedit`` says what happens to the
   pre-editing net: kept as is, kept without its LVLM token branch (default: a pixel codec
   should not need the LVLM to encode), or dropped.
 * one ``ours-<ablation>`` per name in ``ablations``: ``ours`` with one switch flipped.
