@@ -139,7 +139,8 @@ def repro_section(root: Path) -> list[str]:
     if m is None:
         return out + ["_Not measured yet: `python scripts/time_repro.py` times `make repro`._", ""]
     cmd = m.get("command", "make repro")
-    line = f"`{cmd}`: {fmt(m.get('repro_minutes'))} min on {m.get('cpus', '?')} CPUs"
+    cpu = f" ({m['cpu_model']})" if m.get("cpu_model") else ""
+    line = f"`{cmd}`: {fmt(m.get('repro_minutes'))} min on {m.get('cpus', '?')} CPUs{cpu}"
     if "noop_seconds" in m:
         line += f"; again with nothing changed: {fmt(m['noop_seconds'])} s"
     return out + [line + ".", ""]

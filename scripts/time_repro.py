@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import platform
 import shlex
 import subprocess
 import sys
@@ -35,6 +36,19 @@ def timed(cmd: list[str], cwd: Path) -> tuple[int, float]:
     return code, time.perf_counter() - t0
 
 
+def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU's model name: trained models differ from one CPU to another (float reductions
+    follow the SIMD width), so a timing or a metric is only comparable on the same model."""
+    try:
+        for line in cpuinfo.read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and value.strip():
+                return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cmd", default="make repro", help="command to time (default: make repro)")
@@ -50,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     if code != 0:
         print(f"time_repro: `{args.cmd}` failed with exit code {code} after {seconds / 60:.2f} min", file=sys.stderr)
         return code
-    result = {"repro_minutes": round(seconds / 60, 2), "cpus": os.cpu_count() or 0, "command": args.cmd}
+    result = {"repro_minutes": round(seconds / 60, 2), "cpus": os.cpu_count() or 0, "cpu_model": cpu_model(),
+              "command": args.cmd}
     print(f"repro_minutes: {result['repro_minutes']}")
     if args.noop:
         noop = shlex.split(args.noop_cmd) if args.noop_cmd else cmd

@@ -44,7 +44,7 @@ def _project(root: Path) -> None:
                                                                 "text_loc_precision": 72.69, "text_loc_base": 7.74}))
     (root / "outputs/repro").mkdir(parents=True)
     (root / "outputs/repro/metrics.json").write_text(json.dumps({"repro_minutes": 42.5, "cpus": 2,
-                                                                 "noop_seconds": 3.2}))
+                                                                 "cpu_model": "AMD EPYC", "noop_seconds": 3.2}))
     (root / "outputs/figures").mkdir(parents=True)
     (root / "outputs/figures/rate_accuracy.png").write_bytes(b"png")
 
@@ -60,7 +60,7 @@ def test_readme_section_from_metrics_and_idempotent(tmp_path, capsys):
     assert "| ours | -4.50 | – |" in first and "| ours vs pixel_baseline | 9.25 |" in first   # BD-quality
     assert "| method | budget 0.10 | budget 1.00 | budget adaptive |" in first
     assert "| recoverable | 66.5 (26) | – | 67.0 (30) |" in first and "| full | – | 70.1 (256) | – |" in first
-    assert "42.5 min on 2 CPUs; again with nothing changed: 3.2 s" in first
+    assert "42.5 min on 2 CPUs (AMD EPYC); again with nothing changed: 3.2 s" in first
     assert "![Rate vs accuracy, every codec](outputs/figures/rate_accuracy.png)" in first
     assert "| question → top-13 patches relevant (%; base rate) | 72.7 (7.7) |" in first
     assert "| VQA accuracy (%) | 63.7 |" in first and "| CIDEr | – |" in first
@@ -93,7 +93,15 @@ def test_time_repro_prints_and_writes_minutes(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.startswith("repro_minutes: ") and "noop_seconds: " in out
     m = json.loads((tmp_path / "outputs/repro/metrics.json").read_text())
-    assert set(m) == {"repro_minutes", "noop_seconds", "cpus", "command"} and m["repro_minutes"] >= 0
+    assert set(m) == {"repro_minutes", "noop_seconds", "cpus", "cpu_model", "command"} and m["repro_minutes"] >= 0
+    assert m["cpu_model"]
+
+
+def test_time_repro_reads_the_cpu_model(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 9B14\n\nprocessor\t: 1\n")
+    assert time_repro.cpu_model(info) == "AMD EPYC 9B14"
+    assert time_repro.cpu_model(tmp_path / "missing")        # falls back to the platform's name
 
 
 def test_time_repro_second_run_can_use_its_own_command(tmp_path, capsys):
