@@ -4,8 +4,9 @@
                                   [--variant pixel_baseline] [--init DIR] [--uncoded]
 
 For comparing codec settings without touching ``outputs/codec``: trains ``--variant`` (a codec
-the params derive: ``ours``, ``pixel_baseline``, ``ours-<ablation>``; resumable, against the stage's LVLM, with its projector and CLS attention for the loss options that need
-them) into the work dir, or with ``--load`` scores a trained model folder as it is (e.g.
+the params derive: ``ours``, ``pixel_baseline``, ``ours-<ablation>``; resumable, against the
+stage's LVLM, with its projector and CLS attention for the loss options that need them) into
+the work dir, or with ``--load`` scores a trained model folder as it is (e.g.
 ``outputs/codec/models/ours``). Then, for each rate, the forward reconstruction of the first
 ``--images`` test scenes (bpp estimated from the likelihoods, not a file) goes through the
 LVLM: VQA accuracy on every question about them, overall and per type, beside the bpp and its
