@@ -7,7 +7,9 @@ import numpy as np
 import torch
 
 from vlmcompress.lvlm.labels import COLOR_IDS, SHAPE_IDS
-from vlmcompress.lvlm.train import background_budget, kept_tokens, look_loss, relevant_patches
+from vlmcompress.data.scenes import SceneObject
+from vlmcompress.lvlm.train import (background_budget, kept_tokens, look_loss, relation_targets, relevant_patches,
+                                    word_positions)
 
 
 def _labels() -> torch.Tensor:
@@ -49,6 +51,21 @@ def test_look_loss_is_zero_when_all_mass_is_on_relevant_keys_and_skips_empty_tar
     tgt[0, 2] = False                                    # half the mass on the target: -log(0.5)
     assert np.isclose(look_loss(attn, q, tgt).item(), np.log(2.0))
     assert look_loss(attn, q, torch.zeros(2, 5, dtype=torch.bool)).item() == 0.0
+
+
+def test_relation_targets_give_both_centres_in_question_order_and_word_positions_find_their_words():
+    def obj(color, shape, cx, cy):
+        return SceneObject(shape=shape, color=color, size="small", cx=cx, cy=cy, extent=10.0, polygon=())
+    objs = [obj("red", "circle", 32.0, 96.0), obj("blue", "circle", 96.0, 0.0)]
+    words, xy = relation_targets("is the blue circle right of the red circle?", objs, 128)
+    assert words == ("circle", "circle")
+    assert xy.tolist() == [[0.5, -1.0], [-0.5, 0.5]]
+    assert relation_targets("is the green circle above the red circle?", objs, 128) is None   # not in the scene
+    assert relation_targets("what color is the circle?", objs, 128) is None
+    # The same shape word twice: the first occurrence is the first object, the last the second.
+    assert word_positions([7, 3, 9, 3, 5], 3, 3) == (1, 3)
+    assert word_positions([7, 3, 9, 4, 5], 3, 4) == (1, 3)
+    assert word_positions([7, 3, 9], 3, 4) is None
 
 
 def test_look_loss_gradient_moves_attention_towards_the_target():
@@ -105,7 +122,8 @@ def _tiny_params(**train):
                                lm_intermediate=64, stem_context=0)
     t = dataclasses.replace(L.train, threads=1, pool_scenes=12, clip_steps=2, clip_batch=4, text_steps=2, text_batch=4,
                             text_questions=2, align_steps=2, align_batch=4, lm_steps=2, lm_batch=2, lm_turns=2,
-                            lm_bg_start=4, warmup_steps=1, checkpoint_every=1, eval_every=1, **train)
+                            lm_bg_start=4, warmup_steps=1, checkpoint_every=1, eval_every=1,
+                            **{"lm_where_layer": 0, **train})
     scenes = dataclasses.replace(p.data.scenes, n_train=4, n_val=2, n_test=2)
     return dataclasses.replace(L, arch=arch, train=t), scenes
 
@@ -278,3 +296,50 @@ def test_a_packed_isolated_turn_computes_what_it_would_alone():
         first = lm(inputs_embeds=torch.cat([shared, t1], 1), position_ids=torch.arange(8)[None]).last_hidden_state
     assert torch.allclose(h[:, 8:], alone[:, 5:], atol=1e-5)
     assert torch.allclose(h[:, :8], first, atol=1e-5)
+
+
+def test_relation_heads_score_zero_on_exact_readouts_and_penalise_swapped_objects():
+    from vlmcompress.lvlm.train import RelationHeads
+
+    heads = RelationHeads(4)
+    with torch.no_grad():                     # where reads dims 0-1, compare dims 2-3
+        for lin, dims in ((heads.where, slice(0, 2)), (heads.compare, slice(2, 4))):
+            lin.weight.zero_()
+            lin.bias.zero_()
+            lin.weight[:, dims] = torch.eye(2)
+    xy = torch.tensor([[[0.5, -0.5], [-0.25, 0.75]]])                 # one question: two centres
+    hidden = [torch.zeros(1, 6, 4) for _ in range(3)]
+    hidden[1][0, 1, :2], hidden[1][0, 3, :2] = xy[0, 0], xy[0, 1]     # at the two shape words
+    hidden[2][0, 5, 2:] = xy[0, 0] - xy[0, 1]                          # at the answer token, a layer later
+    words, answers = torch.tensor([[0, 1], [0, 3]]), torch.tensor([[0, 5]])
+    where, compare = heads.losses(hidden, 1, words, answers, xy)
+    assert where.item() == 0.0 and compare.item() == 0.0
+    where, compare = heads.losses(hidden, 1, words, answers, xy.flip(1))
+    assert where.item() > 0.1 and compare.item() > 0.1
+
+
+def test_relation_readouts_sit_on_the_shape_words_and_the_answer_token(tmp_path):
+    from vlmcompress.lvlm.train import Trainer
+
+    params, scenes = _tiny_params()
+    tr = Trainer(params, scenes, tmp_path, seed=0, log=lambda m: None)
+    emb = tr.llava.get_input_embeddings().weight
+    vis = torch.zeros(3, emb.shape[1])
+    turns = [("vqa", "what color is the circle?", "red"), ("vqa", "is the red circle left of the blue square?", "yes")]
+    with torch.no_grad():
+        seq = tr._sequence(vis, turns, torch.arange(3), 3, isolate=True)
+    (qpos, _), (p0, p_ids) = seq.queries[1], seq.prompts[1]
+    circle, square = tr.tok.convert_tokens_to_ids(["circle", "square"])
+    a, b = word_positions(p_ids, circle, square)
+    assert torch.equal(seq.embeds[p0 + a], emb[circle]) and torch.equal(seq.embeds[p0 + b], emb[square])
+    assert qpos == p0 + len(p_ids) - 1 and seq.labels[qpos] == -100 and seq.labels[qpos + 1] != -100
+
+
+def test_a_relation_readout_layer_the_lm_does_not_have_is_a_clear_error(tmp_path):
+    import pytest
+
+    from vlmcompress.lvlm.train import Trainer
+
+    params, scenes = _tiny_params(lm_where_layer=1)         # the tiny LM has one layer
+    with pytest.raises(ValueError, match="lvlm.train.lm_where_layer=1"):
+        Trainer(params, scenes, tmp_path, seed=0, log=lambda m: None)

@@ -67,6 +67,11 @@ class TrainParams:
                               # patches a turn is about (0: off; at 1.0 on the head mean of one
                               # layer it starved colour readout in a measured run, so off by default)
     lm_look_layer: int        # LM layer whose head-mean attention the look loss supervises
+    lm_where_weight: float    # relation questions (RelationHeads): MSE of a linear readout of each
+                              # object's centre from the LM's hidden state at its shape word (0: off)
+    lm_where_layer: int       # ... read after this many LM layers (hidden_states index)
+    lm_compare_weight: float  # ... and of the first centre minus the second, one layer later at the
+                              # answer-predicting token (0: off)
     lm_projector_lr_scale: float  # phase C's projector lr as a fraction of lm_lr (0: frozen, keeps
                               # phase B's map of words + position code)
     lm_isolate_turns: bool    # each turn a separate single-turn sample sharing the image (turn_mask)
