@@ -343,3 +343,21 @@ def test_a_relation_readout_layer_the_lm_does_not_have_is_a_clear_error(tmp_path
     params, scenes = _tiny_params(lm_where_layer=1)         # the tiny LM has one layer
     with pytest.raises(ValueError, match="lvlm.train.lm_where_layer=1"):
         Trainer(params, scenes, tmp_path, seed=0, log=lambda m: None)
+
+
+def test_every_spatial_question_the_generator_asks_parses_as_a_relation():
+    """relation_targets reads the generator's question template: a reworded template must fail here."""
+    from vlmcompress.config import load_params
+    from vlmcompress.data.scenes import question_candidates, sample_scene, scene_rng
+
+    p = load_params().data.scenes
+    seen = 0
+    for i in range(30):
+        rng = scene_rng(p.seed, 100, i)
+        objs = sample_scene(rng, p)
+        for q, _ in question_candidates(objs, rng, "spatial"):
+            words, xy = relation_targets(q, objs, p.image_size)
+            assert q.split()[3] == words[0] and q.rstrip("?").split()[-1] == words[1]
+            assert xy.shape == (2, 2) and xy.abs().max() <= 1
+            seen += 1
+    assert seen > 30

@@ -17,7 +17,8 @@ B. **Projector alignment**: each projected patch token is regressed onto the sum
    word embeddings of its object's words (background onto ``"background"``), so the LM starts
    out reading visual tokens as if they were words.
 C. **Language model** (+ projector; towers frozen): multi-turn sequences (several questions,
-   sometimes a caption and a grounding turn, about one image), loss on answer tokens only.
+   sometimes a caption and a grounding turn, about one image), loss on answer tokens, plus
+   :class:`RelationHeads`' readouts of where a relation question's two objects are.
 
 Training data are fresh scenes from seed streams that never produce val/test scenes. Every
 batch is a pure function of ``(seed, phase, step)``, so a resumed run sees the same batches.
@@ -729,12 +730,13 @@ class Trainer:
             n = sq.embeds.shape[0]
             embeds[b, :n], target_ids[b, :n], mask[b, :n], pos[b, :n] = sq.embeds, sq.labels, 1, sq.positions
             weights[b, :n], segments[b, :n] = sq.weights, sq.segments
-            vis_at = sq.vis_start + torch.arange(len(keep[b]))       # sequence index of each kept token
-            for qpos, text in sq.queries if look else ():
-                tgt = torch.zeros(T, dtype=torch.bool)
-                tgt[vis_at[relevant_patches(text, labels[b])[keep[b]]]] = True
-                queries.append((b, qpos))
-                targets.append(tgt)
+            if look:
+                vis_at = sq.vis_start + torch.arange(len(keep[b]))   # sequence index of each kept token
+                for qpos, text in sq.queries:
+                    tgt = torch.zeros(T, dtype=torch.bool)
+                    tgt[vis_at[relevant_patches(text, labels[b])[keep[b]]]] = True
+                    queries.append((b, qpos))
+                    targets.append(tgt)
             for (qpos, text), (p0, p_ids) in zip(sq.queries, sq.prompts) if rel else ():
                 found = relation_targets(text, objects[b], self.spec.image_size)
                 at = found and word_positions(p_ids, *self.tok.convert_tokens_to_ids(list(found[0])))
