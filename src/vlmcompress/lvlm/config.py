@@ -83,6 +83,11 @@ class TrainParams:
     checkpoint_every: int     # steps between resumable checkpoints
     eval_every: int           # steps between quick val checks (training curves)
 
+    @property
+    def relation_readouts(self) -> bool:
+        """Whether phase C trains :class:`~vlmcompress.lvlm.train.RelationHeads`."""
+        return self.lm_where_weight > 0 or self.lm_compare_weight > 0
+
 
 @dataclass(frozen=True)
 class EvalParams:

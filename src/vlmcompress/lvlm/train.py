@@ -431,7 +431,7 @@ class Trainer:
         self.clip = build_clip(self.spec, len(vocab), ids["<pad>"], ids["<s>"], ids["</s>"])
         self.llava = build_llava(self.spec, self.clip, len(vocab), ids["<image>"], ids["<pad>"], ids["<s>"], ids["</s>"])
         self.heads = DenseHeads(a.vision_hidden, a.image_size // a.patch_size, self.t.clip_position_weight)
-        if (self.t.lm_where_weight > 0 or self.t.lm_compare_weight > 0) and not 0 <= self.t.lm_where_layer < a.lm_layers:
+        if self.t.relation_readouts and not 0 <= self.t.lm_where_layer < a.lm_layers:
             raise ValueError(f"lvlm.train.lm_where_layer={self.t.lm_where_layer}: must be in [0, {a.lm_layers - 1}] "
                              f"(lvlm.arch.lm_layers={a.lm_layers}; the compare readout sits one layer later)")
         with torch.random.fork_rng():    # built after the models, drawing nothing they draw
@@ -710,7 +710,7 @@ class Trainer:
         """
         proj, t = self.llava.model.multi_modal_projector, self.t
         lm, head = self.llava.model.language_model, self.llava.lm_head
-        look, rel = t.lm_look_weight > 0, t.lm_where_weight > 0 or t.lm_compare_weight > 0
+        look, rel = t.lm_look_weight > 0, t.relation_readouts
         vis = proj(feats)
         n_bg = background_budget(step_no, t.lm_steps, t.lm_bg_start, t.lm_bg_ramp, labels[0, 0].numel())
         keep = kept_tokens(labels, n_bg, rng)
@@ -844,7 +844,7 @@ class Trainer:
         self._run_phase("align", self.t.align_steps, self.t.align_lr, list(proj.parameters()),
                         self._align_step(pool), [proj])
         lm_params = list(self.llava.model.language_model.parameters()) + list(self.llava.lm_head.parameters())
-        if self.t.lm_where_weight > 0 or self.t.lm_compare_weight > 0:
+        if self.t.relation_readouts:
             lm_params += list(self.relation.parameters())
         # The projector at a fraction of lm_lr: trained at the full rate it washes the position
         # code out of the tokens (a linear probe of its output read the column 16% right, the
