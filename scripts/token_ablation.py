@@ -6,7 +6,8 @@
 Each ``--set`` is one configuration: comma-separated ``key=value`` overrides of the ``tokens``
 params section (dotted for a method's own params, e.g. ``recoverable.merge=false``); values
 are YAML. Prints one table per configuration (rows: method and budget; columns: question
-types). Uses the trained model under ``outputs/lvlm/model`` and the test split; writes nothing.
+types). Uses the trained model under ``outputs/lvlm/model`` and the test split (``--split val``
+to choose settings on images the stage never scores); writes nothing.
 """
 from __future__ import annotations
 
@@ -51,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--adaptive", action="store_true", help="also the adaptive modes")
     ap.add_argument("--set", dest="sets", action="append", default=[], help="one configuration (repeatable)")
     ap.add_argument("--questions", type=int, default=500, help="stratified test questions")
+    ap.add_argument("--split", choices=["val", "test"], default="test",
+                    help="scene split the questions come from (tune on val, report on test)")
     ap.add_argument("--params", type=Path, default=ROOT / "params.yaml")
     args = ap.parse_args(argv)
 
@@ -72,12 +75,12 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(params.lvlm.train.threads)
     lvlm = load_stage_lvlm(params)
     lvlm.attn_layer = params.tokens.attention_layer
-    items = S.stratified_questions(load_all()["test"], args.questions, seed=params.seed)
+    items = S.stratified_questions(load_all()[args.split], args.questions, seed=params.seed)
     batches = S.make_batches(items, lambda s: s[0], lambda s: s[1].question, params.tokens.eval.batch_images)
     for spec, tokens in configs:
         outputs = S.Sweeper(lvlm, tokens, seed=params.seed).sweep(batches, S.plan_runs(tokens), "vqa", S.VQA_TOKENS)
         table = S.vqa_table(outputs)
-        print(f"== {spec or 'params as given'} ({len(items)} questions)")
+        print(f"== {spec or 'params as given'} ({len(items)} {args.split} questions)")
         print(table.pivot_table(index=["method", "budget"], columns="question_type", values="acc").round(1).to_string())
     return 0
 
