@@ -7,7 +7,7 @@ from vlmcompress.tokens.merge import (
     avg_pool_tokens, global_token, merge_into_centres, pool_grid, visionzip_contextual,
 )
 from vlmcompress.tokens.select import (
-    fastv_keep, fastv_scores, random_scores, split_budget, spread_mask, stride_mask,
+    fastv_keep, fastv_scores, grid_peaks, peaks_first, random_scores, split_budget, spread_mask, stride_mask,
 )
 
 
@@ -141,3 +141,19 @@ def test_fastv_keep_and_scores():
     assert fastv_scores(attn, 1, 2, "mean")[0].tolist() == pytest.approx([0.1, 0.1])
     with pytest.raises(ValueError, match="outside"):
         fastv_scores(attn, 3, 2)
+
+
+def test_grid_peaks_are_local_maxima_and_skip_flat_regions():
+    x = torch.zeros(1, 4, 4)
+    x[0, 0, 0] = 5.0                       # corner: compared with its 3 in-grid neighbours
+    x[0, 2, 2] = x[0, 2, 3] = 3.0          # two equal tops side by side
+    x[0, 1, 2] = 2.0                       # shoulder of the pair: lower than a neighbour
+    peaks = grid_peaks(x.view(1, 16), (4, 4)).view(4, 4)
+    assert torch.nonzero(peaks).tolist() == [[0, 0], [2, 2], [2, 3]]
+    assert not grid_peaks(torch.ones(2, 12), (3, 4)).any()          # flat: no peak anywhere
+
+
+def test_peaks_first_ranks_every_peak_above_the_rest_in_score_order():
+    s = torch.tensor([[0.9, 0.8, 0.1, 0.5, 0.0, 0.0]])               # grid 1 x 6: peaks 0.9 and 0.5
+    order = torch.argsort(peaks_first(s, (1, 6)), dim=1, descending=True)[0].tolist()
+    assert order[:4] == [0, 3, 1, 2]

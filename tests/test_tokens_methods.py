@@ -328,3 +328,38 @@ def test_recoverable_spread_spreads_the_salient_share_and_recovers_by_text():
     assert int(spread.mask.sum()) == 8 and not bool((spread.kind == KIND_MERGED).any())
     default = compress(vt, "recoverable_spread", budget=8)                  # 3/4 spread, 1/4 recovered
     assert (default.kind == KIND_SALIENT).sum() == 6 and default.source[default.kind == KIND_RECOVERED].tolist() == [40, 41]
+
+
+def _two_objects() -> VisualTokens:
+    """8x8 grid; the question matches a large object (a 2x2 block, scores 5-6) and a small one
+    (one patch, score 4); CLS attention piled in the first row."""
+    n = 64
+    text = torch.zeros(1, n)
+    text[0, [9, 10, 17, 18]] = torch.tensor([6.0, 5.8, 5.6, 5.4])
+    text[0, 45] = 4.0
+    attn = torch.zeros(1, n)
+    attn[0, :8] = 1.0
+    g = torch.Generator().manual_seed(0)
+    return VisualTokens(tokens=torch.randn(1, n, 6, generator=g), keys=torch.randn(1, n, 6, generator=g),
+                        cls_attn=attn.softmax(-1), cls_attn_full=None, text_sim=text, grid=(8, 8))
+
+
+def test_recovery_peaks_cover_every_named_object_before_a_second_patch_of_one():
+    """Top scores spend the recovered share on the large object; peaks give each object one
+    token first (so an LM can count them), then the best of the rest."""
+    vt = _two_objects()
+    kw = dict(budget=3, salient_share=0.0, recovered_share=1.0)
+    top = compress(vt, "recoverable_spread", recovery_peaks=False, **kw)
+    peaks = compress(vt, "recoverable_spread", **kw)                         # the variant's default
+    assert top.source[top.kind == KIND_RECOVERED].tolist() == [9, 10, 17]
+    assert peaks.source[peaks.kind == KIND_RECOVERED].tolist() == [9, 10, 45]
+    assert not compress(vt, "recoverable", budget=4).source[:4].eq(45).any()  # faithful: top scores
+
+
+def test_recovery_peaks_in_adaptive_mode_keep_the_rules_count():
+    vt = make_vt()
+    for params in ({}, {"recovery_rule": "iqr"}):
+        top = compress(vt, "recoverable_spread", recovery_peaks=False, **params)
+        peaks = compress(vt, "recoverable_spread", **params)
+        count = lambda c: (c.kind == KIND_RECOVERED).sum(dim=1)     # noqa: E731
+        assert torch.equal(count(top), count(peaks)) and torch.equal(peaks.mask.sum(1), top.mask.sum(1))

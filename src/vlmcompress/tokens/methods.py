@@ -28,7 +28,7 @@ from vlmcompress.tokens.config import (
 from vlmcompress.tokens.merge import (
     avg_pool_tokens, global_token, merge_into_centres, pool_cell_centres, pool_grid, visionzip_contextual, visionzip_targets,
 )
-from vlmcompress.tokens.select import random_scores, split_budget, spread_mask, stride_mask
+from vlmcompress.tokens.select import peaks_first, random_scores, split_budget, spread_mask, stride_mask
 from vlmcompress.tokens.thresholds import adaptive_mask, iqr_threshold, topk_mask
 from vlmcompress.tokens.types import (
     KIND_GLOBAL, KIND_MERGED, KIND_POOLED, KIND_RECOVERED, KIND_SALIENT, Compressed, VisualTokens,
@@ -291,6 +291,8 @@ def _recoverable(vt: VisualTokens, budget: int | float | None, attention: str, p
             recovered = adaptive_mask(p.recovery_rule, text, ~salient, whisker=p.whisker,
                                       n_neighbors=p.recovery_neighbors, lof_threshold_value=p.lof_threshold,
                                       ineligible="fill_min", count_base="eligible")
+            if p.recovery_peaks:   # the rule says how many; the peaks say which
+                recovered = topk_mask(peaks_first(text, vt.grid), recovered.sum(dim=1), ~salient)
         leftover = ~(salient | recovered)
         centres = none
         if p.merge:
@@ -315,7 +317,8 @@ def _recoverable(vt: VisualTokens, budget: int | float | None, attention: str, p
             salient = spread_mask(torch.ones_like(attn, dtype=torch.bool), n_sal)
         else:
             salient = topk_mask(attn, n_sal)
-        recovered = topk_mask(text, n_rec, ~salient) if p.recover else none
+        rank_by = peaks_first(text, vt.grid) if p.recovery_peaks else text
+        recovered = topk_mask(rank_by, n_rec, ~salient) if p.recover else none
         leftover = ~(salient | recovered)
         centres = topk_mask(attn, n_ctr, leftover)
     extra = p.text_weight * text if (text is not None and p.text_weight != 0.0) else None

@@ -1,10 +1,12 @@
 """Token selection that is not a threshold on a score: budget splits, spatially uniform
-samples (PruMerge+), seeded random choice, and FastV's in-LM pruning step."""
+samples (PruMerge+), seeded random choice, grid peaks of a score (text-guided recovery of
+``recoverable_spread``), and FastV's in-LM pruning step."""
 from __future__ import annotations
 
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -97,3 +99,31 @@ def fastv_keep(attn_received: Tensor, k: int) -> Tensor:
     # Stable descending sort: ties go to the earlier token, deterministically.
     order = torch.sort(attn_received, dim=1, descending=True, stable=True).indices[:, :k]
     return torch.sort(order, dim=1).values
+
+
+def grid_peaks(scores: Tensor, grid: tuple[int, int]) -> Tensor:
+    """Local maxima of row-major patch scores: patches at least as high as each of their (up
+    to 8) grid neighbours and higher than one of them. A flat region has no peak; two equal
+    tops side by side are both peaks; the grid edge is no bound.
+
+    scores [B, H·W], grid (H, W) -> [B, H·W] bool
+    """
+    B, N = scores.shape
+    x = scores.float().view(B, 1, *grid)
+    # max_pool2d pads with -inf, so an edge patch is compared with its in-grid neighbours only;
+    # the 3x3 window includes the patch itself, which is why "higher than one" needs the min.
+    top = F.max_pool2d(x, 3, stride=1, padding=1)
+    low = -F.max_pool2d(-x, 3, stride=1, padding=1)
+    return ((x >= top) & (x > low)).view(B, N)
+
+
+def peaks_first(scores: Tensor, grid: tuple[int, int]) -> Tensor:
+    """``scores`` re-keyed so that every grid peak outranks every other patch, the order kept
+    within each group: a top-k of the result takes the highest peaks (about one patch per
+    object that scores high), then the highest remaining patches.
+
+    scores [B, N] -> [B, N] float
+    """
+    x = scores.float()
+    lift = (x.amax(dim=1, keepdim=True) - x.amin(dim=1, keepdim=True)) + 1.0
+    return torch.where(grid_peaks(x, grid), x + lift, x)
