@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--adaptive", action="store_true", help="also the adaptive modes")
     ap.add_argument("--set", dest="sets", action="append", default=[], help="one configuration (repeatable)")
     ap.add_argument("--questions", type=int, default=500, help="stratified test questions")
+    ap.add_argument("--by-size", action="store_true", help="also accuracy by the size of the named objects")
     ap.add_argument("--split", choices=["val", "test"], default="test",
                     help="scene split the questions come from (tune on val, report on test)")
     ap.add_argument("--params", type=Path, default=ROOT / "params.yaml")
@@ -82,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
         table = S.vqa_table(outputs)
         print(f"== {spec or 'params as given'} ({len(items)} {args.split} questions)")
         print(table.pivot_table(index=["method", "budget"], columns="question_type", values="acc").round(1).to_string())
+        if args.by_size:
+            sized = S.vqa_by_size(outputs)
+            print(sized.pivot_table(index=["method", "budget"], columns="size", values="acc").round(1).to_string())
+            print("questions per size:", dict(zip(sized[sized.method == "full"]["size"], sized[sized.method == "full"]["n"])))
     return 0
 
 

@@ -10,7 +10,7 @@ from pycocotools.coco import COCO
 
 from vlmcompress.data.generate import generate_scenes
 from vlmcompress.data.records import annotation_path, load_split
-from vlmcompress.data.scenes import QUESTION_TYPES, STREAMS, make_scene
+from vlmcompress.data.scenes import QUESTION_TYPES, STREAMS, make_scene, named_objects, question_objects
 
 
 def test_scene_is_deterministic_and_independent_of_count(tiny_scenes):
@@ -94,3 +94,34 @@ def test_question_types_are_balanced(tiny_scenes):
 def test_load_split_names_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="instances_test.json: no such file"):
         load_split(tmp_path, "test")
+
+
+def test_question_objects_reads_each_wording():
+    assert question_objects("is the red circle left of the blue cross?") == [("red", "circle"), ("blue", "cross")]
+    assert question_objects("how many crosses are there?") == [(None, "cross")]
+    assert question_objects("what shape is the green object?") == [("green", None)]
+    assert question_objects("what color is the triangle?") == [(None, "triangle")]
+    assert question_objects("describe the image") == []
+
+
+def test_named_objects_match_every_generated_question(tiny_scenes):
+    """Tied to the generator: each question names exactly the objects its answer is about."""
+    seen = set()
+    for i in range(40):
+        s = make_scene(tiny_scenes, 100, i, n_questions=20)
+        objs = [(o.color, o.shape) for o in s.objects]
+        for q in s.questions:
+            named = named_objects(q["question"], objs)
+            qt, a = q["question_type"], q["answer"]
+            seen.add(qt)
+            if qt == "count":
+                assert len(named) == int(a)
+            elif qt == "exists":
+                assert len(named) == (1 if a == "yes" else 0)
+            elif qt == "spatial":
+                assert len(named) == 2
+            else:                                   # colour and shape questions name one object
+                assert len(named) == 1
+                o = s.objects[named[0]]
+                assert a == (o.color if qt == "color" else o.shape)
+    assert seen == set(QUESTION_TYPES)

@@ -33,6 +33,7 @@ def test_budgets_keep_int_counts_and_float_fractions():
     ({"recoverable": {"salient_share": 0.8, "recovered_share": 0.4}}, r"tokens\.recoverable\.recovered_share"),
     ({"recoverable": {"centre_neighbors": 0}}, r"tokens\.recoverable\.centre_neighbors: must be >= 1"),
     ({"recoverable": {"unknown": 1}}, r"tokens\.recoverable\.unknown: unknown key"),
+    ({"recoverable_spread": {"peak_window": 4}}, r"tokens\.recoverable_spread\.peak_window: must be odd and >= 3"),
     ({"prumerge_plus": {"attn_share": 2.0}}, r"tokens\.prumerge_plus\.attn_share"),
     ({"visionzip": {"contextual_share": -0.1}}, r"tokens\.visionzip\.contextual_share"),
 ])

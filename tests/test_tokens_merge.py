@@ -157,3 +157,11 @@ def test_peaks_first_ranks_every_peak_above_the_rest_in_score_order():
     s = torch.tensor([[0.9, 0.8, 0.1, 0.5, 0.0, 0.0]])               # grid 1 x 6: peaks 0.9 and 0.5
     order = torch.argsort(peaks_first(s, (1, 6)), dim=1, descending=True)[0].tolist()
     assert order[:4] == [0, 3, 1, 2]
+
+
+def test_grid_peaks_window_widens_the_neighbourhood():
+    s = torch.tensor([[0.0, 3.0, 0.0, 2.0, 0.0, 0.0]])                # 1 x 6: 2.0 is two patches from 3.0
+    assert torch.nonzero(grid_peaks(s, (1, 6), 3)[0]).flatten().tolist() == [1, 3]
+    assert torch.nonzero(grid_peaks(s, (1, 6), 5)[0]).flatten().tolist() == [1]
+    with pytest.raises(ValueError, match="odd"):
+        grid_peaks(s, (1, 6), 4)

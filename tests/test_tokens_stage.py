@@ -13,8 +13,9 @@ import yaml
 from lvlm_helpers import TINY, save_tiny_lvlm, with_lm
 from vlmcompress.config import Params, from_dict, to_dict
 from vlmcompress.data.records import ImageRecord, Question
-from vlmcompress.tokens.stage import (FULL_KEY, Run, budget_key, plan_runs, run_tokens_stage,
-                                      stratified_questions)
+from vlmcompress.data.records import ObjectAnn
+from vlmcompress.tokens.stage import (FULL_KEY, Run, RunOutput, budget_key, object_size, plan_runs, run_tokens_stage,
+                                      stratified_questions, vqa_by_size)
 from vlmcompress.tokens.types import KIND_NAMES
 
 BUDGET_BLOCK = {"acc", "rel_acc", "mean_tokens", "prefill_gflops", "lm_prefill_gflops"}
@@ -111,6 +112,8 @@ def check_contract(P: Params, metrics: dict, root: Path, budgets: tuple[str, ...
         assert 0 < lm10 < metrics["full_lm_prefill_gflops"] < metrics["full_prefill_gflops"]
     for key in ("prefill_speedup_0.10", "selection_overhead_pct"):
         assert isinstance(metrics[key], float) and metrics[key] > 0
+    assert metrics["selection_merge_pct"] == pytest.approx(metrics["selection_overhead_pct"] - metrics["text_encoder_pct"],
+                                                           abs=1e-3) and 0 < metrics["selection_merge_pct"]
     assert set(metrics["caption_cider_0.10"]) == {"full@1.00"} | {f"{m}@0.10" for m in methods}
     assert set(metrics["grounding_acc50_0.10"]) == set(metrics["caption_cider_0.10"])
 
@@ -121,6 +124,15 @@ def check_contract(P: Params, metrics: dict, root: Path, budgets: tuple[str, ...
     assert overall[("full", "1.00")] == metrics["full_acc"]
     assert overall[("recoverable", "adaptive")] == metrics["methods"]["recoverable"]["adaptive"]["acc"]
     assert {r["question_type"] for r in rows} > {"all"}
+
+    with open(out / "accuracy_by_size.csv") as fh:
+        sized = list(csv.DictReader(fh))
+    assert list(sized[0]) == ["method", "budget", "size", "acc", "n"]
+    by_size = metrics["vqa_by_object_size_0.10"]
+    n_full = sum(int(r["n"]) for r in sized if r["method"] == "full")
+    assert n_full == metrics["vqa_questions"] and sum(by_size["n"].values()) == n_full
+    assert set(by_size) == {"n"} | set(metrics["caption_cider_0.10"])
+    assert set(by_size["n"]) <= {"small", "large", "none"}
 
     examples = json.loads((out / "examples.json").read_text())
     assert len(examples) == P.tokens.eval.examples
@@ -191,3 +203,33 @@ def test_make_batches_groups_images_and_keeps_each_sample_with_its_image():
         for s, i in zip(b.samples, b.index):
             assert b.records[i] is s[0] and float(b.images[i, 0, 0, 0]) == s[0].image_id
     assert sorted(s[1] for b in batches for s in b.samples) == sorted(s[1] for s in samples)
+
+
+def _obj(i: int, color: str, shape: str, size: str) -> ObjectAnn:
+    return ObjectAnn(i, shape, (0.0, 0.0, 1.0, 1.0), {"color": color, "shape": shape, "size": size})
+
+
+def _q(text: str, answer: str, qtype: str) -> Question:
+    return Question(1, text, answer, (answer,) * 10, qtype, "other")
+
+
+def test_object_size_classes_the_objects_a_question_names():
+    rec = ImageRecord(1, Path("x.png"), 8, 8, objects=(_obj(1, "red", "circle", "small"),
+                                                       _obj(2, "blue", "circle", "large"),
+                                                       _obj(3, "green", "cross", "large")))
+    assert object_size(rec, _q("how many circles are there?", "2", "count")) == "small"   # one of them small
+    assert object_size(rec, _q("what shape is the green object?", "cross", "shape")) == "large"
+    assert object_size(rec, _q("is there a red cross?", "no", "exists")) == "none"
+    assert object_size(dataclasses.replace(rec, objects=(ObjectAnn(1, "dog", (0, 0, 1, 1)),)),
+                       _q("what color is the dog?", "brown", "color")) is None            # VQAv2: no sizes
+
+
+def test_vqa_by_size_scores_each_size_class():
+    small = ImageRecord(1, Path("a.png"), 8, 8, objects=(_obj(1, "red", "circle", "small"),))
+    large = ImageRecord(2, Path("b.png"), 8, 8, objects=(_obj(2, "red", "circle", "large"),))
+    q = _q("what color is the circle?", "red", "color")
+    out = RunOutput()
+    out.samples, out.answers = [(small, q), (large, q), (large, q)], ["red", "blue", "red"]
+    table = vqa_by_size({Run("full", None): out})
+    got = {r.size: (r.acc, r.n) for r in table.itertuples()}
+    assert got == {"small": (100.0, 1), "large": (50.0, 2)}

@@ -14,6 +14,7 @@ scenes from other streams (:data:`STREAMS`) without ever touching val/test.
 from __future__ import annotations
 
 import math
+import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -199,6 +200,34 @@ def question_candidates(objs: Sequence[SceneObject], rng: np.random.Generator, q
     else:
         raise ValueError(f"unknown question type {qtype!r}")
     return out
+
+
+def question_objects(question: str) -> list[tuple[str | None, str | None]]:
+    """(colour, shape) of each object a generated question names, in order; ``None`` matches
+    any: "how many circles" names every circle, "the red object" every red thing.
+
+    Example: ``"is the red circle left of the blue cross?"`` -> ``[("red", "circle"),
+    ("blue", "cross")]``.
+    """
+    singular = {p: s for s, p in PLURALS.items()}
+    words = re.findall(r"[a-z]+", question.lower())
+    out: list[tuple[str | None, str | None]] = []
+    for i, w in enumerate(words):
+        shape = w if w in SHAPES else singular.get(w)
+        if shape is None and w != "object":
+            continue
+        colour = words[i - 1] if i > 0 and words[i - 1] in COLORS else None
+        if shape is not None or colour is not None:
+            out.append((colour, shape))
+    return out
+
+
+def named_objects(question: str, objects: Sequence[tuple[str, str]]) -> list[int]:
+    """Indices of the ``(colour, shape)`` objects a generated question names (see
+    :func:`question_objects`); empty for "is there a red cross?" in a scene without one."""
+    wanted = question_objects(question)
+    return [i for i, (c, s) in enumerate(objects)
+            if any((wc is None or wc == c) and (ws is None or ws == s) for wc, ws in wanted)]
 
 
 def make_questions(objs: Sequence[SceneObject], rng: np.random.Generator, n: int) -> list[dict[str, str]]:

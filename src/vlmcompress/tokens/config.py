@@ -150,6 +150,7 @@ class RecoverableParams:
     # scores (the paper), which on a large object spend the whole share on that one object.
     # Adaptive mode: the rule still sets how many, the peaks choose which.
     recovery_peaks: bool = False
+    peak_window: int = 3             # a peak is the maximum of this odd square of patches around it
 
     def __post_init__(self) -> None:
         name = "recoverable_spread" if isinstance(self, RecoverableSpreadParams) else "recoverable"
@@ -159,6 +160,8 @@ class RecoverableParams:
             _check_min(name, field_name, getattr(self, field_name), 1)
         _check_min(name, "merge_neighbors", self.merge_neighbors, 0)
         _check_min(name, "min_salient", self.min_salient, 0)
+        if self.peak_window < 3 or self.peak_window % 2 == 0:
+            _fail(f"{name}.peak_window", f"must be odd and >= 3, got {self.peak_window}")
         _check_min(name, "whisker", self.whisker, 0.0)
         _check_share(name, "salient_share", self.salient_share)
         _check_share(name, "recovered_share", self.recovered_share)

@@ -101,23 +101,27 @@ def fastv_keep(attn_received: Tensor, k: int) -> Tensor:
     return torch.sort(order, dim=1).values
 
 
-def grid_peaks(scores: Tensor, grid: tuple[int, int]) -> Tensor:
-    """Local maxima of row-major patch scores: patches at least as high as each of their (up
-    to 8) grid neighbours and higher than one of them. A flat region has no peak; two equal
-    tops side by side are both peaks; the grid edge is no bound.
+def grid_peaks(scores: Tensor, grid: tuple[int, int], window: int = 3) -> Tensor:
+    """Local maxima of row-major patch scores: patches at least as high as every other patch
+    of the ``window`` x ``window`` square around them (3: the 8 neighbours) and higher than
+    one of them. A flat region has no peak; two equal tops side by side are both peaks; the
+    grid edge is no bound.
 
-    scores [B, H·W], grid (H, W) -> [B, H·W] bool
+    scores [B, H·W], grid (H, W), window odd >= 3 -> [B, H·W] bool
     """
+    if window < 3 or window % 2 == 0:
+        raise ValueError(f"grid_peaks: window must be odd and >= 3, got {window}")
     B, N = scores.shape
     x = scores.float().view(B, 1, *grid)
     # max_pool2d pads with -inf, so an edge patch is compared with its in-grid neighbours only;
     # the 3x3 window includes the patch itself, which is why "higher than one" needs the min.
-    top = F.max_pool2d(x, 3, stride=1, padding=1)
-    low = -F.max_pool2d(-x, 3, stride=1, padding=1)
+    r = window // 2
+    top = F.max_pool2d(x, window, stride=1, padding=r)
+    low = -F.max_pool2d(-x, window, stride=1, padding=r)
     return ((x >= top) & (x > low)).view(B, N)
 
 
-def peaks_first(scores: Tensor, grid: tuple[int, int]) -> Tensor:
+def peaks_first(scores: Tensor, grid: tuple[int, int], window: int = 3) -> Tensor:
     """``scores`` re-keyed so that every grid peak outranks every other patch, the order kept
     within each group: a top-k of the result takes the highest peaks (about one patch per
     object that scores high), then the highest remaining patches.
@@ -126,4 +130,4 @@ def peaks_first(scores: Tensor, grid: tuple[int, int]) -> Tensor:
     """
     x = scores.float()
     lift = (x.amax(dim=1, keepdim=True) - x.amin(dim=1, keepdim=True)) + 1.0
-    return torch.where(grid_peaks(x, grid), x + lift, x)
+    return torch.where(grid_peaks(x, grid, window), x + lift, x)

@@ -10,8 +10,10 @@ selection overhead and peak memory are measured for every run on a small fixed b
 
 Writes ``outputs/tokens/``: ``metrics.json`` (``full_acc``; ``methods.<method>.<budget>`` =
 ``{acc, rel_acc, mean_tokens, prefill_gflops, lm_prefill_gflops}``; ``prefill_speedup_<task budget>``,
-``selection_overhead_pct``; task and efficiency tables), ``accuracy.csv`` (method, budget,
-mean_tokens, question_type — ``all`` for overall —, acc), ``efficiency.csv`` and
+``selection_overhead_pct`` (CLIP text tower included), ``text_encoder_pct`` and
+``selection_merge_pct`` (without it); task, object-size and efficiency tables), ``accuracy.csv`` (method,
+budget, mean_tokens, question_type — ``all`` for overall —, acc), ``accuracy_by_size.csv``
+(method, budget, size of the objects a question names, acc, n), ``efficiency.csv`` and
 ``examples.json`` (token maps of a few test questions, for figures).
 """
 from __future__ import annotations
@@ -30,6 +32,7 @@ import torch
 
 from vlmcompress.config import Params
 from vlmcompress.data.records import ImageRecord, Question
+from vlmcompress.data.scenes import named_objects
 from vlmcompress.eval.tasks import box_iou, cider, load_image, parse_box, vqa_accuracy
 from vlmcompress.io import atomic_path, write_json
 from vlmcompress.paths import outputs_dir, project_relative
@@ -259,6 +262,47 @@ def vqa_table(outputs: dict[Run, RunOutput]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def object_size(record: ImageRecord, question: Question) -> str | None:
+    """Size class of what a scenes question is about: ``small`` if any object it names is
+    small, ``large`` if all are, ``none`` if it names no object of the scene ("is there a red
+    cross?" without one, a zero count); ``None`` for records without size attributes (VQAv2)."""
+    attrs = [o.attributes for o in record.objects]
+    if not attrs or not all({"color", "shape", "size"} <= a.keys() for a in attrs):
+        return None
+    named = named_objects(question.question, [(a["color"], a["shape"]) for a in attrs])
+    if not named:
+        return "none"
+    return "small" if any(attrs[i]["size"] == "small" for i in named) else "large"
+
+
+def vqa_by_size(outputs: dict[Run, RunOutput]) -> pd.DataFrame:
+    """Long table: method, budget, size (see :func:`object_size`), acc, n; empty when no
+    question has a size class."""
+    rows = []
+    for run, o in outputs.items():
+        scores: dict[str, list[float]] = defaultdict(list)
+        for (r, q), a in zip(o.samples, o.answers):
+            size = object_size(r, q)
+            if size is not None:
+                scores[size].append(vqa_accuracy(a, q.answers))
+        for size, v in sorted(scores.items()):
+            rows.append({"method": run.method, "budget": run.key, "size": size,
+                         "acc": round(100.0 * float(np.mean(v)), 2), "n": len(v)})
+    return pd.DataFrame(rows, columns=["method", "budget", "size", "acc", "n"])
+
+
+def size_metrics(by_size: pd.DataFrame, key: str) -> dict[str, Any]:
+    """``{"method@budget": {size: acc}}`` for every method at budget ``key`` and the full model,
+    plus ``n`` (questions per size class); empty without size classes."""
+    if by_size.empty:
+        return {}
+    at = by_size[by_size.budget.isin([key, FULL_KEY])]
+    out: dict[str, Any] = {f"{m}@{b}": dict(zip(g["size"], g["acc"])) for (m, b), g in at.groupby(["method", "budget"])}
+    full = by_size[by_size.method == "full"]
+    out["n"] = dict(zip(full["size"], full["n"].astype(int).tolist()))
+    return out
+
+
 def caption_scores(outputs: dict[Run, RunOutput]) -> dict[str, float]:
     """CIDEr (percent) per ``method@budget``; samples are image records."""
     out = {}
@@ -452,6 +496,8 @@ def run_tokens_stage(params: Params, splits: dict[str, list[ImageRecord]], log=p
         vqa = sweeper.sweep(batches, runs, "vqa", VQA_TOKENS, progress=progress)
     table = vqa_table(vqa)
     metrics = metrics_from(table, vqa)
+    by_size = vqa_by_size(vqa)
+    metrics[f"vqa_by_object_size_{budget_key(E.task_budget)}"] = size_metrics(by_size, budget_key(E.task_budget))
     metrics["n_visual_tokens"] = sweeper.n_patches
     metrics["grid_positions"] = params.tokens.grid_positions
     metrics["vqa_seconds_by_method"] = {m: round(sum(o.seconds for r, o in vqa.items() if r.method == m), 1)
@@ -482,6 +528,9 @@ def run_tokens_stage(params: Params, splits: dict[str, list[ImageRecord]], log=p
     # The part of it that is CLIP's text tower: on a tiny LM it costs about as much as the LM
     # prefill of the kept tokens; on LLaVA-1.5-7B it is a rounding error.
     metrics["text_encoder_pct"] = float(ref["text_pct"].iloc[0]) if len(ref) else None
+    # Selection and merging proper: the overhead without the text tower.
+    metrics["selection_merge_pct"] = (round(metrics["selection_overhead_pct"] - metrics["text_encoder_pct"], 3)
+                                      if len(ref) else None)
     metrics["reference_method"] = E.reference_method
     metrics["prefill_ms_full"] = float(eff.loc[eff.method == "full", "prefill_ms"].iloc[0])
     metrics["efficiency"] = {f"{r.method}@{r.budget}": {"prefill_ms": r.prefill_ms, "speedup": r.speedup,
@@ -498,6 +547,8 @@ def run_tokens_stage(params: Params, splits: dict[str, list[ImageRecord]], log=p
     out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_dir / "accuracy.csv") as tmp:
         table.drop(columns="n").to_csv(tmp, index=False)
+    with atomic_path(out_dir / "accuracy_by_size.csv") as tmp:
+        by_size.to_csv(tmp, index=False)
     with atomic_path(out_dir / "efficiency.csv") as tmp:
         eff.to_csv(tmp, index=False)
     write_json(out_dir / "examples.json", examples)
@@ -505,5 +556,5 @@ def run_tokens_stage(params: Params, splits: dict[str, list[ImageRecord]], log=p
     log("VQA accuracy % (share of full %) · mean visual tokens\n" + summary_table(metrics).to_string())
     log(f"prefill speedup at {key} ({E.reference_method}): {metrics[f'prefill_speedup_{key}']}, "
         f"selection overhead {metrics['selection_overhead_pct']} % of its prefill "
-        f"(text encoder {metrics['text_encoder_pct']} %)")
+        f"(text encoder {metrics['text_encoder_pct']} %, selection and merging {metrics['selection_merge_pct']} %)")
     return metrics
