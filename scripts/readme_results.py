@@ -130,6 +130,14 @@ def tokens_section(root: Path) -> list[str]:
         out += [f"Measured prefill of `{m.get('reference_method')}` at the task budget: {fmt(speed, 2)}× faster than "
                 f"all tokens; selection and merging {fmt(m['selection_overhead_pct'])} % of its prefill, of which "
                 f"the CLIP text tower {fmt(m.get('text_encoder_pct'))} %.", ""]
+    sizes = next((v for k, v in (m or {}).items() if k.startswith("vqa_by_object_size_")), None)
+    if sizes and sizes.get("n"):
+        classes = [c for c in ("small", "large", "none") if c in sizes["n"]]
+        counts = ", ".join(f"{c} {sizes['n'][c]}" for c in classes)
+        out += [f"At the task budget, by the size of the objects a question names (questions: {counts}):", ""]
+        runs = sorted((k for k in sizes if k != "n"), key=lambda k: (not k.startswith("full@"), k))
+        out += table(["method", *classes], [[k, *(fmt(sizes[k].get(c)) for c in classes)] for k in runs])
+        out += [""]
     return out
 
 
