@@ -12,10 +12,9 @@ import yaml
 
 from lvlm_helpers import TINY, save_tiny_lvlm, with_lm
 from vlmcompress.config import Params, from_dict, to_dict
-from vlmcompress.data.records import ImageRecord, Question
-from vlmcompress.data.records import ObjectAnn
-from vlmcompress.tokens.stage import (FULL_KEY, Run, RunOutput, budget_key, object_size, plan_runs, run_tokens_stage,
-                                      stratified_questions, vqa_by_size)
+from vlmcompress.data.records import ImageRecord, ObjectAnn, Question
+from vlmcompress.tokens.stage import (FULL_KEY, Run, RunOutput, budget_key, object_size, paired_difference, plan_runs,
+                                      run_tokens_stage, stratified_questions, vqa_by_size)
 from vlmcompress.tokens.types import KIND_NAMES
 
 BUDGET_BLOCK = {"acc", "rel_acc", "mean_tokens", "prefill_gflops", "lm_prefill_gflops"}
@@ -133,6 +132,9 @@ def check_contract(P: Params, metrics: dict, root: Path, budgets: tuple[str, ...
     assert n_full == metrics["vqa_questions"] and sum(by_size["n"].values()) == n_full
     assert set(by_size) == {"n"} | set(metrics["caption_cider_0.10"])
     assert set(by_size["n"]) <= {"small", "large", "none"}
+    paired = metrics["paired_0.10"]
+    assert "recoverable - random" in paired and "recoverable - recoverable" not in paired
+    assert all(v["n"] == metrics["vqa_questions"] for v in paired.values())
 
     examples = json.loads((out / "examples.json").read_text())
     assert len(examples) == P.tokens.eval.examples
@@ -233,3 +235,17 @@ def test_vqa_by_size_scores_each_size_class():
     table = vqa_by_size({Run("full", None): out})
     got = {r.size: (r.acc, r.n) for r in table.itertuples()}
     assert got == {"small": (100.0, 1), "large": (50.0, 2)}
+
+
+def test_paired_difference_is_the_mean_per_question_gap_with_its_standard_error():
+    rec = ImageRecord(1, Path("a.png"), 8, 8)
+    qs = [_q(f"q{i}", "yes", "exists") for i in range(4)]
+    a, b = RunOutput(), RunOutput()
+    a.samples = b.samples = [(rec, q) for q in qs]
+    a.answers, b.answers = ["yes", "yes", "yes", "no"], ["yes", "no", "no", "no"]
+    got = paired_difference(a, b)          # per-question gaps 0, 100, 100, 0
+    assert got == {"diff": 50.0, "se": round(57.735 / 2, 2), "n": 4}
+    c = RunOutput()
+    c.samples, c.answers = [(rec, q) for q in reversed(qs)], a.answers
+    with pytest.raises(ValueError, match="different questions"):
+        paired_difference(a, c)

@@ -11,7 +11,8 @@ selection overhead and peak memory are measured for every run on a small fixed b
 Writes ``outputs/tokens/``: ``metrics.json`` (``full_acc``; ``methods.<method>.<budget>`` =
 ``{acc, rel_acc, mean_tokens, prefill_gflops, lm_prefill_gflops}``; ``prefill_speedup_<task budget>``,
 ``selection_overhead_pct`` (CLIP text tower included), ``text_encoder_pct`` and
-``selection_merge_pct`` (without it); task, object-size and efficiency tables), ``accuracy.csv`` (method,
+``selection_merge_pct`` (without it); paired differences of the text-guided methods against
+the others at the task budget; task, object-size and efficiency tables), ``accuracy.csv`` (method,
 budget, mean_tokens, question_type — ``all`` for overall —, acc), ``accuracy_by_size.csv``
 (method, budget, size of the objects a question names, acc, n), ``efficiency.csv`` and
 ``examples.json`` (token maps of a few test questions, for figures).
@@ -262,6 +263,26 @@ def vqa_table(outputs: dict[Run, RunOutput]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def paired_difference(a: RunOutput, b: RunOutput) -> dict[str, float]:
+    """Accuracy of ``a`` minus ``b`` on the same questions, in points, with the standard error
+    of that mean difference (paired: the spread of the per-question differences / sqrt(n)).
+    A difference within about two standard errors is noise."""
+    if [q for _, q in a.samples] != [q for _, q in b.samples]:
+        raise ValueError("paired_difference: the two runs answered different questions")
+    d = 100.0 * np.array([vqa_accuracy(x, q.answers) - vqa_accuracy(y, q.answers)
+                          for (_, q), x, y in zip(a.samples, a.answers, b.answers)])
+    se = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else float("nan")
+    return {"diff": round(float(d.mean()), 2), "se": round(se, 2), "n": len(d)}
+
+
+def paired_table(outputs: dict[Run, RunOutput], key: str) -> dict[str, dict[str, float]]:
+    """``"A - B"``: :func:`paired_difference` of each text-guided method against every other
+    compressing method, at budget ``key``."""
+    at = {r.method: o for r, o in outputs.items() if r.key == key}
+    return {f"{m} - {other}": paired_difference(at[m], at[other])
+            for m in sorted(TEXT_GUIDED & at.keys()) for other in at if other != m}
+
+
 def object_size(record: ImageRecord, question: Question) -> str | None:
     """Size class of what a scenes question is about: ``small`` if any object it names is
     small, ``large`` if all are, ``none`` if it names no object of the scene ("is there a red
@@ -497,6 +518,7 @@ def run_tokens_stage(params: Params, splits: dict[str, list[ImageRecord]], log=p
     table = vqa_table(vqa)
     metrics = metrics_from(table, vqa)
     by_size = vqa_by_size(vqa)
+    metrics[f"paired_{budget_key(E.task_budget)}"] = paired_table(vqa, budget_key(E.task_budget))
     metrics[f"vqa_by_object_size_{budget_key(E.task_budget)}"] = size_metrics(by_size, budget_key(E.task_budget))
     metrics["n_visual_tokens"] = sweeper.n_patches
     metrics["grid_positions"] = params.tokens.grid_positions
