@@ -128,8 +128,9 @@ def tokens_section(root: Path) -> list[str]:
     if m and m.get("selection_overhead_pct") is not None:
         speed = next((v for k, v in m.items() if k.startswith("prefill_speedup_")), None)
         out += [f"Measured prefill of `{m.get('reference_method')}` at the task budget: {fmt(speed, 2)}× faster than "
-                f"all tokens; selection and merging {fmt(m['selection_overhead_pct'])} % of its prefill, of which "
-                f"the CLIP text tower {fmt(m.get('text_encoder_pct'))} %.", ""]
+                f"all tokens; its selection overhead is {fmt(m['selection_overhead_pct'])} % of its prefill: "
+                f"the CLIP text tower {fmt(m.get('text_encoder_pct'))} %, selection and merging "
+                f"{fmt(m.get('selection_merge_pct'))} %.", ""]
     sizes = next((v for k, v in (m or {}).items() if k.startswith("vqa_by_object_size_")), None)
     if sizes and sizes.get("n"):
         classes = [c for c in ("small", "large", "none") if c in sizes["n"]]

@@ -38,7 +38,9 @@ def _project(root: Path) -> None:
         "recoverable,adaptive,30.2,all,67.0\n")
     (root / "outputs/tokens/metrics.json").write_text(json.dumps({
         "reference_method": "recoverable", "prefill_speedup_0.10": 1.456, "selection_overhead_pct": 9.87,
-        "text_encoder_pct": 6.1}))
+        "text_encoder_pct": 6.1, "selection_merge_pct": 3.77,
+        "vqa_by_object_size_0.10": {"full@1.00": {"small": 80.0, "large": 90.0}, "recoverable@0.10": {"small": 60.0},
+                                    "n": {"small": 10, "large": 20}}}))
     (root / "outputs/lvlm").mkdir(parents=True)
     (root / "outputs/lvlm/metrics.json").write_text(json.dumps({"vqa_acc": 63.7, "text_loc_k": 13,
                                                                 "text_loc_precision": 72.69, "text_loc_base": 7.74}))
@@ -64,8 +66,10 @@ def test_readme_section_from_metrics_and_idempotent(tmp_path, capsys):
     assert "![Rate vs accuracy, every codec](outputs/figures/rate_accuracy.png)" in first
     assert "| question → top-13 patches relevant (%; base rate) | 72.7 (7.7) |" in first
     assert "| VQA accuracy (%) | 63.7 |" in first and "| CIDEr | – |" in first
-    assert ("`recoverable` at the task budget: 1.46× faster than all tokens; selection and merging 9.9 % "
-            "of its prefill, of which the CLIP text tower 6.1 %.") in first
+    assert ("`recoverable` at the task budget: 1.46× faster than all tokens; its selection overhead is 9.9 % "
+            "of its prefill: the CLIP text tower 6.1 %, selection and merging 3.8 %.") in first
+    assert "(questions: small 10, large 20)" in first
+    assert "| full@1.00 | 80.0 | 90.0 |" in first and "| recoverable@0.10 | 60.0 | – |" in first
     assert readme.main(["--root", str(tmp_path)]) == 0
     assert (tmp_path / "README.md").read_text() == first
     assert readme.main(["--root", str(tmp_path), "--check"]) == 0
