@@ -248,13 +248,22 @@ class Sweeper:
 
 # --- scoring ---------------------------------------------------------------------------
 
+def scores_by(o: RunOutput, group: Callable[[ImageRecord, Question], str | None]) -> dict[str, list[float]]:
+    """VQA accuracy (0-1) of each answer of a run, grouped by ``group(record, question)``;
+    questions it maps to ``None`` are left out."""
+    scores: dict[str, list[float]] = defaultdict(list)
+    for (r, q), a in zip(o.samples, o.answers):
+        g = group(r, q)
+        if g is not None:
+            scores[g].append(vqa_accuracy(a, q.answers))
+    return scores
+
+
 def vqa_table(outputs: dict[Run, RunOutput]) -> pd.DataFrame:
     """Long table: method, budget, mean_tokens, question_type ('all' = overall), acc, n."""
     rows = []
     for run, o in outputs.items():
-        scores: dict[str, list[float]] = defaultdict(list)
-        for (_, q), a in zip(o.samples, o.answers):
-            scores[q.question_type].append(vqa_accuracy(a, q.answers))
+        scores = scores_by(o, lambda r, q: q.question_type)
         mean_tokens = float(np.mean(o.tokens))
         everything = [s for v in scores.values() for s in v]
         for qt, v in [("all", everything)] + sorted(scores.items()):
@@ -301,12 +310,7 @@ def vqa_by_size(outputs: dict[Run, RunOutput]) -> pd.DataFrame:
     question has a size class."""
     rows = []
     for run, o in outputs.items():
-        scores: dict[str, list[float]] = defaultdict(list)
-        for (r, q), a in zip(o.samples, o.answers):
-            size = object_size(r, q)
-            if size is not None:
-                scores[size].append(vqa_accuracy(a, q.answers))
-        for size, v in sorted(scores.items()):
+        for size, v in sorted(scores_by(o, object_size).items()):
             rows.append({"method": run.method, "budget": run.key, "size": size,
                          "acc": round(100.0 * float(np.mean(v)), 2), "n": len(v)})
     return pd.DataFrame(rows, columns=["method", "budget", "size", "acc", "n"])
@@ -515,11 +519,12 @@ def run_tokens_stage(params: Params, splits: dict[str, list[ImageRecord]], log=p
     with clock("vqa"):
         batches = make_batches(items, lambda s: s[0], lambda s: s[1].question, E.batch_images)
         vqa = sweeper.sweep(batches, runs, "vqa", VQA_TOKENS, progress=progress)
+    key = budget_key(E.task_budget)
     table = vqa_table(vqa)
     metrics = metrics_from(table, vqa)
     by_size = vqa_by_size(vqa)
-    metrics[f"paired_{budget_key(E.task_budget)}"] = paired_table(vqa, budget_key(E.task_budget))
-    metrics[f"vqa_by_object_size_{budget_key(E.task_budget)}"] = size_metrics(by_size, budget_key(E.task_budget))
+    metrics[f"paired_{key}"] = paired_table(vqa, key)
+    metrics[f"vqa_by_object_size_{key}"] = size_metrics(by_size, key)
     metrics["n_visual_tokens"] = sweeper.n_patches
     metrics["grid_positions"] = params.tokens.grid_positions
     metrics["vqa_seconds_by_method"] = {m: round(sum(o.seconds for r, o in vqa.items() if r.method == m), 1)
@@ -529,7 +534,6 @@ def run_tokens_stage(params: Params, splits: dict[str, list[ImageRecord]], log=p
     log(f"VQA: {len(items)} questions, {len(runs)} runs in {seconds['vqa']:.0f} s (CPU {cpu['vqa']:.0f} s)")
 
     task_runs = [Run("full", None)] + [Run(m, E.task_budget) for m in T.methods if m != "full"]
-    key = budget_key(E.task_budget)
     with clock("captions"):
         cap_recs = _limit(test, E.max_captions)
         cap = sweeper.sweep(make_batches(cap_recs, lambda r: r, None, E.batch_images), task_runs, "caption",
