@@ -334,7 +334,7 @@ def token_examples(data: pd.DataFrame, root: Path) -> plt.Figure:
     groups = [d for _, d in data.groupby("example", sort=True)] if len(data) else []
     cols = max([len(d) for d in groups] + [1])
     with style():
-        fig, axes = plt.subplots(max(len(groups), 1), cols, figsize=(2.6 * cols, 3.0 * max(len(groups), 1)),
+        fig, axes = plt.subplots(max(len(groups), 1), cols, figsize=(2.6 * cols, 3.2 * max(len(groups), 1)),
                                  squeeze=False)
         for ax in axes.flat:
             ax.axis("off")
@@ -354,7 +354,8 @@ def token_examples(data: pd.DataFrame, root: Path) -> plt.Figure:
                 kept = int((kinds != 0).sum())
                 budget = "" if pd.isna(r.budget) or r.method == "full" else f" @{r.budget}"
                 question = f"Q: {r.question} (answer: {r.answer})\n" if j == 0 else "\n"
-                ax.set_title(f"{question}{r.method}{budget}: {kept}/{gh * gw} patches -> {r.prediction}",
+                # Method and outcome on two lines: one line overran the next panel's title.
+                ax.set_title(f"{question}{r.method}{budget}\n{kept}/{gh * gw} patches -> {r.prediction}",
                              fontsize=7, loc="left")
         shown = {int(k) for k in "".join(data["kinds"])} if len(data) else set()
         fig.legend(handles=[Patch(color=c, label=name) for k, (name, c) in TOKEN_KINDS.items() if k in shown],
