@@ -272,7 +272,7 @@ def vqa_table(outputs: dict[Run, RunOutput]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def paired_difference(a: RunOutput, b: RunOutput) -> dict[str, float]:
+def paired_difference(a: RunOutput, b: RunOutput) -> dict[str, float | int]:
     """Accuracy of ``a`` minus ``b`` on the same questions, in points, with the standard error
     of that mean difference (paired: the spread of the per-question differences / sqrt(n)).
     A difference within about two standard errors is noise."""
@@ -284,7 +284,7 @@ def paired_difference(a: RunOutput, b: RunOutput) -> dict[str, float]:
     return {"diff": round(float(d.mean()), 2), "se": round(se, 2), "n": len(d)}
 
 
-def paired_table(outputs: dict[Run, RunOutput], key: str) -> dict[str, dict[str, float]]:
+def paired_table(outputs: dict[Run, RunOutput], key: str) -> dict[str, dict[str, float | int]]:
     """``"A - B"``: :func:`paired_difference` of each text-guided method against every other
     compressing method, at budget ``key``."""
     at = {r.method: o for r, o in outputs.items() if r.key == key}
@@ -308,9 +308,17 @@ def object_size(record: ImageRecord, question: Question) -> str | None:
 def vqa_by_size(outputs: dict[Run, RunOutput]) -> pd.DataFrame:
     """Long table: method, budget, size (see :func:`object_size`), acc, n; empty when no
     question has a size class."""
+    memo: dict[tuple[int, int], str | None] = {}
+
+    def size_of(r: ImageRecord, q: Question) -> str | None:     # every run asks the same questions
+        key = (r.image_id, q.question_id)
+        if key not in memo:
+            memo[key] = object_size(r, q)
+        return memo[key]
+
     rows = []
     for run, o in outputs.items():
-        for size, v in sorted(scores_by(o, object_size).items()):
+        for size, v in sorted(scores_by(o, size_of).items()):
             rows.append({"method": run.method, "budget": run.key, "size": size,
                          "acc": round(100.0 * float(np.mean(v)), 2), "n": len(v)})
     return pd.DataFrame(rows, columns=["method", "budget", "size", "acc", "n"])
