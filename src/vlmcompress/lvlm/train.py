@@ -50,8 +50,8 @@ from torch import Tensor, nn
 
 from vlmcompress.data.config import ScenesParams
 from vlmcompress.data.scenes import (COLORS, PLURALS, QUESTION_TYPES, SHAPES, SIZES, SceneObject, make_captions,
-                                     make_questions, make_refs, make_scene, question_candidates, scene_rng,
-                                     sample_scene)
+                                     make_questions, make_refs, make_scene, question_candidates, question_objects,
+                                     scene_rng, sample_scene)
 from vlmcompress.io import atomic_path, write_json
 from vlmcompress.lvlm.adapter import CLIP_MEAN, CLIP_STD, LVLM, Prompts
 from vlmcompress.lvlm.build import ModelSpec, build_clip, build_llava, save_lvlm
@@ -116,7 +116,7 @@ def look_loss(attn: Tensor, queries: Tensor, targets: Tensor) -> Tensor:
     return -(mass[has].clamp(min=1e-6).log()).mean()
 
 
-_RELATION = re.compile(r"is the (\w+) (\w+) (?:left of|right of|above|below) the (\w+) (\w+)\?")
+_RELATIONS = (" left of ", " right of ", " above ", " below ")
 
 
 def relation_targets(text: str, objs: Sequence[SceneObject], image_size: int
@@ -124,15 +124,16 @@ def relation_targets(text: str, objs: Sequence[SceneObject], image_size: int
     """The two objects of a relation question: their shape words and where they are, ``[2, 2]``
     = (x, y) of each centre mapped to [-1, 1], in the question's order. None for any other
     turn, or when a named object is not in ``objs`` (names are unique within a scene)."""
-    m = _RELATION.search(text.lower())
-    if m is None:
+    low = text.lower()
+    named = question_objects(low)         # the generator's wording is read in one place
+    if not any(r in low for r in _RELATIONS) or len(named) != 2 or any(None in n for n in named):
         return None
     by_name = {o.name: o for o in objs}
-    pair = [by_name.get(f"{c} {s}") for c, s in (m.group(1, 2), m.group(3, 4))]
+    pair = [by_name.get(f"{c} {s}") for c, s in named]
     if pair[0] is None or pair[1] is None:
         return None
     xy = torch.tensor([[o.cx, o.cy] for o in pair], dtype=torch.float32)
-    return (m.group(2), m.group(4)), 2 * xy / image_size - 1
+    return (pair[0].shape, pair[1].shape), 2 * xy / image_size - 1
 
 
 def word_positions(prompt_ids: Sequence[int], first: int, second: int) -> tuple[int, int] | None:
