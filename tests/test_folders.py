@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import os
 import struct
 import zlib
 from pathlib import Path
@@ -10,7 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from vlmcompress.data.folders import composite_on_white, load_image_folder, read_image_rgb
+from vlmcompress.data.folders import load_image_folder
+from vlmcompress.images import composite_on_white, read_image_rgb
 
 RNG = np.random.default_rng(0)
 
@@ -154,8 +156,14 @@ def test_load_folder_sorted_and_skips_hidden_and_subfolders(tmp_path):
     assert [(n, a.shape) for n, a in items] == [("a.JPG", (4, 5, 3)), ("b.png", (2, 3, 3)), ("c.jpeg", (6, 7, 3))]
 
 
-def _gif(path: Path) -> Path:
-    Image.new("P", (4, 4)).save(path, "GIF")
+def _animated_gif(path: Path) -> Path:
+    frames = [Image.new("RGB", (4, 4), (200 * i, 0, 0)) for i in range(2)]
+    frames[0].save(path, "GIF", save_all=True, append_images=frames[1:])
+    return path
+
+
+def _ico(path: Path) -> Path:
+    Image.new("RGB", (16, 16)).save(path, "ICO")
     return path
 
 
@@ -167,11 +175,13 @@ def _truncated_jpeg(path: Path) -> Path:
 
 
 @pytest.mark.parametrize("make, match", [
-    (lambda d: (d / "notes.txt").write_text("hi"), r"notes.txt: not a PNG/JPEG image \(allowed"),
+    (lambda d: (d / "notes.txt").write_text("hi"), r"notes.txt: not an image file \(allowed"),
     (lambda d: (d / "x.png").write_bytes(b"\x89PNG garbage"), r"x.png: cannot read image"),
     (lambda d: _truncated_jpeg(d / "t.jpg"), r"t.jpg: cannot read image"),
-    (lambda d: _gif(d / "g.png"), r"g.png: not a PNG/JPEG image \(format GIF\)"),
-    (lambda d: None, r"no PNG/JPEG images in folder"),
+    (lambda d: _animated_gif(d / "g.gif"), r"g.gif: 2 frames; expected a single image"),
+    (lambda d: _ico(d / "i.png"), r"i.png: unsupported image format ICO"),
+    (lambda d: os.mkfifo(d / "f.png"), r"f.png: not a regular file"),
+    (lambda d: None, r"no images in folder"),
 ])
 def test_errors_name_the_file(tmp_path, make, match):
     folder = tmp_path / "set"

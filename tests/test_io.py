@@ -51,3 +51,70 @@ def test_project_relative_paths_survive_a_move(tmp_path, monkeypatch):
     assert project_relative(root / "outputs/data/a.png") == "outputs/data/a.png"
     outside = tmp_path / "elsewhere.png"
     assert project_relative(outside) == str(outside.resolve())
+
+
+def test_a_file_never_replaces_a_folder_or_a_fifo(tmp_path):
+    import os
+
+    from vlmcompress.io import check_output
+
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "keep.txt").write_text("precious")
+    with pytest.raises(ValueError, match="mine: exists and is not a regular file"):
+        with atomic_open(folder, "w") as fh:
+            fh.write("x")
+    with pytest.raises(ValueError, match="mine: is a folder"):
+        check_output(folder)
+    assert (folder / "keep.txt").read_text() == "precious"
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    with pytest.raises(ValueError, match="pipe: exists and is not a regular file"):
+        with atomic_open(fifo, "w") as fh:
+            raise AssertionError("the body must not run")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "pipe"]
+
+
+def test_a_folder_never_replaces_a_file(tmp_path):
+    target = tmp_path / "out"
+    target.write_text("file")
+    with pytest.raises(ValueError, match="out: exists and is not a folder"):
+        with atomic_path(target) as tmp:
+            tmp.mkdir()
+    assert target.read_text() == "file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_write_errors_name_the_target_not_the_temporary(tmp_path):
+    target = tmp_path / "x.bin"
+    with pytest.raises(OSError) as err:
+        with atomic_path(target) as tmp:
+            open(tmp / "missing" / "deeper", "w")
+    assert str(target) in str(err.value) and ".tmp" not in str(err.value)
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_a_signal_during_a_write_leaves_no_temporary(tmp_path, sig):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    code = (
+        "import sys, time\n"
+        "from vlmcompress.io import atomic_open\n"
+        "with atomic_open(sys.argv[1], 'w') as fh:\n"
+        "    fh.write('half'); fh.flush()\n"
+        "    print('writing', flush=True)\n"
+        "    time.sleep(30)\n")
+    target = tmp_path / "out.txt"
+    target.write_text("old")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(target)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "writing"
+    proc.send_signal(getattr(signal, sig))
+    _, err = proc.communicate(timeout=20)
+    assert proc.returncode != 0
+    time.sleep(0.05)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.txt"]
+    assert target.read_text() == "old"

@@ -1,15 +1,20 @@
 """Command line: ``vlmcompress check-params | encode | decode``.
 
-Every failure a user can cause (wrong path, corrupt file, bad params) prints one line to
-stderr and exits non-zero; nothing half-written is left behind (outputs are atomic).
+Every failure prints one line to stderr and exits non-zero, whatever the input: a wrong
+path, a folder, FIFO or device where a file is expected, a corrupt or hostile file, bad
+params, running out of memory, Ctrl-C (exit 130) or SIGTERM (exit 143). Nothing
+half-written is left behind (outputs are atomic) and nothing but the named output file
+is ever replaced.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 
 def _check_params(args: argparse.Namespace) -> int:
@@ -38,17 +43,36 @@ def _token_fn(model_dir: str, params_path: str | None):
     return lvlm_token_fn(load_stage_lvlm(load_params(params_path)))  # the stage's token target
 
 
+def _max_pixels(args: argparse.Namespace) -> int:
+    """``--max-pixels``, else ``codec.max_pixels`` of ``--params``, else the package default."""
+    from vlmcompress.codec.coder import MAX_PIXELS
+    if args.max_pixels is not None:
+        if args.max_pixels < 1:
+            raise ValueError(f"--max-pixels must be >= 1, got {args.max_pixels}")
+        return args.max_pixels
+    if args.params is not None:
+        from vlmcompress.config import load_params
+        return load_params(args.params).codec.max_pixels
+    return MAX_PIXELS
+
+
 def _encode(args: argparse.Namespace) -> int:
     from vlmcompress.codec.coder import encode_file
+    from vlmcompress.images import check_regular_file
+    from vlmcompress.io import check_output
+    check_regular_file(args.input)       # before loading any model
+    check_output(args.output)
+    max_pixels = _max_pixels(args)
     model_dir = args.model or _default_model()
-    info = encode_file(model_dir, args.input, args.output, args.rate, token_fn=_token_fn(model_dir, args.params))
+    info = encode_file(model_dir, args.input, args.output, args.rate, token_fn=_token_fn(model_dir, args.params),
+                       max_pixels=max_pixels)
     print(json.dumps(info))
     return 0
 
 
 def _decode(args: argparse.Namespace) -> int:
     from vlmcompress.codec.coder import decode_file
-    print(json.dumps(decode_file(args.input, args.output, args.model)))
+    print(json.dumps(decode_file(args.input, args.output, args.model, max_pixels=_max_pixels(args))))
     return 0
 
 
@@ -72,25 +96,57 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--rate", type=float, required=True, help="rate level in [0, levels-1] (continuous)")
     e.add_argument("--model", default=None, help="codec folder (default: outputs/codec/models/ours)")
     e.add_argument("--params", default=None, help="params file naming the LVLM (for token-fusing codecs)")
+    e.add_argument("--max-pixels", type=int, default=None, help="largest image accepted (default: codec.max_pixels)")
     e.set_defaults(func=_encode)
     d = sub.add_parser("decode", help="decode a file written by `vlmcompress encode` to PNG")
     d.add_argument("input")
     d.add_argument("output")
     d.add_argument("--model", default=None, help="codec folder (default: found by the file's model hash)")
+    d.add_argument("--params", default=None, help="params file whose codec.max_pixels bounds the image size")
+    d.add_argument("--max-pixels", type=int, default=None, help="largest image accepted (default: codec.max_pixels)")
     d.set_defaults(func=_decode)
     return p
+
+
+def _one_line(exc: BaseException) -> str:
+    """The first line of an error's message, at most 300 characters."""
+    text = str(exc).strip()
+    line = text.splitlines()[0] if text else type(exc).__name__
+    return line if len(line) <= 300 else line[:297] + "..."
+
+
+def _sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)     # unwinds: atomic outputs remove their temporaries
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     # compressai 1.2.8 calls torch.jit.script at import; the deprecation notice is not the user's concern.
     warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
     args = build_parser().parse_args(argv)
+    prefix = f"vlmcompress {args.command}: error:"
+    previous = signal.signal(signal.SIGTERM, _sigterm) if _main_thread() else None
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, OSError, RuntimeError) as exc:
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"vlmcompress {args.command}: error: {msg}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"vlmcompress {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print(f"{prefix} out of memory", file=sys.stderr)
         return 1
+    except (ValueError, OSError, RuntimeError) as exc:    # user errors: files, params, data
+        print(f"{prefix} {_one_line(exc)}", file=sys.stderr)
+        return 1
+    except Exception as exc:                                 # a bug: still one line, and a distinct exit
+        print(f"{prefix} internal error ({type(exc).__name__}: {_one_line(exc)})", file=sys.stderr)
+        return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main_thread() -> bool:
+    import threading
+    return threading.current_thread() is threading.main_thread()
 
 
 if __name__ == "__main__":

@@ -19,14 +19,15 @@ size by replicate-padding to the stride (64) and cropping the reconstruction.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from compressai.ans import BufferedRansEncoder, RansDecoder
+from compressai.ans import BufferedRansEncoder
 from compressai.entropy_models import EntropyBottleneck, GaussianConditional
 from compressai.layers import GDN
 from compressai.models import CompressionModel
@@ -35,6 +36,7 @@ from torch import Tensor
 
 from vlmcompress.codec.config import CodecModelParams, check_model_params
 from vlmcompress.codec.preedit import PreEditNet
+from vlmcompress.codec.rans import RansReader, coder_tables
 
 MODELS: dict[str, type[nn.Module]] = {}
 
@@ -61,6 +63,24 @@ def check_rate(rate: float, levels: int) -> float:
     if not math.isfinite(r) or r < 0 or r > levels - 1:
         raise ValueError(f"rate must be in [0, {levels - 1}], got {rate!r}")
     return r
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Run the body on one intra-op thread (restored after).
+
+    Float reductions split over threads round differently; what decides symbols and
+    entropy parameters runs here, so files and their decoding do not depend on the
+    thread count."""
+    n = torch.get_num_threads()
+    if n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def interpolate_log_gains(log_gains: Tensor, rate: float) -> Tensor:
@@ -196,38 +216,64 @@ class GainedMeanScaleHyperprior(CompressionModel):
             strings.append(enc.flush())
         return {"strings": strings, "shape": tuple(z.shape[-2:])}
 
+    def min_stream_bits(self, shape: tuple[int, int]) -> float:
+        """A lower bound on the bits of a string coding latents of spatial shape ``shape``
+        (z's ``h, w``): each symbol costs at least what its likeliest value costs under the
+        flattest-peaked table. Lets a decoder refuse a header that claims a large image
+        with a few bytes before anything of that size is allocated."""
+        h, w = shape
+        z_bits = float(coder_tables(self.entropy_bottleneck).min_bits().sum()) * h * w
+        y_bits = float(coder_tables(self.gaussian_conditional).min_bits().min()) * self.M * 16 * h * w
+        return z_bits + y_bits
+
+    def _decode_z(self, reader: RansReader, shape: tuple[int, int]) -> Tensor:
+        """z ``[1, Nz, h, w]`` of one image."""
+        eb = self.entropy_bottleneck
+        z_shape = torch.Size((1, self.Nz, *shape))
+        z_idx, z_med = self._z_tables(z_shape)
+        sym = reader.decode(z_idx.numpy(), coder_tables(eb))
+        return eb.dequantize(torch.from_numpy(sym).view(z_shape), z_med)
+
+    def _decode_y(self, reader: RansReader, scales: Tensor, means: Tensor) -> Tensor:
+        """y ``[1, M, 4h, 4w]`` given its Gaussian parameters (one image)."""
+        gc = self.gaussian_conditional
+        idx = gc.build_indexes(scales)
+        sym = reader.decode(idx.numpy(), coder_tables(gc))
+        return gc.dequantize(torch.from_numpy(sym).view(idx.shape), means)
+
     def decompress(self, strings: list[bytes], shape: tuple[int, int], rate: float) -> dict:
-        """Inverse of :meth:`compress`: ``strings`` (one per image) -> ``{"x_hat": [B, 3, H, W]}``."""
+        """Inverse of :meth:`compress`: ``strings`` (one per image) -> ``{"x_hat": [B, 3, H, W]}``.
+
+        Decoded by :class:`~vlmcompress.codec.rans.RansReader` (bounds-checked, and each
+        string must be used up exactly); raises :class:`~vlmcompress.codec.rans.RansError`.
+        """
         if not (isinstance(strings, (list, tuple)) and strings and all(isinstance(s, bytes) for s in strings)):
             raise ValueError("strings must be a non-empty list of bytes, one per image")
         _, ig, _, ihg = self._gains(rate)
-        eb, gc = self.entropy_bottleneck, self.gaussian_conditional
-        z_shape = torch.Size((len(strings), self.Nz, *shape))
-        z_idx, z_med = self._z_tables(z_shape)
-        z_tab, y_tab = _coder_tables(eb), _coder_tables(gc)
-        decoders, z_sym = [], []
+        y_hats = []
         for s in strings:
-            dec = RansDecoder()
-            dec.set_stream(s)
-            z_sym.append(dec.decode_stream(z_idx[0].reshape(-1).tolist(), *z_tab))
-            decoders.append(dec)
-        z_hat = eb.dequantize(torch.tensor(z_sym, dtype=torch.int32).view(z_shape), z_med)
-        scales, means = self._y_prior(z_hat, ihg)
-        y_idx = gc.build_indexes(scales)
-        y_sym = [dec.decode_stream(y_idx[i].reshape(-1).tolist(), *y_tab) for i, dec in enumerate(decoders)]
-        y_hat = gc.dequantize(torch.tensor(y_sym, dtype=torch.int32).view(y_idx.shape), means)
-        return {"x_hat": self.g_s(y_hat * ig).clamp_(0, 1)}
+            reader = RansReader(s)
+            with one_thread():
+                scales, means = self._y_prior(self._decode_z(reader, shape), ihg)
+            y_hats.append(self._decode_y(reader, scales, means))
+            reader.finish()
+        return {"x_hat": self.g_s(torch.cat(y_hats) * ig).clamp_(0, 1)}
 
     def decompress_split(self, strings: list[list[bytes]], shape: tuple[int, int], rate: float) -> dict:
         """Decode the two-string layout of format versions 1 and 2: ``[y_strings, z_strings]``."""
         if not (isinstance(strings, (list, tuple)) and len(strings) == 2):
             raise ValueError("strings must be [y_strings, z_strings]")
         _, ig, _, ihg = self._gains(rate)
-        z_hat = self.entropy_bottleneck.decompress(strings[1], shape)
-        scales, means = self._y_prior(z_hat, ihg)
-        indexes = self.gaussian_conditional.build_indexes(scales)
-        y_hat = self.gaussian_conditional.decompress(strings[0], indexes, z_hat.dtype, means)
-        return {"x_hat": self.g_s(y_hat * ig).clamp_(0, 1)}
+        y_hats = []
+        for y_s, z_s in zip(*strings):
+            z_reader, y_reader = RansReader(z_s), RansReader(y_s)
+            z_hat = self._decode_z(z_reader, shape)
+            z_reader.finish()
+            with one_thread():
+                scales, means = self._y_prior(z_hat, ihg)
+            y_hats.append(self._decode_y(y_reader, scales, means))
+            y_reader.finish()
+        return {"x_hat": self.g_s(torch.cat(y_hats) * ig).clamp_(0, 1)}
 
 
 def _coder_tables(em: nn.Module) -> tuple[list[list[int]], list[int], list[int]]:
@@ -285,9 +331,11 @@ class LVLMCodec(CompressionModel):
 
     @torch.no_grad()
     def compress(self, x: Tensor, rate: float, tokens: Tensor | None = None) -> dict:
-        """-> ``{"strings": [one bytes per image], "shape": z_hw, "size": (H, W)}``."""
+        """-> ``{"strings": [one bytes per image], "shape": z_hw, "size": (H, W)}`` (one thread:
+        the bytes do not depend on the thread count)."""
         h, w = x.shape[-2:]
-        out = self.core.compress(self._prepare(x, tokens), rate)
+        with one_thread():
+            out = self.core.compress(self._prepare(x, tokens), rate)
         out["size"] = (int(h), int(w))
         return out
 
@@ -300,6 +348,10 @@ class LVLMCodec(CompressionModel):
         decode = self.core.decompress_split if split else self.core.decompress
         x_hat = decode(strings, shape, rate)["x_hat"]
         return {"x_hat": x_hat[..., :h, :w]}
+
+    def min_stream_bits(self, size: tuple[int, int]) -> float:
+        """Fewest bits a file's entropy-coded strings can hold for an image of ``size = (H, W)``."""
+        return self.core.min_stream_bits(self.latent_shape(size))
 
     def latent_shape(self, size: tuple[int, int]) -> tuple[int, int]:
         """Spatial shape of ``z`` for an image of ``size = (H, W)``."""
