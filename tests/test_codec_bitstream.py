@@ -260,3 +260,23 @@ def test_pack_validates_fields():
                 dict(streams=(b"\x00" * 8, b"\x00" * 8))):
         with pytest.raises(ValueError):
             pack(dataclasses.replace(good, **bad))
+
+
+def test_encoding_runs_on_one_thread_so_bytes_ignore_the_thread_count(model, data):
+    """The file's symbols are decided on one thread; the caller's thread count is restored."""
+    seen: list[int] = []
+
+    def watched(x):
+        seen.append(torch.get_num_threads())
+        return token_fn(x)
+
+    before = torch.get_num_threads()
+    try:
+        for threads in (2, 1, 3):
+            torch.set_num_threads(threads)
+            assert encode_image(model, make_image(64, 64), 1.0, token_fn=watched) == data
+            assert torch.get_num_threads() == threads
+            assert np.array_equal(decode_image(model, data), decode_image(model, data))
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [1, 1, 1]

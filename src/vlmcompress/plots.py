@@ -9,9 +9,9 @@ from typing import TYPE_CHECKING
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.patches import Rectangle
-from PIL import Image
 
 from vlmcompress.data.records import ImageRecord
+from vlmcompress.images import read_image_rgb
 from vlmcompress.io import atomic_path
 
 if TYPE_CHECKING:
@@ -23,7 +23,7 @@ def sample_grid(records: Sequence[ImageRecord], n_questions: int = 3, cols: int 
     rows = int(np.ceil(len(records) / cols))
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 4.2 * rows), squeeze=False)
     for ax, rec in zip(axes.flat, records):
-        ax.imshow(np.asarray(Image.open(rec.path).convert("RGB")))
+        ax.imshow(read_image_rgb(rec.path))
         for o in rec.objects:
             x, y, w, h = o.bbox
             ax.add_patch(Rectangle((x, y), w, h, fill=False, lw=1, ec="white"))
@@ -142,14 +142,14 @@ def reconstruction_grid(examples: "pd.DataFrame", folder: str | Path) -> plt.Fig
     rates = sorted(set(examples["rate"]))
     fig, axes = plt.subplots(len(models), len(rates) + 1, figsize=(2.6 * (len(rates) + 1), 2.9 * len(models)),
                              squeeze=False)
-    original = np.asarray(Image.open(folder / "original.png"))
+    original = read_image_rgb(folder / "original.png")
     for r, name in enumerate(models):
         axes[r, 0].imshow(original)
         axes[r, 0].set_title("original", fontsize=8)
         axes[r, 0].set_ylabel(name, fontsize=9)
         for c, rate in enumerate(rates, start=1):
             row = examples[(examples["model"] == name) & (examples["rate"] == rate)].iloc[0]
-            axes[r, c].imshow(np.asarray(Image.open(folder / row["png"])))
+            axes[r, c].imshow(read_image_rgb(folder / row["png"]))
             axes[r, c].set_title(f"rate {rate:.2f}: {row['bpp']:.3f} bpp\n"
                                  f"{row['psnr']:.1f} dB, token MSE {row['token_mse']:.3g}", fontsize=7)
     for ax in axes.flat:
@@ -181,7 +181,7 @@ def token_maps(examples: Sequence[dict], methods: Sequence[str] | None = None) -
     fig, axes = plt.subplots(len(examples), len(methods), figsize=(2.4 * len(methods), 2.7 * len(examples)),
                              squeeze=False)
     for row, ex in zip(axes, examples):
-        img = np.asarray(Image.open(ex["image"]).convert("RGB"))
+        img = read_image_rgb(ex["image"])
         gh, gw = ex["grid"]
         ch, cw = img.shape[0] / gh, img.shape[1] / gw
         for ax, m in zip(row, methods):

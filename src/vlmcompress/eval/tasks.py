@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 
 from vlmcompress.data.records import ImageRecord, Question
+from vlmcompress.images import read_image_rgb
 
 # --- pure metrics ----------------------------------------------------------------------
 
@@ -90,8 +90,8 @@ def cider(preds: Mapping[int, str], refs: Mapping[int, Sequence[str]]) -> float:
 # --- running the model -----------------------------------------------------------------
 
 def load_image(path) -> Tensor:
-    """An RGB file as ``[3, H, W]`` float in [0, 1]."""
-    arr = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255.0
+    """An image file as ``[3, H, W]`` float in [0, 1] (:func:`vlmcompress.images.read_image_rgb`)."""
+    arr = read_image_rgb(path).astype(np.float32) / 255.0
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 

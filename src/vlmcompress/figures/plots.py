@@ -21,7 +21,8 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
-from PIL import Image  # noqa: E402
+
+from vlmcompress.images import read_image_rgb  # noqa: E402
 
 # Fixed colours so a codec looks the same in every figure.
 CODEC_COLOURS = {"ours": "#d62728", "pixel_baseline": "#ff7f0e", "vvc": "#1f77b4", "hevc": "#17becf",
@@ -270,7 +271,7 @@ def codec_examples(data: pd.DataFrame, root: Path) -> plt.Figure:
                     continue
                 r = row.iloc[0]
                 # nearest: show the codec's pixels as they are (and keep the PNG small)
-                ax.imshow(np.asarray(Image.open(root / r["file"]).convert("RGB")), interpolation="nearest")
+                ax.imshow(read_image_rgb(root / r["file"]), interpolation="nearest")
                 sub = "uncoded" if c == "original" else f"{r['bpp']:.3f} bpp, {r['psnr']:.1f} dB"
                 ax.set_title(f"{c}\n{sub}" if i == 0 else sub, fontsize=7)
         if math.isfinite(target):
@@ -344,7 +345,7 @@ def token_examples(data: pd.DataFrame, root: Path) -> plt.Figure:
             for j, r in enumerate(d.itertuples()):
                 ax = axes[i, j]
                 path = Path(r.image_path)
-                img = np.asarray(Image.open(path if path.is_absolute() else root / path).convert("RGB"))
+                img = read_image_rgb(path if path.is_absolute() else root / path)
                 gh, gw = int(r.grid_h), int(r.grid_w)
                 kinds = np.array([int(c) for c in r.kinds]).reshape(gh, gw)
                 over = np.array([TOKEN_KINDS[k][1] for k in kinds.ravel()]).reshape(gh, gw, 4)
