@@ -4,8 +4,10 @@
 ``select`` (budget splits, spatial/random choice, FastV's keep rule), ``merge``
 (clusters, global token, VisionZip contextual tokens, pooling), ``methods`` (the registry),
 ``fastv`` (pruning inside the LM), ``patch`` (a method as a transform for ``LVLM.generate``),
-``flops`` (prefill cost), ``config`` (the params schema), ``stage`` (the evaluation stage).
+``flops`` (prefill cost), ``config`` (the params schema), ``stage`` (the evaluation stage),
+``attach`` (a method on a stock transformers model, through its own ``generate``).
 """
+from vlmcompress.tokens.attach import AttachHandle, attach
 from vlmcompress.tokens.config import IN_LM_METHODS, METHOD_PARAMS, TokensParams
 from vlmcompress.tokens.fastv import FastV
 from vlmcompress.tokens.methods import (
@@ -20,6 +22,7 @@ from vlmcompress.tokens.types import (
 )
 
 __all__ = [
+    "attach", "AttachHandle",
     "ADAPTIVE", "METHODS", "METHOD_PARAMS", "IN_LM_METHODS", "TokensParams", "FastV", "TokenCompressor",
     "make_transform", "compress", "get_method", "method_names",
     "pick_attention", "register_method", "fastv_keep", "fastv_scores", "iqr_threshold", "lof_scores",
