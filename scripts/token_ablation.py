@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from vlmcompress.data.stage import load_all
+    from vlmcompress.eval.tasks import answer_tokens
     from vlmcompress.lvlm.stage import load_stage_lvlm
     from vlmcompress.tokens import stage as S
 
@@ -79,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     items = S.stratified_questions(load_all()[args.split], args.questions, seed=params.seed)
     batches = S.make_batches(items, lambda s: s[0], lambda s: s[1].question, params.tokens.eval.batch_images)
     for spec, tokens in configs:
-        outputs = S.Sweeper(lvlm, tokens, seed=params.seed).sweep(batches, S.plan_runs(tokens), "vqa", S.VQA_TOKENS)
+        outputs = S.Sweeper(lvlm, tokens, seed=params.seed).sweep(batches, S.plan_runs(tokens), "vqa",
+                                                                  answer_tokens(lvlm, [a for _, q in items for a in q.answers]))
         table = S.vqa_table(outputs)
         print(f"== {spec or 'params as given'} ({len(items)} {args.split} questions)")
         print(table.pivot_table(index=["method", "budget"], columns="question_type", values="acc").round(1).to_string())

@@ -203,7 +203,7 @@ def test_make_batches_groups_images_and_keeps_each_sample_with_its_image():
     for b in batches:
         assert b.texts == [s[1] for s in b.samples]
         for s, i in zip(b.samples, b.index):
-            assert b.records[i] is s[0] and float(b.images[i, 0, 0, 0]) == s[0].image_id
+            assert b.records[i] is s[0] and float(b.images[i][0, 0, 0]) == s[0].image_id
     assert sorted(s[1] for b in batches for s in b.samples) == sorted(s[1] for s in samples)
 
 

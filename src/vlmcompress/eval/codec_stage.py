@@ -172,8 +172,8 @@ def token_distortion(lvlm, records: Sequence[ImageRecord], images: ImageSource, 
     mse, cos = [], []
     for i in range(0, len(records), batch_size):
         batch = records[i:i + batch_size]
-        ref = lvlm.visual_features(torch.stack([file_images(r) for r in batch])).tokens.float()
-        got = lvlm.visual_features(torch.stack([images(r) for r in batch])).tokens.float()
+        ref = lvlm.visual_features([file_images(r) for r in batch]).tokens.float()
+        got = lvlm.visual_features([images(r) for r in batch]).tokens.float()
         mse.append((ref - got).pow(2).mean(dim=(1, 2)))                  # [B]
         cos.append(F.cosine_similarity(ref, got, dim=-1).mean(dim=1))    # [B]
     return {"token_mse": float(torch.cat(mse).mean()), "token_cos": float(torch.cat(cos).mean())}

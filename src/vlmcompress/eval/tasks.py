@@ -18,6 +18,7 @@ from torch import Tensor
 
 from vlmcompress.data.records import ImageRecord, Question
 from vlmcompress.images import read_image_rgb
+from vlmcompress.lvlm.imageprep import box_to_input
 
 # --- pure metrics ----------------------------------------------------------------------
 
@@ -52,6 +53,31 @@ def parse_box(text: str) -> tuple[float, float, float, float] | None:
         return None
     x1, y1, x2, y2 = (float(v) for v in nums[:4])
     return (min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2))
+
+
+def ref_box(rec: ImageRecord, bbox: Sequence[float], aspect: str = "resize") -> tuple[float, float, float, float]:
+    """A COCO ``[x, y, w, h]`` pixel box of ``rec`` -> normalised ``[x1, y1, x2, y2]`` in the
+    square the vision tower sees (LLaVA-1.5 answers boxes in that frame: the padded square)."""
+    x, y, w, h = bbox
+    box = (x / rec.width, y / rec.height, (x + w) / rec.width, (y + h) / rec.height)
+    return box_to_input(box, rec.height, rec.width, aspect)
+
+
+def grounding_iou(text: str, rec: ImageRecord, bbox: Sequence[float], aspect: str = "resize") -> float:
+    """IoU of a generated box answer with the reference box (0 when no box can be read)."""
+    box = parse_box(text)
+    return box_iou(box, ref_box(rec, bbox, aspect)) if box is not None else 0.0
+
+
+# The widest box answer in LLaVA-1.5's format: generation must never cut one.
+BOX_ANSWER = "[0.00, 0.00, 0.00, 0.00]"
+
+
+def answer_tokens(lvlm, texts: Sequence[str]) -> int:
+    """``max_new_tokens`` that fits the longest of ``texts`` in the model's own tokens, plus
+    the end-of-sequence token (so a reference-length answer is never cut)."""
+    tok = lvlm.tokenizer
+    return max(len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts) + 1
 
 
 def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
@@ -102,13 +128,14 @@ def file_images(rec: ImageRecord) -> Tensor:
     return load_image(rec.path)
 
 
-def _unique_images(recs: Sequence[ImageRecord], images: ImageSource) -> tuple[Tensor, list[int]]:
-    """Stack each distinct image once: ``[U, 3, H, W]`` and the image index of every record."""
+def _unique_images(recs: Sequence[ImageRecord], images: ImageSource) -> tuple[list[Tensor], list[int]]:
+    """Each distinct image once (``[3, H, W]`` each, sizes may differ) and the image index of
+    every record."""
     first: dict[int, int] = {}
     for r in recs:
         first.setdefault(r.image_id, len(first))
     uniq = {r.image_id: r for r in recs}
-    return torch.stack([images(uniq[i]) for i in first]), [first[r.image_id] for r in recs]
+    return [images(uniq[i]) for i in first], [first[r.image_id] for r in recs]
 
 
 def _batches(items: Sequence, n: int):
@@ -143,7 +170,8 @@ def run_vqa(lvlm, items: Sequence[tuple[ImageRecord, Question]], batch_size: int
     for batch in tqdm(it, disable=not progress, desc="vqa"):
         imgs, index = _unique_images([r for r, _ in batch], images)
         answers = lvlm.generate(imgs, [q.question for _, q in batch], task="vqa", transform=transform,
-                                max_new_tokens=4, image_index=index)
+                                max_new_tokens=answer_tokens(lvlm, [a for _, q in batch for a in q.answers]),
+                                image_index=index)
         for (_, q), a in zip(batch, answers):
             per_type[q.question_type].append(vqa_accuracy(a, q.answers))
             preds.append((q.question_id, a, q.answer))
@@ -177,8 +205,8 @@ def run_captions(lvlm, records: Sequence[ImageRecord], batch_size: int = 32, ima
     """CIDEr of generated captions (percent) and the captions by image id."""
     preds: dict[int, str] = {}
     for batch in _batches(list(records), batch_size):
-        out = lvlm.generate(torch.stack([images(r) for r in batch]), None, task="caption", transform=transform,
-                            max_new_tokens=40)
+        out = lvlm.generate([images(r) for r in batch], None, task="caption", transform=transform,
+                            max_new_tokens=answer_tokens(lvlm, [c for r in batch for c in r.captions]))
         preds.update({r.image_id: c for r, c in zip(batch, out)})
     return cider(preds, {r.image_id: r.captions for r in records}), preds
 
@@ -194,12 +222,8 @@ def run_grounding(lvlm, records: Sequence[ImageRecord], batch_size: int = 32, ma
     for batch in _batches(items, batch_size):
         imgs, index = _unique_images([r for r, _ in batch], images)
         out = lvlm.generate(imgs, [ref.sentence for _, ref in batch], task="ground", transform=transform,
-                            max_new_tokens=12, image_index=index)
-        for (r, ref), text in zip(batch, out):
-            box = parse_box(text)
-            x, y, w, h = ref.bbox
-            gt = (x / r.width, y / r.height, (x + w) / r.width, (y + h) / r.height)
-            ious.append(box_iou(box, gt) if box is not None else 0.0)
+                            max_new_tokens=answer_tokens(lvlm, [BOX_ANSWER]), image_index=index)
+        ious += [grounding_iou(text, r, ref.bbox, lvlm.image_aspect) for (r, ref), text in zip(batch, out)]
     return 100.0 * float(np.mean([i >= 0.5 for i in ious])), float(np.mean(ious))
 
 
@@ -207,7 +231,7 @@ def run_grounding(lvlm, records: Sequence[ImageRecord], batch_size: int = 32, ma
 def run_retrieval(lvlm, records: Sequence[ImageRecord], batch_size: int = 64,
                   images: ImageSource = file_images) -> dict[str, float]:
     """Image-to-text and text-to-image R@1/R@5 (percent) over the records' captions."""
-    img_emb = torch.cat([lvlm.image_embeddings(torch.stack([images(r) for r in b]))
+    img_emb = torch.cat([lvlm.image_embeddings([images(r) for r in b])
                          for b in _batches(list(records), batch_size)])
     caps = [(i, c) for i, r in enumerate(records) for c in r.captions]
     txt_emb = torch.cat([lvlm.text_embeddings([c for _, c in b]) for b in _batches(caps, 256)])

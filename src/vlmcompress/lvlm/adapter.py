@@ -12,8 +12,10 @@ Same class for both worlds: the embedded model this package trains, and
   ``transform`` of the visual tokens may change their number per image (padding + mask);
 * :meth:`LVLM.answer_loss` — the LM loss on answer tokens only (training, gradient tests).
 
-Images enter as float tensors ``[B, 3, H, W]`` in ``[0, 1]``; resizing to the tower's input
-size and CLIP normalisation happen here, differentiably.
+Images enter as float tensors ``[B, 3, H, W]`` in ``[0, 1]``, or as a list of ``[3, H, W]``
+of different sizes; making them square as the model's own processor does (``image_aspect``:
+pad with the mean colour, centre crop, or resize; :mod:`vlmcompress.lvlm.imageprep`),
+resizing and CLIP normalisation happen here, in float32 and differentiably.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ from transformers import CLIPModel, LlavaForConditionalGeneration, PreTrainedTok
 from transformers.cache_utils import DynamicCache
 
 import vlmcompress.lvlm.vision  # noqa: F401  (registers the embedded tower's Auto classes)
+from vlmcompress.lvlm.imageprep import Aspect, prepare
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -195,7 +198,7 @@ class LVLM:
     def __init__(self, llava: LlavaForConditionalGeneration, tokenizer: PreTrainedTokenizerBase,
                  clip: CLIPModel, clip_tokenizer: PreTrainedTokenizerBase, prompts: Prompts = Prompts(),
                  attn_layer: int = -1, image_mean: Sequence[float] = CLIP_MEAN,
-                 image_std: Sequence[float] = CLIP_STD) -> None:
+                 image_std: Sequence[float] = CLIP_STD, image_aspect: Aspect = "resize") -> None:
         self.llava, self.tokenizer = llava, tokenizer
         self.clip, self.clip_tokenizer = clip, clip_tokenizer
         self.prompts = prompts
@@ -208,8 +211,8 @@ class LVLM:
         vcfg = cfg.vision_config
         self.image_size, self.patch_size = vcfg.image_size, vcfg.patch_size
         self.grid = (self.image_size // self.patch_size,) * 2
-        self.mean = torch.tensor(image_mean).view(1, 3, 1, 1)
-        self.std = torch.tensor(image_std).view(1, 3, 1, 1)
+        self.image_mean, self.image_std = tuple(image_mean), tuple(image_std)
+        self.image_aspect = image_aspect
         eos = tokenizer.eos_token_id
         self.eos_ids = {eos} if eos is not None else set()
 
@@ -240,15 +243,12 @@ class LVLM:
         self.clip.eval()
         return self
 
-    def preprocess(self, images: Tensor) -> Tensor:
-        """``[B, 3, H, W]`` in [0, 1] -> normalised ``[B, 3, S, S]`` (differentiable)."""
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"images must be [B, 3, H, W], got {tuple(images.shape)}")
-        x = images.to(self.device, self.dtype)
-        if x.shape[-2:] != (self.image_size, self.image_size):
-            x = F.interpolate(x, size=(self.image_size,) * 2, mode="bicubic", align_corners=False,
-                              antialias=True).clamp(0, 1)
-        return (x - self.mean.to(x)) / self.std.to(x)
+    def preprocess(self, images: Tensor | Sequence[Tensor]) -> Tensor:
+        """``[B, 3, H, W]`` or a list of ``[3, H_i, W_i]`` in [0, 1] -> normalised ``[B, 3, S, S]``
+        in the model's dtype (the geometry in float32, differentiable)."""
+        x = prepare([t.to(self.device) for t in images] if not isinstance(images, Tensor) else images.to(self.device),
+                    self.image_size, self.image_aspect, self.image_mean, self.image_std)
+        return x.to(self.dtype)
 
     # -- vision ---------------------------------------------------------------------------
     def visual_features(self, images: Tensor) -> VisualFeatures:

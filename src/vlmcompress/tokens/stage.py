@@ -34,7 +34,7 @@ import torch
 from vlmcompress.config import Params
 from vlmcompress.data.records import ImageRecord, Question
 from vlmcompress.data.scenes import named_objects
-from vlmcompress.eval.tasks import box_iou, cider, load_image, parse_box, vqa_accuracy
+from vlmcompress.eval.tasks import BOX_ANSWER, answer_tokens, cider, grounding_iou, load_image, vqa_accuracy
 from vlmcompress.io import atomic_path, write_json
 from vlmcompress.paths import outputs_dir, project_relative
 from vlmcompress.tokens.config import TokensParams
@@ -46,9 +46,6 @@ from vlmcompress.tokens.timing import measure_prefills
 from vlmcompress.tokens.types import KIND_SALIENT
 
 FULL_KEY = "1.00"
-VQA_TOKENS = 4        # answers are one word or a number (+ EOS)
-CAPTION_TOKENS = 40
-GROUND_TOKENS = 12
 
 
 def stage_dir():
@@ -133,10 +130,11 @@ def stratified_questions(records: Sequence[ImageRecord], n: int, seed: int = 0
 
 @dataclass
 class Batch:
-    """Samples about a few images: ``images [U, 3, H, W]``, ``index [B]`` (image of each sample)."""
+    """Samples about a few images: ``images`` (U tensors ``[3, H, W]``, sizes may differ), ``index [B]``
+    (image of each sample)."""
 
     records: list[ImageRecord]
-    images: torch.Tensor
+    images: list[torch.Tensor]
     index: list[int]
     texts: list[str] | None
     samples: list[Any]
@@ -163,7 +161,7 @@ def make_batches(samples: Sequence[Any], record_of: Callable[[Any], ImageRecord]
             if r.image_id not in first:
                 first[r.image_id] = len(recs)
                 recs.append(r)
-        out.append(Batch(recs, torch.stack([load(r) for r in recs]), [first[record_of(s).image_id] for s in g],
+        out.append(Batch(recs, [load(r) for r in recs], [first[record_of(s).image_id] for s in g],
                          None if text_of is None else [text_of(s) for s in g], list(g)))
     return out
 
@@ -345,16 +343,11 @@ def caption_scores(outputs: dict[Run, RunOutput]) -> dict[str, float]:
     return out
 
 
-def grounding_scores(outputs: dict[Run, RunOutput]) -> dict[str, float]:
+def grounding_scores(outputs: dict[Run, RunOutput], aspect: str = "resize") -> dict[str, float]:
     """Accuracy at IoU >= 0.5 (percent) per ``method@budget``; samples are (record, ref)."""
     out = {}
     for run, o in outputs.items():
-        hits = []
-        for (r, ref), text in zip(o.samples, o.answers):
-            box = parse_box(text)
-            x, y, w, h = ref.bbox
-            gt = (x / r.width, y / r.height, (x + w) / r.width, (y + h) / r.height)
-            hits.append(box is not None and box_iou(box, gt) >= 0.5)
+        hits = [grounding_iou(text, r, ref.bbox, aspect) >= 0.5 for (r, ref), text in zip(o.samples, o.answers)]
         out[run.label] = round(100.0 * float(np.mean(hits)), 2)
     return out
 
@@ -448,7 +441,7 @@ def token_examples(lvlm: Any, items: Sequence[tuple[ImageRecord, Question]], par
                                  "methods": {}}
         for method in E.example_methods:
             tr = make_transform(lvlm, method, None if method == "full" else E.task_budget, params, seed=seed)
-            pred = lvlm.generate(img, [q.question], transform=tr, max_new_tokens=VQA_TOKENS)[0]
+            pred = lvlm.generate(img, [q.question], transform=tr, max_new_tokens=answer_tokens(lvlm, q.answers))[0]
             entry["methods"][method] = {"prediction": pred, "correct": vqa_accuracy(pred, q.answers) > 0,
                                         "cells": cell_kinds(tr, n_patches)}
         out.append(entry)
@@ -526,7 +519,8 @@ def run_tokens_stage(params: Params, splits: dict[str, list[ImageRecord]], log=p
     items = stratified_questions(test, E.max_questions, seed=params.seed)
     with clock("vqa"):
         batches = make_batches(items, lambda s: s[0], lambda s: s[1].question, E.batch_images)
-        vqa = sweeper.sweep(batches, runs, "vqa", VQA_TOKENS, progress=progress)
+        vqa = sweeper.sweep(batches, runs, "vqa", answer_tokens(lvlm, [a for _, q in items for a in q.answers]),
+                            progress=progress)
     key = budget_key(E.task_budget)
     table = vqa_table(vqa)
     metrics = metrics_from(table, vqa)
@@ -545,13 +539,13 @@ def run_tokens_stage(params: Params, splits: dict[str, list[ImageRecord]], log=p
     with clock("captions"):
         cap_recs = _limit(test, E.max_captions)
         cap = sweeper.sweep(make_batches(cap_recs, lambda r: r, None, E.batch_images), task_runs, "caption",
-                            CAPTION_TOKENS, progress=progress)
+                            answer_tokens(lvlm, [c for r in cap_recs for c in r.captions]), progress=progress)
         metrics[f"caption_cider_{key}"] = caption_scores(cap)
     with clock("grounding"):
         refs = _limit([(r, ref) for r in test for ref in r.refs], E.max_refs)
         ground = sweeper.sweep(make_batches(refs, lambda s: s[0], lambda s: s[1].sentence, E.batch_images),
-                               task_runs, "ground", GROUND_TOKENS, progress=progress)
-        metrics[f"grounding_acc50_{key}"] = grounding_scores(ground)
+                               task_runs, "ground", answer_tokens(lvlm, [BOX_ANSWER]), progress=progress)
+        metrics[f"grounding_acc50_{key}"] = grounding_scores(ground, lvlm.image_aspect)
     log(f"captions and grounding: {len(task_runs)} runs in {seconds['captions'] + seconds['grounding']:.0f} s")
 
     with clock("efficiency"):
