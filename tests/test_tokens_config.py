@@ -67,3 +67,31 @@ def test_a_bad_recoverable_spread_share_names_its_own_section():
 
     with pytest.raises(ConfigError, match=r"tokens\.recoverable_spread\.recovered_share"):
         RecoverableSpreadParams(salient_share=0.75, recovered_share=0.5)
+
+
+@pytest.mark.parametrize("section,match", [
+    ({"methods": []}, r"^tokens\.methods: needs at least one method$"),
+    ({"methods": ["full", "recoverable", "full"]}, r"^tokens\.methods: 'full' is listed twice$"),
+    ({"budgets": []}, r"^tokens\.budgets: needs at least one budget$"),
+    ({"budgets": [0.1, 0.25, 0.1]}, r"^tokens\.budgets: 0\.1 is listed twice$"),
+    ({"methods": ["full", "random"]}, r"^tokens\.eval\.reference_method: must be one of tokens\.methods"),
+    ({"eval": {"example_methods": ["full", "full"]}}, r"^tokens\.eval\.example_methods: 'full' is listed twice$"),
+    ({"random": {"seed": -1}}, r"^tokens\.random\.seed: must be in \[0, 4294967295\], got -1$"),
+])
+def test_section_checks_name_the_key(section, match):
+    from vlmcompress.tokens.config import check_tokens_params
+
+    with pytest.raises(ConfigError, match=match):
+        check_tokens_params(from_dict(TokensParams, section, "tokens"))
+
+
+def test_a_count_and_a_fraction_of_the_same_value_are_different_budgets():
+    from vlmcompress.tokens.config import check_tokens_params
+
+    check_tokens_params(from_dict(TokensParams, {"budgets": [1, 1.0]}, "tokens"))   # 1 token, all tokens
+
+
+def test_long_names_are_quoted_short():
+    with pytest.raises(ConfigError) as exc:
+        from_dict(TokensParams, {"methods": ["m" * 10_000]}, "tokens")
+    assert len(str(exc.value)) < 250 and "..." in str(exc.value)

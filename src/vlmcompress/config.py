@@ -2,30 +2,120 @@
 
 Every section of ``params.yaml`` is a frozen dataclass. :func:`from_dict` converts
 plain YAML data into those dataclasses and fails *before any work* on an unknown
-key, a missing key or a wrong type, with a message that names the key path::
+key, a missing key, a wrong type or a non-finite float, with a message that names
+the key path::
 
     codec.lambda_rate: expected float, got 'abc'
 
 Section dataclasses live next to the code that reads them (``data/config.py`` …)
-and are assembled into :class:`Params` here, so adding a section touches one place.
+together with their value checks (``check_*_params``: ranges, orderings, known names);
+:func:`load_params` runs every one of them, so a stage and ``vlmcompress check-params``
+refuse the same files. Every error is a one-line :class:`ConfigError` that quotes at
+most a short prefix of a bad value.
+
+Reading is bounded: the file is capped at :data:`MAX_PARAMS_BYTES`, duplicate mapping
+keys are refused, and so are YAML anchors and aliases (a params file needs none, and an
+alias bomb could otherwise expand without limit).
 """
 from __future__ import annotations
 
 import dataclasses
+import math
+import reprlib
 import types
 import typing
+from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union
 
 import yaml
+from yaml.composer import ComposerError
+from yaml.constructor import ConstructorError
+from yaml.events import AliasEvent
+from yaml.nodes import MappingNode
 
 from vlmcompress.paths import project_root
 
 T = TypeVar("T")
 
+MAX_PARAMS_BYTES = 1 << 20          # a params file is a few kB; refuse anything near a memory problem
+SHOW_CHARS = 60                     # longest quoted value in an error message
+SEED_MAX = 2**32 - 1                # numpy and torch both accept seeds in [0, 2**32 - 1]
+
 
 class ConfigError(ValueError):
     """A params file that does not match its schema; the message names the key path."""
+
+
+class _NotFinite(ConfigError):
+    """A float of the right type but not finite: preferred over "expected X" inside unions."""
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlong = 3, SHOW_CHARS, SHOW_CHARS, 40
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 6
+
+
+def show(value: Any) -> str:
+    """``repr(value)`` on one line, cut to about :data:`SHOW_CHARS` characters.
+
+    Bounded in depth and length, so a huge or deeply nested value cannot blow up a message.
+    """
+    try:
+        text = _REPR.repr(value)
+    except ValueError:   # an int too long for str(); Python refuses to convert it
+        text = f"<int of {value.bit_length()} bits>" if isinstance(value, int) else f"<{type(value).__name__}>"
+    return clip(text)
+
+
+def clip(text: str, limit: int = SHOW_CHARS) -> str:
+    """``text`` on one line, cut to about ``limit`` characters."""
+    text = " ".join(text.splitlines())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def key_path(path: str, key: Any) -> str:
+    """``path.key``; a key that is not a short printable name is shown as a cut repr."""
+    name = key if isinstance(key, str) and key.isprintable() and 0 < len(key) <= SHOW_CHARS else show(key)
+    return f"{path}.{name}" if path else name
+
+
+def require(ok: bool, path: str, msg: str) -> None:
+    """Raise ``ConfigError("path: msg")`` unless ``ok``."""
+    if not ok:
+        raise ConfigError(f"{path}: {msg}")
+
+
+def check_min(path: str, value: float, low: float, note: str = "") -> None:
+    """``value >= low``; ``note`` (e.g. ``" (0: all)"``) is appended to the rule."""
+    require(value >= low, path, f"must be >= {show(low)}{note}, got {show(value)}")
+
+
+def check_range(path: str, value: float, low: float, high: float) -> None:
+    """``low <= value <= high``."""
+    require(low <= value <= high, path, f"must be in [{show(low)}, {show(high)}], got {show(value)}")
+
+
+def check_choice(path: str, value: Any, known: Collection[Any], what: str) -> None:
+    """``value`` is one of ``known`` (a registry's names or a literal set)."""
+    require(value in known, path, f"unknown {what} {show(value)} (known: {', '.join(map(str, known))})")
+
+
+def check_unique(path: str, items: Iterable[Any], key: Callable[[Any], Any] = lambda x: x) -> None:
+    """No item twice by ``key`` (a repeated method or codec would run twice under one name)."""
+    seen: set[Any] = set()
+    for item in items:
+        require(key(item) not in seen, path, f"{show(item)} is listed twice")
+        seen.add(key(item))
+
+
+def check_names(path: str, names: list[str], known: Collection[str], what: str, *,
+                allow_empty: bool = False) -> None:
+    """A list of registry names: non-empty (unless allowed), each known, none twice."""
+    require(allow_empty or len(names) > 0, path, f"needs at least one {what}")
+    for i, name in enumerate(names):
+        check_choice(f"{path}[{i}]", name, known, what)
+    check_unique(path, names)
 
 
 def _type_name(tp: Any) -> str:
@@ -43,7 +133,17 @@ def _type_name(tp: Any) -> str:
 
 
 def _fail(path: str, tp: Any, value: Any) -> typing.NoReturn:
-    raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
+    raise ConfigError(f"{path}: expected {_type_name(tp)}, got {show(value)}")
+
+
+def _finite_float(value: int | float, path: str) -> float:
+    try:
+        out = float(value)
+    except OverflowError:   # an int beyond the float range
+        out = math.inf
+    if not math.isfinite(out):
+        raise _NotFinite(f"{path}: must be a finite number, got {show(value)}")
+    return out
 
 
 def from_dict(tp: type[T] | Any, value: Any, path: str = "") -> T:
@@ -51,7 +151,8 @@ def from_dict(tp: type[T] | Any, value: Any, path: str = "") -> T:
 
     Supports dataclasses, ``bool``/``int``/``float``/``str``, ``Optional``/unions,
     ``Literal``, ``list[X]``, ``tuple[X, ...]`` and ``dict[str, X]``. An ``int`` is
-    accepted where a ``float`` is expected; a ``bool`` is never accepted as a number.
+    accepted where a ``float`` is expected; a ``bool`` is never accepted as a number;
+    every ``float`` must be finite (no nan or inf).
     """
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
@@ -59,13 +160,12 @@ def from_dict(tp: type[T] | Any, value: Any, path: str = "") -> T:
             _fail(path or "params", tp, value)
         hints = typing.get_type_hints(tp)
         fields = {f.name: f for f in dataclasses.fields(tp)}
-        unknown = sorted(set(value) - set(fields))
+        unknown = [k for k in value if k not in fields]   # file order: keys may be of mixed types
         if unknown:
-            where = f"{path}.{unknown[0]}" if path else str(unknown[0])
-            raise ConfigError(f"{where}: unknown key (known: {', '.join(fields)})")
+            raise ConfigError(f"{key_path(path, unknown[0])}: unknown key (known: {', '.join(fields)})")
         kwargs = {}
         for name, field in fields.items():
-            sub = f"{path}.{name}" if path else name
+            sub = key_path(path, name)
             if name not in value:
                 has_default = (field.default is not dataclasses.MISSING
                                or field.default_factory is not dataclasses.MISSING)
@@ -80,6 +180,7 @@ def from_dict(tp: type[T] | Any, value: Any, path: str = "") -> T:
             return value
         _fail(path, tp, value)
     if origin in (Union, types.UnionType):
+        bad_value: _NotFinite | None = None
         for arg in typing.get_args(tp):
             if arg is type(None):
                 if value is None:
@@ -87,8 +188,12 @@ def from_dict(tp: type[T] | Any, value: Any, path: str = "") -> T:
                 continue
             try:
                 return from_dict(arg, value, path)
+            except _NotFinite as exc:
+                bad_value = bad_value or exc
             except ConfigError:
                 pass
+        if bad_value is not None:
+            raise bad_value
         _fail(path, tp, value)
     if origin is list:
         if not isinstance(value, list):
@@ -108,7 +213,7 @@ def from_dict(tp: type[T] | Any, value: Any, path: str = "") -> T:
         if not isinstance(value, dict):
             _fail(path, tp, value)
         key_t, val_t = typing.get_args(tp)
-        return {from_dict(key_t, k, f"{path}.{k}"): from_dict(val_t, v, f"{path}.{k}")
+        return {from_dict(key_t, k, key_path(path, k)): from_dict(val_t, v, key_path(path, k))
                 for k, v in value.items()}
     if tp is Any:
         return value
@@ -122,7 +227,7 @@ def from_dict(tp: type[T] | Any, value: Any, path: str = "") -> T:
         _fail(path, tp, value)
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            return _finite_float(value, path)
         _fail(path, tp, value)
     if tp is str:
         if isinstance(value, str):
@@ -144,12 +249,14 @@ def to_dict(obj: Any) -> Any:
 
 # --- the params file -------------------------------------------------------------------
 # Imported late-bound: section schemas are defined beside the code that uses them.
-from vlmcompress.codec.config import CodecStageParams  # noqa: E402
-from vlmcompress.data.config import DataParams  # noqa: E402
-from vlmcompress.eval.config import AnchorsParams, BDRateParams, EvalCodecParams  # noqa: E402
-from vlmcompress.figures.config import FiguresParams  # noqa: E402
-from vlmcompress.lvlm.config import LvlmParams  # noqa: E402
-from vlmcompress.tokens.config import TokensParams  # noqa: E402
+from vlmcompress.codec.config import CodecStageParams, check_stage_params  # noqa: E402
+from vlmcompress.data.config import DataParams, check_data_params  # noqa: E402
+from vlmcompress.eval.config import (AnchorsParams, BDRateParams, EvalCodecParams,  # noqa: E402
+                                     check_anchors_params, check_bdrate_params,
+                                     check_eval_codec_params)
+from vlmcompress.figures.config import FiguresParams, check_figures_params  # noqa: E402
+from vlmcompress.lvlm.config import LvlmParams, check_lvlm_params  # noqa: E402
+from vlmcompress.tokens.config import TokensParams, check_tokens_params  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,21 +275,104 @@ class Params:
     figures: FiguresParams
 
 
+def check_params(p: Params) -> None:
+    """Every section's value checks, then the checks that tie sections together."""
+    check_range("seed", p.seed, 0, SEED_MAX)
+    check_data_params(p.data)
+    check_lvlm_params(p.lvlm)
+    check_stage_params(p.codec)
+    check_tokens_params(p.tokens)
+    check_anchors_params(p.anchors)
+    check_bdrate_params(p.bdrate, p.anchors)
+    check_eval_codec_params(p.eval_codec, levels=p.codec.model.levels)
+    check_figures_params(p.figures)
+    if p.lvlm.source == "train":   # the embedded model's sizes are known now; a hub model's only once loaded
+        _check_against_arch(p)
+
+
+def _check_against_arch(p: Params) -> None:
+    """Layer indices, token counts and widths that must fit the embedded model (``lvlm.arch``)."""
+    a = p.lvlm.arch
+    layers = a.vision_layers
+    require(-layers <= p.tokens.attention_layer < layers, "tokens.attention_layer",
+            f"must index a layer of lvlm.arch.vision_layers ({show(layers)}): in [-{show(layers)}, "
+            f"{show(layers - 1)}], got {show(p.tokens.attention_layer)}")
+    n_patches = (a.image_size // a.patch_size) ** 2
+    for i, b in enumerate(p.tokens.budgets):
+        if isinstance(b, int):
+            require(b <= n_patches, f"tokens.budgets[{i}]",
+                    f"a token count must be <= the {show(n_patches)} visual tokens of lvlm.arch, got {show(b)}")
+    pre = p.codec.model.preedit
+    if pre.enabled and pre.use_tokens:
+        require(pre.token_dim == a.vision_hidden, "codec.model.preedit.token_dim",
+                f"must equal lvlm.arch.vision_hidden ({show(a.vision_hidden)}), the width of the tokens "
+                f"it fuses, got {show(pre.token_dim)}")
+
+
+class ParamsLoader(yaml.SafeLoader):
+    """YAML's safe loader that refuses duplicate mapping keys and any anchor or alias."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise ComposerError(None, None, "anchors and aliases are not allowed in a params file",
+                                event.start_mark)
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        if isinstance(node, MappingNode):
+            seen: dict[Any, None] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    duplicate = key in seen
+                except TypeError:   # a list or mapping as a key
+                    raise ConstructorError("while constructing a mapping", node.start_mark,
+                                           "found unhashable key", key_node.start_mark) from None
+                if duplicate:
+                    raise ConstructorError(None, None, f"duplicate key {show(key)}", key_node.start_mark)
+                seen[key] = None
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}" if mark is not None else ""
+    problem = getattr(exc, "problem", None) or str(exc).strip() or type(exc).__name__
+    return f"invalid YAML{where} ({clip(str(problem), 2 * SHOW_CHARS)})"
+
+
 def read_yaml(path: Path) -> Any:
-    """Parse a YAML file, turning I/O and syntax errors into one-line :class:`ConfigError`."""
+    """Parse a params file with :class:`ParamsLoader`; every failure is a one-line :class:`ConfigError`."""
     try:
-        text = Path(path).read_text()
+        with open(path, "rb") as fh:
+            raw = fh.read(MAX_PARAMS_BYTES + 1)
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read params file ({exc.strerror})") from None
+    if len(raw) > MAX_PARAMS_BYTES:
+        raise ConfigError(f"{path}: params file larger than {MAX_PARAMS_BYTES} bytes")
     try:
-        return yaml.safe_load(text)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: params file is not UTF-8 text") from None
+    try:
+        return yaml.load(text, Loader=ParamsLoader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}: invalid YAML{where}") from None
+        raise ConfigError(f"{path}: {_yaml_problem(exc)}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: invalid YAML (nested too deeply)") from None
+    except ValueError as exc:   # e.g. an integer with more digits than Python converts
+        raise ConfigError(f"{path}: invalid YAML ({clip(str(exc), 2 * SHOW_CHARS)})") from None
 
 
 def load_params(path: str | Path | None = None) -> Params:
-    """Load and validate a params file (default: the project's ``params.yaml``)."""
+    """Load a params file (default: the project's ``params.yaml``) and run every value check."""
     path = Path(path) if path is not None else project_root() / "params.yaml"
-    return from_dict(Params, read_yaml(path), "")
+    data = read_yaml(path)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of params sections, got {show(data)}")
+    params = from_dict(Params, data, "")
+    check_params(params)
+    return params

@@ -131,6 +131,7 @@ class CodecStageParams:
     baseline: BaselineParams
     ablations: list[str]     # names in vlmcompress.codec.variants.ABLATIONS, each trained like ours
     eval: CodecEvalParams
+    max_pixels: int          # largest image encode and decode accept: bounds the decoder's memory
 
     @property
     def ours(self) -> CodecParams:
@@ -139,87 +140,94 @@ class CodecStageParams:
 
 def _require(ok: bool, path: str, msg: str) -> None:
     # Late import: vlmcompress.config imports this module to assemble Params.
-    from vlmcompress.config import ConfigError
-    if not ok:
-        raise ConfigError(f"{path}: {msg}")
+    from vlmcompress.config import require
+    require(ok, path, msg)
+
+
+def _show(value: object) -> str:
+    from vlmcompress.config import show
+    return show(value)
 
 
 def check_model_params(p: CodecModelParams, path: str = "model") -> None:
     """Value checks of a model section (raises :class:`ConfigError` naming the key)."""
-    _require(p.N > 0, f"{path}.N", f"must be > 0, got {p.N}")
-    _require(p.M > 0, f"{path}.M", f"must be > 0, got {p.M}")
-    _require(p.hyper_channels >= 0, f"{path}.hyper_channels", f"must be >= 0 (0: N), got {p.hyper_channels}")
-    _require(1 <= p.levels <= 64, f"{path}.levels", f"must be in [1, 64], got {p.levels}")
+    _require(p.N > 0, f"{path}.N", f"must be > 0, got {_show(p.N)}")
+    _require(p.M > 0, f"{path}.M", f"must be > 0, got {_show(p.M)}")
+    _require(p.hyper_channels >= 0, f"{path}.hyper_channels",
+             f"must be >= 0 (0: N), got {_show(p.hyper_channels)}")
+    _require(1 <= p.levels <= 64, f"{path}.levels", f"must be in [1, 64], got {_show(p.levels)}")
     lo, hi = p.gain_init
     _require(all(math.isfinite(g) and g > 0 for g in (lo, hi)), f"{path}.gain_init",
-             f"gains must be finite and > 0, got {list(p.gain_init)}")
+             f"gains must be finite and > 0, got {_show(list(p.gain_init))}")
     _require(lo <= hi, f"{path}.gain_init", "must be non-decreasing (level R-1 is the highest rate)")
     e = p.preedit
     if e.enabled:
-        _require(e.channels > 0, f"{path}.preedit.channels", f"must be > 0, got {e.channels}")
-        _require(1 <= e.depth <= 6, f"{path}.preedit.depth", f"must be in [1, 6], got {e.depth}")
+        _require(e.channels > 0, f"{path}.preedit.channels", f"must be > 0, got {_show(e.channels)}")
+        _require(1 <= e.depth <= 6, f"{path}.preedit.depth", f"must be in [1, 6], got {_show(e.depth)}")
         if e.use_tokens:
-            _require(e.token_dim > 0, f"{path}.preedit.token_dim", f"must be > 0, got {e.token_dim}")
+            _require(e.token_dim > 0, f"{path}.preedit.token_dim", f"must be > 0, got {_show(e.token_dim)}")
             _require(e.token_channels > 0, f"{path}.preedit.token_channels",
-                     f"must be > 0, got {e.token_channels}")
+                     f"must be > 0, got {_show(e.token_channels)}")
+
+
+def _check_lambdas(lambdas: list[float], levels: int, path: str) -> None:
+    """One finite, positive multiplier per rate level, increasing with the level (higher rate)."""
+    _require(len(lambdas) == levels, path, f"needs one value per rate level ({levels}), got {len(lambdas)}")
+    _require(all(math.isfinite(v) and v > 0 for v in lambdas), path,
+             f"values must be finite and > 0, got {_show(lambdas)}")
+    _require(all(a < b for a, b in zip(lambdas, lambdas[1:])), path,
+             f"must increase with the rate level (a higher level spends more bits), got {_show(lambdas)}")
 
 
 def check_codec_params(p: CodecParams, path: str = "codec") -> None:
     """Cross-field checks of a whole codec section."""
     from vlmcompress.codec.losses import RANK_LOSSES  # late: losses imports torch
     from vlmcompress.codec.model import MODELS
+    from vlmcompress.config import SEED_MAX, check_choice, check_range
 
-    _require(p.model.name in MODELS, f"{path}.model.name",
-             f"unknown model {p.model.name!r} (known: {', '.join(sorted(MODELS))})")
+    check_choice(f"{path}.model.name", p.model.name, sorted(MODELS), "model")
     check_model_params(p.model, f"{path}.model")
     lo = p.loss
-    _require(len(lo.lambdas) == p.model.levels, f"{path}.loss.lambdas",
-             f"needs one value per rate level ({p.model.levels}), got {len(lo.lambdas)}")
-    _require(all(math.isfinite(v) and v > 0 for v in lo.lambdas), f"{path}.loss.lambdas",
-             "values must be finite and > 0")
+    _check_lambdas(lo.lambdas, p.model.levels, f"{path}.loss.lambdas")
     for name in ("w_token_mse", "w_token_cos", "w_rank", "w_pixel", "w_lowpass"):
         v = getattr(lo, name)
-        _require(math.isfinite(v) and v >= 0, f"{path}.loss.{name}", f"must be >= 0, got {v}")
-    _require(lo.lowpass >= 1, f"{path}.loss.lowpass", f"must be >= 1, got {lo.lowpass}")
-    _require(lo.token_space in TOKEN_SPACES, f"{path}.loss.token_space",
-             f"unknown token space {lo.token_space!r} (known: {', '.join(TOKEN_SPACES)})")
-    _require(lo.lowpass_weighting in LOWPASS_WEIGHTINGS, f"{path}.loss.lowpass_weighting",
-             f"unknown weighting {lo.lowpass_weighting!r} (known: {', '.join(LOWPASS_WEIGHTINGS)})")
+        _require(math.isfinite(v) and v >= 0, f"{path}.loss.{name}", f"must be >= 0, got {_show(v)}")
+    _require(lo.lowpass >= 1, f"{path}.loss.lowpass", f"must be >= 1, got {_show(lo.lowpass)}")
+    check_choice(f"{path}.loss.token_space", lo.token_space, TOKEN_SPACES, "token space")
+    check_choice(f"{path}.loss.lowpass_weighting", lo.lowpass_weighting, LOWPASS_WEIGHTINGS, "weighting")
     _require(lo.w_token_mse + lo.w_token_cos + lo.w_rank + lo.w_pixel + lo.w_lowpass > 0, f"{path}.loss",
              "at least one distortion weight must be > 0")
-    _require(lo.rank_mode in RANK_LOSSES, f"{path}.loss.rank_mode",
-             f"unknown rank loss {lo.rank_mode!r} (known: {', '.join(sorted(RANK_LOSSES))})")
+    check_choice(f"{path}.loss.rank_mode", lo.rank_mode, sorted(RANK_LOSSES), "rank loss")
     t = p.train
+    check_range(f"{path}.train.seed", t.seed, 0, SEED_MAX)
     for name in ("steps", "batch_size", "patch_size", "checkpoint_every", "log_every"):
         v = getattr(t, name)
-        _require(v > 0, f"{path}.train.{name}", f"must be > 0, got {v}")
+        _require(v > 0, f"{path}.train.{name}", f"must be > 0, got {_show(v)}")
     _require(t.patch_size % 64 == 0, f"{path}.train.patch_size",
-             f"must be a multiple of 64 (the codec's stride), got {t.patch_size}")
-    _require(t.lr > 0 and t.aux_lr > 0, f"{path}.train.lr", "lr and aux_lr must be > 0")
-    _require(0 < t.lr_decay_at <= 1, f"{path}.train.lr_decay_at", f"must be in (0, 1], got {t.lr_decay_at}")
-    _require(t.grad_clip >= 0, f"{path}.train.grad_clip", f"must be >= 0, got {t.grad_clip}")
+             f"must be a multiple of 64 (the codec's stride), got {_show(t.patch_size)}")
+    _require(t.lr > 0, f"{path}.train.lr", f"must be > 0, got {_show(t.lr)}")
+    _require(t.aux_lr > 0, f"{path}.train.aux_lr", f"must be > 0, got {_show(t.aux_lr)}")
+    _require(0 < t.lr_decay_at <= 1, f"{path}.train.lr_decay_at", f"must be in (0, 1], got {_show(t.lr_decay_at)}")
+    _require(t.grad_clip >= 0, f"{path}.train.grad_clip", f"must be >= 0 (0: off), got {_show(t.grad_clip)}")
     _require(math.isfinite(t.gain_lr_scale) and t.gain_lr_scale > 0, f"{path}.train.gain_lr_scale",
-             f"must be > 0, got {t.gain_lr_scale}")
+             f"must be > 0, got {_show(t.gain_lr_scale)}")
 
 
 def check_stage_params(p: CodecStageParams, path: str = "codec") -> None:
     """Checks of the whole ``codec`` section, including every codec it derives."""
     from vlmcompress.codec.variants import ABLATIONS, model_variants  # late: avoids a cycle
-    from vlmcompress.config import ConfigError
+    from vlmcompress.config import ConfigError, check_choice, check_names
 
+    from vlmcompress.codec.bitstream import MAX_DIM
     check_codec_params(p.ours, path)
+    _require(1 <= p.max_pixels <= MAX_DIM * MAX_DIM, f"{path}.max_pixels",
+             f"must be in [1, {MAX_DIM * MAX_DIM}], got {_show(p.max_pixels)}")
     b = p.baseline
-    _require(len(b.lambdas) == p.model.levels, f"{path}.baseline.lambdas",
-             f"needs one value per rate level ({p.model.levels}), got {len(b.lambdas)}")
-    _require(all(math.isfinite(v) and v > 0 for v in b.lambdas), f"{path}.baseline.lambdas",
-             "values must be finite and > 0")
-    _require(b.steps >= 0, f"{path}.baseline.steps", f"must be >= 0 (0: train.steps), got {b.steps}")
+    _check_lambdas(b.lambdas, p.model.levels, f"{path}.baseline.lambdas")
+    _require(b.steps >= 0, f"{path}.baseline.steps", f"must be >= 0 (0: train.steps), got {_show(b.steps)}")
     _require(b.patch_size >= 0 and b.patch_size % 64 == 0, f"{path}.baseline.patch_size",
-             f"must be 0 (train.patch_size) or a multiple of 64 (the codec's stride), got {b.patch_size}")
-    for i, name in enumerate(p.ablations):
-        _require(name in ABLATIONS, f"{path}.ablations[{i}]",
-                 f"unknown ablation {name!r} (known: {', '.join(sorted(ABLATIONS))})")
-    _require(len(set(p.ablations)) == len(p.ablations), f"{path}.ablations", "names must be unique")
+             f"must be 0 (train.patch_size) or a multiple of 64 (the codec's stride), got {_show(b.patch_size)}")
+    check_names(f"{path}.ablations", p.ablations, sorted(ABLATIONS), "ablation", allow_empty=True)
     variants = model_variants(p)
     for name, variant in variants.items():
         try:
@@ -231,20 +239,21 @@ def check_stage_params(p: CodecStageParams, path: str = "codec") -> None:
         from vlmcompress.codec.variants import codec_names, training_order
         # A codec's name that this params file does not train is a mistake, not a folder.
         _require(src in variants or src not in codec_names(), f"{path}.train.init_from",
-                 f"{src!r} is not trained by this params file (codecs: {', '.join(variants)})")
+                 f"{_show(src)} is not trained by this params file (codecs: {', '.join(variants)})")
         try:
             training_order(variants)
         except ValueError as exc:
             _require(False, f"{path}.train.init_from", str(exc))
     e = p.eval
-    _require(e.n_test_images >= 0, f"{path}.eval.n_test_images", f"must be >= 0, got {e.n_test_images}")
-    _require(e.n_rates >= 2, f"{path}.eval.n_rates", f"must be >= 2 (both ends), got {e.n_rates}")
+    _require(e.n_test_images >= 0, f"{path}.eval.n_test_images",
+             f"must be >= 0 (0: all), got {_show(e.n_test_images)}")
+    _require(e.n_rates >= 2, f"{path}.eval.n_rates", f"must be >= 2 (both ends), got {_show(e.n_rates)}")
     _require(len(e.example_rates) > 0, f"{path}.eval.example_rates", "needs at least one rate")
     for i, r in enumerate(e.example_rates):
         _require(0 <= r <= p.model.levels - 1, f"{path}.eval.example_rates[{i}]",
-                 f"must be in [0, {p.model.levels - 1}], got {r}")
-    _require(e.timing_repeats > 0, f"{path}.eval.timing_repeats", f"must be > 0, got {e.timing_repeats}")
-    _require(e.timing_threads >= 0, f"{path}.eval.timing_threads", f"must be >= 0, got {e.timing_threads}")
-    _require(e.vvc_preset in VVENC_PRESETS, f"{path}.eval.vvc_preset",
-             f"unknown VVenC preset {e.vvc_preset!r} (known: {', '.join(VVENC_PRESETS)})")
-    _require(0 <= e.vvc_qp <= 63, f"{path}.eval.vvc_qp", f"must be in [0, 63], got {e.vvc_qp}")
+                 f"must be in [0, {p.model.levels - 1}], got {_show(r)}")
+    _require(e.timing_repeats > 0, f"{path}.eval.timing_repeats", f"must be > 0, got {_show(e.timing_repeats)}")
+    _require(e.timing_threads >= 0, f"{path}.eval.timing_threads",
+             f"must be >= 0 (0: torch's default), got {_show(e.timing_threads)}")
+    check_choice(f"{path}.eval.vvc_preset", e.vvc_preset, VVENC_PRESETS, "VVenC preset")
+    _require(0 <= e.vvc_qp <= 63, f"{path}.eval.vvc_qp", f"must be in [0, 63], got {_show(e.vvc_qp)}")

@@ -21,8 +21,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from vlmcompress.config import ConfigError
-
 
 @dataclass(frozen=True)
 class AnchorCodecParams:
@@ -54,37 +52,43 @@ class BDRateParams:
 
 
 def check_anchors_params(p: AnchorsParams, path: str = "anchors") -> None:
-    """Cross-field checks a type check cannot express; messages name the key path."""
+    """Known codecs with valid options, listed once; a sane bpp range and quality points."""
+    # Late imports: numpy, and vlmcompress.config (which imports this module to assemble Params).
     from vlmcompress.codec.anchors import ANCHORS, AnchorError, make_anchor
+    from vlmcompress.config import (SHOW_CHARS, ConfigError, check_choice, check_min, check_unique, clip, key_path,
+                                    require, show)
 
-    lo, hi = p.bpp_range
-    if not 0 < lo < hi:
-        raise ConfigError(f"{path}.bpp_range: need 0 < low < high, got {list(p.bpp_range)}")
-    if p.n_points < 2:
-        raise ConfigError(f"{path}.n_points: need >= 2, got {p.n_points}")
-    if p.n_calibration < 1:
-        raise ConfigError(f"{path}.n_calibration: need >= 1, got {p.n_calibration}")
-    names = [c.name for c in p.codecs]
+    require(len(p.codecs) > 0, f"{path}.codecs", "needs at least one codec")
     for i, codec in enumerate(p.codecs):
+        check_choice(f"{path}.codecs[{i}].name", codec.name, list(ANCHORS), "anchor codec")
         try:
             make_anchor(codec.name, **codec.options)
         except (AnchorError, TypeError) as exc:
-            raise ConfigError(f"{path}.codecs[{i}]: {exc}") from None
-    if len(set(names)) != len(names):
-        raise ConfigError(f"{path}.codecs: a codec is listed twice ({', '.join(names)})")
+            raise ConfigError(f"{path}.codecs[{i}]: {clip(str(exc), 4 * SHOW_CHARS)}") from None
+    names = [c.name for c in p.codecs]
+    check_unique(f"{path}.codecs", names)
+    lo, hi = p.bpp_range
+    require(0 < lo < hi, f"{path}.bpp_range", f"need 0 < low < high, got {show(list(p.bpp_range))}")
+    check_min(f"{path}.n_points", p.n_points, 2)
+    check_min(f"{path}.n_calibration", p.n_calibration, 1)
     for name, qs in p.qualities.items():
-        if name not in names:
-            raise ConfigError(f"{path}.qualities.{name}: not among {path}.codecs")
+        where = key_path(f"{path}.qualities", name)
+        require(name in names, where, f"not among {path}.codecs ({', '.join(names)})")
         scale = ANCHORS[name].scale
-        bad = [q for q in qs if not scale.lo <= q <= scale.hi]
-        if bad or len(qs) < 2:
-            raise ConfigError(f"{path}.qualities.{name}: need >= 2 values in "
-                              f"{scale.lo}..{scale.hi}, got {qs}")
+        require(len(qs) >= 2 and all(scale.lo <= q <= scale.hi for q in qs), where,
+                f"need >= 2 values in {scale.lo}..{scale.hi}, got {show(qs)}")
+        check_unique(where, qs)
 
 
-def check_bdrate_params(p: BDRateParams, path: str = "bdrate") -> None:
-    if not 0.0 <= p.min_overlap <= 1.0:
-        raise ConfigError(f"{path}.min_overlap: need a fraction in [0, 1], got {p.min_overlap}")
+def check_bdrate_params(p: BDRateParams, anchors: AnchorsParams | None = None, path: str = "bdrate") -> None:
+    """``min_overlap`` is a fraction; with ``anchors``, the reference codec is one of them."""
+    from vlmcompress.config import check_range, require, show
+
+    check_range(f"{path}.min_overlap", p.min_overlap, 0.0, 1.0)
+    if anchors is not None:
+        names = [c.name for c in anchors.codecs]
+        require(p.anchor in names, f"{path}.anchor",
+                f"{show(p.anchor)} is not among anchors.codecs ({', '.join(names)})")
 
 
 @dataclass(frozen=True)
@@ -110,18 +114,21 @@ class EvalCodecParams:
     example_bpp: float            # bpp of those examples (0: the median bpp of `ours`)
 
 
-def check_eval_codec_params(p: EvalCodecParams, path: str = "eval_codec") -> None:
-    """Value checks a type check cannot express (messages name the key path)."""
+def check_eval_codec_params(p: EvalCodecParams, levels: int | None = None, path: str = "eval_codec") -> None:
+    """Value checks a type check cannot express; with ``levels`` (``codec.model.levels``), the
+    learned rates must be rates of that codec."""
+    from vlmcompress.config import check_min, check_unique, require, show
+
     for name in ("n_images", "max_questions", "max_captions", "max_refs", "workers", "n_examples"):
-        if getattr(p, name) < 0:
-            raise ConfigError(f"{path}.{name}: must be >= 0, got {getattr(p, name)}")
-    if p.batch_size < 1:
-        raise ConfigError(f"{path}.batch_size: must be >= 1, got {p.batch_size}")
-    if p.learned_rates and (len(p.learned_rates) < 2 or min(p.learned_rates) < 0):
-        raise ConfigError(f"{path}.learned_rates: need >= 2 rates >= 0 (or [] for an even "
-                          f"spread), got {p.learned_rates}")
-    if p.anchor_span != 0 and p.anchor_span < 1:
-        raise ConfigError(f"{path}.anchor_span: need 0 (use anchors.bpp_range) or a factor "
-                          f">= 1, got {p.anchor_span}")
-    if p.example_bpp < 0:
-        raise ConfigError(f"{path}.example_bpp: must be >= 0, got {p.example_bpp}")
+        check_min(f"{path}.{name}", getattr(p, name), 0)
+    check_min(f"{path}.batch_size", p.batch_size, 1)
+    if p.learned_rates:
+        require(len(p.learned_rates) >= 2 and min(p.learned_rates) >= 0, f"{path}.learned_rates",
+                f"need >= 2 rates >= 0 (or [] for an even spread), got {show(p.learned_rates)}")
+        check_unique(f"{path}.learned_rates", p.learned_rates)
+        if levels is not None:
+            require(max(p.learned_rates) <= levels - 1, f"{path}.learned_rates",
+                    f"rates must be <= codec.model.levels - 1 ({show(levels - 1)}), got {show(p.learned_rates)}")
+    require(p.anchor_span == 0 or p.anchor_span >= 1, f"{path}.anchor_span",
+            f"need 0 (use anchors.bpp_range) or a factor >= 1, got {show(p.anchor_span)}")
+    check_min(f"{path}.example_bpp", p.example_bpp, 0.0, " (0: the median bpp of ours)")

@@ -4,7 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from vlmcompress.config import ConfigError
+# A figure beyond this many dots per inch is hundreds of megapixels: a typo, not a choice.
+MAX_DPI = 1200
 
 
 @dataclass(frozen=True)
@@ -16,11 +17,15 @@ class FiguresParams:
 
 
 def check_figures_params(p: FiguresParams, path: str = "figures") -> None:
-    if not p.formats:
-        raise ConfigError(f"{path}.formats: need at least one format")
-    if p.dpi < 30:
-        raise ConfigError(f"{path}.dpi: must be >= 30, got {p.dpi}")
-    if not p.rate_metrics:
-        raise ConfigError(f"{path}.rate_metrics: need at least one metric")
-    if p.token_examples < 1:
-        raise ConfigError(f"{path}.token_examples: must be >= 1, got {p.token_examples}")
+    """Non-empty lists without repeats, a sane resolution, at least one token example."""
+    # Late import: vlmcompress.config imports this module to assemble Params.
+    from vlmcompress.config import check_min, check_range, check_unique, require
+
+    require(len(p.formats) > 0, f"{path}.formats", "needs at least one format")
+    check_unique(f"{path}.formats", p.formats)
+    check_range(f"{path}.dpi", p.dpi, 30, MAX_DPI)
+    require(len(p.rate_metrics) > 0, f"{path}.rate_metrics", "needs at least one metric")
+    for i, name in enumerate(p.rate_metrics):
+        require(name.strip() != "", f"{path}.rate_metrics[{i}]", "must name a column of curves.csv, got ''")
+    check_unique(f"{path}.rate_metrics", p.rate_metrics)
+    check_min(f"{path}.token_examples", p.token_examples, 1)

@@ -1,6 +1,8 @@
 """Schema of the ``lvlm`` section of params.yaml."""
 from __future__ import annotations
 
+import re
+import string
 from dataclasses import dataclass
 from typing import Literal
 
@@ -107,7 +109,120 @@ class LvlmParams:
     dtype: Literal["float32", "bfloat16", "float16"]
     device: str
     attn_layer: int           # vision layer whose CLS attention the adapter records
+    image_aspect: Literal["pad", "crop", "resize"]   # how any image becomes the tower's square (lvlm/imageprep.py)
     prompts: PromptParams
     arch: ArchParams
     train: TrainParams
     eval: EvalParams
+
+
+# Placeholders each prompt is formatted with (lvlm/adapter.py Prompts); system and caption are not formatted.
+_PROMPT_FIELDS = {"template": "instruction", "vqa": "question", "ground": "ref"}
+_DEVICE = re.compile(r"[a-z][a-z0-9_]*(:[0-9]+)?")   # a torch device string: cpu, cuda, cuda:1, mps, ...
+
+
+def check_lvlm_params(p: LvlmParams, path: str = "lvlm") -> None:
+    """Value checks of the ``lvlm`` section (messages name the key path)."""
+    from vlmcompress.config import check_range, require, show  # late: vlmcompress.config imports this module
+
+    if p.source == "pretrained":
+        for name in ("llava", "clip"):
+            require(getattr(p, name).strip() != "", f"{path}.{name}",
+                    "needs a hub id or folder with source: pretrained")
+    require(_DEVICE.fullmatch(p.device) is not None, f"{path}.device",
+            f"must be a torch device such as cpu, cuda or cuda:1, got {show(p.device)}")
+    check_prompts(p.prompts, f"{path}.prompts")
+    check_arch_params(p.arch, f"{path}.arch")
+    check_train_params(p.train, p.arch, f"{path}.train")
+    check_eval_params(p.eval, f"{path}.eval")
+    if p.source == "train":   # a hub model's depth is known only once it is loaded
+        n = p.arch.vision_layers
+        check_range(f"{path}.attn_layer", p.attn_layer, -n, n - 1)
+
+
+def check_prompts(p: PromptParams, path: str = "lvlm.prompts") -> None:
+    """Each formatted prompt holds exactly its own ``{placeholder}`` (no format spec or conversion,
+    so formatting cannot fail or grow); ``<image>`` appears once, in the template only."""
+    from vlmcompress.config import ConfigError, clip, require, show
+
+    for name in ("system", "template", "vqa", "caption", "ground"):
+        text, want = getattr(p, name), _PROMPT_FIELDS.get(name)
+        if want is not None:
+            try:
+                fields = [(f, spec, conv) for _, f, spec, conv in string.Formatter().parse(text) if f is not None]
+            except ValueError as exc:   # an unmatched brace
+                raise ConfigError(f"{path}.{name}: not a format string ({clip(str(exc))}): {show(text)}") from None
+            require(all(f == want and not spec and conv is None for f, spec, conv in fields) and len(fields) > 0,
+                    f"{path}.{name}", f"needs the placeholder {{{want}}} and no other (write {{{{ or }}}} for a "
+                    f"literal brace), got {show(text)}")
+        count = text.count("<image>")
+        if name == "template":
+            require(count == 1, f"{path}.template", f"needs exactly one <image>, got {count}")
+        else:
+            require(count == 0, f"{path}.{name}", "must not contain <image> (only the template places the image)")
+
+
+def check_arch_params(a: ArchParams, path: str = "lvlm.arch") -> None:
+    """Positive sizes, a patch grid that tiles the image, and widths that split into heads."""
+    from vlmcompress.config import check_min, check_range, require, show
+
+    for name in ("image_size", "patch_size", "vision_hidden", "vision_layers", "vision_heads", "text_hidden",
+                 "text_layers", "text_heads", "text_max_len", "projection_dim", "lm_hidden", "lm_layers",
+                 "lm_heads", "lm_intermediate"):
+        check_min(f"{path}.{name}", getattr(a, name), 1)
+    check_min(f"{path}.stem_context", a.stem_context, 0)
+    require(a.image_size % a.patch_size == 0, f"{path}.patch_size",
+            f"must divide {path}.image_size ({show(a.image_size)}), got {show(a.patch_size)}")
+    # The stem is stem_layers stride-2 convolutions: its stride 2**stem_layers is the patch size.
+    check_range(f"{path}.stem_layers", a.stem_layers, 0, 16)
+    if a.stem_layers > 0:
+        require(2 ** a.stem_layers == a.patch_size, f"{path}.stem_layers",
+                f"gives stride 2**{a.stem_layers} = {2 ** a.stem_layers}, but {path}.patch_size is "
+                f"{show(a.patch_size)} (0: one-conv patch embedding)")
+    for part in ("vision", "text", "lm"):
+        hidden, heads = getattr(a, f"{part}_hidden"), getattr(a, f"{part}_heads")
+        require(hidden % heads == 0, f"{path}.{part}_hidden",
+                f"must be a multiple of {path}.{part}_heads ({show(heads)}), got {show(hidden)}")
+    n = a.vision_layers   # hidden_states holds the embeddings and one entry per layer
+    check_range(f"{path}.vision_feature_layer", a.vision_feature_layer, -(n + 1), n)
+
+
+def check_train_params(t: TrainParams, a: ArchParams, path: str = "lvlm.train") -> None:
+    """Steps, batches, rates and weights of the training recipe; layer indices against ``a``."""
+    from vlmcompress.config import check_min, check_range, require, show
+
+    check_min(f"{path}.threads", t.threads, 0, " (0: torch's default)")
+    check_min(f"{path}.pool_scenes", t.pool_scenes, 1)
+    for phase in ("clip", "text", "align", "lm"):
+        check_min(f"{path}.{phase}_steps", getattr(t, f"{phase}_steps"), 0)
+        batch = getattr(t, f"{phase}_batch")
+        check_min(f"{path}.{phase}_batch", batch, 1)
+        # A batch is drawn from the pool without replacement.
+        require(batch <= t.pool_scenes, f"{path}.{phase}_batch",
+                f"must be <= {path}.pool_scenes ({show(t.pool_scenes)}), got {show(batch)}")
+        lr = getattr(t, f"{phase}_lr")
+        require(lr > 0, f"{path}.{phase}_lr", f"must be > 0, got {show(lr)}")
+    for name in ("clip_position_weight", "align_position_scale", "lm_projector_lr_scale", "lm_look_weight",
+                 "lm_where_weight", "lm_compare_weight"):
+        check_min(f"{path}.{name}", getattr(t, name), 0.0)
+    check_min(f"{path}.text_questions", t.text_questions, 1)
+    check_min(f"{path}.lm_turns", t.lm_turns, 1)
+    check_min(f"{path}.lm_bg_start", t.lm_bg_start, 0)
+    for name in ("lm_bg_ramp", "caption_prob", "ground_prob"):
+        check_range(f"{path}.{name}", getattr(t, name), 0.0, 1.0)
+    check_min(f"{path}.warmup_steps", t.warmup_steps, 0)
+    check_min(f"{path}.checkpoint_every", t.checkpoint_every, 1)
+    check_min(f"{path}.eval_every", t.eval_every, 1)
+    if t.lm_look_weight > 0:
+        check_range(f"{path}.lm_look_layer", t.lm_look_layer, 0, a.lm_layers - 1)
+    if t.relation_readouts:   # the Trainer's rule: the compare readout reads the layer after it
+        check_range(f"{path}.lm_where_layer", t.lm_where_layer, 0, a.lm_layers - 1)
+
+
+def check_eval_params(e: EvalParams, path: str = "lvlm.eval") -> None:
+    """A positive batch and non-negative limits."""
+    from vlmcompress.config import check_min
+
+    check_min(f"{path}.batch_size", e.batch_size, 1)
+    for name in ("max_questions", "max_captions", "max_refs", "gallery", "text_probe_images"):
+        check_min(f"{path}.{name}", getattr(e, name), 0, " (0: all)" if name != "text_probe_images" else " (0: off)")

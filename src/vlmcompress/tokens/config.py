@@ -25,14 +25,19 @@ def _fail(where: str, msg: str) -> None:
     raise ConfigError(f"tokens.{where}: {msg}")
 
 
+def _show(value: Any) -> str:
+    from vlmcompress.config import show
+    return show(value)
+
+
 def _check_share(section: str, name: str, value: float) -> None:
     if not (0.0 <= value <= 1.0) or math.isnan(value):
-        _fail(f"{section}.{name}", f"must be in [0, 1], got {value}")
+        _fail(f"{section}.{name}", f"must be in [0, 1], got {_show(value)}")
 
 
 def _check_min(section: str, name: str, value: float, low: float) -> None:
     if not value >= low:
-        _fail(f"{section}.{name}" if section else name, f"must be >= {low}, got {value}")
+        _fail(f"{section}.{name}" if section else name, f"must be >= {low}, got {_show(value)}")
 
 
 @dataclass(frozen=True)
@@ -155,19 +160,19 @@ class RecoverableParams:
     def __post_init__(self) -> None:
         name = "recoverable_spread" if isinstance(self, RecoverableSpreadParams) else "recoverable"
         if self.salient_source not in ("cls", "spread"):
-            _fail(f"{name}.salient_source", f"expected 'cls' or 'spread', got {self.salient_source!r}")
+            _fail(f"{name}.salient_source", f"expected 'cls' or 'spread', got {_show(self.salient_source)}")
         for field_name in ("salient_neighbors", "recovery_neighbors", "centre_neighbors"):
             _check_min(name, field_name, getattr(self, field_name), 1)
         _check_min(name, "merge_neighbors", self.merge_neighbors, 0)
         _check_min(name, "min_salient", self.min_salient, 0)
         if self.peak_window < 3 or self.peak_window % 2 == 0:
-            _fail(f"{name}.peak_window", f"must be odd and >= 3, got {self.peak_window}")
+            _fail(f"{name}.peak_window", f"must be odd and >= 3, got {_show(self.peak_window)}")
         _check_min(name, "whisker", self.whisker, 0.0)
         _check_share(name, "salient_share", self.salient_share)
         _check_share(name, "recovered_share", self.recovered_share)
         if self.salient_share + self.recovered_share > 1.0 + 1e-9:
-            _fail(f"{name}.recovered_share",
-                  f"salient_share + recovered_share must be <= 1, got {self.salient_share + self.recovered_share}")
+            total = self.salient_share + self.recovered_share
+            _fail(f"{name}.recovered_share", f"salient_share + recovered_share must be <= 1, got {_show(total)}")
 
 
 @dataclass(frozen=True)
@@ -226,12 +231,13 @@ class TokensEvalParams:
         for name in ("batch_images", "bench_repeats", "bench_batch"):
             _check_min("eval", name, getattr(self, name), 1)
         if not (0.0 < self.task_budget <= 1.0):
-            _fail("eval.task_budget", f"a fraction must be in (0, 1], got {self.task_budget}")
+            _fail("eval.task_budget", f"a fraction must be in (0, 1], got {_show(self.task_budget)}")
         for i, name in enumerate(self.example_methods):
             if name not in METHOD_PARAMS:
-                _fail(f"eval.example_methods[{i}]", f"unknown method {name!r} (known: {', '.join(METHOD_PARAMS)})")
+                _fail(f"eval.example_methods[{i}]", f"unknown method {_show(name)} (known: {', '.join(METHOD_PARAMS)})")
         if self.reference_method not in METHOD_PARAMS:
-            _fail("eval.reference_method", f"unknown method {self.reference_method!r}")
+            _fail("eval.reference_method", f"unknown method {_show(self.reference_method)} "
+                                           f"(known: {', '.join(METHOD_PARAMS)})")
 
 
 @dataclass(frozen=True)
@@ -262,14 +268,14 @@ class TokensParams:
     def __post_init__(self) -> None:
         for i, name in enumerate(self.methods):
             if name not in METHOD_PARAMS:
-                _fail(f"methods[{i}]", f"unknown method {name!r} (known: {', '.join(METHOD_PARAMS)})")
+                _fail(f"methods[{i}]", f"unknown method {_show(name)} (known: {', '.join(METHOD_PARAMS)})")
         for i, b in enumerate(self.budgets):
             if isinstance(b, bool) or not isinstance(b, (int, float)):
-                _fail(f"budgets[{i}]", f"expected an int count or a float fraction, got {b!r}")
+                _fail(f"budgets[{i}]", f"expected an int count or a float fraction, got {_show(b)}")
             if isinstance(b, int) and b < 1:
-                _fail(f"budgets[{i}]", f"a token count must be >= 1, got {b}")
+                _fail(f"budgets[{i}]", f"a token count must be >= 1, got {_show(b)}")
             if isinstance(b, float) and not (0.0 < b <= 1.0):
-                _fail(f"budgets[{i}]", f"a fraction must be in (0, 1], got {b}")
+                _fail(f"budgets[{i}]", f"a fraction must be in (0, 1], got {_show(b)}")
 
     def method_params(self, name: str) -> dict[str, Any]:
         """Keyword parameters for method ``name`` (its section as a dict)."""
@@ -277,3 +283,20 @@ class TokensParams:
             raise KeyError(f"tokens: unknown method {name!r} (known: {', '.join(METHOD_PARAMS)})")
         section = getattr(self, name)
         return {f.name: getattr(section, f.name) for f in dataclasses.fields(section)}
+
+
+def check_tokens_params(p: TokensParams, path: str = "tokens") -> None:
+    """Checks of the whole section beyond each field's own range (run by ``load_params``).
+
+    The method and budget lists are non-empty and without repeats (a repeat would run twice
+    under one label), and the reference method is one the stage measures.
+    """
+    from vlmcompress.config import SEED_MAX, check_names, check_range, check_unique, require, show
+
+    check_names(f"{path}.methods", p.methods, METHOD_PARAMS, "method")
+    require(len(p.budgets) > 0, f"{path}.budgets", "needs at least one budget")
+    check_unique(f"{path}.budgets", p.budgets, key=lambda b: (type(b), b))   # 1 token is not 1.0 of them
+    check_range(f"{path}.random.seed", p.random.seed, 0, SEED_MAX)
+    check_unique(f"{path}.eval.example_methods", p.eval.example_methods)
+    require(p.eval.reference_method in p.methods, f"{path}.eval.reference_method",
+            f"must be one of {path}.methods (its measured speedup is reported), got {show(p.eval.reference_method)}")
