@@ -6,14 +6,26 @@ Used as a context manager::
         srv.drop_after["/a.zip"] = [100]   # first GET of /a.zip dies after 100 body bytes
         download(srv.url("/a.zip"), ...)
 
-Binds 127.0.0.1 on a free port, serves from a daemon thread and shuts down on exit.
+Binds 127.0.0.1 on a free port, serves from daemon threads and shuts down on exit.
+Misbehaving answers (trickles, endless bodies) are bounded in bytes and in time
+(:data:`MAX_STREAM_S`) and stop at once when the server exits, so no handler outlives
+its test for long.
 """
 from __future__ import annotations
 
 import re
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+MAX_STREAM_S = 10.0                  # longest a trickle or an endless body lasts
+MAX_ENDLESS_BYTES = 256 << 20        # most bytes an "endless" body sends
+ENDLESS_BLOCK = 64 << 10
+
+# A custom answer: (Range header or None) -> (status, headers, body); sent as given, then closed.
+Responder = Callable[[str | None], tuple[int, dict[str, str], bytes]]
 
 
 @dataclass
@@ -23,12 +35,30 @@ class ServerState:
     drop_after: dict[str, list[int]] = field(default_factory=dict)  # per GET: bytes, then close
     stall_s: dict[str, float] = field(default_factory=dict)         # sleep before the body
     status: dict[str, list[int]] = field(default_factory=dict)      # per GET: error status
+    trickle_s: dict[str, float] = field(default_factory=dict)       # body one byte per interval
+    slow_headers_s: dict[str, float] = field(default_factory=dict)  # status line + headers likewise
+    endless: set[str] = field(default_factory=set)                  # no length, body never ends
+    respond: dict[str, Responder] = field(default_factory=dict)     # custom answers (lying headers)
     log: list[tuple[str, str | None]] = field(default_factory=list)  # (path, Range header)
+    requests: list[dict[str, str]] = field(default_factory=list)     # all headers of each GET
     stop: threading.Event = field(default_factory=threading.Event)
     base_url: str = ""
 
     def url(self, path: str) -> str:
         return self.base_url + path
+
+
+def _dribble(handler: BaseHTTPRequestHandler, data: bytes, interval_s: float, stop: threading.Event) -> None:
+    """Write ``data`` one byte per ``interval_s`` until done, the client leaves, time is up or ``stop``."""
+    end = time.monotonic() + MAX_STREAM_S
+    try:
+        for i in range(len(data)):
+            if stop.wait(interval_s) or time.monotonic() > end:
+                return
+            handler.wfile.write(data[i:i + 1])
+            handler.wfile.flush()
+    except OSError:                                  # the client gave up: that is the point
+        pass
 
 
 def _handler(state: ServerState) -> type[BaseHTTPRequestHandler]:
@@ -41,6 +71,7 @@ def _handler(state: ServerState) -> type[BaseHTTPRequestHandler]:
         def do_GET(self) -> None:  # noqa: N802 (http.server naming)
             rng = self.headers.get("Range")
             state.log.append((self.path, rng))
+            state.requests.append(dict(self.headers))
             codes = state.status.get(self.path)
             if codes:
                 code = codes.pop(0)
@@ -48,9 +79,20 @@ def _handler(state: ServerState) -> type[BaseHTTPRequestHandler]:
                 self.send_header("Content-Length", "0")
                 self.end_headers()
                 return
+            if self.path in state.respond:
+                self._custom(*state.respond[self.path](rng))
+                return
             data = state.files.get(self.path)
             if data is None:
                 self.send_error(404)
+                return
+            if self.path in state.slow_headers_s:
+                self.close_connection = True
+                head = (f"HTTP/1.1 200 OK\r\nContent-Length: {len(data)}\r\nX-Pad: {'a' * 500}\r\n\r\n").encode()
+                _dribble(self, head, state.slow_headers_s[self.path], state.stop)
+                return
+            if self.path in state.endless:
+                self._endless()
                 return
             start = 0
             m = re.fullmatch(r"bytes=(\d+)-", rng or "")
@@ -72,6 +114,10 @@ def _handler(state: ServerState) -> type[BaseHTTPRequestHandler]:
             self.end_headers()
             if state.stall_s.get(self.path):
                 state.stop.wait(state.stall_s[self.path])
+            if self.path in state.trickle_s:
+                self.close_connection = True
+                _dribble(self, body, state.trickle_s[self.path], state.stop)
+                return
             drops = state.drop_after.get(self.path)
             if drops:
                 n = drops.pop(0)
@@ -80,6 +126,34 @@ def _handler(state: ServerState) -> type[BaseHTTPRequestHandler]:
                 self.close_connection = True
                 return
             self.wfile.write(body)
+
+        def _custom(self, status: int, headers: dict[str, str], body: bytes) -> None:
+            """Send exactly these headers (no computed Content-Length) and body, then close."""
+            self.close_connection = True
+            self.send_response(status)
+            for key, value in headers.items():
+                self.send_header(key, value)
+            self.send_header("Connection", "close")
+            self.end_headers()
+            try:
+                self.wfile.write(body)
+            except OSError:                      # the client refused the answer early
+                pass
+
+        def _endless(self) -> None:
+            """A body without a length that goes on until the client leaves (or the bounds)."""
+            self.close_connection = True
+            self.send_response(200)
+            self.send_header("Connection", "close")
+            self.end_headers()
+            block, end = b"\0" * ENDLESS_BLOCK, time.monotonic() + MAX_STREAM_S
+            try:
+                for _ in range(MAX_ENDLESS_BYTES // ENDLESS_BLOCK):
+                    if state.stop.is_set() or time.monotonic() > end:
+                        return
+                    self.wfile.write(block)
+            except OSError:
+                pass
 
     return Handler
 

@@ -6,6 +6,7 @@ import io
 import os
 import tarfile
 import time
+import tracemalloc
 import zipfile
 from pathlib import Path
 
@@ -13,8 +14,8 @@ import pytest
 from fixtures_http import FileServer
 
 from vlmcompress.data.download import (
-    ChecksumError, DownloadError, UnsafeArchiveError, download, extract, member_names, part_path,
-    read_member,
+    ArchiveLimitError, ArchiveLimits, ChecksumError, DownloadError, UnsafeArchiveError, default_deadline_s,
+    download, extract, member_names, part_path, read_member,
 )
 
 DATA = os.urandom(3 * (1 << 20) + 12345)        # > 3 chunks, not a multiple of the chunk size
@@ -137,6 +138,153 @@ def test_only_http_urls(tmp_path):
         download("file:///etc/passwd", tmp_path / "p", timeout_s=1, retries=0)
 
 
+
+# --- download: deadline, caps, untrusted answers --------------------------------------
+
+N = len(DATA)
+
+
+def _one_line(err: pytest.ExceptionInfo, url: str) -> None:
+    assert "\n" not in str(err.value) and url in str(err.value)
+
+
+def test_default_deadline_grows_with_size():
+    assert default_deadline_s(60.0, 0) == 600.0
+    assert default_deadline_s(60.0, 10**8) == 600.0 + 1000.0
+    assert default_deadline_s(60.0, None) > default_deadline_s(60.0, 10**8)
+
+
+def test_trickling_body_stops_at_the_deadline(srv, tmp_path):
+    srv.trickle_s["/f.bin"] = 0.05                 # a byte well within every socket timeout
+    t0 = time.monotonic()
+    with pytest.raises(DownloadError, match=r"not complete within the 1 s deadline") as err:
+        download(srv.url("/f.bin"), tmp_path / "f.bin", deadline_s=1.0, **FAST)
+    assert time.monotonic() - t0 < 2.0
+    _one_line(err, srv.url("/f.bin"))
+    assert list(tmp_path.iterdir()) == []          # no checksum, so nothing worth resuming is kept
+
+
+def test_trickling_headers_stop_at_the_deadline(srv, tmp_path):
+    srv.slow_headers_s["/f.bin"] = 0.05            # urlopen itself would block for ~30 s
+    t0 = time.monotonic()
+    with pytest.raises(DownloadError, match="deadline"):
+        download(srv.url("/f.bin"), tmp_path / "f.bin", deadline_s=1.0, **FAST)
+    assert time.monotonic() - t0 < 2.0
+
+
+def test_deadline_spans_all_attempts(srv, tmp_path):
+    srv.status["/f.bin"] = [503] * 100
+    t0 = time.monotonic()
+    with pytest.raises(DownloadError, match="deadline"):
+        download(srv.url("/f.bin"), tmp_path / "f.bin", timeout_s=1.0, retries=50, progress=False,
+                 backoff_s=0.1, deadline_s=1.0)
+    assert time.monotonic() - t0 < 1.5 and len(srv.log) < 10
+
+
+def test_deadline_keeps_a_verifiable_part_for_later(srv, tmp_path):
+    srv.trickle_s["/f.bin"] = 0.02
+    dest = tmp_path / "f.bin"
+    with pytest.raises(DownloadError, match="deadline"):
+        download(srv.url("/f.bin"), dest, sha256=SHA, deadline_s=0.5, **FAST)
+    got = part_path(dest).read_bytes()
+    assert got and DATA.startswith(got) and not dest.exists()
+
+
+def test_endless_body_is_cut_at_the_expected_size(srv, tmp_path):
+    srv.endless.add("/f.bin")
+    with pytest.raises(ChecksumError, match=f"more than the expected {N} bytes") as err:
+        download(srv.url("/f.bin"), tmp_path / "f.bin", size=N, **FAST)
+    _one_line(err, srv.url("/f.bin"))
+    assert list(tmp_path.iterdir()) == [] and len(srv.log) == 1
+
+
+def test_endless_body_is_cut_at_max_bytes(srv, tmp_path):
+    srv.endless.add("/f.bin")
+    with pytest.raises(DownloadError, match=r"exceeds the 1048576-byte cap \(max_bytes\)"):
+        download(srv.url("/f.bin"), tmp_path / "f.bin", max_bytes=1 << 20, **FAST)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_announced_length_over_max_bytes_fails_before_the_body(srv, tmp_path):
+    with pytest.raises(DownloadError, match=f"announces {N} bytes, more than the 1000-byte cap"):
+        download(srv.url("/f.bin"), tmp_path / "f.bin", max_bytes=1000, **FAST)
+    assert list(tmp_path.iterdir()) == [] and len(srv.log) == 1
+
+
+@pytest.mark.parametrize("announced", [N + 1000, N - 1000])
+def test_content_length_that_disagrees_with_the_size_fails_fast(srv, tmp_path, announced):
+    srv.respond["/f.bin"] = lambda rng: (200, {"Content-Length": str(announced)}, DATA)
+    with pytest.raises(ChecksumError, match=f"server announces {announced} bytes, expected {N}"):
+        download(srv.url("/f.bin"), tmp_path / "f.bin", size=N, **FAST)
+    assert list(tmp_path.iterdir()) == [] and len(srv.log) == 1
+
+
+def test_content_length_larger_than_the_body_is_never_published(srv, tmp_path):
+    srv.respond["/f.bin"] = lambda rng: (200, {"Content-Length": str(N + 1000)}, DATA)
+    with pytest.raises(DownloadError, match=f"failed after 3 attempts .*closed after {N} of {N + 1000} bytes"):
+        download(srv.url("/f.bin"), tmp_path / "f.bin", **FAST)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_content_length_smaller_than_the_body_fails_the_hash(srv, tmp_path):
+    srv.respond["/f.bin"] = lambda rng: (200, {"Content-Length": str(N - 1000)}, DATA)
+    with pytest.raises(ChecksumError, match="SHA-256 mismatch"):
+        download(srv.url("/f.bin"), tmp_path / "f.bin", sha256=SHA, **FAST)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_stale_part_without_checksum_is_discarded(srv, tmp_path):
+    dest = tmp_path / "f.bin"
+    part_path(dest).write_bytes(b"foreign bytes of another file")
+    assert download(srv.url("/f.bin"), dest, **FAST).read_bytes() == DATA
+    assert srv.log == [("/f.bin", None)]
+
+
+def test_server_ignoring_range_overwrites_a_stale_part(srv, tmp_path):
+    srv.ignore_range = True
+    dest = tmp_path / "f.bin"
+    part_path(dest).write_bytes(b"x" * 777)
+    assert download(srv.url("/f.bin"), dest, sha256=SHA, **FAST).read_bytes() == DATA
+    assert srv.log == [("/f.bin", "bytes=777-")]
+
+
+@pytest.mark.parametrize("content_range", [
+    f"bytes 0-{N - 1}/{N}",            # another start than asked
+    f"bytes 777-999/{N}",              # not up to the end
+    f"bytes 777-{N - 1}/{N + 5}",      # another file length than the expected size
+    "bytes garbage",
+])
+def test_wrong_content_range_is_never_appended(srv, tmp_path, content_range):
+    def answer(rng):
+        if rng:
+            return 206, {"Content-Range": content_range, "Content-Length": str(N - 777)}, DATA[777:]
+        return 200, {"Content-Length": str(N)}, DATA
+    srv.respond["/f.bin"] = answer
+    dest = tmp_path / "f.bin"
+    part_path(dest).write_bytes(DATA[:777])
+    assert download(srv.url("/f.bin"), dest, size=N, **FAST).read_bytes() == DATA
+    assert srv.log == [("/f.bin", "bytes=777-"), ("/f.bin", None)]
+
+
+def test_partial_answer_to_a_whole_file_request_is_refused(srv, tmp_path):
+    srv.respond["/f.bin"] = lambda rng: (206, {"Content-Range": f"bytes 0-99/{N}", "Content-Length": "100"},
+                                         DATA[:100])
+    with pytest.raises(DownloadError, match="failed after 3 attempts.*does not answer") as err:
+        download(srv.url("/f.bin"), tmp_path / "f.bin", **FAST)
+    _one_line(err, srv.url("/f.bin"))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_resume_sends_if_range_with_the_etag(srv, tmp_path):
+    def answer(rng):
+        if rng:
+            return 206, {"Content-Range": f"bytes 1000-{N - 1}/{N}", "ETag": '"v1"'}, DATA[1000:]
+        return 200, {"Content-Length": str(N), "ETag": '"v1"'}, DATA[:1000]   # dropped early
+    srv.respond["/f.bin"] = answer
+    assert download(srv.url("/f.bin"), tmp_path / "f.bin", **FAST).read_bytes() == DATA
+    assert srv.log == [("/f.bin", None), ("/f.bin", "bytes=1000-")]
+    assert "If-Range" not in srv.requests[0] and srv.requests[1]["If-Range"] == '"v1"'
+
 # --- archives ------------------------------------------------------------------------
 
 def _zip(path: Path, members: dict[str, bytes]) -> Path:
@@ -245,3 +393,103 @@ def test_read_member_by_trailing_path(tmp_path):
     with pytest.raises(ValueError, match="no member named 'z.json'"):
         read_member(arc, "z.json")
     assert member_names(arc) == ["annotations/x.json", "annotations/y.json", "other/y.json"]
+
+
+# --- archive caps ----------------------------------------------------------------------
+
+SMALL = ArchiveLimits(max_members=10, max_member_bytes=1 << 20, max_total_bytes=3 << 20, max_ratio=50.0,
+                      ratio_after_bytes=256 << 10)
+
+
+def _zip_bomb(path: Path, mib: int, name: str = "bomb.bin") -> Path:
+    """A deflated member of ``mib`` MiB of zeros (~1000x), written in chunks."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as zf:
+        with zf.open(name, "w") as fh:
+            for _ in range(mib):
+                fh.write(bytes(1 << 20))
+    return path
+
+
+def _no_leftovers(tmp_path: Path, *keep: str) -> None:
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(keep)
+
+
+def test_zip_bomb_is_refused_by_default_limits_with_little_memory(tmp_path):
+    arc = _zip_bomb(tmp_path / "b.zip", 64)
+    assert arc.stat().st_size < 200_000
+    tracemalloc.start()
+    try:
+        with pytest.raises(ArchiveLimitError, match=r"b.zip: member 'bomb.bin' expands more than 200x"):
+            read_member(arc, "bomb.bin")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 40 << 20                      # stops near ratio_after_bytes (8 MiB), not at 64 MiB
+    with pytest.raises(ArchiveLimitError, match="max_ratio"):
+        extract(arc, tmp_path / "out")
+    _no_leftovers(tmp_path, "b.zip")
+
+
+def test_member_over_the_size_cap_is_refused_from_its_header(tmp_path):
+    arc = _zip(tmp_path / "a.zip", {"ok.txt": b"ok", "big.bin": os.urandom(2 << 20)})
+    with pytest.raises(ArchiveLimitError, match=r"'big.bin' expands past 1048576 bytes \(max_member_bytes\)"):
+        extract(arc, tmp_path / "out", limits=SMALL)
+    with pytest.raises(ArchiveLimitError, match="max_member_bytes"):
+        read_member(arc, "big.bin", limits=SMALL)
+    assert read_member(arc, "ok.txt", limits=SMALL) == b"ok"
+    _no_leftovers(tmp_path, "a.zip")
+
+
+def test_total_cap_counts_bytes_actually_written(tmp_path):
+    # Tar hard links claim size 0 in their headers but are written as full copies.
+    blob = os.urandom(900 << 10)
+    links = [_link(f"copy{i}", "blob.bin", tarfile.LNKTYPE) for i in range(5)]
+    arc = _tar(tmp_path / "h.tar", [("blob.bin", blob), *links])
+    with pytest.raises(ArchiveLimitError, match=r"h.tar: members expand past 3145728 bytes in total"):
+        extract(arc, tmp_path / "out", limits=SMALL)
+    _no_leftovers(tmp_path, "h.tar")
+    assert (extract(arc, tmp_path / "out", limits=ArchiveLimits()) / "copy4").read_bytes() == blob
+
+
+def test_tar_gz_bomb_is_refused_by_the_whole_archive_ratio(tmp_path):
+    arc = _tar(tmp_path / "z.tar.gz", [("zeros.bin", bytes(4 << 20))])
+    with pytest.raises(ArchiveLimitError, match="more than 50x the archive's size"):
+        extract(arc, tmp_path / "out", limits=ArchiveLimits(max_ratio=50.0, ratio_after_bytes=1 << 20))
+    _no_leftovers(tmp_path, "z.tar.gz")
+
+
+@pytest.mark.parametrize("kind", ["zip", "tar"])
+def test_member_count_cap(tmp_path, kind):
+    members = {f"f{i}.txt": b"x" for i in range(11)}
+    arc = (_zip(tmp_path / "m.zip", members) if kind == "zip"
+           else _tar(tmp_path / "m.tar.gz", list(members.items())))
+    with pytest.raises(ArchiveLimitError, match=r"more than 10 members \(max_members\)"):
+        extract(arc, tmp_path / "out", limits=SMALL)
+    with pytest.raises(ArchiveLimitError, match="max_members"):
+        read_member(arc, "f0.txt", limits=SMALL)
+    _no_leftovers(tmp_path, arc.name)
+
+
+def test_zip_header_understating_the_size_is_not_trusted(tmp_path):
+    arc = _zip_bomb(tmp_path / "lie.zip", 4, name="x.bin")
+    raw = bytearray(arc.read_bytes())
+    # Claim 100 bytes in both the local header and the central directory.
+    for sig, off in ((b"PK\x03\x04", 22), (b"PK\x01\x02", 24)):
+        pos = raw.find(sig)
+        raw[pos + off:pos + off + 4] = (100).to_bytes(4, "little")
+    arc.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="lie.zip"):
+        read_member(arc, "x.bin")
+    with pytest.raises(ValueError, match="lie.zip"):
+        extract(arc, tmp_path / "out")
+    _no_leftovers(tmp_path, "lie.zip")
+
+
+def test_zip_symlink_with_a_huge_target_is_refused(tmp_path):
+    arc = tmp_path / "l.zip"
+    with zipfile.ZipFile(arc, "w", zipfile.ZIP_DEFLATED) as zf:
+        info = zipfile.ZipInfo("link")
+        info.external_attr = (0o120777 << 16)
+        zf.writestr(info, b"a" * (1 << 20))
+    with pytest.raises(UnsafeArchiveError, match="target longer than 4096 bytes"):
+        member_names(arc)

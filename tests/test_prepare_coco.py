@@ -5,16 +5,25 @@ import io
 import json
 import pathlib
 import pickle
+import pickletools
+import re
+import subprocess
+import sys
+import textwrap
 import zipfile
 from pathlib import Path
 
-import numpy as np
 import pytest
 from fixtures_http import FileServer
+from paper_world import coco_file_name as _name
+from paper_world import jpeg as _jpeg
+from paper_world import pickle_py2 as _pickle_py2
+from paper_world import zip_bytes as _zip
 from PIL import Image
 from pycocotools.coco import COCO
 
 from vlmcompress.data.config import DownloadParams, SourceParams
+from vlmcompress.data import prepare_coco
 from vlmcompress.data.prepare_coco import (
     PAPER_SOURCES, load_safe_pickle, prepare_from_archives, prepare_paper_data, select_image_ids,
 )
@@ -23,25 +32,6 @@ from vlmcompress.data.records import annotation_path, load_split
 VAL_IDS = [139, 285, 632, 724, 776, 785]          # COCO 2017 val ids (real ones, tiny fake images)
 VQA_IDS = [139, 285, 724]                         # also val2014 images
 REF_IDS = [632, 776]                              # also train2014 images
-
-
-def _jpeg(w: int, h: int, seed: int) -> bytes:
-    rgb = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, "JPEG", quality=80)
-    return buf.getvalue()
-
-
-def _zip(members: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as zf:
-        for name, data in members.items():
-            zf.writestr(name, data)
-    return buf.getvalue()
-
-
-def _name(i: int) -> str:
-    return f"{i:012d}.jpg"
 
 
 def _instances() -> dict:
@@ -92,11 +82,6 @@ def _refs() -> list[dict]:
             ref(5, 776, 632001)]              # ann of another image: inconsistent, dropped
 
 
-def _pickle_py2(obj) -> bytes:
-    # Protocol 2 with fix_imports writes Python 2 module names, like the original files.
-    return pickle.dumps(obj, protocol=2)
-
-
 @pytest.fixture(scope="module")
 def official(tmp_path_factory) -> dict[str, bytes]:
     """Bytes of the five official archives, in miniature."""
@@ -140,7 +125,7 @@ def test_download_and_prepare_end_to_end(official, tmp_path):
     with FileServer({f"/data/{n}": d for n, d in official.items()}) as srv:
         params = DownloadParams(
             sources={KEY_OF[n]: SourceParams(url=srv.url(f"/data/{n}"), size=len(d)) for n, d in official.items()},
-            subset=None, timeout_s=5.0, retries=1)
+            subset=None, timeout_s=5.0, retries=1, deadline_s=None)
         counts = prepare_paper_data(params, tmp_path / "raw", tmp_path / "ds", progress=False)
         n_requests = len(srv.log)
         prepare_paper_data(params, tmp_path / "raw", tmp_path / "ds2", progress=False)
@@ -240,6 +225,9 @@ def test_restricted_unpickler_accepts_python2_data():
     ("refcoco.zip", "refcoco/refs(unc).p", pickle.dumps({"not": "a list"}), r"expected a list of refs"),
     ("refcoco.zip", "refcoco/refs(unc).p", pickle.dumps([{"ref_id": 1, "ann_id": 2, "image_id": 3}]),
      r"refs\(unc\)\.p\[0\]: missing key 'sentences'"),
+    ("refcoco.zip", "refcoco/refs(unc).p",
+     pickle.dumps([{"ref_id": 1, "ann_id": 2, "image_id": 3, "sentences": [{"sent": [[]] * 3}]}]),
+     r"refs\(unc\)\.p\[0\]\.sentences\[0\]\.sent: expected str, got list"),
 ])
 def test_bad_inputs_give_one_line_errors(official, tmp_path, name, member, data, match):
     arcs = _write(official, tmp_path / "raw", **{name: _zip({member: data})})
@@ -259,11 +247,111 @@ def test_missing_images_in_archive(official, tmp_path):
 def test_source_keys_are_checked(tmp_path):
     src = {k: SourceParams(url=v["url"]) for k, v in PAPER_SOURCES.items()}
     bad = DownloadParams(sources={**src, "coco_train": SourceParams(url="http://x/y.zip")},
-                         subset=None, timeout_s=1.0, retries=0)
+                         subset=None, timeout_s=1.0, retries=0, deadline_s=None)
     with pytest.raises(ValueError, match="sources.coco_train: unknown source"):
         prepare_paper_data(bad, tmp_path / "raw", tmp_path / "ds")
     del src["vqa_questions"]
     with pytest.raises(ValueError, match="sources.vqa_questions: missing"):
-        prepare_paper_data(DownloadParams(sources=src, subset=None, timeout_s=1.0, retries=0),
+        prepare_paper_data(DownloadParams(sources=src, subset=None, timeout_s=1.0, retries=0, deadline_s=None),
                            tmp_path / "raw", tmp_path / "ds")
     assert not (tmp_path / "raw").exists()
+
+
+# --- pickle and archive caps -------------------------------------------------------------
+
+def _shared_dag(levels: int, fanout: int) -> bytes:
+    """Lists that hold ``fanout`` references to the previous level: tiny, but their repr is fanout**levels."""
+    out = b"]q\x00"                                        # EMPTY_LIST, BINPUT 0
+    for k in range(1, levels + 1):
+        # POP the previous level (kept in the memo), MARK, BINGET it fanout times, LIST, BINPUT
+        out += b"0(" + (b"h" + bytes([k - 1])) * fanout + b"lq" + bytes([k])
+    return out
+
+
+_HUGE = (1 << 31).to_bytes(8, "little")
+BOMBS = {   # name: (pickle, expected error); each would allocate GBs if unpickled naively
+    "bytes_reduce": (b"\x80\x02c__builtin__\nbytes\nJ\x00\x94\x35\x77\x85R.",     # bytes(2_000_000_000)
+                     r"refused pickle: refused bytes\(\) of a int"),
+    "bytearray_reduce": (b"\x80\x02c__builtin__\nbytearray\nJ\x00\x94\x35\x77\x85R.", "refused bytearray"),
+    "bytes_newobj": (b"\x80\x02cbuiltins\nbytes\nJ\x00\x94\x35\x77\x85\x81.", "refused pickle: NEWOBJ"),
+    "memo_index": (b"\x80\x02]r\x00\x00\x00\x10.", "refused pickle: memo index 268435456"),
+    "binbytes8_length": (b"\x80\x04\x8e" + _HUGE + b"ab.", "corrupt pickle"),
+    "binunicode8_length": (b"\x80\x04\x8d" + _HUGE + b"ab.", "corrupt pickle"),
+    "frame_length": (b"\x80\x04\x95" + _HUGE + b"N.", "refused pickle: frame of 2147483648 bytes"),
+    "str_of_shared_lists": (b"\x80\x02c__builtin__\nstr\n" + _shared_dag(4, 200) + b"\x85R.",
+                            r"refused str\(\) of a list"),
+}
+
+_BOMB_RUNNER = textwrap.dedent("""
+    import json, resource, sys, time
+    from vlmcompress.data.prepare_coco import load_safe_pickle
+    bombs = {k: bytes.fromhex(v) for k, v in json.loads(sys.stdin.read()).items()}
+    # Guard: should a cap fail, allocations beyond 1 GiB fail fast instead of swamping the machine.
+    vm_kb = int(next(l.split()[1] for l in open("/proc/self/status") if l.startswith("VmSize:")))
+    resource.setrlimit(resource.RLIMIT_AS, ((vm_kb << 10) + (1 << 30), resource.RLIM_INFINITY))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out, t0 = {}, time.monotonic()
+    for name, data in bombs.items():
+        try:
+            load_safe_pickle(data, "x.p")
+            out[name] = "loaded"
+        except Exception as exc:
+            out[name] = f"{type(exc).__name__}: {exc}"
+    out["_rss_growth_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    out["_seconds"] = time.monotonic() - t0
+    print(json.dumps(out))
+""")
+
+
+def test_pickle_bombs_fail_fast_with_little_memory():
+    proc = subprocess.run([sys.executable, "-c", _BOMB_RUNNER], capture_output=True, text=True, timeout=60,
+                          input=json.dumps({k: v[0].hex() for k, v in BOMBS.items()}))
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    for name, (_, match) in BOMBS.items():
+        assert out[name].startswith("ValueError: x.p: ") and "\n" not in out[name], (name, out[name])
+        assert re.search(match, out[name]), (name, out[name])
+    assert out["_rss_growth_kb"] < 32 << 10 and out["_seconds"] < 5, out
+
+
+def test_pickle_over_the_size_cap_is_refused_before_loading():
+    with pytest.raises(ValueError, match=r"x.p: refused pickle: \d+ bytes, more than the 100-byte cap"):
+        load_safe_pickle(pickle.dumps(list(range(100))), "x.p", max_bytes=100)
+
+
+@pytest.mark.parametrize("protocol", range(6))
+def test_refs_load_with_every_protocol(protocol):
+    assert load_safe_pickle(pickle.dumps(_refs(), protocol=protocol), "x.p") == _refs()
+    optimized = pickletools.optimize(pickle.dumps(_refs() * 3, protocol=protocol))
+    assert load_safe_pickle(optimized, "x.p") == _refs() * 3
+
+
+def test_refs_member_over_the_pickle_cap_is_not_read(official, tmp_path, monkeypatch):
+    monkeypatch.setattr(prepare_coco, "MAX_PICKLE_BYTES", 100)
+    arcs = _write(official, tmp_path / "raw")
+    with pytest.raises(ValueError, match=r"refcoco.zip: member 'refcoco/refs\(unc\).p' expands past 100 bytes"):
+        prepare_from_archives(arcs, tmp_path / "ds")
+    assert not (tmp_path / "ds").exists()
+
+
+def test_image_archive_bomb_leaves_nothing(official, tmp_path):
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as zf:
+        for k, i in enumerate(VAL_IDS):
+            zf.writestr(f"val2017/{_name(i)}", _jpeg(30 + k, 20 + k, i))
+        with zf.open(f"val2017/{_name(VAL_IDS[0])}x", "w") as fh:   # never selected: harmless
+            fh.write(bytes(1 << 20))
+        with zf.open("val2017/000000999999.jpg", "w") as fh:
+            for _ in range(40):
+                fh.write(bytes(1 << 20))
+    arcs = _write(official, tmp_path / "raw", **{"val2017.zip": buf.getvalue()})
+    assert prepare_from_archives(arcs, tmp_path / "ok")["test_images"] == 6     # the bomb is not selected
+    inst = _instances()
+    inst["images"].append({"id": 999999, "file_name": "000000999999.jpg", "width": 9, "height": 9})
+    ann = _zip({"annotations/instances_val2017.json": json.dumps(inst).encode(),
+                "annotations/captions_val2017.json": json.dumps(_captions(_instances())).encode()})
+    arcs = _write(official, tmp_path / "raw",
+                  **{"val2017.zip": buf.getvalue(), "annotations_trainval2017.zip": ann})
+    with pytest.raises(ValueError, match=r"val2017.zip: member 'val2017/000000999999.jpg' expands more than 200x"):
+        prepare_from_archives(arcs, tmp_path / "ds")
+    assert not (tmp_path / "ds").exists() and not list(tmp_path.glob(".ds*"))

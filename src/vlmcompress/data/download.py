@@ -1,12 +1,16 @@
-"""Resumable, verified downloads and safe archive extraction (standard library only).
+"""Resumable, verified, bounded downloads and capped archive extraction (standard library only).
 
 :func:`download` fetches one URL into ``dest``:
 
-* bytes go to ``dest.part`` first; an interrupted transfer resumes from there with an
-  HTTP ``Range`` request (a server that ignores ``Range`` answers ``200`` and we restart
-  the file cleanly);
-* every attempt has a socket timeout and the number of attempts is bounded, so a dead
-  or stalled server ends in a one-line :class:`DownloadError`, never a hang;
+* bytes go to ``dest.part`` first; an interrupted transfer resumes from there with an HTTP
+  ``Range`` request. A ``.part`` left by an earlier run is resumed only when the expected
+  SHA-256 or size is known (otherwise nothing could tell its bytes from foreign ones and it
+  is deleted). A server that ignores ``Range`` (``200``) restarts the file; a ``206`` whose
+  ``Content-Range`` is not the range asked for discards the ``.part`` and restarts;
+* the body is capped at the expected ``size`` when known, else at ``max_bytes``;
+* every read has a socket timeout, the number of attempts is bounded, and one wall-clock
+  deadline covers all attempts of a file (a watchdog shuts the sockets down when it passes,
+  so a server trickling bytes ends in a one-line :class:`DownloadError`, never a hang);
 * the finished file is checked against its SHA-256 (or, without a hash, its size) and
   only then renamed onto ``dest``; on a mismatch *no* file is left behind;
 * an existing ``dest`` that verifies is used as-is (so pre-placed archives work offline).
@@ -14,18 +18,24 @@
 :func:`extract` unpacks ``.zip`` / ``.tar`` / ``.tar.gz`` into a temporary folder that is
 renamed into place only when everything was written. Absolute member names, ``..``
 components, device files and links that lead outside the folder are refused with an
-:class:`UnsafeArchiveError` before anything is published.
+:class:`UnsafeArchiveError` before anything is published. :func:`extract` and
+:func:`read_member` count the bytes they decompress and stop at the caps of
+:class:`ArchiveLimits` (member count, bytes per member and in total, compression ratio)
+with an :class:`ArchiveLimitError`.
 """
 from __future__ import annotations
 
 import hashlib
+import http.client
+import io
 import os
 import posixpath
 import re
-import shutil
+import socket
 import stat
 import sys
 import tarfile
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -36,7 +46,7 @@ from http.client import HTTPException
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from vlmcompress.io import atomic_path
 
@@ -44,9 +54,14 @@ CHUNK = 1 << 20                       # bytes per read; also the resume granular
 _RETRYABLE_HTTP = {408, 425, 429, 500, 502, 503, 504}
 _USER_AGENT = "vlmcompress-downloader/0.1 (+python-urllib)"
 
+DEFAULT_MAX_BYTES = 4 << 30           # body cap without a known size (4 GiB; COCO val2017.zip is 0.8 GB)
+MIN_RATE_BPS = 100_000                # slowest average rate the default deadline allows (100 kB/s)
+UNSIZED_BYTES = 1 << 30               # size assumed by the default deadline when none is known
+MAX_LINK_TARGET = 4096                # longest symlink target read from a zip (PATH_MAX)
+
 
 class DownloadError(RuntimeError):
-    """A download that failed for good (after retries) or did not verify."""
+    """A download that failed for good (after retries, past its deadline) or did not verify."""
 
 
 class ChecksumError(DownloadError):
@@ -55,6 +70,10 @@ class ChecksumError(DownloadError):
 
 class UnsafeArchiveError(ValueError):
     """An archive member that would be written outside the extraction folder."""
+
+
+class ArchiveLimitError(UnsafeArchiveError):
+    """An archive that has too many members or expands past a cap of :class:`ArchiveLimits`."""
 
 
 class _Retry(Exception):
@@ -93,6 +112,110 @@ def part_path(dest: Path) -> Path:
     return dest.with_name(dest.name + ".part")
 
 
+def default_deadline_s(timeout_s: float, size: int | None) -> float:
+    """Whole-file time limit used when :func:`download` is given none.
+
+    ``10 * timeout_s`` for connecting, stalls and retries, plus the expected size
+    (:data:`UNSIZED_BYTES` when unknown) at :data:`MIN_RATE_BPS`: with ``timeout_s=60``
+    a 788 MB file gets 10 + 131 minutes, a file of unknown size 10 + 179 minutes.
+    """
+    return 10 * timeout_s + (UNSIZED_BYTES if size is None else size) / MIN_RATE_BPS
+
+
+# --- the deadline watchdog ------------------------------------------------------------
+
+def _shutdown(sock: socket.socket) -> None:
+    # The plain-socket method also for TLS sockets: it wakes a blocked read without
+    # touching the TLS state another thread is using.
+    try:
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+    except OSError:
+        pass                            # already closed
+
+
+class _Deadline:
+    """Wall-clock limit of one download, across all its attempts.
+
+    Sockets opened for the download are registered with :meth:`watch`; when the limit
+    passes, a timer thread shuts them down. That ends a read blocked on a server that
+    sends a byte just often enough to never reach the per-read socket timeout, also
+    while ``urlopen`` is still reading the headers.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self._end = time.monotonic() + seconds
+        self._lock = threading.Lock()
+        self._socks: list[socket.socket] = []
+        self._fired = False
+        self._timer = threading.Timer(seconds, self._fire)
+        self._timer.daemon = True
+
+    def left(self) -> float:
+        return self._end - time.monotonic()
+
+    def passed(self) -> bool:
+        return self._fired or self.left() <= 0
+
+    def watch(self, sock: socket.socket) -> socket.socket:
+        with self._lock:
+            self._socks.append(sock)
+            fired = self._fired
+        if fired:
+            _shutdown(sock)
+        return sock
+
+    def _fire(self) -> None:
+        with self._lock:
+            self._fired = True
+            socks, self._socks = self._socks, []
+        for sock in socks:
+            _shutdown(sock)
+
+    def __enter__(self) -> _Deadline:
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._timer.cancel()
+
+
+def _watched(base: type[http.client.HTTPConnection], deadline: _Deadline) -> type[http.client.HTTPConnection]:
+    """``base`` whose raw socket (and, for HTTPS, its TLS wrapper) are watched by ``deadline``."""
+    class Watched(base):  # type: ignore[valid-type, misc]
+        def connect(self) -> None:
+            self._create_connection = lambda *a, **k: deadline.watch(socket.create_connection(*a, **k))
+            super().connect()
+            deadline.watch(self.sock)
+
+    return Watched
+
+
+class _WatchedHandler:
+    """Mixin for urllib's HTTP(S) handlers: every connection they open is watched."""
+
+    deadline: _Deadline
+
+    def do_open(self, http_class: Any, req: urllib.request.Request, **kwargs: Any) -> Any:
+        return super().do_open(_watched(http_class, self.deadline), req, **kwargs)  # type: ignore[misc]
+
+
+class _HTTPHandler(_WatchedHandler, urllib.request.HTTPHandler):
+    pass
+
+
+class _HTTPSHandler(_WatchedHandler, urllib.request.HTTPSHandler):
+    pass
+
+
+def _opener(deadline: _Deadline) -> urllib.request.OpenerDirector:
+    """urllib's default opener (proxies, redirects), with watched connections."""
+    handlers = [_HTTPHandler(), _HTTPSHandler()]
+    for h in handlers:
+        h.deadline = deadline
+    return urllib.request.build_opener(*handlers)
+
+
 # --- one HTTP attempt -----------------------------------------------------------------
 
 @dataclass
@@ -124,85 +247,185 @@ class _Progress:
             print(f"{self.label}: {mb:.1f} MB", file=sys.stderr, flush=True)
 
 
-def _content_range(header: str | None) -> tuple[int, int | None]:
-    """``bytes START-END/TOTAL`` -> (START, TOTAL or None); raises :class:`_Retry` if garbled."""
-    m = re.fullmatch(r"\s*bytes\s+(\d+)-\d+/(\d+|\*)\s*", header or "")
+def _content_range(header: str | None) -> tuple[int, int, int | None] | None:
+    """``bytes FIRST-LAST/TOTAL`` -> (FIRST, LAST, TOTAL or None); ``None`` if garbled."""
+    m = re.fullmatch(r"\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*", header or "")
     if not m:
-        raise _Retry(f"bad Content-Range {header!r}")
-    return int(m.group(1)), (None if m.group(2) == "*" else int(m.group(2)))
+        return None
+    return int(m.group(1)), int(m.group(2)), (None if m.group(3) == "*" else int(m.group(3)))
 
 
-def _open(url: str, have: int, timeout_s: float):
-    headers = {"User-Agent": _USER_AGENT, "Accept-Encoding": "identity"}
-    if have:
-        headers["Range"] = f"bytes={have}-"
-    return urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout_s)
+def _length(header: str | None) -> int | None:
+    return int(header) if header and header.strip().isdigit() else None
 
 
-def _attempt(url: str, part: Path, timeout_s: float, progress: _Progress) -> None:
-    """Append the missing bytes of ``url`` to ``part`` (or rewrite it); raise :class:`_Retry`."""
-    have = part.stat().st_size if part.exists() else 0
-    try:
-        resp = _open(url, have, timeout_s)
-    except urllib.error.HTTPError as exc:
-        if exc.code == 416 and have:
-            # Range beyond the end: the part file is already complete, or it is stale.
-            m = re.fullmatch(r"\s*bytes\s+\*/(\d+)\s*", exc.headers.get("Content-Range") or "")
-            if m and int(m.group(1)) == have:
-                return
-            part.unlink()
-            raise _Retry(f"stale partial file of {have} bytes discarded") from None
-        if exc.code in _RETRYABLE_HTTP:
-            raise _Retry(f"HTTP {exc.code} {exc.reason}") from None
-        raise DownloadError(f"{url}: HTTP {exc.code} {exc.reason}") from None
-    except (urllib.error.URLError, OSError, HTTPException) as exc:  # DNS, refused, reset, timeout
-        raise _Retry(str(getattr(exc, "reason", exc))) from None
+@dataclass
+class _Transfer:
+    """One file's download into its ``.part``, across attempts.
 
-    with resp:
-        if have and resp.status == 206:
-            start, total = _content_range(resp.headers.get("Content-Range"))
-            if start != have:
-                part.unlink()
-                raise _Retry(f"server resumed at byte {start}, expected {have}")
-            mode = "ab"
-        else:                           # 200: the server ignored Range -> start over
-            have, mode = 0, "wb"
-            length = resp.headers.get("Content-Length")
-            total = int(length) if length and length.isdigit() else None
-        progress.start(have, total)
-        done = have
+    ``limit`` is the most bytes the file may have (its size when known). ``total`` is
+    the length the server announced for the current ``.part``; a later answer that
+    announces another length means another file and restarts it. ``validator``
+    (ETag or Last-Modified) is sent as ``If-Range`` so a changed file comes back whole.
+    """
+
+    url: str
+    part: Path
+    timeout_s: float
+    size: int | None
+    limit: int
+    deadline: _Deadline
+    meter: _Progress
+    opener: urllib.request.OpenerDirector
+    total: int | None = None
+    validator: str | None = None
+
+    def late(self, done: int) -> DownloadError:
+        return DownloadError(f"{self.url}: not complete within the {self.deadline.seconds:g} s deadline "
+                             f"(deadline_s; {done} bytes received)")
+
+    def discard(self) -> None:
+        """Forget the ``.part`` and what the server said about it: the next attempt starts over."""
+        self.part.unlink(missing_ok=True)
+        self.total = self.validator = None
+
+    def attempt(self) -> None:
+        """Append the missing bytes to ``part`` (or rewrite it); raise :class:`_Retry` or ``DownloadError``."""
+        have = self.part.stat().st_size if self.part.exists() else 0
+        resp = self._open(have)
+        if resp is None:
+            return
+        with resp:
+            self._receive(resp, self._offset(resp, have))
+
+    def _open(self, have: int) -> Any:
+        """The response to a GET (with ``Range`` when resuming); ``None`` if ``part`` is already complete."""
+        headers = {"User-Agent": _USER_AGENT, "Accept-Encoding": "identity"}
+        if have:
+            headers["Range"] = f"bytes={have}-"
+            if self.validator:
+                headers["If-Range"] = self.validator
+        timeout = max(min(self.timeout_s, self.deadline.left()), 0.05)
         try:
-            with open(part, mode) as fh:
-                for block in iter(lambda: resp.read(CHUNK), b""):
+            return self.opener.open(urllib.request.Request(self.url, headers=headers), timeout=timeout)
+        except urllib.error.HTTPError as exc:
+            exc.close()
+            if exc.code == 416 and have:
+                # Range beyond the end: the part file is complete, or it is another file.
+                m = re.fullmatch(r"\s*bytes\s+\*/(\d+)\s*", exc.headers.get("Content-Range") or "")
+                if m and int(m.group(1)) == have and self.total in (None, have):
+                    return None
+                self.discard()
+                raise _Retry(f"partial file of {have} bytes does not fit the server's; discarded") from None
+            if exc.code in _RETRYABLE_HTTP:
+                raise _Retry(f"HTTP {exc.code} {exc.reason}") from None
+            raise DownloadError(f"{self.url}: HTTP {exc.code} {exc.reason}") from None
+        except (urllib.error.URLError, OSError, HTTPException) as exc:  # DNS, refused, reset, timeout
+            if self.deadline.passed():
+                raise self.late(have) from None
+            raise _Retry(str(getattr(exc, "reason", exc))) from None
+
+    def _offset(self, resp: Any, have: int) -> int:
+        """Where the body of ``resp`` starts in the file: ``have`` for a fitting 206, 0 for a 200."""
+        if resp.status == 206:
+            header = resp.headers.get("Content-Range")
+            rng = _content_range(header)
+            # We asked for "bytes=HAVE-": anything but HAVE..TOTAL-1 must not be appended.
+            if not have or rng is None or rng[0] != have or (rng[2] is not None and rng[1] != rng[2] - 1):
+                self.discard()
+                raise _Retry(f"Content-Range {header!r} does not answer 'bytes={have}-'; restarting")
+            if rng[2] is not None and self.total is not None and rng[2] != self.total:
+                self.discard()
+                raise _Retry(f"server now announces {rng[2]} bytes instead of {self.total}; restarting")
+            self._announce(rng[2] if rng[2] is not None else self.total, resp)
+            return have
+        if resp.status != 200:
+            raise DownloadError(f"{self.url}: unexpected HTTP {resp.status} {resp.reason}")
+        self.total = self.validator = None      # a whole new body: forget what the old one said
+        self._announce(_length(resp.headers.get("Content-Length")), resp)
+        return 0
+
+    def _announce(self, total: int | None, resp: Any) -> None:
+        """Refuse an announced length that cannot be right, before reading the body."""
+        if total is not None and self.size is not None and total != self.size:
+            self.discard()
+            raise ChecksumError(f"{self.url}: size mismatch: server announces {total} bytes, "
+                                f"expected {self.size}; download deleted")
+        if total is not None and total > self.limit:
+            self.discard()
+            raise DownloadError(f"{self.url}: server announces {total} bytes, more than the "
+                                f"{self.limit}-byte cap (max_bytes)")
+        self.total = total
+        self.validator = self.validator or _validator(resp)
+
+    def _receive(self, resp: Any, offset: int) -> None:
+        """Stream the body onto ``part`` from ``offset``, checking the cap and the deadline per read."""
+        done = offset
+        self.meter.start(done, self.total)
+        try:
+            with open(self.part, "ab" if offset else "wb") as fh:
+                # read1: at most one socket read, so a trickle returns often and the deadline is seen.
+                while block := resp.read1(min(CHUNK, self.limit + 1 - done)):
+                    if done + len(block) > self.limit:
+                        self.discard()
+                        raise self._too_long()
                     fh.write(block)
                     done += len(block)
-                    progress.update(done)
+                    self.meter.update(done)
+                    if self.deadline.passed() and done != self.total:
+                        raise self.late(done)
                 fh.flush()
                 os.fsync(fh.fileno())
         except (OSError, HTTPException) as exc:  # reset or timeout mid-body; what we have is kept
+            if self.deadline.passed():
+                raise self.late(done) from None
             raise _Retry(f"connection lost after {done} bytes ({exc})") from None
-    if total is not None and done != total:
-        # http.client returns EOF silently when the peer closes early; catch it here.
-        raise _Retry(f"connection closed after {done} of {total} bytes")
+        if self.total is not None and done == self.total:
+            return
+        if self.deadline.passed():              # the watchdog's shutdown reads as an end of body
+            raise self.late(done)
+        if self.total is not None:
+            # http.client returns EOF silently when the peer closes early; catch it here.
+            raise _Retry(f"connection closed after {done} of {self.total} bytes")
+
+    def _too_long(self) -> DownloadError:
+        if self.size is not None:
+            return ChecksumError(f"{self.url}: size mismatch: server sent more than the expected "
+                                 f"{self.size} bytes; download deleted")
+        return DownloadError(f"{self.url}: body exceeds the {self.limit}-byte cap (max_bytes); download deleted")
+
+
+def _validator(resp: Any) -> str | None:
+    """A strong ETag, else Last-Modified: what ``If-Range`` may carry."""
+    etag = resp.headers.get("ETag")
+    if etag and not etag.startswith("W/"):
+        return etag
+    return resp.headers.get("Last-Modified")
 
 
 def download(url: str, dest: str | Path, *, sha256: str | None = None, size: int | None = None,
-             timeout_s: float, retries: int, progress: bool = True,
-             backoff_s: float = 1.0) -> Path:
-    """Download ``url`` to ``dest`` (resuming, verified, atomic) and return ``dest``.
+             timeout_s: float, retries: int, progress: bool = True, backoff_s: float = 1.0,
+             deadline_s: float | None = None, max_bytes: int = DEFAULT_MAX_BYTES) -> Path:
+    """Download ``url`` to ``dest`` (resuming, verified, bounded, atomic) and return ``dest``.
 
-    ``retries`` extra attempts follow a failed one, waiting ``backoff_s * 2**k`` seconds
-    (capped at 30 s). Raises :class:`ChecksumError` (and deletes the bytes) when the
-    result does not match ``sha256`` / ``size``, :class:`DownloadError` when every
-    attempt failed (the ``.part`` file is kept so a later call resumes), ``ValueError``
-    for a URL that is not http(s).
+    ``timeout_s`` bounds every socket operation; ``deadline_s`` bounds the whole file
+    across all attempts (default :func:`default_deadline_s`). ``retries`` extra attempts
+    follow a failed one, waiting ``backoff_s * 2**k`` seconds (capped at 30 s, and never
+    past the deadline). The body may not exceed ``size`` when given, else ``max_bytes``.
+
+    Raises :class:`ChecksumError` (and deletes the bytes) when the result or the length
+    the server announces does not match ``sha256`` / ``size``, :class:`DownloadError`
+    when every attempt failed, the deadline passed or the body is too long, ``ValueError``
+    for a URL that is not http(s) or a bad limit. After a failure the ``.part`` file is
+    kept only when ``sha256`` or ``size`` is known (so a later call can resume and verify).
     """
     dest = Path(dest)
     scheme = urllib.parse.urlsplit(url).scheme
     if scheme not in ("http", "https"):
         raise ValueError(f"{url}: only http(s) URLs can be downloaded (got scheme {scheme!r})")
-    if retries < 0 or timeout_s <= 0:
-        raise ValueError(f"{url}: need retries >= 0 and timeout_s > 0 (got {retries}, {timeout_s})")
+    if retries < 0 or timeout_s <= 0 or (deadline_s is not None and deadline_s <= 0) or max_bytes <= 0:
+        raise ValueError(f"{url}: need retries >= 0, timeout_s > 0, deadline_s > 0 and max_bytes > 0 "
+                         f"(got {retries}, {timeout_s}, {deadline_s}, {max_bytes})")
     part = part_path(dest)
     if dest.is_file():
         reason = verify_file(dest, sha256, size)
@@ -213,24 +436,20 @@ def download(url: str, dest: str | Path, *, sha256: str | None = None, size: int
               file=sys.stderr, flush=True)
         dest.unlink()
     dest.parent.mkdir(parents=True, exist_ok=True)
-    if size is not None and part.exists() and part.stat().st_size > size:
-        part.unlink()                    # longer than the real file: cannot be a prefix of it
+    resumable = sha256 is not None or size is not None
+    if part.exists() and (not resumable or (size is not None and part.stat().st_size > size)):
+        part.unlink()                    # unverifiable, or longer than the real file: start over
 
-    meter = _Progress(dest.name, progress)
-    errors: list[str] = []
-    for attempt in range(retries + 1):
-        if attempt:
-            time.sleep(min(backoff_s * 2 ** (attempt - 1), 30.0))
-        try:
-            _attempt(url, part, timeout_s, meter)
-            break
-        except _Retry as exc:
-            errors.append(str(exc))
-            if progress:
-                print(f"{dest.name}: attempt {attempt + 1}/{retries + 1} failed: {exc}",
-                      file=sys.stderr, flush=True)
-    else:
-        raise DownloadError(f"{url}: failed after {retries + 1} attempts (last: {errors[-1]})")
+    seconds = default_deadline_s(timeout_s, size) if deadline_s is None else deadline_s
+    try:
+        with _Deadline(seconds) as deadline:
+            job = _Transfer(url, part, timeout_s, size, size if size is not None else max_bytes, deadline,
+                            _Progress(dest.name, progress), _opener(deadline))
+            _run(job, retries, backoff_s, progress, dest.name)
+    except DownloadError:
+        if not resumable:
+            part.unlink(missing_ok=True)
+        raise
 
     reason = verify_file(part, sha256, size)
     if reason is not None:
@@ -240,7 +459,44 @@ def download(url: str, dest: str | Path, *, sha256: str | None = None, size: int
     return dest
 
 
+def _run(job: _Transfer, retries: int, backoff_s: float, progress: bool, label: str) -> None:
+    """Attempts with exponential backoff until one succeeds, the attempts run out or the deadline passes."""
+    errors: list[str] = []
+    for attempt in range(retries + 1):
+        if attempt:
+            pause = min(backoff_s * 2 ** (attempt - 1), 30.0)
+            if pause >= job.deadline.left():
+                raise job.late(job.part.stat().st_size if job.part.exists() else 0)
+            time.sleep(pause)
+        try:
+            job.attempt()
+            return
+        except _Retry as exc:
+            errors.append(str(exc))
+            if progress:
+                print(f"{label}: attempt {attempt + 1}/{retries + 1} failed: {exc}", file=sys.stderr, flush=True)
+    raise DownloadError(f"{job.url}: failed after {retries + 1} attempts (last: {errors[-1]})")
+
+
 # --- archives -------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ArchiveLimits:
+    """Caps on what reading an archive may produce (defaults fit the COCO / VQAv2 / RefCOCO archives).
+
+    Sizes are counted on the bytes actually decompressed; the sizes in member headers
+    are only used to refuse early. The ratio is uncompressed / compressed bytes, checked
+    per zip member and for everything read from one archive (against the archive's size
+    on disk, which also covers tar.gz and tar hard links), once more than
+    ``ratio_after_bytes`` came out, so small, very compressible files stay fine.
+    """
+
+    max_members: int = 100_000             # entries (val2017.zip: 5001)
+    max_member_bytes: int = 1 << 30        # one member (largest used JSON: < 0.5 GB)
+    max_total_bytes: int = 8 << 30         # everything one extract / read_member produces
+    max_ratio: float = 200.0               # JSON deflates ~5-10x, JPEG ~1x; bombs ~1000x
+    ratio_after_bytes: int = 8 << 20
+
 
 def _safe_name(name: str, archive: Path) -> str:
     """Member name as a clean relative POSIX path, or :class:`UnsafeArchiveError`."""
@@ -273,6 +529,17 @@ class _Member:
     kind: str                  # "file" | "dir" | "symlink"
     link: str = ""             # symlink target
     open: Callable[[], IO[bytes]] | None = None
+    size: int = 0              # uncompressed size claimed by the header
+    packed: int | None = None  # compressed size (zip only)
+
+
+def _zip_link_target(zf: zipfile.ZipFile, info: zipfile.ZipInfo, archive: Path) -> str:
+    with zf.open(info) as fh:
+        raw = fh.read(MAX_LINK_TARGET + 1)
+    if len(raw) > MAX_LINK_TARGET:
+        raise UnsafeArchiveError(f"{archive}: link {info.filename!r} has a target longer than "
+                                 f"{MAX_LINK_TARGET} bytes")
+    return raw.decode("utf-8", "replace")
 
 
 def _zip_members(zf: zipfile.ZipFile, archive: Path) -> Iterator[_Member]:
@@ -282,17 +549,19 @@ def _zip_members(zf: zipfile.ZipFile, archive: Path) -> Iterator[_Member]:
         if info.is_dir():
             yield _Member(name, "dir")
         elif stat.S_ISLNK(mode):
-            target = zf.read(info).decode("utf-8", "replace")
+            target = _zip_link_target(zf, info, archive)
             _check_link(name, target, archive)
             yield _Member(name, "symlink", target)
         elif stat.S_IFMT(mode) not in (0, stat.S_IFREG):   # 0: no Unix type recorded
             raise UnsafeArchiveError(f"{archive}: special file member {info.filename!r}")
         else:
-            yield _Member(name, "file", open=lambda info=info: zf.open(info))
+            yield _Member(name, "file", open=lambda info=info: zf.open(info),
+                          size=info.file_size, packed=info.compress_size)
 
 
 def _tar_members(tf: tarfile.TarFile, archive: Path) -> Iterator[_Member]:
-    for info in tf.getmembers():
+    # next() one header at a time (not getmembers()), so a count cap stops the listing early.
+    while (info := tf.next()) is not None:
         name = _safe_name(info.name, archive)
         if info.isdir():
             yield _Member(name, "dir")
@@ -302,9 +571,9 @@ def _tar_members(tf: tarfile.TarFile, archive: Path) -> Iterator[_Member]:
         elif info.islnk():
             # Hard links are written as copies of their target, which must be a member.
             _safe_name(info.linkname, archive)
-            yield _Member(name, "file", open=lambda info=info: tf.extractfile(info))
+            yield _Member(name, "file", open=lambda info=info: tf.extractfile(info), size=info.size)
         elif info.isreg():
-            yield _Member(name, "file", open=lambda info=info: tf.extractfile(info))
+            yield _Member(name, "file", open=lambda info=info: tf.extractfile(info), size=info.size)
         else:
             raise UnsafeArchiveError(f"{archive}: special file member {info.name!r}")
 
@@ -321,8 +590,17 @@ class _Archive:
         self.handle.close()
 
 
-def open_archive(archive: str | Path) -> _Archive:
-    """Open a zip / tar(.gz, .bz2, .xz) and validate *every* member name up front."""
+def _listed(members: Iterator[_Member], archive: Path, limits: ArchiveLimits) -> list[_Member]:
+    out: list[_Member] = []
+    for m in members:
+        if len(out) >= limits.max_members:
+            raise ArchiveLimitError(f"{archive}: more than {limits.max_members} members (max_members)")
+        out.append(m)
+    return out
+
+
+def open_archive(archive: str | Path, limits: ArchiveLimits = ArchiveLimits()) -> _Archive:
+    """Open a zip / tar(.gz, .bz2, .xz) and validate *every* member name (and their count) up front."""
     archive = Path(archive)
     if not archive.is_file():
         raise FileNotFoundError(f"{archive}: no such archive")
@@ -330,14 +608,14 @@ def open_archive(archive: str | Path) -> _Archive:
         if zipfile.is_zipfile(archive):
             zf = zipfile.ZipFile(archive)
             try:
-                return _Archive(archive, zf, list(_zip_members(zf, archive)))
+                return _Archive(archive, zf, _listed(_zip_members(zf, archive), archive, limits))
             except BaseException:
                 zf.close()
                 raise
         if tarfile.is_tarfile(archive):
             tf = tarfile.open(archive)
             try:
-                return _Archive(archive, tf, list(_tar_members(tf, archive)))
+                return _Archive(archive, tf, _listed(_tar_members(tf, archive), archive, limits))
             except BaseException:
                 tf.close()
                 raise
@@ -346,31 +624,84 @@ def open_archive(archive: str | Path) -> _Archive:
     raise ValueError(f"{archive}: not a zip or tar archive")
 
 
+@dataclass
+class _Budget:
+    """Counts the bytes an archive really yields and stops at the first cap crossed."""
+
+    path: Path
+    limits: ArchiveLimits
+    packed_total: int                      # the archive's size on disk
+    total: int = 0
+
+    def admit(self, members: list[_Member]) -> None:
+        """Refuse early what the headers already announce as too large."""
+        lim, claimed = self.limits, 0
+        for m in members:
+            if m.size > lim.max_member_bytes:
+                raise self._member_error(m)
+            claimed += m.size
+        if claimed > lim.max_total_bytes:
+            raise self._total_error()
+
+    def copy(self, m: _Member, dst: IO[bytes]) -> None:
+        """Copy member ``m`` into ``dst`` in chunks, counting before each write."""
+        lim, produced = self.limits, 0
+        assert m.open is not None
+        with m.open() as src:
+            while block := src.read(CHUNK):
+                produced += len(block)
+                self.total += len(block)
+                if produced > lim.max_member_bytes:
+                    raise self._member_error(m)
+                if self.total > lim.max_total_bytes:
+                    raise self._total_error()
+                if produced > lim.ratio_after_bytes and m.packed is not None \
+                        and produced > lim.max_ratio * max(m.packed, 1):
+                    raise ArchiveLimitError(f"{self.path}: member {m.name!r} expands more than "
+                                            f"{lim.max_ratio:g}x its compressed size (max_ratio)")
+                if self.total > lim.ratio_after_bytes and self.total > lim.max_ratio * max(self.packed_total, 1):
+                    raise ArchiveLimitError(f"{self.path}: members expand more than {lim.max_ratio:g}x "
+                                            f"the archive's size (max_ratio)")
+                dst.write(block)
+
+    def _member_error(self, m: _Member) -> ArchiveLimitError:
+        return ArchiveLimitError(f"{self.path}: member {m.name!r} expands past "
+                                 f"{self.limits.max_member_bytes} bytes (max_member_bytes)")
+
+    def _total_error(self) -> ArchiveLimitError:
+        return ArchiveLimitError(f"{self.path}: members expand past {self.limits.max_total_bytes} "
+                                 f"bytes in total (max_total_bytes)")
+
+
 def _inside(path: Path, root: Path) -> bool:
     real = os.path.realpath(path)
     return real == str(root) or real.startswith(str(root) + os.sep)
 
 
 def extract(archive: str | Path, dest_dir: str | Path,
-            members_filter: Callable[[str], bool] | None = None) -> Path:
+            members_filter: Callable[[str], bool] | None = None, *,
+            limits: ArchiveLimits = ArchiveLimits()) -> Path:
     """Extract ``archive`` into ``dest_dir`` (replacing it atomically) and return ``dest_dir``.
 
     ``members_filter(name)`` selects members by their clean relative POSIX name
     (e.g. ``"val2017/000000000139.jpg"``); directories are created as needed.
     File modes and owners are not restored. Hard links become copies. Symlinks are
     kept only when they resolve inside ``dest_dir``; a chain of links that would
-    escape is detected before ``dest_dir`` is published.
+    escape is detected before ``dest_dir`` is published. The selected members must
+    stay within ``limits`` (:class:`ArchiveLimitError` otherwise); on any error the
+    partial extraction is deleted and ``dest_dir`` is left as it was.
     """
-    arc = open_archive(archive)
+    arc = open_archive(archive, limits)
     keep = members_filter or (lambda _name: True)
     links: list[Path] = []
     try:
+        chosen = [m for m in arc.members if m.name and keep(m.name)]
+        budget = _Budget(arc.path, limits, arc.path.stat().st_size)
+        budget.admit(chosen)
         with atomic_path(dest_dir) as tmp:
             tmp.mkdir()
             root = Path(os.path.realpath(tmp))
-            for m in arc.members:
-                if not m.name or not keep(m.name):
-                    continue
+            for m in chosen:
                 target = root / m.name
                 if not _inside(target.parent, root):
                     raise UnsafeArchiveError(f"{arc.path}: member {m.name!r} resolves outside via a link")
@@ -385,8 +716,8 @@ def extract(archive: str | Path, dest_dir: str | Path,
                     links.append(target)
                     continue
                 try:
-                    with m.open() as src, open(target, "xb") as dst:
-                        shutil.copyfileobj(src, dst, CHUNK)
+                    with open(target, "xb") as dst:
+                        budget.copy(m, dst)
                 except KeyError:            # tar hard link to a member that is not there
                     raise UnsafeArchiveError(f"{arc.path}: link {m.name!r} has no target member") from None
             for link in links:
@@ -400,22 +731,23 @@ def extract(archive: str | Path, dest_dir: str | Path,
     return Path(dest_dir)
 
 
-def member_names(archive: str | Path) -> list[str]:
+def member_names(archive: str | Path, limits: ArchiveLimits = ArchiveLimits()) -> list[str]:
     """Clean names of all members (validated like :func:`extract` does)."""
-    arc = open_archive(archive)
+    arc = open_archive(archive, limits)
     try:
         return [m.name for m in arc.members]
     finally:
         arc.close()
 
 
-def read_member(archive: str | Path, name: str) -> bytes:
+def read_member(archive: str | Path, name: str, *, limits: ArchiveLimits = ArchiveLimits()) -> bytes:
     """Bytes of the one regular-file member whose path is ``name`` or ends in ``/name``.
 
-    Reads straight from the archive (nothing is written to disk). Raises a
+    Reads straight from the archive (nothing is written to disk), within ``limits``
+    (:class:`ArchiveLimitError` otherwise; memory stays near the cap). Raises a
     ``ValueError`` (one line) when no member or several members match.
     """
-    arc = open_archive(archive)
+    arc = open_archive(archive, limits)
     try:
         hits = [m for m in arc.members if m.kind == "file"
                 and (m.name == name or m.name.endswith("/" + name))]
@@ -424,10 +756,13 @@ def read_member(archive: str | Path, name: str) -> bytes:
         if len(hits) > 1:
             raise ValueError(f"{arc.path}: several members match {name!r}: "
                              f"{', '.join(m.name for m in hits[:3])}")
+        budget = _Budget(arc.path, limits, arc.path.stat().st_size)
+        budget.admit(hits)
+        buf = io.BytesIO()
         try:
-            with hits[0].open() as fh:
-                return fh.read()
-        except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error) as exc:
+            budget.copy(hits[0], buf)
+        except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, KeyError) as exc:
             raise ValueError(f"{arc.path}: corrupt member {hits[0].name!r} ({exc})") from None
+        return buf.getvalue()
     finally:
         arc.close()

@@ -20,7 +20,10 @@ drop every RefCOCO image. With ``subset: null`` all val2017 images are kept (cap
 and objects exist for all of them).
 
 The RefCOCO pickle is read with :class:`RestrictedUnpickler`, which only builds
-builtin containers and scalars; anything else (a class, a function) is refused.
+builtin containers and scalars; anything else (a class, a function) is refused. Before
+that, :func:`check_pickle` caps its size and walks its opcodes, so a small pickle cannot
+make the unpickler allocate gigabytes. Archive members are read within the caps of
+:class:`vlmcompress.data.download.ArchiveLimits`.
 
 The result is written atomically under ``out_root`` (see :mod:`vlmcompress.data.records`)
 for split ``test`` (and ``val`` when ``val_images > 0``) and loads with both
@@ -28,19 +31,21 @@ for split ``test`` (and ``val`` when ``val_images > 0``) and loads with both
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
 import pickle
+import pickletools
 import posixpath
 import shutil
 import urllib.parse
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from vlmcompress.data.config import DownloadParams, SourceParams
-from vlmcompress.data.download import download, extract, read_member
+from vlmcompress.data.download import DEFAULT_MAX_BYTES, ArchiveLimits, download, extract, read_member
 from vlmcompress.data.records import annotation_path, image_dir
 from vlmcompress.io import atomic_path, write_json
 
@@ -76,32 +81,97 @@ IMAGE_FOLDER = "val2017"          # top folder inside val2017.zip
 
 # --- the RefCOCO pickle -----------------------------------------------------------------
 
+MAX_PICKLE_BYTES = 256 << 20      # refs(unc).p is ~40 MB
+_MEMO_SLACK = 1 << 16             # memo indices allowed beyond the number of PUTs seen so far
+_WATCHED = {"PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE", "FRAME"}   # opcodes check_pickle looks at
+
+
+def _flat(kind: type, scalars: tuple[type, ...]) -> Callable[..., Any]:
+    """``kind(*args)`` for arguments of the ``scalars`` types only.
+
+    This is what the unpickler calls for a global: ``bytes(2**31)`` (a size, not data)
+    or ``str(x)`` of a structure whose shared parts multiply in its repr would allocate
+    far more than the pickle holds, so anything but flat data is refused. Being a plain
+    function, not a type, it cannot be used by ``NEWOBJ`` (``bytes.__new__(bytes, n)``).
+    """
+    def build(*args: Any) -> Any:
+        bad = [type(a).__name__ for a in args if not isinstance(a, scalars)]
+        if bad:
+            raise pickle.UnpicklingError(f"refused {kind.__name__}() of a {bad[0]}")
+        return kind(*args)
+
+    build.__name__ = kind.__name__
+    return build
+
+
+_TEXT = (str, bytes, bytearray)
+_NUMBER = _TEXT + (int, float)
+_CONTAINER = (list, tuple, set, frozenset, dict)
+
+
 class RestrictedUnpickler(pickle.Unpickler):
     """Unpickler that resolves only harmless builtin types (never a class or a function).
 
     Lists, dicts, strings and numbers are built by opcodes and need no lookup at all;
-    the globals below cover sets, tuples built by ``REDUCE`` and Python 2 names.
+    the globals below cover sets, tuples built by ``REDUCE`` and Python 2 names. Each
+    resolves to a guarded constructor that accepts only flat arguments (see :func:`_flat`).
     """
 
-    _ALLOWED = {"set", "frozenset", "list", "dict", "tuple", "str", "bytes", "bytearray",
-                "int", "float", "complex", "bool"}
+    _SAFE: dict[str, Callable[..., Any]] = {
+        **{t.__name__: _flat(t, _TEXT) for t in (str, bytes, bytearray)},
+        **{t.__name__: _flat(t, _NUMBER) for t in (int, float, complex, bool)},
+        **{t.__name__: _flat(t, _CONTAINER) for t in (set, frozenset, list, dict, tuple)},
+    }
     _PY2_NAMES = {"unicode": "str", "long": "int"}
 
     def find_class(self, module: str, name: str) -> Any:
         name = self._PY2_NAMES.get(name, name) if module == "__builtin__" else name
-        if module in ("builtins", "__builtin__") and name in self._ALLOWED:
-            return getattr(__import__("builtins"), name)
+        if module in ("builtins", "__builtin__") and name in self._SAFE:
+            return self._SAFE[name]
         raise pickle.UnpicklingError(f"forbidden global {module}.{name} (only builtin data allowed)")
 
 
-def load_safe_pickle(data: bytes, origin: str) -> Any:
-    """Unpickle plain data with :class:`RestrictedUnpickler`; one-line ``ValueError`` naming ``origin``."""
+def check_pickle(data: bytes, origin: str, max_bytes: int = MAX_PICKLE_BYTES) -> None:
+    """Refuse a pickle larger than ``max_bytes`` or one that could allocate far more than its size.
+
+    Walks the opcodes (:func:`pickletools.genops`, nothing is built) and refuses a
+    length prefix beyond the data (``BINBYTES8`` of 2**40 bytes), a ``FRAME`` longer than
+    the rest, and a memo index far beyond the memo entries stored so far (the unpickler
+    sizes its memo table by the largest index). One-line ``ValueError`` naming ``origin``.
+    """
+    if len(data) > max_bytes:
+        raise ValueError(f"{origin}: refused pickle: {len(data)} bytes, more than the {max_bytes}-byte cap")
+    stored = 0
+    try:
+        for op, arg, pos in pickletools.genops(data):
+            if op.name not in _WATCHED:
+                continue
+            if op.name == "FRAME":
+                if arg > len(data) - pos:
+                    raise pickle.UnpicklingError(f"frame of {arg} bytes at byte {pos} beyond the data")
+                continue
+            if op.name != "MEMOIZE" and arg > stored + _MEMO_SLACK:
+                raise pickle.UnpicklingError(f"memo index {arg} at byte {pos} after {stored} entries")
+            stored += 1
+    except pickle.UnpicklingError as exc:
+        raise ValueError(f"{origin}: refused pickle: {exc}") from None
+    except ValueError as exc:               # genops: truncated argument, unknown opcode, no STOP
+        raise ValueError(f"{origin}: corrupt pickle ({exc})") from None
+
+
+def load_safe_pickle(data: bytes, origin: str, max_bytes: int = MAX_PICKLE_BYTES) -> Any:
+    """Unpickle plain data with :class:`RestrictedUnpickler` after :func:`check_pickle`.
+
+    Raises a one-line ``ValueError`` naming ``origin``.
+    """
+    check_pickle(data, origin, max_bytes)
     try:
         # Python 2 ``str`` objects (the refs were pickled by Python 2) are decoded as UTF-8.
         return RestrictedUnpickler(io.BytesIO(data), encoding="utf-8").load()
     except pickle.UnpicklingError as exc:
         raise ValueError(f"{origin}: refused pickle: {exc}") from None
-    except (EOFError, UnicodeDecodeError, ValueError, TypeError, IndexError, KeyError, AttributeError) as exc:
+    except (EOFError, UnicodeDecodeError, ValueError, TypeError, IndexError, KeyError, AttributeError,
+            MemoryError, RecursionError) as exc:
         raise ValueError(f"{origin}: corrupt pickle ({type(exc).__name__}: {exc})") from None
 
 
@@ -133,16 +203,32 @@ def _check_items(doc: dict, list_key: str, keys: tuple[str, ...], where: str) ->
         _require(item, keys, f"{where}.{list_key}[{i}]")
 
 
+def _check_types(obj: dict, types: Mapping[str, type], where: str) -> None:
+    """Each of ``types``' keys present in ``obj`` holds a value of that type (first offender named)."""
+    for key, kind in types.items():
+        if key in obj and not isinstance(obj[key], kind):
+            raise ValueError(f"{where}.{key}: expected {kind.__name__}, got {type(obj[key]).__name__}")
+
+
+# Field types of a ref and of its sentences; the values are copied with int() / str(), so
+# anything else (e.g. a nested structure whose repr could be huge) is refused first.
+_REF_TYPES = {"ref_id": int, "ann_id": int, "image_id": int, "category_id": int, "split": str, "sentences": list}
+_SENT_TYPES = {"sent": str, "raw": str, "sent_id": int, "tokens": list}
+
+
 def check_refs(refs: Any, origin: str) -> list[dict[str, Any]]:
-    """Validate the structure of ``refs(unc).p``: a list of refs with sentences."""
+    """Validate the structure of ``refs(unc).p``: a list of refs with sentences, fields typed."""
     if not isinstance(refs, list):
         raise ValueError(f"{origin}: expected a list of refs, got {type(refs).__name__}")
     for i, r in enumerate(refs):
-        _require(r, ("ref_id", "ann_id", "image_id", "sentences"), f"{origin}[{i}]")
-        if not isinstance(r["sentences"], list):
-            raise ValueError(f"{origin}[{i}].sentences: expected a list")
+        where = f"{origin}[{i}]"
+        _require(r, ("ref_id", "ann_id", "image_id", "sentences"), where)
+        _check_types(r, _REF_TYPES, where)
         for j, s in enumerate(r["sentences"]):
-            _require(s, ("sent",), f"{origin}[{i}].sentences[{j}]")
+            _require(s, ("sent",), f"{where}.sentences[{j}]")
+            _check_types(s, _SENT_TYPES, f"{where}.sentences[{j}]")
+            if not all(isinstance(t, str) for t in s.get("tokens", [])):
+                raise ValueError(f"{where}.sentences[{j}].tokens: expected a list of str")
     return refs
 
 
@@ -278,7 +364,9 @@ def prepare_from_archives(archives: Mapping[str, str | Path], out_root: str | Pa
     refs, dropped = None, 0
     if "refcoco" in arc:
         origin = f"{arc['refcoco']}:{MEMBERS['refs']}"
-        raw = check_refs(load_safe_pickle(read_member(arc["refcoco"], MEMBERS["refs"]), origin), origin)
+        data = read_member(arc["refcoco"], MEMBERS["refs"],
+                           limits=dataclasses.replace(ArchiveLimits(), max_member_bytes=MAX_PICKLE_BYTES))
+        raw = check_refs(load_safe_pickle(data, origin), origin)
         refs, dropped = keep_refs(raw, anns_by_id)
 
     with_tasks = {q["image_id"] for q in vqa_q["questions"] if q["image_id"] in image_ids}
@@ -308,8 +396,14 @@ def _file_name(key: str, url: str) -> str:
     return name
 
 
-def download_sources(params: DownloadParams, raw_dir: str | Path, *, progress: bool = True) -> dict[str, Path]:
-    """Download (or re-use verified copies of) every configured source into ``raw_dir``."""
+def download_sources(params: DownloadParams, raw_dir: str | Path, *, progress: bool = True,
+                     deadline_s: float | None = None, max_bytes: int = DEFAULT_MAX_BYTES) -> dict[str, Path]:
+    """Download (or re-use verified copies of) every configured source into ``raw_dir``.
+
+    ``deadline_s`` (per file, all attempts) and ``max_bytes`` (body cap of a source
+    without ``size``) are passed to :func:`vlmcompress.data.download.download`;
+    ``deadline_s=None`` derives each file's limit from ``timeout_s`` and its size.
+    """
     known = REQUIRED_SOURCES + OPTIONAL_SOURCES
     unknown = sorted(set(params.sources) - set(known))
     if unknown:
@@ -325,15 +419,17 @@ def download_sources(params: DownloadParams, raw_dir: str | Path, *, progress: b
             continue
         out[key] = download(src.url, Path(raw_dir) / _file_name(key, src.url), sha256=src.sha256,
                             size=src.size, timeout_s=params.timeout_s, retries=params.retries,
-                            progress=progress)
+                            progress=progress, deadline_s=deadline_s, max_bytes=max_bytes)
     return out
 
 
 def prepare_paper_data(params: DownloadParams, raw_dir: str | Path, out_root: str | Path, *,
-                       progress: bool = True) -> dict[str, int]:
+                       progress: bool = True, deadline_s: float | None = None,
+                       max_bytes: int = DEFAULT_MAX_BYTES) -> dict[str, int]:
     """Download COCO 2017 val / VQAv2 val / RefCOCO into ``raw_dir`` and write the data set.
 
+    ``deadline_s`` and ``max_bytes`` bound each download (see :func:`download_sources`).
     Returns flat counts per split (``test_images``, ``test_questions``, ...).
     """
-    archives = download_sources(params, raw_dir, progress=progress)
+    archives = download_sources(params, raw_dir, progress=progress, deadline_s=deadline_s, max_bytes=max_bytes)
     return prepare_from_archives(archives, out_root, subset=params.subset, val_images=params.val_images)

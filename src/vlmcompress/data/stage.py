@@ -31,7 +31,7 @@ def run_data_stage(params: Params, root: Path | None = None,
         metrics = generate_scenes(d.scenes, root)
     else:
         from vlmcompress.data.prepare_coco import prepare_paper_data
-        metrics = prepare_paper_data(d.download, outputs_dir("data", "raw"), root)
+        metrics = prepare_paper_data(d.download, outputs_dir("data", "raw"), root, deadline_s=d.download.deadline_s)
     write_json(metrics_path or outputs_dir("data", "metrics.json"), metrics)
     return metrics
 
