@@ -315,3 +315,38 @@ def test_a_codec_started_from_a_retrained_source_is_trained_again(stage_env):
     folder = dataclasses.replace(ours, train=dataclasses.replace(ours.train, init_from="nowhere"))
     with pytest.raises(FileNotFoundError, match=r"nowhere/codec\.json: no such file"):
         init_dir(folder, variants)
+
+
+def test_token_loss_gradients_reach_the_pixels_from_a_bfloat16_lvlm(tmp_path):
+    """The token target runs the tower in float32 even when the LVLM is loaded in bfloat16: its
+    pixel gradients equal a float32 run of the same (bfloat16-rounded) weights."""
+    import torch
+
+    from lvlm_helpers import save_tiny_lvlm
+
+    from vlmcompress.codec.stage import lvlm_token_fn
+    from vlmcompress.lvlm.load import load_lvlm
+
+    folder = save_tiny_lvlm(tmp_path / "m")
+    g = torch.Generator().manual_seed(0)
+    x0, ref = torch.rand(2, 3, 40, 52, generator=g), torch.rand(2, 3, 40, 52, generator=g)
+
+    def pixel_grad(lvlm):
+        token_fn = lvlm_token_fn(lvlm)
+        x = x0.clone().requires_grad_(True)
+        with torch.no_grad():
+            target = token_fn(ref)
+        loss = torch.nn.functional.mse_loss(token_fn(x), target)
+        loss.backward()
+        assert loss.dtype == torch.float32
+        return x.grad
+
+    half = load_lvlm(str(folder / "llava"), str(folder / "clip"), dtype="bfloat16")
+    full = load_lvlm(str(folder / "llava"), str(folder / "clip"))
+    with torch.no_grad():
+        for p in full.llava.parameters():
+            p.copy_(p.bfloat16().float())
+    got, want = pixel_grad(half), pixel_grad(full)
+    assert next(half.language_model.parameters()).dtype == torch.bfloat16      # only the tower moved
+    assert (got != 0).float().mean() > 0.99
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)

@@ -96,11 +96,15 @@ def lvlm_token_fn(lvlm: Any) -> TokenFn:
     """``x [B,3,H,W] in [0,1] -> [B, N, Dv]``: the frozen tower's features fed to the projector.
 
     Differentiable w.r.t. ``x``; the LVLM's own weights are frozen (this instance only), so a
-    backward pass through it costs no weight gradients. Output: float32 on ``x``'s device.
+    backward pass through it costs no weight gradients. The tower and projector are moved to
+    float32 (this instance): through a half-precision tower most token-loss gradients
+    underflow to zero before they reach the pixels. Output: float32 on ``x``'s device.
     A call without gradient (the reference pass on the original) also keeps that image's CLS
     attention in ``token_fn.last``, so :func:`lvlm_attention_fn` need not run the tower again.
     """
     lvlm.llava.requires_grad_(False)
+    lvlm.vision_tower.float()
+    lvlm.llava.model.multi_modal_projector.float()
     lvlm.eval()
 
     def token_fn(x: Tensor) -> Tensor:

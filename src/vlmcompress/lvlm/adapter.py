@@ -248,7 +248,7 @@ class LVLM:
         in the model's dtype (the geometry in float32, differentiable)."""
         x = prepare([t.to(self.device) for t in images] if not isinstance(images, Tensor) else images.to(self.device),
                     self.image_size, self.image_aspect, self.image_mean, self.image_std)
-        return x.to(self.dtype)
+        return x.to(next(self.vision_tower.parameters()).dtype)
 
     # -- vision ---------------------------------------------------------------------------
     def visual_features(self, images: Tensor) -> VisualFeatures:
@@ -321,7 +321,8 @@ class LVLM:
         visual tokens sit in the padded sequence."""
         seqs, labels, spans = [], [], []
         for i, (pre, post) in enumerate(prompts):
-            parts = [self._embed_ids(pre), vis_tokens[i][vis_mask[i]].to(self.dtype), self._embed_ids(post)]
+            pre_e = self._embed_ids(pre)
+            parts = [pre_e, vis_tokens[i][vis_mask[i]].to(pre_e.dtype), self._embed_ids(post)]
             spans.append((len(pre), parts[1].shape[0]))
             n_ctx = sum(p.shape[0] for p in parts)
             lab = [-100] * n_ctx

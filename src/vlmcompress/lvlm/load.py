@@ -32,7 +32,7 @@ def _load(loader, name_or_path: str, what: str, **kwargs):
 
 
 def load_lvlm(llava: str, clip: str, *, prompts: Prompts = Prompts(), attn_layer: int = -1,
-              dtype: str = "float32", device: str = "cpu") -> LVLM:
+              dtype: str = "float32", device: str = "cpu", image_aspect: str = "resize") -> LVLM:
     """Load an :class:`LVLM`. ``llava``/``clip``: local folders or hub ids.
 
     The LLaVA vision tower *is* the CLIP image encoder (LLaVA-1.5 keeps CLIP ViT-L/14-336
@@ -47,5 +47,5 @@ def load_lvlm(llava: str, clip: str, *, prompts: Prompts = Prompts(), attn_layer
         raise ModelNotAvailableError(f"{clip!r} is a {type(clip_model).__name__}, not a CLIP model")
     clip_tok = _load(AutoTokenizer.from_pretrained, clip, "CLIP tokenizer")
     clip_model.vision_model = None  # the LLaVA tower replaces it (saves a copy of the encoder)
-    lvlm = LVLM(model, tok, clip_model, clip_tok, prompts=prompts, attn_layer=attn_layer)
+    lvlm = LVLM(model, tok, clip_model, clip_tok, prompts=prompts, attn_layer=attn_layer, image_aspect=image_aspect)
     return lvlm.to(device).eval()

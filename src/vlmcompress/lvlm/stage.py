@@ -36,7 +36,7 @@ def load_stage_lvlm(params: Params) -> LVLM:
     llava, clip = model_paths(params)
     L = params.lvlm
     return load_lvlm(llava, clip, prompts=Prompts(**dataclasses.asdict(L.prompts)), attn_layer=L.attn_layer,
-                     dtype=L.dtype, device=L.device)
+                     dtype=L.dtype, device=L.device, image_aspect=L.image_aspect)
 
 
 def train_embedded(params: Params, val: list[ImageRecord], log=print) -> dict[str, float]:
@@ -98,12 +98,28 @@ def evaluate(lvlm: LVLM, train: list[ImageRecord], test: list[ImageRecord], ev: 
     return metrics, pd.DataFrame(rows)
 
 
+def record_pretrained(params: Params) -> None:
+    """The stage's outputs when nothing is trained, so both profiles have the same DVC outs:
+    ``model/source.json`` names the checkpoints every later stage loads, ``checkpoints/`` is
+    empty and ``curves.csv`` has a header and no rows."""
+    out = stage_dir()
+    with atomic_path(out / "model") as tmp:
+        tmp.mkdir()
+        write_json(tmp / "source.json", {"source": "pretrained", "llava": params.lvlm.llava,
+                                          "clip": params.lvlm.clip, "dtype": params.lvlm.dtype})
+    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / "curves.csv") as tmp:
+        tmp.write_text("phase,step\n")
+
+
 def run_lvlm_stage(params: Params, splits: dict[str, list[ImageRecord]], log=print) -> dict[str, Any]:
     """Train or resolve, evaluate, and write ``outputs/lvlm/{metrics.json, examples.csv}``."""
     out = stage_dir()
     timing: dict[str, float] = {}
     if params.lvlm.source == "train":
         timing = train_embedded(params, splits["val"], log=log)
+    else:
+        record_pretrained(params)
     lvlm = load_stage_lvlm(params)
     train = splits.get("train", [])
     metrics, examples = evaluate(lvlm, train, splits["test"], params.lvlm.eval)
