@@ -42,8 +42,8 @@ def pad_to_square(x: Tensor, fill: Sequence[float]) -> Tensor:
 def centre_crop_square(x: Tensor, size: int) -> Tensor:
     """Resize the shorter side of ``[B, 3, H, W]`` to ``size``, then cut the centre ``size`` square."""
     h, w = x.shape[-2:]
-    scale = size / min(h, w)
-    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    short = min(h, w)      # integer sizes as transformers' processor computes them
+    nh, nw = max(size, h * size // short), max(size, w * size // short)
     x = _resize(x, nh, nw)
     top, left = (nh - size) // 2, (nw - size) // 2
     return x[..., top:top + size, left:left + size]
