@@ -55,3 +55,13 @@ def test_boxes_follow_the_geometry(aspect):
     got = (cols.min() / 100, rows.min() / 100, (cols.max() + 1) / 100, (rows.max() + 1) / 100)
     want = box_to_input((50 / w, 20 / h, 80 / w, 40 / h), h, w, aspect)
     assert np.allclose([float(v) for v in got], want, atol=0.03), (got, want)
+
+
+def test_grounding_is_absent_not_zero_without_referring_expressions():
+    from vlmcompress.data.records import ImageRecord
+    from vlmcompress.eval.tasks import ref_box, run_grounding
+
+    rec = ImageRecord(image_id=1, path="unused.png", width=100, height=60, objects=[], captions=[],
+                      questions=[], refs=[])
+    assert run_grounding(None, [rec]) == (None, None)            # the model is never called
+    assert ref_box(rec, (50, 20, 30, 20), "pad") == pytest.approx((0.5, 0.4, 0.8, 0.6))

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from fixtures_http import FileServer
+from vlmcompress.data.download import DownloadError
 from paper_world import coco_file_name as _name
 from paper_world import jpeg as _jpeg
 from paper_world import pickle_py2 as _pickle_py2
@@ -355,3 +356,22 @@ def test_image_archive_bomb_leaves_nothing(official, tmp_path):
     with pytest.raises(ValueError, match=r"val2017.zip: member 'val2017/000000999999.jpg' expands more than 200x"):
         prepare_from_archives(arcs, tmp_path / "ds")
     assert not (tmp_path / "ds").exists() and not list(tmp_path.glob(".ds*"))
+
+
+def test_an_optional_source_that_fails_warns_and_the_rest_is_prepared(official, tmp_path):
+    """RefCOCO's host answering 404: a warning, a data set without refs; a required one fails."""
+    files = {f"/data/{n}": d for n, d in official.items() if KEY_OF[n] != "refcoco"}
+    with FileServer(files) as srv:
+        sources = {KEY_OF[n]: SourceParams(url=srv.url(f"/data/{n}"), size=len(d)) for n, d in official.items()}
+        params = DownloadParams(sources=sources, subset=None, timeout_s=5.0, retries=0, deadline_s=None)
+        with pytest.warns(UserWarning, match="optional source refcoco skipped: .*404"):
+            counts = prepare_paper_data(params, tmp_path / "raw", tmp_path / "ds", progress=False)
+        assert counts["test_images"] == 6 and "test_refs" not in counts
+        assert all(not r.refs for r in load_split(tmp_path / "ds", "test"))
+    del files["/data/" + next(n for n in official if KEY_OF[n] == "vqa_questions")]
+    with FileServer(files) as srv:
+        sources = {KEY_OF[n]: SourceParams(url=srv.url(f"/data/{n}"), size=len(d)) for n, d in official.items()}
+        params = DownloadParams(sources=sources, subset=None, timeout_s=5.0, retries=0, deadline_s=None)
+        with pytest.raises(DownloadError):
+            prepare_paper_data(params, tmp_path / "raw2", tmp_path / "ds2", progress=False)
+    assert not (tmp_path / "ds2").exists()

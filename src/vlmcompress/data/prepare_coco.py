@@ -40,12 +40,14 @@ import pickletools
 import posixpath
 import shutil
 import urllib.parse
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from vlmcompress.data.config import DownloadParams, SourceParams
-from vlmcompress.data.download import DEFAULT_MAX_BYTES, ArchiveLimits, download, extract, read_member
+from vlmcompress.data.download import (DEFAULT_MAX_BYTES, ArchiveLimits, DownloadError, download, extract,
+                                       read_member)
 from vlmcompress.data.records import annotation_path, image_dir
 from vlmcompress.io import atomic_path, write_json
 
@@ -417,9 +419,15 @@ def download_sources(params: DownloadParams, raw_dir: str | Path, *, progress: b
         src: SourceParams | None = params.sources.get(key)
         if src is None:
             continue
-        out[key] = download(src.url, Path(raw_dir) / _file_name(key, src.url), sha256=src.sha256,
-                            size=src.size, timeout_s=params.timeout_s, retries=params.retries,
-                            progress=progress, deadline_s=deadline_s, max_bytes=max_bytes)
+        try:
+            out[key] = download(src.url, Path(raw_dir) / _file_name(key, src.url), sha256=src.sha256,
+                                size=src.size, timeout_s=params.timeout_s, retries=params.retries,
+                                progress=progress, deadline_s=deadline_s, max_bytes=max_bytes)
+        except DownloadError as exc:
+            if key not in OPTIONAL_SOURCES:
+                raise
+            # An optional source failing costs its task (no refs: no grounding), not the stage.
+            warnings.warn(f"optional source {key} skipped: {exc}", stacklevel=2)
     return out
 
 

@@ -429,7 +429,9 @@ def run_eval_codec_stage(params: Params, splits: Mapping[str, Sequence[ImageReco
     ref_row = {"codec": REFERENCE, "kind": "reference", "point": np.nan, "bpp": RAW_BPP, "psnr": np.nan,
                "ms_ssim": 1.0, "n_images": len(records), **reference}
     curves = pd.concat([curves, pd.DataFrame([ref_row])], ignore_index=True)
-    metric_cols = list(BD_METRICS) + sorted(c for c in curves if c.startswith("vqa_acc_"))
+    # A task with no data (e.g. no referring expressions) has no BD-rate, rather than a wrong one.
+    metric_cols = [c for c in list(BD_METRICS) + sorted(c for c in curves if c.startswith("vqa_acc_"))
+                   if c in curves and curves[c].notna().any()]
     bd = bd_tables(curves, params, metric_cols)
     _write_csv(curves, out / "curves.csv")
     _write_csv(rd, out / "rd_images.csv")

@@ -212,9 +212,12 @@ def run_captions(lvlm, records: Sequence[ImageRecord], batch_size: int = 32, ima
 
 
 def run_grounding(lvlm, records: Sequence[ImageRecord], batch_size: int = 32, max_refs: int = 0,
-                  images: ImageSource = file_images, transform=None) -> tuple[float, float]:
-    """(accuracy at IoU >= 0.5 in percent, mean IoU) over referring expressions."""
+                  images: ImageSource = file_images, transform=None) -> tuple[float | None, float | None]:
+    """(accuracy at IoU >= 0.5 in percent, mean IoU) over referring expressions; ``(None, None)``
+    when the records have none (the task is absent, not failed)."""
     items = [(r, ref) for r in records for ref in r.refs]
+    if not items:
+        return None, None
     if 0 < max_refs < len(items):
         rng = np.random.default_rng(0)
         items = [items[i] for i in sorted(rng.choice(len(items), max_refs, replace=False))]

@@ -78,7 +78,9 @@ def evaluate(lvlm: LVLM, train: list[ImageRecord], test: list[ImageRecord], ev: 
         "vqa_acc_by_type": {k: round(v, 2) for k, v in vqa.by_type.items()},
         "vqa_majority_acc_by_type": {k: round(v, 2) for k, v in maj_by_type.items()},
         **{k: round(v, 2) for k, v in ret.items()}, "retrieval_gallery": len(gallery),
-        "caption_cider": round(cider, 2), "grounding_acc50": round(g50, 2), "grounding_miou": round(miou, 4),
+        "caption_cider": round(cider, 2),
+        "grounding_acc50": None if g50 is None else round(g50, 2),        # None: no referring expressions
+        "grounding_miou": None if miou is None else round(miou, 4),
     }
     if ev.text_probe_images > 0:
         # What text-guided recovery ranks by: are the patches most similar to a question the
