@@ -350,3 +350,32 @@ def test_token_loss_gradients_reach_the_pixels_from_a_bfloat16_lvlm(tmp_path):
     assert next(half.language_model.parameters()).dtype == torch.bfloat16      # only the tower moved
     assert (got != 0).float().mean() > 0.99
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
+
+
+def test_training_images_from_a_folder_must_not_be_evaluated(tmp_path, params):
+    import dataclasses
+    import shutil
+
+    import pytest
+    from PIL import Image
+
+    from vlmcompress.codec.stage import training_paths
+    from vlmcompress.data.records import ImageRecord
+
+    def rec(i, path):
+        return ImageRecord(image_id=i, path=str(path), width=8, height=8, objects=[], captions=[], questions=[],
+                           refs=[])
+
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "train").mkdir()
+    for i in range(3):
+        Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(tmp_path / "eval" / f"{i}.png")
+        Image.new("RGB", (8, 8), (0, 40 * i, 1)).save(tmp_path / "train" / f"t{i}.png")
+    splits = {"test": [rec(i, tmp_path / "eval" / f"{i}.png") for i in range(3)]}
+    P = dataclasses.replace(params.codec, train_images=str(tmp_path / "train"))
+    assert [p.name for p in training_paths(P, splits)] == ["t0.png", "t1.png", "t2.png"]
+    shutil.copy(tmp_path / "eval" / "1.png", tmp_path / "train" / "copy.png")
+    with pytest.raises(ValueError, match=r"copy.png is the evaluated image .*1.png"):
+        training_paths(P, splits)
+    with pytest.raises(ValueError, match="no 'train' images .*name a folder in codec.train_images"):
+        training_paths(params.codec, splits)

@@ -132,6 +132,7 @@ class CodecStageParams:
     ablations: list[str]     # names in vlmcompress.codec.variants.ABLATIONS, each trained like ours
     eval: CodecEvalParams
     max_pixels: int          # largest image encode and decode accept: bounds the decoder's memory
+    train_images: str        # "": the data stage's train split | a folder of images to train on instead
 
     @property
     def ours(self) -> CodecParams:
@@ -222,6 +223,9 @@ def check_stage_params(p: CodecStageParams, path: str = "codec") -> None:
     check_codec_params(p.ours, path)
     _require(1 <= p.max_pixels <= MAX_DIM * MAX_DIM, f"{path}.max_pixels",
              f"must be in [1, {MAX_DIM * MAX_DIM}], got {_show(p.max_pixels)}")
+    from pathlib import Path
+    _require(not p.train_images or Path(p.train_images).is_dir(), f"{path}.train_images",
+             f'must be "" (the train split) or a folder of images, got {_show(p.train_images)}')
     b = p.baseline
     _check_lambdas(b.lambdas, p.model.levels, f"{path}.baseline.lambdas")
     _require(b.steps >= 0, f"{path}.baseline.steps", f"must be >= 0 (0: train.steps), got {_show(b.steps)}")

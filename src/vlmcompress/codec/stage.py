@@ -73,10 +73,11 @@ class RecordImages(Sequence):
 
     Images with a side below ``min_side`` are scaled up (aspect kept) so every one can give
     a ``min_side`` crop; reading on demand keeps COCO-sized splits out of memory.
+    ``records``: image records or plain image paths.
     """
 
-    def __init__(self, records: Sequence[ImageRecord], min_side: int):
-        self.paths = [r.path for r in records]
+    def __init__(self, records: Sequence[ImageRecord | str | Path], min_side: int):
+        self.paths = [r.path if isinstance(r, ImageRecord) else Path(r) for r in records]
         self.min_side = int(min_side)
 
     def __len__(self) -> int:
@@ -90,6 +91,30 @@ class RecordImages(Sequence):
             size = (max(self.min_side, math.ceil(w * k)), max(self.min_side, math.ceil(h * k)))
             img = np.asarray(Image.fromarray(img).resize(size, Image.Resampling.BICUBIC))
         return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)
+
+
+def training_paths(P: CodecStageParams, splits: dict[str, list[ImageRecord]]) -> list[Path]:
+    """The codec's training images: ``codec.train_images`` (a folder) or the ``train`` split.
+
+    A folder must share no image (byte for byte) with the splits the pipeline evaluates on,
+    so a rate–accuracy point is never measured on an image the codec was fitted to."""
+    if not P.train_images:
+        if not splits.get("train"):
+            raise ValueError(f"codec stage: the data set has no 'train' images (splits found: "
+                             f"{', '.join(sorted(splits)) or 'none'}); name a folder in codec.train_images")
+        return [r.path for r in splits["train"]]
+    from vlmcompress.data.folders import list_image_files
+    paths = list_image_files(P.train_images)
+    evaluated = {_digest(r.path): r.path for name, recs in splits.items() if name != "train" for r in recs}
+    for p in paths:
+        if (same := evaluated.get(_digest(p))) is not None:
+            raise ValueError(f"codec.train_images: {p} is the evaluated image {same}; "
+                             f"train on images the pipeline does not score")
+    return paths
+
+
+def _digest(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def lvlm_token_fn(lvlm: Any) -> TokenFn:
@@ -440,10 +465,11 @@ def run_codec_stage(params: Params, splits: dict[str, list[ImageRecord]], log: L
     """
     P: CodecStageParams = params.codec
     check_stage_params(P)
-    for split in ("train", "test"):
-        if not splits.get(split):
-            raise ValueError(f"codec stage: the data set has no '{split}' images "
-                             f"(splits found: {', '.join(sorted(splits)) or 'none'})")
+    if not splits.get("test"):
+        raise ValueError(f"codec stage: the data set has no 'test' images "
+                         f"(splits found: {', '.join(sorted(splits)) or 'none'})")
+    train_paths = training_paths(P, splits)
+    log(f"training on {len(train_paths)} images ({P.train_images or 'the train split'})")
     variants = model_variants(P)
     from vlmcompress.lvlm.stage import load_stage_lvlm  # late: transformers is slow to import
     lvlm = load_stage_lvlm(params)
@@ -454,7 +480,7 @@ def run_codec_stage(params: Params, splits: dict[str, list[ImageRecord]], log: L
     def tower_of(cp: CodecParams) -> str:   # what a codec of these params was fitted to
         return tower_digest(lvlm, projector=cp.loss.token_space == "projector", attention=uses_attention(cp))
 
-    train_set = RecordImages(splits["train"], P.train.patch_size)
+    train_set = RecordImages(train_paths, P.train.patch_size)
     for cp in variants.values():
         check_token_dim(cp, token_fn, train_set[0][None].float() / 255.0)
 
