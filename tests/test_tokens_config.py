@@ -60,13 +60,41 @@ def test_method_params_feed_the_methods():
 
 
 def test_a_bad_recoverable_spread_share_names_its_own_section():
-    import pytest
+    spread = METHOD_PARAMS["recoverable_spread"]      # the preset's class: recoverable's fields and checks
+    assert issubclass(spread, RecoverableParams) and spread.__name__ == "RecoverableSpreadParams"
+    with pytest.raises(ConfigError, match=r"tokens\.recoverable_spread\.recovered_share"):
+        spread(salient_share=0.75, recovered_share=0.5)
+    with pytest.raises(ConfigError, match=r"tokens\.recoverable\.recovered_share"):
+        RecoverableParams(salient_share=0.75, recovered_share=0.5)
 
-    from vlmcompress.config import ConfigError
+
+def test_the_former_preset_class_name_still_imports():
     from vlmcompress.tokens.config import RecoverableSpreadParams
 
-    with pytest.raises(ConfigError, match=r"tokens\.recoverable_spread\.recovered_share"):
-        RecoverableSpreadParams(salient_share=0.75, recovered_share=0.5)
+    assert RecoverableSpreadParams is METHOD_PARAMS["recoverable_spread"]
+    assert RecoverableSpreadParams().salient_source == "spread" and RecoverableSpreadParams().merge is False
+
+
+def test_sections_are_set_by_method_name_in_code_too():
+    import dataclasses
+
+    p = TokensParams(recoverable=RecoverableParams(merge=False), fastv={"layer": 3})
+    assert p.recoverable.merge is False and p.fastv.layer == 3 and p.pool == METHOD_PARAMS["pool"]()
+    q = dataclasses.replace(p, fastv=dataclasses.replace(p.fastv, layer=5))
+    assert q.fastv.layer == 5 and q.recoverable.merge is False
+    with pytest.raises(ConfigError, match=r"^tokens\.fastv: expected FastVParams"):
+        TokensParams(fastv=RecoverableParams())
+    with pytest.raises(ConfigError, match=r"^tokens\.fastv\.layer: expected int"):
+        TokensParams(fastv={"layer": "x"})
+    with pytest.raises(AttributeError, match="nope"):
+        p.nope
+
+
+def test_unknown_keys_list_the_method_sections():
+    with pytest.raises(ConfigError, match=r"^tokens\.nope: unknown key \(known: methods, .*eval, full, .*fastv\)$"):
+        from_dict(TokensParams, {"nope": {}}, "tokens")
+    with pytest.raises(ConfigError, match=r"^tokens\.sections: unknown key"):   # the field behind them is not a key
+        from_dict(TokensParams, {"sections": {}}, "tokens")
 
 
 @pytest.mark.parametrize("section,match", [

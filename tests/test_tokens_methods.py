@@ -6,7 +6,7 @@ import torch
 
 from vlmcompress.tokens import (
     ADAPTIVE, IN_LM_METHODS, KIND_GLOBAL, KIND_MERGED, KIND_PAD, KIND_POOLED, KIND_RECOVERED, KIND_SALIENT,
-    METHOD_PARAMS, VisualTokens, compress, method_names, resolve_budget,
+    METHOD_PARAMS, TEXT_GUIDED, VisualTokens, compress, method_names, method_spec, resolve_budget,
 )
 from vlmcompress.tokens.thresholds import iqr_threshold
 
@@ -45,9 +45,14 @@ def runs():
 
 def test_registry_lists_all_methods_with_params():
     assert set(method_names()) == NAMES
-    # FastV prunes inside the LM (tokens.fastv), so it has params but no registry entry.
+    # FastV prunes inside the LM (tokens.fastv): registered for its params, not a tokens function.
     assert set(METHOD_PARAMS) == NAMES | IN_LM_METHODS and not NAMES & IN_LM_METHODS
+    assert IN_LM_METHODS == {"fastv"}
     assert ADAPTIVE == {"prumerge", "prumerge_plus", "recoverable", "recoverable_spread"}
+    assert TEXT_GUIDED == {"recoverable", "recoverable_spread"}
+    assert method_spec("recoverable_spread").base == "recoverable"
+    assert list(METHOD_PARAMS) == ["full", "random", "pool", "prumerge", "prumerge_plus", "visionzip",
+                                   "recoverable", "recoverable_spread", "fastv"]   # the stage's default order
 
 
 @pytest.mark.parametrize("name", sorted(NAMES))
@@ -281,7 +286,9 @@ def test_bad_inputs_give_clear_errors():
         compress(vt, "random", budget=1.5)
     with pytest.raises(ValueError, match="budget"):
         compress(vt, "random", budget=0)
-    with pytest.raises(ValueError, match="unknown token method"):
+    with pytest.raises(ValueError, match="unknown token method 'nope'"):
+        compress(vt, "nope")
+    with pytest.raises(ValueError, match="'fastv' prunes inside the LM"):
         compress(vt, "fastv")
 
 

@@ -152,7 +152,11 @@ def from_dict(tp: type[T] | Any, value: Any, path: str = "") -> T:
     Supports dataclasses, ``bool``/``int``/``float``/``str``, ``Optional``/unions,
     ``Literal``, ``list[X]``, ``tuple[X, ...]`` and ``dict[str, X]``. An ``int`` is
     accepted where a ``float`` is expected; a ``bool`` is never accepted as a number;
-    every ``float`` must be finite (no nan or inf).
+    every ``float`` must be finite (no nan or inf). A dataclass field with
+    ``metadata={"inline": types}`` is a ``dict`` whose entries sit beside the other fields
+    in the file, each key allowed and typed by the mapping ``types()`` returns then (a
+    registry). A ``ValueError`` from a dataclass's own checks becomes a ``ConfigError`` at its
+    path (at ``path.field`` when its message starts with ``"field: "``).
     """
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
@@ -160,10 +164,19 @@ def from_dict(tp: type[T] | Any, value: Any, path: str = "") -> T:
             _fail(path or "params", tp, value)
         hints = typing.get_type_hints(tp)
         fields = {f.name: f for f in dataclasses.fields(tp)}
-        unknown = [k for k in value if k not in fields]   # file order: keys may be of mixed types
+        inline = next((f for f in fields.values() if "inline" in f.metadata), None)
+        inline_types: dict[str, Any] = {}
+        if inline is not None:   # its entries are keys of this mapping, typed by the field's metadata
+            del fields[inline.name]
+            inline_types = {k: t for k, t in inline.metadata["inline"]().items() if k not in fields}
+        known = [*fields, *inline_types]
+        unknown = [k for k in value if k not in fields and k not in inline_types]   # file order: mixed key types
         if unknown:
-            raise ConfigError(f"{key_path(path, unknown[0])}: unknown key (known: {', '.join(fields)})")
+            raise ConfigError(f"{key_path(path, unknown[0])}: unknown key (known: {', '.join(known)})")
         kwargs = {}
+        if inline is not None:
+            kwargs[inline.name] = {k: from_dict(inline_types[k], v, key_path(path, k))
+                                   for k, v in value.items() if k in inline_types}
         for name, field in fields.items():
             sub = key_path(path, name)
             if name not in value:
@@ -173,7 +186,15 @@ def from_dict(tp: type[T] | Any, value: Any, path: str = "") -> T:
                     continue
                 raise ConfigError(f"{sub}: missing key")
             kwargs[name] = from_dict(hints[name], value[name], sub)
-        return tp(**kwargs)
+        try:
+            return tp(**kwargs)
+        except ConfigError:
+            raise
+        except ValueError as exc:   # a schema's own check; "field: why" is placed at path.field
+            head, sep, why = str(exc).partition(": ")
+            if sep and head in fields:
+                raise ConfigError(f"{key_path(path, head)}: {clip(why, 2 * SHOW_CHARS)}") from None
+            raise ConfigError(f"{path or 'params'}: {clip(str(exc), 2 * SHOW_CHARS)}") from None
     if origin is Literal:
         # Compare type too, so `1` does not match `True` and `1.0` does not match `1`.
         if any(value == a and type(value) is type(a) for a in typing.get_args(tp)):
@@ -239,7 +260,14 @@ def from_dict(tp: type[T] | Any, value: Any, path: str = "") -> T:
 def to_dict(obj: Any) -> Any:
     """Inverse of :func:`from_dict`: dataclasses to plain YAML/JSON-able data."""
     if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(obj):
+            value = to_dict(getattr(obj, f.name))
+            if "inline" in f.metadata:
+                out.update(value)
+            else:
+                out[f.name] = value
+        return out
     if isinstance(obj, (list, tuple)):
         return [to_dict(v) for v in obj]
     if isinstance(obj, dict):

@@ -54,11 +54,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from vlmcompress.tokens.config import METHOD_PARAMS
+from vlmcompress.tokens.config import METHOD_PARAMS, TEXT_GUIDED
 from vlmcompress.tokens.methods import compress, get_method
 from vlmcompress.tokens.types import KIND_PAD, Compressed, VisualTokens
-
-TEXT_GUIDED = {"recoverable", "recoverable_spread"}
 
 
 @dataclasses.dataclass

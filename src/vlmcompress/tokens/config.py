@@ -1,22 +1,31 @@
-"""Schema of the ``tokens`` section of params.yaml: which token-compression methods to run,
-at which budgets, on which vision layer, and each method's own parameters.
+"""Schema of the ``tokens`` section of params.yaml, and the registry of token methods.
 
-Each method's dataclass lists exactly the keyword parameters its function in
-:mod:`vlmcompress.tokens.methods` accepts (besides ``budget``, ``attention`` and
-``generator``), with the defaults used there; :data:`METHOD_PARAMS` maps a method name to it
-(``fastv``, which prunes inside the LM, takes its parameters in :mod:`vlmcompress.tokens.fastv`).
+The registry maps a method name to a :class:`MethodSpec`: its params dataclass (the schema of
+``tokens.<name>`` and the keywords its function accepts besides ``budget``, ``attention`` and
+``generator``), its function and its traits (adaptive, text-guided, in-LM). Methods register
+with :func:`vlmcompress.tokens.methods.register_method` (built-ins on import of that module,
+others from any module imported before use); :data:`METHOD_PARAMS`, :data:`ADAPTIVE`,
+:data:`TEXT_GUIDED` and :data:`IN_LM_METHODS` are live read-only views of it, and
+:class:`TokensParams` accepts a section for every registered method. This module imports no
+torch: the registry holds the functions, it never calls them.
+
 ``eval`` holds the stage's settings.
 Defaults follow the official code of each method, except ``merge_mode`` (see below).
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import typing
+from collections.abc import Callable, Iterator, Mapping, Set
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from types import MappingProxyType
+from typing import Any, ClassVar, Generic, Literal, TypeVar
 
 MergeMode = Literal["average", "residual"]
 Rule = Literal["lof", "iqr"]
+V = TypeVar("V")
 
 
 def _fail(where: str, msg: str) -> None:
@@ -112,7 +121,8 @@ class FastVParams:
     """``fastv`` (arXiv 2403.06764): visual tokens dropped inside the LM. The first ``layer``
     decoder layers see every token; the attention the last prompt token pays to each visual
     token in layer ``layer`` (1-based; official K = 2) picks the ones the remaining layers keep.
-    No adaptive mode. Runs in :mod:`vlmcompress.tokens.fastv`, not in the methods registry."""
+    No adaptive mode. Registered ``in_lm``: its callable is :class:`vlmcompress.tokens.fastv.FastV`,
+    a transform for ``LVLM.generate``, not a function of the visual tokens."""
 
     layer: int = 2
 
@@ -125,6 +135,7 @@ class RecoverableParams:
     """``recoverable`` (arXiv 2409.01179): salient tokens by CLS attention, recovered tokens by
     text similarity, the rest merged into attention-ranked centres plus one global token."""
 
+    _section: ClassVar[str] = "recoverable"   # a preset's class sets its own name (error paths)
     salient_rule: Rule = "lof"
     recovery_rule: Rule = "lof"
     centre_rule: Rule = "lof"
@@ -148,7 +159,7 @@ class RecoverableParams:
     salient_share: float = 0.5       # fixed budget: share of k for salient tokens
     recovered_share: float = 0.25    # fixed budget: share of k for recovered; the rest merged
     # Where the salient tokens are: 'cls' = highest CLS attention (the paper); 'spread' = the
-    # same number spread evenly over the grid (recoverable_spread, an improved variant).
+    # same number spread evenly over the grid (the recoverable_spread preset).
     salient_source: Literal["cls", "spread"] = "cls"
     # Which tokens are recovered: true = the text score's local maxima on the patch grid first
     # (about one per object the question names), then the best of the rest; false = the top
@@ -158,7 +169,7 @@ class RecoverableParams:
     peak_window: int = 3             # a peak is the maximum of this odd square of patches around it
 
     def __post_init__(self) -> None:
-        name = "recoverable_spread" if isinstance(self, RecoverableSpreadParams) else "recoverable"
+        name = self._section
         if self.salient_source not in ("cls", "spread"):
             _fail(f"{name}.salient_source", f"expected 'cls' or 'spread', got {_show(self.salient_source)}")
         for field_name in ("salient_neighbors", "recovery_neighbors", "centre_neighbors"):
@@ -175,38 +186,148 @@ class RecoverableParams:
             _fail(f"{name}.recovered_share", f"salient_share + recovered_share must be <= 1, got {_show(total)}")
 
 
+# --- the registry of methods ------------------------------------------------------------
+
 @dataclass(frozen=True)
-class RecoverableSpreadParams(RecoverableParams):
-    """``recoverable_spread``: our variant of ``recoverable`` for an LM that reads token
-    statistics (counting). Salient tokens spread evenly over the grid instead of chosen by CLS
-    attention (``salient_share`` of k), the rest recovered by question similarity; no merged or
-    global tokens (averages of unrelated patches, on the embedded LM, came out as box fragments
-    and "2"). Without merging, the recovered tokens take all of ``k`` the salient ones leave.
-    Recovered tokens come from the text score's grid peaks first (``recovery_peaks``): one
-    token on each object the question names lets the LM count them (count 49 -> 74 % at 10% on
-    2,000 val questions). With peaks, a quarter of k recovered beat 3/8, 1/2 and 3/4 there.
+class MethodSpec:
+    """One registered token method.
+
+    ``fn`` is ``fn(vt, *, budget, attention, generator, **params) -> Compressed`` for a method
+    that compresses the visual tokens before the LM, or ``fn(*, budget, **params) -> transform``
+    (a transform for ``LVLM.generate``) for one that prunes inside the LM (``in_lm``).
     """
 
-    salient_source: Literal["cls", "spread"] = "spread"
-    recovery_peaks: bool = True
-    merge: bool = False
-    global_token: bool = False
-    salient_share: float = 0.75
-    recovered_share: float = 0.25
+    name: str
+    params: type                     # its params dataclass: the schema of tokens.<name>
+    fn: Callable[..., Any]
+    adaptive: bool = False           # accepts budget=None (its own rule picks how many)
+    text_guided: bool = False        # reads VisualTokens.text_sim: needs the question's embedding
+    in_lm: bool = False              # prunes inside the LM (fn makes a transform)
+    base: str | None = None          # a preset: runs this method's function with other defaults
 
 
-METHOD_PARAMS: dict[str, type] = {
-    "full": FullParams,
-    "random": RandomParams,
-    "pool": PoolParams,
-    "prumerge": PruMergeParams,
-    "prumerge_plus": PruMergePlusParams,
-    "visionzip": VisionZipParams,
-    "recoverable": RecoverableParams,
-    "recoverable_spread": RecoverableSpreadParams,
-    "fastv": FastVParams,
-}
-IN_LM_METHODS = {"fastv"}   # prune inside the LM: not in the registry of pre-LM methods
+_SPECS: dict[str, MethodSpec] = {}
+
+
+def method_specs() -> Mapping[str, MethodSpec]:
+    """Every registered method by name, in registration order, built-ins first."""
+    # The built-ins register when their module is imported; importing it here means the schema
+    # knows them whichever module was imported first.
+    import vlmcompress.tokens.methods  # noqa: F401
+    return MappingProxyType(_SPECS)
+
+
+def method_spec(name: str) -> MethodSpec:
+    """The spec of method ``name``; ``KeyError`` naming the known ones if none is registered."""
+    specs = method_specs()
+    if not isinstance(name, str) or name not in specs:
+        raise KeyError(f"tokens: unknown method {_show(name)} (known: {', '.join(specs)})")
+    return specs[name]
+
+
+def _reserved_names() -> set[str]:
+    """Keys of the ``tokens`` section itself and attributes of :class:`TokensParams`: a method's
+    section is read as ``p.<name>``, so its name cannot be one of them."""
+    return {f.name for f in dataclasses.fields(TokensParams)} | {a for a in dir(TokensParams) if not a.startswith("_")}
+
+
+def add_method_spec(spec: MethodSpec) -> None:
+    """Register ``spec`` (the decorators of :mod:`vlmcompress.tokens.methods` call this)."""
+    specs = method_specs()
+    if not (isinstance(spec.name, str) and spec.name.isidentifier()):
+        raise ValueError(f"token method name must be an identifier (it is a params.yaml key), got {spec.name!r}")
+    if spec.name in specs:
+        raise ValueError(f"token method {spec.name!r} registered twice")
+    if spec.name in _reserved_names():
+        raise ValueError(f"token method name {spec.name!r} is a key or attribute of the tokens section itself")
+    if not (isinstance(spec.params, type) and dataclasses.is_dataclass(spec.params)):
+        raise TypeError(f"token method {spec.name!r}: params must be a dataclass, got {spec.params!r}")
+    if not callable(spec.fn):
+        raise TypeError(f"token method {spec.name!r}: fn must be callable, got {spec.fn!r}")
+    _SPECS[spec.name] = spec
+
+
+def remove_method_spec(name: str) -> MethodSpec:
+    """Unregister method ``name`` (refused while a preset of it is registered)."""
+    method_spec(name)   # KeyError if unknown
+    presets = [n for n, s in _SPECS.items() if s.base == name]
+    if presets:
+        raise ValueError(f"token method {name!r} has presets {', '.join(presets)}; unregister those first")
+    return _SPECS.pop(name)
+
+
+class RegistryMap(Mapping[str, V], Generic[V]):
+    """Live read-only ``name -> value(spec)`` of the registered methods that ``pick`` accepts."""
+
+    def __init__(self, pick: Callable[[MethodSpec], bool], value: Callable[[MethodSpec], V]) -> None:
+        self._pick, self._value = pick, value
+
+    def __getitem__(self, name: str) -> V:
+        spec = method_specs().get(name) if isinstance(name, str) else None
+        if spec is None or not self._pick(spec):
+            raise KeyError(name)
+        return self._value(spec)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter([n for n, s in method_specs().items() if self._pick(s)])
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    def __repr__(self) -> str:
+        return repr(dict(self))
+
+
+class RegistrySet(Set[str]):
+    """Live read-only set of the registered method names that ``pick`` accepts; set operations
+    (``&``, ``|``, ``-``) return plain sets."""
+
+    def __init__(self, pick: Callable[[MethodSpec], bool]) -> None:
+        self._pick = pick
+
+    def __contains__(self, name: object) -> bool:
+        spec = method_specs().get(name) if isinstance(name, str) else None
+        return spec is not None and self._pick(spec)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter([n for n, s in method_specs().items() if self._pick(s)])
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    @classmethod
+    def _from_iterable(cls, it: Any) -> set[str]:
+        return set(it)
+
+    def __repr__(self) -> str:
+        return repr(set(self))
+
+
+METHOD_PARAMS: Mapping[str, type] = RegistryMap(lambda s: True, lambda s: s.params)
+ADAPTIVE: Set[str] = RegistrySet(lambda s: s.adaptive)
+TEXT_GUIDED: Set[str] = RegistrySet(lambda s: s.text_guided)
+IN_LM_METHODS: Set[str] = RegistrySet(lambda s: s.in_lm)
+
+
+def _class_name(method: str) -> str:
+    return "".join(part.capitalize() for part in method.split("_")) + "Params"
+
+
+def preset_params(name: str, base: type, doc: str | None = None, **defaults: Any) -> type:
+    """The params dataclass of preset ``name``: ``base``'s fields and checks with ``defaults``
+    as the new defaults (errors name ``tokens.<name>`` where ``base`` reads ``_section``)."""
+    fields = [f.name for f in dataclasses.fields(base)]
+    unknown = [k for k in defaults if k not in fields]
+    if unknown:
+        raise ValueError(f"preset {name!r}: {base.__name__} has no field {unknown[0]!r} (fields: {', '.join(fields)})")
+    hints = typing.get_type_hints(base)
+    cls = dataclasses.make_dataclass(
+        _class_name(name), [(k, hints[k], field(default=v)) for k, v in defaults.items()], bases=(base,),
+        frozen=base.__dataclass_params__.frozen,
+        namespace={"__doc__": doc or f"``{name}``: a preset of {base.__name__}.", "_section": name})
+    cls.__module__ = base.__module__
+    cls()   # the new defaults pass the base's checks, or registration fails here
+    return cls
 
 
 @dataclass(frozen=True)
@@ -240,9 +361,26 @@ class TokensEvalParams:
                                            f"(known: {', '.join(METHOD_PARAMS)})")
 
 
+def _sections_by_name(cls: type) -> type:
+    """Let ``cls(recoverable=RecoverableParams(...))`` set a method's section under the method's
+    name, as the file does (``dataclasses.replace(p, fastv=...)`` goes through here too)."""
+    init = cls.__init__
+
+    @functools.wraps(init)
+    def __init__(self: Any, *args: Any, sections: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
+        named = {k: kwargs.pop(k) for k in list(kwargs) if k in METHOD_PARAMS}
+        init(self, *args, sections={**(sections or {}), **named}, **kwargs)
+
+    cls.__init__ = __init__
+    return cls
+
+
+@_sections_by_name
 @dataclass(frozen=True)
 class TokensParams:
-    """The ``tokens`` section: methods x budgets to evaluate and where scores come from."""
+    """The ``tokens`` section: methods x budgets to evaluate, where scores come from, and one
+    section per registered method (``tokens.<name>``, its params dataclass; defaults if absent),
+    read as ``p.<name>`` or :meth:`method_params`."""
 
     methods: list[str] = field(default_factory=lambda: list(METHOD_PARAMS))
     # A float is a fraction of N (0.05 -> 29 of 576), an int a token count.
@@ -254,16 +392,10 @@ class TokensParams:
     # Kept tokens at their grid positions (merged ones at their centre's) and the text after the
     # whole grid, instead of packed contiguously as LLaVA does; for an LM trained that way.
     grid_positions: bool = False
-    full: FullParams = field(default_factory=FullParams)
-    random: RandomParams = field(default_factory=RandomParams)
-    pool: PoolParams = field(default_factory=PoolParams)
-    prumerge: PruMergeParams = field(default_factory=PruMergeParams)
-    prumerge_plus: PruMergePlusParams = field(default_factory=PruMergePlusParams)
-    visionzip: VisionZipParams = field(default_factory=VisionZipParams)
-    recoverable: RecoverableParams = field(default_factory=RecoverableParams)
-    recoverable_spread: RecoverableSpreadParams = field(default_factory=RecoverableSpreadParams)
-    fastv: FastVParams = field(default_factory=FastVParams)
     eval: TokensEvalParams = field(default_factory=TokensEvalParams)
+    # Method name -> its params. In the file each is a key of the section itself ("inline" tells
+    # vlmcompress.config.from_dict / to_dict so), typed by the registry at load time.
+    sections: dict[str, Any] = field(default_factory=dict, metadata={"inline": lambda: METHOD_PARAMS})
 
     def __post_init__(self) -> None:
         for i, name in enumerate(self.methods):
@@ -276,13 +408,44 @@ class TokensParams:
                 _fail(f"budgets[{i}]", f"a token count must be >= 1, got {_show(b)}")
             if isinstance(b, float) and not (0.0 < b <= 1.0):
                 _fail(f"budgets[{i}]", f"a fraction must be in (0, 1], got {_show(b)}")
+        given = {name: _section(name, value) for name, value in self.sections.items()}
+        object.__setattr__(self, "sections", {name: given[name] if name in given else cls()
+                                              for name, cls in METHOD_PARAMS.items()})
+
+    def section(self, name: str) -> Any:
+        """The params of method ``name`` (its defaults if it was registered, or registered again
+        with another params class, after this object was made)."""
+        cls = method_spec(name).params
+        value = self.sections.get(name)
+        return value if isinstance(value, cls) else cls()
+
+    def __getattr__(self, name: str) -> Any:
+        # p.recoverable, p.fastv.layer: a registered method's section reads like a field.
+        if name.startswith("__") or name == "sections":
+            raise AttributeError(name)
+        try:
+            return self.section(name)
+        except KeyError:
+            raise AttributeError(f"{type(self).__name__} has no field or method section {name!r}") from None
 
     def method_params(self, name: str) -> dict[str, Any]:
         """Keyword parameters for method ``name`` (its section as a dict)."""
-        if name not in METHOD_PARAMS:
-            raise KeyError(f"tokens: unknown method {name!r} (known: {', '.join(METHOD_PARAMS)})")
-        section = getattr(self, name)
+        section = self.section(name)
         return {f.name: getattr(section, f.name) for f in dataclasses.fields(section)}
+
+
+def _section(name: Any, value: Any) -> Any:
+    """A method's section given in code: its params dataclass, or a dict loaded into one."""
+    if name not in METHOD_PARAMS:
+        _fail(_show(name) if not isinstance(name, str) else name,
+              f"unknown method section (known: {', '.join(METHOD_PARAMS)})")
+    cls = METHOD_PARAMS[name]
+    if isinstance(value, dict):
+        from vlmcompress.config import from_dict
+        return from_dict(cls, value, f"tokens.{name}")
+    if not isinstance(value, cls):
+        _fail(name, f"expected {cls.__name__}, got {_show(value)}")
+    return value
 
 
 def check_tokens_params(p: TokensParams, path: str = "tokens") -> None:
@@ -300,3 +463,10 @@ def check_tokens_params(p: TokensParams, path: str = "tokens") -> None:
     check_unique(f"{path}.eval.example_methods", p.eval.example_methods)
     require(p.eval.reference_method in p.methods, f"{path}.eval.reference_method",
             f"must be one of {path}.methods (its measured speedup is reported), got {show(p.eval.reference_method)}")
+
+
+def __getattr__(name: str) -> Any:
+    # The recoverable_spread preset's class, importable under its former hand-written name.
+    if name == "RecoverableSpreadParams":
+        return METHOD_PARAMS["recoverable_spread"]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -19,12 +19,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from vlmcompress.tokens.config import IN_LM_METHODS, TokensParams
+from vlmcompress.tokens.config import TEXT_GUIDED, TokensParams, method_spec
 from vlmcompress.tokens.fastv import FastV
 from vlmcompress.tokens.methods import compress
 from vlmcompress.tokens.types import Compressed, VisualTokens
 
-TEXT_GUIDED = {"recoverable", "recoverable_spread"}
+__all__ = ["TEXT_GUIDED", "TextEmbeddingCache", "TokenCompressor", "make_transform"]
 
 
 class TextEmbeddingCache:
@@ -100,14 +100,16 @@ class TokenCompressor:
 def make_transform(lvlm: Any, method: str, budget: int | float | None, params: TokensParams,
                    seed: int = 0, text_encoder: Callable[[Sequence[str]], Tensor] | None = None
                    ) -> TokenCompressor | FastV | None:
-    """The transform of a named method at a budget (``None``: adaptive), configured from the
-    ``tokens`` params; ``None`` for ``full`` (every token, the adapter's fastest path)."""
+    """The transform of a registered method at a budget (``None``: adaptive), configured from the
+    ``tokens`` params (``tokens.<method>``); ``None`` for ``full`` (every token, the adapter's
+    fastest path). An in-LM method (``fastv``) gives the transform its callable makes."""
     kwargs = params.method_params(method)
     if method == "full":
         return None
-    if method in IN_LM_METHODS:
-        if budget is None:
+    spec = method_spec(method)
+    if spec.in_lm:   # its registered callable makes the LM transform (FastV for fastv)
+        if budget is None and not spec.adaptive:
             raise ValueError(f"{method}: has no adaptive mode; give a budget")
-        return FastV(budget=budget, **kwargs)
+        return spec.fn(budget=budget, **kwargs)
     return TokenCompressor(lvlm, method, budget=budget, attention=params.attention, params=kwargs,
                            seed=seed, text_encoder=text_encoder, grid_positions=params.grid_positions)

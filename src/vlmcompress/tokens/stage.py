@@ -344,11 +344,12 @@ def caption_scores(outputs: dict[Run, RunOutput]) -> dict[str, float]:
 
 
 def grounding_scores(outputs: dict[Run, RunOutput], aspect: str = "resize") -> dict[str, float]:
-    """Accuracy at IoU >= 0.5 (percent) per ``method@budget``; samples are (record, ref)."""
+    """Accuracy at IoU >= 0.5 (percent) per ``method@budget``; samples are (record, ref).
+    None when there are no referring expressions (the task is absent, not failed)."""
     out = {}
     for run, o in outputs.items():
         hits = [grounding_iou(text, r, ref.bbox, aspect) >= 0.5 for (r, ref), text in zip(o.samples, o.answers)]
-        out[run.label] = round(100.0 * float(np.mean(hits)), 2)
+        out[run.label] = round(100.0 * float(np.mean(hits)), 2) if hits else None
     return out
 
 
