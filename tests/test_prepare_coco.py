@@ -375,3 +375,64 @@ def test_an_optional_source_that_fails_warns_and_the_rest_is_prepared(official, 
         with pytest.raises(DownloadError):
             prepare_paper_data(params, tmp_path / "raw2", tmp_path / "ds2", progress=False)
     assert not (tmp_path / "ds2").exists()
+
+
+def _local_world(tmp_path: Path) -> "LocalParams":
+    """The miniature COCO world unpacked into a user's folder, in the official formats."""
+    import json
+
+    from paper_world import archive_world, jpeg, pickle_py2
+
+    from vlmcompress.data.config import LocalParams
+
+    world = archive_world()
+    root = tmp_path / "mine"
+    (root / "images").mkdir(parents=True)
+    for k, im in enumerate(world.images):
+        (root / "images" / im["file_name"]).write_bytes(jpeg(im["width"], im["height"], k))
+    for name, doc in (("instances.json", world.instances), ("captions.json", world.captions),
+                      ("questions.json", world.questions), ("answers.json", world.annotations)):
+        (root / name).write_text(json.dumps(doc))
+    (root / "refs.p").write_bytes(pickle_py2(world.refs))
+    return LocalParams(images=str(root / "images"), instances=str(root / "instances.json"),
+                       captions=str(root / "captions.json"), vqa_questions=str(root / "questions.json"),
+                       vqa_annotations=str(root / "answers.json"), refs=str(root / "refs.p"))
+
+
+def test_your_own_data_from_a_local_folder_equals_the_official_archives(tmp_path):
+    from paper_world import official_archives
+
+    from vlmcompress.data.prepare_coco import prepare_from_folder
+
+    local = _local_world(tmp_path)
+    counts = prepare_from_folder(local, tmp_path / "ds")
+    arcs = _write(official_archives(), tmp_path / "raw")
+    assert counts == prepare_from_archives(arcs, tmp_path / "ds_official")
+    recs = load_split(tmp_path / "ds", "test")
+    assert len({(r.width, r.height) for r in recs}) > 2 and any(r.refs for r in recs)
+
+
+def test_your_own_data_errors_name_the_file_and_field(tmp_path):
+    import dataclasses
+    import json
+
+    from vlmcompress.data.prepare_coco import prepare_from_folder
+
+    local = _local_world(tmp_path)
+    doc = json.loads(Path(local.vqa_annotations).read_text())
+    del doc["annotations"][0]["multiple_choice_answer"]
+    Path(local.vqa_annotations).write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match=r"answers.json.*multiple_choice_answer") as err:
+        prepare_from_folder(local, tmp_path / "ds")
+    assert "\n" not in str(err.value) and not (tmp_path / "ds").exists()
+    Path(local.captions).write_text("{not json")
+    with pytest.raises(ValueError, match=r"captions.json: not valid JSON"):
+        prepare_from_folder(local, tmp_path / "ds")
+    local = _local_world(tmp_path / "again")
+    first = sorted(Path(local.images).iterdir())[0]
+    first.unlink()
+    with pytest.raises(FileNotFoundError, match=first.name):
+        prepare_from_folder(local, tmp_path / "ds")
+    assert not (tmp_path / "ds").exists()
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        prepare_from_folder(dataclasses.replace(local, instances=str(tmp_path / "nope.json")), tmp_path / "ds")

@@ -46,10 +46,23 @@ class DownloadParams:
 
 
 @dataclass(frozen=True)
+class LocalParams:
+    """``source: local``: your own data, already in the official formats (no download)."""
+
+    images: str                   # folder holding every image the instances file names
+    instances: str                # COCO instances JSON (images, annotations, categories)
+    captions: str                 # COCO captions JSON
+    vqa_questions: str            # VQAv2 questions JSON
+    vqa_annotations: str          # VQAv2 annotations JSON
+    refs: str                     # RefCOCO refs pickle, or "" (no grounding)
+
+
+@dataclass(frozen=True)
 class DataParams:
-    source: Literal["scenes", "coco"]   # scenes: generate; coco: download (paper profile)
+    source: Literal["scenes", "coco", "local"]   # scenes: generate; coco: download; local: data.local
     scenes: ScenesParams
     download: DownloadParams
+    local: LocalParams
     image_folders: list[str] = field(default_factory=list)  # extra RD-only evaluation sets
 
 
@@ -63,6 +76,9 @@ def check_data_params(p: DataParams, path: str = "data") -> None:
 
     check_scenes_params(p.scenes, f"{path}.scenes")
     check_download_params(p.download, f"{path}.download", needed=p.source == "coco")
+    if p.source == "local":
+        for name in ("images", "instances", "captions", "vqa_questions", "vqa_annotations"):
+            require(getattr(p.local, name).strip() != "", f"{path}.local.{name}", "must name a path with source: local")
     for i, folder in enumerate(p.image_folders):
         require(folder.strip() != "", f"{path}.image_folders[{i}]", "must be a folder path, got ''")
     check_unique(f"{path}.image_folders", p.image_folders)

@@ -45,7 +45,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from vlmcompress.data.config import DownloadParams, SourceParams
+from vlmcompress.data.config import DownloadParams, LocalParams, SourceParams
 from vlmcompress.data.download import (DEFAULT_MAX_BYTES, ArchiveLimits, DownloadError, download, extract,
                                        read_member)
 from vlmcompress.data.records import annotation_path, image_dir
@@ -335,6 +335,56 @@ def _place_images(archive: Path, file_names: Mapping[str, str], root: Path) -> N
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def _check_documents(docs: Mapping[str, Any], where: Mapping[str, str]) -> None:
+    """The fields every later step reads, in each COCO / VQAv2 document (one-line errors)."""
+    for list_key, keys, key in (
+            ("images", ("id", "file_name", "width", "height"), "instances"),
+            ("annotations", ("id", "image_id", "category_id", "bbox"), "instances"),
+            ("categories", ("id", "name"), "instances"),
+            ("annotations", ("image_id", "caption"), "captions"),
+            ("questions", ("question_id", "image_id", "question"), "vqa_questions"),
+            ("annotations", ("question_id", "image_id", "multiple_choice_answer"), "vqa_annotations")):
+        _require(docs[key], (list_key,), where[key])
+        _check_items(docs[key], list_key, keys, where[key])
+
+
+def prepare_documents(docs: Mapping[str, Any], raw_refs: Any | None, where: Mapping[str, str],
+                      place_images: Callable[[Mapping[str, str], Path], None], out_root: str | Path, *,
+                      subset: int | None = None, val_images: int = 0) -> dict[str, int]:
+    """Select images, split, and write the data set under ``out_root`` (atomically).
+
+    ``docs``: the ``instances``, ``captions``, ``vqa_questions`` and ``vqa_annotations``
+    documents; ``raw_refs``: RefCOCO's refs list or None; ``where``: the file each came from
+    (for errors); ``place_images(file name -> split, root)`` puts the selected images in place.
+    """
+    _check_documents(docs, where)
+    instances, captions, vqa_q, vqa_a = (docs[k] for k in ("instances", "captions", "vqa_questions",
+                                                           "vqa_annotations"))
+    image_ids = {im["id"] for im in instances["images"]}
+    anns_by_id = {a["id"]: a for a in instances["annotations"]}
+    refs, dropped = None, 0
+    if raw_refs is not None:
+        refs, dropped = keep_refs(check_refs(raw_refs, where["refs"]), anns_by_id)
+
+    with_tasks = {q["image_id"] for q in vqa_q["questions"] if q["image_id"] in image_ids}
+    with_tasks |= {r["image_id"] for r in refs or []}
+    splits = split_ids(select_image_ids(image_ids, with_tasks, subset), val_images)
+    if not splits["test"]:
+        raise ValueError(f"{where['instances']}: no images selected (subset={subset})")
+
+    split_docs = {s: split_documents(ids, instances, captions, vqa_q, vqa_a, refs) for s, ids in splits.items()}
+    file_of = {im["id"]: im["file_name"] for im in instances["images"]}
+    result: dict[str, int] = {"refs_dropped_ann_mismatch": dropped} if refs is not None else {}
+    with atomic_path(out_root) as tmp:
+        tmp.mkdir()
+        place_images({file_of[i]: s for s, ids in splits.items() for i in ids}, tmp)
+        for split, kinds in split_docs.items():
+            for kind, doc in kinds.items():
+                write_json(annotation_path(tmp, kind, split), doc, indent=None)
+            result.update(counts(split, kinds))
+    return result
+
+
 def prepare_from_archives(archives: Mapping[str, str | Path], out_root: str | Path, *,
                           subset: int | None = None, val_images: int = 0) -> dict[str, int]:
     """Write the data set under ``out_root`` (atomically) from the official archives.
@@ -346,49 +396,61 @@ def prepare_from_archives(archives: Mapping[str, str | Path], out_root: str | Pa
     if missing:
         raise ValueError(f"data.download.sources.{missing[0]}: archive missing")
     arc = {k: Path(v) for k, v in archives.items()}
-    instances = read_json_member(arc["coco_annotations"], MEMBERS["instances"])
-    captions = read_json_member(arc["coco_annotations"], MEMBERS["captions"])
-    vqa_q = read_json_member(arc["vqa_questions"], MEMBERS["vqa_questions"])
-    vqa_a = read_json_member(arc["vqa_annotations"], MEMBERS["vqa_annotations"])
-    for doc, list_key, keys, key in (
-            (instances, "images", ("id", "file_name", "width", "height"), "instances"),
-            (instances, "annotations", ("id", "image_id", "category_id", "bbox"), "instances"),
-            (instances, "categories", ("id", "name"), "instances"),
-            (captions, "annotations", ("image_id", "caption"), "captions"),
-            (vqa_q, "questions", ("question_id", "image_id", "question"), "vqa_questions"),
-            (vqa_a, "annotations", ("question_id", "image_id", "multiple_choice_answer"), "vqa_annotations")):
-        where = f"{arc[_SOURCE_OF[key]]}:{MEMBERS[key]}"
-        _require(doc, (list_key,), where)
-        _check_items(doc, list_key, keys, where)
-
-    image_ids = {im["id"] for im in instances["images"]}
-    anns_by_id = {a["id"]: a for a in instances["annotations"]}
-    refs, dropped = None, 0
+    where = {key: f"{arc.get(_SOURCE_OF[key])}:{MEMBERS[key]}" for key in MEMBERS}
+    docs = {key: read_json_member(arc[_SOURCE_OF[key]], MEMBERS[key]) for key in
+            ("instances", "captions", "vqa_questions", "vqa_annotations")}
+    raw_refs = None
     if "refcoco" in arc:
-        origin = f"{arc['refcoco']}:{MEMBERS['refs']}"
         data = read_member(arc["refcoco"], MEMBERS["refs"],
                            limits=dataclasses.replace(ArchiveLimits(), max_member_bytes=MAX_PICKLE_BYTES))
-        raw = check_refs(load_safe_pickle(data, origin), origin)
-        refs, dropped = keep_refs(raw, anns_by_id)
+        raw_refs = load_safe_pickle(data, where["refs"])
+    return prepare_documents(docs, raw_refs, where, lambda names, root: _place_images(arc["coco_val_images"],
+                                                                                     names, root),
+                             out_root, subset=subset, val_images=val_images)
 
-    with_tasks = {q["image_id"] for q in vqa_q["questions"] if q["image_id"] in image_ids}
-    with_tasks |= {r["image_id"] for r in refs or []}
-    splits = split_ids(select_image_ids(image_ids, with_tasks, subset), val_images)
-    if not splits["test"]:
-        raise ValueError(f"{arc['coco_annotations']}: no images selected (subset={subset})")
 
-    docs = {s: split_documents(ids, instances, captions, vqa_q, vqa_a, refs) for s, ids in splits.items()}
-    file_of = {im["id"]: im["file_name"] for im in instances["images"]}
-    result: dict[str, int] = {"refs_dropped_ann_mismatch": dropped} if refs is not None else {}
-    with atomic_path(out_root) as tmp:
-        tmp.mkdir()
-        _place_images(arc["coco_val_images"],
-                      {file_of[i]: s for s, ids in splits.items() for i in ids}, tmp)
-        for split, kinds in docs.items():
-            for kind, doc in kinds.items():
-                write_json(annotation_path(tmp, kind, split), doc, indent=None)
-            result.update(counts(split, kinds))
-    return result
+def _read_local_json(path: Path, max_bytes: int = 1 << 30) -> Any:
+    """A JSON annotation file (a regular file, size-capped) with one-line errors naming it."""
+    from vlmcompress.images import check_regular_file
+    check_regular_file(path, "annotation file")
+    if path.stat().st_size > max_bytes:
+        raise ValueError(f"{path}: larger than {max_bytes} bytes")
+    try:
+        return json.loads(path.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: not valid JSON ({type(exc).__name__})") from None
+
+
+def _copy_images(folder: Path, file_names: Mapping[str, str], root: Path) -> None:
+    """Copy the selected images of a local folder to ``images/<split>/`` (all checked first)."""
+    from vlmcompress.images import check_regular_file
+    for name in sorted(file_names):
+        if posixpath.basename(name) != name or name in ("", ".", ".."):
+            raise ValueError(f"{folder}: image file name {name!r} is not a plain file name")
+        check_regular_file(folder / name, "image")
+    for name, split in file_names.items():
+        dest = image_dir(root, split) / name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(folder / name, dest)
+
+
+def prepare_from_folder(local: LocalParams, out_root: str | Path, *, subset: int | None = None,
+                        val_images: int = 0) -> dict[str, int]:
+    """Your own data, already in the official formats: a folder of images, COCO instances and
+    captions, VQAv2 questions and annotations, and optionally RefCOCO's refs pickle (no HTTP).
+    Malformed files give a one-line error naming the file and the field."""
+    files = {"instances": local.instances, "captions": local.captions, "vqa_questions": local.vqa_questions,
+             "vqa_annotations": local.vqa_annotations}
+    docs = {key: _read_local_json(Path(f)) for key, f in files.items()}
+    where = {**files, "refs": local.refs}
+    raw_refs = None
+    if local.refs:
+        from vlmcompress.images import check_regular_file
+        data = check_regular_file(local.refs, "refs file").read_bytes()
+        raw_refs = load_safe_pickle(data, local.refs)
+    images = Path(local.images)
+    return prepare_documents(docs, raw_refs, where, lambda names, root: _copy_images(images, names, root),
+                             out_root, subset=subset, val_images=val_images)
 
 
 def _file_name(key: str, url: str) -> str:

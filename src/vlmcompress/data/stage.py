@@ -29,6 +29,9 @@ def run_data_stage(params: Params, root: Path | None = None,
     if d.source == "scenes":
         from vlmcompress.data.generate import generate_scenes
         metrics = generate_scenes(d.scenes, root)
+    elif d.source == "local":
+        from vlmcompress.data.prepare_coco import prepare_from_folder
+        metrics = prepare_from_folder(d.local, root, subset=d.download.subset, val_images=d.download.val_images)
     else:
         from vlmcompress.data.prepare_coco import prepare_paper_data
         metrics = prepare_paper_data(d.download, outputs_dir("data", "raw"), root, deadline_s=d.download.deadline_s)
