@@ -1,0 +1,487 @@
+"""Train the LVLM recipe over a matrix of seeds x CPU code paths and tabulate it against the floors.
+
+    python scripts/lvlm_matrix.py                          # seeds 0 1 2 x avx2, default (+ avx512 if the CPU has it)
+    python scripts/lvlm_matrix.py --seeds 0 --caps avx2 default --set lvlm.train.lm_steps=1500
+    python scripts/lvlm_matrix.py --dry-run                # the cells, nothing run
+    python scripts/lvlm_matrix.py --summarize              # only the table, from the cells' metrics.json
+
+Each cell is one ``lvlm`` stage run (train + test-split scores, as ``run_lvlm_stage``) in its own
+subprocess with ``ATEN_CPU_CAPABILITY`` set (PyTorch's choice of CPU kernels: the same recipe on
+another SIMD width differs only in floating-point details) and ``VLMCOMPRESS_ROOT`` pointing at
+the cell's own project root ``<work-dir>/seed<s>-<cap>/``: a copy of ``params.yaml`` with ``seed``
+and the ``--set`` overrides changed, ``dvc.yaml`` as root marker, and ``outputs/data/dataset``
+linked to the project's data set (generated first if missing; ``--set data.*`` does not
+regenerate it). Cells import the package from a snapshot of ``src/`` taken once per work dir
+(``<work-dir>/src``, from git ``HEAD`` by default, ``--src tree`` for the working tree), so edits
+made while the matrix runs never mix recipes between cells. A cell writes ``metrics.json`` (the
+stage's metrics plus the cell's seed, capability, CPU and code) and ``train.log``; a cell whose
+``metrics.json`` exists is skipped, and an interrupted cell resumes from its training
+checkpoints, so the matrix is resumable. The work dir holds one recipe: a cell whose
+``params.yaml`` differs from the planned one is an error.
+
+At the end (or with ``--summarize``) prints a markdown table, one row per finished cell and
+mean / min / max rows, with a pass/fail per floor, and writes it to ``<work-dir>/summary.csv``
+and ``summary.md``; further columns are diagnostics from each cell's training curves (the last
+logged value of a phase: the tower's patch shape accuracy, the text phase's hit@1, the LM's
+token and val accuracy), to see in which phase two cells part. Runs under ``nice`` (``--nice``,
+default 19) so it only takes idle CPU; ``train_seconds`` is wall time, so with other work on
+the cores it overstates the recipe's cost and its floor is only meaningful on idle cores.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_SEEDS = (0, 1, 2)
+BASE_CAPS = ("avx2", "default")
+QUESTION_TYPES = ("color", "count", "exists", "shape", "spatial")
+# Diagnostics from the training curves (last logged row of a phase): where two cells part.
+CURVE_COLUMNS = {("clip", "shape"): "clip_shape", ("clip", "i2t"): "clip_i2t", ("text", "hit1"): "text_hit1",
+                 ("align", "loss"): "align_loss", ("lm", "tok_acc"): "lm_tok_acc", ("lm", "val_acc"): "val_acc"}
+
+
+# --- floors ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Floor:
+    """One requirement on a cell's metrics: ``column`` compared with ``limit``."""
+
+    name: str
+    column: str          # a column of :func:`cell_row`
+    limit: float
+    higher_is_better: bool = True
+
+    def passes(self, value: float) -> bool:
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return False
+        return value >= self.limit if self.higher_is_better else value <= self.limit
+
+
+FLOORS = (
+    Floor("vqa", "vqa", 90.0),
+    Floor("margins", "margin_min", 30.0),           # every type >= 30 points over its majority answer
+    Floor("r1", "r1_min", 50.0),                    # R@1 both ways
+    Floor("grounding", "grounding", 50.0),
+    Floor("time", "train_seconds", 1800.0, higher_is_better=False),
+)
+
+
+# --- planning --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Cell:
+    seed: int
+    capability: str
+
+    @property
+    def name(self) -> str:
+        return f"seed{self.seed}-{self.capability}"
+
+
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
+    """The first CPU's feature flags (empty when unreadable)."""
+    try:
+        for line in cpuinfo.read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "flags":
+                return set(value.split())
+    except OSError:
+        pass
+    return set()
+
+
+def default_capabilities(flags: set[str]) -> list[str]:
+    """``avx2`` and ``default`` always, ``avx512`` when the CPU has ``avx512f``."""
+    return list(BASE_CAPS) + (["avx512"] if "avx512f" in flags else [])
+
+
+def plan_cells(seeds: Sequence[int], caps: Sequence[str]) -> list[Cell]:
+    """Seed-major order, capabilities in the given order: the first seed's pair across code
+    paths (the most informative comparison) comes first. Duplicates are dropped."""
+    out: list[Cell] = []
+    for s in seeds:
+        for c in caps:
+            cell = Cell(int(s), c)
+            if cell not in out:
+                out.append(cell)
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"lvlm.train.lm_steps=1500"`` -> (``["lvlm", "train", "lm_steps"]``, 1500); the value is
+    read as YAML (numbers, booleans, lists)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"--set {text!r}: expected key=value (dotted key, e.g. lvlm.train.lm_steps=1500)")
+    return key.strip().split("."), yaml.safe_load(value)
+
+
+def apply_overrides(params: Mapping[str, Any], seed: int, overrides: Sequence[str]) -> dict[str, Any]:
+    """A deep copy of the params mapping with ``seed`` and every ``key=value`` set. A key must
+    already exist (a typo would otherwise be a silently ignored experiment)."""
+    out = json.loads(json.dumps(params))
+    out["seed"] = seed
+    for text in overrides:
+        path, value = parse_override(text)
+        node = out
+        for i, part in enumerate(path):
+            if not isinstance(node, dict) or part not in node:
+                raise KeyError(f"--set {text!r}: no key {'.'.join(path[:i + 1])!r} in params.yaml")
+            if i == len(path) - 1:
+                node[part] = value
+            else:
+                node = node[part]
+    return out
+
+
+def params_text(params: Mapping[str, Any]) -> str:
+    return yaml.safe_dump(dict(params), sort_keys=False, default_flow_style=None, width=120)
+
+
+def prepare_cell(cell_dir: Path, params: Mapping[str, Any], project: Path, dataset: Path) -> None:
+    """Make ``cell_dir`` a project root: its params, ``dvc.yaml`` and a link to ``dataset``.
+
+    Raises ``RuntimeError`` when the folder already holds a cell of other params."""
+    text = params_text(params)
+    cell_dir.mkdir(parents=True, exist_ok=True)
+    target = cell_dir / "params.yaml"
+    if target.is_file() and target.read_text() != text:
+        raise RuntimeError(f"{target} holds other params than this matrix: use another --work-dir")
+    target.write_text(text)
+    if (project / "dvc.yaml").is_file():
+        shutil.copyfile(project / "dvc.yaml", cell_dir / "dvc.yaml")
+    link = cell_dir / "outputs" / "data" / "dataset"
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if link.is_symlink() and Path(os.readlink(link)) != dataset.resolve():
+        link.unlink()
+    if not link.is_symlink():
+        link.symlink_to(dataset.resolve(), target_is_directory=True)
+
+
+def cell_env(cell_dir: Path, capability: str, src: Path | None = None,
+             base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The cell's environment: its code path, its project root and (``src``) the package
+    snapshot first on ``PYTHONPATH``."""
+    env = dict(os.environ if base is None else base)
+    env.update(ATEN_CPU_CAPABILITY=capability, VLMCOMPRESS_ROOT=str(cell_dir.resolve()))
+    if src is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(src.resolve())] + [p for p in [env.get("PYTHONPATH", "")] if p])
+    return env
+
+
+def snapshot_source(project: Path, dest: Path, mode: str = "head") -> str:
+    """Copy the package to ``dest/vlmcompress`` once (kept when it exists) and return what it
+    is: the git commit (``mode="head"``: ``git archive HEAD``) or ``"tree"`` (the working tree)."""
+    stamp = dest / "SOURCE"
+    if stamp.is_file():
+        return stamp.read_text().strip()
+    tmp = dest.with_name(dest.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    if mode == "head":
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project, check=True, capture_output=True,
+                                text=True).stdout.strip()
+        archive = subprocess.run(["git", "archive", commit, "src/vlmcompress"], cwd=project, check=True,
+                                 capture_output=True).stdout
+        subprocess.run(["tar", "-x", "--strip-components=1", "-C", str(tmp)], input=archive, check=True)
+        label = commit
+    else:
+        shutil.copytree(project / "src" / "vlmcompress", tmp / "vlmcompress",
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        label = "tree"
+    (tmp / "SOURCE").write_text(label + "\n")
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(tmp, dest)
+    return label
+
+
+# --- summary ---------------------------------------------------------------------------
+
+def _num(v: Any) -> float:
+    return float(v) if isinstance(v, (int, float)) else float("nan")
+
+
+def cell_row(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """One table row from a cell's metrics: headline numbers, each question type's margin over
+    its most-common-answer baseline, and a pass/fail per floor."""
+    by_type, maj = metrics.get("vqa_acc_by_type", {}), metrics.get("vqa_majority_acc_by_type", {})
+    types = sorted(set(by_type) | set(QUESTION_TYPES))
+    row: dict[str, Any] = {"seed": metrics.get("seed"), "capability": metrics.get("capability"),
+                           "vqa": _num(metrics.get("vqa_acc"))}
+    for t in types:
+        row[f"margin_{t}"] = round(_num(by_type.get(t)) - _num(maj.get(t)), 2)
+    margins = [row[f"margin_{t}"] for t in types]
+    row["margin_min"] = min(margins) if margins and not any(math.isnan(m) for m in margins) else float("nan")
+    row["i2t_r1"], row["t2i_r1"] = _num(metrics.get("retrieval_i2t_r1")), _num(metrics.get("retrieval_t2i_r1"))
+    row["r1_min"] = min(row["i2t_r1"], row["t2i_r1"])
+    row["grounding"] = _num(metrics.get("grounding_acc50"))
+    row["train_seconds"] = _num(metrics.get("train_seconds"))
+    for col in CURVE_COLUMNS.values():
+        if col in metrics:
+            row[col] = _num(metrics[col])
+    row["code"] = str(metrics.get("source", ""))[:10]
+    for f in FLOORS:
+        row[f"pass_{f.name}"] = "pass" if f.passes(row[f.column]) else "FAIL"
+    row["pass_all"] = "pass" if all(row[f"pass_{f.name}"] == "pass" for f in FLOORS) else "FAIL"
+    return row
+
+
+def summary_rows(metrics: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Cell rows, then ``mean`` / ``min`` / ``max`` rows over them (their pass columns count the
+    cells that pass, ``k/n``, on the mean row)."""
+    cells = [cell_row(m) for m in metrics]
+    rows = list(cells)
+    if not cells:
+        return rows
+    keys = list(dict.fromkeys(k for r in cells for k in r))
+    numeric = [k for k in keys if k not in ("seed", "capability", "code") and not k.startswith("pass_")]
+    aggs: list[tuple[str, Callable[[list[float]], float]]] = [
+        ("mean", lambda v: sum(v) / len(v)), ("min", min), ("max", max)]
+    for label, fn in aggs:
+        agg: dict[str, Any] = {}
+        for k in keys:
+            if k in numeric:
+                vals = [r[k] for r in cells if isinstance(r.get(k), float) and not math.isnan(r[k])]
+                agg[k] = round(fn(vals), 2) if vals else float("nan")
+            elif k.startswith("pass_") and label == "mean":
+                agg[k] = f"{sum(r.get(k) == 'pass' for r in cells)}/{len(cells)}"
+            else:
+                agg[k] = ""
+        agg["seed"] = label
+        rows.append(agg)
+    return rows
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return "–" if math.isnan(v) else f"{v:.2f}"
+    return "" if v is None else str(v)
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    if not rows:
+        return "_no finished cell yet_\n"
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    lines = ["| " + " | ".join(keys) + " |", "|" + "|".join("---" for _ in keys) + "|"]
+    lines += ["| " + " | ".join(_fmt(r.get(k)) for k in keys) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=keys)
+        w.writeheader()
+        w.writerows({k: _fmt(r.get(k)) for k in keys} for r in rows)
+
+
+def floors_note() -> str:
+    return "floors: " + ", ".join(f"{f.column} {'>=' if f.higher_is_better else '<='} {f.limit:g}" for f in FLOORS)
+
+
+def phase_finals(rows: Sequence[Mapping[str, str]]) -> dict[str, float]:
+    """:data:`CURVE_COLUMNS` from curve rows (``curves.csv`` as dicts): each phase's last step."""
+    last: dict[str, Mapping[str, str]] = {}
+    for r in rows:
+        if r.get("phase") and (r["phase"] not in last or int(r["step"]) >= int(last[r["phase"]]["step"])):
+            last[r["phase"]] = r
+    out = {}
+    for (phase, key), col in CURVE_COLUMNS.items():
+        value = last.get(phase, {}).get(key, "")
+        if value not in ("", None):
+            out[col] = round(float(value), 4)
+    return out
+
+
+def load_cell_metrics(work: Path, cells: Sequence[Cell] | None = None) -> list[dict[str, Any]]:
+    """Metrics of the finished cells (plus their :func:`phase_finals`): those of ``cells`` in
+    order, else every cell folder."""
+    dirs = [work / c.name for c in cells] if cells is not None else sorted(p for p in work.iterdir() if p.is_dir())
+    out = []
+    for d in dirs:
+        f = d / "metrics.json"
+        if f.is_file():
+            m = json.loads(f.read_text())
+            curves = d / "outputs" / "lvlm" / "curves.csv"
+            if curves.is_file():
+                with open(curves, newline="") as fh:
+                    m = {**phase_finals(list(csv.DictReader(fh))), **m}
+            out.append(m)
+    return out
+
+
+def summarize(work: Path, cells: Sequence[Cell] | None = None) -> str:
+    """Print and write (``summary.csv``, ``summary.md``) the table of the finished cells."""
+    rows = summary_rows(load_cell_metrics(work, cells) if work.is_dir() else [])
+    table = markdown_table(rows) + "\n" + floors_note() + "\n"
+    print(table, flush=True)
+    if rows:
+        write_csv(rows, work / "summary.csv")
+        (work / "summary.md").write_text(table)
+    return table
+
+
+# --- running ---------------------------------------------------------------------------
+
+def _use_checkout_src() -> None:
+    src = str(ROOT / "src")
+    if src not in sys.path:
+        sys.path.insert(0, src)
+
+
+def ensure_dataset(project: Path, work: Path) -> Path:
+    """The project's data set, generated by the data stage when missing (metrics to ``work``,
+    so the project's tracked ``outputs/data/metrics.json`` is left alone)."""
+    dataset = project / "outputs" / "data" / "dataset"
+    if (dataset / "annotations").is_dir():
+        return dataset
+    _use_checkout_src()
+    from vlmcompress.config import load_params
+    from vlmcompress.data.stage import run_data_stage
+
+    print(f"data set missing: generating {dataset}", flush=True)
+    t0 = time.perf_counter()
+    run_data_stage(load_params(project / "params.yaml"), root=dataset, metrics_path=work / "data_metrics.json")
+    print(f"data set generated in {time.perf_counter() - t0:.0f} s", flush=True)
+    return dataset
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def run_cell_here(cell_dir: Path) -> int:
+    """The body of one cell (in its subprocess, environment already set): the lvlm stage on
+    the cell's root, then ``<cell>/metrics.json`` = its metrics + who ran it."""
+    import torch
+    import transformers
+
+    import vlmcompress
+    from vlmcompress.config import load_params
+    from vlmcompress.data.stage import load_all
+    from vlmcompress.io import write_json
+    from vlmcompress.lvlm.stage import run_lvlm_stage
+    from vlmcompress.paths import project_root
+
+    if project_root().resolve() != cell_dir.resolve():
+        raise RuntimeError(f"VLMCOMPRESS_ROOT must point at the cell {cell_dir}, got {project_root()}")
+    capability = torch.backends.cpu.get_cpu_capability()
+    stamp = Path(vlmcompress.__file__).resolve().parents[1] / "SOURCE"
+    source = stamp.read_text().strip() if stamp.is_file() else "live"
+    print(f"cell {cell_dir.name}: ATEN_CPU_CAPABILITY={os.environ.get('ATEN_CPU_CAPABILITY')} "
+          f"-> torch kernels {capability}; vlmcompress from {vlmcompress.__file__} ({source})", flush=True)
+    params = load_params(cell_dir / "params.yaml")
+    t0 = time.perf_counter()
+    metrics = run_lvlm_stage(params, load_all(), log=lambda s: print(s, flush=True))
+    metrics.update(seed=params.seed, capability=os.environ.get("ATEN_CPU_CAPABILITY", ""),
+                   torch_capability=capability, cpu_model=cpu_model(), torch=torch.__version__,
+                   transformers=transformers.__version__, source=source,
+                   cell_wall_seconds=round(time.perf_counter() - t0, 1))
+    write_json(cell_dir / "metrics.json", metrics)
+    return 0
+
+
+def run_cell(cell: Cell, cell_dir: Path, src: Path | None) -> int:
+    """One cell in a subprocess (this script with ``--run-cell``); output to ``train.log``."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--run-cell", str(cell_dir)]
+    with open(cell_dir / "train.log", "a") as log:
+        log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {cell.name}\n")
+        log.flush()
+        return subprocess.run(cmd, env=cell_env(cell_dir, cell.capability, src), stdout=log,
+                              stderr=subprocess.STDOUT).returncode
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="\n".join(__doc__.splitlines()[2:6]))
+    ap.add_argument("--seeds", type=int, nargs="+", default=list(DEFAULT_SEEDS), help="values of params `seed`")
+    ap.add_argument("--caps", nargs="+", default=None,
+                    help="ATEN_CPU_CAPABILITY values (default: avx2 default, + avx512 when the CPU has avx512f)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="params override for every cell, dotted key, YAML value (repeatable)")
+    ap.add_argument("--work-dir", type=Path, default=ROOT / "outputs" / "lvlm_matrix",
+                    help="where the cells live (default: outputs/lvlm_matrix)")
+    ap.add_argument("--params", type=Path, default=ROOT / "params.yaml", help="base params file")
+    ap.add_argument("--src", choices=("head", "tree", "live"), default="head",
+                    help="code the cells run: a snapshot of git HEAD (default), of the working tree, "
+                         "or the live checkout")
+    ap.add_argument("--dry-run", action="store_true", help="print the cells and exit")
+    ap.add_argument("--summarize", action="store_true", help="only print / write the table of finished cells")
+    ap.add_argument("--nice", type=int, default=19, help="niceness to run at (default 19: idle CPU only)")
+    ap.add_argument("--run-cell", type=Path, default=None, help=argparse.SUPPRESS)
+    return ap.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.run_cell is not None:
+        return run_cell_here(args.run_cell)
+    work = args.work_dir.resolve()
+    caps = args.caps or default_capabilities(cpu_flags())
+    cells = plan_cells(args.seeds, caps)
+    if args.summarize:
+        summarize(work)
+        return 0
+    base = yaml.safe_load(args.params.read_text())
+    try:
+        planned = {c: apply_overrides(base, c.seed, args.overrides) for c in cells}
+    except (KeyError, ValueError) as exc:
+        print(f"lvlm_matrix: {exc.args[0]}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        for c in cells:
+            state = "done" if (work / c.name / "metrics.json").is_file() else "to run"
+            print(f"{c.name}: seed={c.seed} ATEN_CPU_CAPABILITY={c.capability} -> {work / c.name} ({state})")
+        return 0
+    if args.nice > 0:
+        os.nice(max(0, args.nice - os.nice(0)))
+    work.mkdir(parents=True, exist_ok=True)
+    dataset = ensure_dataset(ROOT, work)
+    src = None if args.src == "live" else work / "src"
+    if src is not None:
+        print(f"cells run vlmcompress from {src} ({snapshot_source(ROOT, src, args.src)})", flush=True)
+    failed = []
+    for i, c in enumerate(cells, 1):
+        cell_dir = work / c.name
+        if (cell_dir / "metrics.json").is_file():
+            print(f"[{i}/{len(cells)}] {c.name}: done, skipped", flush=True)
+            continue
+        prepare_cell(cell_dir, planned[c], ROOT, dataset)
+        print(f"[{i}/{len(cells)}] {c.name}: running (log {cell_dir / 'train.log'})", flush=True)
+        t0 = time.perf_counter()
+        code = run_cell(c, cell_dir, src)
+        print(f"[{i}/{len(cells)}] {c.name}: exit {code} after {(time.perf_counter() - t0) / 60:.1f} min", flush=True)
+        if code != 0:
+            failed.append(c.name)
+    summarize(work, cells)
+    if failed:
+        print(f"failed cells: {', '.join(failed)} (see their train.log)", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""scripts/lvlm_matrix.py: cell planning, params overrides, cell folders and the floor table (no training)."""
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod          # dataclasses look their module up while the script runs
+    spec.loader.exec_module(mod)
+    return mod
+
+
+matrix = _script("lvlm_matrix")
+
+
+def _metrics(seed: int, cap: str, vqa: float = 92.0, spatial: float = 85.0, i2t: float = 55.0,
+             ground: float = 1.0, seconds: float = 1500.0) -> dict:
+    return {"seed": seed, "capability": cap, "vqa_acc": vqa,
+            "vqa_acc_by_type": {"color": 96.0, "count": 80.0, "exists": 95.0, "shape": 88.0, "spatial": spatial},
+            "vqa_majority_acc_by_type": {"color": 16.0, "count": 43.0, "exists": 50.0, "shape": 24.0, "spatial": 50.0},
+            "retrieval_i2t_r1": i2t, "retrieval_t2i_r1": 60.0, "grounding_acc50": ground,
+            "train_seconds": seconds, "source": "0123456789abcdef"}
+
+
+def test_plan_is_seed_major_with_the_first_pair_first():
+    cells = matrix.plan_cells([0, 1, 2], ["avx2", "default", "avx2"])
+    assert [c.name for c in cells] == ["seed0-avx2", "seed0-default", "seed1-avx2", "seed1-default",
+                                       "seed2-avx2", "seed2-default"]
+
+
+def test_capabilities_follow_the_cpu_flags(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse avx avx2\n")
+    assert matrix.default_capabilities(matrix.cpu_flags(info)) == ["avx2", "default"]
+    info.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512bw\n")
+    assert matrix.default_capabilities(matrix.cpu_flags(info)) == ["avx2", "default", "avx512"]
+    assert matrix.cpu_flags(tmp_path / "missing") == set()
+
+
+def test_overrides_set_seed_and_keys_and_reject_unknown_keys():
+    base = {"seed": 0, "lvlm": {"train": {"lm_steps": 2000, "lm_lr": 0.001}, "eval": {"gallery": 1000}}}
+    out = matrix.apply_overrides(base, 2, ["lvlm.train.lm_steps=1500", "lvlm.eval.gallery=[1, 2]"])
+    assert out["seed"] == 2 and out["lvlm"]["train"] == {"lm_steps": 1500, "lm_lr": 0.001}
+    assert out["lvlm"]["eval"]["gallery"] == [1, 2]
+    assert base["seed"] == 0 and base["lvlm"]["train"]["lm_steps"] == 2000          # input untouched
+    with pytest.raises(KeyError, match="lvlm.train.nope"):
+        matrix.apply_overrides(base, 0, ["lvlm.train.nope=1"])
+    with pytest.raises(ValueError, match="key=value"):
+        matrix.apply_overrides(base, 0, ["lvlm.train.lm_steps"])
+
+
+def test_prepare_cell_writes_a_project_root(tmp_path):
+    project, dataset = tmp_path / "proj", tmp_path / "proj/outputs/data/dataset"
+    (dataset / "annotations").mkdir(parents=True)
+    (project / "dvc.yaml").write_text("stages: {}\n")
+    base = yaml.safe_load((REPO / "params.yaml").read_text())
+    params = matrix.apply_overrides(base, 1, ["lvlm.train.lm_steps=10"])
+    cell = tmp_path / "work" / "seed1-avx2"
+    matrix.prepare_cell(cell, params, project, dataset)
+    written = yaml.safe_load((cell / "params.yaml").read_text())
+    assert written["seed"] == 1 and written["lvlm"]["train"]["lm_steps"] == 10
+    assert written["data"] == base["data"]
+    assert (cell / "dvc.yaml").is_file()
+    link = cell / "outputs/data/dataset"
+    assert link.is_symlink() and (link / "annotations").is_dir()
+    matrix.prepare_cell(cell, params, project, dataset)                 # same recipe: resumable
+    with pytest.raises(RuntimeError, match="other params"):
+        matrix.prepare_cell(cell, matrix.apply_overrides(base, 1, []), project, dataset)
+    env = matrix.cell_env(cell, "default", tmp_path / "src", base={"PYTHONPATH": "/x"})
+    assert env["ATEN_CPU_CAPABILITY"] == "default" and env["VLMCOMPRESS_ROOT"] == str(cell.resolve())
+    assert env["PYTHONPATH"].split(":") == [str((tmp_path / "src").resolve()), "/x"]
+
+
+def test_cell_row_margins_and_floors():
+    row = matrix.cell_row(_metrics(0, "avx2"))
+    assert row["margin_spatial"] == 35.0 and row["margin_count"] == 37.0 and row["margin_min"] == 35.0
+    assert row["r1_min"] == 55.0 and row["code"] == "0123456789"
+    assert (row["pass_vqa"], row["pass_margins"], row["pass_r1"], row["pass_time"]) == ("pass",) * 4
+    assert row["pass_grounding"] == "FAIL" and row["pass_all"] == "FAIL"
+    bad = matrix.cell_row(_metrics(0, "default", vqa=80.1, spatial=70.0, i2t=49.9, seconds=1801.0))
+    assert bad["margin_min"] == 20.0
+    assert [bad[f"pass_{f}"] for f in ("vqa", "margins", "r1", "time")] == ["FAIL"] * 4
+    missing = matrix.cell_row({"seed": 0, "capability": "avx2"})
+    assert math.isnan(missing["vqa"]) and missing["pass_vqa"] == "FAIL"
+
+
+def test_summary_rows_table_and_csv(tmp_path):
+    rows = matrix.summary_rows([_metrics(0, "avx2"), _metrics(0, "default", vqa=80.0, seconds=1900.0)])
+    assert [r["seed"] for r in rows] == [0, 0, "mean", "min", "max"]
+    mean, lo, hi = rows[2:]
+    assert mean["vqa"] == 86.0 and lo["vqa"] == 80.0 and hi["vqa"] == 92.0
+    assert mean["pass_vqa"] == "1/2" and mean["pass_time"] == "1/2" and mean["pass_grounding"] == "0/2"
+    assert lo["pass_vqa"] == "" and mean["code"] == ""
+    table = matrix.markdown_table(rows)
+    lines = table.splitlines()
+    assert lines[0].startswith("| seed | capability | vqa | margin_color |") and len(lines) == 7
+    assert "| 0 | default | 80.00 |" in table and "| mean |  | 86.00 |" in table
+    matrix.write_csv(rows, tmp_path / "s.csv")
+    assert (tmp_path / "s.csv").read_text().splitlines()[1].startswith("0,avx2,92.00,")
+    assert matrix.summary_rows([]) == [] and "no finished cell" in matrix.markdown_table([])
+
+
+CURVES = ("phase,step,loss,shape,hit1,tok_acc,val_acc\n"
+          "clip,1,16.5,0.15,,,\nclip,300,2.0,0.87,,,\ntext,200,3.0,,0.91,,\n"
+          "lm,1900,0.3,,,0.95,\nlm,2000,0.2,,,0.96,90.5\n")
+
+
+def test_phase_finals_take_each_phase_last_row():
+    import csv
+    import io
+    rows = list(csv.DictReader(io.StringIO(CURVES)))
+    assert matrix.phase_finals(rows) == {"clip_shape": 0.87, "text_hit1": 0.91, "lm_tok_acc": 0.96, "val_acc": 90.5}
+    assert matrix.phase_finals([]) == {}
+
+
+def test_summarize_reads_finished_cells(tmp_path, capsys):
+    import json
+    for name, m in (("seed0-avx2", _metrics(0, "avx2")), ("seed0-default", None)):
+        (tmp_path / name / "outputs/lvlm").mkdir(parents=True)
+        (tmp_path / name / "outputs/lvlm/curves.csv").write_text(CURVES)
+        if m is not None:
+            (tmp_path / name / "metrics.json").write_text(json.dumps(m))
+    cells = matrix.plan_cells([0], ["avx2", "default"])
+    table = matrix.summarize(tmp_path, cells)
+    assert "| 0 | avx2 | 92.00 |" in capsys.readouterr().out and "default" not in table
+    assert "| clip_shape |" in table and "| 0.87 |" in table
+    assert (tmp_path / "summary.csv").is_file() and (tmp_path / "summary.md").read_text() == table
+    assert matrix.summarize(tmp_path / "missing").startswith("_no finished cell yet_")
+
+
+def test_help_and_dry_run(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        matrix.main(["--help"])
+    assert exc.value.code == 0 and "--dry-run" in capsys.readouterr().out
+    assert matrix.main(["--dry-run", "--seeds", "0", "1", "--caps", "avx2", "default",
+                        "--work-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("seed0-avx2: seed=0 ATEN_CPU_CAPABILITY=avx2") and out[1].startswith("seed0-default")
+    assert len(out) == 4 and not any(tmp_path.iterdir())
+    assert matrix.main(["--dry-run", "--work-dir", str(tmp_path), "--set", "nope=1"]) == 2
