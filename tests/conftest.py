@@ -34,3 +34,13 @@ def project_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     shutil.copy(REPO / "params.yaml", root / "params.yaml")
     monkeypatch.setenv("VLMCOMPRESS_ROOT", str(root))
     return root
+
+
+def paper_params_path(folder: Path) -> Path:
+    """params.yaml with ``profile: paper``: the paper profile as the loader resolves it
+    (configs/paper.yaml laid over params.yaml)."""
+    text = (REPO / "params.yaml").read_text()
+    assert "\nprofile: embedded\n" in text
+    path = folder / "params_paper.yaml"
+    path.write_text(text.replace("\nprofile: embedded\n", "\nprofile: paper\n", 1))
+    return path

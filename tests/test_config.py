@@ -70,24 +70,52 @@ def test_unknown_and_missing_keys_name_the_path():
         from_dict(Outer, missing)
 
 
-@pytest.mark.parametrize("name", ["params.yaml", "configs/paper.yaml"])
-def test_shipped_params_validate_and_round_trip(name):
-    p = load_params(REPO / name)
-    assert isinstance(p, Params)
+@pytest.mark.parametrize("profile", ["embedded", "paper"])
+def test_shipped_params_validate_and_round_trip(profile, tmp_path):
+    from conftest import paper_params_path
+    p = load_params(REPO / "params.yaml" if profile == "embedded" else paper_params_path(tmp_path))
+    assert isinstance(p, Params) and p.profile == profile
     assert from_dict(Params, to_dict(p)) == p
 
 
-def test_both_profiles_have_the_same_keys():
-    def keys(d, prefix=""):
-        out = set()
+def test_the_paper_profile_is_an_overlay_of_only_what_differs(tmp_path):
+    """configs/paper.yaml holds values that differ from params.yaml, each at a key params.yaml has."""
+    from conftest import paper_params_path
+
+    base = yaml.safe_load((REPO / "params.yaml").read_text())
+    over = yaml.safe_load((REPO / "configs/paper.yaml").read_text())
+
+    def leaves(d, prefix=""):
         for k, v in d.items():
-            out.add(prefix + k)
-            if isinstance(v, dict) and k != "sources":
-                out |= keys(v, prefix + k + ".")
-        return out
-    a = yaml.safe_load((REPO / "params.yaml").read_text())
-    b = yaml.safe_load((REPO / "configs/paper.yaml").read_text())
-    assert keys(a) == keys(b)
+            if isinstance(v, dict) and v and k != "sources":
+                yield from leaves(v, prefix + k + ".")
+            else:
+                yield prefix + k, v
+
+    flat_base = dict(leaves(base))
+    for key, value in leaves(over):
+        assert key in flat_base or key.startswith("data.download.sources"), key
+        assert flat_base.get(key) != value, f"{key} repeats params.yaml"
+    p = load_params(paper_params_path(tmp_path))
+    assert (p.data.source, p.lvlm.source, p.lvlm.image_aspect, p.codec.model.N) == ("coco", "pretrained", "pad", 128)
+    assert p.seed == base["seed"] and p.figures == load_params(REPO / "params.yaml").figures
+
+
+def test_a_missing_key_is_an_error_never_a_silent_default(tmp_path):
+    text = (REPO / "params.yaml").read_text()
+    gone = "\n".join(line for line in text.splitlines() if not line.strip().startswith("gain_lr_scale:")) + "\n"
+    with pytest.raises(ConfigError, match=r"^codec\.train\.gain_lr_scale: missing key$"):
+        load_params(_write(tmp_path, gone))
+
+
+def test_profile_errors_name_the_file(tmp_path):
+    text = (REPO / "params.yaml").read_text()
+    with pytest.raises(ConfigError, match=r"^profile: expected 'embedded' \| 'paper'|no configs/gpu.yaml"):
+        load_params(_write(tmp_path, text.replace("profile: embedded", "profile: gpu", 1)))
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "paper.yaml").write_text("lvlm:\n  nope: 1\n")
+    with pytest.raises(ConfigError, match=r"^lvlm\.nope: unknown key"):
+        load_params(_write(tmp_path, text.replace("profile: embedded", "profile: paper", 1)))
 
 
 def test_bad_files_give_one_line_errors(tmp_path):
@@ -224,7 +252,7 @@ def test_anchors_and_aliases_are_refused_so_an_alias_bomb_cannot_expand(tmp_path
 
 def test_shipped_profiles_use_no_anchors_or_aliases():
     for name in ("params.yaml", "configs/paper.yaml"):
-        events = yaml.parse((REPO / name).read_text(), Loader=yaml.SafeLoader)
+        events = yaml.parse((REPO / name).read_text(), Loader=yaml.SafeLoader)   # the overlay too
         assert not any(isinstance(e, yaml.AliasEvent) or getattr(e, "anchor", None) for e in events), name
 
 

@@ -262,10 +262,11 @@ def test_stage_params_are_checked_before_work(params):
         check_stage_params(neg)
 
 
-@pytest.mark.parametrize("name", ["params.yaml", "configs/paper.yaml"])
-def test_shipped_profiles_pass_the_stage_checks(name):
+@pytest.mark.parametrize("profile", ["embedded", "paper"])
+def test_shipped_profiles_pass_the_stage_checks(profile, tmp_path):
+    from conftest import paper_params_path
     from vlmcompress.config import load_params
-    check_stage_params(load_params(REPO / name))
+    check_stage_params(load_params(REPO / "params.yaml" if profile == "embedded" else paper_params_path(tmp_path)))
 
 
 def test_learned_rates_outside_a_model_are_refused():

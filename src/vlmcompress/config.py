@@ -146,7 +146,7 @@ def _finite_float(value: int | float, path: str) -> float:
     return out
 
 
-def from_dict(tp: type[T] | Any, value: Any, path: str = "") -> T:
+def from_dict(tp: type[T] | Any, value: Any, path: str = "", *, strict: bool = False) -> T:
     """Convert YAML data ``value`` to type ``tp``, raising :class:`ConfigError` on mismatch.
 
     Supports dataclasses, ``bool``/``int``/``float``/``str``, ``Optional``/unions,
@@ -156,7 +156,9 @@ def from_dict(tp: type[T] | Any, value: Any, path: str = "") -> T:
     ``metadata={"inline": types}`` is a ``dict`` whose entries sit beside the other fields
     in the file, each key allowed and typed by the mapping ``types()`` returns then (a
     registry). A ``ValueError`` from a dataclass's own checks becomes a ``ConfigError`` at its
-    path (at ``path.field`` when its message starts with ``"field: "``).
+    path (at ``path.field`` when its message starts with ``"field: "``). ``strict``: every
+    field of the section tree must be given, defaults are not filled in (a params file states
+    every value); entries of lists and mappings, and method sections, may still use defaults.
     """
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
@@ -182,10 +184,10 @@ def from_dict(tp: type[T] | Any, value: Any, path: str = "") -> T:
             if name not in value:
                 has_default = (field.default is not dataclasses.MISSING
                                or field.default_factory is not dataclasses.MISSING)
-                if has_default:
+                if has_default and not strict:
                     continue
                 raise ConfigError(f"{sub}: missing key")
-            kwargs[name] = from_dict(hints[name], value[name], sub)
+            kwargs[name] = from_dict(hints[name], value[name], sub, strict=strict)
         try:
             return tp(**kwargs)
         except ConfigError:
@@ -208,7 +210,7 @@ def from_dict(tp: type[T] | Any, value: Any, path: str = "") -> T:
                     return None
                 continue
             try:
-                return from_dict(arg, value, path)
+                return from_dict(arg, value, path, strict=strict)
             except _NotFinite as exc:
                 bad_value = bad_value or exc
             except ConfigError:
@@ -395,12 +397,43 @@ def read_yaml(path: Path) -> Any:
         raise ConfigError(f"{path}: invalid YAML ({clip(str(exc), 2 * SHOW_CHARS)})") from None
 
 
+BASE_PROFILE = "embedded"      # params.yaml itself; any other profile is an overlay file
+
+
+def profile_file(profile: str, params_path: Path) -> Path:
+    """``configs/<profile>.yaml`` beside the params file, else in the project."""
+    for root in (params_path.parent, project_root()):
+        if (root / "configs" / f"{profile}.yaml").is_file():
+            return root / "configs" / f"{profile}.yaml"
+    raise ConfigError(f"profile: no configs/{profile}.yaml beside {params_path} or in the project")
+
+
+def overlay(base: dict, over: dict) -> dict:
+    """``over`` laid on ``base`` key by key: mappings merge, anything else replaces."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = overlay(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return out
+
+
 def load_params(path: str | Path | None = None) -> Params:
-    """Load a params file (default: the project's ``params.yaml``) and run every value check."""
+    """Load a params file (default: the project's ``params.yaml``) and run every value check.
+
+    With ``profile`` other than ``embedded``, ``configs/<profile>.yaml`` (only the values that
+    differ) is laid over the file first. Every key must then be present: a missing one is an
+    error naming its path, never a silent default.
+    """
     path = Path(path) if path is not None else project_root() / "params.yaml"
     data = read_yaml(path)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of params sections, got {show(data)}")
-    params = from_dict(Params, data, "")
+    profile = data.get("profile")
+    if isinstance(profile, str) and profile != BASE_PROFILE and profile.isidentifier():
+        extra_path = profile_file(profile, path)
+        extra = read_yaml(extra_path)
+        if not isinstance(extra, dict) or "profile" in extra:
+            raise ConfigError(f"{extra_path}: expected a mapping of params values (without 'profile')")
+        data = overlay(data, extra)
+    params = from_dict(Params, data, "", strict=True)
     check_params(params)
     return params
