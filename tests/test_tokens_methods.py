@@ -12,7 +12,8 @@ from vlmcompress.tokens.thresholds import iqr_threshold
 
 H = W = 8
 N = H * W
-NAMES = {"full", "random", "pool", "prumerge", "prumerge_plus", "visionzip", "recoverable", "recoverable_spread"}
+NAMES = {"full", "random", "pool", "prumerge", "prumerge_plus", "visionzip", "recoverable", "recoverable_spread",
+         "recoverable_official"}
 FIXED = ["random", "prumerge", "prumerge_plus", "visionzip", "recoverable"]
 
 
@@ -30,7 +31,8 @@ def make_vt(B=3, D=6, seed=0, spikes=(2, 6, 4)) -> VisualTokens:
         text[b, torch.randperm(N, generator=g)[:3]] += 0.7
     attn = torch.softmax(logits, dim=1)
     full = torch.softmax(logits.flip(1), dim=1)
-    return VisualTokens(tokens, keys, attn, full, text, (H, W))
+    # hidden/project/text_dim: what recoverable_official's vision-space merge and text weight read
+    return VisualTokens(tokens, keys, attn, full, text, (H, W), hidden=tokens, project=torch.nn.Identity(), text_dim=D)
 
 
 def runs():
@@ -48,11 +50,11 @@ def test_registry_lists_all_methods_with_params():
     # FastV prunes inside the LM (tokens.fastv): registered for its params, not a tokens function.
     assert set(METHOD_PARAMS) == NAMES | IN_LM_METHODS and not NAMES & IN_LM_METHODS
     assert IN_LM_METHODS == {"fastv"}
-    assert ADAPTIVE == {"prumerge", "prumerge_plus", "recoverable", "recoverable_spread"}
-    assert TEXT_GUIDED == {"recoverable", "recoverable_spread"}
+    assert ADAPTIVE == {"prumerge", "prumerge_plus", "recoverable", "recoverable_spread", "recoverable_official"}
+    assert TEXT_GUIDED == {"recoverable", "recoverable_spread", "recoverable_official"}
     assert method_spec("recoverable_spread").base == "recoverable"
     assert list(METHOD_PARAMS) == ["full", "random", "pool", "prumerge", "prumerge_plus", "visionzip",
-                                   "recoverable", "recoverable_spread", "fastv"]   # the stage's default order
+                                   "recoverable", "recoverable_spread", "recoverable_official", "fastv"]   # the stage's default order
 
 
 @pytest.mark.parametrize("name", sorted(NAMES))

@@ -144,7 +144,7 @@ def test_params_yaml_names_a_registered_method_and_validates_its_section(user_me
 def test_params_yaml_refuses_a_method_nobody_registered(tmp_path):
     with pytest.raises(ConfigError, match=r"^tokens\.methods\[1\]: unknown method 'window'"):
         load_params(_params_file(tmp_path, {"methods": ["full", "window", "recoverable"]}))
-    with pytest.raises(ConfigError, match=r"^tokens\.window: unknown key \(known: .*recoverable_spread, fastv\)$"):
+    with pytest.raises(ConfigError, match=r"^tokens\.window: unknown key \(known: .*recoverable_official, fastv\)$"):
         load_params(_params_file(tmp_path, {"window": {"start": 3}}))
 
 
@@ -193,7 +193,8 @@ def _same(a: Compressed, b: Compressed) -> bool:
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_the_recoverable_spread_preset_equals_its_former_defaults(seed):
     spread = METHOD_PARAMS["recoverable_spread"]
-    assert dataclasses.asdict(spread()) == OLD_SPREAD_DEFAULTS
+    assert dataclasses.asdict(spread()) == {**OLD_SPREAD_DEFAULTS, "merge_space": "projected",
+                                            "global_without_centres": True, "text_pooling": "eos"}
     spec = method_spec("recoverable_spread")
     assert spec.base == "recoverable" and spec.adaptive and spec.text_guided
     vt = make_vt(seed=seed)

@@ -98,7 +98,8 @@ def check_range(path: str, value: float, low: float, high: float) -> None:
 
 def check_choice(path: str, value: Any, known: Collection[Any], what: str) -> None:
     """``value`` is one of ``known`` (a registry's names or a literal set)."""
-    require(value in known, path, f"unknown {what} {show(value)} (known: {', '.join(map(str, known))})")
+    # The list is clipped: a registry open to users can hold any number of names.
+    require(value in known, path, f"unknown {what} {show(value)} (known: {clip(', '.join(map(str, known)), 80)})")
 
 
 def check_unique(path: str, items: Iterable[Any], key: Callable[[Any], Any] = lambda x: x) -> None:

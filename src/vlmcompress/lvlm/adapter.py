@@ -277,8 +277,19 @@ class LVLM:
         out = self.vision_tower(self.preprocess(images), return_dict=True)
         return F.normalize(self.clip.visual_projection(out.pooler_output), dim=-1)
 
-    def text_embeddings(self, texts: Sequence[str]) -> Tensor:
-        """CLIP text embeddings ``[B, P]``, unit norm: CLIP's text tower pools at the EOS token."""
+    def text_embeddings(self, texts: Sequence[str], pooling: str = "eos") -> Tensor:
+        """CLIP text embeddings ``[B, P]``, unit norm. ``pooling='eos'``: CLIP's text tower pools at
+        the EOS token; ``'last'``: as the official Recoverable Compression code, each text padded
+        on the right to CLIP's context length, run without attention mask, read at the last
+        position (a padding token that attends, causally, to the whole text)."""
+        if pooling == "last":
+            enc = self.clip_tokenizer(list(texts), padding="max_length", truncation=True, padding_side="right",
+                                      max_length=self.clip.config.text_config.max_position_embeddings,
+                                      return_tensors="pt")
+            out = self.clip.text_model(input_ids=enc.input_ids.to(self.device), return_dict=True)
+            return F.normalize(self.clip.text_projection(out.last_hidden_state[:, -1]), dim=-1)
+        if pooling != "eos":
+            raise ValueError(f"text pooling: expected 'eos' or 'last', got {pooling!r}")
         enc = self.clip_tokenizer(list(texts), padding=True, truncation=True, return_tensors="pt")
         out = self.clip.text_model(input_ids=enc.input_ids.to(self.device),
                                    attention_mask=enc.attention_mask.to(self.device), return_dict=True)

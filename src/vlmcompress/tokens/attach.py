@@ -25,7 +25,10 @@ neither a system prompt nor the template reaches the text encoder; or ``question
 given explicitly. The markers come from ``tokenizer`` (a tokenizer or processor). These
 models have no CLIP text tower, so the question is embedded with the LM's own input
 embeddings (mean over its tokens) and compared by cosine with the projected visual tokens,
-which live in the same space.
+which live in the same space. So ``text_pooling`` other than ``eos`` (a CLIP text tower's) is
+refused, and ``text_weight: null`` reads P as the LM's embedding width. ``merge_space: vision``
+merges the projector's input (recorded by a hook on this instance's projector) and projects
+the result, on the LLaVA families; Qwen2-VL refuses it.
 
 Supported (one family class each, :data:`FAMILIES`):
 
@@ -167,6 +170,8 @@ class _Family:
 
     markers: tuple[tuple[str, str], ...] = (("USER:", "ASSISTANT:"),)
     single_grid = True          # the image's tokens form one row-major grid (pool, peaks)
+    # Why merging before the projector (merge_space 'vision') cannot apply; None: it can.
+    no_vision_merge: str | None = "its projector is not known to map one vision feature per token"
 
     def __init__(self, model: nn.Module, attn_layer: int | None):
         self.model = model
@@ -174,6 +179,7 @@ class _Family:
         self.name = type(model).__name__
         self.image_token_id: int = model.config.image_token_id
         self.skip_ids: set[int] = set()     # template tokens that are never part of the question
+        self.vision_merge = False           # record the projector's input (merge_space 'vision')
 
     def hooks(self) -> list[Any]:
         """Handles (with ``remove()``) of the hooks that record what the method needs."""
@@ -205,7 +211,10 @@ class _Family:
 
 class _Llava(_Family):
     """LLaVA-1.5 plumbing: the projected patch tokens the model itself computed, and the CLS
-    attention and keys of the vision layer that produced them."""
+    attention and keys of the vision layer that produced them; for ``merge_space: vision``,
+    the projector's input (the feature layer's patch features) and the projector."""
+
+    no_vision_merge = None
 
     def __init__(self, model: nn.Module, attn_layer: int | None):
         super().__init__(model, attn_layer)
@@ -223,18 +232,37 @@ class _Llava(_Family):
         self.attn_layer = (attn_layer if attn_layer is not None else (f if f < 0 else f - 1)) % n_layers
         self.side = cfg.vision_config.image_size // cfg.vision_config.patch_size
         self.captured: tuple[Tensor, Tensor, Tensor] | None = None
+        self.features: Tensor | None = None     # [T, n, Dv] the projector's last input
 
     def hooks(self) -> list[Any]:
         """Record the CLS attention of ``attn_layer`` whenever the tower runs (a hook on this
-        instance's module): ``generate`` encodes the images before the prefill forward."""
+        instance's module): ``generate`` encodes the images before the prefill forward. With
+        ``vision_merge``, also the projector's input."""
 
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             self.captured = cls_attention(module, kwargs.get("hidden_states", args[0] if args else None))
 
-        return [self.layers[self.attn_layer].self_attn.register_forward_pre_hook(hook, with_kwargs=True)]
+        def projector(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            self.features = kwargs.get("image_features", args[0] if args else None)
+
+        handles = [self.layers[self.attn_layer].self_attn.register_forward_pre_hook(hook, with_kwargs=True)]
+        if self.vision_merge:
+            handles.append(self.inner.multi_modal_projector.register_forward_pre_hook(projector, with_kwargs=True))
+        return handles
 
     def reset(self) -> None:
         self.captured = None
+        self.features = None
+
+    def _take_features(self, tiles: int) -> tuple[Tensor | None, Any]:
+        """``(features [T, n, Dv], projector)`` of the last tower run, or ``(None, None)`` without
+        ``vision_merge``."""
+        if not self.vision_merge:
+            return None, None
+        if self.features is None or self.features.shape[0] != tiles:
+            raise RuntimeError("attach: the projector's input was not recorded for these images")
+        out, self.features = self.features, None
+        return out, self.inner.multi_modal_projector
 
     def _take_captured(self, tiles: int) -> tuple[Tensor, Tensor, Tensor]:
         """The recorded ``(cls [T, n], keys [T, n, C], full [T, n])`` of the last tower run."""
@@ -251,7 +279,9 @@ class _Llava(_Family):
             enc = self.inner.get_image_features(pixel_values=kw["pixel_values"], return_dict=True)
         tokens = torch.stack(list(enc.pooler_output))                              # [I, N, D]
         cls, keys, full = self._take_captured(tokens.shape[0])
-        vt = VisualTokens(tokens=tokens, keys=keys, cls_attn=cls, cls_attn_full=full, grid=(self.side, self.side))
+        hidden, project = self._take_features(tokens.shape[0])
+        vt = VisualTokens(tokens=tokens, keys=keys, cls_attn=cls, cls_attn_full=full, grid=(self.side, self.side),
+                          hidden=hidden, project=project)
         return [_Image(vt.select([i]), tokens.shape[1]) for i in range(tokens.shape[0])]
 
 
@@ -323,15 +353,19 @@ class _LlavaNext(_Llava):
         if sizes is None:
             raise RuntimeError("attach: the image sizes of these images were not recorded")
         index = self.packed_index(sizes.cpu())
-        cls, keys, full = self._take_captured(sum(self._tile_counts(sizes.cpu())))
+        tiles = sum(self._tile_counts(sizes.cpu()))
+        cls, keys, full = self._take_captured(tiles)
         cls, keys, full = cls.flatten(), keys.flatten(0, 1), full.flatten()
+        features, project = self._take_features(tiles)
+        features = None if features is None else features.flatten(0, 1)           # [T·n, Dv]
         out = []
         for packed, where in zip(enc.pooler_output, index):
             where = where.to(packed.device)
             patch = where >= 0
             src = where[patch]
             vt = VisualTokens(tokens=packed[patch][None], keys=keys[src][None], cls_attn=cls[src][None],
-                              cls_attn_full=full[src][None], grid=(1, int(patch.sum())))
+                              cls_attn_full=full[src][None], grid=(1, int(patch.sum())),
+                              hidden=None if features is None else features[src][None], project=project)
             newline = torch.nonzero(~patch).flatten()                    # [R] packed index of each row end
             out.append(_Image(vt, packed.shape[0], (torch.nonzero(patch).flatten(), newline, packed)))
         return out
@@ -372,6 +406,7 @@ class _Qwen2VL(_Family):
     """
 
     markers = (("<|im_start|>user\n", "<|im_end|>\n<|im_start|>assistant\n"),)
+    no_vision_merge = "its merger projects each 2 x 2 block of patches at once, not one vision feature per token"
 
     def __init__(self, model: nn.Module, attn_layer: int | None):
         super().__init__(model, attn_layer)
@@ -499,15 +534,21 @@ def question_ids(ids: list[int], image_token_id: int, user: list[int], assistant
     return [t for t in ids[start:end] if t != image_token_id and t not in ignore]
 
 
+def _resolved(method: str, params: dict[str, Any]) -> Any:
+    """The method's params dataclass with ``params`` (preset defaults included), or None if they
+    are bad (the method reports its own bad parameters)."""
+    cls = METHOD_PARAMS.get(method)
+    try:
+        return cls(**params) if cls is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
 def _needs_grid(method: str, params: dict[str, Any]) -> str | None:
     """Why ``method`` needs the tokens' grid shape (None: it does not)."""
     if method == "pool":
         return "pools the patch grid"
-    cls = METHOD_PARAMS.get(method)
-    try:
-        p = cls(**params) if cls is not None else None
-    except (TypeError, ValueError):
-        return None                      # the method reports its own bad parameters
+    p = _resolved(method, params)
     return "finds grid peaks (recovery_peaks)" if getattr(p, "recovery_peaks", False) else None
 
 
@@ -547,6 +588,15 @@ class AttachHandle:
         if why:
             raise ValueError(f"attach: {method} {why}, but {name} packs each image as a base tile plus a "
                              f"high-res grid with newline tokens (no single grid)")
+        resolved = _resolved(method, params)
+        if getattr(resolved, "text_pooling", "eos") != "eos":
+            raise ValueError(f"attach: text_pooling={resolved.text_pooling!r} of {method} needs a CLIP text tower, but "
+                             f"{name} embeds the question with its LM's input embeddings (use text_pooling='eos')")
+        if getattr(resolved, "merge_space", "projected") == "vision":
+            if self.family.no_vision_merge:
+                raise ValueError(f"attach: merge_space='vision' of {method} cannot apply to {name}: "
+                                 f"{self.family.no_vision_merge}")
+            self.family.vision_merge = True
         self.model, self.method, self.budget, self.params = model, method, budget, dict(params)
         self.attention = attention
         self.questions = list(questions) if questions is not None else None
@@ -647,6 +697,7 @@ class AttachHandle:
         if q is not None:
             for im, qi in zip(images, q):
                 im.vt.text_sim = F.normalize(im.vt.tokens.float(), dim=-1) @ F.normalize(qi, dim=-1)
+                im.vt.text_dim = int(qi.shape[-1])        # cosine in the LM's embedding space
         groups: dict[tuple, list[int]] = {}
         for i, im in enumerate(images):
             groups.setdefault((im.vt.n_tokens, tuple(im.vt.grid)), []).append(i)
@@ -740,7 +791,7 @@ def _cat_tokens(vts: list[VisualTokens]) -> VisualTokens:
         return None if getattr(vts[0], name) is None else torch.cat([getattr(v, name) for v in vts])
 
     return VisualTokens(cat("tokens"), cat("keys"), cat("cls_attn"), cat("cls_attn_full"), cat("text_sim"),
-                        vts[0].grid)
+                        vts[0].grid, cat("hidden"), vts[0].project, vts[0].text_dim)
 
 
 def _splice(embeds: Tensor, mask: Tensor, is_img: Tensor, placed: list[tuple[Tensor, Tensor, int]]

@@ -10,7 +10,8 @@ others from any module imported before use); :data:`METHOD_PARAMS`, :data:`ADAPT
 torch: the registry holds the functions, it never calls them.
 
 ``eval`` holds the stage's settings.
-Defaults follow the official code of each method, except ``merge_mode`` (see below).
+Defaults follow the official code of each method, except ``merge_mode`` (see below) and
+``recoverable``'s switches to the official code (the ``recoverable_official`` preset sets them).
 """
 from __future__ import annotations
 
@@ -37,6 +38,12 @@ def _fail(where: str, msg: str) -> None:
 def _show(value: Any) -> str:
     from vlmcompress.config import show
     return show(value)
+
+
+def _known_methods() -> str:
+    """The registered names for an error message, clipped: users may register any number."""
+    from vlmcompress.config import clip
+    return clip(", ".join(METHOD_PARAMS), 80)
 
 
 def _check_share(section: str, name: str, value: float) -> None:
@@ -147,14 +154,15 @@ class RecoverableParams:
     # Centre count = floor(base · outlier fraction of the leftover attention). Official code:
     # base = N in one variant, the vision width (a bug) in the other; 'leftover' = n_leftover.
     centre_count_base: Literal["all", "leftover"] = "all"
-    min_salient: int = 1
+    min_salient: int = 1             # adaptive salient tokens never fewer (official: no minimum, 0)
     recover: bool = True             # step 2 on/off (ablation)
     merge: bool = True               # step 3 centres on/off (ablation)
     global_token: bool = True
     merge_neighbors: int = 32        # tokens each centre absorbs (official: 32)
     # Weight of the text cosine added to key cosine when choosing what a centre absorbs:
-    # official 50·sim with sim = cos/√768 (CLIP-L joint dim) -> 50/√768 ≈ 1.804.
-    text_weight: float = 1.804
+    # official 50·sim with sim = cos/√P, P the joint space's width; 1.804 = 50/√768 (CLIP-L).
+    # None: 50/√P with P read from the model (VisualTokens.text_dim), as the official code.
+    text_weight: float | None = 1.804
     merge_mode: MergeMode = "average"
     salient_share: float = 0.5       # fixed budget: share of k for salient tokens
     recovered_share: float = 0.25    # fixed budget: share of k for recovered; the rest merged
@@ -167,11 +175,23 @@ class RecoverableParams:
     # Adaptive mode: the rule still sets how many, the peaks choose which.
     recovery_peaks: bool = False
     peak_window: int = 3             # a peak is the maximum of this odd square of patches around it
+    # Switches to the official code's behaviour (defaults: ours; the recoverable_official preset
+    # sets all of them). Where merged and global tokens are averaged: 'projected' = the LM-space
+    # tokens; 'vision' = the vision features before the projector, then projected (official).
+    merge_space: Literal["projected", "vision"] = "projected"
+    # The global token of an image with no centres: true keeps it; false drops it (official).
+    global_without_centres: bool = True
+    # The question's CLIP text embedding: 'eos' = CLIP's own pooling at the EOS token; 'last' =
+    # the question padded to CLIP's context length, read at the last position (official).
+    text_pooling: Literal["eos", "last"] = "eos"
 
     def __post_init__(self) -> None:
         name = self._section
-        if self.salient_source not in ("cls", "spread"):
-            _fail(f"{name}.salient_source", f"expected 'cls' or 'spread', got {_show(self.salient_source)}")
+        for field_name, allowed in (("salient_source", ("cls", "spread")), ("merge_space", ("projected", "vision")),
+                                    ("text_pooling", ("eos", "last"))):
+            if getattr(self, field_name) not in allowed:
+                _fail(f"{name}.{field_name}", f"expected {' or '.join(map(repr, allowed))}, "
+                                              f"got {_show(getattr(self, field_name))}")
         for field_name in ("salient_neighbors", "recovery_neighbors", "centre_neighbors"):
             _check_min(name, field_name, getattr(self, field_name), 1)
         _check_min(name, "merge_neighbors", self.merge_neighbors, 0)
@@ -221,7 +241,7 @@ def method_spec(name: str) -> MethodSpec:
     """The spec of method ``name``; ``KeyError`` naming the known ones if none is registered."""
     specs = method_specs()
     if not isinstance(name, str) or name not in specs:
-        raise KeyError(f"tokens: unknown method {_show(name)} (known: {', '.join(specs)})")
+        raise KeyError(f"tokens: unknown method {_show(name)} (known: {_known_methods()})")
     return specs[name]
 
 
@@ -355,10 +375,10 @@ class TokensEvalParams:
             _fail("eval.task_budget", f"a fraction must be in (0, 1], got {_show(self.task_budget)}")
         for i, name in enumerate(self.example_methods):
             if name not in METHOD_PARAMS:
-                _fail(f"eval.example_methods[{i}]", f"unknown method {_show(name)} (known: {', '.join(METHOD_PARAMS)})")
+                _fail(f"eval.example_methods[{i}]", f"unknown method {_show(name)} (known: {_known_methods()})")
         if self.reference_method not in METHOD_PARAMS:
             _fail("eval.reference_method", f"unknown method {_show(self.reference_method)} "
-                                           f"(known: {', '.join(METHOD_PARAMS)})")
+                                           f"(known: {_known_methods()})")
 
 
 def _sections_by_name(cls: type) -> type:
@@ -400,7 +420,7 @@ class TokensParams:
     def __post_init__(self) -> None:
         for i, name in enumerate(self.methods):
             if name not in METHOD_PARAMS:
-                _fail(f"methods[{i}]", f"unknown method {_show(name)} (known: {', '.join(METHOD_PARAMS)})")
+                _fail(f"methods[{i}]", f"unknown method {_show(name)} (known: {_known_methods()})")
         for i, b in enumerate(self.budgets):
             if isinstance(b, bool) or not isinstance(b, (int, float)):
                 _fail(f"budgets[{i}]", f"expected an int count or a float fraction, got {_show(b)}")
@@ -438,7 +458,7 @@ def _section(name: Any, value: Any) -> Any:
     """A method's section given in code: its params dataclass, or a dict loaded into one."""
     if name not in METHOD_PARAMS:
         _fail(_show(name) if not isinstance(name, str) else name,
-              f"unknown method section (known: {', '.join(METHOD_PARAMS)})")
+              f"unknown method section (known: {_known_methods()})")
     cls = METHOD_PARAMS[name]
     if isinstance(value, dict):
         from vlmcompress.config import from_dict

@@ -22,6 +22,7 @@ makes the transform (:class:`vlmcompress.tokens.fastv.FastV`), not a :class:`Com
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -175,17 +176,39 @@ def _kept_kind(*groups: tuple[Tensor, int]) -> Tensor:
     return out
 
 
+def _merge_values(vt: VisualTokens, space: str, method: str) -> tuple[Tensor, Callable[[Tensor], Tensor] | None]:
+    """What merging averages: the projected tokens [B, N, D], or the vision features [B, N, Dv]
+    and the projector that maps the merged ones to [B, M, D]."""
+    if space == "projected":
+        return vt.tokens, None
+    if space == "vision":
+        if vt.hidden is None or vt.project is None:
+            raise ValueError(f"{method}: merge_space='vision' needs VisualTokens.hidden and VisualTokens.project "
+                             f"(the vision features and the projector)")
+        return vt.hidden, vt.project
+    raise ValueError(f"merge_space: expected 'projected' or 'vision', got {space!r}")
+
+
 def _clusters_and_global(vt: VisualTokens, attn: Tensor, centres: Tensor, pool: Tensor,
                          members: Tensor, *, n_neighbors: int, mode: str, use_global: bool,
-                         extra_score: Tensor | None = None) -> list[tuple[Tensor, Tensor, int]]:
-    """Merged centres (pool = what they may absorb) then the global token over ``members``."""
-    merged, m_valid = merge_into_centres(vt.tokens, vt.keys, attn, centres, pool,
+                         extra_score: Tensor | None = None, values: Tensor | None = None,
+                         project: Callable[[Tensor], Tensor] | None = None,
+                         global_without_centres: bool = True) -> list[tuple[Tensor, Tensor, int]]:
+    """Merged centres (pool = what they may absorb) then the global token over ``members``.
+
+    ``values`` [B, N, C] (default: ``vt.tokens``) are what is averaged; ``project`` maps the
+    averages to the token space. ``global_without_centres=False`` drops the global token of an
+    image that has no centre."""
+    values = vt.tokens if values is None else values
+    merged, m_valid = merge_into_centres(values, vt.keys, attn, centres, pool,
                                          n_neighbors=n_neighbors, extra_score=extra_score, mode=mode)
     cidx = front_order(centres)[:, :merged.shape[1]]                    # centres in patch order
-    extras = [(merged, m_valid, KIND_MERGED, cidx)]
+    extras = [(merged if project is None else project(merged), m_valid, KIND_MERGED, cidx)]
     if use_global:
-        g, g_valid = global_token(vt.tokens, attn, members, mode=mode)
-        extras.append((g, g_valid, KIND_GLOBAL))
+        g, g_valid = global_token(values, attn, members, mode=mode)
+        if not global_without_centres:
+            g_valid = g_valid & m_valid.any(dim=1, keepdim=True)
+        extras.append((g if project is None else project(g), g_valid, KIND_GLOBAL))
     return extras
 
 
@@ -318,8 +341,12 @@ def recoverable(vt: VisualTokens, *, budget: int | float | None = None, attentio
 
     Output: salient and recovered tokens in patch order (as the official code), then cluster
     tokens in patch order of their centres (official: by decreasing attention), then the
-    global token. Official quirks not reproduced: the whole batch shares one LOF fit, and the
-    centre count uses the vision width instead of N (``centre_count_base``).
+    global token. Where ours differs from the official code a switch selects the official
+    behaviour (``merge_space``, ``global_without_centres``, ``min_salient``, ``text_pooling``,
+    ``text_weight``; all set by the ``recoverable_official`` preset). Official bugs not
+    reproduced: a batch of several images fails (one LOF fit over the whole batch, image 0's
+    salient tokens masked in every image), the centre count uses the vision width instead of
+    N, and merge keys are read at the leftover tokens' ranks instead of their patches.
     """
     return _recoverable(vt, budget, attention, _params(RecoverableParams, "recoverable", params))
 
@@ -337,6 +364,34 @@ RecoverableSpreadParams = register_preset(
     token on each object the question names lets the LM count them (count 49 -> 74 % at 10% on
     2,000 val questions). With peaks, a quarter of k recovered beat 3/8, 1/2 and 3/4 there.
     """)
+
+
+RecoverableOfficialParams = register_preset(
+    "recoverable_official", base="recoverable",
+    merge_space="vision", global_without_centres=False, min_salient=0, text_pooling="last", text_weight=None,
+    merge_mode="residual",
+    doc="""``recoverable_official``: ``recoverable`` as the official code runs it. Merged and global
+    tokens are averaged from the vision features before the projector, then projected; no global
+    token without centres; no minimum of salient tokens; the question embedded at the last
+    padded position of CLIP's text tower; text weight 50/√P from the model's joint width; the
+    unnormalised ``x_c + Σ a_j x_j`` merge (``merge_mode: residual``). The official code's bugs
+    stay fixed (see :func:`recoverable`). The official code runs the adaptive mode
+    (``budget: None``) with ``attention: full``; those are call settings, not parameters.
+    """)
+
+
+def official_text_weight(width: int) -> float:
+    """50/√P: the official code scales the text cosine by P^-1/2 (P = width of the joint space)
+    and then by 50 when it adds it to the key cosine."""
+    return 50.0 / math.sqrt(width)
+
+
+def _text_weight(vt: VisualTokens, p: RecoverableParams, method: str) -> float:
+    if p.text_weight is not None:
+        return p.text_weight
+    if vt.text_dim is None:
+        raise ValueError(f"{method}: text_weight=None derives 50/sqrt(P) from VisualTokens.text_dim, which is None")
+    return official_text_weight(vt.text_dim)
 
 
 def _spread_like(mask: Tensor) -> Tensor:
@@ -379,13 +434,15 @@ def _recoverable(vt: VisualTokens, budget: int | float | None, attention: str, p
             return _all_tokens(vt)
         n_sal, n_rec, rest = split_budget(k, (p.salient_share, p.recovered_share if p.recover else 0.0))
         n_glob = 1 if (p.global_token and rest >= 1) else 0
-        use_global = n_glob == 1
         n_ctr = rest - n_glob if p.merge else 0
-        if not p.merge:   # no centres: give their share back to the kept tokens
-            if p.recover:
-                n_rec += rest - n_glob
-            else:
-                n_sal += rest - n_glob
+        if n_glob and n_ctr == 0 and not p.global_without_centres:
+            n_glob = 0
+        use_global = n_glob == 1
+        back = rest - n_glob - n_ctr   # no centres (or no global token): the kept tokens take the share
+        if p.recover:
+            n_rec += back
+        else:
+            n_sal += back
         if p.salient_source == "spread":
             salient = spread_mask(torch.ones_like(attn, dtype=torch.bool), n_sal)
         else:
@@ -394,10 +451,13 @@ def _recoverable(vt: VisualTokens, budget: int | float | None, attention: str, p
         recovered = topk_mask(rank_by, n_rec, ~salient) if p.recover else none
         leftover = ~(salient | recovered)
         centres = topk_mask(attn, n_ctr, leftover)
-    extra = p.text_weight * text if (text is not None and p.text_weight != 0.0) else None
+    weight = _text_weight(vt, p, "recoverable") if text is not None else 0.0
+    extra = weight * text if weight != 0.0 else None
+    values, project = _merge_values(vt, p.merge_space, "recoverable")
     extras = _clusters_and_global(vt, attn, centres, leftover, leftover & ~centres,
                                   n_neighbors=p.merge_neighbors, mode=p.merge_mode,
-                                  use_global=use_global, extra_score=extra)
+                                  use_global=use_global, extra_score=extra, values=values, project=project,
+                                  global_without_centres=p.global_without_centres)
     return pack(vt.tokens, _kept_kind((salient, KIND_SALIENT), (recovered, KIND_RECOVERED)), extras)
 
 

@@ -4,8 +4,9 @@ The methods are pure tensor code (:mod:`vlmcompress.tokens.methods`); :class:`To
 is the thin layer that feeds one from the adapter's
 :class:`~vlmcompress.lvlm.adapter.VisualFeatures`: CLS attention and keys of the chosen vision
 layer, and — for text-guided methods — the cosine similarity of every patch (in CLIP's joint
-space) to the question's CLIP text embedding. FastV, which prunes inside the LM, is
-:class:`~vlmcompress.tokens.fastv.FastV`. Nothing is patched on a class: a transform is a plain
+space) to the question's CLIP text embedding (pooled as the method's ``text_pooling`` says);
+for ``merge_space: vision``, the vision features before the projector and the projector.
+FastV, which prunes inside the LM, is :class:`~vlmcompress.tokens.fastv.FastV`. Nothing is patched on a class: a transform is a plain
 object passed to ``LVLM.generate(transform=...)``, so it is detached as soon as that call
 returns. :func:`make_transform` builds either from a method name and the ``tokens`` params.
 """
@@ -28,18 +29,20 @@ __all__ = ["TEXT_GUIDED", "TextEmbeddingCache", "TokenCompressor", "make_transfo
 
 
 class TextEmbeddingCache:
-    """``texts -> [B, P]`` CLIP text embeddings, each distinct text encoded once (the stage
-    runs one question through many methods and budgets)."""
+    """``texts -> [B, P]`` CLIP text embeddings, each distinct text encoded once per pooling
+    (the stage runs one question through many methods and budgets)."""
 
     def __init__(self, lvlm: Any) -> None:
         self.lvlm = lvlm
-        self.memo: dict[str, Tensor] = {}
+        self.memo: dict[tuple[str, str], Tensor] = {}
 
-    def __call__(self, texts: Sequence[str]) -> Tensor:
-        new = list(dict.fromkeys(t for t in texts if t not in self.memo))
+    def __call__(self, texts: Sequence[str], pooling: str = "eos") -> Tensor:
+        new = list(dict.fromkeys(t for t in texts if (pooling, t) not in self.memo))
         if new:
-            self.memo.update(zip(new, self.lvlm.text_embeddings(new)))
-        return torch.stack([self.memo[t] for t in texts])
+            kw = {} if pooling == "eos" else {"pooling": pooling}   # a plain text_embeddings(texts) suffices for eos
+            emb = self.lvlm.text_embeddings(new, **kw)
+            self.memo.update(((pooling, t), e) for t, e in zip(new, emb))
+        return torch.stack([self.memo[pooling, t] for t in texts])
 
 
 @dataclass
@@ -71,17 +74,31 @@ class TokenCompressor:
         """Only text-guided methods read the question; the others compress per image."""
         return self.method in TEXT_GUIDED
 
+    def _switch(self, name: str, default: str) -> str:
+        """A switch of the method's params (preset defaults included); ``default`` if the method
+        has no such field or its params are bad (``compress`` reports those)."""
+        try:
+            return getattr(method_spec(self.method).params(**self.params), name, default)
+        except (KeyError, TypeError, ValueError):
+            return default
+
     def visual_tokens(self, feats, questions: Sequence[str]) -> VisualTokens:
-        text_sim = None
+        text_sim = text_dim = None
         if self.method in TEXT_GUIDED:
             encode = self.text_encoder or self.lvlm.text_embeddings
+            pooling = self._switch("text_pooling", "eos")
             t0 = time.perf_counter()
-            text = encode(questions)                                    # [B, P]
+            text = encode(questions) if pooling == "eos" else encode(questions, pooling=pooling)   # [B, P]
             self.text_seconds += time.perf_counter() - t0
             patches = self.lvlm.patch_embeddings(feats)                 # [B, N, P]
             text_sim = torch.einsum("bnp,bp->bn", patches, text.to(patches))
+            text_dim = int(patches.shape[-1])
+        hidden = project = None
+        if self._switch("merge_space", "projected") == "vision":      # merge before the projector
+            hidden, project = feats.hidden, self.lvlm.llava.model.multi_modal_projector
         return VisualTokens(tokens=feats.tokens, keys=feats.keys, cls_attn=feats.cls_attn,
-                            cls_attn_full=feats.cls_attn_full, text_sim=text_sim, grid=feats.grid)
+                            cls_attn_full=feats.cls_attn_full, text_sim=text_sim, grid=feats.grid,
+                            hidden=hidden, project=project, text_dim=text_dim)
 
     def __call__(self, feats, questions: Sequence[str]) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]:
         out = compress(self.visual_tokens(feats, questions), self.method, budget=self.budget,

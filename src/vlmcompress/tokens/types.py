@@ -9,6 +9,7 @@ keep different numbers of tokens (adaptive thresholds).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +41,10 @@ class VisualTokens:
     text_sim:      [B, N]     optional; cosine similarity of each patch (CLIP joint space)
                               to the question's text embedding
     grid:          (H, W)     patch grid, H*W == N
+    hidden:        [B, N, Dv] optional; the vision features the projector maps to ``tokens``
+    project:       optional; the projector, [..., Dv] -> [..., D] token-wise, so
+                   ``project(hidden) == tokens`` (methods that merge before projecting)
+    text_dim:      optional; width P of the space where ``text_sim``'s cosine was taken
     """
 
     tokens: Tensor
@@ -48,6 +53,9 @@ class VisualTokens:
     cls_attn_full: Tensor | None = None
     text_sim: Tensor | None = None
     grid: tuple[int, int] = (0, 0)
+    hidden: Tensor | None = None
+    project: Callable[[Tensor], Tensor] | None = None
+    text_dim: int | None = None
 
     @property
     def batch_size(self) -> int:
@@ -76,6 +84,8 @@ class VisualTokens:
                 raise ValueError(f"VisualTokens.{name}: expected [{B}, {N}], got shape {tuple(t.shape)}")
             if not torch.isfinite(t).all():
                 raise ValueError(f"VisualTokens.{name}: contains NaN or inf")
+        if self.hidden is not None and (self.hidden.ndim != 3 or tuple(self.hidden.shape[:2]) != (B, N)):
+            raise ValueError(f"VisualTokens.hidden: expected [{B}, {N}, Dv], got shape {tuple(self.hidden.shape)}")
         if len(self.grid) != 2 or self.grid[0] * self.grid[1] != N:
             raise ValueError(f"VisualTokens.grid: {tuple(self.grid)} does not multiply to N={N}")
         return self
@@ -84,7 +94,8 @@ class VisualTokens:
         """The same record restricted to some images of the batch (for per-image checks)."""
         opt = lambda t: None if t is None else t[rows]  # noqa: E731
         return VisualTokens(self.tokens[rows], self.keys[rows], self.cls_attn[rows],
-                            opt(self.cls_attn_full), opt(self.text_sim), self.grid)
+                            opt(self.cls_attn_full), opt(self.text_sim), self.grid, opt(self.hidden),
+                            self.project, self.text_dim)
 
 
 @dataclass
