@@ -47,20 +47,17 @@ class FuzzReport:
     outcomes: Counter = dataclasses.field(default_factory=Counter)   # decoded / refused / error / crash / hang
     strategies: Counter = dataclasses.field(default_factory=Counter)
     failures: list = dataclasses.field(default_factory=list)         # (strategy, outcome, file hex prefix)
-    peak_rss_mib: float = 0.0          # largest resident set of any child
+    peak_rss_mib: float = 0.0          # largest resident set of any child (pages it touched)
+    peak_extra_mib: float = 0.0        # most any one decode added to its child's resident set
     base_rss_mib: float = 0.0          # the parent's resident set when fuzzing started
     seconds: float = 0.0
-
-    @property
-    def peak_extra_mib(self) -> float:
-        return max(0.0, self.peak_rss_mib - self.base_rss_mib)
 
     def summary(self) -> str:
         o = self.outcomes
         return (f"{self.cases} cases in {self.seconds:.0f} s: {o['decoded']} decoded, {o['refused']} refused, "
                 f"{o['error']} other errors, {o['crash']} crashes, {o['hang']} hangs; peak child RSS "
-                f"{self.peak_rss_mib:.0f} MiB ({self.peak_extra_mib:.0f} MiB over the parent's "
-                f"{self.base_rss_mib:.0f} MiB)")
+                f"{self.peak_rss_mib:.0f} MiB, at most {self.peak_extra_mib:.1f} MiB added by one decode "
+                f"(parent {self.base_rss_mib:.0f} MiB)")
 
 
 def default_model() -> LVLMCodec:
@@ -193,11 +190,23 @@ def _rss_mib_self() -> float:
     return 0.0
 
 
-def run_case(decode: Callable[[bytes], object], data: bytes, timeout_s: float) -> tuple[str, float]:
-    """Decode ``data`` in a forked child -> (outcome, the child's peak RSS in MiB)."""
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def run_case(decode: Callable[[bytes], object], data: bytes, timeout_s: float) -> tuple[str, float, float]:
+    """Decode ``data`` in a forked child -> (outcome, the child's peak RSS in MiB, how much the
+    decode itself added to the child's resident set at its peak, in MiB; -1 when unknown)."""
+    read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:   # child: never returns into the caller's code
+        os.close(read_end)
         code = 2
+        start = _status_kib("VmRSS")
         try:
             decode(data)
             code = 0
@@ -205,21 +214,28 @@ def run_case(decode: Callable[[bytes], object], data: bytes, timeout_s: float) -
             code = 1
         except BaseException:
             code = 2
+        os.write(write_end, struct.pack("<q", _status_kib("VmHWM") - start))
         os._exit(code)
+    os.close(write_end)
     deadline = time.monotonic() + timeout_s
-    while True:
-        done, status, usage = os.wait4(pid, os.WNOHANG)
-        if done:
-            break
-        if time.monotonic() > deadline:
-            os.kill(pid, signal.SIGKILL)
-            _, status, usage = os.wait4(pid, 0)
-            return "hang", usage.ru_maxrss / 1024
-        time.sleep(0.0005)
+    try:
+        while True:
+            done, status, usage = os.wait4(pid, os.WNOHANG)
+            if done:
+                break
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                _, status, usage = os.wait4(pid, 0)
+                return "hang", usage.ru_maxrss / 1024, -1.0
+            time.sleep(0.0005)
+        report = os.read(read_end, 8)
+    finally:
+        os.close(read_end)
     rss = usage.ru_maxrss / 1024
+    growth = struct.unpack("<q", report)[0] / 1024 if len(report) == 8 else -1.0
     if os.WIFSIGNALED(status):
-        return "crash", rss
-    return {0: "decoded", 1: "refused"}.get(os.WEXITSTATUS(status), "error"), rss
+        return "crash", rss, growth
+    return {0: "decoded", 1: "refused"}.get(os.WEXITSTATUS(status), "error"), rss, growth
 
 
 def fuzz(model: LVLMCodec, cases: int, *, seed: int = 0, timeout_s: float = 20.0,
@@ -238,11 +254,12 @@ def fuzz(model: LVLMCodec, cases: int, *, seed: int = 0, timeout_s: float = 20.0
     t0 = time.perf_counter()
     for _ in range(cases):
         strategy, data = mutate(rng, corpus)
-        outcome, rss = run_case(decode, data, timeout_s)
+        outcome, rss, growth = run_case(decode, data, timeout_s)
         report.cases += 1
         report.outcomes[outcome] += 1
         report.strategies[strategy] += 1
         report.peak_rss_mib = max(report.peak_rss_mib, rss)
+        report.peak_extra_mib = max(report.peak_extra_mib, growth)
         if outcome in ("crash", "hang", "error") and len(report.failures) < 20:
             report.failures.append((strategy, outcome, data[:32].hex()))
     report.seconds = time.perf_counter() - t0
