@@ -15,21 +15,28 @@
       checkpoint/   the last resumable state (the same two files + optim.*)
       curves.csv    one row every ``log_every`` steps (appended)
 
-Runs as is under ``accelerate launch`` (the global batch is split over processes; only
-the main process writes). ``token_fn`` is the caller's frozen LVLM vision tower, already
-on the accelerator's device.
+Runs as is under ``accelerate launch`` (``python -m vlmcompress.codec.launch``): every
+process draws the global batch, crops only its contiguous shard and adds the shard's slice
+of the global quantisation noise (:func:`global_noise`); DDP averages the main gradients,
+and the auxiliary loss needs no reduction (it does not depend on the data). So N processes
+train the model one process trains, up to the order of floating-point sums. Only the main
+process writes. ``token_fn`` is the caller's frozen LVLM vision tower, already on the
+accelerator's device.
 """
 from __future__ import annotations
 
 import csv
 import json
+import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from compressai.entropy_models import EntropyBottleneck, EntropyModel
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -142,11 +149,23 @@ def _item(images: Tensor | Sequence, i: int) -> Tensor:
     return item
 
 
-def make_batch(images: Tensor | Sequence, idx: Tensor, patch: int, seed: int, step: int) -> Tensor:
-    """Random ``patch`` x ``patch`` crops with random horizontal flips: ``[len(idx), 3, p, p]``."""
+def make_batch(images: Tensor | Sequence, idx: Tensor, patch: int, seed: int, step: int,
+               part: slice = slice(None)) -> Tensor:
+    """Random ``patch`` x ``patch`` crops with random horizontal flips: ``[len(idx[part]), 3, p, p]``.
+
+    ``part``: the positions of the global batch ``idx`` to crop (a process's shard). The
+    others are neither read nor cropped, but advance the generator as a crop does, so every
+    crop is the one a single process cropping the whole batch draws.
+    """
     g = _generator(seed, 4, step)
+    keep = range(len(idx))[part]
+    if keep.step != 1:
+        raise ValueError(f"part must be a contiguous slice, got {part}")
     out = []
-    for i in idx.tolist():
+    for j, i in enumerate(idx.tolist()[:keep.stop]):
+        if j < keep.start:
+            _skip_crop(g)
+            continue
         img = _as_float_image(_item(images, i))
         h, w = img.shape[-2:]
         if h < patch or w < patch:
@@ -158,6 +177,60 @@ def make_batch(images: Tensor | Sequence, idx: Tensor, patch: int, seed: int, st
             crop = crop.flip(-1)
         out.append(crop)
     return torch.stack(out)
+
+
+def _skip_crop(g: torch.Generator) -> None:
+    # The draws of one crop; each takes one 32-bit word whatever its range, so the image's
+    # size is not needed (test_codec_distributed checks shards against the whole batch).
+    torch.randint(1, (), generator=g)
+    torch.randint(1, (), generator=g)
+    torch.rand((), generator=g)
+
+
+def shard_slice(batch: int, rank: int, world: int) -> slice:
+    """Process ``rank``'s contiguous part of a global batch of ``batch`` (divisible by ``world``)."""
+    per = batch // world
+    return slice(rank * per, (rank + 1) * per)
+
+
+@contextmanager
+def global_noise(model: torch.nn.Module, rank: int, world: int) -> Iterator[None]:
+    """Give every entropy model of ``model`` (this instance only) the training noise a
+    single process adds to this process's part of the global batch.
+
+    CompressAI draws the uniform noise from the global generator, shaped like its input:
+    here each entropy model draws it for the whole batch (the generator is seeded alike on
+    every process) and keeps this process's slice. The batch axis is the first one of the
+    Gaussian conditional's ``[B, M, h, w]``; the entropy bottleneck quantises
+    ``[C, 1, B*h*w]`` (batch before pixels), so there it is the last one.
+    """
+    if world == 1:
+        yield
+        return
+    patched = [m for m in model.modules() if isinstance(m, EntropyModel)]
+
+    def noisy(module: EntropyModel) -> Callable[..., Tensor]:
+        original = type(module).quantize
+        axis = -1 if isinstance(module, EntropyBottleneck) else 0
+
+        def quantize(inputs: Tensor, mode: str, means: Tensor | None = None) -> Tensor:
+            if mode != "noise":
+                return original(module, inputs, mode, means)
+            shape = list(inputs.shape)
+            per = shape[axis]
+            shape[axis] = per * world
+            noise = torch.empty(shape, dtype=inputs.dtype, device=inputs.device).uniform_(-0.5, 0.5)
+            return inputs + noise.narrow(axis, rank * per, per)
+
+        return quantize
+
+    for m in patched:
+        m.quantize = noisy(m)
+    try:
+        yield
+    finally:
+        for m in patched:
+            del m.quantize
 
 
 # --- saving and loading -------------------------------------------------------------------
@@ -281,6 +354,24 @@ def load_codec(model_dir: str | Path, device: str | torch.device = "cpu") -> LVL
     return model.to(device).eval()
 
 
+# --- processes ------------------------------------------------------------------------------
+
+def make_accelerator() -> Any:
+    """The ``accelerate.Accelerator`` :func:`train_codec` uses: one process as is, or the
+    processes ``accelerate launch`` started (DDP over GPUs; gloo over CPU processes on a
+    machine without CUDA, where accelerate would otherwise run each one alone)."""
+    from accelerate import Accelerator, DistributedDataParallelKwargs
+
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    # The quantiles get no gradient from the main loss (only from the aux loss).
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
+    accelerator = Accelerator(cpu=launched > 1 and not torch.cuda.is_available(), kwargs_handlers=[ddp])
+    if accelerator.num_processes != launched:
+        raise RuntimeError(f"{launched} processes were launched but accelerate joined "
+                           f"{accelerator.num_processes}; on CPU set ACCELERATE_USE_CPU=1")
+    return accelerator
+
+
 # --- the loop -----------------------------------------------------------------------------
 
 @dataclass
@@ -376,8 +467,8 @@ def train_codec(params: CodecParams, train_images: Tensor | Sequence, token_fn: 
         resume: continue from ``out_dir/checkpoint`` when it exists.
         stop_at: stop after this global step (to split a run; the final model is not written
             unless ``stop_at >= params.train.steps``).
-        accelerator: an ``accelerate.Accelerator`` (default: a new one; one you pass must
-            set ``find_unused_parameters=True`` for multi-process DDP).
+        accelerator: an ``accelerate.Accelerator`` (default: :func:`make_accelerator`; one
+            you pass must set ``find_unused_parameters=True`` for multi-process DDP).
         token_map: the LVLM's frozen projector, for ``loss.token_space: projector``.
         attention_fn: ``x -> [B, N]`` the LVLM tower's CLS attention, for
             ``loss.lowpass_weighting: attention``.
@@ -386,11 +477,7 @@ def train_codec(params: CodecParams, train_images: Tensor | Sequence, token_fn: 
     """
     check_codec_params(params)
     if accelerator is None:
-        from accelerate import Accelerator, DistributedDataParallelKwargs
-
-        # The quantiles get no gradient from the main loss (only from the aux loss).
-        ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
-        accelerator = Accelerator(kwargs_handlers=[ddp])
+        accelerator = make_accelerator()
     tp = params.train
     out_dir = Path(out_dir)
     ckpt_dir = out_dir / CHECKPOINT_DIR
@@ -452,53 +539,57 @@ def train_codec(params: CodecParams, train_images: Tensor | Sequence, token_fn: 
                        extra_meta={"main": m_main, "aux": m_aux})
         accelerator.wait_for_everyone()
 
+    shard = shard_slice(tp.batch_size, rank, world)
     model.train()
-    for step in range(start, end):
-        lr = lr_at(step, params)
-        for group in opt.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
-        idx = batch_indices(n_images, tp.batch_size, tp.seed, step)[rank::world]
-        x = make_batch(train_images, idx, tp.patch_size, tp.seed, step).to(accelerator.device)
-        rate = draw_rate(params.model.levels, tp.rate_sampling, tp.seed, step)
-        torch.manual_seed(_seed(tp.seed, 5, step, rank))  # quantisation noise of this step
+    with global_noise(core, rank, world):
+        for step in range(start, end):
+            lr = lr_at(step, params)
+            for group in opt.param_groups:
+                group["lr"] = lr * group.get("lr_scale", 1.0)
+            # Every process draws the global batch and keeps its shard: N processes train on
+            # the crops, rates and noise of a one-process run (gradients are averaged by DDP).
+            idx = batch_indices(n_images, tp.batch_size, tp.seed, step)
+            x = make_batch(train_images, idx, tp.patch_size, tp.seed, step, shard).to(accelerator.device)
+            rate = draw_rate(params.model.levels, tp.rate_sampling, tp.seed, step)
+            torch.manual_seed(_seed(tp.seed, 5, step, 0))  # quantisation noise: alike on every process
 
-        ref_tokens = None
-        if criterion.needs_tokens or core.needs_tokens:
-            ref_tokens = criterion.reference_tokens(x) if token_fn is not None else None
-        opt.zero_grad(set_to_none=True)
-        aux_opt.zero_grad(set_to_none=True)
-        out = model(x, rate, ref_tokens if core.needs_tokens else None)
-        terms = criterion(out, x, rate, ref_tokens)
-        if not torch.isfinite(terms["loss"]):
-            raise FloatingPointError(f"non-finite loss at step {step}: "
-                                     + ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items()))
-        accelerator.backward(terms["loss"])
-        if tp.grad_clip > 0:
-            accelerator.clip_grad_norm_(main_params, tp.grad_clip)
-        opt.step()
-        aux_loss = core.aux_loss()
-        # autograd.grad, not backward: the aux loss never went through the (DDP) wrapper,
-        # so its gradient must not trigger the wrapper's reduction hooks; it is identical
-        # on every process anyway (it does not depend on the data).
-        for p, g in zip(aux_params, torch.autograd.grad(aux_loss, aux_params)):
-            p.grad = g if p.grad is None else p.grad + g
-        aux_opt.step()
+            ref_tokens = None
+            if criterion.needs_tokens or core.needs_tokens:
+                ref_tokens = criterion.reference_tokens(x) if token_fn is not None else None
+            opt.zero_grad(set_to_none=True)
+            aux_opt.zero_grad(set_to_none=True)
+            out = model(x, rate, ref_tokens if core.needs_tokens else None)
+            terms = criterion(out, x, rate, ref_tokens)
+            if not torch.isfinite(terms["loss"]):
+                raise FloatingPointError(f"non-finite loss at step {step}: "
+                                         + ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items()))
+            accelerator.backward(terms["loss"])
+            if tp.grad_clip > 0:
+                accelerator.clip_grad_norm_(main_params, tp.grad_clip)
+            opt.step()
+            aux_loss = core.aux_loss()
+            # autograd.grad, not backward: the aux loss never went through the (DDP) wrapper,
+            # so its gradient must not trigger the wrapper's reduction hooks; it is identical
+            # on every process anyway (it does not depend on the data).
+            for p, g in zip(aux_params, torch.autograd.grad(aux_loss, aux_params)):
+                p.grad = g if p.grad is None else p.grad + g
+            aux_opt.step()
 
-        done = step + 1
-        if done % tp.log_every == 0 or done == end:
-            elapsed = time.perf_counter() - t0
-            names = list(terms)
-            values = torch.stack([terms[k].detach().float() for k in names])
-            if world > 1:  # the global batch's mean, not the main process's shard
-                values = accelerator.reduce(values, reduction="mean")
-            last = {"step": done, "rate": rate, "lr": lr,
-                    **{k: float(v) for k, v in zip(names, values)},
-                    "aux_loss": float(aux_loss.detach()), "seconds": round(elapsed, 3),
-                    "steps_per_s": round((done - start) / max(elapsed, 1e-9), 4)}
-            if accelerator.is_main_process:
-                _append_row(curves, last)
-        if done % tp.checkpoint_every == 0 or done == end:
-            checkpoint(done)
+            done = step + 1
+            if done % tp.log_every == 0 or done == end:
+                elapsed = time.perf_counter() - t0
+                names = list(terms)
+                values = torch.stack([terms[k].detach().float() for k in names])
+                if world > 1:  # the global batch's mean, not the main process's shard
+                    values = accelerator.reduce(values, reduction="mean")
+                last = {"step": done, "rate": rate, "lr": lr,
+                        **{k: float(v) for k, v in zip(names, values)},
+                        "aux_loss": float(aux_loss.detach()), "seconds": round(elapsed, 3),
+                        "steps_per_s": round((done - start) / max(elapsed, 1e-9), 4)}
+                if accelerator.is_main_process:
+                    _append_row(curves, last)
+            if done % tp.checkpoint_every == 0 or done == end:
+                checkpoint(done)
     seconds = time.perf_counter() - t0
     final_step = max(end, start)
     core = core.cpu()
