@@ -45,7 +45,7 @@ from vlmcompress.codec.coder import (bits_per_pixel, decode_image, encode_image,
 from vlmcompress.codec.config import CodecParams, CodecStageParams, check_stage_params
 from vlmcompress.codec.losses import TokenFn
 from vlmcompress.codec.model import LVLMCodec
-from vlmcompress.codec.train import (CURVES_NAME, MODEL_DIR, load_codec, read_codec_record,
+from vlmcompress.codec.train import (CURVES_NAME, MODEL_DIR, load_codec, make_accelerator, read_codec_record,
                                      resolve_model_dir, train_codec, training_state)
 from vlmcompress.codec.variants import BASELINE, OURS, init_source, model_variants, training_order
 from vlmcompress.config import Params
@@ -277,13 +277,15 @@ _MISMATCH = {TOWER_NAME: "trained against another LVLM tower", INIT_NAME: "start
 
 def train_variant(name: str, cp: CodecParams, images: Sequence, token_fn: TokenFn | None,
                   log: Log = print, tower: str | None = None, token_map: Any = None,
-                  attention_fn: Any = None, init: Path | None = None) -> LVLMCodec:
+                  attention_fn: Any = None, init: Path | None = None, accelerator: Any = None) -> LVLMCodec:
     """Train (or resume, or reuse) one codec into ``models/<name>``; returns it in eval mode.
 
     ``token_map``: the LVLM's frozen projector (used when ``cp.loss.token_space`` is
     ``projector``); ``attention_fn``: its CLS attention (for ``lowpass_weighting: attention``).
     ``tower``: :func:`tower_digest` of the LVLM behind ``token_fn`` (with the projector for
     such a codec). ``init``: a saved codec the training starts from (``train.init_from``).
+    ``accelerator``: the processes of ``accelerate launch`` (default: this one); only the main
+    process deletes or writes.
     A codec trained, or checkpointed, against another tower (when it reads the LVLM,
     :func:`needs_lvlm`) or from another starting codec starts over: its parameters alone
     cannot tell.
@@ -301,19 +303,24 @@ def train_variant(name: str, cp: CodecParams, images: Sequence, token_fn: TokenF
     if state == "done":
         log(f"{name}: trained model found, {cp.train.steps} steps")
         return load_codec(out)
+    acc = accelerator or make_accelerator()
     if state == "stale":
         log(f"{name}: {why}, starting over")
-        shutil.rmtree(out)
     log(f"{name}: {'resuming' if state == 'resume' else 'training'} to {cp.train.steps} steps"
         + (f", starting from {init}" if init is not None and state != "resume" else ""))
-    if marks:
-        out.mkdir(parents=True, exist_ok=True)
-    for fname, want in marks.items():   # before training: a resumed checkpoint is of these
-        with atomic_path(out / fname) as tmp:
-            tmp.write_text(want + "\n")
+    if acc.is_main_process:
+        if state == "stale":
+            shutil.rmtree(out)
+        if marks:
+            out.mkdir(parents=True, exist_ok=True)
+        for fname, want in marks.items():   # before training: a resumed checkpoint is of these
+            with atomic_path(out / fname) as tmp:
+                tmp.write_text(want + "\n")
+    acc.wait_for_everyone()
     res = train_codec(cp, images, token_fn if needs_lvlm(cp) else None, out,
                       token_map=token_map if needs_lvlm(cp) else None,
-                      attention_fn=attention_fn if uses_attention(cp) else None, init_from=init)
+                      attention_fn=attention_fn if uses_attention(cp) else None, init_from=init,
+                      accelerator=acc)
     log(f"{name}: {res.steps_this_run} steps in {res.seconds:.0f} s; last: "
         + ", ".join(f"{k}={v:.4g}" for k, v in res.last.items() if k not in ("step", "seconds")))
     return res.model  # updated and in eval mode: the weights just saved to models/<name>/model
