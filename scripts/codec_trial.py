@@ -43,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from vlmcompress.codec.losses import bpp_from_likelihoods
     from vlmcompress.codec.model import check_rate
-    from vlmcompress.codec.stage import RecordImages, lvlm_attention_fn, lvlm_token_fn
+    from vlmcompress.codec.data import RecordImages
+    from vlmcompress.codec.stage import lvlm_attention_fn, lvlm_token_fn
     from vlmcompress.codec.variants import model_variants
     from vlmcompress.codec.train import (load_codec, read_codec_record, resolve_model_dir, train_codec,
                                          training_state)

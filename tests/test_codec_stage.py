@@ -11,7 +11,8 @@ from PIL import Image
 
 from vlmcompress.codec.config import (BaselineParams, CodecEvalParams, CodecModelParams,
                                       CodecTrainParams, LossParams, PreEditParams, check_stage_params)
-from vlmcompress.codec.stage import (RecordImages, lvlm_token_fn, prune_models, run_codec_stage,
+from vlmcompress.codec.data import RecordImages
+from vlmcompress.codec.stage import (lvlm_token_fn, prune_models, run_codec_stage,
                                      timing_image, train_seconds_from_curves, train_variant)
 from vlmcompress.codec.train import load_codec
 from vlmcompress.codec.variants import ABLATIONS, model_variants

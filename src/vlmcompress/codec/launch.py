@@ -65,7 +65,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> Any:
     """Train as the arguments say; returns the :class:`~vlmcompress.codec.train.TrainResult`."""
-    from vlmcompress.codec.stage import RecordImages
+    from vlmcompress.codec.data import RecordImages
     from vlmcompress.codec.train import make_accelerator, train_codec
     from vlmcompress.data.folders import list_image_files
 
@@ -82,5 +82,20 @@ def main(argv: Sequence[str] | None = None) -> Any:
     return result
 
 
+def _cli() -> int:
+    """``main`` with one-line errors (exit 1) instead of tracebacks."""
+    import sys
+    try:
+        main()
+    except KeyboardInterrupt:
+        print("vlmcompress.codec.launch: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, RuntimeError) as exc:
+        line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        print(f"vlmcompress.codec.launch: error: {line}", file=sys.stderr)
+        return 1
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(_cli())

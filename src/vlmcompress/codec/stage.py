@@ -45,6 +45,7 @@ from vlmcompress.codec.coder import (bits_per_pixel, decode_image, encode_image,
 from vlmcompress.codec.config import CodecParams, CodecStageParams, check_stage_params
 from vlmcompress.codec.losses import TokenFn
 from vlmcompress.codec.model import LVLMCodec
+from vlmcompress.codec.data import RecordImages
 from vlmcompress.codec.train import (CURVES_NAME, MODEL_DIR, load_codec, make_accelerator, read_codec_record,
                                      resolve_model_dir, train_codec, training_state)
 from vlmcompress.codec.variants import BASELINE, OURS, init_source, model_variants, training_order
@@ -67,31 +68,6 @@ def models_dir() -> Path:
 
 
 # --- inputs ---------------------------------------------------------------------------------
-
-class RecordImages(Sequence):
-    """Map-style data set of training images: ``[3, H, W]`` uint8 tensors, read on demand.
-
-    Images with a side below ``min_side`` are scaled up (aspect kept) so every one can give
-    a ``min_side`` crop; reading on demand keeps COCO-sized splits out of memory.
-    ``records``: image records or plain image paths.
-    """
-
-    def __init__(self, records: Sequence[ImageRecord | str | Path], min_side: int):
-        self.paths = [r.path if isinstance(r, ImageRecord) else Path(r) for r in records]
-        self.min_side = int(min_side)
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> Tensor:
-        img = read_png(self.paths[i])
-        h, w = img.shape[:2]
-        if min(h, w) < self.min_side:
-            k = self.min_side / min(h, w)
-            size = (max(self.min_side, math.ceil(w * k)), max(self.min_side, math.ceil(h * k)))
-            img = np.asarray(Image.fromarray(img).resize(size, Image.Resampling.BICUBIC))
-        return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)
-
 
 def training_paths(P: CodecStageParams, splits: dict[str, list[ImageRecord]]) -> list[Path]:
     """The codec's training images: ``codec.train_images`` (a folder) or the ``train`` split.
@@ -546,5 +522,5 @@ def run_codec_stage(params: Params, splits: dict[str, list[ImageRecord]], log: L
     return metrics
 
 
-__all__ = ["run_codec_stage", "stage_dir", "models_dir", "lvlm_token_fn", "RecordImages", "timing_image",
+__all__ = ["run_codec_stage", "stage_dir", "models_dir", "lvlm_token_fn", "timing_image",
            "time_codecs", "measure_rd", "train_variant", "eval_rates", "BASELINE", "OURS"]
