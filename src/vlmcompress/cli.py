@@ -57,7 +57,7 @@ def _max_pixels(args: argparse.Namespace) -> int:
 
 def _encode(args: argparse.Namespace) -> int:
     from vlmcompress.codec.coder import encode_file
-    from vlmcompress.images import check_regular_file
+    from vlmcompress.io import check_regular_file
     from vlmcompress.io import check_output
     check_regular_file(args.input)       # before loading any model
     check_output(args.output)

@@ -34,6 +34,7 @@ from yaml.constructor import ConstructorError
 from yaml.events import AliasEvent
 from yaml.nodes import MappingNode
 
+from vlmcompress.io import read_capped
 from vlmcompress.paths import project_root
 
 T = TypeVar("T")
@@ -378,12 +379,13 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
 def read_yaml(path: Path) -> Any:
     """Parse a params file with :class:`ParamsLoader`; every failure is a one-line :class:`ConfigError`."""
     try:
-        with open(path, "rb") as fh:
-            raw = fh.read(MAX_PARAMS_BYTES + 1)
+        raw = read_capped(path, MAX_PARAMS_BYTES, "params file")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: cannot read params file (No such file or directory)") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read params file ({exc.strerror})") from None
-    if len(raw) > MAX_PARAMS_BYTES:
-        raise ConfigError(f"{path}: params file larger than {MAX_PARAMS_BYTES} bytes")
+    except ValueError as exc:    # a folder, FIFO or device; or over the size cap
+        raise ConfigError(str(exc)) from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:

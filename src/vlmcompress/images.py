@@ -24,15 +24,13 @@ Every image becomes an ``H x W x 3`` ``uint8`` RGB array, whatever it was on dis
 """
 from __future__ import annotations
 
-import os
-import stat
 import warnings
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from vlmcompress.io import atomic_path
+from vlmcompress.io import atomic_path, check_regular_file
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".bmp", ".ppm", ".pgm", ".pbm", ".gif")
 FORMATS = {"PNG", "JPEG", "MPO", "TIFF", "WEBP", "BMP", "PPM", "GIF"}
@@ -157,23 +155,6 @@ def _orientation(im: Image.Image) -> int:
         return int(im.getexif().get(0x0112, 1))
     except Exception:                         # a broken EXIF block must not lose the image
         return 1
-
-
-def check_regular_file(path: str | Path, what: str = "input") -> Path:
-    """``path`` if it is an existing regular file (following links), else a one-line error.
-
-    Refusing FIFOs and devices up front is what keeps a reader from blocking forever."""
-    path = Path(path)
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no such file") from None
-    except OSError as exc:
-        raise ValueError(f"{path}: cannot read {what} ({exc.strerror})") from None
-    if not stat.S_ISREG(mode):
-        kind = "a folder" if stat.S_ISDIR(mode) else "not a regular file"
-        raise ValueError(f"{path}: {kind}, expected an image file" if what == "input" else f"{path}: {kind}")
-    return path
 
 
 def _frames(path: Path, im: Image.Image) -> None:

@@ -25,6 +25,34 @@ def _kind(path: Path) -> str | None:
     return "dir" if stat.S_ISDIR(mode) else "other"
 
 
+def check_regular_file(path: str | Path, what: str = "input") -> Path:
+    """``path`` if it is an existing regular file (following links), else a one-line error.
+
+    Refusing FIFOs and devices up front is what keeps a reader from blocking forever."""
+    path = Path(path)
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read {what} ({exc.strerror})") from None
+    if not stat.S_ISREG(mode):
+        kind = "a folder" if stat.S_ISDIR(mode) else "not a regular file"
+        raise ValueError(f"{path}: {kind}, expected an image file" if what == "input" else f"{path}: {kind}")
+    return path
+
+
+def read_capped(path: str | Path, limit: int, what: str = "file") -> bytes:
+    """A regular file's bytes (FIFOs and devices refused before opening), or a one-line
+    ``ValueError`` when it holds more than ``limit`` bytes; never reads more than ``limit + 1``."""
+    path = check_regular_file(path, what)
+    with open(path, "rb") as fh:
+        data = fh.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"{path}: {what} larger than {limit} bytes")
+    return data
+
+
 def check_output(path: str | Path, *, dir_ok: bool = False) -> Path:
     """``path`` if writing there replaces nothing but a regular file (or, with ``dir_ok``,
     a folder), else a one-line ``ValueError``. Call it before expensive work."""

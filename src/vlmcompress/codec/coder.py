@@ -34,8 +34,8 @@ from vlmcompress.codec.losses import TokenFn
 from vlmcompress.codec.model import LVLMCodec, check_rate, one_thread, weights_hash
 from vlmcompress.codec.rans import RansError
 from vlmcompress.codec.train import CHECKPOINT_DIR, CONFIG_NAME, load_codec, read_codec_record
-from vlmcompress.images import check_regular_file, read_image_rgb, write_png
-from vlmcompress.io import atomic_open, check_output
+from vlmcompress.images import read_image_rgb, write_png
+from vlmcompress.io import atomic_open, check_output, read_capped
 
 MAX_PIXELS = 1 << 23         # 8.4 MP (4K UHD fits): bounds the decoder's memory; params codec.max_pixels
 
@@ -182,17 +182,11 @@ def default_model_roots() -> list[Path]:
 
 
 def _read_capped(path: Path, limit: int) -> bytes:
-    """A regular file's bytes, refused past ``limit`` before it is read whole."""
-    check_regular_file(path, "codec file")
+    """A codec file's bytes, refused past ``limit`` (no file of the allowed pixels is larger)."""
     try:
-        with open(path, "rb") as fh:
-            data = fh.read(limit + 1)
-    except OSError as exc:
+        return read_capped(path, limit, "codec file")
+    except PermissionError as exc:
         raise FileNotFoundError(f"{path}: cannot read ({exc.strerror})") from None
-    if len(data) > limit:
-        raise BitstreamError(f"{path}: larger than {limit} bytes, more than any codec file of at most "
-                             f"the allowed pixels")
-    return data
 
 
 def decode_file(in_path: str | Path, out_png: str | Path, model_dir: str | Path | None = None, *,

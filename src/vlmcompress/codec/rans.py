@@ -79,15 +79,24 @@ def coder_tables(entropy_model: nn.Module) -> CoderTables:
     return CoderTables(np.ascontiguousarray(cdfs), sizes, offsets)
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _renorm(words, pos, state):  # pragma: no cover - compiled
+    """Refill a state that fell below ``RANS_L`` with the next word: ``(ok, pos, state)``;
+    not ok when the string has no word left."""
+    if state < np.uint64(RANS_L):
+        if pos >= words.shape[0]:
+            return False, pos, state
+        state = (state << np.uint64(32)) | np.uint64(words[pos])
+        pos += 1
+    return True, pos, state
+
+
 @numba.njit(cache=True, nogil=True)
 def _decode(words, pos, state, indexes, cdfs, sizes, offsets, out):  # pragma: no cover - compiled
     """Decode ``len(indexes)`` symbols into ``out``; returns ``(status, pos, state)``."""
-    n_words = words.shape[0]
     n_tables = sizes.shape[0]
     mask = np.uint64(0xFFFF)
     shift = np.uint64(PRECISION)
-    low = np.uint64(RANS_L)
-    thirty_two = np.uint64(32)
     four = np.uint64(4)
     nibble = np.uint64(15)
     for i in range(indexes.shape[0]):
@@ -107,35 +116,27 @@ def _decode(words, pos, state, indexes, cdfs, sizes, offsets, out):  # pragma: n
         start = np.uint64(cdfs[t, lo])
         freq = np.uint64(cdfs[t, lo + 1] - cdfs[t, lo])
         state = freq * (state >> shift) + (state & mask) - start
-        if state < low:
-            if pos >= n_words:
-                return 1, pos, state
-            state = (state << thirty_two) | np.uint64(words[pos])
-            pos += 1
+        ok, pos, state = _renorm(words, pos, state)
+        if not ok:
+            return 1, pos, state
         value = np.int64(lo)
         if lo == size - 2:                 # escape: the value follows in 4-bit chunks
             chunks = 0
             val = np.int64(15)
             while val == 15:               # the chunk count, 15 meaning "more follows"
                 val = np.int64(state & nibble)
-                state = state >> four
-                if state < low:
-                    if pos >= n_words:
-                        return 1, pos, state
-                    state = (state << thirty_two) | np.uint64(words[pos])
-                    pos += 1
+                ok, pos, state = _renorm(words, pos, state >> four)
+                if not ok:
+                    return 1, pos, state
                 chunks += val
                 if chunks > MAX_BYPASS_CHUNKS:
                     return 2, pos, state
             raw = np.int64(0)
             for j in range(chunks):
                 val = np.int64(state & nibble)
-                state = state >> four
-                if state < low:
-                    if pos >= n_words:
-                        return 1, pos, state
-                    state = (state << thirty_two) | np.uint64(words[pos])
-                    pos += 1
+                ok, pos, state = _renorm(words, pos, state >> four)
+                if not ok:
+                    return 1, pos, state
                 raw |= val << (4 * j)
             if raw & 1:
                 value = -(raw >> 1) - 1

@@ -411,7 +411,7 @@ def prepare_from_archives(archives: Mapping[str, str | Path], out_root: str | Pa
 
 def _read_local_json(path: Path, max_bytes: int = 1 << 30) -> Any:
     """A JSON annotation file (a regular file, size-capped) with one-line errors naming it."""
-    from vlmcompress.images import check_regular_file
+    from vlmcompress.io import check_regular_file
     check_regular_file(path, "annotation file")
     if path.stat().st_size > max_bytes:
         raise ValueError(f"{path}: larger than {max_bytes} bytes")
@@ -423,7 +423,7 @@ def _read_local_json(path: Path, max_bytes: int = 1 << 30) -> Any:
 
 def _copy_images(folder: Path, file_names: Mapping[str, str], root: Path) -> None:
     """Copy the selected images of a local folder to ``images/<split>/`` (all checked first)."""
-    from vlmcompress.images import check_regular_file
+    from vlmcompress.io import check_regular_file
     for name in sorted(file_names):
         if posixpath.basename(name) != name or name in ("", ".", ".."):
             raise ValueError(f"{folder}: image file name {name!r} is not a plain file name")
@@ -445,7 +445,7 @@ def prepare_from_folder(local: LocalParams, out_root: str | Path, *, subset: int
     where = {**files, "refs": local.refs}
     raw_refs = None
     if local.refs:
-        from vlmcompress.images import check_regular_file
+        from vlmcompress.io import check_regular_file
         data = check_regular_file(local.refs, "refs file").read_bytes()
         raw_refs = load_safe_pickle(data, local.refs)
     images = Path(local.images)
