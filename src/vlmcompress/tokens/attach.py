@@ -529,8 +529,8 @@ def question_ids(ids: list[int], image_token_id: int, user: list[int], assistant
         if assistant and ids[j:j + len(assistant)] == assistant:
             end = j
             break
-    start = _find_last(ids, user, img) + len(user) if user else 0
-    start = max(start, 0) if _find_last(ids, user, img) >= 0 else 0
+    at = _find_last(ids, user, img) if user else -1
+    start = at + len(user) if at >= 0 else 0          # no user marker: from the start
     return [t for t in ids[start:end] if t != image_token_id and t not in ignore]
 
 
