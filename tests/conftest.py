@@ -43,4 +43,6 @@ def paper_params_path(folder: Path) -> Path:
     assert "\nprofile: embedded\n" in text
     path = folder / "params_paper.yaml"
     path.write_text(text.replace("\nprofile: embedded\n", "\nprofile: paper\n", 1))
+    (folder / "configs").mkdir(exist_ok=True)        # found beside the params file, whatever the root
+    shutil.copy(REPO / "configs" / "paper.yaml", folder / "configs" / "paper.yaml")
     return path
