@@ -24,8 +24,6 @@ import yaml
 from conftest import paper_params_path
 from paper_world import TINY, archive_world, build_llava15_pair, jpeg, pickle_py2
 
-pytestmark = pytest.mark.slow
-
 STAGES = ("data", "lvlm", "codec", "eval_codec", "tokens", "figures")
 IMAGE_SIZE, PATCH = 98, 14                    # a 7 x 7 grid: 49 visual tokens
 
