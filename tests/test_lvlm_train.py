@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from vlmcompress.lvlm.labels import COLOR_IDS, SHAPE_IDS
@@ -121,9 +122,9 @@ def _tiny_params(**train):
                                text_heads=2, projection_dim=16, lm_hidden=32, lm_layers=1, lm_heads=2,
                                lm_intermediate=64, stem_context=0)
     t = dataclasses.replace(L.train, threads=1, pool_scenes=12, clip_steps=2, clip_batch=4, text_steps=2, text_batch=4,
-                            text_questions=2, align_steps=2, align_batch=4, lm_steps=2, lm_batch=2, lm_turns=2,
+                            text_questions=2, align_steps=2, align_batch=4, lm_batch=2, lm_turns=2,
                             lm_bg_start=4, warmup_steps=1, checkpoint_every=1, eval_every=1,
-                            **{"lm_where_layer": 0, **train})
+                            **{"lm_where_layer": 0, "lm_steps": 2, **train})
     scenes = dataclasses.replace(p.data.scenes, n_train=4, n_val=2, n_test=2)
     return dataclasses.replace(L, arch=arch, train=t), scenes
 
@@ -190,6 +191,33 @@ def test_trainer_reuses_finished_phases_whose_params_did_not_change(tmp_path):
     rows = [json.loads(x) for x in (tmp_path / "work" / "curves.jsonl").read_text().splitlines()]
     assert max(r["step"] for r in rows if r["phase"] == "text") == 3      # the stale text curve was replaced
     assert len([r for r in rows if r["phase"] == "text" and r["step"] == 1]) == 1
+
+
+def test_an_interrupted_lm_phase_resumes_in_a_new_process_to_the_same_weights(tmp_path):
+    from vlmcompress.lvlm.train import Trainer
+
+    params, scenes = _tiny_params(lm_steps=3)
+
+    class Interrupted(Trainer):
+        def _lm_step(self, pool):
+            step_fn = super()._lm_step(pool)
+
+            def stop_at_2(rng, step):
+                if step == 2:                   # after the step-2 checkpoint
+                    raise KeyboardInterrupt
+                return step_fn(rng, step)
+            return stop_at_2
+
+    whole = Trainer(params, scenes, tmp_path / "whole", seed=0, log=lambda m: None)
+    whole.run(tmp_path / "m_whole")
+    with pytest.raises(KeyboardInterrupt):
+        Interrupted(params, scenes, tmp_path / "work", seed=0, log=lambda m: None).run(tmp_path / "m1")
+    logs: list[str] = []
+    resumed = Trainer(params, scenes, tmp_path / "work", seed=0, log=logs.append)   # earlier phases load, not train
+    resumed.run(tmp_path / "m2")
+    assert any(m.startswith("[lm] resuming at step 2") for m in logs)
+    want, got = whole.llava.state_dict(), resumed.llava.state_dict()
+    assert all(torch.allclose(got[k], v, rtol=0, atol=1e-6) for k, v in want.items())
 
 
 def test_projector_lr_scale_zero_keeps_phase_b_projector_and_still_trains_the_lm(tmp_path):

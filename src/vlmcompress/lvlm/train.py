@@ -513,6 +513,9 @@ class Trainer:
         trained = [q for g in groups for q in g["params"]]      # type: ignore[index]
         opt = torch.optim.AdamW(groups, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(self.t.warmup_steps, steps))
+        # One phase's optimizer in the accelerator: its saved state then holds this phase alone, so
+        # a run resumed in a new process (earlier phases loaded, not prepared) reads it back.
+        self.accel.free_memory()
         opt, sched = self.accel.prepare(opt, sched)
         state_dir = self.work / f"{phase}_state"
         start, spent = 0, 0.0
