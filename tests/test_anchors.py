@@ -99,14 +99,32 @@ def test_make_anchor_errors_name_the_problem() -> None:
 
 @pytest.mark.parametrize("name,options", [("jpeg", {"subsampling": "bogus"}),
                                           ("hevc", {"preset": "bogus"}),
-                                          ("avif", {"codec": "bogus"}),
-                                          ("vvc", {"preset": "bogus"})])
+                                          ("avif", {"codec": "bogus"})])
 def test_bad_encoder_options_fail_in_one_line(name: str, options: dict, images) -> None:
     usable(name)
     codec = make_anchor(name, **options)
     with pytest.raises(AnchorError) as info:
         codec.encode(images["64x48"], high_low(codec)[0])
     assert str(info.value).startswith(f"{name}:") and "\n" not in str(info.value)
+
+
+def test_vvc_presets_are_the_encoders_and_change_the_bytes(images) -> None:
+    import subprocess
+
+    usable("vvc")
+    helptext = subprocess.run([anchors.ffmpeg_exe(), "-hide_banner", "-h", "encoder=libvvenc"],
+                              capture_output=True, text=True, timeout=30).stdout
+    block = helptext.split("-preset", 1)[1].split("\n  -", 1)[0]      # the -preset option and its values
+    offered = [ln.split()[0] for ln in block.splitlines()[1:] if ln.strip()]
+    assert tuple(offered) == anchors.VVENC_PRESETS
+    assert make_anchor("vvc").preset == "medium"                     # the BD-rate reference
+    with pytest.raises(AnchorError, match=r"^anchor vvc\.preset: unknown VVenC preset 'bogus' \(known: faster, "):
+        make_anchor("vvc", preset="bogus")
+    img = images["64x48"]
+    medium, faster = (make_anchor("vvc", preset=p).encode(img, 32) for p in ("medium", "faster"))
+    assert medium != faster
+    assert make_anchor("vvc", threads=2).settings() == make_anchor("vvc").settings() == \
+        {"preset": "medium", "qpa": False}                           # threads do not change the bytes
 
 
 def test_vvc_writes_a_real_vvc_bitstream(images) -> None:

@@ -58,7 +58,8 @@ def _stage_params(root: Path, folder: Path) -> dict:
     p["anchors"].update(codecs=[{"name": "jpeg"}, {"name": "vvc", "options": {"preset": "faster"}}],
                         n_points=2, n_calibration=1, qualities={"vvc": [45, 33]})
     p["eval_codec"].update(n_images=3, max_questions=6, max_captions=1, max_refs=3, batch_size=4,
-                           learned_rates=[], anchor_span=1.5, workers=0, n_examples=2, example_bpp=0.0)
+                           learned_rates=[], anchor_span=1.5, workers=0, n_examples=2, example_bpp=0.0,
+                           photos="photos", max_photos=2, photo_max_side=64)   # relative to the root
     (root / "params.yaml").write_text(yaml.safe_dump(p))
     return p
 
@@ -75,6 +76,9 @@ def world(tmp_path_factory):
     folder.mkdir()
     for i, (h, w) in enumerate([(30, 41), (48, 36)]):
         Image.fromarray(make_image(h, w)).save(folder / f"img {i}.png")
+    (root / "photos").mkdir()
+    for name, (h, w) in {"p1.png": (40, 56), "p2.jpg": (96, 72), "p3.png": (20, 20)}.items():
+        Image.fromarray(make_image(h, w)).save(root / "photos" / name)   # p3: past max_photos
     _stage_params(root, folder)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("VLMCOMPRESS_ROOT", str(root))
@@ -146,6 +150,55 @@ def test_examples_and_folders(world, first_run):
     assert (folders["n_images"] == 2).all() and folders["folder"].unique().tolist() == ["extra"]
     assert set(first_run["folders"]["extra"]["bd_rate"]) == {"ours", "pixel_baseline", "jpeg"}
     assert set(first_run["folders"]["extra"]["bd_rate"]["ours"]) == {"psnr", "ms_ssim"}
+
+
+def test_photos_rd_per_image_and_means(world, first_run):
+    out = world["root"] / "outputs/eval_codec"
+    photos = pd.read_csv(out / "photos_rd.csv")
+    assert list(photos.columns) == list(codec_stage.PHOTO_COLUMNS)
+    assert list(photos["codec"].unique()) == ["ours", "pixel_baseline", "jpeg", "vvc"]
+    assert len(photos) == 4 * 2 * (2 + 1)               # codecs x points x (2 photos + their mean)
+    each = photos[photos["image"] != "mean"]
+    assert set(each["image"]) == {"p1", "p2"}
+    # p2 (96x72) is fitted to photo_max_side 64: 64x48
+    assert set(map(tuple, each[["image", "width", "height"]].drop_duplicates().to_numpy().tolist())) == \
+        {("p1", 56, 40), ("p2", 48, 64)}
+    f = out / "cache/photos/vvc/q033/p1.266"
+    row = each[(each["codec"] == "vvc") & (each["point"] == 33) & (each["image"] == "p1")].iloc[0]
+    assert row["bpp"] == pytest.approx(8 * f.stat().st_size / (40 * 56))
+    means = photos[photos["image"] == "mean"]
+    for (codec, point), d in each.groupby(["codec", "point"]):
+        m = means[(means["codec"] == codec) & (means["point"] == point)].iloc[0]
+        assert m["psnr"] == pytest.approx(d["psnr"].mean()) and m["bpp"] == pytest.approx(d["bpp"].mean())
+    assert first_run["photos"]["n_images"] == 2
+    assert set(first_run["photos"]["bd_rate"]) == {"ours", "pixel_baseline", "jpeg"}
+
+
+def test_anchor_labels_name_the_rows(params):
+    p = dataclasses.replace(params, anchors=from_dict(type(params.anchors), {
+        **dataclasses.asdict(params.anchors),
+        "codecs": [{"name": "vvc", "options": {"preset": "medium"}},
+                   {"name": "vvc", "label": "vvc_faster", "options": {"preset": "faster"}}],
+        "qualities": {"vvc_faster": [40, 30]}}, "anchors"))
+    check_stage_params(p)
+    medium, faster = codec_stage.anchor_codecs(p)
+    assert (medium.name, medium.anchor_name, faster.name, faster.anchor_name) == ("vvc", "vvc", "vvc_faster", "vvc")
+    assert faster.ext == ".266" and faster.make().preset == "faster"
+    assert medium.identity()["options"] == {"preset": "medium", "qpa": False}
+    # The default preset is part of the identity: an entry without options is the medium one.
+    assert CodecSpec.anchor("vvc").identity() == medium.identity()
+    from vlmcompress.eval.config import check_anchors_params
+    A = p.anchors
+    for codecs, msg in (
+            ([{"name": "vvc"}, {"name": "vvc"}], r"^anchors\.codecs: 'vvc' is listed twice$"),
+            ([{"name": "vvc", "label": "jpeg"}], r"^anchors\.codecs\[0\]\.label: 'jpeg' is the name of another anchor"),
+            ([{"name": "vvc", "label": "vvc/fast"}], r"^anchors\.codecs\[0\]\.label: must be a letter then"),
+            ([{"name": "vvc", "options": {"preset": "veryslow"}}],
+             r"^anchors\.codecs\[0\]: anchor vvc\.preset: unknown VVenC preset 'veryslow' \(known: faster, fast, "
+             r"medium, slow, slower\)$")):
+        bad = from_dict(type(A), {**dataclasses.asdict(A), "codecs": codecs, "qualities": {}}, "anchors")
+        with pytest.raises(ConfigError, match=msg):
+            check_anchors_params(bad)
 
 
 def test_rerun_reuses_every_coded_image(world, first_run, monkeypatch):
@@ -307,5 +360,9 @@ def test_eval_and_figures_notebooks_run_end_to_end(world, first_run):
                                    cwd=str(root), progress_bar=False)
         nb = nbformat.read(out, as_version=4)
         assert any(o.get("output_type") == "display_data" for c in nb.cells for o in c.get("outputs", []))
-    assert json.loads((root / "outputs/figures/metrics.json").read_text())["n_figures"] == 6
+    from vlmcompress.figures.stage import FIGURES
+    assert json.loads((root / "outputs/figures/metrics.json").read_text())["n_figures"] == len(FIGURES)
+    assert (root / "outputs/figures/photos_rd.png").is_file()
+    assert len(pd.read_csv(root / "outputs/figures/photos_rd.csv")) == 2 * len(pd.read_csv(
+        root / "outputs/eval_codec/photos_rd.csv"))                  # PSNR and MS-SSIM of every row
     assert len(list((root / "outputs/eval_codec/cache/test/jpeg").rglob("*.jpg"))) == 2 * 3

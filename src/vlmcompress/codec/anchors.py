@@ -10,6 +10,9 @@ HEIF/AVIF boxes, the VVC parameter sets), as a receiver would have to get them.
 * ``vvc``: VVenC through the ffmpeg binary shipped by imageio-ffmpeg. One frame, all-intra
   (``-g 1``), 10-bit 4:2:0 (``yuv420p10le``), constant QP (``-qp``), perceptual QP
   adaptation off by default so the anchor targets PSNR like the reference test models.
+  ``preset`` is VVenC's speed/efficiency trade-off (:data:`VVENC_PRESETS`, the values of
+  the wrapper's ``-preset``); the default ``medium`` is VVenC's own default and the
+  BD-rate reference, ``faster`` encodes much faster for more bits at equal PSNR.
   RGB<->YCbCr is BT.601 limited range with accurate rounding, done by ffmpeg's scaler on
   both sides. The bitstream is a raw Annex-B ``.266`` stream, decoded back by ffmpeg's
   native ``vvc`` decoder. 4:2:0 VVC cannot represent odd sizes and ffmpeg's libvvenc
@@ -37,6 +40,7 @@ from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 
+from vlmcompress.codec.config import VVENC_PRESETS
 from vlmcompress.config import ConfigError, from_dict
 
 
@@ -63,6 +67,7 @@ class AnchorCodec:
 
     name: ClassVar[str]
     scale: ClassVar[QualityScale]
+    runtime_options: ClassVar[tuple[str, ...]] = ()   # options the coded bytes do not depend on
 
     def encode(self, img: np.ndarray, q: int) -> bytes:  # pragma: no cover - interface
         raise NotImplementedError
@@ -74,6 +79,10 @@ class AnchorCodec:
     def unavailable(cls) -> str | None:
         """``None`` when the codec can run here, else why not."""
         return None
+
+    def settings(self) -> dict[str, Any]:
+        """Every option the coded bytes depend on, defaults included (a cache identity)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in self.runtime_options}
 
     def check_q(self, q: Any) -> int:
         if isinstance(q, (bool, np.bool_)) or not isinstance(q, (int, np.integer)):
@@ -366,10 +375,16 @@ class VvcAnchor(AnchorCodec):
     """VVC all-intra, 10-bit 4:2:0, constant QP, via ffmpeg's libvvenc and native decoder."""
 
     scale: ClassVar[QualityScale] = QualityScale(0, 63, rate_increases=False)
-    preset: str = "faster"      # VVenC preset: faster, fast, medium, slow, slower
+    runtime_options: ClassVar[tuple[str, ...]] = ("threads", "timeout_s")
+    preset: str = "medium"      # VVenC preset, one of VVENC_PRESETS (slower: fewer bits, more time)
     qpa: bool = False           # perceptual QP adaptation (off: PSNR-oriented like VTM)
     threads: int = 1            # VVenC output does not depend on it; 1 suits shared CPUs
     timeout_s: float = 120.0
+
+    def __post_init__(self) -> None:
+        if self.preset not in VVENC_PRESETS:
+            raise AnchorError(f"preset: unknown VVenC preset {self.preset!r} "
+                              f"(known: {', '.join(VVENC_PRESETS)})")
 
     @classmethod
     def unavailable(cls) -> str | None:

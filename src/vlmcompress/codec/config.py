@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-VVENC_PRESETS = ("faster", "fast", "medium", "slow", "slower")
+VVENC_PRESETS = ("faster", "fast", "medium", "slow", "slower")   # ffmpeg libvvenc -preset 0..4, the VVC anchor's
 # Where the token terms compare original and reconstruction: the tower's features (what any
 # LVLM on that tower reads) or the projector's output (the LM's input space, where a drifted
 # hue moves the token as far as the LM's colour words are apart).

@@ -11,6 +11,10 @@
 4. BD-rate of every codec against ``bdrate.anchor`` (VVC) on each metric, and of every
    learned codec against ``pixel_baseline``.
 5. Each folder in ``data.image_folders`` gets the same sweep, rate-distortion only.
+6. The photographs of ``eval_codec.photos`` (any folder, mixed sizes, the first
+   ``max_photos``, downscaled to ``photo_max_side``) get it too, reported per image. The
+   learned codecs are trained on the data set's scenes: on photographs they show how far
+   that training carries, not what a codec trained on photographs would do.
 
 Outputs (``outputs/eval_codec/``)::
 
@@ -19,6 +23,8 @@ Outputs (``outputs/eval_codec/``)::
     bd_table.csv     every BD-rate and BD-quality with its anchor, overlap and the reason when undefined
     examples.csv + examples/<image>/<codec>.png   decoded images at about equal bpp
     folders.csv      rate-distortion curves of each extra image folder (``folder`` column)
+    photos_rd.csv    per-photo bpp / PSNR / MS-SSIM of every (codec, point), then their means
+                     (``image`` = ``mean``); only the header when ``eval_codec.photos`` is null
     metrics.json     bd_rate.<codec>.<metric>, bd_rate_vs_pixel_baseline.<metric>, ...
     cache/           coded files and decoded PNGs per (codec, point) (kept across runs)
 """
@@ -104,8 +110,8 @@ def anchor_codecs(params: Params) -> list[CodecSpec]:
     for i, c in enumerate(params.anchors.codecs):
         reason = ANCHORS[c.name].unavailable()
         if reason:
-            raise RuntimeError(f"anchors.codecs[{i}] ({c.name}): {reason}")
-        specs.append(CodecSpec.anchor(c.name, c.options))
+            raise RuntimeError(f"anchors.codecs[{i}] ({c.key}): {reason}")
+        specs.append(CodecSpec.anchor(c.key, c.options, codec=c.name))
     return specs
 
 
@@ -114,10 +120,11 @@ def check_stage_params(params: Params) -> None:
     check_anchors_params(params.anchors)
     check_bdrate_params(params.bdrate)
     check_eval_codec_params(params.eval_codec)
-    names = [c.name for c in params.anchors.codecs]
+    names = [c.key for c in params.anchors.codecs]
     if params.bdrate.anchor not in names:
         raise ConfigError(f"bdrate.anchor: {params.bdrate.anchor!r} is not among anchors.codecs "
                           f"({', '.join(names)})")
+    photos_folder(params)
 
 
 # --- coding a set of images -----------------------------------------------------------------------
@@ -361,6 +368,79 @@ def folder_images(path: Path) -> dict[str, np.ndarray]:
     return out
 
 
+# --- photographs (rate-distortion per image) ---------------------------------------------------------
+
+PHOTO_COLUMNS = ("codec", "kind", "point", "image", "width", "height", "nbytes", "bpp", "psnr", "ms_ssim")
+PHOTO_MEAN = "mean"     # the image name of a (codec, point)'s mean row
+
+
+def photos_folder(params: Params) -> Path | None:
+    """``eval_codec.photos`` resolved against the project root and checked to list images."""
+    from vlmcompress.data.folders import list_image_files
+
+    entry = params.eval_codec.photos
+    if entry is None:
+        return None
+    path = Path(entry) if Path(entry).is_absolute() else project_root() / entry
+    try:
+        list_image_files(path)
+    except ValueError as exc:
+        raise ConfigError(f"eval_codec.photos: {exc}") from None
+    return path
+
+
+def fit_side(img: np.ndarray, max_side: int) -> np.ndarray:
+    """``img`` (``HxWx3`` uint8) downscaled (Lanczos) so its longer side is <= ``max_side``
+    (0: unchanged); the aspect ratio is kept, each side at least 16 px."""
+    h, w = img.shape[:2]
+    if max_side <= 0 or max(h, w) <= max_side:
+        return img
+    from PIL import Image
+
+    k = max_side / max(h, w)
+    size = (max(16, round(w * k)), max(16, round(h * k)))
+    return np.array(Image.fromarray(img).resize(size, Image.Resampling.LANCZOS))
+
+
+def photo_images(path: Path, max_photos: int, max_side: int) -> dict[str, np.ndarray]:
+    """The first ``max_photos`` images of ``path`` by file name (0: all), each fitted to
+    ``max_side``, keyed by a unique file-name-safe stem."""
+    from vlmcompress.data.folders import list_image_files
+    from vlmcompress.images import read_image_rgb
+
+    files = list_image_files(path)
+    out: dict[str, np.ndarray] = {}
+    for f in files[:max_photos] if max_photos > 0 else files:
+        img = fit_side(read_image_rgb(f), max_side)
+        if min(img.shape[:2]) < 11:
+            raise ValueError(f"{f}: {img.shape[1]}x{img.shape[0]} is too small for MS-SSIM (11 px a side)")
+        key = re.sub(r"[^A-Za-z0-9_.-]+", "_", f.stem)
+        while key in out:
+            key += "_"
+        out[key] = img
+    return out
+
+
+def photos_table(rd: pd.DataFrame, images: Mapping[str, np.ndarray], kinds: Mapping[str, str]) -> pd.DataFrame:
+    """Per-image rows of ``rd`` with each image's size, then one mean row per (codec, point)
+    (``image`` = :data:`PHOTO_MEAN`; the mean of the per-image bpp, PSNR and MS-SSIM)."""
+    if rd.empty:
+        return pd.DataFrame(columns=list(PHOTO_COLUMNS))
+    d = rd.copy()
+    d["kind"] = d["codec"].map(kinds)
+    d["width"] = d["image"].map(lambda k: images[k].shape[1])
+    d["height"] = d["image"].map(lambda k: images[k].shape[0])
+    mean = d.groupby(["codec", "point"], sort=False)[["nbytes", "bpp", "psnr", "ms_ssim"]].mean().reset_index()
+    mean["kind"] = mean["codec"].map(kinds)
+    mean["image"] = PHOTO_MEAN
+    table = pd.concat([d, mean], ignore_index=True)[list(PHOTO_COLUMNS)]
+    order = {name: i for i, name in enumerate(dict.fromkeys(rd["codec"]))}
+    table["_mean"] = table["image"] == PHOTO_MEAN
+    table = table.sort_values(["codec", "point", "_mean", "image"], kind="stable",
+                              key=lambda s: s.map(order) if s.name == "codec" else s)
+    return table.drop(columns="_mean").reset_index(drop=True)
+
+
 # --- the stage --------------------------------------------------------------------------------------
 
 def run_eval_codec_stage(params: Params, splits: Mapping[str, Sequence[ImageRecord]],
@@ -380,6 +460,7 @@ def run_eval_codec_stage(params: Params, splits: Mapping[str, Sequence[ImageReco
     test = list(splits["test"])
     records = test[: E.n_images] if E.n_images > 0 else test
     folders = folder_sets(params)
+    photos = photos_folder(params)
     learned, anchors = learned_codecs(), anchor_codecs(params)
     clash = {s.name for s in learned} & {s.name for s in anchors}
     if clash:
@@ -407,6 +488,13 @@ def run_eval_codec_stage(params: Params, splits: Mapping[str, Sequence[ImageReco
             toks = vision_tokens(lvlm, imgs, 1) if need_tokens else None
             folder_rd[name], _, _ = sweep_set(imgs, learned, anchors, params, pool, cache / f"folder-{name}",
                                               tokens=toks, progress=progress, log=log)
+        photo_imgs: dict[str, np.ndarray] = {}
+        photo_rd = pd.DataFrame(columns=list(PHOTO_COLUMNS))
+        if photos is not None:
+            photo_imgs = photo_images(photos, E.max_photos, E.photo_max_side)
+            toks = vision_tokens(lvlm, photo_imgs, 1) if need_tokens else None
+            photo_rd, _, _ = sweep_set(photo_imgs, learned, anchors, params, pool, cache / "photos",
+                                       tokens=toks, progress=progress, log=log)
     seconds_encode, cpu_encode = time.perf_counter() - t0, cpu_seconds() - c0
     log(f"coded {len(images)} images at {sum(map(len, points.values()))} points in {seconds_encode:.0f} s "
         f"({cpu_encode:.0f} CPU s)")
@@ -447,6 +535,8 @@ def run_eval_codec_stage(params: Params, splits: Mapping[str, Sequence[ImageReco
     cols = ["folder", "codec", "kind", "point", "bpp", "psnr", "ms_ssim", "n_images"]
     _write_csv(pd.concat(folder_curves, ignore_index=True)[cols] if folder_curves else pd.DataFrame(columns=cols),
                out / "folders.csv")
+    photo_table = photos_table(photo_rd, photo_imgs, kinds)
+    _write_csv(photo_table, out / "photos_rd.csv")     # header only without photos: a DVC output always
 
     metrics: dict[str, Any] = {
         **bd_metrics(bd, params.bdrate.anchor),
@@ -460,6 +550,9 @@ def run_eval_codec_stage(params: Params, splits: Mapping[str, Sequence[ImageReco
     }
     if folder_metrics:
         metrics["folders"] = folder_metrics
+    if not photo_rd.empty:
+        pbd = bd_tables(curves_table(photo_rd, {}, kinds), params, list(RD_METRICS))
+        metrics["photos"] = {"n_images": len(photo_imgs), **bd_metrics(pbd, params.bdrate.anchor)}
     write_json(out / "metrics.json", metrics)
     log(f"tasks on {len(jobs) + 1} image sets in {seconds_tasks:.0f} s ({cpu_tasks:.0f} CPU s)")
     return metrics

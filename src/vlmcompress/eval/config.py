@@ -5,7 +5,8 @@ Example::
     anchors:
       codecs:
         - {name: jpeg}
-        - {name: vvc, options: {preset: faster, qpa: false}}
+        - {name: vvc, options: {preset: medium, qpa: false}}                    # BD-rate reference
+        - {name: vvc, label: vvc_faster, options: {preset: faster, qpa: false}}  # speed reference
       bpp_range: [0.05, 1.0]
       n_points: 6
       n_calibration: 4
@@ -18,16 +19,24 @@ Example::
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
 
 @dataclass(frozen=True)
 class AnchorCodecParams:
-    """One anchor codec: a key of ``vlmcompress.codec.anchors.ANCHORS`` and its options."""
+    """One anchor codec: a key of ``vlmcompress.codec.anchors.ANCHORS``, its options and the
+    name its rows carry (``label``, default ``name``: one codec at two settings needs two)."""
 
     name: str
     options: dict[str, bool | int | float | str | None] = field(default_factory=dict)
+    label: str = ""
+
+    @property
+    def key(self) -> str:
+        """The codec's name in tables, caches, ``qualities`` and ``bdrate.anchor``."""
+        return self.label or self.name
 
 
 @dataclass(frozen=True)
@@ -38,7 +47,7 @@ class AnchorsParams:
     bpp_range: tuple[float, float]     # target [low, high] mean bpp of the quality points
     n_points: int                      # quality points per codec (>= 6 for stable BD numbers)
     n_calibration: int                 # sample images the quality picker encodes
-    qualities: dict[str, list[int]] = field(default_factory=dict)  # explicit, per codec
+    qualities: dict[str, list[int]] = field(default_factory=dict)  # explicit, per codec (label)
 
 
 @dataclass(frozen=True)
@@ -48,7 +57,7 @@ class BDRateParams:
     method: Literal["pchip", "akima"]
     monotone: Literal["envelope", "isotonic"]
     min_overlap: float                 # NaN below this shared fraction of the quality range
-    anchor: str                        # codec every other curve is compared with
+    anchor: str                        # codec (label) every other curve is compared with
 
 
 def check_anchors_params(p: AnchorsParams, path: str = "anchors") -> None:
@@ -65,7 +74,14 @@ def check_anchors_params(p: AnchorsParams, path: str = "anchors") -> None:
             make_anchor(codec.name, **codec.options)
         except (AnchorError, TypeError) as exc:
             raise ConfigError(f"{path}.codecs[{i}]: {clip(str(exc), 4 * SHOW_CHARS)}") from None
-    names = [c.name for c in p.codecs]
+        if codec.label:
+            # a file and folder name in the cache; another codec's name would mislead
+            require(re.fullmatch(r"[A-Za-z][A-Za-z0-9_.-]{0,63}", codec.label) is not None,
+                    f"{path}.codecs[{i}].label",
+                    f"must be a letter then letters, digits, '_', '.' or '-' (<= 64), got {show(codec.label)}")
+            require(codec.label == codec.name or codec.label not in ANCHORS, f"{path}.codecs[{i}].label",
+                    f"{show(codec.label)} is the name of another anchor codec")
+    names = [c.key for c in p.codecs]
     check_unique(f"{path}.codecs", names)
     lo, hi = p.bpp_range
     require(0 < lo < hi, f"{path}.bpp_range", f"need 0 < low < high, got {show(list(p.bpp_range))}")
@@ -74,7 +90,7 @@ def check_anchors_params(p: AnchorsParams, path: str = "anchors") -> None:
     for name, qs in p.qualities.items():
         where = key_path(f"{path}.qualities", name)
         require(name in names, where, f"not among {path}.codecs ({', '.join(names)})")
-        scale = ANCHORS[name].scale
+        scale = ANCHORS[next(c.name for c in p.codecs if c.key == name)].scale
         require(len(qs) >= 2 and all(scale.lo <= q <= scale.hi for q in qs), where,
                 f"need >= 2 values in {scale.lo}..{scale.hi}, got {show(qs)}")
         check_unique(where, qs)
@@ -86,7 +102,7 @@ def check_bdrate_params(p: BDRateParams, anchors: AnchorsParams | None = None, p
 
     check_range(f"{path}.min_overlap", p.min_overlap, 0.0, 1.0)
     if anchors is not None:
-        names = [c.name for c in anchors.codecs]
+        names = [c.key for c in anchors.codecs]
         require(p.anchor in names, f"{path}.anchor",
                 f"{show(p.anchor)} is not among anchors.codecs ({', '.join(names)})")
 
@@ -112,6 +128,10 @@ class EvalCodecParams:
     workers: int                  # encoding processes (0: encode in the stage's own process)
     n_examples: int               # images kept per codec at about equal bpp, for the figures
     example_bpp: float            # bpp of those examples (0: the median bpp of `ours`)
+    photos: str | None = None     # folder of photographs: per-image rate-distortion of every codec
+                                  # (photos_rd.csv); relative to the project root; null: none
+    max_photos: int = 24          # its first this many images by file name (0: all)
+    photo_max_side: int = 1024    # larger photos are downscaled to this longer side first (0: never)
 
 
 def check_eval_codec_params(p: EvalCodecParams, levels: int | None = None, path: str = "eval_codec") -> None:
@@ -132,3 +152,8 @@ def check_eval_codec_params(p: EvalCodecParams, levels: int | None = None, path:
     require(p.anchor_span == 0 or p.anchor_span >= 1, f"{path}.anchor_span",
             f"need 0 (use anchors.bpp_range) or a factor >= 1, got {show(p.anchor_span)}")
     check_min(f"{path}.example_bpp", p.example_bpp, 0.0, " (0: the median bpp of ours)")
+    require(p.photos is None or p.photos.strip() != "", f"{path}.photos",
+            'must be a folder of images or null (none), got ""')
+    check_min(f"{path}.max_photos", p.max_photos, 0)
+    require(p.photo_max_side == 0 or p.photo_max_side >= 64, f"{path}.photo_max_side",
+            f"need 0 (keep sizes) or >= 64 px, got {show(p.photo_max_side)}")

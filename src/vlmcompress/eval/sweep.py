@@ -66,14 +66,27 @@ class CodecSpec:
     name: str                                   # row name in the curves ("vvc", "ours", ...)
     kind: Literal["anchor", "learned"]
     options: dict[str, Any] = field(default_factory=dict)   # anchor options
+    codec: str = ""                             # anchor: its registered name ("": ``name``)
     model_dir: str = ""                         # learned: the saved model folder
     model_hash: str = ""                        # learned: hash of its weights
     levels: int = 0                             # learned: rates lie in [0, levels - 1]
     needs_tokens: bool = False                  # learned: pre-editing fuses LVLM tokens
 
     @classmethod
-    def anchor(cls, name: str, options: Mapping[str, Any] | None = None) -> CodecSpec:
-        return cls(name=name, kind="anchor", options=dict(options or {}))
+    def anchor(cls, name: str, options: Mapping[str, Any] | None = None, codec: str = "") -> CodecSpec:
+        """Anchor ``codec`` (default ``name``) with ``options``, its rows named ``name``."""
+        return cls(name=name, kind="anchor", options=dict(options or {}), codec="" if codec == name else codec)
+
+    @property
+    def anchor_name(self) -> str:
+        """The key of ``codec.anchors.ANCHORS`` this spec codes with."""
+        return self.codec or self.name
+
+    def make(self):
+        """The anchor codec object (:func:`vlmcompress.codec.anchors.make_anchor`)."""
+        from vlmcompress.codec.anchors import make_anchor
+
+        return make_anchor(self.anchor_name, **self.options)
 
     @classmethod
     def learned(cls, name: str, model_dir: str | Path) -> CodecSpec:
@@ -91,13 +104,13 @@ class CodecSpec:
 
     def identity(self) -> dict[str, Any]:
         """Everything the coded bytes depend on, besides the point and the image."""
-        if self.kind == "anchor":
-            return {"anchor": self.name, "options": self.options, "libs": library_versions()}
+        if self.kind == "anchor":   # defaults included: a changed default re-codes
+            return {"anchor": self.anchor_name, "options": self.make().settings(), "libs": library_versions()}
         return {"learned": self.model_hash, "format": BITSTREAM_VERSION}
 
     @property
     def ext(self) -> str:
-        return _EXT.get(self.name, ".bin") if self.kind == "anchor" else LEARNED_EXT
+        return _EXT.get(self.anchor_name, ".bin") if self.kind == "anchor" else LEARNED_EXT
 
     def label(self, point: Point) -> str:
         """Folder name of a point: ``q042`` (anchor quality) or ``r1.500`` (learned rate)."""
@@ -129,9 +142,7 @@ def _learned_model(model_dir: str):
 
 
 def _anchor_coder(spec: CodecSpec) -> tuple[Callable[[np.ndarray, Point], bytes], Callable[[bytes], np.ndarray]]:
-    from vlmcompress.codec.anchors import make_anchor
-
-    codec = make_anchor(spec.name, **spec.options)
+    codec = spec.make()
     return (lambda img, q: codec.encode(img, int(q))), codec.decode
 
 
@@ -285,9 +296,9 @@ def code_images(jobs: Sequence[tuple[CodecSpec, Sequence[Point]]], images: Mappi
 
 def _pick(spec: CodecSpec, images: Sequence[np.ndarray], bpp_range: tuple[float, float],
           n_points: int) -> dict[str, Any]:
-    from vlmcompress.codec.anchors import make_anchor, pick_qualities
+    from vlmcompress.codec.anchors import pick_qualities
 
-    plan = pick_qualities(make_anchor(spec.name, **spec.options), list(images), bpp_range, n_points)
+    plan = pick_qualities(spec.make(), list(images), bpp_range, n_points)
     return {"qualities": list(plan.qualities), "mean_bpp": list(plan.mean_bpp)}
 
 
