@@ -4,7 +4,7 @@
     python scripts/readme_results.py --check    # exit 1 if README.md is not up to date
 
 Everything between ``<!-- results:start -->`` and ``<!-- results:end -->`` is replaced by
-tables built from ``outputs/*/metrics.json``, ``outputs/tokens/accuracy.csv`` and
+tables built from ``outputs/*/metrics.json``, ``outputs/tokens/{accuracy,equal_cost}.csv`` and
 ``outputs/repro/metrics.json``, plus links to the main figures. A file that does not exist
 yet is reported as such; the output depends on the files only, so running twice changes nothing.
 """
@@ -25,6 +25,8 @@ CODECS = ("ours", "pixel_baseline", "jpeg", "webp", "avif", "hevc")
 BD_METRICS = ("vqa_acc", "caption_cider", "retrieval_i2t_r1", "retrieval_t2i_r1", "grounding_acc50", "psnr")
 FIGURES = (("rate_accuracy", "Rate vs accuracy, every codec"), ("bd_rate", "BD-rate against VVC"),
            ("ablation", "Loss terms and pre-editing"), ("token_accuracy", "Accuracy vs visual tokens kept"),
+           ("token_gflops", "Accuracy vs prefill GFLOPs (equal cost: read across)"),
+           ("token_latency", "Accuracy vs measured prefill latency"),
            ("codec_examples", "Reconstructions at about equal bpp"),
            ("token_examples", "Kept, recovered and merged tokens"))
 
@@ -142,6 +144,41 @@ def tokens_section(root: Path) -> list[str]:
     return out
 
 
+def equal_cost_section(root: Path) -> list[str]:
+    """Ours against every peer run at equal prefill GFLOPs (``outputs/tokens/equal_cost.csv``)."""
+    path = root / "outputs/tokens/equal_cost.csv"
+    out = ["### Visual-token compression at equal prefill cost", ""]
+    if not path.is_file():
+        return out + _missing("outputs/tokens/equal_cost.csv")
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    m = _load(root / "outputs/tokens/metrics.json") or {}
+    chosen = m.get("ours") or {}
+    if not rows:
+        return out + ["_No peer to compare with: `tokens.methods` has no method besides ours._", ""]
+    ours = rows[0]["ours"]
+    val = chosen.get("val_acc") or {}
+    how = (f"chosen on {chosen.get('val_questions', '?')} validation questions among "
+           + ", ".join(f"`{k}` {fmt(v)} %" for k, v in val.items()) + " (mean accuracy over the budgets)"
+           if val else "the only candidate")
+    tol = m.get("cost_tolerance")
+    out += [f"Ours is `{ours}`, {how}. Each peer run is paired with the run of ours whose prefill GFLOPs per "
+            f"question (vision tower, text guidance, LM prefill with the tokens actually kept; FastV's first "
+            f"layers on every token) is nearest; runs of ours are added at solved token counts so costs match "
+            f"within {fmt(100 * tol, 0) if isinstance(tol, float) else '?'} % where a count can. Difference: ours "
+            f"minus the peer on the same test questions, in points, with its paired standard error.", ""]
+    body = []
+    for r in rows:
+        gap = f"{float(r['gap_pct']):+.1f} %" + ("" if r["matched"] == "True" else " (not matched)")
+        z = fmt(float(r["z"]), 1) if r.get("z") else "–"
+        body.append([f"{r['peer']} @ {r['peer_budget']}", f"{float(r['peer_tokens']):.0f}",
+                     f"{float(r['peer_gflops']):.3f}", f"{r['ours_budget']} ({float(r['ours_tokens']):.0f})", gap,
+                     f"{float(r['diff']):+.1f} ± {float(r['se']):.1f}", z])
+    out += table(["peer @ budget", "peer tokens", "GFLOPs", "ours @ budget (tokens)", "cost gap", "diff ± se",
+                  "z"], body)
+    return out + ["", "Above a peer means a positive difference about two standard errors or more (|z| ≥ 2).", ""]
+
+
 def repro_section(root: Path) -> list[str]:
     m = _load(root / "outputs/repro/metrics.json")
     out = ["### Reproduction time", ""]
@@ -167,7 +204,7 @@ def figures_section(root: Path) -> list[str]:
 
 
 SECTIONS: tuple[Callable[[Path], list[str]], ...] = (lvlm_section, codec_section, tokens_section,
-                                                      repro_section, figures_section)
+                                                      equal_cost_section, repro_section, figures_section)
 
 
 def render(root: Path) -> str:

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import matplotlib.pyplot as plt
 from PIL import Image
 
 from vlmcompress.figures import plots
@@ -40,11 +41,47 @@ def _write_inputs(root: Path) -> None:
                          "point": 1.0, "bpp": 0.2, "psnr": 30.0, "ms_ssim": 0.9, "target_bpp": 0.2,
                          "file": f"examples/{image}/{codec}.png"})
     pd.DataFrame(rows).to_csv(ev / "examples.csv", index=False)
+    from test_photos import synthetic_photos_rd
+    synthetic_photos_rd().to_csv(ev / "photos_rd.csv", index=False)
     _write_token_inputs(root)
 
 
+def _cost_csv() -> pd.DataFrame:
+    """A small outputs/tokens/cost.csv: FastV dearer than a pre-LM method at the same count,
+    ours with a run added at a peer's cost, one run without a measured latency."""
+    rows = [("full", "1.00", 256, 2.0, 30.0, 55.0, False)]
+    rows += [("prumerge", f"{b:.2f}", 256 * b, 1.0 + b, 10 + 20 * b, 40 + 10 * b, False) for b in (0.1, 0.5)]
+    rows += [("fastv", f"{b:.2f}", 256 * b, 1.3 + b, 12 + 20 * b, 42 + 10 * b, False) for b in (0.1, 0.5)]
+    rows += [("recoverable", f"{b:.2f}", 256 * b, 1.1 + b, 11 + 20 * b, 45 + 10 * b, True) for b in (0.1, 0.5)]
+    rows += [("recoverable", "49", 49, 1.4, float("nan"), 47.0, True)]
+    return pd.DataFrame(rows, columns=["method", "budget", "tokens", "gflops", "latency_ms", "accuracy", "ours"])
+
+
+def test_token_cost_figures_from_a_small_csv(tmp_path):
+    cost = _cost_csv()
+    cost.to_csv(tmp_path / "cost.csv", index=False)
+    read = pd.read_csv(tmp_path / "cost.csv")
+    g = plots.token_cost_data(read, "gflops")
+    assert list(g.columns) == ["method", "budget", "tokens", "ours", "measure", "cost", "acc"]
+    assert len(g) == len(cost) and set(g.loc[g["ours"], "method"]) == {"recoverable"}
+    mine = g[g["method"] == "recoverable"]
+    assert mine["cost"].tolist() == sorted(mine["cost"]) and 49 in set(mine["tokens"])
+    lat = plots.token_cost_data(read, "latency_ms")
+    assert len(lat) == len(cost) - 1                          # the run without a latency is left out
+    for d in (g, lat):
+        fig = plots.token_cost(d)
+        ax = fig.axes[0]
+        assert "VQA accuracy" in ax.get_ylabel() and ax.get_xlabel() == plots.COST_MEASURES[d["measure"][0]]
+        assert {t.get_text() for t in ax.get_legend().get_texts()} == {"full", "prumerge", "fastv", "recoverable (ours)"}
+        plt.close(fig)
+    with pytest.raises(ValueError, match="token_cost: unknown measure 'tokens'"):
+        plots.token_cost_data(read, "tokens")
+    with pytest.raises(ValueError, match="token_cost: input has no column 'ours'"):
+        plots.token_cost_data(read.drop(columns="ours"), "gflops")
+
+
 def _write_token_inputs(root: Path) -> None:
-    """Synthetic outputs/tokens/{accuracy.csv, examples.json} (the token stage's contract)."""
+    """Synthetic outputs/tokens/{accuracy.csv, cost.csv, examples.json} (the token stage's contract)."""
     tok = root / "outputs/tokens"
     tok.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(1)
@@ -55,6 +92,7 @@ def _write_token_inputs(root: Path) -> None:
                        + [{"method": "full", "budget": "1.00", "mean_tokens": 256, "question_type": t, "acc": 55.0,
                            "n": 10} for t in ("all", "color", "count")])
     acc.to_csv(tok / "accuracy.csv", index=False)
+    _cost_csv().to_csv(tok / "cost.csv", index=False)
     Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(root / "scene.png")
     # The tokens stage's layout: one entry per question, every method's cells inside.
     examples = [{"image_id": q, "image": str(root / "scene.png"), "question": f"what color is it {q}?",
@@ -71,7 +109,7 @@ def test_every_figure_with_its_csv(project_root, params):
     p = dataclasses.replace(params, figures=dataclasses.replace(params.figures, token_examples=2, dpi=60))
     metrics = run_figures_stage(p)
     out = project_root / "outputs/figures"
-    assert metrics["n_figures"] == len(FIGURES) == 6
+    assert metrics["n_figures"] == len(FIGURES) == 9
     for name in FIGURES:
         for ext in ("png", "svg", "csv"):
             assert (out / f"{name}.{ext}").stat().st_size > 0, f"{name}.{ext}"

@@ -241,3 +241,24 @@ def test_scale_benchmark_times_a_random_llava_and_checks_its_arguments(project_r
     assert [r["method"] for r in rows] == ["full", "random", "recoverable"]
     assert all(r["prefill_ms"] > 0 for r in rows) and rows[0]["selection_pct"] == 0
     assert rows[2]["text_ms"] > 0 and rows[2]["selection_ms"] >= rows[2]["text_ms"]
+
+
+def test_readme_equal_cost_table(tmp_path):
+    _project(tmp_path)
+    m = json.loads((tmp_path / "outputs/tokens/metrics.json").read_text())
+    m.update(ours={"method": "recoverable", "val_acc": {"recoverable": 61.25, "recoverable_spread": 58.0},
+                   "val_questions": 500}, cost_tolerance=0.02)
+    (tmp_path / "outputs/tokens/metrics.json").write_text(json.dumps(m))
+    (tmp_path / "outputs/tokens/equal_cost.csv").write_text(
+        "ours,ours_budget,ours_tokens,ours_gflops,peer,peer_budget,peer_tokens,peer_gflops,gap_pct,matched,diff,se,z,n\n"
+        "recoverable,31,31.0,0.512345,fastv,0.10,25.6,0.51,0.46,True,4.5,1.5,3.0,2500\n"
+        "recoverable,1,1.0,0.41,random,0.05,12.8,0.39,5.13,False,-2.0,1.0,-2.0,2500\n"
+        "recoverable,0.10,25.6,0.5,pool,0.10,25.0,0.5,0.0,True,0.0,0.0,,2500\n")
+    body = readme.render(tmp_path)
+    assert "Ours is `recoverable`, chosen on 500 validation questions among `recoverable` 61.2 %, " \
+           "`recoverable_spread` 58.0 %" in body and "within 2 %" in body
+    assert "| fastv @ 0.10 | 26 | 0.510 | 31 (31) | +0.5 % | +4.5 ± 1.5 | 3.0 |" in body
+    assert "| random @ 0.05 | 13 | 0.390 | 1 (1) | +5.1 % (not matched) | -2.0 ± 1.0 | -2.0 |" in body
+    assert "| pool @ 0.10 | 25 | 0.500 | 0.10 (26) | +0.0 % | +0.0 ± 0.0 | – |" in body
+    (tmp_path / "outputs/tokens/equal_cost.csv").unlink()
+    assert "_`outputs/tokens/equal_cost.csv` does not exist yet" in readme.render(tmp_path)

@@ -162,3 +162,27 @@ def test_refusals_are_one_line():
         attach(tiny_llava(), "recoverable", 0.1)
     with pytest.raises(ValueError, match="unknown token method 'nope'"):
         attach(tiny_llava(), "nope", 0.1)
+
+
+def test_grid_positions_keep_the_uncompressed_prompt_positions():
+    """With ``grid_positions`` each kept token sits at its placeholder's position and the text
+    after the image where it was: the same as feeding the kept tokens by hand with those
+    position ids."""
+    model = tiny_llava()
+    inputs = prompts(QS[:1])
+    with attach(model, "recoverable", 0.25, tokenizer=TOK, grid_positions=True) as h:
+        _, logits = gen(model, inputs)
+    ref = _by_hand(model, h, inputs)
+    real = inputs["input_ids"][0][inputs["attention_mask"][0].bool()]
+    first = int((real == IMAGE_ID).nonzero()[0])
+    slots = h.last.position[0][h.last.mask[0]]
+    pos = torch.cat([torch.arange(first), first + slots, torch.arange(first + N, real.shape[0])])
+    out = model(**ref, position_ids=pos[None]).logits[:, -1]
+    torch.testing.assert_close(logits[:, 0], out, rtol=1e-4, atol=1e-5)
+    contiguous = model(**ref).logits[:, -1]
+    assert not torch.allclose(out, contiguous, rtol=1e-4, atol=1e-5)     # positions matter here
+
+
+def test_clip_guidance_needs_its_tokenizer():
+    with pytest.raises(ValueError, match="attach: clip= needs clip_tokenizer="):
+        attach(tiny_llava(), "recoverable", 0.25, tokenizer=TOK, clip=object())

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import math
 import dataclasses
 import json
 from collections import Counter
@@ -15,6 +16,7 @@ from vlmcompress.config import Params, from_dict, to_dict
 from vlmcompress.data.records import ImageRecord, ObjectAnn, Question
 from vlmcompress.tokens.stage import (FULL_KEY, Run, RunOutput, budget_key, object_size, paired_difference, plan_runs,
                                       run_tokens_stage, stratified_questions, vqa_by_size)
+from vlmcompress.tokens.methods import ADAPTIVE
 from vlmcompress.tokens.types import KIND_NAMES
 
 BUDGET_BLOCK = {"acc", "rel_acc", "mean_tokens", "prefill_gflops", "lm_prefill_gflops"}
@@ -99,7 +101,7 @@ def check_contract(P: Params, metrics: dict, root: Path, budgets: tuple[str, ...
     methods = [m for m in P.tokens.methods if m != "full"]
     assert set(metrics["methods"]) == set(methods)
     for m in methods:
-        keys = set(budgets) | ({"adaptive"} if m in ("prumerge", "prumerge_plus", "recoverable") else set())
+        keys = set(budgets) | ({"adaptive"} if P.tokens.adaptive and m in ADAPTIVE else set())
         assert set(metrics["methods"][m]) == keys, m
         for block in metrics["methods"][m].values():
             assert set(block) == BUDGET_BLOCK
@@ -149,7 +151,45 @@ def check_contract(P: Params, metrics: dict, root: Path, budgets: tuple[str, ...
         assert ex["methods"]["full"]["cells"] == [1] * 16
         assert sum(c in (1, 2) for c in ex["methods"]["random"]["cells"]) == 2
     eff = (out / "efficiency.csv").read_text().splitlines()
-    assert eff[0].split(",")[:3] == ["method", "budget", "prefill_ms"] and len(eff) == 1 + len(plan_runs(P.tokens))
+    extra = metrics["equal_cost_runs"]
+    assert eff[0].split(",")[:3] == ["method", "budget", "prefill_ms"]
+    assert len(eff) == 1 + len(plan_runs(P.tokens)) + len(extra)
+    check_cost(P, metrics, out)
+
+
+def check_cost(P: Params, metrics: dict, out: Path) -> None:
+    """cost.csv: every run (planned and added for equal cost) with its GFLOPs, latency and
+    accuracy; equal_cost.csv: ours against every peer run at the nearest prefill cost."""
+    with open(out / "cost.csv") as fh:
+        cost = list(csv.DictReader(fh))
+    assert list(cost[0]) == ["method", "budget", "tokens", "gflops", "lm_gflops", "latency_ms", "accuracy", "ours"]
+    ours = metrics["ours"]["method"]
+    assert ours in P.tokens.eval.ours and ours in P.tokens.methods
+    assert {f"{r['method']}@{r['budget']}" for r in cost} == \
+        {r.label for r in plan_runs(P.tokens)} | set(metrics["equal_cost_runs"])
+    assert all(e.startswith(f"{ours}@") and e.split("@")[1].isdigit() for e in metrics["equal_cost_runs"])
+    row = {(r["method"], r["budget"]): r for r in cost}
+    assert all(float(r["latency_ms"]) > 0 and float(r["gflops"]) > float(r["lm_gflops"]) > 0 for r in cost)
+    assert {r["method"] for r in cost if r["ours"] == "True"} == {ours}
+    # FastV keeps every token for its first K layers: dearer than a pre-LM method at the same count.
+    fastv, rand = row[("fastv", "0.10")], row[("random", "0.10")]
+    assert float(fastv["tokens"]) == float(rand["tokens"]) == 2
+    assert float(fastv["gflops"]) > float(rand["gflops"])
+    accuracy = {(m, b): a for m, blocks in metrics["methods"].items() for b, v in blocks.items() for a in [v["acc"]]}
+    assert float(row[("random", "0.10")]["accuracy"]) == accuracy[("random", "0.10")]
+
+    with open(out / "equal_cost.csv") as fh:
+        eq = list(csv.DictReader(fh))
+    peers = [r for r in plan_runs(P.tokens) if r.method not in ("full", ours)]
+    assert [(r["peer"], r["peer_budget"]) for r in eq] == [(r.method, r.key) for r in peers]
+    mine = {b: float(r["gflops"]) for (m, b), r in row.items() if m == ours}
+    for r in eq:
+        target = float(r["peer_gflops"])
+        assert float(row[(r["peer"], r["peer_budget"])]["gflops"]) == target
+        # the run of ours nearest the peer's cost, and matched iff within the tolerance
+        assert abs(mine[r["ours_budget"]] - target) == min(abs(g - target) for g in mine.values())
+        assert (r["matched"] == "True") == (abs(float(r["gap_pct"])) <= 100 * P.tokens.eval.cost_tolerance)
+    assert set(metrics["equal_cost"]) == {f"{r['peer']}@{r['peer_budget']}" for r in eq}
 
 
 def test_stage_writes_the_metrics_contract(tiny_project, project_root):
@@ -249,3 +289,170 @@ def test_paired_difference_is_the_mean_per_question_gap_with_its_standard_error(
     c.samples, c.answers = [(rec, q) for q in reversed(qs)], a.answers
     with pytest.raises(ValueError, match="different questions"):
         paired_difference(a, c)
+
+
+# --- the stage measures what a user's attach() call runs -----------------------------------
+
+def _stage_and_attach(tmp_path, T, method: str, budget, **attach_kw):
+    """Prefill logits ``[B, V]`` and answers of one run, through the stage's sweep and through
+    ``attach`` + the stock model's ``generate``, on the same tiny model, images and questions."""
+    import torch
+
+    from vlmcompress.lvlm.load import load_lvlm
+    from vlmcompress.tokens.attach import attach
+    from vlmcompress.tokens.patch import TEXT_GUIDED
+    from vlmcompress.tokens.stage import Sweeper, make_batches
+
+    root = save_tiny_lvlm(tmp_path / "model", with_lm(TINY, lm_layers=3), seed=1)
+    lvlm = load_lvlm(str(root / "llava"), str(root / "clip"))
+    lvlm.attn_layer = T.attention_layer
+    recs = [ImageRecord(i, Path(f"{i}.png"), 56, 56) for i in range(2)]
+    texts = ["what color is the circle ?", "how many red square are there ?", "is there a blue square ?"]
+    samples = [(recs[0], texts[0]), (recs[0], texts[1]), (recs[1], texts[2])]
+    g = torch.Generator().manual_seed(5)
+    images = {r.image_id: torch.rand(3, 56, 56, generator=g) for r in recs}
+    batch = make_batches(samples, lambda s: s[0], lambda s: s[1], 2, load=lambda r: images[r.image_id])
+
+    calls: list[torch.Tensor] = []
+    hook = lvlm.llava.lm_head.register_forward_hook(lambda m, a, out: calls.append(out.detach().clone()))
+    try:
+        out = Sweeper(lvlm, T).sweep(batch, [Run(method, budget)], "vqa", max_new_tokens=3)
+    finally:
+        hook.remove()
+    shared = method not in TEXT_GUIDED          # one prefix per image, then each question's suffix
+    stage_logits = calls[1 if shared else 0]
+    stage_answers = next(iter(out.values())).answers
+
+    b = batch[0]
+    image_id = lvlm.llava.config.image_token_id
+    seqs = [pre + [image_id] * 16 + post for pre, post in lvlm._prompt_ids("vqa", b.texts)]
+    L = max(map(len, seqs))
+    ids = torch.full((len(seqs), L), lvlm.tokenizer.pad_token_id)
+    mask = torch.zeros(len(seqs), L, dtype=torch.long)
+    for r, s in enumerate(seqs):
+        ids[r, L - len(s):], mask[r, L - len(s):] = torch.tensor(s), 1
+    pixels = lvlm.preprocess(b.images)[b.index]
+    kw = dict(tokenizer=lvlm.tokenizer, questions=b.texts, attention=T.attention, attn_layer=T.attention_layer,
+              grid_positions=T.grid_positions, clip=lvlm.clip, clip_tokenizer=lvlm.clip_tokenizer)
+    kw.update(attach_kw)
+    with attach(lvlm.llava, method, budget, **kw, **T.method_params(method)):
+        gen = lvlm.llava.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=3,
+                                  do_sample=False, output_logits=True, return_dict_in_generate=True,
+                                  pad_token_id=lvlm.tokenizer.pad_token_id)
+    answers = [lvlm.tokenizer.decode(row, skip_special_tokens=True).strip() for row in gen.sequences[:, L:]]
+    return stage_logits, stage_answers, gen.logits[0], answers
+
+
+@pytest.mark.parametrize("method,budget", [("full", None), ("recoverable", 0.25), ("visionzip", 0.25),
+                                           ("recoverable_spread", 0.25)])
+def test_the_stage_measures_what_attach_runs(tmp_path, params, method, budget):
+    """Same model, images and questions: the stage's prefill logits and answers equal those of
+    ``attach(model, method, budget, clip=..., grid_positions=...)`` + the stock ``generate``."""
+    import torch
+
+    stage_logits, stage_answers, logits, answers = _stage_and_attach(tmp_path, params.tokens, method, budget)
+    torch.testing.assert_close(logits, stage_logits, rtol=1e-4, atol=1e-5)
+    assert answers == stage_answers
+
+
+def test_the_stage_attach_comparison_sees_a_different_guidance_or_layout(tmp_path, params):
+    """The comparison above can fail: attach with the LM's embeddings as text guidance, or with
+    packed positions, gives other prefill logits than the stage."""
+    import torch
+
+    stage_logits, _, lm_guided, _ = _stage_and_attach(tmp_path / "a", params.tokens, "recoverable", 0.25,
+                                                      clip=None, clip_tokenizer=None)
+    assert not torch.allclose(lm_guided, stage_logits, rtol=1e-4, atol=1e-5)
+    stage_logits, _, packed, _ = _stage_and_attach(tmp_path / "b", params.tokens, "visionzip", 0.25,
+                                                   grid_positions=False)
+    assert not torch.allclose(packed, stage_logits, rtol=1e-4, atol=1e-5)
+
+
+# --- equal cost on hand-made runs ----------------------------------------------------------------
+
+def _run_output(answers: list[str], gflops: float, tokens: int) -> RunOutput:
+    rec = ImageRecord(1, Path("a.png"), 8, 8)
+    o = RunOutput()
+    o.samples = [(rec, Question(i, f"q{i}", "yes", ("yes",) * 10, "exists", "yes/no")) for i in range(len(answers))]
+    o.answers, o.tokens = answers, [tokens] * len(answers)
+    o.gflops, o.lm_gflops = [gflops] * len(answers), [gflops / 2] * len(answers)
+    o.n_text, o.n_clip = [10] * len(answers), [5] * len(answers)
+    return o
+
+
+class _LinearCost:
+    """A sweeper whose prefill costs 1 GFLOP plus 0.1 per kept token (0.2 for the text tower)."""
+
+    n_patches = 100
+
+    def mean_gflops(self, run, n_visual, n_text, n_clip):
+        return 1.2 + 0.1 * n_visual
+
+
+def test_count_for_cost_finds_the_nearest_count():
+    from vlmcompress.tokens.stage import count_for_cost
+
+    cost = lambda k: 1.2 + 0.1 * k             # noqa: E731
+    assert count_for_cost(cost, 2.2, 100) == 10
+    assert count_for_cost(cost, 2.24, 100) == 10 and count_for_cost(cost, 2.26, 100) == 11
+    assert count_for_cost(cost, 0.0, 100) == 1 and count_for_cost(cost, 99.0, 100) == 100
+    with pytest.raises(ValueError, match="n_max"):
+        count_for_cost(cost, 1.0, 0)
+
+
+def test_equal_cost_pairs_each_peer_with_ours_at_its_cost():
+    from vlmcompress.tokens.stage import equal_cost_runs, equal_cost_table
+
+    yes4 = ["yes"] * 4
+    outputs = {Run("ours", 0.1): _run_output(yes4, 2.2, 10),            # 10 tokens + text tower
+               Run("ours", 0.25): _run_output(yes4, 3.7, 25),
+               Run("pre", 0.1): _run_output(["yes", "no", "no", "yes"], 2.0, 10),     # same count, cheaper
+               Run("fastv", 0.1): _run_output(["no"] * 4, 2.6, 10),     # same count, dearer
+               Run("close", 0.25): _run_output(yes4, 3.75, 25),          # within 2 % of ours@0.25
+               Run("full", None): _run_output(yes4, 11.2, 100)}
+    extra = equal_cost_runs(outputs, "ours", _LinearCost(), tolerance=0.02)
+    assert extra == [Run("ours", 8), Run("ours", 14)]                   # 2.0 and 2.6 GFLOPs
+    outputs[Run("ours", 8)] = _run_output(["yes", "yes", "yes", "no"], 2.0, 8)
+    outputs[Run("ours", 14)] = _run_output(yes4, 2.6, 14)
+    eq = equal_cost_table(outputs, "ours", 0.02).set_index(["peer", "peer_budget"])
+    assert list(eq.index) == [("pre", "0.10"), ("fastv", "0.10"), ("close", "0.25")]
+    assert eq.loc[("pre", "0.10"), "ours_budget"] == "8" and eq.loc[("fastv", "0.10"), "ours_budget"] == "14"
+    assert eq.loc[("close", "0.25"), "ours_budget"] == "0.25"
+    assert eq["matched"].all() and eq.loc[("close", "0.25"), "gap_pct"] == round(100 * (3.7 - 3.75) / 3.75, 2)
+    # ours@8 vs pre: per-question gaps 0, 100, 100, -100 -> mean 25, sd 95.74, se 95.74 / 2
+    pre = eq.loc[("pre", "0.10")]
+    assert (pre["diff"], pre["se"], pre["z"], pre["n"]) == (25.0, 47.87, round(25.0 / 47.87, 2), 4)
+    fastv = eq.loc[("fastv", "0.10")]                                   # +100 on every question: se 0
+    assert (fastv["diff"], fastv["se"]) == (100.0, 0.0) and math.isnan(fastv["z"])      # no z without spread
+    assert equal_cost_runs(outputs, "ours", _LinearCost(), tolerance=0.02) == []    # every peer matched now
+
+
+def test_ours_is_the_candidate_best_on_the_batches_it_is_given():
+    from vlmcompress.tokens.stage import choose_ours
+
+    class Fixed:
+        """Answers ``yes`` to a share of the questions that depends on the method."""
+
+        share = {"a": 0.5, "b": 0.75, "c": 0.75}
+
+        def sweep(self, batches, runs, task, max_new_tokens):
+            self.seen = (batches, runs, task)
+            return {r: _run_output(["yes" if i < 4 * self.share[r.method] else "no" for i in range(4)], 1.0, 2)
+                    for r in runs}
+
+    s = Fixed()
+    assert choose_ours(s, ["val batch"], ["a", "b", "c"], [0.1, 0.5], 3) == ("b", {"a": 50.0, "b": 75.0, "c": 75.0})
+    assert s.seen == (["val batch"], [Run(m, b) for m in "abc" for b in (0.1, 0.5)], "vqa")
+    assert choose_ours(s, [], ["c"], [0.1], 3) == ("c", {}) and choose_ours(s, [], [], [0.1], 3) == (None, {})
+
+
+def test_stage_chooses_ours_on_val(project_root, params, tiny_scenes):
+    from vlmcompress.data.stage import load_all
+
+    P = _tiny_project(project_root, params, tiny_scenes, methods=["full", "random", "recoverable", "recoverable_spread"],
+                      budgets=[0.10], adaptive=False, eval={"example_methods": ["full"], "val_questions": 6})
+    metrics = run_tokens_stage(P, load_all(), log=lambda *_: None)
+    ours = metrics["ours"]
+    assert ours["candidates"] == ["recoverable", "recoverable_spread"] and ours["val_questions"] == 6
+    assert ours["method"] == max(ours["candidates"], key=lambda m: (ours["val_acc"][m], -ours["candidates"].index(m)))
+    assert {k.split("@")[0] for k in metrics["equal_cost"]} == {"random", "recoverable", "recoverable_spread"} - {ours["method"]}

@@ -244,6 +244,53 @@ def token_accuracy(data: pd.DataFrame) -> plt.Figure:
     return fig
 
 
+# --- token compression: accuracy vs prefill cost ---------------------------------------------------
+
+COST_MEASURES = {"gflops": "prefill GFLOPs per question (vision tower, selection, LM)",
+                 "latency_ms": "measured prefill latency (ms, median)"}
+
+
+def token_cost_data(cost: pd.DataFrame, measure: str) -> pd.DataFrame:
+    """``outputs/tokens/cost.csv`` as ``method, budget, tokens, ours, measure, cost, acc`` rows with
+    ``cost`` = the column ``measure`` (``gflops`` or ``latency_ms``), sorted by method and cost;
+    runs without a finite cost are left out."""
+    if measure not in COST_MEASURES:
+        raise ValueError(f"token_cost: unknown measure {measure!r} (known: {', '.join(COST_MEASURES)})")
+    _require(cost, ["method", "budget", "tokens", "accuracy", "ours", measure], "token_cost")
+    d = cost.assign(measure=measure, cost=pd.to_numeric(cost[measure], errors="coerce"), acc=cost["accuracy"],
+                    ours=cost["ours"].astype(str).str.lower() == "true", budget=cost["budget"].astype(str))
+    d = d[np.isfinite(d["cost"])]
+    return d[["method", "budget", "tokens", "ours", "measure", "cost", "acc"]].sort_values(
+        ["method", "cost"]).reset_index(drop=True)
+
+
+def token_cost(data: pd.DataFrame) -> plt.Figure:
+    """VQA accuracy vs prefill cost, one line per method (ours drawn thicker); a method with one
+    operating point (all tokens) is a marker with a dashed accuracy line. Methods are compared
+    at equal cost by reading across at one x."""
+    measure = str(data["measure"].iloc[0]) if len(data) else "gflops"
+    methods = list(dict.fromkeys(data["method"]))
+    pal = dict(zip(methods, sns.color_palette("tab10", len(methods))))
+    ours = set(data.loc[data["ours"], "method"])
+    with style():
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        for m in methods:
+            d = data[data["method"] == m].sort_values("cost")
+            if len(d) == 1 and m not in ours:
+                ax.plot(d["cost"], d["acc"], marker="*", ms=10, ls="none", color=pal[m])
+                ax.axhline(float(d["acc"].iloc[0]), ls="--", lw=1, color=pal[m])
+                continue
+            ax.plot(d["cost"], d["acc"], marker="o", ms=4, lw=2.6 if m in ours else 1.4, color=pal[m],
+                    zorder=3 if m in ours else 2)
+        ax.set_xlabel(COST_MEASURES.get(measure, measure))
+        ax.set_ylabel("VQA accuracy (%)")
+        handles = [plt.Line2D([], [], color=pal[m], marker="o", lw=2.6 if m in ours else 1.4,
+                              label=f"{m} (ours)" if m in ours else m) for m in methods]
+        ax.legend(handles=handles, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+        fig.tight_layout()
+    return fig
+
+
 # --- example images -------------------------------------------------------------------------------
 
 def codec_examples_data(examples: pd.DataFrame) -> pd.DataFrame:

@@ -1,15 +1,18 @@
 """The figures stage (``06_figures``): every figure from the pipeline's outputs, with its CSV.
 
 Reads ``outputs/eval_codec/{curves,bd_table,examples}.csv`` and ``outputs/tokens/{accuracy.csv,
-examples.json}``; writes ``outputs/figures/<name>.{png,svg}`` and ``<name>.csv`` (the table the
+cost.csv,examples.json}``; writes ``outputs/figures/<name>.{png,svg}`` and ``<name>.csv`` (the table the
 figure is drawn from) for
 
 * ``rate_accuracy``   task metrics, PSNR, MS-SSIM, token similarity vs bpp, every codec;
 * ``bd_rate``         BD-rate of every codec against the anchor (VVC), per metric;
 * ``ablation``        learned codecs (loss terms, pre-editing) against the pixel baseline;
 * ``token_accuracy``  VQA accuracy vs visual tokens kept, per token-compression method;
+* ``token_gflops``    VQA accuracy vs prefill GFLOPs per question, per method (equal cost: read across);
+* ``token_latency``   VQA accuracy vs measured prefill latency, per method;
 * ``codec_examples``  reconstructions at about equal bpp;
-* ``token_examples``  kept, recovered and merged tokens on example questions.
+* ``token_examples``  kept, recovered and merged tokens on example questions;
+* ``photos_rd``       PSNR and MS-SSIM vs bpp on the photographs of ``eval_codec.photos``.
 
 A missing input is a one-line error naming the file (under DVC every input is a dependency).
 """
@@ -22,12 +25,13 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from vlmcompress.config import Params
-from vlmcompress.figures import plots
+from vlmcompress.figures import photos, plots
 from vlmcompress.figures.config import check_figures_params
 from vlmcompress.io import atomic_path, read_json, write_json
 from vlmcompress.paths import outputs_dir, project_root
 
-FIGURES = ("rate_accuracy", "bd_rate", "ablation", "token_accuracy", "codec_examples", "token_examples")
+FIGURES = ("rate_accuracy", "bd_rate", "ablation", "token_accuracy", "token_gflops", "token_latency",
+           "codec_examples", "token_examples", "photos_rd")
 
 
 def stage_dir() -> Path:
@@ -71,7 +75,7 @@ def build_figures(params: Params) -> dict[str, tuple[plt.Figure, pd.DataFrame]]:
     ev, tok = outputs_dir("eval_codec"), outputs_dir("tokens")
     inputs = {k: _need(p) for k, p in {
         "curves": ev / "curves.csv", "bd": ev / "bd_table.csv", "examples": ev / "examples.csv",
-        "acc": tok / "accuracy.csv", "tok_examples": tok / "examples.json"}.items()}
+        "acc": tok / "accuracy.csv", "tok_examples": tok / "examples.json", "cost": tok / "cost.csv"}.items()}
     curves, bd = _csv(inputs["curves"]), _csv(inputs["bd"])
     data = {
         "rate_accuracy": plots.rate_accuracy_data(curves, F.rate_metrics),
@@ -80,13 +84,18 @@ def build_figures(params: Params) -> dict[str, tuple[plt.Figure, pd.DataFrame]]:
         "token_accuracy": plots.token_accuracy_data(_csv(inputs["acc"])),
         "codec_examples": plots.codec_examples_data(_csv(inputs["examples"])),
         "token_examples": plots.token_examples_data(read_json(inputs["tok_examples"]), F.token_examples),
+        "token_gflops": plots.token_cost_data(_csv(inputs["cost"]), "gflops"),
+        "token_latency": plots.token_cost_data(_csv(inputs["cost"]), "latency_ms"),
     }
     draw = {
         "rate_accuracy": plots.rate_accuracy, "bd_rate": plots.bd_rate_heatmap, "ablation": plots.ablation,
-        "token_accuracy": plots.token_accuracy,
+        "token_accuracy": plots.token_accuracy, "token_gflops": plots.token_cost, "token_latency": plots.token_cost,
         "codec_examples": lambda d: plots.codec_examples(d, ev),
         "token_examples": lambda d: plots.token_examples(d, project_root()),
     }
+    # PSNR / MS-SSIM vs bpp on eval_codec.photos (the CSV is only a header without photos)
+    data["photos_rd"] = photos.photos_rd_data(_csv(_need(ev / "photos_rd.csv")))
+    draw["photos_rd"] = photos.photos_rd
     return {name: (draw[name](d), d) for name, d in data.items()}
 
 

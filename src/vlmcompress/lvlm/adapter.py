@@ -192,6 +192,34 @@ def _capture_cls_attention(attn: nn.Module, store: dict[str, Tensor]) -> Iterato
         handle.remove()
 
 
+def clip_patch_embeddings(clip: CLIPModel, tower: nn.Module, last_hidden: Tensor) -> Tensor:
+    """Patches in CLIP's joint space: ``last_hidden [B, 1 + N, Dv]`` (the tower's last layer, CLS
+    first) -> ``[B, N, P]`` unit vectors (post-LN + visual projection). One function for the
+    adapter and :func:`vlmcompress.tokens.attach`, so both guide by the same similarities."""
+    post_ln = getattr(tower, "vision_model", tower).post_layernorm
+    return F.normalize(clip.visual_projection(post_ln(last_hidden[:, 1:])), dim=-1)
+
+
+def clip_text_embeddings(clip: CLIPModel, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str],
+                         pooling: str = "eos") -> Tensor:
+    """CLIP text embeddings ``[B, P]``, unit norm. ``pooling='eos'``: CLIP's text tower pools at
+    the EOS token; ``'last'``: as the official Recoverable Compression code, each text padded
+    on the right to CLIP's context length, run without attention mask, read at the last
+    position (a padding token that attends, causally, to the whole text)."""
+    device = clip.text_projection.weight.device
+    if pooling == "last":
+        enc = tokenizer(list(texts), padding="max_length", truncation=True, padding_side="right",
+                        max_length=clip.config.text_config.max_position_embeddings, return_tensors="pt")
+        out = clip.text_model(input_ids=enc.input_ids.to(device), return_dict=True)
+        return F.normalize(clip.text_projection(out.last_hidden_state[:, -1]), dim=-1)
+    if pooling != "eos":
+        raise ValueError(f"text pooling: expected 'eos' or 'last', got {pooling!r}")
+    enc = tokenizer(list(texts), padding=True, truncation=True, return_tensors="pt")
+    out = clip.text_model(input_ids=enc.input_ids.to(device), attention_mask=enc.attention_mask.to(device),
+                          return_dict=True)
+    return F.normalize(clip.text_projection(out.pooler_output), dim=-1)
+
+
 class LVLM:
     """An LLaVA-architecture model, its tokenizer, and the CLIP sharing its vision tower."""
 
@@ -268,9 +296,7 @@ class LVLM:
 
     def patch_embeddings(self, feats: VisualFeatures) -> Tensor:
         """Patches in CLIP's joint space: ``[B, N, P]`` unit vectors (post-LN + visual projection)."""
-        vis = self.vision_tower
-        emb = self.clip.visual_projection(vis.post_layernorm(feats.last_hidden[:, 1:]))
-        return F.normalize(emb, dim=-1)
+        return clip_patch_embeddings(self.clip, self.vision_tower, feats.last_hidden)
 
     def image_embeddings(self, images: Tensor) -> Tensor:
         """CLIP image embeddings ``[B, P]``, unit norm."""
@@ -282,18 +308,7 @@ class LVLM:
         the EOS token; ``'last'``: as the official Recoverable Compression code, each text padded
         on the right to CLIP's context length, run without attention mask, read at the last
         position (a padding token that attends, causally, to the whole text)."""
-        if pooling == "last":
-            enc = self.clip_tokenizer(list(texts), padding="max_length", truncation=True, padding_side="right",
-                                      max_length=self.clip.config.text_config.max_position_embeddings,
-                                      return_tensors="pt")
-            out = self.clip.text_model(input_ids=enc.input_ids.to(self.device), return_dict=True)
-            return F.normalize(self.clip.text_projection(out.last_hidden_state[:, -1]), dim=-1)
-        if pooling != "eos":
-            raise ValueError(f"text pooling: expected 'eos' or 'last', got {pooling!r}")
-        enc = self.clip_tokenizer(list(texts), padding=True, truncation=True, return_tensors="pt")
-        out = self.clip.text_model(input_ids=enc.input_ids.to(self.device),
-                                   attention_mask=enc.attention_mask.to(self.device), return_dict=True)
-        return F.normalize(self.clip.text_projection(out.pooler_output), dim=-1)
+        return clip_text_embeddings(self.clip, self.clip_tokenizer, texts, pooling)
 
     # -- language -------------------------------------------------------------------------
     def _prompt_ids(self, task: str, texts: Sequence[str]) -> list[tuple[list[int], list[int]]]:

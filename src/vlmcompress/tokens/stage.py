@@ -8,13 +8,23 @@ pass, and for methods that ignore the question one compression and one prefill o
 prefix). Captions (CIDEr) and grounding run at ``tokens.eval.task_budget``; prefill latency,
 selection overhead and peak memory are measured for every run on a small fixed batch.
 
+Our method is chosen on the validation split (``tokens.eval.ours``: the candidate with the best
+mean accuracy over the budgets on ``val_questions`` questions); the test split is then reported
+once. Methods are compared at equal prefill cost as well as at equal token count: each peer
+run is paired with the run of ours whose prefill GFLOPs per question is nearest, and where none
+is within ``cost_tolerance`` a run of ours at the token count the FLOPs formula solves for is
+added; the paired per-question difference and its standard error judge the gap.
+
 Writes ``outputs/tokens/``: ``metrics.json`` (``full_acc``; ``methods.<method>.<budget>`` =
 ``{acc, rel_acc, mean_tokens, prefill_gflops, lm_prefill_gflops}``; ``prefill_speedup_<task budget>``,
 ``selection_overhead_pct`` (CLIP text tower included), ``text_encoder_pct`` and
 ``selection_merge_pct`` (without it); paired differences of the text-guided methods against
 the others at the task budget; task, object-size and efficiency tables), ``accuracy.csv`` (method,
 budget, mean_tokens, question_type — ``all`` for overall —, acc), ``accuracy_by_size.csv``
-(method, budget, size of the objects a question names, acc, n), ``efficiency.csv`` and
+(method, budget, size of the objects a question names, acc, n), ``efficiency.csv``, ``cost.csv``
+(every run, the added ones too: method, budget, tokens, gflops, lm_gflops, latency_ms, accuracy,
+ours), ``equal_cost.csv`` (ours against each peer run at equal cost: budgets, GFLOPs, gap_pct,
+matched, diff, se, z, n; ``ours``, ``equal_cost`` and ``equal_cost_runs`` in metrics.json) and
 ``examples.json`` (token maps of a few test questions, for figures).
 """
 from __future__ import annotations
@@ -175,6 +185,8 @@ class RunOutput:
     tokens: list[int] = field(default_factory=list)       # visual tokens the LM attends to (FastV: after K)
     gflops: list[float] = field(default_factory=list)
     lm_gflops: list[float] = field(default_factory=list)   # the LM prefill alone (the part compression shrinks)
+    n_text: list[int] = field(default_factory=list)         # prompt text tokens (LM) of each sample
+    n_clip: list[int] = field(default_factory=list)         # question tokens for CLIP's text tower
     seconds: float = 0.0          # wall time in generate (tower pass excluded: shared by all runs)
     cpu_seconds: float = 0.0      # process CPU time of the same
 
@@ -241,7 +253,14 @@ class Sweeper:
                 g = [self.gflops(run, k, t, c) for k, t, c in zip(counts, n_text, n_clip)]
                 o.gflops += [x["total"] for x in g]
                 o.lm_gflops += [x["lm"] for x in g]
+                o.n_text += list(n_text)
+                o.n_clip += list(n_clip)
         return out
+
+    def mean_gflops(self, run: Run, n_visual: int, n_text: Sequence[int], n_clip: Sequence[int]) -> float:
+        """Mean prefill GFLOPs of ``run`` keeping ``n_visual`` tokens on questions with these prompt
+        lengths (what a fixed-count run of a pre-LM method will cost, before running it)."""
+        return float(np.mean([self.gflops(run, n_visual, t, c)["total"] for t, c in zip(n_text, n_clip)]))
 
 
 # --- scoring ---------------------------------------------------------------------------
@@ -288,6 +307,131 @@ def paired_table(outputs: dict[Run, RunOutput], key: str) -> dict[str, dict[str,
     at = {r.method: o for r, o in outputs.items() if r.key == key}
     return {f"{m} - {other}": paired_difference(at[m], at[other])
             for m in sorted(TEXT_GUIDED & at.keys()) for other in at if other != m}
+
+
+# --- equal cost ------------------------------------------------------------------------
+
+def count_for_cost(cost_at: Callable[[int], float], target: float, n_max: int) -> int:
+    """The token count ``k`` in ``[1, n_max]`` whose cost ``cost_at(k)`` (increasing in k) is
+    nearest ``target`` (ties: the smaller k)."""
+    if n_max < 1:
+        raise ValueError(f"count_for_cost: n_max must be >= 1, got {n_max}")
+    lo, hi = 1, n_max
+    while lo < hi:                      # smallest k with cost_at(k) >= target
+        mid = (lo + hi) // 2
+        if cost_at(mid) < target:
+            lo = mid + 1
+        else:
+            hi = mid
+    near = [k for k in (lo - 1, lo) if 1 <= k <= n_max]
+    return min(near, key=lambda k: (abs(cost_at(k) - target), k))
+
+
+def mean_cost(o: RunOutput) -> float:
+    """Mean prefill GFLOPs per question of a run."""
+    return float(np.mean(o.gflops))
+
+
+def nearest_cost_run(outputs: dict[Run, RunOutput], method: str, gflops: float) -> Run:
+    """The run of ``method`` whose mean prefill GFLOPs is nearest ``gflops`` (ties: fewer GFLOPs)."""
+    runs = [r for r in outputs if r.method == method]
+    if not runs:
+        raise ValueError(f"nearest_cost_run: no run of method {method!r}")
+    return min(runs, key=lambda r: (abs(mean_cost(outputs[r]) - gflops), mean_cost(outputs[r])))
+
+
+def gap_pct(a: float, b: float) -> float:
+    """``a`` relative to ``b``, in percent of ``b``."""
+    return 100.0 * (a - b) / b
+
+
+def peer_runs(outputs: dict[Run, RunOutput], ours: str) -> list[Run]:
+    """Every run of a compressing method other than ``ours`` (``full`` is the reference)."""
+    return [r for r in outputs if r.method not in ("full", ours)]
+
+
+def equal_cost_runs(outputs: dict[Run, RunOutput], ours: str, sweeper: "Sweeper", tolerance: float) -> list[Run]:
+    """Fixed-count runs of ``ours`` to add so each peer run has one of ours within ``tolerance``
+    (relative) of its mean prefill GFLOPs, on the same questions. The count is solved from the
+    FLOPs formula with the questions' own prompt lengths; peers already matched need none."""
+    if ours not in {r.method for r in outputs}:
+        raise ValueError(f"equal_cost_runs: no run of {ours!r} to match against")
+    o = next(v for r, v in outputs.items() if r.method == ours)
+    extra: list[Run] = []
+    for peer in peer_runs(outputs, ours):
+        target = mean_cost(outputs[peer])
+        near = nearest_cost_run(outputs, ours, target)
+        if abs(gap_pct(mean_cost(outputs[near]), target)) <= 100.0 * tolerance:
+            continue
+        k = count_for_cost(lambda k: sweeper.mean_gflops(Run(ours, k), k, o.n_text, o.n_clip), target,
+                           sweeper.n_patches)
+        run = Run(ours, k)
+        if run not in outputs and run not in extra:
+            extra.append(run)
+    return extra
+
+
+def equal_cost_table(outputs: dict[Run, RunOutput], ours: str, tolerance: float) -> pd.DataFrame:
+    """``ours`` against every peer run at equal prefill cost: the run of ours whose mean GFLOPs
+    is nearest the peer's (``gap_pct``: ours' cost relative to the peer's; ``matched``: within
+    ``tolerance``), and the paired per-question accuracy difference ours - peer (points), its
+    standard error and ``z = diff / se``."""
+    cols = ["ours", "ours_budget", "ours_tokens", "ours_gflops", "peer", "peer_budget", "peer_tokens",
+            "peer_gflops", "gap_pct", "matched", "diff", "se", "z", "n"]
+    rows = []
+    for peer in peer_runs(outputs, ours):
+        target = mean_cost(outputs[peer])
+        mine = nearest_cost_run(outputs, ours, target)
+        gap = gap_pct(mean_cost(outputs[mine]), target)
+        d = paired_difference(outputs[mine], outputs[peer])
+        z = d["diff"] / d["se"] if d["se"] and math.isfinite(d["se"]) else None
+        rows.append({"ours": ours, "ours_budget": mine.key, "ours_tokens": round(float(np.mean(outputs[mine].tokens)), 2),
+                     "ours_gflops": round(mean_cost(outputs[mine]), 6), "peer": peer.method, "peer_budget": peer.key,
+                     "peer_tokens": round(float(np.mean(outputs[peer].tokens)), 2), "peer_gflops": round(target, 6),
+                     "gap_pct": round(gap, 2), "matched": abs(gap) <= 100.0 * tolerance, "diff": d["diff"],
+                     "se": d["se"], "z": None if z is None else round(z, 2), "n": d["n"]})
+    return pd.DataFrame(rows, columns=cols)
+
+
+def equal_cost_metrics(eq: pd.DataFrame) -> dict[str, dict[str, Any]]:
+    """``{"peer@budget": {ours_budget, gap_pct, diff, se, z}}`` for ``metrics.json``."""
+    return {f"{r.peer}@{r.peer_budget}": {"ours_budget": r.ours_budget, "gap_pct": r.gap_pct, "matched": bool(r.matched),
+                                          "diff": r.diff, "se": r.se, "z": None if pd.isna(r.z) else r.z}
+            for r in eq.itertuples()}
+
+
+def cost_table(outputs: dict[Run, RunOutput], latency_ms: dict[str, float], ours: str | None) -> pd.DataFrame:
+    """One row per run: method, budget, mean visual tokens, mean prefill GFLOPs (total and the LM
+    part), measured prefill latency (median ms; ``latency_ms`` by run label, NaN if not
+    measured), VQA accuracy (%), and whether the method is ours."""
+    rows = []
+    for run, o in outputs.items():
+        acc = 100.0 * float(np.mean([vqa_accuracy(a, q.answers) for (_, q), a in zip(o.samples, o.answers)]))
+        rows.append({"method": run.method, "budget": run.key, "tokens": round(float(np.mean(o.tokens)), 2),
+                     "gflops": round(mean_cost(o), 6), "lm_gflops": round(float(np.mean(o.lm_gflops)), 6),
+                     "latency_ms": latency_ms.get(run.label, float("nan")), "accuracy": round(acc, 2),
+                     "ours": run.method == ours})
+    return pd.DataFrame(rows, columns=["method", "budget", "tokens", "gflops", "lm_gflops", "latency_ms",
+                                       "accuracy", "ours"])
+
+
+def mean_accuracy(outputs: dict[Run, RunOutput], method: str) -> float:
+    """VQA accuracy (%) of ``method`` averaged over its runs (budgets)."""
+    accs = [100.0 * float(np.mean([vqa_accuracy(a, q.answers) for (_, q), a in zip(o.samples, o.answers)]))
+            for r, o in outputs.items() if r.method == method]
+    return float(np.mean(accs))
+
+
+def choose_ours(sweeper: "Sweeper", batches: Sequence[Batch], candidates: Sequence[str],
+                budgets: Sequence[int | float], max_new_tokens: int) -> tuple[str | None, dict[str, float]]:
+    """The candidate with the best VQA accuracy averaged over ``budgets`` on ``batches`` (the
+    validation split; ties: the first listed), and each candidate's accuracy. One candidate is
+    chosen without running; none gives ``(None, {})``."""
+    if len(candidates) <= 1:
+        return (candidates[0] if candidates else None), {}
+    out = sweeper.sweep(batches, [Run(m, b) for m in candidates for b in budgets], "vqa", max_new_tokens)
+    acc = {m: round(mean_accuracy(out, m), 2) for m in candidates}
+    return max(candidates, key=lambda m: (acc[m], -candidates.index(m))), acc
 
 
 def object_size(record: ImageRecord, question: Question) -> str | None:
@@ -517,11 +661,26 @@ def run_tokens_stage(params: Params, splits: dict[str, list[ImageRecord]], log=p
     cpu: dict[str, float] = {}
     clock = _Clock(seconds, cpu)
 
+    candidates = [m for m in E.ours if m in T.methods]
+    val_items = stratified_questions(splits.get("val", []), E.val_questions, seed=params.seed) \
+        if len(candidates) > 1 else []
+    if len(candidates) > 1 and not val_items:
+        raise ValueError(f"tokens.eval.ours: choosing among {candidates} needs validation questions, "
+                         f"and the val split has none")
+    with clock("val"):      # our method is chosen on the validation split; the test split is reported once
+        ours, val_acc = choose_ours(
+            sweeper, make_batches(val_items, lambda s: s[0], lambda s: s[1].question, E.batch_images), candidates,
+            T.budgets, answer_tokens(lvlm, [a for _, q in val_items for a in q.answers]) if val_items else 1)
     items = stratified_questions(test, E.max_questions, seed=params.seed)
     with clock("vqa"):
         batches = make_batches(items, lambda s: s[0], lambda s: s[1].question, E.batch_images)
-        vqa = sweeper.sweep(batches, runs, "vqa", answer_tokens(lvlm, [a for _, q in items for a in q.answers]),
-                            progress=progress)
+        n_answer = answer_tokens(lvlm, [a for _, q in items for a in q.answers])
+        vqa = sweeper.sweep(batches, runs, "vqa", n_answer, progress=progress)
+    with clock("equal_cost"):   # runs of ours at the prefill cost of peers it has no run near
+        extra = equal_cost_runs(vqa, ours, sweeper, E.cost_tolerance) if ours else []
+        every = {**vqa, **sweeper.sweep(batches, extra, "vqa", n_answer, progress=progress)} \
+            if extra else dict(vqa)
+        equal = equal_cost_table(every, ours, E.cost_tolerance) if ours else equal_cost_table({}, "", 0.0)
     key = budget_key(E.task_budget)
     table = vqa_table(vqa)
     metrics = metrics_from(table, vqa)
@@ -534,7 +693,12 @@ def run_tokens_stage(params: Params, splits: dict[str, list[ImageRecord]], log=p
                                         for m in dict.fromkeys(r.method for r in runs)}
     metrics["vqa_cpu_seconds_by_method"] = {m: round(sum(o.cpu_seconds for r, o in vqa.items() if r.method == m), 1)
                                             for m in dict.fromkeys(r.method for r in runs)}
-    log(f"VQA: {len(items)} questions, {len(runs)} runs in {seconds['vqa']:.0f} s (CPU {cpu['vqa']:.0f} s)")
+    metrics["ours"] = {"method": ours, "candidates": candidates, "val_acc": val_acc, "val_questions": len(val_items)}
+    metrics["cost_tolerance"] = E.cost_tolerance
+    metrics["equal_cost_runs"] = [r.label for r in extra]
+    metrics["equal_cost"] = equal_cost_metrics(equal)
+    log(f"VQA: {len(items)} questions, {len(runs)} runs in {seconds['vqa']:.0f} s (CPU {cpu['vqa']:.0f} s); "
+        f"ours: {ours} (val accuracy {val_acc or 'not needed'}); {len(extra)} runs of it added for equal cost")
 
     task_runs = [Run("full", None)] + [Run(m, E.task_budget) for m in T.methods if m != "full"]
     with clock("captions"):
@@ -550,7 +714,8 @@ def run_tokens_stage(params: Params, splits: dict[str, list[ImageRecord]], log=p
     log(f"captions and grounding: {len(task_runs)} runs in {seconds['captions'] + seconds['grounding']:.0f} s")
 
     with clock("efficiency"):
-        eff = efficiency_table(lvlm, items, runs, T, seed=params.seed, log=log)
+        eff = efficiency_table(lvlm, items, runs + extra, T, seed=params.seed, log=log)
+    cost = cost_table(every, {f"{r.method}@{r.budget}": r.prefill_ms for r in eff.itertuples()}, ours)
     ref = eff[(eff.method == E.reference_method) & (eff.budget == key)]
     metrics[f"prefill_speedup_{key}"] = float(ref["speedup"].iloc[0]) if len(ref) else None
     metrics["selection_overhead_pct"] = float(ref["selection_pct"].iloc[0]) if len(ref) else None
@@ -580,9 +745,16 @@ def run_tokens_stage(params: Params, splits: dict[str, list[ImageRecord]], log=p
         by_size.to_csv(tmp, index=False)
     with atomic_path(out_dir / "efficiency.csv") as tmp:
         eff.to_csv(tmp, index=False)
+    with atomic_path(out_dir / "cost.csv") as tmp:
+        cost.to_csv(tmp, index=False)
+    with atomic_path(out_dir / "equal_cost.csv") as tmp:
+        equal.to_csv(tmp, index=False)
     write_json(out_dir / "examples.json", examples)
     write_json(out_dir / "metrics.json", metrics)
     log("VQA accuracy % (share of full %) · mean visual tokens\n" + summary_table(metrics).to_string())
+    if len(equal):
+        log(f"{ours} against each peer at equal prefill GFLOPs (diff ± se, points):\n"
+            + equal[["peer", "peer_budget", "ours_budget", "gap_pct", "diff", "se", "z"]].to_string(index=False))
     log(f"prefill speedup at {key} ({E.reference_method}): {metrics[f'prefill_speedup_{key}']}, "
         f"selection overhead {metrics['selection_overhead_pct']} % of its prefill "
         f"(text encoder {metrics['text_encoder_pct']} %, selection and merging {metrics['selection_merge_pct']} %)")
