@@ -41,7 +41,7 @@ from typing import Any, ClassVar, NamedTuple
 import numpy as np
 
 from vlmcompress.codec.config import VVENC_PRESETS
-from vlmcompress.config import ConfigError, from_dict
+from vlmcompress.schema import ConfigError, from_dict
 
 
 class AnchorError(ValueError):

@@ -69,7 +69,7 @@ class CompressAICodec(nn.Module):
     def from_state_dict(cls, state_dict: dict[str, Any]) -> CompressAICodec:
         """Rebuild from a :func:`write_checkpoint` state dict (weights checked against their hash)."""
         from vlmcompress.codec.config import CodecModelParams
-        from vlmcompress.config import from_dict
+        from vlmcompress.schema import from_dict
 
         state = dict(state_dict)
         if CONFIG_KEY not in state or RATE_KEY not in state:
@@ -178,7 +178,7 @@ def _load_token_fn(args: argparse.Namespace, model_dirs: Sequence[Path]) -> Toke
     """``--token-fn``, else the pipeline's vision tower when a codec folder fuses tokens, else None."""
     from vlmcompress.codec.config import CodecModelParams
     from vlmcompress.codec.train import read_codec_record
-    from vlmcompress.config import from_dict
+    from vlmcompress.schema import from_dict
 
     def fuses(folder: Path) -> bool:
         pre = from_dict(CodecModelParams, read_codec_record(folder).get("model"), "model").preedit

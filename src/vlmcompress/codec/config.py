@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
+from vlmcompress.schema import SEED_MAX, ConfigError, check_choice, check_names, check_range, require, show
+
 VVENC_PRESETS = ("faster", "fast", "medium", "slow", "slower")   # ffmpeg libvvenc -preset 0..4, the VVC anchor's
 # Where the token terms compare original and reconstruction: the tower's features (what any
 # LVLM on that tower reads) or the projector's output (the LM's input space, where a drifted
@@ -139,52 +141,40 @@ class CodecStageParams:
         return CodecParams(model=self.model, loss=self.loss, train=self.train)
 
 
-def _require(ok: bool, path: str, msg: str) -> None:
-    # Late import: vlmcompress.config imports this module to assemble Params.
-    from vlmcompress.config import require
-    require(ok, path, msg)
-
-
-def _show(value: object) -> str:
-    from vlmcompress.config import show
-    return show(value)
-
-
 def check_model_params(p: CodecModelParams, path: str = "model") -> None:
     """Value checks of a model section (raises :class:`ConfigError` naming the key)."""
-    _require(p.N > 0, f"{path}.N", f"must be > 0, got {_show(p.N)}")
-    _require(p.M > 0, f"{path}.M", f"must be > 0, got {_show(p.M)}")
-    _require(p.hyper_channels >= 0, f"{path}.hyper_channels",
-             f"must be >= 0 (0: N), got {_show(p.hyper_channels)}")
-    _require(1 <= p.levels <= 64, f"{path}.levels", f"must be in [1, 64], got {_show(p.levels)}")
+    require(p.N > 0, f"{path}.N", f"must be > 0, got {show(p.N)}")
+    require(p.M > 0, f"{path}.M", f"must be > 0, got {show(p.M)}")
+    require(p.hyper_channels >= 0, f"{path}.hyper_channels",
+             f"must be >= 0 (0: N), got {show(p.hyper_channels)}")
+    require(1 <= p.levels <= 64, f"{path}.levels", f"must be in [1, 64], got {show(p.levels)}")
     lo, hi = p.gain_init
-    _require(all(math.isfinite(g) and g > 0 for g in (lo, hi)), f"{path}.gain_init",
-             f"gains must be finite and > 0, got {_show(list(p.gain_init))}")
-    _require(lo <= hi, f"{path}.gain_init", "must be non-decreasing (level R-1 is the highest rate)")
+    require(all(math.isfinite(g) and g > 0 for g in (lo, hi)), f"{path}.gain_init",
+             f"gains must be finite and > 0, got {show(list(p.gain_init))}")
+    require(lo <= hi, f"{path}.gain_init", "must be non-decreasing (level R-1 is the highest rate)")
     e = p.preedit
     if e.enabled:
-        _require(e.channels > 0, f"{path}.preedit.channels", f"must be > 0, got {_show(e.channels)}")
-        _require(1 <= e.depth <= 6, f"{path}.preedit.depth", f"must be in [1, 6], got {_show(e.depth)}")
+        require(e.channels > 0, f"{path}.preedit.channels", f"must be > 0, got {show(e.channels)}")
+        require(1 <= e.depth <= 6, f"{path}.preedit.depth", f"must be in [1, 6], got {show(e.depth)}")
         if e.use_tokens:
-            _require(e.token_dim > 0, f"{path}.preedit.token_dim", f"must be > 0, got {_show(e.token_dim)}")
-            _require(e.token_channels > 0, f"{path}.preedit.token_channels",
-                     f"must be > 0, got {_show(e.token_channels)}")
+            require(e.token_dim > 0, f"{path}.preedit.token_dim", f"must be > 0, got {show(e.token_dim)}")
+            require(e.token_channels > 0, f"{path}.preedit.token_channels",
+                     f"must be > 0, got {show(e.token_channels)}")
 
 
 def _check_lambdas(lambdas: list[float], levels: int, path: str) -> None:
     """One finite, positive multiplier per rate level, increasing with the level (higher rate)."""
-    _require(len(lambdas) == levels, path, f"needs one value per rate level ({levels}), got {len(lambdas)}")
-    _require(all(math.isfinite(v) and v > 0 for v in lambdas), path,
-             f"values must be finite and > 0, got {_show(lambdas)}")
-    _require(all(a < b for a, b in zip(lambdas, lambdas[1:])), path,
-             f"must increase with the rate level (a higher level spends more bits), got {_show(lambdas)}")
+    require(len(lambdas) == levels, path, f"needs one value per rate level ({levels}), got {len(lambdas)}")
+    require(all(math.isfinite(v) and v > 0 for v in lambdas), path,
+             f"values must be finite and > 0, got {show(lambdas)}")
+    require(all(a < b for a, b in zip(lambdas, lambdas[1:])), path,
+             f"must increase with the rate level (a higher level spends more bits), got {show(lambdas)}")
 
 
 def check_codec_params(p: CodecParams, path: str = "codec") -> None:
     """Cross-field checks of a whole codec section."""
     from vlmcompress.codec.losses import RANK_LOSSES  # late: losses imports torch
     from vlmcompress.codec.model import MODELS
-    from vlmcompress.config import SEED_MAX, check_choice, check_range
 
     check_choice(f"{path}.model.name", p.model.name, sorted(MODELS), "model")
     check_model_params(p.model, f"{path}.model")
@@ -192,45 +182,44 @@ def check_codec_params(p: CodecParams, path: str = "codec") -> None:
     _check_lambdas(lo.lambdas, p.model.levels, f"{path}.loss.lambdas")
     for name in ("w_token_mse", "w_token_cos", "w_rank", "w_pixel", "w_lowpass"):
         v = getattr(lo, name)
-        _require(math.isfinite(v) and v >= 0, f"{path}.loss.{name}", f"must be >= 0, got {_show(v)}")
-    _require(lo.lowpass >= 1, f"{path}.loss.lowpass", f"must be >= 1, got {_show(lo.lowpass)}")
+        require(math.isfinite(v) and v >= 0, f"{path}.loss.{name}", f"must be >= 0, got {show(v)}")
+    require(lo.lowpass >= 1, f"{path}.loss.lowpass", f"must be >= 1, got {show(lo.lowpass)}")
     check_choice(f"{path}.loss.token_space", lo.token_space, TOKEN_SPACES, "token space")
     check_choice(f"{path}.loss.lowpass_weighting", lo.lowpass_weighting, LOWPASS_WEIGHTINGS, "weighting")
-    _require(lo.w_token_mse + lo.w_token_cos + lo.w_rank + lo.w_pixel + lo.w_lowpass > 0, f"{path}.loss",
+    require(lo.w_token_mse + lo.w_token_cos + lo.w_rank + lo.w_pixel + lo.w_lowpass > 0, f"{path}.loss",
              "at least one distortion weight must be > 0")
     check_choice(f"{path}.loss.rank_mode", lo.rank_mode, sorted(RANK_LOSSES), "rank loss")
     t = p.train
     check_range(f"{path}.train.seed", t.seed, 0, SEED_MAX)
     for name in ("steps", "batch_size", "patch_size", "checkpoint_every", "log_every"):
         v = getattr(t, name)
-        _require(v > 0, f"{path}.train.{name}", f"must be > 0, got {_show(v)}")
-    _require(t.patch_size % 64 == 0, f"{path}.train.patch_size",
-             f"must be a multiple of 64 (the codec's stride), got {_show(t.patch_size)}")
-    _require(t.lr > 0, f"{path}.train.lr", f"must be > 0, got {_show(t.lr)}")
-    _require(t.aux_lr > 0, f"{path}.train.aux_lr", f"must be > 0, got {_show(t.aux_lr)}")
-    _require(0 < t.lr_decay_at <= 1, f"{path}.train.lr_decay_at", f"must be in (0, 1], got {_show(t.lr_decay_at)}")
-    _require(t.grad_clip >= 0, f"{path}.train.grad_clip", f"must be >= 0 (0: off), got {_show(t.grad_clip)}")
-    _require(math.isfinite(t.gain_lr_scale) and t.gain_lr_scale > 0, f"{path}.train.gain_lr_scale",
-             f"must be > 0, got {_show(t.gain_lr_scale)}")
+        require(v > 0, f"{path}.train.{name}", f"must be > 0, got {show(v)}")
+    require(t.patch_size % 64 == 0, f"{path}.train.patch_size",
+             f"must be a multiple of 64 (the codec's stride), got {show(t.patch_size)}")
+    require(t.lr > 0, f"{path}.train.lr", f"must be > 0, got {show(t.lr)}")
+    require(t.aux_lr > 0, f"{path}.train.aux_lr", f"must be > 0, got {show(t.aux_lr)}")
+    require(0 < t.lr_decay_at <= 1, f"{path}.train.lr_decay_at", f"must be in (0, 1], got {show(t.lr_decay_at)}")
+    require(t.grad_clip >= 0, f"{path}.train.grad_clip", f"must be >= 0 (0: off), got {show(t.grad_clip)}")
+    require(math.isfinite(t.gain_lr_scale) and t.gain_lr_scale > 0, f"{path}.train.gain_lr_scale",
+             f"must be > 0, got {show(t.gain_lr_scale)}")
 
 
 def check_stage_params(p: CodecStageParams, path: str = "codec") -> None:
     """Checks of the whole ``codec`` section, including every codec it derives."""
     from vlmcompress.codec.variants import ABLATIONS, model_variants  # late: avoids a cycle
-    from vlmcompress.config import ConfigError, check_choice, check_names
 
     from vlmcompress.codec.bitstream import MAX_DIM
     check_codec_params(p.ours, path)
-    _require(1 <= p.max_pixels <= MAX_DIM * MAX_DIM, f"{path}.max_pixels",
-             f"must be in [1, {MAX_DIM * MAX_DIM}], got {_show(p.max_pixels)}")
+    require(1 <= p.max_pixels <= MAX_DIM * MAX_DIM, f"{path}.max_pixels",
+             f"must be in [1, {MAX_DIM * MAX_DIM}], got {show(p.max_pixels)}")
     from pathlib import Path
-    _require(not p.train_images or Path(p.train_images).is_dir(), f"{path}.train_images",
-             f'must be "" (the train split) or a folder of images, got {_show(p.train_images)}')
+    require(not p.train_images or Path(p.train_images).is_dir(), f"{path}.train_images",
+             f'must be "" (the train split) or a folder of images, got {show(p.train_images)}')
     b = p.baseline
     _check_lambdas(b.lambdas, p.model.levels, f"{path}.baseline.lambdas")
-    _require(b.steps >= 0, f"{path}.baseline.steps", f"must be >= 0 (0: train.steps), got {_show(b.steps)}")
-    _require(b.patch_size >= 0 and b.patch_size % 64 == 0, f"{path}.baseline.patch_size",
-             f"must be 0 (train.patch_size) or a multiple of 64 (the codec's stride), got {_show(b.patch_size)}")
+    require(b.steps >= 0, f"{path}.baseline.steps", f"must be >= 0 (0: train.steps), got {show(b.steps)}")
+    require(b.patch_size >= 0 and b.patch_size % 64 == 0, f"{path}.baseline.patch_size",
+             f"must be 0 (train.patch_size) or a multiple of 64 (the codec's stride), got {show(b.patch_size)}")
     check_names(f"{path}.ablations", p.ablations, sorted(ABLATIONS), "ablation", allow_empty=True)
     variants = model_variants(p)
     for name, variant in variants.items():
@@ -242,22 +231,22 @@ def check_stage_params(p: CodecStageParams, path: str = "codec") -> None:
     if src:
         from vlmcompress.codec.variants import codec_names, training_order
         # A codec's name that this params file does not train is a mistake, not a folder.
-        _require(src in variants or src not in codec_names(), f"{path}.train.init_from",
-                 f"{_show(src)} is not trained by this params file (codecs: {', '.join(variants)})")
+        require(src in variants or src not in codec_names(), f"{path}.train.init_from",
+                 f"{show(src)} is not trained by this params file (codecs: {', '.join(variants)})")
         try:
             training_order(variants)
         except ValueError as exc:
-            _require(False, f"{path}.train.init_from", str(exc))
+            require(False, f"{path}.train.init_from", str(exc))
     e = p.eval
-    _require(e.n_test_images >= 0, f"{path}.eval.n_test_images",
-             f"must be >= 0 (0: all), got {_show(e.n_test_images)}")
-    _require(e.n_rates >= 2, f"{path}.eval.n_rates", f"must be >= 2 (both ends), got {_show(e.n_rates)}")
-    _require(len(e.example_rates) > 0, f"{path}.eval.example_rates", "needs at least one rate")
+    require(e.n_test_images >= 0, f"{path}.eval.n_test_images",
+             f"must be >= 0 (0: all), got {show(e.n_test_images)}")
+    require(e.n_rates >= 2, f"{path}.eval.n_rates", f"must be >= 2 (both ends), got {show(e.n_rates)}")
+    require(len(e.example_rates) > 0, f"{path}.eval.example_rates", "needs at least one rate")
     for i, r in enumerate(e.example_rates):
-        _require(0 <= r <= p.model.levels - 1, f"{path}.eval.example_rates[{i}]",
-                 f"must be in [0, {p.model.levels - 1}], got {_show(r)}")
-    _require(e.timing_repeats > 0, f"{path}.eval.timing_repeats", f"must be > 0, got {_show(e.timing_repeats)}")
-    _require(e.timing_threads >= 0, f"{path}.eval.timing_threads",
-             f"must be >= 0 (0: torch's default), got {_show(e.timing_threads)}")
+        require(0 <= r <= p.model.levels - 1, f"{path}.eval.example_rates[{i}]",
+                 f"must be in [0, {p.model.levels - 1}], got {show(r)}")
+    require(e.timing_repeats > 0, f"{path}.eval.timing_repeats", f"must be > 0, got {show(e.timing_repeats)}")
+    require(e.timing_threads >= 0, f"{path}.eval.timing_threads",
+             f"must be >= 0 (0: torch's default), got {show(e.timing_threads)}")
     check_choice(f"{path}.eval.vvc_preset", e.vvc_preset, VVENC_PRESETS, "VVenC preset")
-    _require(0 <= e.vvc_qp <= 63, f"{path}.eval.vvc_qp", f"must be in [0, 63], got {_show(e.vvc_qp)}")
+    require(0 <= e.vvc_qp <= 63, f"{path}.eval.vvc_qp", f"must be in [0, 63], got {show(e.vvc_qp)}")

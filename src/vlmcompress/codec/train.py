@@ -44,7 +44,7 @@ from vlmcompress.codec.config import CodecModelParams, CodecParams, check_codec_
 from vlmcompress.codec.losses import CodecLoss, TokenFn
 from vlmcompress.codec.model import (CODER_TABLE_SUFFIXES, LVLMCodec, build_codec,
                                      saved_state_dict, weights_hash)
-from vlmcompress.config import ConfigError, from_dict, to_dict
+from vlmcompress.schema import ConfigError, from_dict, to_dict
 from vlmcompress.io import atomic_path, read_json
 
 FORMAT = "vlmcompress-codec"

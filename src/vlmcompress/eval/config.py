@@ -23,6 +23,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal
 
+from vlmcompress.schema import (SHOW_CHARS, ConfigError, check_choice, check_min, check_range, check_unique, clip,
+                                key_path, require, show)
+
 
 @dataclass(frozen=True)
 class AnchorCodecParams:
@@ -64,8 +67,6 @@ def check_anchors_params(p: AnchorsParams, path: str = "anchors") -> None:
     """Known codecs with valid options, listed once; a sane bpp range and quality points."""
     # Late imports: numpy, and vlmcompress.config (which imports this module to assemble Params).
     from vlmcompress.codec.anchors import ANCHORS, AnchorError, make_anchor
-    from vlmcompress.config import (SHOW_CHARS, ConfigError, check_choice, check_min, check_unique, clip, key_path,
-                                    require, show)
 
     require(len(p.codecs) > 0, f"{path}.codecs", "needs at least one codec")
     for i, codec in enumerate(p.codecs):
@@ -98,7 +99,6 @@ def check_anchors_params(p: AnchorsParams, path: str = "anchors") -> None:
 
 def check_bdrate_params(p: BDRateParams, anchors: AnchorsParams | None = None, path: str = "bdrate") -> None:
     """``min_overlap`` is a fraction; with ``anchors``, the reference codec is one of them."""
-    from vlmcompress.config import check_range, require, show
 
     check_range(f"{path}.min_overlap", p.min_overlap, 0.0, 1.0)
     if anchors is not None:
@@ -137,7 +137,6 @@ class EvalCodecParams:
 def check_eval_codec_params(p: EvalCodecParams, levels: int | None = None, path: str = "eval_codec") -> None:
     """Value checks a type check cannot express; with ``levels`` (``codec.model.levels``), the
     learned rates must be rates of that codec."""
-    from vlmcompress.config import check_min, check_unique, require, show
 
     for name in ("n_images", "max_questions", "max_captions", "max_refs", "workers", "n_examples"):
         check_min(f"{path}.{name}", getattr(p, name), 0)

@@ -93,7 +93,7 @@ class CodecSpec:
         """A learned codec from its saved folder (read from ``codec.json``, weights not loaded)."""
         from vlmcompress.codec.config import CodecModelParams
         from vlmcompress.codec.train import read_codec_record, resolve_model_dir
-        from vlmcompress.config import from_dict
+        from vlmcompress.schema import from_dict
 
         folder = resolve_model_dir(model_dir)
         record = read_codec_record(folder)

@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from vlmcompress.schema import check_min, check_range, check_unique, require
+
 # A figure beyond this many dots per inch is hundreds of megapixels: a typo, not a choice.
 MAX_DPI = 1200
 
@@ -19,7 +21,6 @@ class FiguresParams:
 def check_figures_params(p: FiguresParams, path: str = "figures") -> None:
     """Non-empty lists without repeats, a sane resolution, at least one token example."""
     # Late import: vlmcompress.config imports this module to assemble Params.
-    from vlmcompress.config import check_min, check_range, check_unique, require
 
     require(len(p.formats) > 0, f"{path}.formats", "needs at least one format")
     check_unique(f"{path}.formats", p.formats)

@@ -6,6 +6,8 @@ import string
 from dataclasses import dataclass
 from typing import Literal
 
+from vlmcompress.schema import ConfigError, check_min, check_range, clip, require, show
+
 
 @dataclass(frozen=True)
 class PromptParams:
@@ -123,7 +125,6 @@ _DEVICE = re.compile(r"[a-z][a-z0-9_]*(:[0-9]+)?")   # a torch device string: cp
 
 def check_lvlm_params(p: LvlmParams, path: str = "lvlm") -> None:
     """Value checks of the ``lvlm`` section (messages name the key path)."""
-    from vlmcompress.config import check_range, require, show  # late: vlmcompress.config imports this module
 
     if p.source == "pretrained":
         for name in ("llava", "clip"):
@@ -143,7 +144,6 @@ def check_lvlm_params(p: LvlmParams, path: str = "lvlm") -> None:
 def check_prompts(p: PromptParams, path: str = "lvlm.prompts") -> None:
     """Each formatted prompt holds exactly its own ``{placeholder}`` (no format spec or conversion,
     so formatting cannot fail or grow); ``<image>`` appears once, in the template only."""
-    from vlmcompress.config import ConfigError, clip, require, show
 
     for name in ("system", "template", "vqa", "caption", "ground"):
         text, want = getattr(p, name), _PROMPT_FIELDS.get(name)
@@ -164,7 +164,6 @@ def check_prompts(p: PromptParams, path: str = "lvlm.prompts") -> None:
 
 def check_arch_params(a: ArchParams, path: str = "lvlm.arch") -> None:
     """Positive sizes, a patch grid that tiles the image, and widths that split into heads."""
-    from vlmcompress.config import check_min, check_range, require, show
 
     for name in ("image_size", "patch_size", "vision_hidden", "vision_layers", "vision_heads", "text_hidden",
                  "text_layers", "text_heads", "text_max_len", "projection_dim", "lm_hidden", "lm_layers",
@@ -189,7 +188,6 @@ def check_arch_params(a: ArchParams, path: str = "lvlm.arch") -> None:
 
 def check_train_params(t: TrainParams, a: ArchParams, path: str = "lvlm.train") -> None:
     """Steps, batches, rates and weights of the training recipe; layer indices against ``a``."""
-    from vlmcompress.config import check_min, check_range, require, show
 
     check_min(f"{path}.threads", t.threads, 0, " (0: torch's default)")
     check_min(f"{path}.pool_scenes", t.pool_scenes, 1)
@@ -221,7 +219,6 @@ def check_train_params(t: TrainParams, a: ArchParams, path: str = "lvlm.train") 
 
 def check_eval_params(e: EvalParams, path: str = "lvlm.eval") -> None:
     """A positive batch and non-negative limits."""
-    from vlmcompress.config import check_min
 
     check_min(f"{path}.batch_size", e.batch_size, 1)
     for name in ("max_questions", "max_captions", "max_refs", "gallery", "text_probe_images"):
