@@ -1,6 +1,7 @@
 """Cost of ``vlmcompress.tokens.attach`` on a stock LlavaForConditionalGeneration of LLaVA-1.5-7B's shape.
 
     python benchmarks/bench_attach.py [--lm-layers 2] [--budget 0.10] [--repeats 5] [--methods recoverable random]
+    python benchmarks/bench_attach.py --selection-only [--methods recoverable divprune cdpruner] [--repeats 20]
 
 Builds llava-1.5-7b-hf's architecture with random weights (CLIP ViT-L/14-336: 24 layers,
 1024 wide, 576 patches; the 2-layer projector; a 4096-wide Llama with ``--lm-layers`` of
@@ -19,6 +20,11 @@ and embeds the question with the LM's own embeddings, so no text tower is counte
 share of the measured prefill the method's selection takes (timed inside the hook). Fewer LM
 layers than 32 make the LM a smaller part of the prefill, so they overstate every overhead
 share. ``--tiny`` runs the same on a miniature model, to check the script in seconds.
+
+``--selection-only`` builds no model: it times ``compress`` alone (what ``attach`` calls per
+image) on random :class:`VisualTokens` of LLaVA-1.5's shapes — 576 patches, keys 1024 wide
+(the CLIP-L layer), projected tokens 4096 wide, a question cosine per patch — for each method
+at ``--budget``, the median of ``--repeats`` after a warm-up.
 """
 from __future__ import annotations
 
@@ -96,16 +102,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--tiny", action="store_true", help="a miniature model (checks the script)")
+    ap.add_argument("--selection-only", action="store_true", help="time the methods alone, no model")
     a = ap.parse_args(argv)
     if a.lm_layers < 1 or a.repeats < 1 or not 0 < a.budget <= 1:
         ap.error("--lm-layers and --repeats must be >= 1, --budget in (0, 1]")
     import torch
 
-    from vlmcompress.tokens import attach
+    from vlmcompress.tokens import TEXT_GUIDED, attach
     from vlmcompress.tokens.flops import LLAVA15_7B, prefill_gflops
 
     if a.threads:
         torch.set_num_threads(a.threads)
+    if a.selection_only:
+        return selection_only(a.methods, a.budget, a.repeats, a.tiny)
     model = build(a.tiny, a.lm_layers)
     x = inputs(model)
     n = int((x["input_ids"] == model.config.image_token_id).sum())
@@ -118,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     with torch.inference_mode():
         for rep in range(a.repeats + 1):            # the first round is a warm-up
             for label, method, budget in configs:
-                kw = {"questions": ["what is in the image ?"], "tokenizer": _Tok()} if method == "recoverable" else {}
+                kw = {"questions": ["what is in the image ?"], "tokenizer": _Tok()} if method in TEXT_GUIDED else {}
                 handle = attach(model, method, budget, **kw) if method else None
                 with SelectionTimer() as st:
                     t0 = time.perf_counter()
@@ -144,6 +153,38 @@ def main(argv: list[str] | None = None) -> int:
     part = prefill_gflops(n_patches=n, n_visual=k, n_text=n_text, vision=vision, projector=projector, lm=lm)
     print(f"LLaVA-1.5-7B (32 LM layers) prefill at {a.budget:g} ({k} of {n} tokens): "
           f"{part['total']:.0f} of {full['total']:.0f} GFLOPs = {part['total'] / full['total']:.3f} of full")
+    return 0
+
+
+def selection_only(methods: list[str], budget: float, repeats: int, tiny: bool) -> int:
+    """Median time of ``compress`` alone per method on one image of LLaVA-1.5's token shapes."""
+    import torch
+
+    from vlmcompress.tokens import VisualTokens, compress, resolve_budget
+
+    n, dk, d = (16, 32, 32) if tiny else (576, 1024, 4096)
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, n, generator=g)
+    vt = VisualTokens(tokens=torch.randn(1, n, d, generator=g), keys=torch.randn(1, n, dk, generator=g),
+                      cls_attn=logits.softmax(1), cls_attn_full=(2 * logits).softmax(1),
+                      text_sim=0.2 * torch.randn(1, n, generator=g), grid=(int(n ** 0.5),) * 2, text_dim=d)
+    k = resolve_budget(n, budget)
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    kept: dict[str, int] = {}
+    with torch.inference_mode():
+        for rep in range(repeats + 1):             # round-robin; the first round is a warm-up
+            for m in methods:
+                t0 = time.perf_counter()
+                out = compress(vt, m, budget=budget)
+                dt = time.perf_counter() - t0
+                kept[m] = int(out.mask.sum())
+                if rep:
+                    times[m].append(dt)
+    print(f"compress alone, 1 image: {n} patches, tokens {d} wide, keys {dk} wide, budget {budget:g} ({k} tokens), "
+          f"{torch.get_num_threads()} threads, median of {repeats}:")
+    print(f"{'method':<22}{'tokens':>8}{'ms':>10}{'min ms':>10}")
+    for m in methods:
+        print(f"{m:<22}{kept[m]:>8}{1000 * statistics.median(times[m]):>10.2f}{1000 * min(times[m]):>10.2f}")
     return 0
 
 

@@ -13,8 +13,8 @@ from vlmcompress.tokens.thresholds import iqr_threshold
 H = W = 8
 N = H * W
 NAMES = {"full", "random", "pool", "prumerge", "prumerge_plus", "visionzip", "recoverable", "recoverable_spread",
-         "recoverable_official"}
-FIXED = ["random", "prumerge", "prumerge_plus", "visionzip", "recoverable"]
+         "recoverable_official", "divprune", "cdpruner"}
+FIXED = ["random", "prumerge", "prumerge_plus", "visionzip", "recoverable", "divprune", "cdpruner"]
 
 
 def make_vt(B=3, D=6, seed=0, spikes=(2, 6, 4)) -> VisualTokens:
@@ -51,10 +51,11 @@ def test_registry_lists_all_methods_with_params():
     assert set(METHOD_PARAMS) == NAMES | IN_LM_METHODS and not NAMES & IN_LM_METHODS
     assert IN_LM_METHODS == {"fastv"}
     assert ADAPTIVE == {"prumerge", "prumerge_plus", "recoverable", "recoverable_spread", "recoverable_official"}
-    assert TEXT_GUIDED == {"recoverable", "recoverable_spread", "recoverable_official"}
+    assert TEXT_GUIDED == {"recoverable", "recoverable_spread", "recoverable_official", "cdpruner"}
     assert method_spec("recoverable_spread").base == "recoverable"
     assert list(METHOD_PARAMS) == ["full", "random", "pool", "prumerge", "prumerge_plus", "visionzip",
-                                   "recoverable", "recoverable_spread", "recoverable_official", "fastv"]   # the stage's default order
+                                   "recoverable", "recoverable_spread", "recoverable_official", "divprune", "cdpruner",
+                                   "fastv"]   # the stage's default order
 
 
 @pytest.mark.parametrize("name", sorted(NAMES))

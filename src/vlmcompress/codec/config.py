@@ -11,7 +11,17 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
+from vlmcompress.registry import Registry
 from vlmcompress.schema import SEED_MAX, ConfigError, check_choice, check_names, check_range, require, show
+
+# Registries of what a codec section names: built-ins declared here by where they live, so the
+# checks below know the names without importing torch; users add theirs with the decorators
+# (vlmcompress.codec.model.register_model, vlmcompress.codec.losses.register_rank_loss).
+MODELS: Registry = Registry("codec model", {
+    "gained-mean-scale-hyperprior": "vlmcompress.codec.model:GainedMeanScaleHyperprior"})
+RANK_LOSSES: Registry = Registry("rank loss", {
+    "spectrum": "vlmcompress.codec.losses:spectrum_rank_loss",
+    "effective_rank": "vlmcompress.codec.losses:effective_rank_loss"})
 
 VVENC_PRESETS = ("faster", "fast", "medium", "slow", "slower")   # ffmpeg libvvenc -preset 0..4, the VVC anchor's
 # Where the token terms compare original and reconstruction: the tower's features (what any
@@ -37,7 +47,7 @@ class PreEditParams:
 class CodecModelParams:
     """Variable-rate mean-scale hyperprior with gain units (one model, many rates)."""
 
-    name: str                       # key of vlmcompress.codec.model.MODELS
+    name: str                       # a name in MODELS
     N: int                          # channels of the transforms and of the hyper latent z
     M: int                          # channels of the latent y
     levels: int                     # R discrete rate levels; `rate` is a float in [0, R-1]
@@ -56,7 +66,7 @@ class LossParams:
     w_token_mse: float          # MSE between LVLM visual tokens of original and reconstruction
     w_token_cos: float          # 1 - cosine similarity of the same tokens, averaged
     w_rank: float               # token rank loss (eigenvalue spectrum of the token matrix)
-    rank_mode: str              # key of vlmcompress.codec.losses.RANK_LOSSES
+    rank_mode: str              # a name in RANK_LOSSES
     w_pixel: float              # pixel MSE, scaled by 255**2 as in CompressAI
     w_lowpass: float = 0.0      # MSE of lowpass x lowpass block means (colour of regions), also x 255**2
     lowpass: int = 8            # block side of that term (the LVLM's patch size keeps one colour per token)
@@ -173,10 +183,8 @@ def _check_lambdas(lambdas: list[float], levels: int, path: str) -> None:
 
 def check_codec_params(p: CodecParams, path: str = "codec") -> None:
     """Cross-field checks of a whole codec section."""
-    from vlmcompress.codec.losses import RANK_LOSSES  # late: losses imports torch
-    from vlmcompress.codec.model import MODELS
 
-    check_choice(f"{path}.model.name", p.model.name, sorted(MODELS), "model")
+    check_choice(f"{path}.model.name", p.model.name, MODELS.names(), "model")
     check_model_params(p.model, f"{path}.model")
     lo = p.loss
     _check_lambdas(lo.lambdas, p.model.levels, f"{path}.loss.lambdas")
@@ -188,7 +196,7 @@ def check_codec_params(p: CodecParams, path: str = "codec") -> None:
     check_choice(f"{path}.loss.lowpass_weighting", lo.lowpass_weighting, LOWPASS_WEIGHTINGS, "weighting")
     require(lo.w_token_mse + lo.w_token_cos + lo.w_rank + lo.w_pixel + lo.w_lowpass > 0, f"{path}.loss",
              "at least one distortion weight must be > 0")
-    check_choice(f"{path}.loss.rank_mode", lo.rank_mode, sorted(RANK_LOSSES), "rank loss")
+    check_choice(f"{path}.loss.rank_mode", lo.rank_mode, RANK_LOSSES.names(), "rank loss")
     t = p.train
     check_range(f"{path}.train.seed", t.seed, 0, SEED_MAX)
     for name in ("steps", "batch_size", "patch_size", "checkpoint_every", "log_every"):

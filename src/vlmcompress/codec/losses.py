@@ -46,21 +46,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from vlmcompress.codec.config import LossParams
+from vlmcompress.codec.config import RANK_LOSSES, LossParams
 
 TokenFn = Callable[[Tensor], Tensor]
 """``token_fn(x [B,3,H,W] in [0,1]) -> tokens [B,N,D]``; differentiable w.r.t. ``x``."""
 
 RankLoss = Callable[[Tensor, Tensor], Tensor]
-RANK_LOSSES: dict[str, RankLoss] = {}
 
 
 def register_rank_loss(name: str) -> Callable[[RankLoss], RankLoss]:
-    def deco(fn: RankLoss) -> RankLoss:
-        RANK_LOSSES[name] = fn
-        return fn
-
-    return deco
+    """Decorator: make ``fn(t_hat, t_ref) -> scalar`` selectable as ``codec.loss.rank_mode``."""
+    return RANK_LOSSES.register(name)
 
 
 def bpp_from_likelihoods(likelihoods: dict[str, Tensor], num_pixels: int) -> Tensor:

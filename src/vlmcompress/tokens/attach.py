@@ -26,7 +26,11 @@ given explicitly. The markers come from ``tokenizer`` (a tokenizer or processor)
 models have no CLIP text tower, so the question is embedded with the LM's own input
 embeddings (mean over its tokens) and compared by cosine with the projected visual tokens,
 which live in the same space. So ``text_pooling`` other than ``eos`` (a CLIP text tower's) is
-refused, and ``text_weight: null`` reads P as the LM's embedding width. ``merge_space: vision``
+refused, and ``text_weight: null`` reads P as the LM's embedding width. Given ``clip=`` (the
+CLIP model whose vision side the LLaVA-1.5 tower is) the question goes through CLIP's text
+tower and is compared with the patches in CLIP's joint space, by the same functions the
+tokens stage uses (:func:`vlmcompress.lvlm.adapter.clip_text_embeddings`,
+:func:`~vlmcompress.lvlm.adapter.clip_patch_embeddings`). ``merge_space: vision``
 merges the projector's input (recorded by a hook on this instance's projector) and projects
 the result, on the LLaVA families; Qwen2-VL refuses it.
 
@@ -57,6 +61,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from vlmcompress.lvlm.adapter import clip_patch_embeddings, clip_text_embeddings
 from vlmcompress.tokens.config import METHOD_PARAMS, TEXT_GUIDED
 from vlmcompress.tokens.methods import compress, get_method
 from vlmcompress.tokens.types import KIND_PAD, Compressed, VisualTokens
@@ -71,6 +76,7 @@ class _Prompt:
     new_mask: Tensor           # [B, L'] attention mask of the compressed prompt
     removed: Tensor            # [B] tokens removed from each row
     rope_shift: Tensor | None  # [B] M-RoPE position minus compressed sequence position after the prompt
+    keep_positions: bool = False  # 1-D positions of the uncompressed prompt (grid_positions)
 
 
 @dataclasses.dataclass
@@ -80,6 +86,7 @@ class _Image:
     vt: VisualTokens           # batch of one
     slots: int                 # placeholder tokens of this image in the prompt
     layout: Any = None         # family data that :meth:`_Family.place` needs
+    patches: Tensor | None = None  # [1, N, P] patches in CLIP's joint space (clip= guidance)
 
 
 class _Removable:
@@ -172,9 +179,12 @@ class _Family:
     single_grid = True          # the image's tokens form one row-major grid (pool, peaks)
     # Why merging before the projector (merge_space 'vision') cannot apply; None: it can.
     no_vision_merge: str | None = "its projector is not known to map one vision feature per token"
+    # Why CLIP text guidance (clip=) cannot apply; None: it can.
+    no_clip_guidance: str | None = "its vision tower is not a CLIP tower with one CLS grid per image"
 
     def __init__(self, model: nn.Module, attn_layer: int | None):
         self.model = model
+        self.clip: Any = None               # a CLIPModel sharing the vision tower: CLIP text guidance
         self.inner = model.model
         self.name = type(model).__name__
         self.image_token_id: int = model.config.image_token_id
@@ -215,6 +225,7 @@ class _Llava(_Family):
     the projector's input (the feature layer's patch features) and the projector."""
 
     no_vision_merge = None
+    no_clip_guidance = None
 
     def __init__(self, model: nn.Module, attn_layer: int | None):
         super().__init__(model, attn_layer)
@@ -233,11 +244,12 @@ class _Llava(_Family):
         self.side = cfg.vision_config.image_size // cfg.vision_config.patch_size
         self.captured: tuple[Tensor, Tensor, Tensor] | None = None
         self.features: Tensor | None = None     # [T, n, Dv] the projector's last input
+        self.last_hidden: Tensor | None = None  # [T, 1 + n, Dv] the tower's last layer (clip= guidance)
 
     def hooks(self) -> list[Any]:
         """Record the CLS attention of ``attn_layer`` whenever the tower runs (a hook on this
         instance's module): ``generate`` encodes the images before the prefill forward. With
-        ``vision_merge``, also the projector's input."""
+        ``vision_merge``, also the projector's input; with ``clip``, the tower's last layer."""
 
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             self.captured = cls_attention(module, kwargs.get("hidden_states", args[0] if args else None))
@@ -245,14 +257,29 @@ class _Llava(_Family):
         def projector(module: nn.Module, args: tuple, kwargs: dict) -> None:
             self.features = kwargs.get("image_features", args[0] if args else None)
 
+        def tower(module: nn.Module, args: tuple, output: Any) -> None:
+            self.last_hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+
         handles = [self.layers[self.attn_layer].self_attn.register_forward_pre_hook(hook, with_kwargs=True)]
         if self.vision_merge:
             handles.append(self.inner.multi_modal_projector.register_forward_pre_hook(projector, with_kwargs=True))
+        if self.clip is not None:
+            handles.append(self.inner.vision_tower.register_forward_hook(tower))
         return handles
 
     def reset(self) -> None:
         self.captured = None
         self.features = None
+        self.last_hidden = None
+
+    def _take_patches(self, tiles: int) -> Tensor | None:
+        """``[T, n, P]`` the last tower run's patches in CLIP's joint space (None without ``clip``)."""
+        if self.clip is None:
+            return None
+        if self.last_hidden is None or self.last_hidden.shape[0] != tiles:
+            raise RuntimeError("attach: the vision tower's last layer was not recorded for these images")
+        out, self.last_hidden = self.last_hidden, None
+        return clip_patch_embeddings(self.clip, self.inner.vision_tower, out)
 
     def _take_features(self, tiles: int) -> tuple[Tensor | None, Any]:
         """``(features [T, n, Dv], projector)`` of the last tower run, or ``(None, None)`` without
@@ -280,9 +307,11 @@ class _Llava(_Family):
         tokens = torch.stack(list(enc.pooler_output))                              # [I, N, D]
         cls, keys, full = self._take_captured(tokens.shape[0])
         hidden, project = self._take_features(tokens.shape[0])
+        patches = self._take_patches(tokens.shape[0])
         vt = VisualTokens(tokens=tokens, keys=keys, cls_attn=cls, cls_attn_full=full, grid=(self.side, self.side),
                           hidden=hidden, project=project)
-        return [_Image(vt.select([i]), tokens.shape[1]) for i in range(tokens.shape[0])]
+        return [_Image(vt.select([i]), tokens.shape[1], patches=None if patches is None else patches[i:i + 1])
+                for i in range(tokens.shape[0])]
 
 
 class _LlavaNext(_Llava):
@@ -310,6 +339,7 @@ class _LlavaNext(_Llava):
 
     markers = (("USER:", "ASSISTANT:"), ("[INST]", "[/INST]"))
     single_grid = False
+    no_clip_guidance = "each image is several tiles, not one CLS grid"
 
     def __init__(self, model: nn.Module, attn_layer: int | None):
         super().__init__(model, attn_layer)
@@ -578,7 +608,7 @@ class AttachHandle:
 
     def __init__(self, model: nn.Module, method: str, budget: int | float | None, params: dict[str, Any],
                  *, attention: str, attn_layer: int | None, tokenizer: Any, questions: Sequence[str] | None,
-                 seed: int):
+                 seed: int, clip: Any = None, clip_tokenizer: Any = None, grid_positions: bool = False):
         name = type(model).__name__
         if name not in FAMILIES:
             raise ValueError(f"attach: {name} is not supported (supported: {', '.join(SUPPORTED)})")
@@ -589,7 +619,15 @@ class AttachHandle:
             raise ValueError(f"attach: {method} {why}, but {name} packs each image as a base tile plus a "
                              f"high-res grid with newline tokens (no single grid)")
         resolved = _resolved(method, params)
-        if getattr(resolved, "text_pooling", "eos") != "eos":
+        if clip is not None:
+            if self.family.no_clip_guidance:
+                raise ValueError(f"attach: clip= text guidance cannot apply to {name}: {self.family.no_clip_guidance}")
+            if clip_tokenizer is None:
+                raise ValueError("attach: clip= needs clip_tokenizer= to tokenise the questions")
+            self.family.clip = clip
+        if grid_positions and type(self.family).rope is not _Family.rope:
+            raise ValueError(f"attach: grid_positions applies to 1-D positions; {name} keeps its own M-RoPE positions")
+        if clip is None and getattr(resolved, "text_pooling", "eos") != "eos":
             raise ValueError(f"attach: text_pooling={resolved.text_pooling!r} of {method} needs a CLIP text tower, but "
                              f"{name} embeds the question with its LM's input embeddings (use text_pooling='eos')")
         if getattr(resolved, "merge_space", "projected") == "vision":
@@ -601,6 +639,9 @@ class AttachHandle:
         self.attention = attention
         self.questions = list(questions) if questions is not None else None
         self.tokenizer = tokenizer
+        self.clip_tokenizer = clip_tokenizer
+        self.text_pooling = getattr(resolved, "text_pooling", "eos")
+        self.grid_positions = grid_positions
         self._gen = torch.Generator().manual_seed(seed)
         self._prompt: _Prompt | None = None
         self._encoded: tuple[Any, list[tuple[Tensor, Tensor, int]]] | None = None
@@ -673,6 +714,11 @@ class AttachHandle:
         if any(not q for q in q_ids):
             raise ValueError("attach: found no question text in the prompt's user turn")
         self.last_question_ids = q_ids
+        if self.family.clip is not None:       # CLIP's text tower, as LVLM.text_embeddings
+            tok = getattr(self.tokenizer, "tokenizer", self.tokenizer)
+            texts = [self.questions[r] for r in rows] if self.questions is not None else \
+                [tok.decode(q, skip_special_tokens=True) for q in q_ids]
+            return clip_text_embeddings(self.family.clip, self.clip_tokenizer, texts, self.text_pooling)
         return torch.stack([self.family.embed(torch.tensor(q, device=ids.device)).float().mean(0) for q in q_ids])
 
     def _assign(self, images: list[_Image], is_img: Tensor) -> list[int]:
@@ -696,8 +742,11 @@ class AttachHandle:
         q = self._question_embeddings(rows, ids)                        # [I, D] or None
         if q is not None:
             for im, qi in zip(images, q):
-                im.vt.text_sim = F.normalize(im.vt.tokens.float(), dim=-1) @ F.normalize(qi, dim=-1)
-                im.vt.text_dim = int(qi.shape[-1])        # cosine in the LM's embedding space
+                if im.patches is not None:                # cosine in CLIP's joint space, as the tokens stage
+                    im.vt.text_sim = torch.einsum("bnp,bp->bn", im.patches, qi[None].to(im.patches))
+                else:                                     # cosine in the LM's embedding space
+                    im.vt.text_sim = F.normalize(im.vt.tokens.float(), dim=-1) @ F.normalize(qi, dim=-1)
+                im.vt.text_dim = int(qi.shape[-1])
         groups: dict[tuple, list[int]] = {}
         for i, im in enumerate(images):
             groups.setdefault((im.vt.n_tokens, tuple(im.vt.grid)), []).append(i)
@@ -743,6 +792,9 @@ class AttachHandle:
             new_e[r, sl], new_m[r, sl], new_c[r, sl] = s, m, c
         removed = mask.sum(1) - new_m.sum(1)
         pos_ids = (new_m.long().cumsum(-1) - 1).masked_fill(new_m == 0, 0)
+        if self.grid_positions:       # each token at its column's position in the uncompressed prompt
+            orig = (mask.long().cumsum(-1) - 1).clamp(min=0)
+            pos_ids = orig.gather(1, new_c.clamp(min=0)).masked_fill(new_m == 0, 0)
         rope = fam.rope(kw, ids, mask)
         shift = None
         if rope is not None:
@@ -751,7 +803,7 @@ class AttachHandle:
             shift = kept.amax(dim=(0, 2)) + 1 - new_m.sum(1)
             pos_ids = torch.cat([pos_ids[None], kept.to(pos_ids)])              # [4, B, L']: text row, M-RoPE
         cache = kw.get("past_key_values")
-        self._prompt = _Prompt(cache, L, new_m, removed, shift) if cache is not None else None
+        self._prompt = _Prompt(cache, L, new_m, removed, shift, self.grid_positions) if cache is not None else None
         kw = dict(kw)
         kw.update(input_ids=None, pixel_values=None, mm_encoder_outputs=None, inputs_embeds=new_e, position_ids=pos_ids,
                   attention_mask=None if bool(new_m.all()) and kw.get("attention_mask") is None else new_m)
@@ -771,9 +823,11 @@ class AttachHandle:
             # M-RoPE rows continue the uncompressed prompt's positions; only the text row moves.
             pos = torch.cat([pos[:1] - removed.to(pos), pos[1:]]) if pos.shape[0] == 4 else pos
         elif pos is not None:
-            pos = pos - removed.to(pos)
+            pos = pos if p.keep_positions else pos - removed.to(pos)
         else:
             pos = (new_mask.long().cumsum(-1) - 1).masked_fill(new_mask == 0, 0)[:, -cur:]
+            if p.keep_positions:
+                pos = pos + removed.view(-1, 1).to(pos)
             if p.rope_shift is not None:
                 pos = torch.cat([pos[None], (pos + p.rope_shift.view(-1, 1).to(pos))[None].expand(3, -1, -1)])
         kw = dict(kw)
@@ -828,14 +882,21 @@ def _splice(embeds: Tensor, mask: Tensor, is_img: Tensor, placed: list[tuple[Ten
 
 def attach(model: nn.Module, method: str = "recoverable", budget: int | float | None = 0.1, *,
            attention: str = "head_mean", attn_layer: int | None = None, tokenizer: Any = None,
-           questions: Sequence[str] | None = None, seed: int = 0, **method_params: Any) -> AttachHandle:
+           questions: Sequence[str] | None = None, seed: int = 0, clip: Any = None, clip_tokenizer: Any = None,
+           grid_positions: bool = False, **method_params: Any) -> AttachHandle:
     """Attach a registered token method to one stock model instance (see the module docstring).
 
     ``budget``: a fraction of the image's tokens, a count, or ``None`` (adaptive mode);
     ``method_params``: the fields of the method's params dataclass; ``attn_layer``: the
     vision layer whose attention ranks tokens (default: the layer the LM's features come
     from); ``tokenizer``: the model's tokenizer or processor (needed by text-guided methods to
-    find the question); ``questions``: the questions, one per prompt, instead.
+    find the question); ``questions``: the questions, one per prompt, instead. ``clip`` (a
+    ``CLIPModel`` whose vision side is the model's tower) and ``clip_tokenizer``: text guidance as
+    the seed paper and the tokens stage do it, CLIP's text embedding of the question against the
+    patches in CLIP's joint space (LLaVA-1.5 only), instead of the LM's input embeddings;
+    ``grid_positions``: kept tokens and the text after them keep the positions of the
+    uncompressed prompt (``tokens.grid_positions``), instead of being packed.
     """
     return AttachHandle(model, method, budget, method_params, attention=attention, attn_layer=attn_layer,
-                        tokenizer=tokenizer, questions=questions, seed=seed)
+                        tokenizer=tokenizer, questions=questions, seed=seed, clip=clip, clip_tokenizer=clip_tokenizer,
+                        grid_positions=grid_positions)

@@ -206,6 +206,33 @@ class RecoverableParams:
             _fail(f"{name}.recovered_share", f"salient_share + recovered_share must be <= 1, got {_show(total)}")
 
 
+@dataclass(frozen=True)
+class DivPruneParams:
+    """``divprune`` (CVPR 2025, arXiv 2503.02175): the k tokens of greatest max-min diversity
+    (greedy, distance 1 - cosine of the projected tokens); no parameters besides the budget."""
+
+
+@dataclass(frozen=True)
+class CDPrunerParams:
+    """``cdpruner`` (NeurIPS 2025, arXiv 2506.10967): greedy MAP of a DPP whose kernel is the
+    tokens' cosine similarity scaled by each token's relevance to the instruction."""
+
+    # Relevance r (min-max normalised text cosine) enters the kernel as exp(alpha·r), alpha =
+    # theta / (2(1 - theta)), the paper's quality/diversity trade-off; None: r itself (official code).
+    theta: float | None = None
+    # The official code ranks by the *negated* cosine: with LLaVA's penultimate CLIP layer the
+    # authors found patch-text similarity inverted. VisualTokens.text_sim comes from CLIP's last
+    # layer (or the LM's embedding space under attach), where a higher cosine is more relevant.
+    negate_relevance: bool = False
+
+    def __post_init__(self) -> None:
+        t = self.theta
+        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= t < 1.0):
+            _fail("cdpruner.theta", f"must be null or in [0, 1), got {_show(t)}")
+        if not isinstance(self.negate_relevance, bool):
+            _fail("cdpruner.negate_relevance", f"expected true or false, got {_show(self.negate_relevance)}")
+
+
 # --- the registry of methods ------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -365,9 +392,14 @@ class TokensEvalParams:
     reference_method: str = "recoverable"  # its measured speedup/overhead at task_budget go to metrics
     bench_repeats: int = 5           # timed prefills per configuration (median reported)
     bench_batch: int = 8             # questions per timed prefill
+    # Our method: the candidate with the best mean accuracy over the budgets on val_questions
+    # validation questions (the test split is reported once); candidates not in methods are skipped.
+    ours: list[str] = field(default_factory=lambda: ["recoverable", "recoverable_spread"])
+    val_questions: int = 500         # validation questions for that choice, type-stratified (0: all)
+    cost_tolerance: float = 0.02     # equal cost: ours within this share of a peer's prefill GFLOPs
 
     def __post_init__(self) -> None:
-        for name in ("max_questions", "max_captions", "max_refs", "examples"):
+        for name in ("max_questions", "max_captions", "max_refs", "examples", "val_questions"):
             _check_min("eval", name, getattr(self, name), 0)
         for name in ("batch_images", "bench_repeats", "bench_batch"):
             _check_min("eval", name, getattr(self, name), 1)
@@ -376,6 +408,11 @@ class TokensEvalParams:
         for i, name in enumerate(self.example_methods):
             if name not in METHOD_PARAMS:
                 _fail(f"eval.example_methods[{i}]", f"unknown method {_show(name)} (known: {_known_methods()})")
+        for i, name in enumerate(self.ours):
+            if name not in METHOD_PARAMS:
+                _fail(f"eval.ours[{i}]", f"unknown method {_show(name)} (known: {_known_methods()})")
+        if not (0.0 < self.cost_tolerance < 1.0):
+            _fail("eval.cost_tolerance", f"a share must be in (0, 1), got {_show(self.cost_tolerance)}")
         if self.reference_method not in METHOD_PARAMS:
             _fail("eval.reference_method", f"unknown method {_show(self.reference_method)} "
                                            f"(known: {_known_methods()})")

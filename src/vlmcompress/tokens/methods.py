@@ -461,5 +461,9 @@ def _recoverable(vt: VisualTokens, budget: int | float | None, attention: str, p
     return pack(vt.tokens, _kept_kind((salient, KIND_SALIENT), (recovered, KIND_RECOVERED)), extras)
 
 
+# The diversity peers (DivPrune, CDPruner) register from their own module: after the methods above,
+# before FastV (the default order of tokens.methods).
+from vlmcompress.tokens import peers  # noqa: E402,F401
+
 # FastV prunes inside the LM: registered for its params; FastV(budget=..., layer=...) is its transform.
 register_method("fastv", params=FastVParams, in_lm=True)(FastV)
