@@ -77,7 +77,7 @@ class SelectionTimer:
         self.seconds = 0.0
 
     def __enter__(self):
-        A = sys.modules["vlmcompress.tokens.attach"]     # the module (the package exports the function)
+        A = sys.modules["vlmcompress.tokens.hf"]     # the module behind vlmcompress.tokens.attach
         self._module, self._orig = A, A.compress
 
         def timed(*args, **kwargs):

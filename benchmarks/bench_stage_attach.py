@@ -71,7 +71,7 @@ def main() -> None:
     import torch
 
     from vlmcompress.config import load_params
-    from vlmcompress.tokens.attach import attach
+    from vlmcompress.tokens import attach
     from vlmcompress.tokens.patch import TextEmbeddingCache, make_transform
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

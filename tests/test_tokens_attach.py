@@ -6,7 +6,7 @@ import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 from vlmcompress.lvlm.tokenizer import build_tokenizers, build_vocab
-from vlmcompress.tokens.attach import attach
+from vlmcompress.tokens import attach
 
 WORDS = "a chat between user and assistant : what color is the circle square red blue how many are there".split()
 VOCAB = build_vocab(WORDS, ["?", ".", "\n"])

@@ -10,7 +10,7 @@ from transformers import (
 )
 
 from vlmcompress.lvlm.tokenizer import build_tokenizers, build_vocab
-from vlmcompress.tokens.attach import attach
+from vlmcompress.tokens import attach
 
 WORDS = ("a chat between user and assistant system you are helpful : what color is the circle square red blue "
          "how many are there").split()

@@ -17,7 +17,7 @@ from vlmcompress.tokens import (
     KIND_GLOBAL, KIND_MERGED, KIND_RECOVERED, KIND_SALIENT, METHOD_PARAMS, Compressed, VisualTokens, compress,
     method_spec,
 )
-from vlmcompress.tokens.attach import attach
+from vlmcompress.tokens import attach
 from vlmcompress.tokens.config import RecoverableParams
 from vlmcompress.tokens.methods import official_text_weight
 from vlmcompress.tokens.patch import TextEmbeddingCache, TokenCompressor

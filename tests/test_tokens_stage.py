@@ -299,7 +299,7 @@ def _stage_and_attach(tmp_path, T, method: str, budget, **attach_kw):
     import torch
 
     from vlmcompress.lvlm.load import load_lvlm
-    from vlmcompress.tokens.attach import attach
+    from vlmcompress.tokens import attach
     from vlmcompress.tokens.patch import TEXT_GUIDED
     from vlmcompress.tokens.stage import Sweeper, make_batches
 

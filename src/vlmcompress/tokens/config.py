@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 import math
 import typing
 from collections.abc import Callable, Iterator, Mapping, Set
@@ -246,7 +247,7 @@ class MethodSpec:
 
     name: str
     params: type                     # its params dataclass: the schema of tokens.<name>
-    fn: Callable[..., Any]
+    fn: Callable[..., Any] | str     # or "module:attr" of a declared built-in not imported yet
     adaptive: bool = False           # accepts budget=None (its own rule picks how many)
     text_guided: bool = False        # reads VisualTokens.text_sim: needs the question's embedding
     in_lm: bool = False              # prunes inside the LM (fn makes a transform)
@@ -257,11 +258,77 @@ _SPECS: dict[str, MethodSpec] = {}
 
 
 def method_specs() -> Mapping[str, MethodSpec]:
-    """Every registered method by name, in registration order, built-ins first."""
-    # The built-ins register when their module is imported; importing it here means the schema
-    # knows them whichever module was imported first.
-    import vlmcompress.tokens.methods  # noqa: F401
+    """Every registered method by name, in registration order, built-ins first.
+
+    Built-ins are declared at the end of this module with where their function lives, so the
+    schema knows their names, params and traits without importing torch; a declared spec's
+    ``fn`` is that ``"module:attr"`` string until its module is imported (:func:`method_function`).
+    """
     return MappingProxyType(_SPECS)
+
+
+def _where(fn: Any) -> str:
+    return f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', getattr(fn, '__name__', '?'))}"
+
+
+CALL_KEYWORDS = ("budget", "attention", "generator")   # every method's own keywords; the rest are params
+
+
+def method_params_of(cls: type, name: str, params: dict[str, Any]) -> Any:
+    """``cls(**params)``; an unknown keyword is a one-line error naming the known parameters."""
+    try:
+        return cls(**params)
+    except TypeError as exc:   # unknown keyword
+        known = ", ".join(f.name for f in dataclasses.fields(cls)) or "none"
+        raise ValueError(f"{name}: bad parameter ({exc}); known parameters: {known}") from None
+
+
+def params_fields(params: Any) -> dict[str, Any]:
+    """A params dataclass as keywords (shallow: values stay as they are)."""
+    return {f.name: getattr(params, f.name) for f in dataclasses.fields(params)}
+
+
+def with_defaults(name: str, params: type, fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` called with every field of ``params`` (its defaults, updated by the call's): a preset."""
+    def run(*args: Any, **kwargs: Any) -> Any:
+        call = {k: kwargs.pop(k) for k in CALL_KEYWORDS if k in kwargs}
+        return fn(*args, **call, **params_fields(method_params_of(params, name, kwargs)))
+    run.__name__ = run.__qualname__ = name
+    run.__doc__ = params.__doc__
+    return run
+
+
+def method_function(spec: MethodSpec) -> Callable[..., Any]:
+    """The callable of ``spec``, importing a declared built-in's module on first use."""
+    if callable(spec.fn):
+        return spec.fn
+    importlib.import_module(str(spec.fn).partition(":")[0])     # its decorator binds it
+    bound = _SPECS.get(spec.name, spec)
+    if not callable(bound.fn) and bound.base is not None:
+        bound = _bind_preset(bound)
+    if not callable(bound.fn):
+        raise LookupError(f"token method {spec.name!r}: {spec.fn} did not register it")
+    return bound.fn
+
+
+def _bind_preset(spec: MethodSpec) -> MethodSpec:
+    base_fn = method_function(_SPECS[spec.base])
+    bound = dataclasses.replace(spec, fn=with_defaults(spec.name, spec.params, base_fn))
+    _SPECS[spec.name] = bound
+    return bound
+
+
+def _declare(name: str, params: type, where: str, **traits: Any) -> None:
+    """A built-in, known by name before its module is imported."""
+    _SPECS[name] = MethodSpec(name, params, where, **traits)
+
+
+def _declare_preset(name: str, base: str, doc: str, **defaults: Any) -> type:
+    """A built-in preset of built-in ``base``; returns its params dataclass."""
+    b = _SPECS[base]
+    params = preset_params(name, b.params, doc, **defaults)
+    _SPECS[name] = dataclasses.replace(b, name=name, params=params, base=base)
+    return params
 
 
 def method_spec(name: str) -> MethodSpec:
@@ -279,10 +346,23 @@ def _reserved_names() -> set[str]:
 
 
 def add_method_spec(spec: MethodSpec) -> None:
-    """Register ``spec`` (the decorators of :mod:`vlmcompress.tokens.methods` call this)."""
+    """Register ``spec`` (the decorators of :mod:`vlmcompress.tokens.methods` call this).
+
+    For a declared built-in this binds its function: the decorator must name the declared
+    function, params and traits (so the declaration cannot drift from the code)."""
     specs = method_specs()
     if not (isinstance(spec.name, str) and spec.name.isidentifier()):
         raise ValueError(f"token method name must be an identifier (it is a params.yaml key), got {spec.name!r}")
+    declared = specs.get(spec.name)
+    if declared is not None and not callable(declared.fn) and declared.base is None:
+        where = _where(spec.fn)
+        if declared.fn != where or declared != dataclasses.replace(spec, fn=where):
+            raise ValueError(f"token method {spec.name!r} is a built-in declared as {declared}; "
+                             f"registered as {dataclasses.replace(spec, fn=_where(spec.fn))}")
+        _SPECS[spec.name] = spec
+        for preset in [s for s in _SPECS.values() if s.base == spec.name and not callable(s.fn)]:
+            _bind_preset(preset)
+        return
     if spec.name in specs:
         raise ValueError(f"token method {spec.name!r} registered twice")
     if spec.name in _reserved_names():
@@ -522,8 +602,40 @@ def check_tokens_params(p: TokensParams, path: str = "tokens") -> None:
             f"must be one of {path}.methods (its measured speedup is reported), got {show(p.eval.reference_method)}")
 
 
-def __getattr__(name: str) -> Any:
-    # The recoverable_spread preset's class, importable under its former hand-written name.
-    if name == "RecoverableSpreadParams":
-        return METHOD_PARAMS["recoverable_spread"]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# --- the built-in methods, declared ---------------------------------------------------------
+# Each decorator in vlmcompress.tokens.methods / .peers / .fastv binds its entry (and must match
+# it); the order here is the registry's order, built-ins first.
+_declare("full", FullParams, "vlmcompress.tokens.methods:full")
+_declare("random", RandomParams, "vlmcompress.tokens.methods:random")
+_declare("pool", PoolParams, "vlmcompress.tokens.methods:pool")
+_declare("prumerge", PruMergeParams, "vlmcompress.tokens.methods:prumerge", adaptive=True)
+_declare("prumerge_plus", PruMergePlusParams, "vlmcompress.tokens.methods:prumerge_plus", adaptive=True)
+_declare("visionzip", VisionZipParams, "vlmcompress.tokens.methods:visionzip")
+_declare("recoverable", RecoverableParams, "vlmcompress.tokens.methods:recoverable", adaptive=True, text_guided=True)
+RecoverableSpreadParams = _declare_preset(
+    "recoverable_spread", "recoverable",
+    salient_source="spread", recovery_peaks=True, merge=False, global_token=False,
+    salient_share=0.75, recovered_share=0.25,
+    doc="""``recoverable_spread``: our variant of ``recoverable`` for an LM that reads token
+    statistics (counting). Salient tokens spread evenly over the grid instead of chosen by CLS
+    attention (``salient_share`` of k), the rest recovered by question similarity; no merged or
+    global tokens (averages of unrelated patches). Without merging, the recovered tokens take
+    all of ``k`` the salient ones leave. Recovered tokens come from the text score's grid peaks
+    first (``recovery_peaks``): one token on each object the question names lets the LM count
+    them (docs/experiments/2026-12-03-token-methods-embedded.md).
+    """)
+RecoverableOfficialParams = _declare_preset(
+    "recoverable_official", "recoverable",
+    merge_space="vision", global_without_centres=False, min_salient=0, text_pooling="last", text_weight=None,
+    merge_mode="residual",
+    doc="""``recoverable_official``: ``recoverable`` as the official code runs it. Merged and global
+    tokens are averaged from the vision features before the projector, then projected; no global
+    token without centres; no minimum of salient tokens; the question embedded at the last
+    padded position of CLIP's text tower; text weight 50/√P from the model's joint width; the
+    unnormalised ``x_c + Σ a_j x_j`` merge (``merge_mode: residual``). The official code's bugs
+    stay fixed (see :func:`vlmcompress.tokens.methods.recoverable`). The official code runs the
+    adaptive mode (``budget: None``) with ``attention: full``; those are call settings, not parameters.
+    """)
+_declare("divprune", DivPruneParams, "vlmcompress.tokens.peers:divprune")
+_declare("cdpruner", CDPrunerParams, "vlmcompress.tokens.peers:cdpruner", text_guided=True)
+_declare("fastv", FastVParams, "vlmcompress.tokens.fastv:FastV", in_lm=True)

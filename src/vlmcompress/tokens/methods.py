@@ -33,9 +33,10 @@ from torch import Tensor
 from vlmcompress.tokens.config import ADAPTIVE  # noqa: F401  (re-exported: callers read it here)
 from vlmcompress.tokens.config import (
     IN_LM_METHODS, FastVParams, FullParams, MethodSpec, PoolParams, PruMergeParams, PruMergePlusParams, RandomParams,
-    RecoverableParams, RegistryMap, VisionZipParams, add_method_spec, method_spec, method_specs, preset_params,
-    remove_method_spec,
+    RecoverableParams, RegistryMap, VisionZipParams, add_method_spec, method_function, method_params_of, method_spec,
+    method_specs, params_fields, preset_params, remove_method_spec, with_defaults,
 )
+from vlmcompress.tokens.config import CALL_KEYWORDS  # noqa: F401  (re-exported)
 from vlmcompress.tokens.fastv import FastV
 from vlmcompress.tokens.merge import (
     avg_pool_tokens, global_token, merge_into_centres, pool_cell_centres, pool_grid, visionzip_contextual, visionzip_targets,
@@ -48,9 +49,8 @@ from vlmcompress.tokens.types import (
 )
 
 Method = Callable[..., Any]
-CALL_KEYWORDS = ("budget", "attention", "generator")   # every method's own keywords; the rest are params
 # Methods that compress the visual tokens before the LM (in-LM ones make a transform instead).
-METHODS: Mapping[str, Method] = RegistryMap(lambda s: not s.in_lm, lambda s: s.fn)
+METHODS: Mapping[str, Method] = RegistryMap(lambda s: not s.in_lm, method_function)
 
 
 def register_method(name: str, *, params: type, adaptive: bool = False, text_guided: bool = False,
@@ -75,19 +75,9 @@ def register_preset(name: str, *, base: str, doc: str | None = None, **defaults:
     """
     spec = method_spec(base)
     params = preset_params(name, spec.params, doc, **defaults)
-    add_method_spec(dataclasses.replace(spec, name=name, params=params, fn=_with_defaults(name, params, spec.fn),
-                                        base=base))
+    add_method_spec(dataclasses.replace(spec, name=name, params=params,
+                                        fn=with_defaults(name, params, method_function(spec)), base=base))
     return params
-
-
-def _with_defaults(name: str, params: type, fn: Method) -> Method:
-    """``fn`` called with every field of ``params`` (its defaults, updated by the call's)."""
-    def run(*args: Any, **kwargs: Any) -> Any:
-        call = {k: kwargs.pop(k) for k in CALL_KEYWORDS if k in kwargs}
-        return fn(*args, **call, **_fields(_params(params, name, kwargs)))
-    run.__name__ = run.__qualname__ = name
-    run.__doc__ = params.__doc__
-    return run
 
 
 def unregister_method(name: str) -> None:
@@ -126,24 +116,11 @@ def compress(vt: VisualTokens, name: str, **kwargs: Any) -> Compressed:
     """Validate ``vt`` and the method's params (against its dataclass), then run method ``name``."""
     fn = get_method(name)
     call = {k: kwargs.pop(k) for k in CALL_KEYWORDS if k in kwargs}
-    params = _params(method_spec(name).params, name, kwargs)
-    return fn(vt.validate(), **call, **_fields(params))
+    params = method_params_of(method_spec(name).params, name, kwargs)
+    return fn(vt.validate(), **call, **params_fields(params))
 
 
 # --- shared pieces ----------------------------------------------------------------------
-
-def _params(cls: type, name: str, params: dict[str, Any]) -> Any:
-    try:
-        return cls(**params)
-    except TypeError as exc:   # unknown keyword
-        known = ", ".join(f.name for f in dataclasses.fields(cls)) or "none"
-        raise ValueError(f"{name}: bad parameter ({exc}); known parameters: {known}") from None
-
-
-def _fields(params: Any) -> dict[str, Any]:
-    """A params dataclass as keywords (shallow: values stay as they are)."""
-    return {f.name: getattr(params, f.name) for f in dataclasses.fields(params)}
-
 
 def pick_attention(vt: VisualTokens, variant: str) -> Tensor:
     """[B, N] CLS attention of the requested variant."""
@@ -218,7 +195,7 @@ def _clusters_and_global(vt: VisualTokens, attn: Tensor, centres: Tensor, pool: 
 def full(vt: VisualTokens, *, budget: int | float | None = None, attention: str = "head_mean",
          generator: torch.Generator | None = None, **params: Any) -> Compressed:
     """All N tokens, in order (the uncompressed reference)."""
-    _params(FullParams, "full", params)
+    method_params_of(FullParams, "full", params)
     if budget is not None and resolve_budget(vt.n_tokens, budget) != vt.n_tokens:
         raise ValueError(f"full: keeps all {vt.n_tokens} tokens; got budget {budget!r}")
     return _all_tokens(vt)
@@ -229,7 +206,7 @@ def random(vt: VisualTokens, *, budget: int | float | None = None, attention: st
            generator: torch.Generator | None = None, **params: Any) -> Compressed:
     """k tokens drawn uniformly without replacement per image, kept in patch order.
     Deterministic given ``generator`` state (or ``seed`` when no generator is given)."""
-    p: RandomParams = _params(RandomParams, "random", params)
+    p: RandomParams = method_params_of(RandomParams, "random", params)
     k = _fixed_k(vt, budget, "random")
     scores = random_scores((vt.batch_size, vt.n_tokens), generator, p.seed, vt.tokens.device)
     keep = topk_mask(scores, k)
@@ -240,7 +217,7 @@ def random(vt: VisualTokens, *, budget: int | float | None = None, attention: st
 def pool(vt: VisualTokens, *, budget: int | float | None = None, attention: str = "head_mean",
          generator: torch.Generator | None = None, **params: Any) -> Compressed:
     """Uniform spatial average pooling to the largest h x w grid with h·w <= k."""
-    p: PoolParams = _params(PoolParams, "pool", params)
+    p: PoolParams = method_params_of(PoolParams, "pool", params)
     k = _fixed_k(vt, budget, "pool")
     if k >= vt.n_tokens:
         return _all_tokens(vt)
@@ -261,7 +238,7 @@ def prumerge(vt: VisualTokens, *, budget: int | float | None = None, attention: 
     """PruMerge: centres = IQR outliers of CLS attention (adaptive) or the top k-1 (fixed;
     the global token is the k-th); each centre absorbs its nearest tokens among all others.
     Output: cluster tokens in patch order of their centres, then the global token."""
-    p: PruMergeParams = _params(PruMergeParams, "prumerge", params)
+    p: PruMergeParams = method_params_of(PruMergeParams, "prumerge", params)
     attn = pick_attention(vt, attention)
     if budget is None:
         centres = iqr_threshold(attn, whisker=p.whisker, min_keep=p.min_keep)
@@ -282,7 +259,7 @@ def prumerge_plus(vt: VisualTokens, *, budget: int | float | None = None, attent
     stride_divisor), over positions 0..N-2 (the official code samples ``arange(0, 575)``).
     Fixed: round((k-1)·attn_share) centres by attention, the rest of the k-1 spread evenly
     over the other patches, plus the global token."""
-    p: PruMergePlusParams = _params(PruMergePlusParams, "prumerge_plus", params)
+    p: PruMergePlusParams = method_params_of(PruMergePlusParams, "prumerge_plus", params)
     attn = pick_attention(vt, attention)
     N = vt.n_tokens
     if budget is None:
@@ -313,7 +290,7 @@ def visionzip(vt: VisualTokens, *, budget: int | float | None = None, attention:
     """VisionZip: k - c dominant tokens (top CLS attention, patch order) + c contextual
     tokens, c = round(k·contextual_share). Unlike the official code no CLS token is kept
     (LLaVA-1.5 feeds patch tokens only)."""
-    p: VisionZipParams = _params(VisionZipParams, "visionzip", params)
+    p: VisionZipParams = method_params_of(VisionZipParams, "visionzip", params)
     attn = pick_attention(vt, attention)
     k = _fixed_k(vt, budget, "visionzip")
     if k >= vt.n_tokens:
@@ -348,36 +325,7 @@ def recoverable(vt: VisualTokens, *, budget: int | float | None = None, attentio
     salient tokens masked in every image), the centre count uses the vision width instead of
     N, and merge keys are read at the leftover tokens' ranks instead of their patches.
     """
-    return _recoverable(vt, budget, attention, _params(RecoverableParams, "recoverable", params))
-
-
-RecoverableSpreadParams = register_preset(
-    "recoverable_spread", base="recoverable",
-    salient_source="spread", recovery_peaks=True, merge=False, global_token=False,
-    salient_share=0.75, recovered_share=0.25,
-    doc="""``recoverable_spread``: our variant of ``recoverable`` for an LM that reads token
-    statistics (counting). Salient tokens spread evenly over the grid instead of chosen by CLS
-    attention (``salient_share`` of k), the rest recovered by question similarity; no merged or
-    global tokens (averages of unrelated patches, on the embedded LM, came out as box fragments
-    and "2"). Without merging, the recovered tokens take all of ``k`` the salient ones leave.
-    Recovered tokens come from the text score's grid peaks first (``recovery_peaks``): one
-    token on each object the question names lets the LM count them (count 49 -> 74 % at 10% on
-    2,000 val questions). With peaks, a quarter of k recovered beat 3/8, 1/2 and 3/4 there.
-    """)
-
-
-RecoverableOfficialParams = register_preset(
-    "recoverable_official", base="recoverable",
-    merge_space="vision", global_without_centres=False, min_salient=0, text_pooling="last", text_weight=None,
-    merge_mode="residual",
-    doc="""``recoverable_official``: ``recoverable`` as the official code runs it. Merged and global
-    tokens are averaged from the vision features before the projector, then projected; no global
-    token without centres; no minimum of salient tokens; the question embedded at the last
-    padded position of CLIP's text tower; text weight 50/√P from the model's joint width; the
-    unnormalised ``x_c + Σ a_j x_j`` merge (``merge_mode: residual``). The official code's bugs
-    stay fixed (see :func:`recoverable`). The official code runs the adaptive mode
-    (``budget: None``) with ``attention: full``; those are call settings, not parameters.
-    """)
+    return _recoverable(vt, budget, attention, method_params_of(RecoverableParams, "recoverable", params))
 
 
 def official_text_weight(width: int) -> float:
@@ -460,10 +408,6 @@ def _recoverable(vt: VisualTokens, budget: int | float | None, attention: str, p
                                   global_without_centres=p.global_without_centres)
     return pack(vt.tokens, _kept_kind((salient, KIND_SALIENT), (recovered, KIND_RECOVERED)), extras)
 
-
-# The diversity peers (DivPrune, CDPruner) register from their own module: after the methods above,
-# before FastV (the default order of tokens.methods).
-from vlmcompress.tokens import peers  # noqa: E402,F401
 
 # FastV prunes inside the LM: registered for its params; FastV(budget=..., layer=...) is its transform.
 register_method("fastv", params=FastVParams, in_lm=True)(FastV)

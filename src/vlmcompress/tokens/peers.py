@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vlmcompress.tokens.config import CDPrunerParams, DivPruneParams
-from vlmcompress.tokens.methods import _all_tokens, _fixed_k, _params, register_method
+from vlmcompress.tokens.config import CDPrunerParams, DivPruneParams, method_params_of
+from vlmcompress.tokens.methods import _all_tokens, _fixed_k, register_method
 from vlmcompress.tokens.types import KIND_SALIENT, Compressed, VisualTokens, pack
 
 RELEVANCE_EPS = 1e-6     # the official min-max normalisation adds this, so no token's relevance is 0
@@ -148,7 +148,7 @@ def divprune(vt: VisualTokens, *, budget: int | float | None = None, attention: 
     tokens in patch order. Official code: one image per batch (LLaVA-NeXT: its whole packed
     sequence, newline tokens included); here each image of the batch on its own, over the patch
     tokens the adapter hands over."""
-    _params(DivPruneParams, "divprune", params)
+    method_params_of(DivPruneParams, "divprune", params)
     k = _fixed_k(vt, budget, "divprune")
     if k >= vt.n_tokens:
         return _all_tokens(vt)
@@ -171,7 +171,7 @@ def cdpruner(vt: VisualTokens, *, budget: int | float | None = None, attention: 
     on LLaVA-NeXT, each crop keeping its own k), and a kernel whose rank is used up still yields
     k tokens (see :func:`dpp_greedy_map`).
     """
-    p: CDPrunerParams = _params(CDPrunerParams, "cdpruner", params)
+    p: CDPrunerParams = method_params_of(CDPrunerParams, "cdpruner", params)
     k = _fixed_k(vt, budget, "cdpruner")
     if vt.text_sim is None:
         raise ValueError("cdpruner: VisualTokens.text_sim is required (the instruction relevance of each token)")
