@@ -389,3 +389,12 @@ def test_every_spatial_question_the_generator_asks_parses_as_a_relation():
             assert xy.shape == (2, 2) and xy.abs().max() <= 1
             seen += 1
     assert seen > 30
+
+
+def test_progress_lines_say_the_phase_the_step_of_how_many_and_the_time_left():
+    from vlmcompress.lvlm.train import progress_line
+
+    line = progress_line("lm", 2000, {"phase": "lm", "step": 400, "seconds": 310.0, "loss": 0.5, "val_acc": 54.5})
+    assert line == "[lm] step 400/2000 (20%, 310 s, ~1240 s left) loss=0.5 val_acc=54.5"
+    assert progress_line("clip", 300, {"phase": "clip", "step": 300, "seconds": 90.0}) == \
+        "[clip] step 300/300 (100%, 90 s, ~0 s left)"

@@ -410,6 +410,16 @@ def position_code(grid: int, dim: int, scale: float, seed: int) -> Tensor:
     return scale * coords @ basis.T
 
 
+def progress_line(phase: str, steps: int, row: dict[str, Any]) -> str:
+    """``[lm] step 400/2000 (20%, 310 s, ~1240 s left) loss=...``: a curve row with where its
+    phase stands. ``row`` holds the step and the phase's seconds so far (across resumed runs),
+    so the time left extrapolates the phase's own pace."""
+    step, secs = int(row["step"]), float(row.get("seconds", 0.0))
+    left = f"~{secs / step * (steps - step):.0f} s left" if step > 0 else "time left unknown"
+    rest = " ".join(f"{k}={v}" for k, v in row.items() if k not in ("phase", "step", "seconds"))
+    return f"[{phase}] step {step}/{steps} ({100 * step // steps}%, {secs:.0f} s, {left}) {rest}".rstrip()
+
+
 class Trainer:
     """Runs phases A, A2, B, C (:data:`PHASES`) with resumable checkpoints under ``work_dir``;
     saves HF folders."""
@@ -547,7 +557,7 @@ class Trainer:
                     m.train()
             if (step + 1) % self.t.eval_every == 0 or done or step == start:
                 self._log_row(row)
-                self.log(" ".join(f"{k}={v}" for k, v in row.items()))
+                self.log(progress_line(phase, steps, row))
             if (step + 1) % self.t.checkpoint_every == 0 and not done:
                 self._save_weights(f"{phase}_weights")
                 self.accel.save_state(str(state_dir))
