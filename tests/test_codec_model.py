@@ -13,8 +13,8 @@ from vlmcompress.codec.config import (CodecModelParams, CodecParams, CodecTrainP
                                       PreEditParams, check_codec_params)
 from vlmcompress.codec.losses import (RANK_LOSSES, CodecLoss, bpp_from_likelihoods, effective_rank,
                                       lambda_at, token_spectrum)
-from vlmcompress.codec.model import (MODELS, build_codec, check_rate, interpolate_log_gains,
-                                     weights_hash)
+from vlmcompress.codec.model import (MODELS, build_codec, check_rate, inference_ops, interpolate_log_gains,
+                                     run_ops, subpixel_weight, weights_hash)
 from vlmcompress.codec.preedit import PreEditNet, tokens_to_grid
 from vlmcompress.config import ConfigError, from_dict, to_dict
 
@@ -341,3 +341,81 @@ def test_attention_weighting_needs_the_lvlm_attention():
     attn = lambda img: (seen.append(img.requires_grad), torch.rand(img.shape[0], 64))[1]   # noqa: E731
     terms = CodecLoss(lp, attention_fn=attn)(m(x, 1.0), x, 1.0)
     assert seen == [False] and float(terms["lowpass_mse"]) > 0       # read from the original image
+
+
+# --- inference kernels and cached tables -------------------------------------------------------
+
+def test_subpixel_weight_is_the_transposed_convolution():
+    g = torch.Generator().manual_seed(0)
+    deconv = torch.nn.ConvTranspose2d(5, 3, 5, stride=2, padding=2, output_padding=1)
+    x = torch.randn(2, 5, 7, 6, generator=g)
+    k = subpixel_weight(deconv.weight.detach())
+    assert k.shape == (12, 5, 3, 3)
+    out = torch.nn.functional.pixel_shuffle(
+        torch.nn.functional.conv2d(x, k, deconv.bias.detach().repeat_interleave(4), padding=1), 2)
+    torch.testing.assert_close(out, deconv(x).detach(), rtol=1e-5, atol=1e-5)
+    # 25 of the 36 sub-pixel taps are real: the other 11 stay zero
+    assert int((k.reshape(3, 4, 5, 9) != 0).any(dim=(0, 2)).sum()) == 25
+
+
+@pytest.mark.parametrize("name", ["g_a", "g_s"])
+def test_inference_kernels_compute_the_transforms(model, name):
+    seq = getattr(model.core, name)
+    with torch.no_grad():   # GDN away from identity, so its normalisation is exercised
+        for m in seq:
+            if hasattr(m, "gamma"):
+                m.gamma.add_(0.05)
+        x = torch.rand(1, 3, 64, 64) if name == "g_a" else torch.randn(1, 24, 4, 4) * 3
+        fast = run_ops(inference_ops(seq), x)
+        ref = seq(x)
+        for m in seq:
+            if hasattr(m, "gamma"):
+                m.gamma.sub_(0.05)
+    assert fast.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_scale_indexes_equal_compressai_build_indexes(model):
+    gc = model.core.gaussian_conditional
+    table = gc.scale_table
+    g = torch.Generator().manual_seed(0)
+    scales = torch.cat([torch.rand(500, generator=g) * 300, table, table[:-1] + 1e-6, torch.tensor(
+        [0.0, -1.0, 1e-9, float("nan"), float("inf"), float(table[-1]) * 2])]).view(1, 1, 1, -1)
+    assert torch.equal(model.core._scale_indexes(scales), gc.build_indexes(scales))
+
+
+def test_kernels_tables_and_digest_follow_the_weights():
+    """Cached kernels, coder tables and the weights' hash are rebuilt once the weights change."""
+    torch.manual_seed(0)
+    m = lively(build_codec(model_params(use_tokens=False)))
+    img = make_image(64, 64)
+    data = encode_image(m, img, 1.0)
+    before, digest = decode_image(m, data), m.weights_digest()
+    assert digest == weights_hash(m)
+    with torch.no_grad():
+        m.core.g_s[0].weight.mul_(0.5)            # in place: the version counter moves
+    assert m.weights_digest() == weights_hash(m) != digest
+    with pytest.raises(ValueError, match="not by this one"):
+        decode_image(m, data)
+    data2 = encode_image(m, img, 1.0)
+    x = image_to_tensor(img)
+    with torch.no_grad():
+        fwd = tensor_to_image(m(x, 1.0)["x_hat"])
+    after = decode_image(m, data2)
+    assert np.array_equal(after, fwd) and not np.array_equal(after, before)
+    # a state dict loaded back restores the first weights, hash and decoding
+    m2 = lively(build_codec(model_params(use_tokens=False)))   # same seed path: other weights
+    m2.load_state_dict(m.state_dict())
+    assert m2.weights_digest() == m.weights_digest()
+    assert np.array_equal(decode_image(m2, data2), after)
+
+
+def test_eval_forward_equals_decode_exactly(model):
+    """Forward in eval mode without gradients runs the decoder's kernels: the same pixels."""
+    img = make_image(70, 45)
+    tok = TinyTokens()
+    data = encode_image(model, img, 1.5, token_fn=tok)
+    x = image_to_tensor(img)
+    with torch.no_grad():
+        fwd = tensor_to_image(model(x, 1.5, tok(x))["x_hat"])
+    assert np.array_equal(decode_image(model, data), fwd)

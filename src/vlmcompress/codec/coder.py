@@ -31,7 +31,7 @@ from torch import Tensor
 from vlmcompress.codec.bitstream import (HASH_LEN, MAX_DIM, Bitstream, BitstreamError, coded_rate,
                                          pack, unpack)
 from vlmcompress.codec.losses import TokenFn
-from vlmcompress.codec.model import LVLMCodec, check_rate, one_thread, weights_hash
+from vlmcompress.codec.model import LVLMCodec, check_rate, one_thread
 from vlmcompress.codec.rans import RansError
 from vlmcompress.codec.train import CHECKPOINT_DIR, CONFIG_NAME, load_codec, read_codec_record
 from vlmcompress.images import read_image_rgb, write_png
@@ -55,7 +55,8 @@ def image_to_tensor(img: np.ndarray, max_pixels: int = MAX_PIXELS) -> Tensor:
 
 def tensor_to_image(x: Tensor) -> np.ndarray:
     """``[1, 3, H, W]`` in [0, 1] -> ``uint8 [H, W, 3]`` (clamped, rounded)."""
-    return x[0].clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    # In place after the clamp's copy; a channels-last x (the decoder's) needs no final copy.
+    return x[0].clamp(0, 1).mul_(255).round_().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
 
 
 def _require_updated(model: LVLMCodec) -> None:
@@ -91,7 +92,7 @@ def _encode(model: LVLMCodec, img: np.ndarray, rate: float, token_fn: TokenFn | 
     out = model.compress(x, rate, tokens)
     (stream,) = out["strings"]
     h, w = out["size"]
-    return pack(Bitstream(height=h, width=w, rate=rate, model_hash=weights_hash(model)[:HASH_LEN],
+    return pack(Bitstream(height=h, width=w, rate=rate, model_hash=model.weights_digest()[:HASH_LEN],
                           streams=(stream,)))
 
 
@@ -107,7 +108,7 @@ def decode_image(model: LVLMCodec, data: bytes, *, source: str = "bitstream",
     if bs.height * bs.width > max_pixels:
         raise BitstreamError(f"{source}: image size {bs.height}x{bs.width} is more than {max_pixels} "
                              f"pixels (codec.max_pixels)")
-    mine = weights_hash(model)[:len(bs.model_hash)]   # a file carries a prefix of the hash
+    mine = model.weights_digest()[:len(bs.model_hash)]   # a file carries a prefix of the hash
     if bs.model_hash != mine:
         raise BitstreamError(f"{source}: written by codec {bs.model_hash.hex()}, "
                              f"not by this one ({mine.hex()})")

@@ -16,13 +16,20 @@ then refines.
 
 :class:`LVLMCodec` wraps the core with the optional pre-editing net and handles any image
 size by replicate-padding to the stride (64) and cropping the reconstruction.
+
+Without gradients (``compress``, ``decompress``, ``forward`` in eval mode) the analysis and
+synthesis transforms run through :func:`inference_ops`: the same functions on faster kernels,
+built once per weights, so a decoded image equals the eval-mode ``forward`` reconstruction
+exactly. The hyper-synthesis, which decides the entropy coder's tables, keeps its reference
+kernels: its output must not move by a rounding step between encoder and decoder versions.
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -36,7 +43,7 @@ from torch import Tensor
 
 from vlmcompress.codec.config import CodecModelParams, check_model_params
 from vlmcompress.codec.preedit import PreEditNet
-from vlmcompress.codec.rans import RansReader, coder_tables
+from vlmcompress.codec.rans import CoderTables, RansReader, coder_tables
 
 MODELS: dict[str, type[nn.Module]] = {}
 
@@ -113,6 +120,121 @@ def pad_to_multiple(x: Tensor, multiple: int) -> Tensor:
     return F.pad(x, (0, pw, 0, ph), mode="replicate")
 
 
+# --- inference kernels ---------------------------------------------------------------------
+# Without gradients the transforms run the same functions through faster kernels: oneDNN in
+# channels-last layout, GDN as a cache-sized matrix product, and a 3-channel output layer as
+# a sub-pixel convolution (a 5x5 stride-2 transposed convolution whose 3 output channels make
+# a poor matrix shape is the same as a 3x3 convolution to 4 x 3 channels + pixel shuffle).
+
+Op = Callable[[Tensor], Tensor]
+GDN_ROWS = 2048              # pixels per GDN block: x^2, the norm and the output stay in L2
+
+
+def subpixel_weight(w: Tensor) -> Tensor:
+    """A ``ConvTranspose2d(k=5, stride=2, padding=2, output_padding=1)`` weight ``[Cin, Cout, 5, 5]``
+    -> the ``Conv2d(k=3, padding=1)`` weight ``[4 Cout, Cin, 3, 3]`` whose output, pixel-shuffled
+    by 2, is the transposed convolution's.
+
+    Output pixel ``(2i + a, 2j + b)`` sums input ``(i + dy - 1, j + dx - 1)`` times tap
+    ``(4 - 2 dy + a, 4 - 2 dx + b)`` (for odd ``a`` there is no tap at ``dy = 0``: zero).
+    """
+    cin, cout = w.shape[:2]
+    k = w.new_zeros(cout, 2, 2, cin, 3, 3)
+    for a in range(2):
+        for b in range(2):
+            for dy in range(a, 3):
+                for dx in range(b, 3):
+                    k[:, a, b, :, dy, dx] = w[:, :, 4 - 2 * dy + a, 4 - 2 * dx + b].t()
+    return k.reshape(4 * cout, cin, 3, 3)
+
+
+def _is_up2(layer: nn.ConvTranspose2d) -> bool:
+    return (layer.kernel_size == (5, 5) and layer.stride == (2, 2) and layer.padding == (2, 2)
+            and layer.output_padding == (1, 1) and layer.dilation == (1, 1) and layer.groups == 1)
+
+
+def _deconv_op(layer: nn.ConvTranspose2d) -> Op:
+    w = layer.weight.detach()
+    b = layer.bias.detach() if layer.bias is not None else None
+    if _is_up2(layer) and w.shape[1] < 16:
+        k = subpixel_weight(w).contiguous(memory_format=torch.channels_last)
+        kb = b.repeat_interleave(4) if b is not None else None
+        return lambda x: F.pixel_shuffle(F.conv2d(x, k, kb, padding=1), 2)
+    wc = w.contiguous(memory_format=torch.channels_last)
+    kw = {"stride": layer.stride, "padding": layer.padding, "output_padding": layer.output_padding,
+          "groups": layer.groups, "dilation": layer.dilation}
+    return lambda x: F.conv_transpose2d(x, wc, b, **kw)
+
+
+def _conv_op(layer: nn.Conv2d) -> Op:
+    if layer.padding_mode != "zeros" or isinstance(layer.padding, str):
+        return layer
+    w = layer.weight.detach().contiguous(memory_format=torch.channels_last)
+    b = layer.bias.detach() if layer.bias is not None else None
+    kw = {"stride": layer.stride, "padding": layer.padding, "dilation": layer.dilation, "groups": layer.groups}
+    return lambda x: F.conv2d(x, w, b, **kw)
+
+
+def _gdn_op(layer: GDN) -> Op:
+    """``x * (beta + gamma x^2)^(+-1/2)`` per pixel, on blocks of pixels (channels-last rows)."""
+    beta = layer.beta_reparam(layer.beta).detach()
+    gamma_t = layer.gamma_reparam(layer.gamma).detach().t().contiguous()
+    inverse = layer.inverse
+
+    def op(x: Tensor) -> Tensor:
+        n, c, h, w = x.shape
+        rows = x.permute(0, 2, 3, 1).reshape(-1, c)      # a view for channels-last x
+        out = torch.empty((n, h, w, c), dtype=x.dtype, device=x.device).view(-1, c)
+        for s in range(0, rows.shape[0], GDN_ROWS):
+            part = rows[s:s + GDN_ROWS]
+            norm = torch.addmm(beta, part.square(), gamma_t)
+            norm = norm.sqrt_() if inverse else norm.rsqrt_()
+            torch.mul(part, norm, out=out[s:s + GDN_ROWS])
+        return out.view(n, h, w, c).permute(0, 3, 1, 2)
+
+    return op
+
+
+def inference_ops(seq: nn.Sequential) -> list[Op]:
+    """The layers of ``seq`` as gradient-free functions of channels-last tensors (any layer
+    without a faster kernel runs as itself)."""
+    ops: list[Op] = []
+    for layer in seq:
+        if isinstance(layer, nn.ConvTranspose2d):
+            ops.append(_deconv_op(layer))
+        elif isinstance(layer, nn.Conv2d):
+            ops.append(_conv_op(layer))
+        elif type(layer) is GDN:
+            ops.append(_gdn_op(layer))
+        else:
+            ops.append(layer)
+    return ops
+
+
+def run_ops(ops: Sequence[Op], x: Tensor) -> Tensor:
+    """``x [B, C, H, W]`` through ``ops`` (channels-last inside; the result is channels-last)."""
+    x = x.contiguous(memory_format=torch.channels_last)
+    for op in ops:
+        x = op(x)
+    return x
+
+
+class Derived:
+    """A value computed from some tensors, recomputed once any of them is replaced, moved or
+    changed in place (each tensor's identity, storage and version counter are compared)."""
+
+    def __init__(self) -> None:
+        self._key: tuple = ()
+        self._value: Any = None
+
+    def get(self, tensors: Iterable[Tensor], make: Callable[[], Any]) -> Any:
+        key = tuple((t, t._version, t.data_ptr()) for t in tensors)
+        if len(key) != len(self._key) or any(a[0] is not b[0] or a[1:] != b[1:] for a, b in zip(key, self._key)):
+            self._value = make()
+            self._key = key
+        return self._value
+
+
 @register_model("gained-mean-scale-hyperprior")
 class GainedMeanScaleHyperprior(CompressionModel):
     """Mean-scale hyperprior with gain units.
@@ -145,6 +267,7 @@ class GainedMeanScaleHyperprior(CompressionModel):
         if self.use_hyper_gain:
             self.log_hyper_gain = nn.Parameter(torch.zeros(self.levels, Nz))
             self.log_inv_hyper_gain = nn.Parameter(torch.zeros(self.levels, Nz))
+        self._derived: dict[str, Derived] = {}   # inference kernels and coder tables, never saved
 
     @classmethod
     def from_params(cls, p: CodecModelParams) -> GainedMeanScaleHyperprior:
@@ -163,6 +286,38 @@ class GainedMeanScaleHyperprior(CompressionModel):
         return (g, ig, interpolate_log_gains(self.log_hyper_gain, r),
                 interpolate_log_gains(self.log_inv_hyper_gain, r))
 
+    def _derive(self, name: str, tensors: Iterable[Tensor], make: Callable[[], Any]) -> Any:
+        return self.__dict__.setdefault("_derived", {}).setdefault(name, Derived()).get(tensors, make)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_derived": {}}   # kernels are closures: rebuilt, not pickled
+
+    def _transform(self, name: str, x: Tensor, fast: bool) -> Tensor:
+        """``g_a`` or ``g_s`` (``name``) of ``x``; ``fast``: through :func:`inference_ops` (no
+        gradients), built once per weights."""
+        seq = getattr(self, name)
+        if not fast:
+            return seq(x)
+        ops = self._derive(name, [*seq.parameters(), *seq.buffers()], lambda: inference_ops(seq))
+        return run_ops(ops, x)
+
+    def _tables(self, em: nn.Module) -> tuple[CoderTables, Any, tuple]:
+        """Validated decoder tables of ``em``, their per-table minimum bits and the encoder's
+        lists, built once per ``update``."""
+        name = "tables." + ("z" if em is self.entropy_bottleneck else "y")
+        return self._derive(name, [em._quantized_cdf, em._cdf_length, em._offset],
+                            lambda: _all_tables(em))
+
+    def _scale_indexes(self, scales: Tensor) -> Tensor:
+        """``GaussianConditional.build_indexes`` in one pass: the index of a (lower-bounded)
+        scale ``s`` is the number of table entries below it, i.e. ``searchsorted(table[:-1], s)``.
+        Same integers, NaN included (it sorts last: the widest table)."""
+        gc = self.gaussian_conditional
+        table = gc.scale_table
+        if table.numel() < 2 or not bool((table[1:] > table[:-1]).all()):
+            return gc.build_indexes(scales)
+        return torch.searchsorted(table[:-1].contiguous(), gc.lower_bound_scale(scales).contiguous()).int()
+
     def _y_prior(self, z_hat: Tensor, inv_hyper_gain: Tensor | None) -> tuple[Tensor, Tensor]:
         """Decoded z ``[B, Nz, h, w]`` -> y's Gaussian ``(scales, means)``, each ``[B, M, 4h, 4w]``."""
         if inv_hyper_gain is not None:
@@ -172,14 +327,15 @@ class GainedMeanScaleHyperprior(CompressionModel):
 
     def forward(self, x: Tensor, rate: float) -> dict:
         g, ig, hg, ihg = self._gains(rate)
-        y = self.g_a(x) * g
+        fast = not (self.training or torch.is_grad_enabled())   # the kernels compress/decompress use
+        y = self._transform("g_a", x, fast).contiguous() * g
         z = self.h_a(y)
         if hg is not None:
             z = z * hg
         z_hat, z_lik = self.entropy_bottleneck(z)
         scales, means = self._y_prior(z_hat, ihg)
         y_hat, y_lik = self.gaussian_conditional(y, scales, means=means)
-        x_hat = self.g_s(y_hat * ig)
+        x_hat = self._transform("g_s", y_hat * ig, fast)
         return {"x_hat": x_hat, "likelihoods": {"y": y_lik, "z": z_lik}}
 
     def _z_tables(self, z_shape: torch.Size) -> tuple[Tensor, Tensor]:
@@ -197,7 +353,7 @@ class GainedMeanScaleHyperprior(CompressionModel):
         64-bit state and word padding, ~10 bytes, 6% of our codec's smallest files.
         """
         g, _, hg, ihg = self._gains(rate)
-        y = self.g_a(x) * g
+        y = self._transform("g_a", x, not torch.is_grad_enabled()).contiguous() * g
         z = self.h_a(y)
         if hg is not None:
             z = z * hg
@@ -205,9 +361,9 @@ class GainedMeanScaleHyperprior(CompressionModel):
         z_idx, z_med = self._z_tables(z.shape)
         z_sym = eb.quantize(z, "symbols", z_med)
         scales, means = self._y_prior(eb.dequantize(z_sym, z_med), ihg)
-        y_idx = gc.build_indexes(scales)
+        y_idx = self._scale_indexes(scales)
         y_sym = gc.quantize(y, "symbols", means)
-        z_tab, y_tab = _coder_tables(eb), _coder_tables(gc)
+        z_tab, y_tab = self._tables(eb)[2], self._tables(gc)[2]
         strings = []
         for i in range(x.shape[0]):
             enc = BufferedRansEncoder()
@@ -222,8 +378,8 @@ class GainedMeanScaleHyperprior(CompressionModel):
         flattest-peaked table. Lets a decoder refuse a header that claims a large image
         with a few bytes before anything of that size is allocated."""
         h, w = shape
-        z_bits = float(coder_tables(self.entropy_bottleneck).min_bits().sum()) * h * w
-        y_bits = float(coder_tables(self.gaussian_conditional).min_bits().min()) * self.M * 16 * h * w
+        z_bits = float(self._tables(self.entropy_bottleneck)[1].sum()) * h * w
+        y_bits = float(self._tables(self.gaussian_conditional)[1].min()) * self.M * 16 * h * w
         return z_bits + y_bits
 
     def _decode_z(self, reader: RansReader, shape: tuple[int, int]) -> Tensor:
@@ -231,14 +387,14 @@ class GainedMeanScaleHyperprior(CompressionModel):
         eb = self.entropy_bottleneck
         z_shape = torch.Size((1, self.Nz, *shape))
         z_idx, z_med = self._z_tables(z_shape)
-        sym = reader.decode(z_idx.numpy(), coder_tables(eb))
+        sym = reader.decode(z_idx.numpy(), self._tables(eb)[0])
         return eb.dequantize(torch.from_numpy(sym).view(z_shape), z_med)
 
     def _decode_y(self, reader: RansReader, scales: Tensor, means: Tensor) -> Tensor:
         """y ``[1, M, 4h, 4w]`` given its Gaussian parameters (one image)."""
         gc = self.gaussian_conditional
-        idx = gc.build_indexes(scales)
-        sym = reader.decode(idx.numpy(), coder_tables(gc))
+        idx = self._scale_indexes(scales)
+        sym = reader.decode(idx.numpy(), self._tables(gc)[0])
         return gc.dequantize(torch.from_numpy(sym).view(idx.shape), means)
 
     def decompress(self, strings: list[bytes], shape: tuple[int, int], rate: float) -> dict:
@@ -251,13 +407,14 @@ class GainedMeanScaleHyperprior(CompressionModel):
             raise ValueError("strings must be a non-empty list of bytes, one per image")
         _, ig, _, ihg = self._gains(rate)
         y_hats = []
-        for s in strings:
-            reader = RansReader(s)
-            with one_thread():
-                scales, means = self._y_prior(self._decode_z(reader, shape), ihg)
-            y_hats.append(self._decode_y(reader, scales, means))
-            reader.finish()
-        return {"x_hat": self.g_s(torch.cat(y_hats) * ig).clamp_(0, 1)}
+        with torch.no_grad():
+            for s in strings:
+                reader = RansReader(s)
+                with one_thread():
+                    scales, means = self._y_prior(self._decode_z(reader, shape), ihg)
+                y_hats.append(self._decode_y(reader, scales, means))
+                reader.finish()
+            return {"x_hat": self._transform("g_s", torch.cat(y_hats) * ig, True).clamp_(0, 1)}
 
     def decompress_split(self, strings: list[list[bytes]], shape: tuple[int, int], rate: float) -> dict:
         """Decode the two-string layout of format versions 1 and 2: ``[y_strings, z_strings]``."""
@@ -265,21 +422,28 @@ class GainedMeanScaleHyperprior(CompressionModel):
             raise ValueError("strings must be [y_strings, z_strings]")
         _, ig, _, ihg = self._gains(rate)
         y_hats = []
-        for y_s, z_s in zip(*strings):
-            z_reader, y_reader = RansReader(z_s), RansReader(y_s)
-            z_hat = self._decode_z(z_reader, shape)
-            z_reader.finish()
-            with one_thread():
-                scales, means = self._y_prior(z_hat, ihg)
-            y_hats.append(self._decode_y(y_reader, scales, means))
-            y_reader.finish()
-        return {"x_hat": self.g_s(torch.cat(y_hats) * ig).clamp_(0, 1)}
+        with torch.no_grad():
+            for y_s, z_s in zip(*strings):
+                z_reader, y_reader = RansReader(z_s), RansReader(y_s)
+                z_hat = self._decode_z(z_reader, shape)
+                z_reader.finish()
+                with one_thread():
+                    scales, means = self._y_prior(z_hat, ihg)
+                y_hats.append(self._decode_y(y_reader, scales, means))
+                y_reader.finish()
+            return {"x_hat": self._transform("g_s", torch.cat(y_hats) * ig, True).clamp_(0, 1)}
 
 
 def _coder_tables(em: nn.Module) -> tuple[list[list[int]], list[int], list[int]]:
     """An updated CompressAI entropy model's rANS tables: CDFs, their lengths, offsets."""
     return (em.quantized_cdf.tolist(), em.cdf_length.reshape(-1).int().tolist(),
             em.offset.reshape(-1).int().tolist())
+
+
+def _all_tables(em: nn.Module) -> tuple[CoderTables, Any, tuple]:
+    """``(decoder tables, their min_bits, encoder lists)`` of an updated entropy model."""
+    tables = coder_tables(em)
+    return tables, tables.min_bits(), _coder_tables(em)
 
 
 class LVLMCodec(CompressionModel):
@@ -348,6 +512,14 @@ class LVLMCodec(CompressionModel):
         decode = self.core.decompress_split if split else self.core.decompress
         x_hat = decode(strings, shape, rate)["x_hat"]
         return {"x_hat": x_hat[..., :h, :w]}
+
+    def weights_digest(self) -> bytes:
+        """:func:`weights_hash` of this model, recomputed only once a weight or buffer changed."""
+        cache = self.__dict__.setdefault("_digest", Derived())
+        return cache.get([*self.parameters(), *self.buffers()], lambda: weights_hash(self))
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_digest"}
 
     def min_stream_bits(self, size: tuple[int, int]) -> float:
         """Fewest bits a file's entropy-coded strings can hold for an image of ``size = (H, W)``."""
