@@ -41,24 +41,17 @@ from compressai.models import CompressionModel
 from compressai.models.utils import conv, deconv
 from torch import Tensor
 
-from vlmcompress.codec.config import CodecModelParams, check_model_params
+from vlmcompress.codec.config import MODELS, CodecModelParams, check_model_params
 from vlmcompress.codec.preedit import PreEditNet
 from vlmcompress.codec.rans import CoderTables, RansReader, coder_tables
-
-MODELS: dict[str, type[nn.Module]] = {}
 
 # Entropy-coder tables rebuilt by ``update(force=True)``; never part of a saved model.
 CODER_TABLE_SUFFIXES = ("._quantized_cdf", "._offset", "._cdf_length", ".scale_table")
 
 
 def register_model(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
-    """Class decorator: make a core codec buildable by name from params.yaml."""
-
-    def deco(cls: type[nn.Module]) -> type[nn.Module]:
-        MODELS[name] = cls
-        return cls
-
-    return deco
+    """Class decorator: make a core codec buildable by name from params.yaml (``codec.model.name``)."""
+    return MODELS.register(name)
 
 
 def check_rate(rate: float, levels: int) -> float:
