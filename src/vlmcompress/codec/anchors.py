@@ -436,7 +436,7 @@ class VvcAnchor(AnchorCodec):
             src.write_bytes(data)
             ppm = _run_ffmpeg([
                 ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-xerror",
-                "-f", "vvc", "-i", str(src), "-frames:v", "1", "-vf", _YUV_TO_RGB,
+                "-threads", str(self.threads), "-f", "vvc", "-i", str(src), "-frames:v", "1", "-vf", _YUV_TO_RGB,
                 "-c:v", "ppm", "-f", "image2pipe", "pipe:1",
             ], self.name, self.timeout_s)
         try:
