@@ -1,4 +1,5 @@
-"""A loopback HTTP server for download tests: in-memory files, Range support, injected faults.
+"""A loopback HTTP server for download tests: in-memory files, Range support (``A-``, ``A-B``,
+``-N``), injected faults.
 
 Used as a context manager::
 
@@ -61,6 +62,22 @@ def _dribble(handler: BaseHTTPRequestHandler, data: bytes, interval_s: float, st
         pass
 
 
+def _byte_range(header: str | None, size: int) -> tuple[int, int] | str | None:
+    """One range of RFC 9110 (``bytes=A-``, ``bytes=A-B``, ``bytes=-N``) as ``[start, stop)``;
+    ``"unsatisfiable"`` past the end; ``None`` without a (parsable) header: the whole file."""
+    m = re.fullmatch(r"bytes=(\d*)-(\d*)", header or "")
+    if not m or not (m.group(1) or m.group(2)):
+        return None
+    if not m.group(1):                                   # suffix: the last N bytes
+        n = int(m.group(2))
+        return (max(size - n, 0), size) if n > 0 and size > 0 else "unsatisfiable"
+    start = int(m.group(1))
+    if start >= size:
+        return "unsatisfiable"
+    stop = min(int(m.group(2)) + 1, size) if m.group(2) else size
+    return (start, stop) if stop > start else None
+
+
 def _handler(state: ServerState) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -94,21 +111,21 @@ def _handler(state: ServerState) -> type[BaseHTTPRequestHandler]:
             if self.path in state.endless:
                 self._endless()
                 return
-            start = 0
-            m = re.fullmatch(r"bytes=(\d+)-", rng or "")
-            if m and not state.ignore_range:
-                start = int(m.group(1))
-                if start >= len(data):
-                    self.send_response(416)
-                    self.send_header("Content-Range", f"bytes */{len(data)}")
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-                    return
+            start, stop = 0, len(data)
+            span = _byte_range(rng, len(data)) if not state.ignore_range else None
+            if span == "unsatisfiable":
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{len(data)}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            if span is not None:
+                start, stop = span
                 self.send_response(206)
-                self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+                self.send_header("Content-Range", f"bytes {start}-{stop - 1}/{len(data)}")
             else:
                 self.send_response(200)
-            body = data[start:]
+            body = data[start:stop]
             self.send_header("Content-Length", str(len(body)))
             self.send_header("Content-Type", "application/octet-stream")
             self.end_headers()

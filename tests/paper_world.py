@@ -619,6 +619,29 @@ def official_archives(n_images: int = 8, seed: int = 0) -> dict[str, bytes]:
     }
 
 
+# The first image ids of COCO 2017 train, in order (42 is also a VQAv2 val2014 image).
+COCO_TRAIN_IDS = (9, 25, 30, 34, 36, 42, 49, 61, 64, 71, 72, 73, 74, 77, 78, 81)
+
+
+def train2017_archive(n_images: int = 10, seed: int = 0) -> bytes:
+    """``train2017.zip`` in the official layout: a ``train2017/`` folder entry and
+    ``train2017/<12-digit id>.jpg`` of mixed COCO sizes. Members are stored in an order other
+    than their names' (a reader must sort), and the last is written with zip64 extra fields."""
+    extra = range(1, n_images - len(COCO_TRAIN_IDS) + 1)
+    ids = list(COCO_TRAIN_IDS[:n_images]) + [COCO_TRAIN_IDS[-1] + 5 * k for k in extra]
+    order = ids[1::2] + ids[0::2]
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr(zipfile.ZipInfo("train2017/"), b"")
+        for k, i in enumerate(order):
+            w, h = COCO_SIZES[(k + 3) % len(COCO_SIZES)]
+            data = jpeg(w, h, seed * 100003 + 7 * i, boxes=[[w * 0.25, h * 0.2, w * 0.3, h * 0.4]])
+            info = zipfile.ZipInfo(f"train2017/{coco_file_name(i)}", date_time=(2017, 9, 1, 0, 0, 0))
+            with zf.open(info, "w", force_zip64=k == len(order) - 1) as fh:
+                fh.write(data)
+    return buf.getvalue()
+
+
 def pil_images(sizes: Iterable[tuple[int, int]] = ((640, 427), (480, 640)), seed: int = 0) -> list[Image.Image]:
     """Decoded JPEGs of the given sizes, for processor inputs."""
     return [Image.open(io.BytesIO(jpeg(w, h, seed + k, boxes=[[w * 0.2, h * 0.3, w * 0.4, h * 0.3]]))).convert("RGB")

@@ -14,8 +14,9 @@ import pytest
 from fixtures_http import FileServer
 
 from vlmcompress.data.download import (
-    ArchiveLimitError, ArchiveLimits, ChecksumError, DownloadError, UnsafeArchiveError, default_deadline_s,
-    download, extract, member_names, part_path, read_member,
+    MAX_SPAN_BYTES, ArchiveLimitError, ArchiveLimits, ChecksumError, DownloadError, RangesUnsupported,
+    RemoteZipFile, UnsafeArchiveError, copy_member, default_deadline_s, download, extract, fetch_range,
+    member_names, member_spans, part_path, read_member,
 )
 
 DATA = os.urandom(3 * (1 << 20) + 12345)        # > 3 chunks, not a multiple of the chunk size
@@ -493,3 +494,130 @@ def test_zip_symlink_with_a_huge_target_is_refused(tmp_path):
         zf.writestr(info, b"a" * (1 << 20))
     with pytest.raises(UnsafeArchiveError, match="target longer than 4096 bytes"):
         member_names(arc)
+
+
+# --- members of a remote zip by range requests ------------------------------------------
+
+RANGE = {"timeout_s": 2.0, "retries": 2, "backoff_s": 0.0}
+
+
+def _stored_zip(n: int, size: int = 200_000) -> tuple[bytes, dict[str, bytes]]:
+    """A zip of ``n`` incompressible members (stored): spans and byte counts are exact."""
+    members = {f"d/{k:03d}.bin": os.urandom(size) for k in range(n)}
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return buf.getvalue(), members
+
+
+def test_fetch_range_exact_suffix_and_short_file(srv):
+    body, first, total = fetch_range(srv.url("/f.bin"), 10, 19, **RANGE)
+    assert (body, first, total) == (DATA[10:20], 10, len(DATA))
+    body, first, _ = fetch_range(srv.url("/f.bin"), -100, None, **RANGE)
+    assert (body, first) == (DATA[-100:], len(DATA) - 100)
+    srv.files["/s.bin"] = b"tiny"                             # shorter than the suffix asked for
+    assert fetch_range(srv.url("/s.bin"), -100, None, **RANGE) == (b"tiny", 0, 4)
+    assert srv.log[-1] == ("/s.bin", "bytes=-100")
+
+
+def test_fetch_range_refuses_whole_file_answers_without_reading_them(srv):
+    srv.ignore_range = True
+    with pytest.raises(RangesUnsupported, match="HTTP 200"):
+        fetch_range(srv.url("/f.bin"), 0, 9, **RANGE)
+    srv.files["/e.bin"] = b""
+    srv.endless.add("/e.bin")                                 # a 200 whose body never ends
+    t = time.monotonic()
+    with pytest.raises(RangesUnsupported):
+        fetch_range(srv.url("/e.bin"), 0, 9, **RANGE)
+    assert time.monotonic() - t < 2
+
+
+@pytest.mark.parametrize("header", ["bytes 0-9/100", "bytes 10-29/100", "bytes 10-19/*", "garbage"])
+def test_fetch_range_refuses_another_range(srv, header):
+    srv.respond["/x.bin"] = lambda rng: (206, {"Content-Range": header, "Content-Length": "10"}, b"0" * 10)
+    with pytest.raises(RangesUnsupported, match=r"Content-Range|does not answer"):
+        fetch_range(srv.url("/x.bin"), 10, 19, **RANGE)
+
+
+def test_fetch_range_retries_a_drop_and_refuses_a_changed_file(srv):
+    srv.drop_after["/f.bin"] = [5]
+    assert fetch_range(srv.url("/f.bin"), 100, 199, **RANGE)[0] == DATA[100:200]
+    assert len(srv.log) == 2
+    with pytest.raises(DownloadError, match="the file changed"):
+        fetch_range(srv.url("/f.bin"), 0, 9, total=len(DATA) + 1, **RANGE)
+
+
+def test_fetch_range_deadline_ends_a_trickle(srv):
+    srv.trickle_s["/f.bin"] = 0.05
+    t = time.monotonic()
+    with pytest.raises(DownloadError, match="deadline"):
+        fetch_range(srv.url("/f.bin"), 0, 999, deadline_s=0.5, **{**RANGE, "retries": 5})
+    assert time.monotonic() - t < 3
+
+
+def test_fetch_range_bounds():
+    with pytest.raises(ValueError, match="bad range"):
+        fetch_range("http://127.0.0.1:9/x", 0, MAX_SPAN_BYTES, **RANGE)
+
+
+def test_remote_zip_reads_only_the_chosen_members(tmp_path):
+    data, members = _stored_zip(12)
+    with FileServer({"/a.zip": data}) as srv:
+        remote = RemoteZipFile(srv.url("/a.zip"), **RANGE)
+        with zipfile.ZipFile(remote) as zf:
+            assert sorted(zf.namelist()) == sorted(members)
+            chosen = [zf.getinfo("d/003.bin"), zf.getinfo("d/004.bin"), zf.getinfo("d/009.bin")]
+            groups = member_spans(zf, chosen)
+            assert [[i.filename for i in g[2]] for g in groups] == [["d/003.bin", "d/004.bin"], ["d/009.bin"]]
+            for start, end, infos in groups:
+                remote.load(start, end)
+                for info in infos:
+                    copy_member(zf, info, tmp_path / info.filename, "a.zip")
+        assert remote.requests == 3                              # tail + directory, then two spans
+        got = sum(int(r.split("-")[1]) - int(r.split("=")[1].split("-")[0]) + 1
+                  for _, r in srv.log if not r.startswith("bytes=-"))
+    for name in ("d/003.bin", "d/004.bin", "d/009.bin"):
+        assert (tmp_path / name).read_bytes() == members[name]
+    assert got < 3.2 * 200_000 and got < len(data) / 3          # the chosen members, not the archive
+
+
+def test_remote_zip_member_with_a_bad_crc_is_refused_and_leaves_nothing(tmp_path):
+    data, members = _stored_zip(2, size=1000)
+    raw = bytearray(data)
+    raw[raw.find(members["d/001.bin"]) + 10] ^= 0xFF           # one flipped byte in the member's data
+    with FileServer({"/a.zip": bytes(raw)}) as srv:
+        remote = RemoteZipFile(srv.url("/a.zip"), **RANGE)
+        with zipfile.ZipFile(remote) as zf, pytest.raises(ValueError, match=r"corrupt member 'd/001.bin'"):
+            copy_member(zf, zf.getinfo("d/001.bin"), tmp_path / "x.bin", "a.zip")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_remote_zip_bomb_member_is_capped(tmp_path):
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("d/bomb.bin", b"\0" * (64 << 20))
+    with FileServer({"/b.zip": buf.getvalue()}) as srv:
+        remote = RemoteZipFile(srv.url("/b.zip"), **RANGE)
+        with zipfile.ZipFile(remote) as zf, pytest.raises(ArchiveLimitError, match="max_ratio"):
+            copy_member(zf, zf.getinfo("d/bomb.bin"), tmp_path / "x.bin", "b.zip")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_remote_zip_directory_claiming_a_huge_size_is_refused(tmp_path):
+    data, _ = _stored_zip(40, size=4000)
+    raw = bytearray(data)
+    eocd = raw.rfind(b"PK\x05\x06")
+    cd_size = int.from_bytes(raw[eocd + 12:eocd + 16], "little")
+    with FileServer({"/h.zip": bytes(raw)}) as srv:
+        remote = RemoteZipFile(srv.url("/h.zip"), max_read=cd_size - 1, **RANGE)    # a directory over the cap
+        with pytest.raises(ValueError, match=f"refused a read of {cd_size} bytes"):
+            zipfile.ZipFile(remote)
+        raw[eocd + 12:eocd + 16] = (MAX_SPAN_BYTES + 1).to_bytes(4, "little")   # one claiming 64 MiB ...
+        raw[eocd + 16:eocd + 20] = (0).to_bytes(4, "little")                     # ... at offset 0
+        srv.files["/h.zip"] = bytes(raw)
+        srv.log.clear()
+        remote = RemoteZipFile(srv.url("/h.zip"), **RANGE)
+        with pytest.raises((ValueError, zipfile.BadZipFile)) as err:
+            zipfile.ZipFile(remote)
+        assert len(srv.log) == 1 and "\n" not in str(err.value)                  # nothing more was asked

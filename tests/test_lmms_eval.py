@@ -195,7 +195,6 @@ def test_the_budget_reaches_the_language_model(runs):
 
 # --- slow: the command, the simple path and log-likelihood ------------------------------------
 
-@pytest.mark.slow
 def test_the_lmms_eval_command_runs_a_method_in_batches(checkpoint, runs, tmp_path):
     out = tmp_path / "results"
     cmd = [str(Path(sys.executable).parent / "lmms-eval"), "--model", LMMS_EVAL_MODEL,

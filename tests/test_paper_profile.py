@@ -66,6 +66,7 @@ def paper_params(root: Path, llava: Path, clip: Path) -> Path:
     p["profile"] = "embedded"                 # values already resolved: no second overlay
     p["data"]["source"] = "local"
     p["data"]["local"] = _local_world(root / "mine")
+    p["data"]["download"]["val_images"] = 2  # of 8 images: val picks tokens.eval.ours, 6 are tested
     p["lvlm"].update(source="pretrained", llava=str(llava), clip=str(clip), dtype="float32", device="cpu")
     p["lvlm"]["eval"].update(batch_size=4, max_questions=6, max_captions=2, max_refs=4, gallery=4,
                              text_probe_images=0)

@@ -12,7 +12,7 @@ import sentencepiece as spm
 import torch
 from paper_world import (CLIP_MEAN, CLIP_STD, archive_world, build_clip, build_llava15, build_llava15_pair,
                          build_llava_next, build_qwen2_vl, corpus, official_archives, pil_images,
-                         sentencepiece_model)
+                         sentencepiece_model, train2017_archive)
 from PIL import Image
 from transformers import (AutoModelForImageTextToText, AutoProcessor, AutoTokenizer, CLIPModel,
                           LlavaForConditionalGeneration)
@@ -192,3 +192,20 @@ def test_official_archives_have_mixed_coco_sizes_and_prepare(tmp_path):
     recs = load_split(tmp_path / "ds", "test")
     assert [(r.width, r.height) for r in recs] == sizes
     assert all(bool(r.questions) != bool(r.refs) for r in recs)       # val2014 xor train2014
+
+
+def test_train2017_archive_has_the_official_layout_out_of_name_order():
+    data = train2017_archive(10)
+    assert data == train2017_archive(10)
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        infos = zf.infolist()
+        files = [i.filename for i in infos if not i.is_dir()]
+        sizes = {Image.open(io.BytesIO(zf.read(n))).size for n in files}
+    assert infos[0].filename == "train2017/" and infos[0].is_dir()
+    assert len(files) == 10 and files != sorted(files)
+    assert sorted(files)[:3] == ["train2017/000000000009.jpg", "train2017/000000000025.jpg",
+                                 "train2017/000000000030.jpg"]
+    assert len(sizes) > 4                                             # COCO's mixed sizes
+    assert b"\x01\x00\x10\x00" in data[infos[-1].header_offset:infos[-1].header_offset + 80]  # zip64 extra
+    world_ids = {im["id"] for im in archive_world().images}
+    assert not world_ids & {int(n.split("/")[1][:-4]) for n in files}   # disjoint from val2017

@@ -1,6 +1,7 @@
 """COCO 2017 val + VQAv2 val + RefCOCO preparation, from tiny archives with the official layout."""
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import pathlib
@@ -15,10 +16,11 @@ from pathlib import Path
 
 import pytest
 from fixtures_http import FileServer
-from vlmcompress.data.download import DownloadError
+from vlmcompress.data.download import ChecksumError, DownloadError
 from paper_world import coco_file_name as _name
 from paper_world import jpeg as _jpeg
 from paper_world import pickle_py2 as _pickle_py2
+from paper_world import train2017_archive
 from paper_world import zip_bytes as _zip
 from PIL import Image
 from pycocotools.coco import COCO
@@ -105,7 +107,7 @@ def official(tmp_path_factory) -> dict[str, bytes]:
 
 KEY_OF = {"val2017.zip": "coco_val_images", "annotations_trainval2017.zip": "coco_annotations",
           "v2_Questions_Val_mscoco.zip": "vqa_questions", "v2_Annotations_Val_mscoco.zip": "vqa_annotations",
-          "refcoco.zip": "refcoco"}
+          "refcoco.zip": "refcoco", "train2017.zip": "coco_train_images"}
 
 
 def _write(official: dict[str, bytes], folder: Path, **replace: bytes) -> dict[str, Path]:
@@ -436,3 +438,102 @@ def test_your_own_data_errors_name_the_file_and_field(tmp_path):
     assert not (tmp_path / "ds").exists()
     with pytest.raises(FileNotFoundError, match="nope.json"):
         prepare_from_folder(dataclasses.replace(local, instances=str(tmp_path / "nope.json")), tmp_path / "ds")
+
+
+# --- the first N images of train2017.zip ----------------------------------------------------
+
+TRAIN_ZIP = train2017_archive(8)                 # ids 9, 25, 30, 34, 36, 42, 49, 61, stored out of order
+
+
+def _train_params(srv, official, n: int, **over) -> DownloadParams:
+    sources = {KEY_OF[k]: SourceParams(url=srv.url(f"/data/{k}")) for k in official}
+    sources["coco_train_images"] = SourceParams(url=srv.url("/zips/train2017.zip"), **over)
+    return DownloadParams(sources=sources, subset=None, timeout_s=5.0, retries=1, deadline_s=None, train_images=n)
+
+
+def _served(official, train: bytes = TRAIN_ZIP) -> dict[str, bytes]:
+    return {**{f"/data/{n}": d for n, d in official.items()}, "/zips/train2017.zip": train}
+
+
+def test_train_images_are_the_first_by_name_fetched_by_range_requests(official, tmp_path):
+    with FileServer(_served(official)) as srv:
+        counts = prepare_paper_data(_train_params(srv, official, 3), tmp_path / "raw", tmp_path / "ds",
+                                    progress=False)
+        asked = [r for path, r in srv.log if path == "/zips/train2017.zip"]
+        assert asked and all(r and r.startswith("bytes=") for r in asked)        # never the whole archive
+        srv.log.clear()
+        (tmp_path / "raw/train2017" / _name(25)).unlink()                        # an interrupted run
+        prepare_paper_data(_train_params(srv, official, 3), tmp_path / "raw", tmp_path / "ds2", progress=False)
+        again = [r for path, r in srv.log if path == "/zips/train2017.zip"]
+    assert counts["train_images"] == 3 and counts["test_images"] == 6
+    assert len(again) == 2 and again[0].startswith("bytes=-")                    # tail, then the one image
+    train = load_split(tmp_path / "ds", "train")
+    assert [r.image_id for r in train] == [9, 25, 30]
+    with zipfile.ZipFile(io.BytesIO(TRAIN_ZIP)) as zf:
+        for r in train:
+            assert r.path.read_bytes() == zf.read(f"train2017/{r.path.name}")
+            assert (r.width, r.height) == Image.open(r.path).size
+            assert not r.objects and not r.questions
+    assert load_split(tmp_path / "ds2", "train") == [
+        dataclasses.replace(r, path=tmp_path / "ds2/images/train" / r.path.name) for r in train]
+    coco = COCO(str(annotation_path(tmp_path / "ds", "instances", "train")))
+    assert sorted(coco.getImgIds()) == [9, 25, 30] and not coco.getAnnIds()
+    assert {r.image_id for r in load_split(tmp_path / "ds", "test")} == set(VAL_IDS)
+
+
+def test_train_images_without_range_support_download_the_whole_archive(official, tmp_path):
+    with FileServer(_served(official)) as srv:
+        srv.ignore_range = True
+        srv.drop_after["/zips/train2017.zip"] = [0, 20_000]        # a 200 closed at once, then a drop
+        counts = prepare_paper_data(_train_params(srv, official, 2), tmp_path / "raw", tmp_path / "ds",
+                                    progress=False)
+    assert counts["train_images"] == 2
+    assert (tmp_path / "raw/train2017.zip").read_bytes() == TRAIN_ZIP
+    assert [r.image_id for r in load_split(tmp_path / "ds", "train")] == [9, 25]
+
+
+def test_train_archive_of_another_size_is_refused(official, tmp_path):
+    with FileServer(_served(official)) as srv, pytest.raises(ChecksumError, match="train2017.zip: size mismatch"):
+        prepare_paper_data(_train_params(srv, official, 2, size=len(TRAIN_ZIP) + 1), tmp_path / "raw",
+                           tmp_path / "ds", progress=False)
+    assert not (tmp_path / "ds").exists()
+
+
+def test_train_image_that_is_also_evaluated_is_refused(official, tmp_path):
+    clash = _zip({f"train2017/{_name(9)}": _jpeg(40, 30, 1), f"train2017/{_name(139)}": _jpeg(40, 30, 2)})
+    with FileServer(_served(official, clash)) as srv, \
+            pytest.raises(ValueError, match=r"000000000139.jpg: training image 139 is also an evaluated image"):
+        prepare_paper_data(_train_params(srv, official, 2), tmp_path / "raw", tmp_path / "ds", progress=False)
+    assert not (tmp_path / "ds").exists()
+
+
+@pytest.mark.parametrize("members, n, match", [
+    ({f"train2017/{_name(9)}": b"x"}, 2, r"1 images train2017/<id>.jpg, fewer than data.download.train_images \(2\)"),
+    ({f"train2017/{_name(9)}": b"not a jpeg"}, 1, r"000000000009.jpg: not a readable image"),
+    ({"train2017/../../evil.jpg": b"x", f"train2017/{_name(9)}": b"x"}, 2, "fewer than"),  # never selected
+])
+def test_bad_train_archives_give_one_line_errors(official, tmp_path, members, n, match):
+    with FileServer(_served(official, _zip(members))) as srv, pytest.raises(ValueError, match=match) as err:
+        prepare_paper_data(_train_params(srv, official, n), tmp_path / "raw", tmp_path / "ds", progress=False)
+    assert "\n" not in str(err.value) and not (tmp_path / "ds").exists()
+    assert not (tmp_path / "evil.jpg").exists() and not (tmp_path / "raw/evil.jpg").exists()
+
+
+def test_train_images_params_are_checked():
+    from vlmcompress.config import ConfigError, from_dict
+    from vlmcompress.data.config import DataParams, check_data_params
+
+    base = {"source": "coco", "scenes": {"seed": 0, "image_size": 64, "n_train": 2, "n_val": 0, "n_test": 2,
+                                         "min_objects": 1, "max_objects": 2, "small_size": [5, 6],
+                                         "large_size": [10, 12], "p_small": 0.5, "questions_per_image": 2,
+                                         "captions_per_image": 1, "texture": "flat"},
+            "download": {"sources": {k: {"url": v["url"]} for k, v in PAPER_SOURCES.items()
+                                     if k != "coco_train_images"},
+                         "subset": None, "timeout_s": 1.0, "retries": 0, "deadline_s": None, "train_images": 5},
+            "local": {k: "" for k in ("images", "instances", "captions", "vqa_questions", "vqa_annotations", "refs")}}
+    with pytest.raises(ConfigError, match=r"data.download.sources: misses coco_train_images"):
+        check_data_params(from_dict(DataParams, base, "data"))
+    with pytest.raises(ConfigError, match=r"data.download.train_images: must be >= 0"):
+        check_data_params(from_dict(DataParams, {**base, "download": {**base["download"], "train_images": -1}}))
+    # Another source has no train2017 to take them from (the paper profile's value is then unused).
+    check_data_params(from_dict(DataParams, {**base, "source": "scenes"}, "data"))

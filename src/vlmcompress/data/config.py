@@ -35,7 +35,7 @@ class SourceParams:
 
 @dataclass(frozen=True)
 class DownloadParams:
-    """Paper profile: where COCO 2017 val, VQAv2 val and RefCOCO come from."""
+    """Paper profile: where COCO 2017 val (and train images), VQAv2 val and RefCOCO come from."""
 
     sources: dict[str, SourceParams]
     subset: int | None            # keep at most this many images (null: all)
@@ -43,6 +43,7 @@ class DownloadParams:
     retries: int
     deadline_s: float | None      # whole-file time limit over all attempts (null: 10 x timeout_s + size at 100 kB/s)
     val_images: int = 0           # the first this many selected images form split `val`, the rest `test`
+    train_images: int = 0         # source coco: the first N images of train2017.zip (by name) as split `train`
 
 
 @dataclass(frozen=True)
@@ -118,11 +119,12 @@ def check_download_params(p: DownloadParams, path: str = "data.download", needed
     import re
 
     from vlmcompress.config import check_choice, check_min, key_path, require, show
-    from vlmcompress.data.prepare_coco import OPTIONAL_SOURCES, REQUIRED_SOURCES  # late: download code
+    from vlmcompress.data.prepare_coco import KNOWN_SOURCES, REQUIRED_SOURCES, TRAIN_SOURCE  # late: download code
 
     if p.subset is not None:
         check_min(f"{path}.subset", p.subset, 1, " (null: all)")
     check_min(f"{path}.val_images", p.val_images, 0)
+    check_min(f"{path}.train_images", p.train_images, 0, " (0: none)")
     if p.subset is not None:   # the test split must keep at least one image
         require(p.val_images < p.subset, f"{path}.val_images",
                 f"must be < {path}.subset ({show(p.subset)}), got {show(p.val_images)}")
@@ -132,7 +134,7 @@ def check_download_params(p: DownloadParams, path: str = "data.download", needed
         require(p.deadline_s > 0, f"{path}.deadline_s", f"must be > 0 (null: derived), got {show(p.deadline_s)}")
     for key, src in p.sources.items():
         where = key_path(f"{path}.sources", key)
-        check_choice(where, key, REQUIRED_SOURCES + OPTIONAL_SOURCES, "source")
+        check_choice(where, key, KNOWN_SOURCES, "source")
         require(_url_file_name(src.url) != "", f"{where}.url",
                 f"needs an http(s) URL whose path ends in a file name, got {show(src.url)}")
         if src.sha256 is not None:
@@ -143,6 +145,8 @@ def check_download_params(p: DownloadParams, path: str = "data.download", needed
     if needed:
         missing = [k for k in REQUIRED_SOURCES if k not in p.sources]
         require(not missing, f"{path}.sources", f"misses {', '.join(missing)} (needed when data.source is coco)")
+        require(p.train_images == 0 or TRAIN_SOURCE in p.sources, f"{path}.sources",
+                f"misses {TRAIN_SOURCE} (needed when {path}.train_images > 0)")
 
 
 def _url_file_name(url: str) -> str:

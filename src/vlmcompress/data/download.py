@@ -22,6 +22,12 @@ components, device files and links that lead outside the folder are refused with
 :func:`read_member` count the bytes they decompress and stop at the caps of
 :class:`ArchiveLimits` (member count, bytes per member and in total, compression ratio)
 with an :class:`ArchiveLimitError`.
+
+:class:`RemoteZipFile` opens a remote zip with :mod:`zipfile` through HTTP range requests
+(:func:`fetch_range`: exact ``206`` answers only, each bounded in bytes and time), so a few
+members of a very large archive cost their own bytes: :func:`member_spans` plans the requests,
+:func:`copy_member` writes one member within the same caps, atomically, its CRC-32 checked.
+A host that ignores ranges raises :class:`RangesUnsupported` before any body is read.
 """
 from __future__ import annotations
 
@@ -498,7 +504,7 @@ class ArchiveLimits:
     ratio_after_bytes: int = 8 << 20
 
 
-def _safe_name(name: str, archive: Path) -> str:
+def _safe_name(name: str, archive: Path | str) -> str:
     """Member name as a clean relative POSIX path, or :class:`UnsafeArchiveError`."""
     if "\x00" in name:
         raise UnsafeArchiveError(f"{archive}: member name with NUL byte {name!r}")
@@ -628,7 +634,7 @@ def open_archive(archive: str | Path, limits: ArchiveLimits = ArchiveLimits()) -
 class _Budget:
     """Counts the bytes an archive really yields and stops at the first cap crossed."""
 
-    path: Path
+    path: Path | str                       # named in errors (a URL for a remote zip)
     limits: ArchiveLimits
     packed_total: int                      # the archive's size on disk
     total: int = 0
@@ -766,3 +772,212 @@ def read_member(archive: str | Path, name: str, *, limits: ArchiveLimits = Archi
         return buf.getvalue()
     finally:
         arc.close()
+
+
+# --- a few members of a large remote zip, by HTTP range requests ----------------------------
+
+ZIP_TAIL_BYTES = 65536 + 22 + 20 + 56  # largest end record with comment + the zip64 locator and record
+MAX_SPAN_BYTES = 64 << 20               # most bytes one range request asks for and holds in memory; also
+                                        # caps the central directory (train2017.zip: 118k entries, ~10 MB)
+MIN_READ_BYTES = 64 << 10               # a read outside the prefetched bytes fetches at least this much
+
+
+class RangesUnsupported(DownloadError):
+    """The server answered a range request with the whole file (``200``) or no usable ``206``.
+
+    ``length``: the whole file's ``Content-Length`` when a ``200`` announced one."""
+
+    def __init__(self, message: str, length: int | None = None) -> None:
+        super().__init__(message)
+        self.length = length
+
+
+def fetch_range(url: str, start: int, end: int | None, *, timeout_s: float, retries: int,
+                backoff_s: float = 1.0, deadline_s: float | None = None,
+                total: int | None = None) -> tuple[bytes, int, int]:
+    """Bytes ``start..end`` (inclusive) of ``url``; ``start=-n, end=None``: its last ``n`` bytes.
+
+    Returns ``(body, first, total)``: the body, its offset in the file and the file's length,
+    all from an exact ``206`` (``Content-Range`` naming the range asked for, or the whole file
+    when it is shorter than a suffix asked for). ``total``: the length announced earlier; another
+    one means the file changed (:class:`DownloadError`). The body is capped at the length asked
+    for; ``deadline_s`` (default :func:`default_deadline_s` of that length) covers every attempt.
+    A ``200`` (ranges ignored) or a ``206`` for another range raise :class:`RangesUnsupported`.
+    """
+    want = -start if end is None else end - start + 1
+    if want <= 0 or want > MAX_SPAN_BYTES or (end is not None and start < 0):
+        raise ValueError(f"{url}: bad range {start}-{end} (at most {MAX_SPAN_BYTES} bytes)")
+    spec = f"bytes={start}" if end is None else f"bytes={start}-{end}"
+    seconds = default_deadline_s(timeout_s, want) if deadline_s is None else deadline_s
+    errors: list[str] = []
+    with _Deadline(seconds) as deadline:
+        opener = _opener(deadline)
+        for attempt in range(retries + 1):
+            if attempt:
+                pause = min(backoff_s * 2 ** (attempt - 1), 30.0)
+                if pause >= deadline.left():
+                    break
+                time.sleep(pause)
+            try:
+                return _range_attempt(opener, url, spec, start, end, want, timeout_s, deadline, total)
+            except _Retry as exc:
+                errors.append(str(exc))
+            if deadline.passed():
+                break
+    last = errors[-1] if errors else "no attempt"
+    if deadline.passed():
+        raise DownloadError(f"{url}: range {spec} not complete within the {seconds:g} s deadline "
+                            f"(deadline_s; last: {last})")
+    raise DownloadError(f"{url}: range {spec} failed after {len(errors)} attempts (last: {last})")
+
+
+def _range_attempt(opener: urllib.request.OpenerDirector, url: str, spec: str, start: int, end: int | None,
+                   want: int, timeout_s: float, deadline: _Deadline, total: int | None) -> tuple[bytes, int, int]:
+    headers = {"User-Agent": _USER_AGENT, "Accept-Encoding": "identity", "Range": spec}
+    try:
+        resp = opener.open(urllib.request.Request(url, headers=headers),
+                           timeout=max(min(timeout_s, deadline.left()), 0.05))
+    except urllib.error.HTTPError as exc:
+        exc.close()
+        if exc.code in _RETRYABLE_HTTP:
+            raise _Retry(f"HTTP {exc.code} {exc.reason}") from None
+        if exc.code == 416:
+            raise RangesUnsupported(f"{url}: HTTP 416 for range {spec} (file shorter than its directory says?)")
+        raise DownloadError(f"{url}: HTTP {exc.code} {exc.reason}") from None
+    except (urllib.error.URLError, OSError, HTTPException) as exc:
+        raise _Retry(str(getattr(exc, "reason", exc))) from None
+    with resp:
+        if resp.status != 206:   # never read a whole-file body: it may be many gigabytes
+            raise RangesUnsupported(f"{url}: the server answers range requests with HTTP {resp.status}",
+                                    _length(resp.headers.get("Content-Length")) if resp.status == 200 else None)
+        rng = _content_range(resp.headers.get("Content-Range"))
+        if rng is None or rng[2] is None:
+            raise RangesUnsupported(f"{url}: unusable Content-Range {resp.headers.get('Content-Range')!r}")
+        first, last, size = rng
+        exact = (first, last) == (start, end) if end is not None else \
+            last == size - 1 and (last - first + 1 == want or (first == 0 and size < want))
+        if not exact or last < first:
+            raise RangesUnsupported(f"{url}: Content-Range {first}-{last}/{size} does not answer {spec!r}")
+        if total is not None and size != total:
+            raise DownloadError(f"{url}: the file changed ({size} bytes, was {total}); run again")
+        n = last - first + 1
+        try:
+            body = resp.read(n + 1)
+        except (OSError, HTTPException) as exc:
+            raise _Retry(f"connection lost in range {spec} ({exc})") from None
+        if deadline.passed():
+            raise _Retry(f"range {spec}: deadline passed mid-body")
+        if len(body) != n:
+            raise _Retry(f"range {spec}: {len(body)} bytes instead of {n}")
+        return body, first, size
+
+
+class RemoteZipFile(io.RawIOBase):
+    """A read-only, seekable view of a remote file that :class:`zipfile.ZipFile` can open.
+
+    Bytes come from range requests (:func:`fetch_range`): the file's tail once, a prefetched
+    span (:meth:`load`) that covers the members about to be read, and, for a read outside
+    both, exactly what is read (at least :data:`MIN_READ_BYTES`). No read may exceed ``max_read``
+    (at most :data:`MAX_SPAN_BYTES`), so a central directory that claims more fails in one line
+    before :mod:`zipfile` builds an entry for each of its records (~0.5 kB apiece).
+    """
+
+    def __init__(self, url: str, *, timeout_s: float, retries: int, deadline_s: float | None = None,
+                 backoff_s: float = 1.0, max_read: int = MAX_SPAN_BYTES) -> None:
+        super().__init__()
+        self.url = url
+        self.max_read = min(max_read, MAX_SPAN_BYTES)
+        self._get = lambda start, end: fetch_range(url, start, end, timeout_s=timeout_s, retries=retries,
+                                                   backoff_s=backoff_s, deadline_s=deadline_s, total=self.size)
+        self.size: int | None = None
+        tail, first, self.size = self._get(-ZIP_TAIL_BYTES, None)
+        self._tail = (first, tail)
+        self._span = (0, b"")
+        self._pos = 0
+        self.requests = 1
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self.size}[whence]
+        if base + offset < 0:
+            raise OSError(f"{self.url}: seek before the start of the file")
+        self._pos = base + offset
+        return self._pos
+
+    def load(self, start: int, end: int) -> None:
+        """Prefetch bytes ``start..end-1`` (one request) and keep them until the next load."""
+        start, end = max(start, 0), min(end, self.size)
+        if end > start:
+            body, first, _ = self._get(start, end - 1)
+            self.requests += 1
+            self._span = (first, body)
+
+    def read(self, n: int = -1) -> bytes:
+        n = self.size - self._pos if n is None or n < 0 else min(n, self.size - self._pos)
+        if n <= 0:
+            return b""
+        if n > self.max_read:
+            raise ValueError(f"{self.url}: refused a read of {n} bytes at offset {self._pos} "
+                             f"(more than {self.max_read}; a corrupt or hostile zip directory)")
+        for first, data in (self._span, self._tail):
+            if first <= self._pos and self._pos + n <= first + len(data):
+                out = data[self._pos - first:self._pos - first + n]
+                self._pos += n
+                return out
+        self.load(self._pos, self._pos + max(n, MIN_READ_BYTES))
+        return self.read(n)
+
+    def readinto(self, buf: Any) -> int:
+        data = self.read(len(buf))
+        buf[:len(data)] = data
+        return len(data)
+
+
+def member_spans(zf: zipfile.ZipFile, chosen: list[zipfile.ZipInfo]) -> list[tuple[int, int, list[zipfile.ZipInfo]]]:
+    """Byte ranges ``[start, end)`` that hold ``chosen`` members, merged while contiguous.
+
+    A member runs from its local header to the next member's header (or the central
+    directory), but never further than its header, name, extra field, data and data
+    descriptor can reach. Groups stay under :data:`MAX_SPAN_BYTES` when their members do.
+    """
+    starts = sorted({i.header_offset for i in zf.infolist()} | {zf.start_dir})
+    nxt = {a: b for a, b in zip(starts, starts[1:])}
+    spans = []
+    for info in sorted(chosen, key=lambda i: i.header_offset):
+        reach = info.header_offset + 30 + 2 * 65535 + info.compress_size + 24
+        spans.append((info.header_offset, min(nxt.get(info.header_offset, zf.start_dir), reach), info))
+    groups: list[tuple[int, int, list[zipfile.ZipInfo]]] = []
+    for start, end, info in spans:
+        if groups and start == groups[-1][1] and end - groups[-1][0] <= MAX_SPAN_BYTES:
+            groups[-1] = (groups[-1][0], end, groups[-1][2] + [info])
+        else:
+            groups.append((start, end, [info]))
+    return groups
+
+
+def copy_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, dest: Path, archive: str,
+                limits: ArchiveLimits = ArchiveLimits()) -> Path:
+    """Decompress one regular-file member to ``dest`` (atomically; size, ratio and CRC checked)."""
+    name = _safe_name(info.filename, archive)
+    budget = _Budget(archive, limits, max(info.compress_size, 1))
+    member = _Member(name, "file", open=lambda: zf.open(info), size=info.file_size, packed=info.compress_size)
+    budget.admit([member])
+    try:
+        with atomic_path(dest) as tmp, open(tmp, "xb") as fh:
+            budget.copy(member, fh)
+    except (zipfile.BadZipFile, EOFError, zlib.error, NotImplementedError) as exc:
+        raise ValueError(f"{archive}: corrupt member {name!r} ({_one_line(str(exc))})") from None
+    return dest
+
+
+def _one_line(text: str, limit: int = 120) -> str:
+    text = " ".join(text.splitlines())
+    return text if len(text) <= limit else text[:limit - 3] + "..."

@@ -19,6 +19,11 @@ that have a question **or** a referring expression: "with questions" alone would
 drop every RefCOCO image. With ``subset: null`` all val2017 images are kept (captions
 and objects exist for all of them).
 
+**COCO 2017 train** (``train2017.zip``, with ``train_images > 0``) gives split ``train``: the
+first N images by name (= by image id), images only, for the codec to train on. train2017 and
+val2017 are disjoint; the split is still checked against the evaluated images. Only those
+members' bytes are fetched, by HTTP range requests (:func:`fetch_train_images`).
+
 The RefCOCO pickle is read with :class:`RestrictedUnpickler`, which only builds
 builtin containers and scalars; anything else (a class, a function) is refused. Before
 that, :func:`check_pickle` caps its size and walks its opcodes, so a small pickle cannot
@@ -26,7 +31,7 @@ make the unpickler allocate gigabytes. Archive members are read within the caps 
 :class:`vlmcompress.data.download.ArchiveLimits`.
 
 The result is written atomically under ``out_root`` (see :mod:`vlmcompress.data.records`)
-for split ``test`` (and ``val`` when ``val_images > 0``) and loads with both
+for split ``test`` (and ``val`` when ``val_images > 0``, ``train`` when ``train_images > 0``) and loads with both
 :func:`vlmcompress.data.records.load_split` and ``pycocotools.coco.COCO``.
 """
 from __future__ import annotations
@@ -38,16 +43,21 @@ import os
 import pickle
 import pickletools
 import posixpath
+import re
 import shutil
+import sys
 import urllib.parse
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+import zipfile
+import zlib
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from vlmcompress.data.config import DownloadParams, LocalParams, SourceParams
-from vlmcompress.data.download import (DEFAULT_MAX_BYTES, ArchiveLimits, DownloadError, download, extract,
-                                       read_member)
+from vlmcompress.data.download import (DEFAULT_MAX_BYTES, ArchiveLimitError, ArchiveLimits, ChecksumError,
+                                       DownloadError, RangesUnsupported, RemoteZipFile, copy_member, download,
+                                       extract, member_spans, read_member)
 from vlmcompress.data.records import annotation_path, image_dir
 from vlmcompress.io import atomic_path, write_json
 
@@ -64,9 +74,13 @@ PAPER_SOURCES: dict[str, dict[str, Any]] = {
                         "sha256": None, "size": None},
     "refcoco": {"url": "https://bvisionweb1.cs.unc.edu/licheng/referit/data/refcoco.zip",
                 "sha256": None, "size": None},
+    "coco_train_images": {"url": "http://images.cocodataset.org/zips/train2017.zip",
+                          "sha256": None, "size": None},
 }
 REQUIRED_SOURCES = ("coco_val_images", "coco_annotations", "vqa_questions", "vqa_annotations")
 OPTIONAL_SOURCES = ("refcoco",)   # its host is often down; without it the splits have no refs
+TRAIN_SOURCE = "coco_train_images"   # read only when data.download.train_images > 0
+KNOWN_SOURCES = REQUIRED_SOURCES + OPTIONAL_SOURCES + (TRAIN_SOURCE,)
 
 # Member names inside the official archives (matched by trailing path).
 MEMBERS = {
@@ -79,6 +93,11 @@ MEMBERS = {
 _SOURCE_OF = {"instances": "coco_annotations", "captions": "coco_annotations",
               "vqa_questions": "vqa_questions", "vqa_annotations": "vqa_annotations", "refs": "refcoco"}
 IMAGE_FOLDER = "val2017"          # top folder inside val2017.zip
+TRAIN_FOLDER = "train2017"        # top folder inside train2017.zip
+TRAIN_NAME = re.compile(r"\d{1,12}\.jpg")   # its images: <12-digit image id>.jpg
+TRAIN_MAX_MEMBERS = 200_000       # train2017.zip: 118,288 entries
+TRAIN_MAX_BYTES = 32 << 30        # whole-archive cap of the fallback download (train2017.zip: ~18 GB)
+TRAIN_MAX_DIRECTORY = 24 << 20    # its central directory (~12 MB): bounds the entries zipfile builds
 
 
 # --- the RefCOCO pickle -----------------------------------------------------------------
@@ -350,12 +369,14 @@ def _check_documents(docs: Mapping[str, Any], where: Mapping[str, str]) -> None:
 
 def prepare_documents(docs: Mapping[str, Any], raw_refs: Any | None, where: Mapping[str, str],
                       place_images: Callable[[Mapping[str, str], Path], None], out_root: str | Path, *,
-                      subset: int | None = None, val_images: int = 0) -> dict[str, int]:
+                      subset: int | None = None, val_images: int = 0,
+                      train_files: Sequence[Path] = ()) -> dict[str, int]:
     """Select images, split, and write the data set under ``out_root`` (atomically).
 
     ``docs``: the ``instances``, ``captions``, ``vqa_questions`` and ``vqa_annotations``
     documents; ``raw_refs``: RefCOCO's refs list or None; ``where``: the file each came from
     (for errors); ``place_images(file name -> split, root)`` puts the selected images in place.
+    ``train_files``: images of split ``train`` (images only, no tasks; see :func:`train_split`).
     """
     _check_documents(docs, where)
     instances, captions, vqa_q, vqa_a = (docs[k] for k in ("instances", "captions", "vqa_questions",
@@ -375,6 +396,7 @@ def prepare_documents(docs: Mapping[str, Any], raw_refs: Any | None, where: Mapp
     split_docs = {s: split_documents(ids, instances, captions, vqa_q, vqa_a, refs) for s, ids in splits.items()}
     file_of = {im["id"]: im["file_name"] for im in instances["images"]}
     result: dict[str, int] = {"refs_dropped_ann_mismatch": dropped} if refs is not None else {}
+    evaluated = {file_of[i]: i for ids in splits.values() for i in ids}
     with atomic_path(out_root) as tmp:
         tmp.mkdir()
         place_images({file_of[i]: s for s, ids in splits.items() for i in ids}, tmp)
@@ -382,15 +404,53 @@ def prepare_documents(docs: Mapping[str, Any], raw_refs: Any | None, where: Mapp
             for kind, doc in kinds.items():
                 write_json(annotation_path(tmp, kind, split), doc, indent=None)
             result.update(counts(split, kinds))
+        if train_files:
+            train = train_split(train_files, evaluated, instances)
+            dest = image_dir(tmp, "train")
+            dest.mkdir(parents=True)
+            for path in train_files:
+                shutil.copyfile(path, dest / path.name)
+            write_json(annotation_path(tmp, "instances", "train"), train, indent=None)
+            result["train_images"] = len(train["images"])
     return result
 
 
+def train_split(files: Sequence[Path], evaluated: Mapping[str, int], instances: Mapping[str, Any]) -> dict[str, Any]:
+    """COCO instances document of split ``train``: images (id from the file name, size from the
+    JPEG header), no annotations, the evaluated split's categories.
+
+    Refuses a file whose name or id is one of the ``evaluated`` images (file name -> id): the
+    codec trains on ``train`` and must never see an image the pipeline scores.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    ids = set(evaluated.values())
+    images = []
+    for path in sorted(files, key=lambda p: p.name):
+        if not TRAIN_NAME.fullmatch(path.name):
+            raise ValueError(f"{path}: training image name is not <image id>.jpg")
+        image_id = int(path.stem)
+        if path.name in evaluated or image_id in ids:
+            raise ValueError(f"{path}: training image {image_id} is also an evaluated image; "
+                             f"train and evaluation images must be disjoint")
+        try:
+            with Image.open(path) as im:          # reads the header only
+                width, height = im.size
+        except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
+            raise ValueError(f"{path}: not a readable image ({type(exc).__name__})") from None
+        images.append({"id": image_id, "file_name": path.name, "width": width, "height": height})
+    meta = {k: instances[k] for k in ("info", "licenses") if k in instances}
+    return {**meta, "images": images, "annotations": [], "categories": instances["categories"]}
+
+
 def prepare_from_archives(archives: Mapping[str, str | Path], out_root: str | Path, *,
-                          subset: int | None = None, val_images: int = 0) -> dict[str, int]:
+                          subset: int | None = None, val_images: int = 0,
+                          train_files: Sequence[Path] = ()) -> dict[str, int]:
     """Write the data set under ``out_root`` (atomically) from the official archives.
 
     ``archives`` maps the source keys of :data:`PAPER_SOURCES` to local files;
-    ``refcoco`` may be absent (then no refs files are written). Returns flat counts.
+    ``refcoco`` may be absent (then no refs files are written). ``train_files``: images of
+    split ``train`` (:func:`fetch_train_images`). Returns flat counts.
     """
     missing = [k for k in REQUIRED_SOURCES if k not in archives]
     if missing:
@@ -406,7 +466,7 @@ def prepare_from_archives(archives: Mapping[str, str | Path], out_root: str | Pa
         raw_refs = load_safe_pickle(data, where["refs"])
     return prepare_documents(docs, raw_refs, where, lambda names, root: _place_images(arc["coco_val_images"],
                                                                                      names, root),
-                             out_root, subset=subset, val_images=val_images)
+                             out_root, subset=subset, val_images=val_images, train_files=train_files)
 
 
 def _read_local_json(path: Path, max_bytes: int = 1 << 30) -> Any:
@@ -468,10 +528,10 @@ def download_sources(params: DownloadParams, raw_dir: str | Path, *, progress: b
     without ``size``) are passed to :func:`vlmcompress.data.download.download`;
     ``deadline_s=None`` derives each file's limit from ``timeout_s`` and its size.
     """
-    known = REQUIRED_SOURCES + OPTIONAL_SOURCES
-    unknown = sorted(set(params.sources) - set(known))
+    known = REQUIRED_SOURCES + OPTIONAL_SOURCES      # the train images come from fetch_train_images
+    unknown = sorted(set(params.sources) - set(KNOWN_SOURCES))
     if unknown:
-        raise ValueError(f"data.download.sources.{unknown[0]}: unknown source (known: {', '.join(known)})")
+        raise ValueError(f"data.download.sources.{unknown[0]}: unknown source (known: {', '.join(KNOWN_SOURCES)})")
     missing = [k for k in REQUIRED_SOURCES if k not in params.sources]
     if missing:
         raise ValueError(f"data.download.sources.{missing[0]}: missing (defaults: "
@@ -502,4 +562,96 @@ def prepare_paper_data(params: DownloadParams, raw_dir: str | Path, out_root: st
     Returns flat counts per split (``test_images``, ``test_questions``, ...).
     """
     archives = download_sources(params, raw_dir, progress=progress, deadline_s=deadline_s, max_bytes=max_bytes)
-    return prepare_from_archives(archives, out_root, subset=params.subset, val_images=params.val_images)
+    train: list[Path] = []
+    if params.train_images > 0:
+        if TRAIN_SOURCE not in params.sources:
+            raise ValueError(f"data.download.sources.{TRAIN_SOURCE}: missing (needed when "
+                             f"data.download.train_images > 0)")
+        train = fetch_train_images(params.sources[TRAIN_SOURCE], params.train_images, raw_dir,
+                                   timeout_s=params.timeout_s, retries=params.retries, deadline_s=deadline_s,
+                                   progress=progress)
+    return prepare_from_archives(archives, out_root, subset=params.subset, val_images=params.val_images,
+                                 train_files=train)
+
+
+# --- the first N images of train2017.zip ---------------------------------------------------
+
+def first_train_members(zf: zipfile.ZipFile, n: int, archive: str) -> list[zipfile.ZipInfo]:
+    """The first ``n`` members ``train2017/<id>.jpg`` of ``zf`` in name order (= image id order)."""
+    infos = zf.infolist()
+    if len(infos) > TRAIN_MAX_MEMBERS:
+        raise ArchiveLimitError(f"{archive}: more than {TRAIN_MAX_MEMBERS} members (max_members)")
+    found = {}
+    for info in infos:
+        folder, base = posixpath.split(info.filename)
+        if folder == TRAIN_FOLDER and TRAIN_NAME.fullmatch(base) and not info.is_dir():
+            if base in found:
+                raise ValueError(f"{archive}: member {info.filename!r} appears twice")
+            found[base] = info
+    if len(found) < n:
+        raise ValueError(f"{archive}: {len(found)} images {TRAIN_FOLDER}/<id>.jpg, fewer than "
+                         f"data.download.train_images ({n})")
+    return [found[k] for k in sorted(found)[:n]]
+
+
+def _have(path: Path, info: zipfile.ZipInfo) -> bool:
+    """``path`` holds ``info``'s bytes already (size and CRC-32): a resumed run skips it."""
+    if not path.is_file() or path.stat().st_size != info.file_size:
+        return False
+    return zlib.crc32(path.read_bytes()) == info.CRC
+
+
+def fetch_train_images(src: SourceParams, n: int, raw_dir: str | Path, *, timeout_s: float, retries: int,
+                       deadline_s: float | None = None, progress: bool = True) -> list[Path]:
+    """The first ``n`` images of COCO's ``train2017.zip`` (by name) as ``raw_dir/train2017/<id>.jpg``.
+
+    By HTTP range requests when the host answers them (``206``): the archive's tail and central
+    directory, then only the byte spans of the chosen members (contiguous ones in one request),
+    so a few thousand images cost their own size, not the 18 GB archive. A host that ignores
+    ranges gets a full, resumable :func:`download` of the archive (capped at
+    :data:`TRAIN_MAX_BYTES`). Members are checked by the directory's CRC-32 and written atomically;
+    those already in ``raw_dir`` with the right size and CRC are not fetched again. ``src.size``
+    is checked against the length the server announces; ``src.sha256`` (of the whole archive)
+    only in the fallback, since a range fetch never has the whole file. ``deadline_s`` bounds
+    each request (default: from ``timeout_s`` and its length).
+    """
+    out = Path(raw_dir) / TRAIN_FOLDER
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        remote = RemoteZipFile(src.url, timeout_s=timeout_s, retries=retries, deadline_s=deadline_s,
+                               max_read=TRAIN_MAX_DIRECTORY)
+        if src.size is not None and remote.size != src.size:
+            raise ChecksumError(f"{src.url}: size mismatch: server announces {remote.size} bytes, "
+                                f"expected {src.size}")
+        return _copy_first(remote, src.url, remote, n, out, progress)
+    except RangesUnsupported as exc:      # also mid-way: members already written are kept
+        if progress:
+            print(f"{TRAIN_FOLDER}: {exc}; downloading the whole archive", file=sys.stderr, flush=True)
+        # The announced length (capped) sizes the deadline and lets a later run resume the .part.
+        announced = exc.length if exc.length is not None and exc.length <= TRAIN_MAX_BYTES else None
+    archive = download(src.url, Path(raw_dir) / _file_name(TRAIN_SOURCE, src.url), sha256=src.sha256,
+                       size=src.size if src.size is not None else announced, timeout_s=timeout_s,
+                       retries=retries, progress=progress,
+                       deadline_s=deadline_s, max_bytes=TRAIN_MAX_BYTES)
+    return _copy_first(archive, str(archive), None, n, out, progress)
+
+
+def _copy_first(file: Path | RemoteZipFile, archive: str, remote: RemoteZipFile | None, n: int, out: Path,
+                progress: bool) -> list[Path]:
+    """Copy the first ``n`` train members of the zip ``file`` into ``out``; ``remote``: prefetch spans."""
+    try:
+        with zipfile.ZipFile(file) as zf:
+            chosen = first_train_members(zf, n, archive)
+            todo = [i for i in chosen if not _have(out / posixpath.basename(i.filename), i)]
+            groups = member_spans(zf, todo) if remote is not None else [(0, 0, todo)]
+            for k, (start, end, infos) in enumerate(groups):
+                if remote is not None:
+                    remote.load(start, end)
+                for info in infos:
+                    copy_member(zf, info, out / posixpath.basename(info.filename), archive)
+                if progress and remote is not None:
+                    print(f"{TRAIN_FOLDER}: range {k + 1}/{len(groups)}: {len(infos)} images, "
+                          f"{(end - start) / 1e6:.1f} MB", file=sys.stderr, flush=True)
+    except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
+        raise ValueError(f"{archive}: corrupt zip ({' '.join(str(exc).split())[:120]})") from None
+    return [out / posixpath.basename(i.filename) for i in chosen]

@@ -32,6 +32,7 @@ COLORS: dict[str, tuple[int, int, int]] = {
 }
 SIZES = ("small", "large")
 QUESTION_TYPES = ("color", "shape", "exists", "count", "spatial")
+RELATIONS = ("left of", "right of", "above", "below")   # what a spatial question asks
 # Split name -> seed stream. Streams >= 100 are for on-the-fly training data.
 STREAMS = {"train": 1, "val": 2, "test": 3}
 ID_BASE = {"train": 1_000_000, "val": 2_000_000, "test": 3_000_000}
@@ -193,7 +194,7 @@ def question_candidates(objs: Sequence[SceneObject], rng: np.random.Generator, q
             for b in objs:
                 if a is b:
                     continue
-                rel = ("left of", "right of", "above", "below")[int(rng.integers(4))]
+                rel = RELATIONS[int(rng.integers(len(RELATIONS)))]
                 ans = _relation(a, b, rel)
                 if ans is not None:
                     out.append((f"is the {a.name} {rel} the {b.name}?", "yes" if ans else "no"))
@@ -228,6 +229,24 @@ def named_objects(question: str, objects: Sequence[tuple[str, str]]) -> list[int
     wanted = question_objects(question)
     return [i for i, (c, s) in enumerate(objects)
             if any((wc is None or wc == c) and (ws is None or ws == s) for wc, ws in wanted)]
+
+
+def question_relation(question: str) -> tuple[tuple[str, str], str, tuple[str, str]] | None:
+    """A generated spatial question read back as (first object, relation, second object), each
+    object a (colour, shape); None for any other text.
+
+    Example: ``"is the red circle left of the blue cross?"`` -> ``(("red", "circle"), "left of",
+    ("blue", "cross"))``.
+    """
+    low = question.lower()
+    rel = next((r for r in RELATIONS if f" {r} " in low), None)
+    named = question_objects(low)
+    if rel is None or len(named) != 2:
+        return None
+    (c0, s0), (c1, s1) = named
+    if c0 is None or s0 is None or c1 is None or s1 is None:
+        return None
+    return (c0, s0), rel, (c1, s1)
 
 
 def make_questions(objs: Sequence[SceneObject], rng: np.random.Generator, n: int) -> list[dict[str, str]]:

@@ -1,6 +1,7 @@
 """The LVLM stage (``02_lvlm``): train (embedded) or resolve (paper) the model, then score it."""
 from __future__ import annotations
 
+import csv
 import dataclasses
 import time
 from pathlib import Path
@@ -128,6 +129,7 @@ def run_lvlm_stage(params: Params, splits: dict[str, list[ImageRecord]], log=pri
     metrics.update(timing)
     metrics.setdefault("train_seconds", 0.0)
     with atomic_path(out / "examples.csv") as tmp:
-        examples.to_csv(tmp, index=False)
+        # Text quoted: a generated answer may hold a bare "\r", which minimal quoting leaves as a line break.
+        examples.to_csv(tmp, index=False, quoting=csv.QUOTE_NONNUMERIC)
     write_json(out / "metrics.json", metrics)
     return metrics
