@@ -2,7 +2,7 @@
 
     python benchmarks/bench_stage_attach.py [--images 10] [--per-image 3] [--new-tokens 3] [--repeats 3]
 
-* ``adapter`` — what ``tokens.stage.Sweeper`` does: per batch of images one vision-tower pass,
+* ``adapter`` — what ``tokens.sweep.Sweeper`` does: per batch of images one vision-tower pass,
   then every run through ``LVLM.generate_from_features`` (one compression and one prefix
   prefill per image unless the method reads the question);
 * ``attach`` — every run through ``vlmcompress.tokens.attach`` and the stock model's own

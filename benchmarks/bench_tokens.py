@@ -23,7 +23,7 @@ from vlmcompress.data.records import load_split
 from vlmcompress.data.stage import dataset_root
 from vlmcompress.io import write_json
 from vlmcompress.lvlm.stage import load_stage_lvlm
-from vlmcompress.tokens.stage import Run, efficiency_table, stratified_questions
+from vlmcompress.tokens.sweep import Run, efficiency_table, stratified_questions
 
 
 def main() -> None:

@@ -12,7 +12,7 @@ layers (all 32 do not fit in 24 GiB as float32; each further layer only adds to 
 so fewer layers overstate the overhead). It saves the model, loads it back through the paper
 profile's loader (:func:`vlmcompress.lvlm.load.load_lvlm`) and times ``full`` against each
 method of ``--methods`` at ``--budget`` on scenes test questions
-(:func:`vlmcompress.tokens.stage.efficiency_table`: median of round-robin repeats after a
+(:func:`vlmcompress.tokens.sweep.efficiency_table`: median of round-robin repeats after a
 warm-up). Only time is measured: a random model's answers mean nothing. ``--shape tiny`` is
 the same structure in miniature, to check the script itself in seconds.
 """
@@ -62,9 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     from vlmcompress.lvlm.load import load_lvlm
     from vlmcompress.lvlm.adapter import Prompts
     from vlmcompress.lvlm.tokenizer import build_tokenizers
-    from vlmcompress.lvlm.train import scene_vocab
+    from vlmcompress.lvlm.pool import scene_vocab
     from vlmcompress.tokens.config import METHOD_PARAMS
-    from vlmcompress.tokens.stage import Run, efficiency_table, stratified_questions
+    from vlmcompress.tokens.sweep import Run, efficiency_table, stratified_questions
 
     if a.threads:
         torch.set_num_threads(a.threads)

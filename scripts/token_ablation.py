@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     from vlmcompress.data.stage import load_all
     from vlmcompress.eval.tasks import answer_tokens
     from vlmcompress.lvlm.stage import load_stage_lvlm
-    from vlmcompress.tokens import stage as S
+    from vlmcompress.tokens.compare import vqa_by_size, vqa_table
+    from vlmcompress.tokens.sweep import Sweeper, make_batches, plan_runs, stratified_questions
 
     # The params and every configuration are checked before the model loads: a typo fails at once.
     try:
@@ -77,16 +78,16 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(params.lvlm.train.threads)
     lvlm = load_stage_lvlm(params)
     lvlm.attn_layer = params.tokens.attention_layer
-    items = S.stratified_questions(load_all()[args.split], args.questions, seed=params.seed)
-    batches = S.make_batches(items, lambda s: s[0], lambda s: s[1].question, params.tokens.eval.batch_images)
+    items = stratified_questions(load_all()[args.split], args.questions, seed=params.seed)
+    batches = make_batches(items, lambda s: s[0], lambda s: s[1].question, params.tokens.eval.batch_images)
     for spec, tokens in configs:
-        outputs = S.Sweeper(lvlm, tokens, seed=params.seed).sweep(batches, S.plan_runs(tokens), "vqa",
-                                                                  answer_tokens(lvlm, [a for _, q in items for a in q.answers]))
-        table = S.vqa_table(outputs)
+        outputs = Sweeper(lvlm, tokens, seed=params.seed).sweep(batches, plan_runs(tokens), "vqa",
+                                                              answer_tokens(lvlm, [a for _, q in items for a in q.answers]))
+        table = vqa_table(outputs)
         print(f"== {spec or 'params as given'} ({len(items)} {args.split} questions)")
         print(table.pivot_table(index=["method", "budget"], columns="question_type", values="acc").round(1).to_string())
         if args.by_size:
-            sized = S.vqa_by_size(outputs)
+            sized = vqa_by_size(outputs)
             print(sized.pivot_table(index=["method", "budget"], columns="size", values="acc").round(1).to_string())
             print("questions per size:", dict(zip(sized[sized.method == "full"]["size"], sized[sized.method == "full"]["n"])))
     return 0

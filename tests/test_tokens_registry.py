@@ -18,7 +18,7 @@ from vlmcompress.tokens import (
     ADAPTIVE, METHOD_PARAMS, METHODS, TEXT_GUIDED, TokensParams, attach, compress, make_transform, method_names,
     method_spec, register_method, register_preset, temporary_methods, unregister_method,
 )
-from vlmcompress.tokens.stage import Run, plan_runs
+from vlmcompress.tokens.sweep import Run, plan_runs
 from vlmcompress.tokens.thresholds import topk_mask
 from vlmcompress.tokens.types import KIND_SALIENT, Compressed, VisualTokens, pack, resolve_budget
 

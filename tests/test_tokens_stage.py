@@ -14,8 +14,9 @@ import yaml
 from lvlm_helpers import TINY, save_tiny_lvlm, with_lm
 from vlmcompress.config import Params, from_dict, to_dict
 from vlmcompress.data.records import ImageRecord, ObjectAnn, Question
-from vlmcompress.tokens.stage import (FULL_KEY, Run, RunOutput, budget_key, object_size, paired_difference, plan_runs,
-                                      run_tokens_stage, stratified_questions, vqa_by_size)
+from vlmcompress.tokens.compare import object_size, paired_difference, vqa_by_size
+from vlmcompress.tokens.stage import run_tokens_stage
+from vlmcompress.tokens.sweep import FULL_KEY, Run, RunOutput, budget_key, plan_runs, stratified_questions
 from vlmcompress.tokens.methods import ADAPTIVE
 from vlmcompress.tokens.types import KIND_NAMES
 
@@ -233,7 +234,7 @@ def test_stage_rejects_a_fastv_layer_deeper_than_the_lm(tiny_project):
 def test_make_batches_groups_images_and_keeps_each_sample_with_its_image():
     import torch
 
-    from vlmcompress.tokens.stage import make_batches
+    from vlmcompress.tokens.sweep import make_batches
 
     recs = _records(5)
     samples = [(recs[i], f"s{k}") for k, i in enumerate([0, 0, 1, 2, 1, 3, 4, 0])]
@@ -291,6 +292,37 @@ def test_paired_difference_is_the_mean_per_question_gap_with_its_standard_error(
         paired_difference(a, c)
 
 
+
+def test_caption_and_grounding_scores_are_the_eval_task_metrics_per_run():
+    from vlmcompress.data.records import RefExpr
+    from vlmcompress.eval.tasks import caption_cider, cider, grounding_accuracy, grounding_ious
+    from vlmcompress.tokens.compare import caption_scores, grounding_scores
+
+    recs = [ImageRecord(i, Path(f"{i}.png"), 10, 10, captions=(f"a {c} circle on grey", f"one {c} circle"))
+            for i, c in enumerate(("red", "blue", "green"))]
+    good, bad = RunOutput(), RunOutput()
+    good.samples = bad.samples = recs
+    good.answers, bad.answers = ["a red circle on grey", "one blue circle", "a green circle"], ["x", "y", "z"]
+    got = caption_scores({Run("full", None): good, Run("random", 0.1): bad})
+    want = cider({r.image_id: a for r, a in zip(recs, good.answers)}, {r.image_id: r.captions for r in recs})
+    assert got == {"full@1.00": round(want, 2), "random@0.10": 0.0} and want > 0
+    assert caption_cider(recs, good.answers) == want
+    with pytest.raises(ValueError, match="2 captions for 3 records"):
+        caption_cider(recs, good.answers[:2])
+
+    rec = ImageRecord(7, Path("g.png"), 10, 10)
+    refs = [(rec, RefExpr(i, "the circle", (0.0, 0.0, 5.0, 5.0), i)) for i in range(4)]   # [0, 0, .5, .5]
+    texts = ["[0.00, 0.00, 0.50, 0.50]", "[0, 0, 0.5, 0.25]", "[0.25, 0.25, 0.75, 0.75]", "no box"]
+    ious = grounding_ious(texts, refs)
+    assert ious == pytest.approx([1.0, 0.5, 0.0625 / 0.4375, 0.0])
+    assert grounding_accuracy(ious) == 50.0 and grounding_accuracy(ious, threshold=0.1) == 75.0
+    ground = RunOutput()
+    ground.samples, ground.answers = refs, texts
+    assert grounding_scores({Run("full", None): ground, Run("random", 0.1): RunOutput()}) == \
+        {"full@1.00": 50.0, "random@0.10": None}                  # no referring expressions: absent
+    with pytest.raises(ValueError, match="no IoUs"):
+        grounding_accuracy([])
+
 # --- the stage measures what a user's attach() call runs -----------------------------------
 
 def _stage_and_attach(tmp_path, T, method: str, budget, **attach_kw):
@@ -301,7 +333,7 @@ def _stage_and_attach(tmp_path, T, method: str, budget, **attach_kw):
     from vlmcompress.lvlm.load import load_lvlm
     from vlmcompress.tokens import attach
     from vlmcompress.tokens.patch import TEXT_GUIDED
-    from vlmcompress.tokens.stage import Sweeper, make_batches
+    from vlmcompress.tokens.sweep import Sweeper, make_batches
 
     root = save_tiny_lvlm(tmp_path / "model", with_lm(TINY, lm_layers=3), seed=1)
     lvlm = load_lvlm(str(root / "llava"), str(root / "clip"))
@@ -390,7 +422,7 @@ class _LinearCost:
 
 
 def test_count_for_cost_finds_the_nearest_count():
-    from vlmcompress.tokens.stage import count_for_cost
+    from vlmcompress.tokens.compare import count_for_cost
 
     cost = lambda k: 1.2 + 0.1 * k             # noqa: E731
     assert count_for_cost(cost, 2.2, 100) == 10
@@ -401,7 +433,7 @@ def test_count_for_cost_finds_the_nearest_count():
 
 
 def test_equal_cost_pairs_each_peer_with_ours_at_its_cost():
-    from vlmcompress.tokens.stage import equal_cost_runs, equal_cost_table
+    from vlmcompress.tokens.compare import equal_cost_runs, equal_cost_table
 
     yes4 = ["yes"] * 4
     outputs = {Run("ours", 0.1): _run_output(yes4, 2.2, 10),            # 10 tokens + text tower
@@ -428,7 +460,7 @@ def test_equal_cost_pairs_each_peer_with_ours_at_its_cost():
 
 
 def test_ours_is_the_candidate_best_on_the_batches_it_is_given():
-    from vlmcompress.tokens.stage import choose_ours
+    from vlmcompress.tokens.compare import choose_ours
 
     class Fixed:
         """Answers ``yes`` to a share of the questions that depends on the method."""

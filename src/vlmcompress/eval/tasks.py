@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from vlmcompress.data.records import ImageRecord, Question
+from vlmcompress.data.records import ImageRecord, Question, RefExpr
 from vlmcompress.images import read_image_rgb
 from vlmcompress.lvlm.imageprep import box_to_input
 
@@ -69,6 +69,22 @@ def grounding_iou(text: str, rec: ImageRecord, bbox: Sequence[float], aspect: st
     return box_iou(box, ref_box(rec, bbox, aspect)) if box is not None else 0.0
 
 
+def grounding_ious(texts: Sequence[str], refs: Sequence[tuple[ImageRecord, RefExpr]],
+                   aspect: str = "resize") -> list[float]:
+    """:func:`grounding_iou` of each generated box answer with the box of its referring expression."""
+    if len(texts) != len(refs):
+        raise ValueError(f"grounding_ious: {len(texts)} answers for {len(refs)} referring expressions")
+    return [grounding_iou(text, r, ref.bbox, aspect) for text, (r, ref) in zip(texts, refs)]
+
+
+def grounding_accuracy(ious: Sequence[float], threshold: float = 0.5) -> float:
+    """Grounding accuracy (percent): the share of answers whose IoU reaches ``threshold``
+    (acc@0.5 by default). Needs at least one IoU."""
+    if not len(ious):
+        raise ValueError("grounding_accuracy: no IoUs to score")
+    return 100.0 * float(np.mean([i >= threshold for i in ious]))
+
+
 # The widest box answer in LLaVA-1.5's format: generation must never cut one.
 BOX_ANSWER = "[0.00, 0.00, 0.00, 0.00]"
 
@@ -111,6 +127,13 @@ def cider(preds: Mapping[int, str], refs: Mapping[int, Sequence[str]]) -> float:
     res = {i: [tok(preds[i])] for i in ids}
     score, _ = Cider().compute_score(gts, res)
     return 100.0 * float(score)
+
+
+def caption_cider(records: Sequence[ImageRecord], captions: Sequence[str]) -> float:
+    """:func:`cider` of one generated caption per record against the record's reference captions."""
+    if len(records) != len(captions):
+        raise ValueError(f"caption_cider: {len(captions)} captions for {len(records)} records")
+    return cider({r.image_id: c for r, c in zip(records, captions)}, {r.image_id: r.captions for r in records})
 
 
 # --- running the model -----------------------------------------------------------------
@@ -203,12 +226,11 @@ def _answer_counts(records: Sequence[ImageRecord]) -> dict[str, Counter]:
 def run_captions(lvlm, records: Sequence[ImageRecord], batch_size: int = 32, images: ImageSource = file_images,
                  transform=None) -> tuple[float, dict[int, str]]:
     """CIDEr of generated captions (percent) and the captions by image id."""
-    preds: dict[int, str] = {}
+    captions: list[str] = []
     for batch in _batches(list(records), batch_size):
-        out = lvlm.generate([images(r) for r in batch], None, task="caption", transform=transform,
-                            max_new_tokens=answer_tokens(lvlm, [c for r in batch for c in r.captions]))
-        preds.update({r.image_id: c for r, c in zip(batch, out)})
-    return cider(preds, {r.image_id: r.captions for r in records}), preds
+        captions += lvlm.generate([images(r) for r in batch], None, task="caption", transform=transform,
+                                  max_new_tokens=answer_tokens(lvlm, [c for r in batch for c in r.captions]))
+    return caption_cider(records, captions), {r.image_id: c for r, c in zip(records, captions)}
 
 
 def run_grounding(lvlm, records: Sequence[ImageRecord], batch_size: int = 32, max_refs: int = 0,
@@ -226,8 +248,8 @@ def run_grounding(lvlm, records: Sequence[ImageRecord], batch_size: int = 32, ma
         imgs, index = _unique_images([r for r, _ in batch], images)
         out = lvlm.generate(imgs, [ref.sentence for _, ref in batch], task="ground", transform=transform,
                             max_new_tokens=answer_tokens(lvlm, [BOX_ANSWER]), image_index=index)
-        ious += [grounding_iou(text, r, ref.bbox, lvlm.image_aspect) for (r, ref), text in zip(batch, out)]
-    return 100.0 * float(np.mean([i >= 0.5 for i in ious])), float(np.mean(ious))
+        ious += grounding_ious(out, batch, lvlm.image_aspect)
+    return grounding_accuracy(ious), float(np.mean(ious))
 
 
 @torch.inference_mode()

@@ -1,0 +1,257 @@
+"""Comparing the runs of a sweep: accuracy tables, paired differences, equal prefill cost.
+
+Every function reads :class:`~vlmcompress.tokens.sweep.RunOutput` s and returns numbers or
+tables. VQA accuracy by question type (:func:`vqa_table`) and, on scenes, by the size of the
+objects a question names (:func:`vqa_by_size`); paired per-question differences between
+methods (:func:`paired_difference`); each peer run paired with the run of ours at the nearest
+prefill GFLOPs (:func:`equal_cost_table`, with :func:`equal_cost_runs` adding runs of ours
+where none is near); the choice of our method on validation questions (:func:`choose_ours`);
+caption and grounding scores per run, scored by :mod:`vlmcompress.eval.tasks`.
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from vlmcompress.data.records import ImageRecord, Question
+from vlmcompress.data.scenes import named_objects
+from vlmcompress.eval.tasks import caption_cider, grounding_accuracy, grounding_ious, vqa_accuracy
+from vlmcompress.tokens.patch import TEXT_GUIDED
+from vlmcompress.tokens.sweep import FULL_KEY, Batch, Run, RunOutput, Sweeper
+
+
+def scores_by(o: RunOutput, group: Callable[[ImageRecord, Question], str | None]) -> dict[str, list[float]]:
+    """VQA accuracy (0-1) of each answer of a run, grouped by ``group(record, question)``;
+    questions it maps to ``None`` are left out."""
+    scores: dict[str, list[float]] = defaultdict(list)
+    for (r, q), a in zip(o.samples, o.answers):
+        g = group(r, q)
+        if g is not None:
+            scores[g].append(vqa_accuracy(a, q.answers))
+    return scores
+
+
+def vqa_table(outputs: dict[Run, RunOutput]) -> pd.DataFrame:
+    """Long table: method, budget, mean_tokens, question_type ('all' = overall), acc, n."""
+    rows = []
+    for run, o in outputs.items():
+        scores = scores_by(o, lambda r, q: q.question_type)
+        mean_tokens = float(np.mean(o.tokens))
+        everything = [s for v in scores.values() for s in v]
+        for qt, v in [("all", everything)] + sorted(scores.items()):
+            rows.append({"method": run.method, "budget": run.key, "mean_tokens": round(mean_tokens, 2),
+                         "question_type": qt, "acc": round(100.0 * float(np.mean(v)), 2), "n": len(v)})
+    return pd.DataFrame(rows)
+
+
+def paired_difference(a: RunOutput, b: RunOutput) -> dict[str, float | int]:
+    """Accuracy of ``a`` minus ``b`` on the same questions, in points, with the standard error
+    of that mean difference (paired: the spread of the per-question differences / sqrt(n)).
+    A difference within about two standard errors is noise."""
+    if [q for _, q in a.samples] != [q for _, q in b.samples]:
+        raise ValueError("paired_difference: the two runs answered different questions")
+    d = 100.0 * np.array([vqa_accuracy(x, q.answers) - vqa_accuracy(y, q.answers)
+                          for (_, q), x, y in zip(a.samples, a.answers, b.answers)])
+    se = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else float("nan")
+    return {"diff": round(float(d.mean()), 2), "se": round(se, 2), "n": len(d)}
+
+
+def paired_table(outputs: dict[Run, RunOutput], key: str) -> dict[str, dict[str, float | int]]:
+    """``"A - B"``: :func:`paired_difference` of each text-guided method against every other
+    compressing method, at budget ``key``."""
+    at = {r.method: o for r, o in outputs.items() if r.key == key}
+    return {f"{m} - {other}": paired_difference(at[m], at[other])
+            for m in sorted(TEXT_GUIDED & at.keys()) for other in at if other != m}
+
+
+# --- equal cost ------------------------------------------------------------------------
+
+def count_for_cost(cost_at: Callable[[int], float], target: float, n_max: int) -> int:
+    """The token count ``k`` in ``[1, n_max]`` whose cost ``cost_at(k)`` (increasing in k) is
+    nearest ``target`` (ties: the smaller k)."""
+    if n_max < 1:
+        raise ValueError(f"count_for_cost: n_max must be >= 1, got {n_max}")
+    lo, hi = 1, n_max
+    while lo < hi:                      # smallest k with cost_at(k) >= target
+        mid = (lo + hi) // 2
+        if cost_at(mid) < target:
+            lo = mid + 1
+        else:
+            hi = mid
+    near = [k for k in (lo - 1, lo) if 1 <= k <= n_max]
+    return min(near, key=lambda k: (abs(cost_at(k) - target), k))
+
+
+def mean_cost(o: RunOutput) -> float:
+    """Mean prefill GFLOPs per question of a run."""
+    return float(np.mean(o.gflops))
+
+
+def nearest_cost_run(outputs: dict[Run, RunOutput], method: str, gflops: float) -> Run:
+    """The run of ``method`` whose mean prefill GFLOPs is nearest ``gflops`` (ties: fewer GFLOPs)."""
+    runs = [r for r in outputs if r.method == method]
+    if not runs:
+        raise ValueError(f"nearest_cost_run: no run of method {method!r}")
+    return min(runs, key=lambda r: (abs(mean_cost(outputs[r]) - gflops), mean_cost(outputs[r])))
+
+
+def gap_pct(a: float, b: float) -> float:
+    """``a`` relative to ``b``, in percent of ``b``."""
+    return 100.0 * (a - b) / b
+
+
+def peer_runs(outputs: dict[Run, RunOutput], ours: str) -> list[Run]:
+    """Every run of a compressing method other than ``ours`` (``full`` is the reference)."""
+    return [r for r in outputs if r.method not in ("full", ours)]
+
+
+def equal_cost_runs(outputs: dict[Run, RunOutput], ours: str, sweeper: Sweeper, tolerance: float) -> list[Run]:
+    """Fixed-count runs of ``ours`` to add so each peer run has one of ours within ``tolerance``
+    (relative) of its mean prefill GFLOPs, on the same questions. The count is solved from the
+    FLOPs formula with the questions' own prompt lengths; peers already matched need none."""
+    if ours not in {r.method for r in outputs}:
+        raise ValueError(f"equal_cost_runs: no run of {ours!r} to match against")
+    o = next(v for r, v in outputs.items() if r.method == ours)
+    extra: list[Run] = []
+    for peer in peer_runs(outputs, ours):
+        target = mean_cost(outputs[peer])
+        near = nearest_cost_run(outputs, ours, target)
+        if abs(gap_pct(mean_cost(outputs[near]), target)) <= 100.0 * tolerance:
+            continue
+        k = count_for_cost(lambda k: sweeper.mean_gflops(Run(ours, k), k, o.n_text, o.n_clip), target,
+                           sweeper.n_patches)
+        run = Run(ours, k)
+        if run not in outputs and run not in extra:
+            extra.append(run)
+    return extra
+
+
+def equal_cost_table(outputs: dict[Run, RunOutput], ours: str, tolerance: float) -> pd.DataFrame:
+    """``ours`` against every peer run at equal prefill cost: the run of ours whose mean GFLOPs
+    is nearest the peer's (``gap_pct``: ours' cost relative to the peer's; ``matched``: within
+    ``tolerance``), and the paired per-question accuracy difference ours - peer (points), its
+    standard error and ``z = diff / se``."""
+    cols = ["ours", "ours_budget", "ours_tokens", "ours_gflops", "peer", "peer_budget", "peer_tokens",
+            "peer_gflops", "gap_pct", "matched", "diff", "se", "z", "n"]
+    rows = []
+    for peer in peer_runs(outputs, ours):
+        target = mean_cost(outputs[peer])
+        mine = nearest_cost_run(outputs, ours, target)
+        gap = gap_pct(mean_cost(outputs[mine]), target)
+        d = paired_difference(outputs[mine], outputs[peer])
+        z = d["diff"] / d["se"] if d["se"] and math.isfinite(d["se"]) else None
+        rows.append({"ours": ours, "ours_budget": mine.key, "ours_tokens": round(float(np.mean(outputs[mine].tokens)), 2),
+                     "ours_gflops": round(mean_cost(outputs[mine]), 6), "peer": peer.method, "peer_budget": peer.key,
+                     "peer_tokens": round(float(np.mean(outputs[peer].tokens)), 2), "peer_gflops": round(target, 6),
+                     "gap_pct": round(gap, 2), "matched": abs(gap) <= 100.0 * tolerance, "diff": d["diff"],
+                     "se": d["se"], "z": None if z is None else round(z, 2), "n": d["n"]})
+    return pd.DataFrame(rows, columns=cols)
+
+
+def equal_cost_metrics(eq: pd.DataFrame) -> dict[str, dict[str, Any]]:
+    """``{"peer@budget": {ours_budget, gap_pct, diff, se, z}}`` for ``metrics.json``."""
+    return {f"{r.peer}@{r.peer_budget}": {"ours_budget": r.ours_budget, "gap_pct": r.gap_pct, "matched": bool(r.matched),
+                                          "diff": r.diff, "se": r.se, "z": None if pd.isna(r.z) else r.z}
+            for r in eq.itertuples()}
+
+
+def cost_table(outputs: dict[Run, RunOutput], latency_ms: dict[str, float], ours: str | None) -> pd.DataFrame:
+    """One row per run: method, budget, mean visual tokens, mean prefill GFLOPs (total and the LM
+    part), measured prefill latency (median ms; ``latency_ms`` by run label, NaN if not
+    measured), VQA accuracy (%), and whether the method is ours."""
+    rows = []
+    for run, o in outputs.items():
+        acc = 100.0 * float(np.mean([vqa_accuracy(a, q.answers) for (_, q), a in zip(o.samples, o.answers)]))
+        rows.append({"method": run.method, "budget": run.key, "tokens": round(float(np.mean(o.tokens)), 2),
+                     "gflops": round(mean_cost(o), 6), "lm_gflops": round(float(np.mean(o.lm_gflops)), 6),
+                     "latency_ms": latency_ms.get(run.label, float("nan")), "accuracy": round(acc, 2),
+                     "ours": run.method == ours})
+    return pd.DataFrame(rows, columns=["method", "budget", "tokens", "gflops", "lm_gflops", "latency_ms",
+                                       "accuracy", "ours"])
+
+
+def mean_accuracy(outputs: dict[Run, RunOutput], method: str) -> float:
+    """VQA accuracy (%) of ``method`` averaged over its runs (budgets)."""
+    accs = [100.0 * float(np.mean([vqa_accuracy(a, q.answers) for (_, q), a in zip(o.samples, o.answers)]))
+            for r, o in outputs.items() if r.method == method]
+    return float(np.mean(accs))
+
+
+def choose_ours(sweeper: Sweeper, batches: Sequence[Batch], candidates: Sequence[str],
+                budgets: Sequence[int | float], max_new_tokens: int) -> tuple[str | None, dict[str, float]]:
+    """The candidate with the best VQA accuracy averaged over ``budgets`` on ``batches`` (the
+    validation split; ties: the first listed), and each candidate's accuracy. One candidate is
+    chosen without running; none gives ``(None, {})``."""
+    if len(candidates) <= 1:
+        return (candidates[0] if candidates else None), {}
+    out = sweeper.sweep(batches, [Run(m, b) for m in candidates for b in budgets], "vqa", max_new_tokens)
+    acc = {m: round(mean_accuracy(out, m), 2) for m in candidates}
+    return max(candidates, key=lambda m: (acc[m], -candidates.index(m))), acc
+
+
+def object_size(record: ImageRecord, question: Question) -> str | None:
+    """Size class of what a scenes question is about: ``small`` if any object it names is
+    small, ``large`` if all are, ``none`` if it names no object of the scene ("is there a red
+    cross?" without one, a zero count); ``None`` for records without size attributes (VQAv2)."""
+    attrs = [o.attributes for o in record.objects]
+    if not attrs or not all({"color", "shape", "size"} <= a.keys() for a in attrs):
+        return None
+    named = named_objects(question.question, [(a["color"], a["shape"]) for a in attrs])
+    if not named:
+        return "none"
+    return "small" if any(attrs[i]["size"] == "small" for i in named) else "large"
+
+
+def vqa_by_size(outputs: dict[Run, RunOutput]) -> pd.DataFrame:
+    """Long table: method, budget, size (see :func:`object_size`), acc, n; empty when no
+    question has a size class."""
+    memo: dict[tuple[int, int], str | None] = {}
+
+    def size_of(r: ImageRecord, q: Question) -> str | None:     # every run asks the same questions
+        key = (r.image_id, q.question_id)
+        if key not in memo:
+            memo[key] = object_size(r, q)
+        return memo[key]
+
+    rows = []
+    for run, o in outputs.items():
+        for size, v in sorted(scores_by(o, size_of).items()):
+            rows.append({"method": run.method, "budget": run.key, "size": size,
+                         "acc": round(100.0 * float(np.mean(v)), 2), "n": len(v)})
+    return pd.DataFrame(rows, columns=["method", "budget", "size", "acc", "n"])
+
+
+def size_metrics(by_size: pd.DataFrame, key: str) -> dict[str, Any]:
+    """``{"method@budget": {size: acc}}`` for every method at budget ``key`` and the full model,
+    plus ``n`` (questions per size class); empty without size classes."""
+    if by_size.empty:
+        return {}
+    at = by_size[by_size.budget.isin([key, FULL_KEY])]
+    out: dict[str, Any] = {f"{m}@{b}": dict(zip(g["size"], g["acc"])) for (m, b), g in at.groupby(["method", "budget"])}
+    full = by_size[by_size.method == "full"]
+    out["n"] = dict(zip(full["size"], full["n"].astype(int).tolist()))
+    return out
+
+
+# --- captions and grounding ------------------------------------------------------------
+
+def caption_scores(outputs: dict[Run, RunOutput]) -> dict[str, float]:
+    """CIDEr (percent, :func:`~vlmcompress.eval.tasks.caption_cider`) per ``method@budget``;
+    samples are image records."""
+    return {run.label: round(caption_cider(o.samples, o.answers), 2) for run, o in outputs.items()}
+
+
+def grounding_scores(outputs: dict[Run, RunOutput], aspect: str = "resize") -> dict[str, float | None]:
+    """Accuracy at IoU >= 0.5 (percent, :func:`~vlmcompress.eval.tasks.grounding_accuracy`) per
+    ``method@budget``; samples are (record, ref). None when there are no referring expressions
+    (the task is absent, not failed)."""
+    out: dict[str, float | None] = {}
+    for run, o in outputs.items():
+        ious = grounding_ious(o.answers, o.samples, aspect)
+        out[run.label] = round(grounding_accuracy(ious), 2) if ious else None
+    return out
