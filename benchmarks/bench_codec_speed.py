@@ -83,7 +83,7 @@ def random_stage_lvlm(P: Params) -> Any:
     from vlmcompress.lvlm.build import ModelSpec, build_clip, build_llava, save_lvlm
     from vlmcompress.lvlm.load import Prompts, load_lvlm
     from vlmcompress.lvlm.tokenizer import build_tokenizers
-    from vlmcompress.lvlm.train import scene_vocab
+    from vlmcompress.lvlm.pool import scene_vocab
 
     torch.manual_seed(0)
     spec = ModelSpec(**dataclasses.asdict(P.lvlm.arch))

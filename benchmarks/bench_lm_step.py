@@ -24,7 +24,8 @@ from typing import Any
 import torch
 
 from vlmcompress.config import ConfigError, load_params
-from vlmcompress.lvlm.train import Trainer, build_pool
+from vlmcompress.lvlm.pool import build_pool
+from vlmcompress.lvlm.train import Trainer
 
 
 def time_steps(params, scenes, pool, scale: float, turns: int, steps: int, warmup: int, at: float,

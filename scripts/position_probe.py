@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     from vlmcompress.config import ConfigError
     from vlmcompress.lvlm.load import ModelNotAvailableError, load_lvlm
     from vlmcompress.lvlm.stage import model_paths
-    from vlmcompress.lvlm.train import _to_pixels, build_pool
+    from vlmcompress.lvlm.pool import build_pool, to_pixels
 
     if args.scenes < 8:
         print("position_probe: --scenes must be at least 8", file=sys.stderr)
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     patch = lvlm.vision_tower.config.patch_size
     pool = build_pool(params.data.scenes, args.scenes, patch)
-    images = _to_pixels(pool.images)
+    images = to_pixels(pool.images)
     with torch.inference_mode():
         feats = lvlm.visual_features(images)
     n, (gh, g) = feats.tokens.shape[1], feats.grid

@@ -9,8 +9,9 @@ import torch
 
 from vlmcompress.lvlm.labels import COLOR_IDS, SHAPE_IDS
 from vlmcompress.data.scenes import SceneObject
-from vlmcompress.lvlm.train import (background_budget, kept_tokens, look_loss, relation_targets, relevant_patches,
-                                    word_positions)
+from vlmcompress.lvlm.curriculum import background_budget, kept_tokens
+from vlmcompress.lvlm.heads import look_loss
+from vlmcompress.lvlm.targets import relation_targets, relevant_patches, word_positions
 
 
 def _labels() -> torch.Tensor:
@@ -132,7 +133,7 @@ def _tiny_params(**train):
 def test_phase_digests_change_only_the_phases_a_param_reaches():
     import dataclasses
 
-    from vlmcompress.lvlm.train import phase_digests
+    from vlmcompress.lvlm.phases import phase_digests
 
     base, scenes = _tiny_params()
     d0 = phase_digests(base, scenes, 0)
@@ -152,7 +153,7 @@ def test_phase_digests_change_only_the_phases_a_param_reaches():
 def test_text_losses_reward_pointing_a_question_at_its_patches():
     import torch.nn.functional as F
 
-    from vlmcompress.lvlm.train import text_losses
+    from vlmcompress.lvlm.heads import text_losses
 
     patches = F.normalize(torch.eye(4)[None].repeat(2, 1, 1), dim=-1)       # [B=2, N=4, P=4]
     images = F.normalize(torch.tensor([[1.0, 0, 0, 1], [0, 1, 1, 0]]), dim=-1)
@@ -258,7 +259,7 @@ def test_text_phase_embeds_patches_with_the_towers_running_statistics(tmp_path):
 
 
 def test_position_code_is_linear_in_column_and_row_along_orthogonal_directions():
-    from vlmcompress.lvlm.train import position_code
+    from vlmcompress.lvlm.curriculum import position_code
 
     g, scale = 4, 0.3
     code = position_code(g, 16, scale, seed=0)                     # [16, 16]
@@ -275,7 +276,7 @@ def test_position_code_is_linear_in_column_and_row_along_orthogonal_directions()
 
 
 def test_dense_position_heads_learn_where_a_patch_is_only_when_weighted():
-    from vlmcompress.lvlm.train import DenseHeads
+    from vlmcompress.lvlm.heads import DenseHeads
 
     lab = _labels().unsqueeze(0).repeat(2, 1, 1, 1)                 # [2, 4, 4, 4]
     feats = torch.eye(16).unsqueeze(0).repeat(2, 1, 1)              # each patch its own one-hot feature
@@ -292,7 +293,7 @@ def test_dense_position_heads_learn_where_a_patch_is_only_when_weighted():
 
 
 def test_turn_mask_lets_a_turn_see_the_image_and_itself_but_no_other_turn():
-    from vlmcompress.lvlm.train import turn_mask
+    from vlmcompress.lvlm.curriculum import turn_mask
 
     seg = torch.tensor([[0, 0, 0, 1, 1, 2, 2, -1]])               # prefix+image, turn 1, turn 2, padding
     m = turn_mask(seg)[0, 0]
@@ -308,7 +309,7 @@ def test_a_packed_isolated_turn_computes_what_it_would_alone():
     single-turn sequence (prefix, image, turn 2): what the model sees at test time."""
     from transformers import LlamaConfig, LlamaModel
 
-    from vlmcompress.lvlm.train import turn_mask
+    from vlmcompress.lvlm.curriculum import turn_mask
 
     torch.manual_seed(0)
     lm = LlamaModel(LlamaConfig(vocab_size=10, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -327,7 +328,7 @@ def test_a_packed_isolated_turn_computes_what_it_would_alone():
 
 
 def test_relation_heads_score_zero_on_exact_readouts_and_penalise_swapped_objects():
-    from vlmcompress.lvlm.train import RelationHeads
+    from vlmcompress.lvlm.heads import RelationHeads
 
     heads = RelationHeads(4)
     with torch.no_grad():                     # where reads dims 0-1, compare dims 2-3
@@ -391,8 +392,21 @@ def test_every_spatial_question_the_generator_asks_parses_as_a_relation():
     assert seen > 30
 
 
+def test_a_spatial_question_reads_back_to_its_objects_and_relation_and_nothing_else_does():
+    from vlmcompress.data.scenes import RELATIONS, question_relation
+
+    for rel in RELATIONS:
+        q = f"is the red circle {rel} the blue cross?"
+        assert question_relation(q) == (("red", "circle"), rel, ("blue", "cross"))
+        first, got, second = question_relation(q)
+        assert f"is the {' '.join(first)} {got} the {' '.join(second)}?" == q
+    assert question_relation("is there a red circle?") is None                 # no relation
+    assert question_relation("is the circle left of the blue cross?") is None  # an object without its colour
+    assert question_relation("what color is the circle?") is None
+
+
 def test_progress_lines_say_the_phase_the_step_of_how_many_and_the_time_left():
-    from vlmcompress.lvlm.train import progress_line
+    from vlmcompress.lvlm.phases import progress_line
 
     line = progress_line("lm", 2000, {"phase": "lm", "step": 400, "seconds": 310.0, "loss": 0.5, "val_acc": 54.5})
     assert line == "[lm] step 400/2000 (20%, 310 s, ~1240 s left) loss=0.5 val_acc=54.5"

@@ -89,7 +89,7 @@ class TrainParams:
 
     @property
     def relation_readouts(self) -> bool:
-        """Whether phase C trains :class:`~vlmcompress.lvlm.train.RelationHeads`."""
+        """Whether phase C trains :class:`~vlmcompress.lvlm.heads.RelationHeads`."""
         return self.lm_where_weight > 0 or self.lm_compare_weight > 0
 
 

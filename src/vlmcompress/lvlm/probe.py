@@ -5,7 +5,7 @@ the question's text embedding; this probe measures that ranking directly on scen
 before any LM is involved: for every question that names something, the share of the top-k
 patches that are relevant (precision@k, beside the base rate of relevant patches) and how
 often the single most similar patch is relevant (hit@1). A patch is relevant as in the LM
-phase (:func:`vlmcompress.lvlm.train.relevant_patches`), with each object's patches taken
+phase (:func:`vlmcompress.lvlm.targets.relevant_patches`), with each object's patches taken
 from its box (records keep boxes, not polygons).
 """
 from __future__ import annotations
@@ -46,7 +46,7 @@ def text_localisation(lvlm, records: Sequence[ImageRecord], k: int, images) -> d
     ``images(rec) -> [3, H, W]`` loads a record's image. ``None`` when the records are not
     scenes (no colour/shape attributes to decide relevance).
     """
-    from vlmcompress.lvlm.train import relevant_patches
+    from vlmcompress.lvlm.targets import relevant_patches
 
     stats: dict[str, list[tuple[float, float, float]]] = defaultdict(list)
     for rec in records:

@@ -15,7 +15,7 @@ from vlmcompress.eval.tasks import (file_images, majority_baseline, run_captions
                                     run_vqa, vqa_items)
 from vlmcompress.io import atomic_path, write_json
 from vlmcompress.lvlm.adapter import LVLM, Prompts
-from vlmcompress.lvlm.config import EvalParams, LvlmParams
+from vlmcompress.lvlm.config import EvalParams
 from vlmcompress.lvlm.load import load_lvlm
 from vlmcompress.lvlm.probe import text_localisation
 from vlmcompress.paths import outputs_dir

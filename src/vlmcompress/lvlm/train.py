@@ -18,29 +18,31 @@ B. **Projector alignment**: each projected patch token is regressed onto the sum
    out reading visual tokens as if they were words.
 C. **Language model** (+ projector; towers frozen): multi-turn sequences (several questions,
    sometimes a caption and a grounding turn, about one image), loss on answer tokens, plus
-   :class:`RelationHeads`' readouts of where a relation question's two objects are.
+   :class:`~vlmcompress.lvlm.heads.RelationHeads`' readouts of where a relation question's
+   two objects are.
 
 Training data are fresh scenes from seed streams that never produce val/test scenes. Every
 batch is a pure function of ``(seed, phase, step)``, so a resumed run sees the same batches.
-Each phase has a digest of the params it depends on (:func:`phase_digests`); a finished phase
-whose digest still matches is reused, so a changed text-phase recipe retrains neither the
-projector nor the LM.
+Each phase has a digest of the params it depends on
+(:func:`~vlmcompress.lvlm.phases.phase_digests`); a finished phase whose digest still matches
+is reused, so a changed text-phase recipe retrains neither the projector nor the LM.
 Written with ``accelerate`` so the same code runs under ``accelerate launch``.
+
+This module holds the :class:`Trainer` loop and each phase's step; what a turn is about is in
+:mod:`~vlmcompress.lvlm.targets`, the losses in :mod:`~vlmcompress.lvlm.heads`, the LM's
+sequences and token curriculum in :mod:`~vlmcompress.lvlm.curriculum`, the scene pool in
+:mod:`~vlmcompress.lvlm.pool` and phase bookkeeping in :mod:`~vlmcompress.lvlm.phases`.
 """
 from __future__ import annotations
 
 import csv
 import dataclasses
-import hashlib
 import json
 import math
-import re
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,293 +51,19 @@ from accelerate import Accelerator
 from torch import Tensor, nn
 
 from vlmcompress.data.config import ScenesParams
-from vlmcompress.data.scenes import (COLORS, PLURALS, QUESTION_TYPES, SHAPES, SIZES, SceneObject, make_captions,
-                                     make_questions, make_refs, make_scene, question_candidates, question_objects,
-                                     scene_rng, sample_scene)
+from vlmcompress.data.scenes import SceneObject, make_questions
 from vlmcompress.io import atomic_path, write_json
 from vlmcompress.lvlm.adapter import CLIP_MEAN, CLIP_STD, LVLM, Prompts
 from vlmcompress.lvlm.build import ModelSpec, build_clip, build_llava, save_lvlm
 from vlmcompress.lvlm.config import LvlmParams
-from vlmcompress.lvlm.labels import COLOR_IDS, SHAPE_IDS, patch_labels
-from vlmcompress.lvlm.tokenizer import build_tokenizers, build_vocab
+from vlmcompress.lvlm.curriculum import (TrainSeq, background_budget, kept_tokens, position_code, sample_turns,
+                                         turn_mask)
+from vlmcompress.lvlm.heads import DenseHeads, RelationHeads, look_loss, text_losses
+from vlmcompress.lvlm.phases import PHASE_OWNS, PHASE_STREAM, phase_digests, progress_line
+from vlmcompress.lvlm.pool import Pool, build_pool, scene_vocab, to_pixels
+from vlmcompress.lvlm.targets import PHRASES, phrase_index, relation_targets, relevant_patches, word_positions
+from vlmcompress.lvlm.tokenizer import build_tokenizers
 
-POOL_STREAM = 100          # seed stream of the training pool (val/test use 1..3)
-VOCAB_STREAM = 99          # scenes whose language seeds the vocabulary
-PHRASES = ["background"] + [f"a {z} {c} {s}" for z in SIZES for c in COLORS for s in SHAPES]
-
-
-def phrase_index(labels: Tensor) -> Tensor:
-    """Per-patch index into :data:`PHRASES` from ``labels [..., 4, G, G]`` -> ``[..., G, G]``."""
-    color, shape, size = labels[..., 0, :, :], labels[..., 1, :, :], labels[..., 2, :, :]
-    idx = ((size - 1) * len(COLORS) + (color - 1)) * len(SHAPES) + (shape - 1) + 1
-    return torch.where(color > 0, idx, torch.zeros_like(idx))
-
-
-SHAPE_WORDS = {**SHAPE_IDS, **{PLURALS[s]: i for s, i in SHAPE_IDS.items()}}
-
-
-def relevant_patches(text: str, labels: Tensor) -> Tensor:
-    """The patches a turn is about, from its words and the dense labels ``[4, G, G]`` -> ``[N]`` bool.
-
-    Colour-shape pairs in the text ("the red circle") select those objects' patches; without
-    a pair, or when no object matches one (a "no" existence question), any patch sharing a
-    named colour or shape; a turn naming neither (a caption) is about every object patch.
-    """
-    words = re.findall(r"[a-z]+", text.lower())
-    color, shape = labels[0].flatten(), labels[1].flatten()
-    obj = color > 0
-    pairs = [(COLOR_IDS[a], SHAPE_WORDS[b]) for a, b in zip(words, words[1:]) if a in COLOR_IDS and b in SHAPE_WORDS]
-    out = torch.zeros_like(obj)
-    for c, s in pairs:
-        out |= (color == c) & (shape == s)
-    if out.any():
-        return out
-    cols = [COLOR_IDS[w] for w in words if w in COLOR_IDS]
-    shps = [SHAPE_WORDS[w] for w in words if w in SHAPE_WORDS]
-    if not cols and not shps:
-        return obj
-    for c in cols:
-        out |= color == c
-    for s in shps:
-        out |= obj & (shape == s)
-    return out
-
-
-def look_loss(attn: Tensor, queries: Tensor, targets: Tensor) -> Tensor:
-    """Negative log attention mass on the relevant tokens, averaged over queries.
-
-    ``attn [B, H, T, T]`` softmax attention of one layer; ``queries [Q, 2]`` (batch row,
-    position) of the tokens that predict an answer; ``targets [Q, T]`` bool relevant keys.
-    Queries without a relevant key (e.g. a scene with no object named) are skipped.
-    """
-    rows = attn[queries[:, 0], :, queries[:, 1]].mean(1)              # [Q, T]
-    mass = (rows * targets).sum(-1)
-    has = targets.any(-1)
-    if not has.any():
-        return attn.new_zeros(())
-    return -(mass[has].clamp(min=1e-6).log()).mean()
-
-
-_RELATIONS = (" left of ", " right of ", " above ", " below ")
-
-
-def relation_targets(text: str, objs: Sequence[SceneObject], image_size: int
-                     ) -> tuple[tuple[str, str], Tensor] | None:
-    """The two objects of a relation question: their shape words and where they are, ``[2, 2]``
-    = (x, y) of each centre mapped to [-1, 1], in the question's order. None for any other
-    turn, or when a named object is not in ``objs`` (names are unique within a scene)."""
-    low = text.lower()
-    named = question_objects(low)         # the generator's wording is read in one place
-    if not any(r in low for r in _RELATIONS) or len(named) != 2 or any(None in n for n in named):
-        return None
-    by_name = {o.name: o for o in objs}
-    pair = [by_name.get(f"{c} {s}") for c, s in named]
-    if pair[0] is None or pair[1] is None:
-        return None
-    xy = torch.tensor([[o.cx, o.cy] for o in pair], dtype=torch.float32)
-    return (pair[0].shape, pair[1].shape), 2 * xy / image_size - 1
-
-
-def word_positions(prompt_ids: Sequence[int], first: int, second: int) -> tuple[int, int] | None:
-    """Where a relation question's two shape words are among its prompt's token ids: the first
-    occurrence of ``first`` and the last of ``second`` (the two may be the same word). None
-    if either is missing."""
-    ids = list(prompt_ids)
-    if first not in ids or second not in ids:
-        return None
-    return ids.index(first), len(ids) - 1 - ids[::-1].index(second)
-
-
-class RelationHeads(nn.Module):
-    """Phase C's auxiliary readouts for relation questions ("is the red circle left of the blue
-    square?"), on the LM's hidden states; training only, not part of the saved LLaVA.
-
-    ``where``: after ``layer`` LM layers, at each of the question's two shape words, that
-    object's centre. ``compare``: one layer later, at the answer-predicting token, the first
-    centre minus the second. Without them the LM answered relation questions at chance after
-    2,000 steps, though a linear probe read "left of" from the visual tokens 81-96% of the time:
-    nothing asked it to carry where an object is to the token that answers.
-    """
-
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.where = nn.Linear(dim, 2)
-        self.compare = nn.Linear(dim, 2)
-
-    def losses(self, hidden: Sequence[Tensor], layer: int, words: Tensor, answers: Tensor, xy: Tensor
-               ) -> tuple[Tensor, Tensor]:
-        """MSE of both readouts. ``hidden``: the LM's hidden states (embeddings first), each
-        ``[B, T, D]``; ``words [2Q, 2]`` (batch row, index) of the Q questions' shape words,
-        first object then second for each; ``answers [Q, 2]`` their answer-predicting tokens;
-        ``xy [Q, 2, 2]`` the two centres in [-1, 1]."""
-        where = F.mse_loss(self.where(hidden[layer][words[:, 0], words[:, 1]]), xy.flatten(0, 1))
-        diff = xy[:, 0] - xy[:, 1]
-        compare = F.mse_loss(self.compare(hidden[layer + 1][answers[:, 0], answers[:, 1]]), diff)
-        return where, compare
-
-
-def turn_mask(segments: Tensor) -> Tensor:
-    """Who may attend to whom in a batch of packed single-turn samples: ``segments [B, T]``
-    (0: the shared prompt prefix and image, k >= 1: turn k, -1: padding) -> ``[B, 1, T, T]``
-    bool, True where query i may attend key j: causal, and only to the shared part or to its
-    own turn. A padding query attends to itself alone (a row with no key would be NaN).
-    """
-    T = segments.shape[1]
-    q, k = segments[:, :, None], segments[:, None, :]
-    causal = torch.ones(T, T, dtype=torch.bool).tril()
-    allowed = causal & (k >= 0) & (q >= 0) & ((k == 0) | (k == q))
-    allowed |= torch.eye(T, dtype=torch.bool) & (q < 0)
-    return allowed.unsqueeze(1)
-
-
-def background_budget(step: int, steps: int, start: int, ramp: float, n_tokens: int) -> int:
-    """Background visual tokens kept at ``step``: ``start``, growing linearly to all
-    ``n_tokens`` over the first ``ramp`` fraction of ``steps`` (then all)."""
-    span = ramp * steps
-    frac = 1.0 if span <= 0 else min(1.0, step / span)
-    return int(round(start + frac * max(n_tokens - start, 0)))
-
-
-def kept_tokens(labels: Tensor, n_background: int, rng: np.random.Generator) -> list[Tensor]:
-    """Curriculum over visual tokens: every object patch plus ``n_background`` random background
-    patches. ``labels [B, 4, G, G]`` -> per image the kept grid indices, ascending.
-
-    With all 256 tokens from the start, the few object tokens get ~1/256 of the attention at
-    initialisation; fewer distractors make early steps cheaper and the signal stronger.
-    """
-    obj = labels[:, 0].flatten(1) > 0                                      # [B, N]
-    out = []
-    for b in range(obj.shape[0]):
-        bg = (~obj[b]).nonzero().flatten()
-        pick = bg[torch.from_numpy(rng.permutation(len(bg))[:min(len(bg), n_background)])]
-        out.append(torch.cat([obj[b].nonzero().flatten(), pick]).sort().values)
-    return out
-
-
-# --- phases ----------------------------------------------------------------------------
-
-PHASES = ("clip", "text", "align", "lm")                       # run order
-PHASE_STREAM = {"clip": 0, "align": 1, "lm": 2, "text": 3}   # seed stream of each phase's batches
-# What each phase trains, as (state group, key prefixes): a reused or resumed phase restores
-# only these, so it never overwrites what a re-run earlier phase has just produced.
-PHASE_OWNS: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {
-    "clip": (("clip", ("",)), ("heads", ("",)), ("llava", ("model.vision_tower.",))),
-    "text": (("clip", ("text_model.", "text_projection.")),),
-    "align": (("llava", ("model.multi_modal_projector.",)),),
-    "lm": (("llava", ("model.multi_modal_projector.", "model.language_model.", "lm_head.")), ("relation", ("",))),
-}
-PHASE_INPUTS = {"clip": None, "text": "clip", "align": "clip", "lm": "align"}   # the phase each starts from
-
-
-def phase_digests(params: LvlmParams, scenes: ScenesParams, seed: int) -> dict[str, str]:
-    """Per phase, a hash of everything its result depends on: the shared recipe (seed, scenes,
-    architecture, prompts — the vocabulary —, pool, warm-up), its own ``<phase>_*`` params and
-    the digest of the phase it starts from."""
-    t = dataclasses.asdict(params.train)
-    common = {"seed": seed, "scenes": dataclasses.asdict(scenes), "arch": dataclasses.asdict(params.arch),
-              "prompts": dataclasses.asdict(params.prompts), "pool": t["pool_scenes"], "warmup": t["warmup_steps"]}
-    own = {"clip": {k: v for k, v in t.items() if k.startswith("clip_")},
-           "text": {k: v for k, v in t.items() if k.startswith("text_")},
-           "align": {k: v for k, v in t.items() if k.startswith("align_")},
-           "lm": {k: v for k, v in t.items() if k.startswith("lm_") or k in ("caption_prob", "ground_prob")}}
-    out: dict[str, str] = {}
-    for phase in PHASES:
-        parent = PHASE_INPUTS[phase]
-        blob = {"common": common, "own": own[phase], "parent": out[parent] if parent else None}
-        out[phase] = hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
-    return out
-
-
-def text_losses(patches: Tensor, images: Tensor, questions: Tensor, captions: Tensor, rows: Tensor,
-                targets: Tensor, scale: Tensor | float) -> tuple[Tensor, dict[str, float]]:
-    """Phase A2's loss: question -> patch localisation plus image <-> caption contrast.
-
-    ``patches [B, N, P]`` and ``images [B, P]`` unit embeddings of B images; ``questions [Q, P]``
-    with ``rows [Q]`` (the image of each) and ``targets [Q, N]`` (distribution over its
-    relevant patches); ``captions [B, P]`` one per image. Localisation is the cross-entropy of
-    ``softmax(scale * cos)`` over the image's patches against the target; ``hit1`` is how often
-    the most similar patch is a relevant one.
-    """
-    logits = scale * torch.einsum("qnp,qp->qn", patches[rows], questions)
-    loc = -(targets * logits.log_softmax(-1)).sum(-1).mean()
-    sim = scale * images @ captions.T
-    tgt = torch.arange(images.shape[0])
-    contrast = 0.5 * (F.cross_entropy(sim, tgt) + F.cross_entropy(sim.T, tgt))
-    hit = targets.gather(1, logits.argmax(-1, keepdim=True)).gt(0).float().mean().item()
-    return loc + contrast, {"loc": loc.item(), "contrast": contrast.item(), "hit1": hit}
-
-
-# --- data ------------------------------------------------------------------------------
-
-class TrainSeq(NamedTuple):
-    """One multi-turn LM training sequence."""
-
-    embeds: Tensor                    # [T, D] inputs_embeds
-    labels: Tensor                    # [T] answer token ids, -100 elsewhere
-    weights: Tensor                   # [T] 1 / (answer length) on answer tokens, 0 elsewhere
-    positions: Tensor                 # [T] position ids (visual tokens keep their grid positions)
-    segments: Tensor                  # [T] 0 on the prompt prefix and the image, k + 1 on turn k
-    queries: list[tuple[int, str]]    # per turn: index of the token predicting its answer, turn text
-    prompts: list[tuple[int, list[int]]]  # per turn: index of its first prompt token, the prompt's ids
-    vis_start: int                    # index of the first visual token
-
-@dataclass
-class Pool:
-    images: Tensor                      # [M, H, W, 3] uint8
-    labels: Tensor                      # [M, 4, G, G] int64 (colour, shape, size, centre)
-    objects: list[list[SceneObject]]
-    captions: list[list[str]]
-
-
-def _pool_item(p: ScenesParams, index: int, patch: int) -> tuple[np.ndarray, np.ndarray, list, list]:
-    s = make_scene(p, POOL_STREAM, index, n_questions=0)
-    return s.image, patch_labels(s.objects, p.image_size, patch), s.objects, s.captions
-
-
-def build_pool(p: ScenesParams, n: int, patch: int, workers: int = 2) -> Pool:
-    """``n`` training scenes with their dense labels (process pool; deterministic)."""
-    with ProcessPoolExecutor(max_workers=workers) as ex:
-        items = list(ex.map(_pool_item, [p] * n, range(n), [patch] * n, chunksize=max(1, n // 32)))
-    return Pool(images=torch.from_numpy(np.stack([i[0] for i in items])),
-                labels=torch.from_numpy(np.stack([i[1] for i in items])),
-                objects=[i[2] for i in items], captions=[i[3] for i in items])
-
-
-def box_text(o: SceneObject, image_size: int) -> str:
-    """LLaVA-1.5's grounding format: normalised ``[x1, y1, x2, y2]`` with two decimals."""
-    x, y, w, h = o.bbox
-    vals = [x / image_size, y / image_size, (x + w) / image_size, (y + h) / image_size]
-    return "[" + ", ".join(f"{min(max(v, 0.0), 1.0):.2f}" for v in vals) + "]"
-
-
-def scene_vocab(p: ScenesParams, prompts: Prompts, n_scenes: int = 400) -> list[str]:
-    """Every word the scenes' language and the prompts can produce, plus box coordinates."""
-    corpus: list[str] = [prompts.system, prompts.template, prompts.vqa, prompts.caption, prompts.ground, *PHRASES]
-    for i in range(n_scenes):
-        rng = scene_rng(p.seed, VOCAB_STREAM, i)
-        objs = sample_scene(rng, p)
-        corpus += make_captions(objs, rng, 5) + make_refs(objs)
-        for t in QUESTION_TYPES:
-            corpus += [f"{q} {a}" for q, a in question_candidates(objs, rng, t)]
-    extra = [f"{i / 100:.2f}" for i in range(101)] + [str(i) for i in range(10)] + ["yes", "no", "[", "]", ","]
-    return build_vocab(corpus, extra)
-
-
-def sample_turns(objs: Sequence[SceneObject], captions: Sequence[str], rng: np.random.Generator, n: int,
-                 caption_prob: float, ground_prob: float, image_size: int) -> list[tuple[str, str, str]]:
-    """``n`` (task, text, answer) turns about one scene: questions of every type, sometimes a
-    caption (the canonical left-to-right one) and a grounding turn."""
-    turns: list[tuple[str, str, str]] = []
-    if rng.random() < caption_prob:
-        turns.append(("caption", "", captions[0]))
-    if objs and rng.random() < ground_prob:
-        o = objs[int(rng.integers(len(objs)))]
-        turns.append(("ground", make_refs([o])[0], box_text(o, image_size)))
-    turns += [("vqa", q["question"], q["answer"]) for q in make_questions(objs, rng, max(n - len(turns), 0))]
-    return [turns[i] for i in rng.permutation(len(turns))]
-
-
-# --- training machinery ----------------------------------------------------------------
 
 def _lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
     def f(step: int) -> float:
@@ -345,84 +73,9 @@ def _lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
     return f
 
 
-def _to_pixels(images_u8: Tensor) -> Tensor:
-    """``[B, H, W, 3]`` uint8 -> ``[B, 3, H, W]`` float in [0, 1]."""
-    return images_u8.permute(0, 3, 1, 2).float() / 255.0
-
-
-class DenseHeads(nn.Module):
-    """Per-patch colour / shape / size / centre classifiers on the LLaVA feature layer, and
-    (``position_weight`` > 0) the patch's grid row and column.
-
-    Without the position heads nothing asks the tower to keep where a patch is: a linear probe
-    of its object patches read the grid column right 10% of the time (chance 6%), and the LM
-    answered spatial questions at chance and grounded nothing.
-    """
-
-    def __init__(self, dim: int, grid: int = 0, position_weight: float = 0.0) -> None:
-        super().__init__()
-        self.color = nn.Linear(dim, len(COLORS) + 1)
-        self.shape = nn.Linear(dim, len(SHAPES) + 1)
-        self.size = nn.Linear(dim, len(SIZES) + 1)
-        self.centre = nn.Linear(dim, 2)
-        self.position_weight = position_weight
-        if position_weight > 0:
-            self.row = nn.Linear(dim, grid)
-            self.col = nn.Linear(dim, grid)
-
-    def loss(self, feats: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, float]]:
-        """``feats [B, N, D]``, ``labels [B, 4, G, G]`` -> loss and per-head patch accuracy."""
-        lab = labels.flatten(2).transpose(1, 2)               # [B, N, 4]
-        obj = lab[..., 0] > 0
-        total, acc = feats.new_zeros(()), {}
-        for k, head in enumerate((self.color, self.shape, self.size)):
-            logits = head(feats)
-            mask = torch.ones_like(obj) if k == 0 else obj     # shape/size only on object patches
-            total = total + F.cross_entropy(logits[mask], lab[..., k][mask])
-            acc[("color", "shape", "size")[k]] = (logits.argmax(-1) == lab[..., k])[mask].float().mean().item()
-        logits = self.centre(feats)
-        total = total + F.cross_entropy(logits.reshape(-1, 2), lab[..., 3].reshape(-1),
-                                        weight=feats.new_tensor([1.0, 8.0]))
-        if self.position_weight > 0:
-            g = labels.shape[-1]
-            cell = torch.arange(g * g, device=feats.device)
-            for name, target in (("row", cell // g), ("col", cell % g)):
-                logits = getattr(self, name)(feats)                     # [B, N, G]
-                tgt = target.expand(feats.shape[0], -1)
-                total = total + self.position_weight * F.cross_entropy(logits.flatten(0, 1), tgt.flatten())
-                acc[name] = (logits.argmax(-1) == tgt)[obj].float().mean().item()
-        return total, acc
-
-
-def position_code(grid: int, dim: int, scale: float, seed: int) -> Tensor:
-    """Where each patch is, as a vector the LM can read: ``[G*G, dim]``.
-
-    Column and row, each mapped linearly to [-1, 1], along two fixed orthonormal directions
-    (drawn from ``seed``) times ``scale``. Added to the projector's alignment target, so a
-    visual token starts out as its object's words *plus* its place: a linear code is what a
-    comparison ("left of") and a box readout need.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    basis, _ = torch.linalg.qr(torch.randn(dim, 2, generator=gen))          # [dim, 2] orthonormal
-    cell = torch.arange(grid * grid)
-    coords = torch.stack([cell % grid, cell // grid], -1).float()           # [N, 2] (x, y)
-    coords = 2 * (coords + 0.5) / grid - 1
-    return scale * coords @ basis.T
-
-
-def progress_line(phase: str, steps: int, row: dict[str, Any]) -> str:
-    """``[lm] step 400/2000 (20%, 310 s, ~1240 s left) loss=...``: a curve row with where its
-    phase stands. ``row`` holds the step and the phase's seconds so far (across resumed runs),
-    so the time left extrapolates the phase's own pace."""
-    step, secs = int(row["step"]), float(row.get("seconds", 0.0))
-    left = f"~{secs / step * (steps - step):.0f} s left" if step > 0 else "time left unknown"
-    rest = " ".join(f"{k}={v}" for k, v in row.items() if k not in ("phase", "step", "seconds"))
-    return f"[{phase}] step {step}/{steps} ({100 * step // steps}%, {secs:.0f} s, {left}) {rest}".rstrip()
-
-
 class Trainer:
-    """Runs phases A, A2, B, C (:data:`PHASES`) with resumable checkpoints under ``work_dir``;
-    saves HF folders."""
+    """Runs phases A, A2, B, C (:data:`~vlmcompress.lvlm.phases.PHASES`) with resumable
+    checkpoints under ``work_dir``; saves HF folders."""
 
     def __init__(self, params: LvlmParams, scenes: ScenesParams, work_dir: str | Path, seed: int,
                  log: Callable[[str], None] = print) -> None:
@@ -489,7 +142,7 @@ class Trainer:
             torch.save(state, tmp)
 
     def _load_weights(self, name: str, phase: str) -> None:
-        """Restore from snapshot ``name`` the weights ``phase`` trains (:data:`PHASE_OWNS`)."""
+        """Restore from snapshot ``name`` the weights ``phase`` trains (:data:`~vlmcompress.lvlm.phases.PHASE_OWNS`)."""
         state = torch.load(self.work / f"{name}.pt", map_location="cpu", weights_only=True)
         groups = {"clip": self.clip, "llava": self.llava, "heads": self.heads, "relation": self.relation}
         for group, prefixes in PHASE_OWNS[phase]:
@@ -582,7 +235,7 @@ class Trainer:
 
         def step(rng: np.random.Generator, step_no: int) -> tuple[Tensor, dict[str, float]]:
             idx = torch.from_numpy(rng.choice(len(pool.captions), t.clip_batch, replace=False))
-            pix = _to_pixels(pool.images[idx])
+            pix = to_pixels(pool.images[idx])
             labels = pool.labels[idx]
             flip = torch.from_numpy(rng.random(len(idx)) < 0.5)
             # Horizontal flips: images and labels together (captions are left-right free but
@@ -620,7 +273,7 @@ class Trainer:
         def step(rng: np.random.Generator, step_no: int) -> tuple[Tensor, dict[str, float]]:
             idx = rng.choice(len(pool.captions), t.text_batch, replace=False)
             with torch.no_grad():
-                out = vision((_to_pixels(pool.images[torch.from_numpy(idx)]) - LVLM_MEAN) / LVLM_STD, return_dict=True)
+                out = vision((to_pixels(pool.images[torch.from_numpy(idx)]) - LVLM_MEAN) / LVLM_STD, return_dict=True)
                 pe = F.normalize(clip.visual_projection(vision.post_layernorm(out.last_hidden_state[:, 1:])), dim=-1)
                 ie = F.normalize(clip.visual_projection(out.pooler_output), dim=-1)
             texts, rows, targets = [], [], []
@@ -656,7 +309,7 @@ class Trainer:
         def step(rng: np.random.Generator, step_no: int) -> tuple[Tensor, dict[str, float]]:
             idx = torch.from_numpy(rng.choice(len(pool.captions), self.t.align_batch, replace=False))
             with torch.no_grad():
-                out = vision((_to_pixels(pool.images[idx]) - LVLM_MEAN) / LVLM_STD, output_hidden_states=True,
+                out = vision((to_pixels(pool.images[idx]) - LVLM_MEAN) / LVLM_STD, output_hidden_states=True,
                              return_dict=True)
                 table = torch.stack([emb.weight[w].sum(0) for w in words])  # [P, D]
                 target = table[phrase_index(pool.labels[idx]).flatten(1)] + where  # [B, N, D]
@@ -676,8 +329,9 @@ class Trainer:
         keeps its position whether or not its neighbours were dropped.
 
         ``isolate``: every turn is a single-turn sample sharing the image prefix — the first
-        turn's prompt, positions restarting right after the image — and (with :func:`turn_mask`)
-        seeing no other turn: the shape of every question at test time."""
+        turn's prompt, positions restarting right after the image — and (with
+        :func:`~vlmcompress.lvlm.curriculum.turn_mask`) seeing no other turn: the shape of every
+        question at test time."""
         emb = self.llava.get_input_embeddings()
         eos = self.tok.eos_token_id
         before, after = self.prompts.render(turns[0][0], turns[0][1])
@@ -802,7 +456,7 @@ class Trainer:
         out = []
         with torch.no_grad():
             for i in range(0, len(pool.captions), chunk):
-                h = vision((_to_pixels(pool.images[i:i + chunk]) - LVLM_MEAN) / LVLM_STD, output_hidden_states=True,
+                h = vision((to_pixels(pool.images[i:i + chunk]) - LVLM_MEAN) / LVLM_STD, output_hidden_states=True,
                            return_dict=True).hidden_states[layer]
                 out.append(h[:, 1:].clone())
         return torch.cat(out)

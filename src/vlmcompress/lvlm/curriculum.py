@@ -1,0 +1,102 @@
+"""What the LM sees in training: the turns drawn about a scene, the sequence they pack into,
+which visual tokens are kept, the mask that isolates turns, and the position code phase B
+writes into the visual tokens."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from vlmcompress.data.scenes import SceneObject, make_questions, make_refs
+
+
+class TrainSeq(NamedTuple):
+    """One multi-turn LM training sequence."""
+
+    embeds: Tensor                    # [T, D] inputs_embeds
+    labels: Tensor                    # [T] answer token ids, -100 elsewhere
+    weights: Tensor                   # [T] 1 / (answer length) on answer tokens, 0 elsewhere
+    positions: Tensor                 # [T] position ids (visual tokens keep their grid positions)
+    segments: Tensor                  # [T] 0 on the prompt prefix and the image, k + 1 on turn k
+    queries: list[tuple[int, str]]    # per turn: index of the token predicting its answer, turn text
+    prompts: list[tuple[int, list[int]]]  # per turn: index of its first prompt token, the prompt's ids
+    vis_start: int                    # index of the first visual token
+
+
+def box_text(o: SceneObject, image_size: int) -> str:
+    """LLaVA-1.5's grounding format: normalised ``[x1, y1, x2, y2]`` with two decimals."""
+    x, y, w, h = o.bbox
+    vals = [x / image_size, y / image_size, (x + w) / image_size, (y + h) / image_size]
+    return "[" + ", ".join(f"{min(max(v, 0.0), 1.0):.2f}" for v in vals) + "]"
+
+
+def sample_turns(objs: Sequence[SceneObject], captions: Sequence[str], rng: np.random.Generator, n: int,
+                 caption_prob: float, ground_prob: float, image_size: int) -> list[tuple[str, str, str]]:
+    """``n`` (task, text, answer) turns about one scene: questions of every type, sometimes a
+    caption (the canonical left-to-right one) and a grounding turn."""
+    turns: list[tuple[str, str, str]] = []
+    if rng.random() < caption_prob:
+        turns.append(("caption", "", captions[0]))
+    if objs and rng.random() < ground_prob:
+        o = objs[int(rng.integers(len(objs)))]
+        turns.append(("ground", make_refs([o])[0], box_text(o, image_size)))
+    turns += [("vqa", q["question"], q["answer"]) for q in make_questions(objs, rng, max(n - len(turns), 0))]
+    return [turns[i] for i in rng.permutation(len(turns))]
+
+
+def turn_mask(segments: Tensor) -> Tensor:
+    """Who may attend to whom in a batch of packed single-turn samples: ``segments [B, T]``
+    (0: the shared prompt prefix and image, k >= 1: turn k, -1: padding) -> ``[B, 1, T, T]``
+    bool, True where query i may attend key j: causal, and only to the shared part or to its
+    own turn. A padding query attends to itself alone (a row with no key would be NaN).
+    """
+    T = segments.shape[1]
+    q, k = segments[:, :, None], segments[:, None, :]
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    allowed = causal & (k >= 0) & (q >= 0) & ((k == 0) | (k == q))
+    allowed |= torch.eye(T, dtype=torch.bool) & (q < 0)
+    return allowed.unsqueeze(1)
+
+
+def background_budget(step: int, steps: int, start: int, ramp: float, n_tokens: int) -> int:
+    """Background visual tokens kept at ``step``: ``start``, growing linearly to all
+    ``n_tokens`` over the first ``ramp`` fraction of ``steps`` (then all)."""
+    span = ramp * steps
+    frac = 1.0 if span <= 0 else min(1.0, step / span)
+    return int(round(start + frac * max(n_tokens - start, 0)))
+
+
+def kept_tokens(labels: Tensor, n_background: int, rng: np.random.Generator) -> list[Tensor]:
+    """Curriculum over visual tokens: every object patch plus ``n_background`` random background
+    patches. ``labels [B, 4, G, G]`` -> per image the kept grid indices, ascending.
+
+    With all 256 tokens from the start, the few object tokens get ~1/256 of the attention at
+    initialisation; fewer distractors make early steps cheaper and the signal stronger.
+    """
+    obj = labels[:, 0].flatten(1) > 0                                      # [B, N]
+    out = []
+    for b in range(obj.shape[0]):
+        bg = (~obj[b]).nonzero().flatten()
+        pick = bg[torch.from_numpy(rng.permutation(len(bg))[:min(len(bg), n_background)])]
+        out.append(torch.cat([obj[b].nonzero().flatten(), pick]).sort().values)
+    return out
+
+
+def position_code(grid: int, dim: int, scale: float, seed: int) -> Tensor:
+    """Where each patch is, as a vector the LM can read: ``[G*G, dim]``.
+
+    Column and row, each mapped linearly to [-1, 1], along two fixed orthonormal directions
+    (drawn from ``seed``) times ``scale``. Added to the projector's alignment target, so a
+    visual token starts out as its object's words *plus* its place: a linear code is what a
+    comparison ("left of") and a box readout need.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    basis, _ = torch.linalg.qr(torch.randn(dim, 2, generator=gen))          # [dim, 2] orthonormal
+    cell = torch.arange(grid * grid)
+    coords = torch.stack([cell % grid, cell // grid], -1).float()           # [N, 2] (x, y)
+    coords = 2 * (coords + 0.5) / grid - 1
+    return scale * coords @ basis.T
+

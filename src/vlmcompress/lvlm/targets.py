@@ -1,0 +1,74 @@
+"""What a training turn is about, read from its text with the scene grammar of
+:mod:`vlmcompress.data.scenes`: the phrase of each patch, the patches a turn names and the two
+objects of a relation question."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from vlmcompress.data.scenes import COLORS, SHAPES, SIZES, SceneObject, question_objects, question_relation
+from vlmcompress.lvlm.labels import COLOR_IDS, SHAPE_IDS
+
+PHRASES = ["background"] + [f"a {z} {c} {s}" for z in SIZES for c in COLORS for s in SHAPES]
+
+
+def phrase_index(labels: Tensor) -> Tensor:
+    """Per-patch index into :data:`PHRASES` from ``labels [..., 4, G, G]`` -> ``[..., G, G]``."""
+    color, shape, size = labels[..., 0, :, :], labels[..., 1, :, :], labels[..., 2, :, :]
+    idx = ((size - 1) * len(COLORS) + (color - 1)) * len(SHAPES) + (shape - 1) + 1
+    return torch.where(color > 0, idx, torch.zeros_like(idx))
+
+
+def relevant_patches(text: str, labels: Tensor) -> Tensor:
+    """The patches a turn is about, from its words and the dense labels ``[4, G, G]`` -> ``[N]`` bool.
+
+    Colour-shape pairs in the text ("the red circle") select those objects' patches; without
+    a pair, or when no object matches one (a "no" existence question), any patch sharing a
+    named colour or shape; a turn naming neither (a caption) is about every object patch.
+    """
+    named = question_objects(text)
+    color, shape = labels[0].flatten(), labels[1].flatten()
+    obj = color > 0
+    out = torch.zeros_like(obj)
+    for c, s in named:
+        if c is not None and s is not None:
+            out |= (color == COLOR_IDS[c]) & (shape == SHAPE_IDS[s])
+    if out.any():
+        return out
+    cols = [COLOR_IDS[c] for c, _ in named if c is not None]
+    shps = [SHAPE_IDS[s] for _, s in named if s is not None]
+    if not cols and not shps:
+        return obj
+    for c in cols:
+        out |= color == c
+    for s in shps:
+        out |= obj & (shape == s)
+    return out
+
+
+def relation_targets(text: str, objs: Sequence[SceneObject], image_size: int
+                     ) -> tuple[tuple[str, str], Tensor] | None:
+    """The two objects of a relation question: their shape words and where they are, ``[2, 2]``
+    = (x, y) of each centre mapped to [-1, 1], in the question's order. None for any other
+    turn, or when a named object is not in ``objs`` (names are unique within a scene)."""
+    parsed = question_relation(text)
+    if parsed is None:
+        return None
+    by_name = {o.name: o for o in objs}
+    first, second = by_name.get(" ".join(parsed[0])), by_name.get(" ".join(parsed[2]))
+    if first is None or second is None:
+        return None
+    xy = torch.tensor([[first.cx, first.cy], [second.cx, second.cy]], dtype=torch.float32)
+    return (first.shape, second.shape), 2 * xy / image_size - 1
+
+
+def word_positions(prompt_ids: Sequence[int], first: int, second: int) -> tuple[int, int] | None:
+    """Where a relation question's two shape words are among its prompt's token ids: the first
+    occurrence of ``first`` and the last of ``second`` (the two may be the same word). None
+    if either is missing."""
+    ids = list(prompt_ids)
+    if first not in ids or second not in ids:
+        return None
+    return ids.index(first), len(ids) - 1 - ids[::-1].index(second)
