@@ -154,7 +154,9 @@ def check_stage(proj: Path, stage: str) -> dict:
     missing = [p.relative_to(proj).as_posix() for p in declared_outs(proj, stage) if not p.exists()]
     assert not missing, f"{stage}: declared outs missing: {missing}"
     spec = yaml.safe_load((proj / "dvc.yaml").read_text())["stages"][stage]
-    rendered = proj / spec["cmd"].split()[-1]
+    cmds = spec["cmd"] if isinstance(spec["cmd"], list) else [spec["cmd"]]
+    rendered = proj / next(c for c in cmds if c.startswith("papermill")).split()[-1]
+    assert (proj / "outputs" / "reports" / f"{rendered.stem}.html").is_file(), f"{stage}: no HTML report"
     nb = json.loads(rendered.read_text())
     code = [c for c in nb["cells"] if c["cell_type"] == "code"]
     assert code and all(c.get("execution_count") for c in code), f"{stage}: a cell of {rendered.name} did not run"

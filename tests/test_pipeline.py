@@ -50,11 +50,16 @@ def test_stage_wiring(name):
             assert all(_lookup(other, k) and _lookup(PARAMS, k) for k in keys), f"stage {name}: {file} {keys}"
             continue
         assert _lookup(PARAMS, key), f"stage {name}: params key {key!r} not in params.yaml"
-    argv = shlex.split(stage["cmd"])
+    cmds = [shlex.split(c) for c in (stage["cmd"] if isinstance(stage["cmd"], list) else [stage["cmd"]])]
+    runs = [argv for argv in cmds if argv[:1] == ["papermill"]]
+    assert len(runs) == 1, "a stage runs one notebook"
+    argv = runs[0]
     assert argv[:3] == ["papermill", "-k", "python3"]
     src_nb, out_nb = [a for a in argv if a.endswith(".ipynb")]
     assert src_nb in stage["deps"], "the clean notebook is a dependency"
     assert out_nb.startswith("outputs/notebooks/") and out_nb in stage["outs"]
+    report = f"outputs/reports/{Path(out_nb).stem}.html"      # the executed notebook as HTML, an out too
+    assert report in stage["outs"] and any(argv[:2] == ["jupyter", "nbconvert"] and out_nb in argv for argv in cmds)
     earlier = {_out_path(o) for s in list(DVC["stages"])[:list(DVC["stages"]).index(name)]
                for o in DVC["stages"][s].get("outs", [])}
     for dep in stage["deps"]:
