@@ -185,6 +185,7 @@ def _load_with(tmp_path: Path, changes: dict[str, object]) -> Params:
      r"^eval_codec\.learned_rates: rates must be <= codec\.model\.levels - 1 \(3\)"),
     ({"figures.dpi": 10}, r"^figures\.dpi: must be in \[30, 1200\], got 10$"),
     ({"figures.formats": ["png", "png"]}, r"^figures\.formats: 'png' is listed twice$"),
+    ({"figures.formats": ["png"]}, r"^figures\.formats: must include png and svg .*got \['png'\]$"),
     ({"seed": -1}, r"^seed: must be in \[0, 4294967295\], got -1$"),
 ])
 def test_every_section_is_value_checked_on_load(tmp_path, changes, message):

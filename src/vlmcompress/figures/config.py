@@ -24,6 +24,8 @@ def check_figures_params(p: FiguresParams, path: str = "figures") -> None:
 
     require(len(p.formats) > 0, f"{path}.formats", "needs at least one format")
     check_unique(f"{path}.formats", p.formats)
+    require({"png", "svg"} <= set(p.formats), f"{path}.formats",
+            f"must include png and svg (the pipeline's figure outputs; pdf may be added), got {list(p.formats)}")
     check_range(f"{path}.dpi", p.dpi, 30, MAX_DPI)
     require(len(p.rate_metrics) > 0, f"{path}.rate_metrics", "needs at least one metric")
     for i, name in enumerate(p.rate_metrics):
