@@ -87,7 +87,7 @@ def paper_params(root: Path, llava: Path, clip: Path) -> Path:
     t["fastv"]["layer"] = 1                   # the tiny LM has 2 decoder layers
     t["eval"].update(max_questions=6, batch_images=2, max_captions=1, max_refs=2, examples=1,
                      bench_repeats=1, bench_batch=2)
-    p["figures"].update(formats=["png"], dpi=40, token_examples=1)
+    p["figures"].update(formats=["png", "svg"], dpi=40, token_examples=1)
     path = root / "params.yaml"
     path.write_text(yaml.safe_dump(p, sort_keys=False))
     return path
