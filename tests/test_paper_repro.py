@@ -217,6 +217,7 @@ def paper_project(tmp_path: Path) -> Iterator[Path]:
         yield proj
 
 
+@pytest.mark.slow   # the first two stages alone (the test below runs them and the rest)
 def test_dvc_repro_data_and_lvlm_on_the_paper_profile(paper_project):
     proj = paper_project
     res = dvc(proj, "repro", "lvlm", timeout=600)
@@ -228,7 +229,6 @@ def test_dvc_repro_data_and_lvlm_on_the_paper_profile(paper_project):
     assert "Stage 'lvlm' didn't change" in again.stdout
 
 
-@pytest.mark.slow
 def test_dvc_repro_every_stage_on_the_paper_profile(paper_project):
     proj = paper_project
     stages = list(yaml.safe_load((proj / "dvc.yaml").read_text())["stages"])
