@@ -471,10 +471,11 @@ def jpeg(width: int, height: int, seed: int, *, boxes: Sequence[Sequence[float]]
 
 
 def zip_bytes(members: dict[str, bytes]) -> bytes:
+    """A zip of ``members``; entries carry a fixed date, so the same members give the same bytes."""
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:
         for name, data in members.items():
-            zf.writestr(name, data)
+            zf.writestr(zipfile.ZipInfo(name, date_time=(2017, 9, 1, 0, 0, 0)), data)
     return buf.getvalue()
 
 
