@@ -12,8 +12,8 @@ from PIL import Image
 from vlmcompress.codec.config import (BaselineParams, CodecEvalParams, CodecModelParams,
                                       CodecTrainParams, LossParams, PreEditParams, check_stage_params)
 from vlmcompress.codec.data import RecordImages
-from vlmcompress.codec.stage import (lvlm_token_fn, prune_models, run_codec_stage,
-                                     timing_image, train_seconds_from_curves, train_variant)
+from vlmcompress.codec.stage import prune_models, run_codec_stage, timing_image, train_seconds_from_curves, train_variant
+from vlmcompress.codec.target import lvlm_token_fn
 from vlmcompress.codec.train import load_codec
 from vlmcompress.codec.variants import ABLATIONS, model_variants
 from vlmcompress.config import ConfigError, Params
@@ -186,7 +186,7 @@ def test_train_seconds_add_up_over_resumed_runs(tmp_path):
 def test_a_codec_trained_against_another_lvlm_tower_is_trained_again(stage_env):
     import torch
 
-    from vlmcompress.codec.stage import tower_digest
+    from vlmcompress.codec.target import tower_digest
 
     root, p, splits = stage_env
     lvlm = load_stage_lvlm(p)
@@ -220,7 +220,7 @@ def test_a_codec_trained_against_another_lvlm_tower_is_trained_again(stage_env):
 def test_a_projector_space_codec_is_also_stale_for_another_projector(stage_env):
     import torch
 
-    from vlmcompress.codec.stage import tower_digest
+    from vlmcompress.codec.target import tower_digest
 
     _, p, _ = stage_env
     lvlm = load_stage_lvlm(p)
@@ -239,7 +239,7 @@ def test_a_projector_space_codec_is_also_stale_for_another_projector(stage_env):
 def test_the_attention_weighting_reuses_the_reference_pass(stage_env):
     import torch
 
-    from vlmcompress.codec.stage import lvlm_attention_fn
+    from vlmcompress.codec.target import lvlm_attention_fn
 
     _, p, _ = stage_env
     lvlm = load_stage_lvlm(p)
@@ -325,7 +325,7 @@ def test_token_loss_gradients_reach_the_pixels_from_a_bfloat16_lvlm(tmp_path):
 
     from lvlm_helpers import save_tiny_lvlm
 
-    from vlmcompress.codec.stage import lvlm_token_fn
+    from vlmcompress.codec.target import lvlm_token_fn
     from vlmcompress.lvlm.load import load_lvlm
 
     folder = save_tiny_lvlm(tmp_path / "m")

@@ -36,7 +36,7 @@ def _token_fn(model_dir: str, params_path: str | None):
     pre = from_dict(CodecModelParams, record.get("model"), "model").preedit
     if not (pre.enabled and pre.use_tokens):
         return None
-    from vlmcompress.codec.stage import lvlm_token_fn
+    from vlmcompress.codec.target import lvlm_token_fn
     from vlmcompress.config import load_params
     from vlmcompress.lvlm.stage import load_stage_lvlm
     return lvlm_token_fn(load_stage_lvlm(load_params(params_path)))  # the stage's token target

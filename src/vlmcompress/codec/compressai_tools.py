@@ -189,7 +189,7 @@ def _load_token_fn(args: argparse.Namespace, model_dirs: Sequence[Path]) -> Toke
         return load_token_fn(args.token_fn)
     if not any(fuses(d) for d in model_dirs):
         return None
-    from vlmcompress.codec.stage import lvlm_token_fn
+    from vlmcompress.codec.target import lvlm_token_fn
     from vlmcompress.config import load_params
     from vlmcompress.lvlm.stage import load_stage_lvlm
     return lvlm_token_fn(load_stage_lvlm(load_params(args.params)))

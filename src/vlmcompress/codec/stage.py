@@ -48,6 +48,7 @@ from vlmcompress.codec.model import LVLMCodec
 from vlmcompress.codec.data import RecordImages
 from vlmcompress.codec.train import (CURVES_NAME, MODEL_DIR, load_codec, make_accelerator, read_codec_record,
                                      resolve_model_dir, train_codec, training_state)
+from vlmcompress.codec.target import lvlm_attention_fn, lvlm_token_fn, tower_digest
 from vlmcompress.codec.variants import BASELINE, OURS, init_source, model_variants, training_order
 from vlmcompress.config import Params
 from vlmcompress.data.records import ImageRecord
@@ -93,48 +94,6 @@ def _digest(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def lvlm_token_fn(lvlm: Any) -> TokenFn:
-    """``x [B,3,H,W] in [0,1] -> [B, N, Dv]``: the frozen tower's features fed to the projector.
-
-    Differentiable w.r.t. ``x``; the LVLM's own weights are frozen (this instance only), so a
-    backward pass through it costs no weight gradients. The tower and projector are moved to
-    float32 (this instance): through a half-precision tower most token-loss gradients
-    underflow to zero before they reach the pixels. Output: float32 on ``x``'s device.
-    A call without gradient (the reference pass on the original) also keeps that image's CLS
-    attention in ``token_fn.last``, so :func:`lvlm_attention_fn` need not run the tower again.
-    """
-    lvlm.llava.requires_grad_(False)
-    lvlm.vision_tower.float()
-    lvlm.llava.model.multi_modal_projector.float()
-    lvlm.eval()
-
-    def token_fn(x: Tensor) -> Tensor:
-        feats = lvlm.visual_features(x)
-        if not torch.is_grad_enabled():
-            token_fn.last = (x, feats.cls_attn.float().to(x.device))   # type: ignore[attr-defined]
-        return feats.hidden.float().to(x.device)
-
-    token_fn.last = None   # type: ignore[attr-defined]
-    return token_fn
-
-
-def tower_digest(lvlm: Any, projector: bool = False, attention: bool = False) -> str:
-    """Fingerprint of what :func:`lvlm_token_fn` computes: the vision tower's weights (names,
-    shapes, bytes) and the feature layer it reads. A codec trained against one tower is stale
-    for another (its token losses and token fusion were fitted to that tower's features).
-    ``projector``: also the projector's weights, for a codec whose token terms are on its
-    output (``loss.token_space: projector``); ``attention``: also the layer whose CLS attention
-    weights the low-pass term (``loss.lowpass_weighting: attention``)."""
-    h = hashlib.sha256(f"layer={lvlm.feature_layer}".encode())
-    if attention:
-        h.update(f"attn_layer={lvlm.attn_layer}".encode())
-    modules = [lvlm.vision_tower] + ([lvlm.llava.model.multi_modal_projector] if projector else [])
-    for name, t in sorted((n, t) for m in modules for n, t in m.state_dict().items()):
-        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
-        h.update(t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())  # 0-dim: BN counters
-    return h.hexdigest()[:16]
-
-
 def check_token_dim(cp: CodecParams, token_fn: TokenFn, probe: Tensor) -> None:
     """One-line error when the pre-editing net expects tokens of another width than the LVLM's."""
     pre = cp.model.preedit
@@ -157,21 +116,6 @@ def needs_lvlm(cp: CodecParams) -> bool:
 def uses_attention(cp: CodecParams) -> bool:
     """Whether ``cp``'s low-pass term is weighted by the LVLM's CLS attention."""
     return cp.loss.w_lowpass > 0 and cp.loss.lowpass_weighting == "attention"
-
-
-def lvlm_attention_fn(lvlm: Any, token_fn: TokenFn | None = None) -> Callable[[Tensor], Tensor]:
-    """``x [B,3,H,W] in [0,1] -> [B, N]``: CLS attention (head mean) of the adapter's
-    ``attn_layer``, the saliency the low-pass term's ``attention`` weighting uses. Taken from
-    ``token_fn``'s last no-gradient call when that was on this very tensor (the trainer's
-    reference pass on the original), else computed."""
-    def attention_fn(x: Tensor) -> Tensor:
-        last = getattr(token_fn, "last", None)
-        if last is not None and last[0] is x:
-            return last[1]
-        with torch.no_grad():
-            return lvlm.visual_features(x).cls_attn.float().to(x.device)
-
-    return attention_fn
 
 
 def load_test_images(records: Sequence[ImageRecord], n: int) -> list[np.ndarray]:
