@@ -108,13 +108,21 @@ def _budget_order(key: str) -> tuple[int, float, str]:
         return (1, 0.0, key)
 
 
-def tokens_section(root: Path) -> list[str]:
-    path = root / "outputs/tokens/accuracy.csv"
-    out = ["### Visual-token compression: VQA accuracy (%) by token budget", ""]
+def _csv_rows(root: Path, rel: str) -> list[dict[str, str]] | None:
+    """The rows of the stage CSV ``root / rel``, or None when it does not exist yet."""
+    path = root / rel
     if not path.is_file():
-        return out + _missing("outputs/tokens/accuracy.csv")
+        return None
     with open(path, newline="") as fh:
-        rows = [r for r in csv.DictReader(fh) if r.get("question_type") == "all"]
+        return list(csv.DictReader(fh))
+
+
+def tokens_section(root: Path) -> list[str]:
+    out = ["### Visual-token compression: VQA accuracy (%) by token budget", ""]
+    rows = _csv_rows(root, "outputs/tokens/accuracy.csv")
+    if rows is None:
+        return out + _missing("outputs/tokens/accuracy.csv")
+    rows = [r for r in rows if r.get("question_type") == "all"]
     budgets = sorted({r["budget"] for r in rows}, key=_budget_order)
     methods = list(dict.fromkeys(r["method"] for r in rows))
     cell = {(r["method"], r["budget"]): r for r in rows}
@@ -146,12 +154,10 @@ def tokens_section(root: Path) -> list[str]:
 
 def equal_cost_section(root: Path) -> list[str]:
     """Ours against every peer run at equal prefill GFLOPs (``outputs/tokens/equal_cost.csv``)."""
-    path = root / "outputs/tokens/equal_cost.csv"
     out = ["### Visual-token compression at equal prefill cost", ""]
-    if not path.is_file():
+    rows = _csv_rows(root, "outputs/tokens/equal_cost.csv")
+    if rows is None:
         return out + _missing("outputs/tokens/equal_cost.csv")
-    with open(path, newline="") as fh:
-        rows = list(csv.DictReader(fh))
     m = _load(root / "outputs/tokens/metrics.json") or {}
     chosen = m.get("ours") or {}
     if not rows:
@@ -185,7 +191,8 @@ def repro_section(root: Path) -> list[str]:
     if m is None:
         return out + ["_Not measured yet: `python scripts/time_repro.py` times `make repro`._", ""]
     cmd = m.get("command", "make repro")
-    cpu = f" ({m['cpu_model']})" if m.get("cpu_model") else ""
+    # The CPU model the time holds on is in the metrics file; the README points there.
+    cpu = " (CPU model in `outputs/repro/metrics.json`)" if m.get("cpu_model") else ""
     line = f"`{cmd}`: {fmt(m.get('repro_minutes'))} min on {m.get('cpus', '?')} CPUs{cpu}"
     if "noop_seconds" in m:
         line += f"; again with nothing changed: {fmt(m['noop_seconds'])} s"
