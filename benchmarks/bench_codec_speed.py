@@ -43,16 +43,16 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from vlmcompress.api import load_all, lvlm_from_params, lvlm_token_fn
 from vlmcompress.codec.anchors import make_anchor
 from vlmcompress.codec.bitstream import unpack
 from vlmcompress.codec.coder import encode_image, image_to_tensor, tensor_to_image
 from vlmcompress.codec.config import check_stage_params
 from vlmcompress.codec.model import LVLMCodec, build_codec, inference_ops, one_thread, run_ops
 from vlmcompress.codec.rans import RansReader
-from vlmcompress.codec.stage import load_test_images, lvlm_token_fn, time_codecs, timing_image
+from vlmcompress.codec.timing import load_test_images, time_codecs, timing_image
 from vlmcompress.codec.train import load_codec
 from vlmcompress.config import Params, load_params
-from vlmcompress.data.stage import load_all
 from vlmcompress.io import write_json
 
 
@@ -102,9 +102,8 @@ def random_stage_lvlm(P: Params) -> Any:
 
 def stage_or_random_lvlm(P: Params) -> tuple[Any, str]:
     from vlmcompress.lvlm.load import ModelNotAvailableError
-    from vlmcompress.lvlm.stage import load_stage_lvlm
     try:
-        return load_stage_lvlm(P), "the stage's LVLM"
+        return lvlm_from_params(P), "the stage's LVLM"
     except (ModelNotAvailableError, OSError):
         return random_stage_lvlm(P), "a random LVLM of lvlm.arch (the stage's is not on disk)"
 

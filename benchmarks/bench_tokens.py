@@ -18,11 +18,9 @@ import dataclasses
 
 import torch
 
-from vlmcompress.config import load_params
+from vlmcompress.api import dataset_root, load_params, lvlm_from_params
 from vlmcompress.data.records import load_split
-from vlmcompress.data.stage import dataset_root
 from vlmcompress.io import write_json
-from vlmcompress.lvlm.stage import load_stage_lvlm
 from vlmcompress.tokens.sweep import Run, efficiency_table, stratified_questions
 
 
@@ -41,7 +39,7 @@ def main() -> None:
     params = load_params(args.params)
     T = params.tokens
     T = dataclasses.replace(T, eval=dataclasses.replace(T.eval, bench_repeats=args.repeats, bench_batch=args.batch))
-    lvlm = load_stage_lvlm(params)
+    lvlm = lvlm_from_params(params)
     lvlm.attn_layer = T.attention_layer
     items = stratified_questions(load_split(dataset_root(), "test"), args.batch, seed=params.seed)
     runs = [Run("full", None)] + [Run(m, args.budget) for m in T.methods if m != "full"]

@@ -54,9 +54,9 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--lm-layers, --repeats and --batch must be >= 1")
     import torch
 
+    from vlmcompress.api import dataset_root
     from vlmcompress.config import ConfigError, load_params
     from vlmcompress.data.records import load_split
-    from vlmcompress.data.stage import dataset_root
     from vlmcompress.io import write_json
     from vlmcompress.lvlm.build import ModelSpec, build_clip, build_llava, count_params, save_lvlm
     from vlmcompress.lvlm.load import load_lvlm

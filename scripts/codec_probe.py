@@ -31,13 +31,13 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from vlmcompress.codec.losses import bpp_from_likelihoods
-    from vlmcompress.codec.stage import lvlm_token_fn
+    from vlmcompress.api import lvlm_from_params, lvlm_token_fn
     from vlmcompress.codec.train import load_codec
     from vlmcompress.config import load_params
     from vlmcompress.data.scenes import STREAMS, make_scene
     from vlmcompress.lvlm.labels import patch_labels
-    from vlmcompress.lvlm.stage import load_stage_lvlm, stage_dir
     from vlmcompress.lvlm.train import Trainer
+    from vlmcompress.paths import outputs_dir
 
     from vlmcompress.config import ConfigError
 
@@ -50,10 +50,10 @@ def main(argv: list[str] | None = None) -> int:
     if params.lvlm.source != "train":
         print("codec_probe: needs the embedded LVLM (lvlm.source: train)", file=sys.stderr)
         return 1
-    trainer = Trainer(params.lvlm, params.data.scenes, stage_dir() / "checkpoints", seed=params.seed, log=lambda m: None)
+    trainer = Trainer(params.lvlm, params.data.scenes, outputs_dir("lvlm", "checkpoints"), seed=params.seed, log=lambda m: None)
     trainer._load_weights("after_clip", "clip")          # the dense heads of phase A
     heads = trainer.heads.eval()
-    token_fn = lvlm_token_fn(load_stage_lvlm(params))
+    token_fn = lvlm_token_fn(lvlm_from_params(params))
     S = params.data.scenes
     scenes = [make_scene(S, STREAMS["test"], i, n_questions=0) for i in range(args.images)]
     x = torch.from_numpy(np.stack([s.image for s in scenes])).permute(0, 3, 1, 2).float() / 255.0

@@ -44,14 +44,12 @@ def main(argv: list[str] | None = None) -> int:
     from vlmcompress.codec.losses import bpp_from_likelihoods
     from vlmcompress.codec.model import check_rate
     from vlmcompress.codec.data import RecordImages
-    from vlmcompress.codec.stage import lvlm_attention_fn, lvlm_token_fn
     from vlmcompress.codec.variants import model_variants
     from vlmcompress.codec.train import (load_codec, read_codec_record, resolve_model_dir, train_codec,
                                          training_state)
     from vlmcompress.config import ConfigError, load_params
-    from vlmcompress.data.stage import load_all
     from vlmcompress.eval.tasks import file_images, run_vqa
-    from vlmcompress.lvlm.stage import load_stage_lvlm
+    from vlmcompress.api import load_all, lvlm_attention_fn, lvlm_from_params, lvlm_token_fn
 
     torch.set_num_threads(a.threads)
     try:
@@ -68,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
             if a.init:
                 read_codec_record(resolve_model_dir(a.init))
         splits = load_all()
-        lvlm = load_stage_lvlm(P)
+        lvlm = lvlm_from_params(P)
         model = load_codec(a.work).eval() if a.load else None
     except (ConfigError, OSError, ValueError) as exc:
         print(f"codec_trial: {exc}", file=sys.stderr)
@@ -77,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     if model is None:
         t0 = time.perf_counter()
         res = train_codec(cp, RecordImages(splits["train"], cp.train.patch_size), token_fn, a.work,
-                          token_map=lvlm.llava.model.multi_modal_projector, attention_fn=lvlm_attention_fn(lvlm, token_fn),
+                          token_map=lvlm.projector, attention_fn=lvlm_attention_fn(lvlm, token_fn),
                           init_from=a.init)
         print(f"trained {res.steps_this_run} steps in {time.perf_counter() - t0:.1f} s", flush=True)
         model = res.model.eval()

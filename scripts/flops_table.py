@@ -17,7 +17,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from vlmcompress.config import load_params  # noqa: E402
 from vlmcompress.tokens.flops import LLAVA15_7B, TextDims, prefill_gflops  # noqa: E402
 
 # CLIP ViT-L/14-336's text tower: 12 layers of 768, MLP 3072, joint space 768.
@@ -49,14 +48,14 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     from vlmcompress.config import ConfigError
     from vlmcompress.lvlm.load import ModelNotAvailableError
-    from vlmcompress.lvlm.stage import load_stage_lvlm
+    from vlmcompress.api import lvlm_from_params
     from vlmcompress.tokens.flops import model_dims
 
     if args.text_tokens < 0 or args.clip_tokens < 0:
         print("flops_table: --text-tokens and --clip-tokens must be >= 0", file=sys.stderr)
         return 1
     try:
-        lvlm = load_stage_lvlm(load_params(args.params))
+        lvlm = lvlm_from_params(args.params)
     except (ConfigError, ModelNotAvailableError, OSError, ValueError) as exc:
         print(f"flops_table: {exc}", file=sys.stderr)
         return 1

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from vlmcompress.config import load_params  # noqa: E402
-from vlmcompress.data.stage import load_all  # noqa: E402
+from vlmcompress.api import load_all  # noqa: E402
 from vlmcompress.eval.tasks import majority_baseline, run_retrieval, run_vqa, vqa_items  # noqa: E402
 from vlmcompress.lvlm.train import Trainer  # noqa: E402
 

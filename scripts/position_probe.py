@@ -57,9 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     import torch
 
+    from vlmcompress.api import model_paths
     from vlmcompress.config import ConfigError
     from vlmcompress.lvlm.load import ModelNotAvailableError, load_lvlm
-    from vlmcompress.lvlm.stage import model_paths
     from vlmcompress.lvlm.pool import build_pool, to_pixels
 
     if args.scenes < 8:

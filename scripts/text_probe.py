@@ -29,12 +29,11 @@ def main(argv: list[str] | None = None) -> int:
     import pandas as pd
 
     from vlmcompress.data.records import load_split
-    from vlmcompress.data.stage import dataset_root
+    from vlmcompress.api import dataset_root, model_paths
     from vlmcompress.eval.tasks import file_images
     from vlmcompress.lvlm.adapter import Prompts
     from vlmcompress.lvlm.load import load_lvlm
     from vlmcompress.lvlm.probe import text_localisation
-    from vlmcompress.lvlm.stage import model_paths
 
     from vlmcompress.config import ConfigError
     from vlmcompress.lvlm.load import ModelNotAvailableError

@@ -60,9 +60,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from vlmcompress.data.stage import load_all
+    from vlmcompress.api import load_all, lvlm_from_params
     from vlmcompress.eval.tasks import answer_tokens
-    from vlmcompress.lvlm.stage import load_stage_lvlm
     from vlmcompress.tokens.compare import vqa_by_size, vqa_table
     from vlmcompress.tokens.sweep import Sweeper, make_batches, plan_runs, stratified_questions
 
@@ -76,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"token_ablation: {exc}") from None
     if params.lvlm.train.threads > 0:
         torch.set_num_threads(params.lvlm.train.threads)
-    lvlm = load_stage_lvlm(params)
+    lvlm = lvlm_from_params(params)
     lvlm.attn_layer = params.tokens.attention_layer
     items = stratified_questions(load_all()[args.split], args.questions, seed=params.seed)
     batches = make_batches(items, lambda s: s[0], lambda s: s[1].question, params.tokens.eval.batch_images)

@@ -12,13 +12,15 @@ from PIL import Image
 from vlmcompress.codec.config import (BaselineParams, CodecEvalParams, CodecModelParams,
                                       CodecTrainParams, LossParams, PreEditParams, check_stage_params)
 from vlmcompress.codec.data import RecordImages
-from vlmcompress.codec.stage import prune_models, run_codec_stage, timing_image, train_seconds_from_curves, train_variant
+from vlmcompress.codec.stage import prune_models, run_codec_stage, train_seconds_from_curves, train_variant
 from vlmcompress.codec.target import lvlm_token_fn
+from vlmcompress.codec.timing import timing_image
 from vlmcompress.codec.train import load_codec
 from vlmcompress.codec.variants import ABLATIONS, model_variants
 from vlmcompress.config import ConfigError, Params
-from vlmcompress.data.stage import load_all, run_data_stage
-from vlmcompress.lvlm.stage import load_stage_lvlm
+from vlmcompress.data.dataset import load_all
+from vlmcompress.data.stage import run_data_stage
+from vlmcompress.lvlm.load import lvlm_from_params
 
 from lvlm_helpers import TINY, save_tiny_lvlm
 
@@ -105,7 +107,7 @@ def test_stage_trains_measures_and_writes_the_contract(stage_env, capsys):
     assert "models/ours/model" in capsys.readouterr().out
 
     # A second run reuses every trained codec (its recorded training time with it).
-    token_fn = lvlm_token_fn(load_stage_lvlm(p))
+    token_fn = lvlm_token_fn(lvlm_from_params(p))
     images = RecordImages(splits["train"], 64)
     for name, cp in model_variants(p.codec).items():
         train_variant(name, cp, images, token_fn, log=logs.append)
@@ -117,7 +119,7 @@ def test_stale_checkpoints_and_dropped_variants_are_cleared(stage_env):
     out = root / "outputs" / "codec" / "models"
     (out / "ours-old").mkdir(parents=True)
     assert prune_models(["ours"]) == ["ours-old"] and not (out / "ours-old").exists()
-    token_fn = lvlm_token_fn(load_stage_lvlm(p))
+    token_fn = lvlm_token_fn(lvlm_from_params(p))
     images = RecordImages(splits["train"], 64)
     cp = dataclasses.replace(p.codec.ours, train=dataclasses.replace(p.codec.train, steps=1))
     logs: list[str] = []
@@ -189,7 +191,7 @@ def test_a_codec_trained_against_another_lvlm_tower_is_trained_again(stage_env):
     from vlmcompress.codec.target import tower_digest
 
     root, p, splits = stage_env
-    lvlm = load_stage_lvlm(p)
+    lvlm = lvlm_from_params(p)
     token_fn, tower = lvlm_token_fn(lvlm), tower_digest(lvlm)
     images = RecordImages(splits["train"], 64)
     cp = dataclasses.replace(p.codec.ours, train=dataclasses.replace(p.codec.train, steps=1))
@@ -223,7 +225,7 @@ def test_a_projector_space_codec_is_also_stale_for_another_projector(stage_env):
     from vlmcompress.codec.target import tower_digest
 
     _, p, _ = stage_env
-    lvlm = load_stage_lvlm(p)
+    lvlm = lvlm_from_params(p)
     tower, with_proj = tower_digest(lvlm), tower_digest(lvlm, projector=True)
     assert with_proj != tower
     with_attn = tower_digest(lvlm, attention=True)                # the attention layer is part of it
@@ -242,7 +244,7 @@ def test_the_attention_weighting_reuses_the_reference_pass(stage_env):
     from vlmcompress.codec.target import lvlm_attention_fn
 
     _, p, _ = stage_env
-    lvlm = load_stage_lvlm(p)
+    lvlm = lvlm_from_params(p)
     token_fn = lvlm_token_fn(lvlm)
     attention_fn = lvlm_attention_fn(lvlm, token_fn)
     calls = []
@@ -291,7 +293,7 @@ def test_a_codec_started_from_a_retrained_source_is_trained_again(stage_env):
     from vlmcompress.codec.stage import init_dir
 
     root, p, splits = stage_env
-    token_fn = lvlm_token_fn(load_stage_lvlm(p))
+    token_fn = lvlm_token_fn(lvlm_from_params(p))
     images = RecordImages(splits["train"], 64)
     variants = model_variants(dataclasses.replace(p.codec, train=dataclasses.replace(
         p.codec.train, steps=1, init_from="pixel_baseline")))

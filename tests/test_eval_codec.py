@@ -69,7 +69,7 @@ def world(tmp_path_factory):
     """A throw-away project root with data, two learned codecs and an image folder; the LVLM."""
     from vlmcompress.config import load_params
     from vlmcompress.data.generate import generate_scenes
-    from vlmcompress.data.stage import load_all
+    from vlmcompress.data.dataset import load_all
 
     root = tmp_path_factory.mktemp("evalroot")
     folder = root / "extra"
@@ -85,7 +85,7 @@ def world(tmp_path_factory):
         P = load_params(root / "params.yaml")
         generate_scenes(P.data.scenes, root / "outputs/data/dataset", workers=1)
         splits = load_all(root / "outputs/data/dataset")
-        lvlm = _tiny_lvlm(root / "outputs/lvlm/model")     # where load_stage_lvlm looks
+        lvlm = _tiny_lvlm(root / "outputs/lvlm/model")     # where lvlm_from_params looks
         models = root / "outputs/codec/models"
         train = torch.stack([torch.from_numpy(np.array(Image.open(r.path).convert("RGB"))).permute(2, 0, 1)
                              for r in splits["train"]])

@@ -11,7 +11,8 @@ import pytest
 import matplotlib.pyplot as plt
 from PIL import Image
 
-from vlmcompress.figures import plots
+from vlmcompress.figures import codec as codec_figures
+from vlmcompress.figures import tokens as token_figures
 from vlmcompress.figures.stage import FIGURES, run_figures_stage, save
 from vlmcompress.io import write_json
 
@@ -61,23 +62,24 @@ def test_token_cost_figures_from_a_small_csv(tmp_path):
     cost = _cost_csv()
     cost.to_csv(tmp_path / "cost.csv", index=False)
     read = pd.read_csv(tmp_path / "cost.csv")
-    g = plots.token_cost_data(read, "gflops")
+    g = token_figures.token_cost_data(read, "gflops")
     assert list(g.columns) == ["method", "budget", "tokens", "ours", "measure", "cost", "acc"]
     assert len(g) == len(cost) and set(g.loc[g["ours"], "method"]) == {"recoverable"}
     mine = g[g["method"] == "recoverable"]
     assert mine["cost"].tolist() == sorted(mine["cost"]) and 49 in set(mine["tokens"])
-    lat = plots.token_cost_data(read, "latency_ms")
+    lat = token_figures.token_cost_data(read, "latency_ms")
     assert len(lat) == len(cost) - 1                          # the run without a latency is left out
     for d in (g, lat):
-        fig = plots.token_cost(d)
+        fig = token_figures.token_cost(d)
         ax = fig.axes[0]
-        assert "VQA accuracy" in ax.get_ylabel() and ax.get_xlabel() == plots.COST_MEASURES[d["measure"][0]]
+        assert "VQA accuracy" in ax.get_ylabel()
+        assert ax.get_xlabel() == token_figures.COST_MEASURES[d["measure"][0]]
         assert {t.get_text() for t in ax.get_legend().get_texts()} == {"full", "prumerge", "fastv", "recoverable (ours)"}
         plt.close(fig)
     with pytest.raises(ValueError, match="token_cost: unknown measure 'tokens'"):
-        plots.token_cost_data(read, "tokens")
+        token_figures.token_cost_data(read, "tokens")
     with pytest.raises(ValueError, match="token_cost: input has no column 'ours'"):
-        plots.token_cost_data(read.drop(columns="ours"), "gflops")
+        token_figures.token_cost_data(read.drop(columns="ours"), "gflops")
 
 
 def _write_token_inputs(root: Path) -> None:
@@ -126,7 +128,7 @@ def test_every_figure_with_its_csv(project_root, params):
 def test_svg_is_byte_stable(tmp_path):
     data = pd.DataFrame({"codec": ["ours", "jpeg"], "anchor": "vvc", "metric": "vqa_acc", "bd_rate": [-50.0, 20.0]})
     for run in ("a", "b"):
-        save(plots.bd_rate_heatmap(data), data, "bd", tmp_path / run, ["svg"], 60)
+        save(codec_figures.bd_rate_heatmap(data), data, "bd", tmp_path / run, ["svg"], 60)
     assert (tmp_path / "a/bd.svg").read_bytes() == (tmp_path / "b/bd.svg").read_bytes()
 
 
@@ -140,14 +142,75 @@ def test_missing_input_is_a_one_line_error(project_root, params):
 def test_token_examples_formats_and_errors():
     flat = [{"image_path": "x.png", "question": "q", "method": "m", "grid": 2, "kinds": [0, 1, 2, 3],
              "budget": "0.25", "prediction": "p"}]
-    d = plots.token_examples_data(flat, 1)
+    d = token_figures.token_examples_data(flat, 1)
     assert d[["grid_h", "grid_w", "dropped", "salient", "recovered"]].iloc[0].tolist() == [2, 2, 1, 1, 1]
     with pytest.raises(ValueError, match=r"entry 0 \(m\): kinds must be 2x2 values in 0\.\.5"):
-        plots.token_examples_data([{**flat[0], "kinds": [0, 1, 2]}], 1)
+        token_figures.token_examples_data([{**flat[0], "kinds": [0, 1, 2]}], 1)
     nested = [{"image": "x.png", "question": "q", "grid": [1, 2], "methods": {"a": {"cells": [1, 7]}}}]
     with pytest.raises(ValueError, match=r"entry 0 \(a\): cells must be 1x2 values"):
-        plots.token_examples_data(nested, 1)
+        token_figures.token_examples_data(nested, 1)
     with pytest.raises(ValueError, match=r"entry 0: no 'grid'"):
-        plots.token_examples_data([{"image": "x.png", "question": "q", "methods": {}}], 1)
+        token_figures.token_examples_data([{"image": "x.png", "question": "q", "methods": {}}], 1)
     with pytest.raises(ValueError, match=r"rate_accuracy: input has no column 'vqa_acc'"):
-        plots.rate_accuracy_data(pd.DataFrame({"codec": [], "kind": [], "point": [], "bpp": []}), ["vqa_acc"])
+        codec_figures.rate_accuracy_data(pd.DataFrame({"codec": [], "kind": [], "point": [], "bpp": []}), ["vqa_acc"])
+
+
+def test_stage_notebook_figures_from_small_tables(tmp_path):
+    """The figures the data, lvlm, codec and tokens notebooks draw, on tiny inputs."""
+    from vlmcompress.data.records import ImageRecord, ObjectAnn, Question
+    from vlmcompress.figures import dataset, lvlm
+
+    rng = np.random.default_rng(2)
+    Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "original.png")
+    rec = ImageRecord(7, tmp_path / "original.png", 32, 32, objects=(ObjectAnn(1, "circle", (2.0, 2.0, 9.0, 9.0)),),
+                      questions=(Question(1, "what color?", "red", ("red",), "color", "other"),))
+    fig = dataset.sample_grid([rec], cols=2)
+    assert fig.axes[0].get_title() == "#7" and "A: red" in fig.axes[0].get_xlabel()
+    plt.close(fig)
+
+    curves = pd.DataFrame({"phase": ["lm", "lm", "clip"], "step": [1, 2, 1], "seconds": [1.0, 2.0, 1.0],
+                           "loss": [2.0, 1.0, 3.0], "val_acc": [np.nan, 40.0, np.nan]})
+    d = lvlm.training_curves_data(curves)
+    assert d["phase"].tolist() == ["clip", "lm", "lm"]                  # training order
+    fig = lvlm.training_curves(d)
+    assert [a.get_title() for a in fig.axes[:2]] == ["phase clip: loss", "phase lm: loss"]
+    plt.close(fig)
+    table = lvlm.accuracy_table({"vqa_acc": 50.0, "vqa_majority_acc": 30.0, "vqa_acc_by_type": {"color": 60.0},
+                                 "vqa_majority_acc_by_type": {"color": 25.0}})
+    assert table.loc["color", "margin"] == 35.0 and table.index[-1] == "overall"
+
+    train = pd.DataFrame({"model": ["ours"] * 3 + ["pixel_baseline"] * 3, "step": [1, 2, 3] * 2,
+                          "loss": [3.0, 2.0, 1.0] * 2, "bpp_loss": [0.5, 0.4, 0.3] * 2,
+                          "token_mse": [1.0, 0.5, np.nan, np.nan, np.nan, np.nan]})
+    d = codec_figures.codec_curves_data(train, window=2)
+    assert set(d["term"]) == {"loss", "bpp_loss", "token_mse"}
+    assert d[(d["model"] == "ours") & (d["term"] == "loss")]["value"].tolist() == [3.0, 2.5, 1.5]
+    assert not ((d["model"] == "pixel_baseline") & (d["term"] == "token_mse")).any()     # never logged
+    fig = codec_figures.codec_curves(d)
+    assert [a.get_title() for a in fig.axes] == ["loss", "bpp_loss", "token_mse"]
+    plt.close(fig)
+
+    rd = pd.DataFrame({"model": ["ours", "ours"], "rate": [0.5, 1.0], "bpp": [0.1, 0.3], "psnr": [28.0, 31.0],
+                       "token_mse": [0.02, 0.01], "png": ["ours_0.png", "ours_1.png"]})
+    fig = codec_figures.rate_accuracy(codec_figures.codec_rd_data(rd))
+    assert fig.axes[0].get_yscale() == "log" and fig.axes[1].get_ylabel() == "PSNR (dB)"
+    plt.close(fig)
+    for f in rd["png"]:
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(tmp_path / f)
+    fig = codec_figures.reconstruction_grid(codec_figures.reconstruction_data(rd), tmp_path)
+    assert len(fig.axes) == 3 and fig.axes[0].get_title() == "original"
+    plt.close(fig)
+
+
+def test_token_accuracy_draws_adaptive_modes_as_stars():
+    acc = pd.DataFrame([{"method": "recoverable", "budget": b, "mean_tokens": t, "question_type": "all", "acc": a}
+                        for b, t, a in (("0.10", 26, 40.0), ("0.50", 128, 50.0), ("adaptive", 60, 48.0))]
+                       + [{"method": "full", "budget": "1.00", "mean_tokens": 256, "question_type": "all",
+                           "acc": 55.0}])
+    fig = token_figures.token_accuracy(token_figures.token_accuracy_data(acc))
+    ax = fig.axes[0]
+    line = [ln for ln in ax.get_lines() if len(ln.get_xdata()) > 1 and ln.get_linestyle() == "-"]
+    assert [list(ln.get_xdata()) for ln in line] == [[26, 128]]          # the adaptive run is not on the curve
+    assert [tuple(c.get_offsets()[0]) for c in ax.collections] == [(60.0, 48.0)]
+    assert "adaptive budget" in {t.get_text() for t in fig.legends[0].get_texts()}
+    plt.close(fig)

@@ -126,7 +126,8 @@ def paper_run(tmp_path_factory):
         P = load_params(paper_params(root, llava, clip))
 
         from vlmcompress.codec.stage import run_codec_stage
-        from vlmcompress.data.stage import load_all, run_data_stage
+        from vlmcompress.data.dataset import load_all
+        from vlmcompress.data.stage import run_data_stage
         from vlmcompress.eval.codec_stage import run_eval_codec_stage
         from vlmcompress.figures.stage import run_figures_stage
         from vlmcompress.lvlm.stage import run_lvlm_stage
@@ -176,7 +177,7 @@ def test_params_are_the_paper_profile_shrunk(paper_run):
 
 def test_data_stage(paper_run):
     m = _ok(paper_run, "data")
-    from vlmcompress.data.stage import load_all
+    from vlmcompress.data.dataset import load_all
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("VLMCOMPRESS_ROOT", str(paper_run["root"]))

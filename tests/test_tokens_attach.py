@@ -151,6 +151,16 @@ def test_the_question_reaches_the_text_encoder_not_the_template():
                                                                                          "blue circle")]
 
 
+def test_question_ids_is_the_user_turn_holding_the_last_image():
+    from vlmcompress.tokens.hf_prompt import question_ids
+
+    img, user, assistant = 9, [1, 2], [3, 4]
+    ids = [0, 1, 2, 7, 3, 4, 8, 1, 2, img, img, 5, 0, 6, 3, 4, 8]       # system turn, then the image's turn
+    assert question_ids(ids, img, user, assistant, ignore={0}) == [5, 6]
+    assert question_ids([img, 5, 6], img, user, assistant, ignore=set()) == [5, 6]     # no markers: all of it
+    assert question_ids([5, img, 6, 3, 4, 7], img, [], assistant, ignore=set()) == [5, 6]
+
+
 def test_refusals_are_one_line():
     from transformers import LlamaForCausalLM
 

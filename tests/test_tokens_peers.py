@@ -327,7 +327,7 @@ def test_attach_qwen2vl_keeps_tokens_at_their_original_positions(name):
 
 def test_the_tokens_stage_sweeps_both(project_root, params, tiny_scenes):
     from test_tokens_stage import _tiny_project
-    from vlmcompress.data.stage import load_all
+    from vlmcompress.data.dataset import load_all
     from vlmcompress.tokens.stage import run_tokens_stage
 
     P = _tiny_project(project_root, params, tiny_scenes, methods=["full", "divprune", "cdpruner", "recoverable"],

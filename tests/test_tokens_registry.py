@@ -227,7 +227,7 @@ def test_a_user_preset_of_a_user_method(user_methods):
 
 def test_the_tokens_stage_sweeps_a_registered_method(user_methods, project_root, params, tiny_scenes):
     from test_tokens_stage import _tiny_project
-    from vlmcompress.data.stage import load_all
+    from vlmcompress.data.dataset import load_all
     from vlmcompress.tokens.stage import run_tokens_stage
 
     P = _tiny_project(project_root, params, tiny_scenes, methods=["full", "window", "recoverable"], budgets=[0.10],

@@ -194,7 +194,7 @@ def check_cost(P: Params, metrics: dict, out: Path) -> None:
 
 
 def test_stage_writes_the_metrics_contract(tiny_project, project_root):
-    from vlmcompress.data.stage import load_all
+    from vlmcompress.data.dataset import load_all
 
     logged: list[str] = []
     metrics = run_tokens_stage(tiny_project, load_all(), log=logged.append)
@@ -223,7 +223,7 @@ def test_notebook_runs_every_method_end_to_end(project_root, params, tiny_scenes
 
 
 def test_stage_rejects_a_fastv_layer_deeper_than_the_lm(tiny_project):
-    from vlmcompress.data.stage import load_all
+    from vlmcompress.data.dataset import load_all
 
     P = dataclasses.replace(tiny_project, tokens=dataclasses.replace(
         tiny_project.tokens, fastv=dataclasses.replace(tiny_project.tokens.fastv, layer=9)))
@@ -479,7 +479,7 @@ def test_ours_is_the_candidate_best_on_the_batches_it_is_given():
 
 
 def test_stage_chooses_ours_on_val(project_root, params, tiny_scenes):
-    from vlmcompress.data.stage import load_all
+    from vlmcompress.data.dataset import load_all
 
     P = _tiny_project(project_root, params, tiny_scenes, methods=["full", "random", "recoverable", "recoverable_spread"],
                       budgets=[0.10], adaptive=False, eval={"example_methods": ["full"], "val_questions": 6})

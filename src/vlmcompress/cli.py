@@ -1,4 +1,4 @@
-"""Command line: ``vlmcompress check-params | encode | decode``.
+"""Command line: ``vlmcompress check-params | encode | decode | run``.
 
 Every failure prints one line to stderr and exits non-zero, whatever the input: a wrong
 path, a folder, FIFO or device where a file is expected, a corrupt or hostile file, bad
@@ -36,10 +36,8 @@ def _token_fn(model_dir: str, params_path: str | None):
     pre = from_dict(CodecModelParams, record.get("model"), "model").preedit
     if not (pre.enabled and pre.use_tokens):
         return None
-    from vlmcompress.codec.target import lvlm_token_fn
-    from vlmcompress.config import load_params
-    from vlmcompress.lvlm.stage import load_stage_lvlm
-    return lvlm_token_fn(load_stage_lvlm(load_params(params_path)))  # the stage's token target
+    from vlmcompress.api import lvlm_from_params, lvlm_token_fn
+    return lvlm_token_fn(lvlm_from_params(params_path))  # the stage's token target
 
 
 def _max_pixels(args: argparse.Namespace) -> int:
@@ -83,6 +81,40 @@ def _default_model() -> str:
     return str(path)
 
 
+# The stages ``run`` starts: the heavy ones, which also run on several processes.
+RUNNABLE = ("codec", "eval_codec", "tokens")
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Run one stage's function (the one its notebook calls) on the project's data set.
+
+    Under ``accelerate launch`` every process runs this same command: codec training splits
+    each batch over the processes, the evaluations split their images and questions; the main
+    process writes the stage's outputs and prints the summary line."""
+    from vlmcompress.config import load_params
+    from vlmcompress.data.dataset import load_all
+    from vlmcompress.distributed import current
+    from vlmcompress.paths import outputs_dir
+
+    params = load_params(args.params)       # every key checked before any model loads
+    procs = current()
+    splits = load_all()
+    progress = procs.is_main        # bars on stderr: the main process's share of the work
+    log = print if procs.is_main else (lambda *a: None)
+    if args.stage == "tokens":
+        from vlmcompress.tokens.stage import run_tokens_stage
+        run_tokens_stage(params, splits, log=log, progress=progress, procs=procs)
+    elif args.stage == "eval_codec":
+        from vlmcompress.eval.codec_stage import run_eval_codec_stage
+        run_eval_codec_stage(params, splits, log=log, progress=progress, procs=procs)
+    else:
+        from vlmcompress.codec.stage import run_codec_stage
+        run_codec_stage(params, splits, log=log)
+    if procs.is_main:
+        print(f"{args.stage}: wrote {outputs_dir(args.stage) / 'metrics.json'} on {procs.world} process(es)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vlmcompress", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -104,6 +136,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--params", default=None, help="params file whose codec.max_pixels bounds the image size")
     d.add_argument("--max-pixels", type=int, default=None, help="largest image accepted (default: codec.max_pixels)")
     d.set_defaults(func=_decode)
+    r = sub.add_parser("run", help="run a heavy stage here, or on several processes under `accelerate launch`",
+                       description="Run the function a stage's notebook calls, on the project's data set and "
+                                   "params: `vlmcompress run tokens`, or `accelerate launch -m vlmcompress run "
+                                   "tokens` to share the work over processes (GPUs).")
+    r.add_argument("stage", choices=RUNNABLE)
+    r.add_argument("--params", default=None, help="params file (default: the project's params.yaml)")
+    r.set_defaults(func=_run)
     return p
 
 

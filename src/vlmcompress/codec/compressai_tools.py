@@ -191,8 +191,8 @@ def _load_token_fn(args: argparse.Namespace, model_dirs: Sequence[Path]) -> Toke
         return None
     from vlmcompress.codec.target import lvlm_token_fn
     from vlmcompress.config import load_params
-    from vlmcompress.lvlm.stage import load_stage_lvlm
-    return lvlm_token_fn(load_stage_lvlm(load_params(args.params)))
+    from vlmcompress.lvlm.load import lvlm_from_params
+    return lvlm_token_fn(lvlm_from_params(load_params(args.params)))
 
 
 def _split_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:

@@ -24,10 +24,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import math
 import shutil
-import statistics
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,13 +32,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
 from torch import Tensor
 
-from vlmcompress.codec.anchors import make_anchor
 from vlmcompress.codec.bitstream import coded_rate
-from vlmcompress.codec.coder import (bits_per_pixel, decode_image, encode_image, image_to_tensor,
-                                     read_png, tensor_to_image, write_png)
+from vlmcompress.codec.coder import bits_per_pixel, decode_image, encode_image, image_to_tensor, tensor_to_image, write_png
 from vlmcompress.codec.config import CodecParams, CodecStageParams, check_stage_params
 from vlmcompress.codec.losses import TokenFn
 from vlmcompress.codec.model import LVLMCodec
@@ -49,6 +43,7 @@ from vlmcompress.codec.data import RecordImages
 from vlmcompress.codec.train import (CURVES_NAME, MODEL_DIR, load_codec, make_accelerator, read_codec_record,
                                      resolve_model_dir, train_codec, training_state)
 from vlmcompress.codec.target import lvlm_attention_fn, lvlm_token_fn, tower_digest
+from vlmcompress.codec.timing import load_test_images, time_codecs, timing_image
 from vlmcompress.codec.variants import BASELINE, OURS, init_source, model_variants, training_order
 from vlmcompress.config import Params
 from vlmcompress.data.records import ImageRecord
@@ -56,7 +51,6 @@ from vlmcompress.eval.quality import psnr, to_tensor
 from vlmcompress.io import atomic_path, write_json
 from vlmcompress.paths import outputs_dir, project_root
 
-TIMING_SIZE = 512
 Log = Callable[[str], Any]
 
 
@@ -116,41 +110,6 @@ def needs_lvlm(cp: CodecParams) -> bool:
 def uses_attention(cp: CodecParams) -> bool:
     """Whether ``cp``'s low-pass term is weighted by the LVLM's CLS attention."""
     return cp.loss.w_lowpass > 0 and cp.loss.lowpass_weighting == "attention"
-
-
-def load_test_images(records: Sequence[ImageRecord], n: int) -> list[np.ndarray]:
-    """The first ``n`` test images (all when ``n == 0``) as ``uint8 [H, W, 3]``."""
-    chosen = records[:n] if n > 0 else records
-    return [read_png(r.path) for r in chosen]
-
-
-def _square(img: np.ndarray, side: int) -> np.ndarray:
-    h, w = img.shape[:2]
-    s = min(h, w)
-    top, left = (h - s) // 2, (w - s) // 2
-    crop = img[top:top + s, left:left + s]
-    if s == side:
-        return np.ascontiguousarray(crop)
-    return np.asarray(Image.fromarray(crop).resize((side, side), Image.Resampling.BICUBIC))
-
-
-def timing_image(images: Sequence[np.ndarray], size: int = TIMING_SIZE) -> np.ndarray:
-    """A ``size`` x ``size`` test image: the first image's centre crop if it is large enough,
-    else a k x k mosaic of the first k*k test images (real content at the data set's scale,
-    e.g. 16 scenes of 128 px)."""
-    if not images:
-        raise ValueError("no test images to build the timing image from")
-    first = images[0]
-    h, w = first.shape[:2]
-    if min(h, w) >= size:  # native resolution: no resampling
-        top, left = (h - size) // 2, (w - size) // 2
-        return np.ascontiguousarray(first[top:top + size, left:left + size])
-    k = math.ceil(size / min(first.shape[:2]))
-    tile = size // k
-    tiles = [_square(images[i % len(images)], tile) for i in range(k * k)]
-    rows = [np.concatenate(tiles[r * k:(r + 1) * k], axis=1) for r in range(k)]
-    mosaic = np.concatenate(rows, axis=0)
-    return _square(mosaic, size) if mosaic.shape[0] != size else mosaic
 
 
 # --- training -------------------------------------------------------------------------------
@@ -319,41 +278,6 @@ def measure_rd(name: str, model: LVLMCodec, images: Sequence[np.ndarray], rates:
     return rows, float(worst)
 
 
-def _median_ms(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
-    out = fn()  # warm-up (allocations, caches, the ffmpeg binary's first start)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return round(1000 * statistics.median(times), 2), out
-
-
-def time_codecs(model: LVLMCodec, token_fn: TokenFn | None, img: np.ndarray, rate: float, *,
-                vvc_preset: str, vvc_qp: int, repeats: int, threads: int) -> dict[str, float]:
-    """Encode/decode wall time (ms, median of ``repeats`` after a warm-up) of ``img``, ours vs VVC.
-
-    Both run in this process with the same thread count (``threads``; 0: torch's current one).
-    Our encode time includes the LVLM tower when the pre-editing net fuses its tokens.
-    """
-    old = torch.get_num_threads()
-    n = threads if threads > 0 else old
-    torch.set_num_threads(n)
-    try:
-        enc_fn = token_fn if model.needs_tokens else None
-        enc_ms, data = _median_ms(lambda: encode_image(model, img, rate, token_fn=enc_fn), repeats)
-        dec_ms, _ = _median_ms(lambda: decode_image(model, data), repeats)
-        vvc = make_anchor("vvc", preset=vvc_preset, threads=n)
-        vvc_enc_ms, vvc_data = _median_ms(lambda: vvc.encode(img, vvc_qp), repeats)
-        vvc_dec_ms, _ = _median_ms(lambda: vvc.decode(vvc_data), repeats)
-    finally:
-        torch.set_num_threads(old)
-    h, w = img.shape[:2]
-    return {"encode_ms_512": enc_ms, "decode_ms_512": dec_ms, "vvc_encode_ms_512": vvc_enc_ms,
-            "vvc_decode_ms_512": vvc_dec_ms, "timing_bpp_512": round(bits_per_pixel(data, h, w), 4),
-            "vvc_timing_bpp_512": round(bits_per_pixel(vvc_data, h, w), 4), "timing_threads": n}
-
-
 def write_examples(models: dict[str, LVLMCodec], img: np.ndarray, rates: Sequence[float],
                    token_fn: TokenFn, out_dir: Path) -> pd.DataFrame:
     """The original and every codec's real file + decoded PNG at each rate, with their numbers."""
@@ -387,7 +311,7 @@ def run_codec_stage(params: Params, splits: dict[str, list[ImageRecord]], log: L
                     ) -> dict[str, Any]:
     """Train every codec of ``params.codec``, measure them with real files, write the outputs.
 
-    The token target is the stage's LVLM (``load_stage_lvlm(params)``, see the module
+    The token target is the pipeline's LVLM (``lvlm_from_params(params)``, see the module
     docstring). Returns the metrics written to ``outputs/codec/metrics.json``.
     """
     P: CodecStageParams = params.codec
@@ -398,10 +322,10 @@ def run_codec_stage(params: Params, splits: dict[str, list[ImageRecord]], log: L
     train_paths = training_paths(P, splits)
     log(f"training on {len(train_paths)} images ({P.train_images or 'the train split'})")
     variants = model_variants(P)
-    from vlmcompress.lvlm.stage import load_stage_lvlm  # late: transformers is slow to import
-    lvlm = load_stage_lvlm(params)
+    from vlmcompress.lvlm.load import lvlm_from_params  # late: transformers is slow to import
+    lvlm = lvlm_from_params(params)
     token_fn = lvlm_token_fn(lvlm)
-    projector = lvlm.llava.model.multi_modal_projector            # frozen by lvlm_token_fn
+    projector = lvlm.projector            # frozen by lvlm_token_fn
     attention_fn = lvlm_attention_fn(lvlm, token_fn)
 
     def tower_of(cp: CodecParams) -> str:   # what a codec of these params was fitted to
@@ -466,5 +390,4 @@ def run_codec_stage(params: Params, splits: dict[str, list[ImageRecord]], log: L
     return metrics
 
 
-__all__ = ["run_codec_stage", "stage_dir", "models_dir", "lvlm_token_fn", "timing_image",
-           "time_codecs", "measure_rd", "train_variant", "eval_rates", "BASELINE", "OURS"]
+__all__ = ["run_codec_stage", "stage_dir", "models_dir", "measure_rd", "train_variant", "eval_rates", "BASELINE", "OURS"]

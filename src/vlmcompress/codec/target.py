@@ -28,7 +28,7 @@ class TowerTarget:
     def __init__(self, lvlm: Any) -> None:
         lvlm.llava.requires_grad_(False)
         lvlm.vision_tower.float()
-        lvlm.llava.model.multi_modal_projector.float()
+        lvlm.projector.float()
         lvlm.eval()
         self.lvlm = lvlm
         self._reference: tuple[Tensor, Tensor] | None = None     # (image, its CLS attention [B, N])
@@ -76,7 +76,7 @@ def tower_digest(lvlm: Any, projector: bool = False, attention: bool = False) ->
     h = hashlib.sha256(f"layer={lvlm.feature_layer}".encode())
     if attention:
         h.update(f"attn_layer={lvlm.attn_layer}".encode())
-    modules = [lvlm.vision_tower] + ([lvlm.llava.model.multi_modal_projector] if projector else [])
+    modules = [lvlm.vision_tower] + ([lvlm.projector] if projector else [])
     for name, t in sorted((n, t) for m in modules for n, t in m.state_dict().items()):
         h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
         h.update(t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())  # 0-dim: BN counters

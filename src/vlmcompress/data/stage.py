@@ -7,14 +7,10 @@ from pathlib import Path
 import pandas as pd
 
 from vlmcompress.config import Params
-from vlmcompress.data.records import ImageRecord, load_split
+from vlmcompress.data.dataset import dataset_root
+from vlmcompress.data.records import ImageRecord
 from vlmcompress.io import write_json
 from vlmcompress.paths import outputs_dir
-
-
-def dataset_root() -> Path:
-    """Where the data stage writes the data set (same path in both profiles)."""
-    return outputs_dir("data", "dataset")
 
 
 def run_data_stage(params: Params, root: Path | None = None,
@@ -39,13 +35,6 @@ def run_data_stage(params: Params, root: Path | None = None,
     return metrics
 
 
-def split_names(root: Path) -> list[str]:
-    """Splits present under ``root`` (those with an instances file), in canonical order."""
-    order = {"train": 0, "val": 1, "test": 2}
-    found = [p.name[len("instances_"):-len(".json")] for p in (root / "annotations").glob("instances_*.json")]
-    return sorted(found, key=lambda s: (order.get(s, 9), s))
-
-
 def counts_table(records_by_split: dict[str, list[ImageRecord]]) -> pd.DataFrame:
     """Images, objects, captions, refs and questions per type, one row per split."""
     rows = []
@@ -57,8 +46,3 @@ def counts_table(records_by_split: dict[str, list[ImageRecord]]) -> pd.DataFrame
                      "refs": sum(len(r.refs) for r in recs),
                      "questions": sum(qt.values()), **{f"q:{k}": v for k, v in sorted(qt.items())}})
     return pd.DataFrame(rows).set_index("split").fillna(0).astype(int)
-
-
-def load_all(root: Path | None = None) -> dict[str, list[ImageRecord]]:
-    root = Path(root) if root is not None else dataset_root()
-    return {s: load_split(root, s) for s in split_names(root)}

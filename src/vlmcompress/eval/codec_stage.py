@@ -30,6 +30,7 @@ Outputs (``outputs/eval_codec/``)::
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import shutil
@@ -45,6 +46,8 @@ import torch.nn.functional as F
 
 from vlmcompress.config import ConfigError, Params
 from vlmcompress.data.records import ImageRecord
+from vlmcompress.distributed import Processes, merge_shards
+from vlmcompress.distributed import current as current_processes
 from vlmcompress.eval.bdrate import bd_table_results
 from vlmcompress.eval.config import (check_anchors_params, check_bdrate_params,
                                      check_eval_codec_params)
@@ -443,15 +446,54 @@ def photos_table(rd: pd.DataFrame, images: Mapping[str, np.ndarray], kinds: Mapp
 
 # --- the stage --------------------------------------------------------------------------------------
 
+def _code_all(params: Params, records: Sequence[ImageRecord], learned: Sequence[CodecSpec],
+              anchors: Sequence[CodecSpec], folders: Mapping[str, Path], photos: Path | None, lvlm, cache: Path,
+              progress: bool, log: Callable[[str], None]) -> tuple:
+    """Code the test images, the extra folders and the photographs with every codec (cached):
+    ``(images, points, rd, bpp_range, folder_rd, photo_images, photo_rd)``."""
+    E = params.eval_codec
+    from vlmcompress.codec.coder import read_png
+    images = {str(r.image_id): read_png(r.path) for r in records}
+    need_tokens = any(s.needs_tokens for s in learned)
+    tokens = vision_tokens(lvlm, images, E.batch_size) if need_tokens else None
+    folder_rd: dict[str, pd.DataFrame] = {}
+    with make_pool(E.workers) as pool:
+        rd, points, bpp_range = sweep_set(images, learned, anchors, params, pool, cache / "test",
+                                          tokens=tokens, progress=progress, log=log)
+        for name, path in folders.items():
+            imgs = folder_images(path)
+            toks = vision_tokens(lvlm, imgs, 1) if need_tokens else None
+            folder_rd[name], _, _ = sweep_set(imgs, learned, anchors, params, pool, cache / f"folder-{name}",
+                                              tokens=toks, progress=progress, log=log)
+        photo_imgs: dict[str, np.ndarray] = {}
+        photo_rd = pd.DataFrame(columns=list(PHOTO_COLUMNS))
+        if photos is not None:
+            photo_imgs = photo_images(photos, E.max_photos, E.photo_max_side)
+            toks = vision_tokens(lvlm, photo_imgs, 1) if need_tokens else None
+            photo_rd, _, _ = sweep_set(photo_imgs, learned, anchors, params, pool, cache / "photos",
+                                       tokens=toks, progress=progress, log=log)
+    return images, points, rd, bpp_range, folder_rd, photo_imgs, photo_rd
+
+
+def _quiet(*args: Any) -> None:
+    """The log of a process other than the main one: the main process speaks for all."""
+
+
 def run_eval_codec_stage(params: Params, splits: Mapping[str, Sequence[ImageRecord]],
                          log: Callable[[str], None] = print, progress: bool = True,
-                         lvlm=None) -> dict[str, Any]:
+                         lvlm=None, procs: Processes | None = None) -> dict[str, Any]:
     """Code, score and compare; write ``outputs/eval_codec/*`` (see the module docstring).
 
-    ``lvlm``: an already loaded adapter (default: the pipeline's, ``load_stage_lvlm``).
-    Returns the metrics written to ``metrics.json``.
+    ``lvlm``: an already loaded adapter (default: the pipeline's, ``lvlm_from_params``).
+    ``procs``: the processes sharing the work (default: this one, or those ``accelerate
+    launch`` started). The main process codes the images (a pool of ``eval_codec.workers``
+    CPU processes) and writes; the decoded image sets are scored on every process's own
+    device, each taking every ``world``-th set. Returns the metrics written to ``metrics.json``.
     """
     check_stage_params(params)
+    procs = procs or current_processes()
+    if not procs.is_main:
+        log, progress = _quiet, False
     E = params.eval_codec
     t_start = time.perf_counter()
     out, cache = stage_dir(), stage_dir() / "cache"
@@ -471,32 +513,15 @@ def run_eval_codec_stage(params: Params, splits: Mapping[str, Sequence[ImageReco
     kinds = {s.name: s.kind for s in specs.values()}
 
     if lvlm is None:
-        from vlmcompress.lvlm.stage import load_stage_lvlm
-        lvlm = load_stage_lvlm(params)
-    from vlmcompress.codec.coder import read_png
-    images = {str(r.image_id): read_png(r.path) for r in records}
-    need_tokens = any(s.needs_tokens for s in learned)
-    tokens = vision_tokens(lvlm, images, E.batch_size) if need_tokens else None
-
+        from vlmcompress.lvlm.load import lvlm_from_params
+        device = procs.device(params.lvlm.device)
+        lvlm = lvlm_from_params(dataclasses.replace(params, lvlm=dataclasses.replace(params.lvlm, device=device)))
     t0, c0 = time.perf_counter(), cpu_seconds()
-    folder_rd: dict[str, pd.DataFrame] = {}
-    with make_pool(E.workers) as pool:
-        rd, points, bpp_range = sweep_set(images, learned, anchors, params, pool, cache / "test",
-                                          tokens=tokens, progress=progress, log=log)
-        for name, path in folders.items():
-            imgs = folder_images(path)
-            toks = vision_tokens(lvlm, imgs, 1) if need_tokens else None
-            folder_rd[name], _, _ = sweep_set(imgs, learned, anchors, params, pool, cache / f"folder-{name}",
-                                              tokens=toks, progress=progress, log=log)
-        photo_imgs: dict[str, np.ndarray] = {}
-        photo_rd = pd.DataFrame(columns=list(PHOTO_COLUMNS))
-        if photos is not None:
-            photo_imgs = photo_images(photos, E.max_photos, E.photo_max_side)
-            toks = vision_tokens(lvlm, photo_imgs, 1) if need_tokens else None
-            photo_rd, _, _ = sweep_set(photo_imgs, learned, anchors, params, pool, cache / "photos",
-                                       tokens=toks, progress=progress, log=log)
+    coded = _code_all(params, records, learned, anchors, folders, photos, lvlm, cache, progress, log) \
+        if procs.is_main else None
+    points = procs.from_main(coded[1] if coded else None)     # the others wait while the main process codes
     seconds_encode, cpu_encode = time.perf_counter() - t0, cpu_seconds() - c0
-    log(f"coded {len(images)} images at {sum(map(len, points.values()))} points in {seconds_encode:.0f} s "
+    log(f"coded {len(records)} images at {sum(map(len, points.values()))} points in {seconds_encode:.0f} s "
         f"({cpu_encode:.0f} CPU s)")
 
     t0, c0 = time.perf_counter(), cpu_seconds()
@@ -506,12 +531,18 @@ def run_eval_codec_stage(params: Params, splits: Mapping[str, Sequence[ImageReco
         return task_scores(lvlm, records, src, items, E.batch_size, E.max_captions, E.max_refs)
 
     from tqdm.auto import tqdm
-    scores: dict[tuple[str, Any], dict[str, float]] = {}
-    jobs = [(s, p) for s in specs.values() for p in points[s.name]]
-    for spec, p in tqdm(jobs, desc="tasks", disable=not progress):
-        scores[(spec.name, p)] = score(decoded_source(cache / "test", spec, p))
-    reference = score(file_images)
+    jobs: list[tuple[CodecSpec, Any] | None] = [(s, p) for s in specs.values() for p in points[s.name]]
+    jobs.append(None)                                        # the uncoded images
+    mine = [(i, score(file_images if jobs[i] is None else decoded_source(cache / "test", *jobs[i])))
+            for i in tqdm(procs.shard(len(jobs)), desc="tasks", disable=not progress)]
+    every = merge_shards(procs.gather(mine))
+    sets_per_process = procs.gather(len(mine))
     seconds_tasks, cpu_tasks = time.perf_counter() - t0, cpu_seconds() - c0
+    if not procs.is_main:
+        return procs.from_main(None)     # the main process's metrics, once it has written them
+    reference = every[-1]
+    scores = {(job[0].name, job[1]): sc for job, sc in zip(jobs[:-1], every[:-1])}
+    images, rd, bpp_range, folder_rd, photo_imgs, photo_rd = coded[0], coded[2], coded[3], coded[4], coded[5], coded[6]
 
     curves = curves_table(rd, scores, kinds)
     ref_row = {"codec": REFERENCE, "kind": "reference", "point": np.nan, "bpp": RAW_BPP, "psnr": np.nan,
@@ -547,6 +578,7 @@ def run_eval_codec_stage(params: Params, splits: Mapping[str, Sequence[ImageReco
         "seconds_encode": round(seconds_encode, 1), "seconds_tasks": round(seconds_tasks, 1),
         "cpu_seconds_encode": round(cpu_encode, 1), "cpu_seconds_tasks": round(cpu_tasks, 1),
         "seconds_total": round(time.perf_counter() - t_start, 1),
+        "processes": procs.world, "image_sets_per_process": sets_per_process,
     }
     if folder_metrics:
         metrics["folders"] = folder_metrics
@@ -554,8 +586,9 @@ def run_eval_codec_stage(params: Params, splits: Mapping[str, Sequence[ImageReco
         pbd = bd_tables(curves_table(photo_rd, {}, kinds), params, list(RD_METRICS))
         metrics["photos"] = {"n_images": len(photo_imgs), **bd_metrics(pbd, params.bdrate.anchor)}
     write_json(out / "metrics.json", metrics)
-    log(f"tasks on {len(jobs) + 1} image sets in {seconds_tasks:.0f} s ({cpu_tasks:.0f} CPU s)")
-    return metrics
+    log(f"tasks on {len(jobs)} image sets in {seconds_tasks:.0f} s ({cpu_tasks:.0f} CPU s) "
+        f"on {procs.world} process(es)")
+    return procs.from_main(metrics)
 
 
 # --- notebook helpers ------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import seaborn as sns
 
-from vlmcompress.figures.plots import _codec_order, _require, codec_palette, label, log_x, style
+from vlmcompress.figures.plots import codec_order, codec_palette, label, log_x, require, style
 
 MEAN = "mean"           # image name of the mean rows (vlmcompress.eval.codec_stage.PHOTO_MEAN)
 METRICS = ("psnr", "ms_ssim")
@@ -21,7 +21,7 @@ NOTE = "learned codecs trained on the data set's scenes, not on photographs"
 
 def photos_rd_data(photos: pd.DataFrame) -> pd.DataFrame:
     """Long table ``codec, kind, point, image, bpp, metric, value`` (mean rows included)."""
-    _require(photos, ["codec", "kind", "point", "image", "bpp", *METRICS], "photos_rd")
+    require(photos, ["codec", "kind", "point", "image", "bpp", *METRICS], "photos_rd")
     long = photos.melt(id_vars=["codec", "kind", "point", "image", "bpp"], value_vars=list(METRICS),
                        var_name="metric", value_name="value")
     return long.dropna(subset=["bpp", "value"]).reset_index(drop=True)
@@ -37,7 +37,7 @@ def photos_rd(data: pd.DataFrame) -> plt.Figure:
             for ax in axes.flat:
                 ax.axis("off")
             return fig
-        order = _codec_order(data)
+        order = codec_order(data)
         pal = codec_palette(order)
         n_photos = data.loc[data["image"] != MEAN, "image"].nunique()
         for ax, m in zip(axes.flat, METRICS):

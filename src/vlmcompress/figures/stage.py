@@ -25,8 +25,9 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from vlmcompress.config import Params
-from vlmcompress.figures import photos, plots
+from vlmcompress.figures import codec, photos, tokens
 from vlmcompress.figures.config import check_figures_params
+from vlmcompress.figures.plots import save_figure
 from vlmcompress.io import atomic_path, read_json, write_json
 from vlmcompress.paths import outputs_dir, project_root
 
@@ -40,17 +41,9 @@ def stage_dir() -> Path:
 
 def save(fig: plt.Figure, data: pd.DataFrame, name: str, out: Path, formats: list[str], dpi: int) -> list[Path]:
     """``out/<name>.<fmt>`` for each format plus ``out/<name>.csv``, atomically; closes ``fig``."""
-    paths = []
     with atomic_path(out / f"{name}.csv") as tmp:
         data.to_csv(tmp, index=False)
-    paths.append(out / f"{name}.csv")
-    for fmt in formats:
-        target = out / f"{name}.{fmt}"
-        # No date and fixed element ids keep SVG/PDF bytes identical between runs (DVC sees no change).
-        with atomic_path(target) as tmp, plt.rc_context({"svg.hashsalt": "vlmcompress"}):
-            fig.savefig(tmp, format=fmt, dpi=dpi, bbox_inches="tight",
-                        metadata={"Date": None} if fmt in ("svg", "pdf") else None)
-        paths.append(target)
+    paths = [out / f"{name}.csv", *save_figure(fig, out / name, formats, dpi)]
     plt.close(fig)
     return paths
 
@@ -78,20 +71,20 @@ def build_figures(params: Params) -> dict[str, tuple[plt.Figure, pd.DataFrame]]:
         "acc": tok / "accuracy.csv", "tok_examples": tok / "examples.json", "cost": tok / "cost.csv"}.items()}
     curves, bd = _csv(inputs["curves"]), _csv(inputs["bd"])
     data = {
-        "rate_accuracy": plots.rate_accuracy_data(curves, F.rate_metrics),
-        "bd_rate": plots.bd_rate_data(bd, params.bdrate.anchor, F.rate_metrics),
-        "ablation": plots.ablation_data(curves, bd, F.rate_metrics[0], F.rate_metrics),
-        "token_accuracy": plots.token_accuracy_data(_csv(inputs["acc"])),
-        "codec_examples": plots.codec_examples_data(_csv(inputs["examples"])),
-        "token_examples": plots.token_examples_data(read_json(inputs["tok_examples"]), F.token_examples),
-        "token_gflops": plots.token_cost_data(_csv(inputs["cost"]), "gflops"),
-        "token_latency": plots.token_cost_data(_csv(inputs["cost"]), "latency_ms"),
+        "rate_accuracy": codec.rate_accuracy_data(curves, F.rate_metrics),
+        "bd_rate": codec.bd_rate_data(bd, params.bdrate.anchor, F.rate_metrics),
+        "ablation": codec.ablation_data(curves, bd, F.rate_metrics[0], F.rate_metrics),
+        "token_accuracy": tokens.token_accuracy_data(_csv(inputs["acc"])),
+        "codec_examples": codec.codec_examples_data(_csv(inputs["examples"])),
+        "token_examples": tokens.token_examples_data(read_json(inputs["tok_examples"]), F.token_examples),
+        "token_gflops": tokens.token_cost_data(_csv(inputs["cost"]), "gflops"),
+        "token_latency": tokens.token_cost_data(_csv(inputs["cost"]), "latency_ms"),
     }
     draw = {
-        "rate_accuracy": plots.rate_accuracy, "bd_rate": plots.bd_rate_heatmap, "ablation": plots.ablation,
-        "token_accuracy": plots.token_accuracy, "token_gflops": plots.token_cost, "token_latency": plots.token_cost,
-        "codec_examples": lambda d: plots.codec_examples(d, ev),
-        "token_examples": lambda d: plots.token_examples(d, project_root()),
+        "rate_accuracy": codec.rate_accuracy, "bd_rate": codec.bd_rate_heatmap, "ablation": codec.ablation,
+        "token_accuracy": tokens.token_accuracy, "token_gflops": tokens.token_cost, "token_latency": tokens.token_cost,
+        "codec_examples": lambda d: codec.codec_examples(d, ev),
+        "token_examples": lambda d: tokens.token_examples(d, project_root()),
     }
     # PSNR / MS-SSIM vs bpp on eval_codec.photos (the CSV is only a header without photos)
     data["photos_rd"] = photos.photos_rd_data(_csv(_need(ev / "photos_rd.csv")))

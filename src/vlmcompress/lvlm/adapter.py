@@ -10,7 +10,10 @@ Same class for both worlds: the embedded model this package trains, and
   — CLIP's joint space (EOS pooling with the attention mask, by CLIP's own text tower);
 * :meth:`LVLM.generate` — batched greedy decoding that builds ``inputs_embeds`` itself, so a
   ``transform`` of the visual tokens may change their number per image (padding + mask);
-* :meth:`LVLM.answer_loss` — the LM loss on answer tokens only (training, gradient tests).
+* :meth:`LVLM.answer_loss` — the LM loss on answer tokens only (training, gradient tests);
+* :attr:`LVLM.vision_tower` / :attr:`LVLM.projector` / :attr:`LVLM.language_model` — the three
+  parts, for code that needs one itself (the codec's token target, FLOPs counting); nothing
+  outside this package reaches into ``LVLM.llava`` for them.
 
 Images enter as float tensors ``[B, 3, H, W]`` in ``[0, 1]``, or as a list of ``[3, H, W]``
 of different sizes; making them square as the model's own processor does (``image_aspect``:
@@ -254,6 +257,12 @@ class LVLM:
         return self.llava.model.language_model
 
     @property
+    def projector(self) -> nn.Module:
+        """The multimodal projector: selected vision-layer features ``[B, N, Dv]`` (the tower's
+        hidden states, ``VisualFeatures.hidden``) -> LM input embeddings ``[B, N, D]``."""
+        return self.llava.model.multi_modal_projector
+
+    @property
     def device(self) -> torch.device:
         return next(self.llava.parameters()).device
 
@@ -288,7 +297,7 @@ class LVLM:
         hidden = out.hidden_states[self.feature_layer]
         if self.select == "default":
             hidden = hidden[:, 1:]
-        tokens = self.llava.model.multi_modal_projector(hidden)
+        tokens = self.projector(hidden)
         heads = store["cls_attn_heads"]
         return VisualFeatures(tokens=tokens, hidden=hidden, keys=store["keys"], cls_attn=heads.mean(1),
                               cls_attn_heads=heads, last_hidden=out.last_hidden_state, grid=self.grid,

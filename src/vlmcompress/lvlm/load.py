@@ -1,12 +1,16 @@
-"""Resolve and load an LVLM (LLaVA + CLIP) from a local folder or a Hugging Face hub id."""
+"""Resolve and load an LVLM (LLaVA + CLIP) from a local folder or a Hugging Face hub id, or
+the pipeline's LVLM from params (:func:`lvlm_from_params`)."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
 from transformers import AutoModel, AutoTokenizer, CLIPModel, LlavaForConditionalGeneration
 
+from vlmcompress.config import Params
 from vlmcompress.lvlm.adapter import LVLM, Prompts
+from vlmcompress.paths import outputs_dir
 
 
 class ModelNotAvailableError(RuntimeError):
@@ -49,3 +53,27 @@ def load_lvlm(llava: str, clip: str, *, prompts: Prompts = Prompts(), attn_layer
     clip_model.vision_model = None  # the LLaVA tower replaces it (saves a copy of the encoder)
     lvlm = LVLM(model, tok, clip_model, clip_tok, prompts=prompts, attn_layer=attn_layer, image_aspect=image_aspect)
     return lvlm.to(device).eval()
+
+
+def lvlm_model_dir() -> Path:
+    """Where the LVLM stage writes its model (``outputs/lvlm/model``): the ``llava/`` and ``clip/``
+    folders it trains, or a ``source.json`` naming the hub checkpoints."""
+    return outputs_dir("lvlm", "model")
+
+
+def model_paths(params: Params) -> tuple[str, str]:
+    """(llava, clip) locations of the pipeline's LVLM: the folders the LVLM stage trains into
+    (``lvlm.source: train``) or the params' hub ids / folders."""
+    if params.lvlm.source == "train":
+        root = lvlm_model_dir()
+        return str(root / "llava"), str(root / "clip")
+    return params.lvlm.llava, params.lvlm.clip
+
+
+def lvlm_from_params(params: Params) -> LVLM:
+    """The pipeline's LVLM (:func:`model_paths`) with the prompts, attention layer, dtype, device
+    and image aspect of ``params.lvlm``: the model every stage after the LVLM stage scores with."""
+    llava, clip = model_paths(params)
+    L = params.lvlm
+    return load_lvlm(llava, clip, prompts=Prompts(**dataclasses.asdict(L.prompts)), attn_layer=L.attn_layer,
+                     dtype=L.dtype, device=L.device, image_aspect=L.image_aspect)

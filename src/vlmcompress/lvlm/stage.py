@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import csv
-import dataclasses
 import time
 from pathlib import Path
 from typing import Any
@@ -14,30 +13,15 @@ from vlmcompress.data.records import ImageRecord
 from vlmcompress.eval.tasks import (file_images, majority_baseline, run_captions, run_grounding, run_retrieval,
                                     run_vqa, vqa_items)
 from vlmcompress.io import atomic_path, write_json
-from vlmcompress.lvlm.adapter import LVLM, Prompts
+from vlmcompress.lvlm.adapter import LVLM
 from vlmcompress.lvlm.config import EvalParams
-from vlmcompress.lvlm.load import load_lvlm
+from vlmcompress.lvlm.load import lvlm_from_params, lvlm_model_dir
 from vlmcompress.lvlm.probe import text_localisation
 from vlmcompress.paths import outputs_dir
 
 
 def stage_dir() -> Path:
     return outputs_dir("lvlm")
-
-
-def model_paths(params: Params) -> tuple[str, str]:
-    """(llava, clip) locations every later stage loads: the trained folders or the hub ids."""
-    if params.lvlm.source == "train":
-        root = stage_dir() / "model"
-        return str(root / "llava"), str(root / "clip")
-    return params.lvlm.llava, params.lvlm.clip
-
-
-def load_stage_lvlm(params: Params) -> LVLM:
-    llava, clip = model_paths(params)
-    L = params.lvlm
-    return load_lvlm(llava, clip, prompts=Prompts(**dataclasses.asdict(L.prompts)), attn_layer=L.attn_layer,
-                     dtype=L.dtype, device=L.device, image_aspect=L.image_aspect)
 
 
 def train_embedded(params: Params, val: list[ImageRecord], log=print) -> dict[str, float]:
@@ -56,7 +40,7 @@ def train_embedded(params: Params, val: list[ImageRecord], log=print) -> dict[st
 
     trainer = Trainer(params.lvlm, params.data.scenes, work, seed=params.seed, log=log)
     t0 = time.perf_counter()
-    seconds = trainer.run(out / "model", eval_fn=quick)
+    seconds = trainer.run(lvlm_model_dir(), eval_fn=quick)
     trainer.write_curves(out / "curves.csv")
     seconds["train_seconds"] = round(sum(seconds.values()), 1)
     seconds["wall_seconds"] = round(time.perf_counter() - t0, 1)
@@ -106,7 +90,7 @@ def record_pretrained(params: Params) -> None:
     ``model/source.json`` names the checkpoints every later stage loads, ``checkpoints/`` is
     empty and ``curves.csv`` has a header and no rows."""
     out = stage_dir()
-    with atomic_path(out / "model") as tmp:
+    with atomic_path(lvlm_model_dir()) as tmp:
         tmp.mkdir()
         write_json(tmp / "source.json", {"source": "pretrained", "llava": params.lvlm.llava,
                                           "clip": params.lvlm.clip, "dtype": params.lvlm.dtype})
@@ -123,7 +107,7 @@ def run_lvlm_stage(params: Params, splits: dict[str, list[ImageRecord]], log=pri
         timing = train_embedded(params, splits["val"], log=log)
     else:
         record_pretrained(params)
-    lvlm = load_stage_lvlm(params)
+    lvlm = lvlm_from_params(params)
     train = splits.get("train", [])
     metrics, examples = evaluate(lvlm, train, splits["test"], params.lvlm.eval)
     metrics.update(timing)

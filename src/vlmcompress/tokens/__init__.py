@@ -7,9 +7,10 @@ methods and the decorators that register more: :func:`register_method`,
 :func:`register_preset`), ``peers`` (DivPrune, CDPruner), ``fastv`` (pruning inside the LM),
 ``patch`` (a method as a transform for ``LVLM.generate``), ``flops`` (prefill cost),
 ``config`` (the params schema and the method registry), ``hf`` (:func:`attach`: a method on a
-stock transformers model, through its own ``generate``), ``sweep`` (runs, batches and the sweep
-over them), ``compare`` (accuracy tables, paired differences, equal cost), ``examples`` (token
-maps for figures), ``stage`` (the evaluation stage).
+stock transformers model, through its own ``generate``; its architecture families in ``hf_archs``,
+vision attention scores in ``hf_scores``, the question's place in the prompt in ``hf_prompt``),
+``sweep`` (runs, batches and the sweep over them), ``compare`` (accuracy tables, paired
+differences, equal cost), ``examples`` (token maps for figures), ``stage`` (the evaluation stage).
 
 Names are imported lazily so that ``vlmcompress.tokens.config`` (read by the params loader)
 does not pull in torch.

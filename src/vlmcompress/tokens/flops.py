@@ -192,7 +192,7 @@ def model_dims(lvlm) -> tuple[VisionDims, ProjectorDims, LMDims, TextDims]:
     vision = VisionDims(layers=vc.num_hidden_layers, width=vc.hidden_size,
                         mlp_ratio=vc.intermediate_size / vc.hidden_size, patch_size=vc.patch_size,
                         channels=vc.num_channels, stem=stem)
-    proj = lvlm.llava.model.multi_modal_projector
+    proj = lvlm.projector
     projector = ProjectorDims(proj.linear_1.in_features, proj.linear_1.out_features, proj.linear_2.out_features)
     head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
     lm = LMDims(layers=tc.num_hidden_layers, hidden=tc.hidden_size, intermediate=tc.intermediate_size,

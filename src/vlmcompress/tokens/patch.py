@@ -95,7 +95,7 @@ class TokenCompressor:
             text_dim = int(patches.shape[-1])
         hidden = project = None
         if self._switch("merge_space", "projected") == "vision":      # merge before the projector
-            hidden, project = feats.hidden, self.lvlm.llava.model.multi_modal_projector
+            hidden, project = feats.hidden, self.lvlm.projector
         return VisualTokens(tokens=feats.tokens, keys=feats.keys, cls_attn=feats.cls_attn,
                             cls_attn_full=feats.cls_attn_full, text_sim=text_sim, grid=feats.grid,
                             hidden=hidden, project=project, text_dim=text_dim)

@@ -30,6 +30,7 @@ matched, diff, se, z, n; ``ours``, ``equal_cost`` and ``equal_cost_runs`` in met
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -39,6 +40,8 @@ import pandas as pd
 
 from vlmcompress.config import Params
 from vlmcompress.data.records import ImageRecord
+from vlmcompress.distributed import Processes
+from vlmcompress.distributed import current as current_processes
 from vlmcompress.eval.tasks import BOX_ANSWER, answer_tokens
 from vlmcompress.io import atomic_path, write_json
 from vlmcompress.paths import outputs_dir
@@ -115,25 +118,37 @@ class _Clock:
             self.cpu[name] = self.cpu.get(name, 0.0) + time.process_time() - c
 
 
+def _quiet(*args: Any) -> None:
+    """The log of a process other than the main one: the main process speaks for all."""
+
+
 def _limit(seq: Sequence, n: int) -> list:
     return list(seq[:n]) if n > 0 else list(seq)
 
 
 def run_tokens_stage(params: Params, splits: dict[str, list[ImageRecord]], log=print,
-                     progress: bool = False) -> dict[str, Any]:
-    """Evaluate every method x budget; write ``outputs/tokens/*``; return the metrics."""
-    from vlmcompress.lvlm.stage import load_stage_lvlm
+                     progress: bool = False, procs: Processes | None = None) -> dict[str, Any]:
+    """Evaluate every method x budget; write ``outputs/tokens/*``; return the metrics.
 
+    ``procs``: the processes sharing the work (default: this one, or those ``accelerate
+    launch`` started). Each evaluates every ``world``-th batch on its own device; prefill
+    latency and the token maps are measured by the main process alone, which writes."""
+    from vlmcompress.lvlm.load import lvlm_from_params
+
+    procs = procs or current_processes()
+    if not procs.is_main:
+        log = _quiet
     T, E = params.tokens, params.tokens.eval
     out_dir = stage_dir()
-    lvlm = load_stage_lvlm(params)
+    device = procs.device(params.lvlm.device)
+    lvlm = lvlm_from_params(dataclasses.replace(params, lvlm=dataclasses.replace(params.lvlm, device=device)))
     lvlm.attn_layer = T.attention_layer            # the vision layer whose CLS attention scores tokens
     if "fastv" in T.methods and not 1 <= T.fastv.layer <= len(lvlm.language_model.layers):
         raise ValueError(f"tokens.fastv.layer: must be in [1, {len(lvlm.language_model.layers)}] "
                          f"for this LM, got {T.fastv.layer}")
     test = splits["test"]
     runs = plan_runs(T)
-    sweeper = Sweeper(lvlm, T, seed=params.seed)
+    sweeper = Sweeper(lvlm, T, seed=params.seed, procs=procs)
     seconds: dict[str, float] = {}
     cpu: dict[str, float] = {}
     clock = _Clock(seconds, cpu)
@@ -190,8 +205,9 @@ def run_tokens_stage(params: Params, splits: dict[str, list[ImageRecord]], log=p
         metrics[f"grounding_acc50_{key}"] = grounding_scores(ground, lvlm.image_aspect)
     log(f"captions and grounding: {len(task_runs)} runs in {seconds['captions'] + seconds['grounding']:.0f} s")
 
-    with clock("efficiency"):
-        eff = efficiency_table(lvlm, items, runs + extra, T, seed=params.seed, log=log)
+    with clock("efficiency"):     # one process times the prefills: concurrent ones would share its cores
+        eff = procs.from_main(efficiency_table(lvlm, items, runs + extra, T, seed=params.seed, log=log)
+                              if procs.is_main else None)
     cost = cost_table(every, {f"{r.method}@{r.budget}": r.prefill_ms for r in eff.itertuples()}, ours)
     ref = eff[(eff.method == E.reference_method) & (eff.budget == key)]
     metrics[f"prefill_speedup_{key}"] = float(ref["speedup"].iloc[0]) if len(ref) else None
@@ -209,6 +225,10 @@ def run_tokens_stage(params: Params, splits: dict[str, list[ImageRecord]], log=p
                                                         "peak_mb": r.peak_mb}
                              for r in eff.itertuples()}
 
+    metrics["processes"] = procs.world
+    metrics["batches_per_process"] = procs.gather(sweeper.batches_run)
+    if not procs.is_main:
+        return procs.from_main(None)     # the main process's metrics, once it has written them
     with clock("examples"):
         examples = token_examples(lvlm, items, T, seed=params.seed)
     # Wall and process CPU seconds per phase: CPU time stays meaningful on a shared machine.
@@ -235,4 +255,4 @@ def run_tokens_stage(params: Params, splits: dict[str, list[ImageRecord]], log=p
     log(f"prefill speedup at {key} ({E.reference_method}): {metrics[f'prefill_speedup_{key}']}, "
         f"selection overhead {metrics['selection_overhead_pct']} % of its prefill "
         f"(text encoder {metrics['text_encoder_pct']} %, selection and merging {metrics['selection_merge_pct']} %)")
-    return metrics
+    return procs.from_main(metrics)

@@ -20,6 +20,7 @@ import pandas as pd
 import torch
 
 from vlmcompress.data.records import ImageRecord, Question
+from vlmcompress.distributed import Processes, merge_shards
 from vlmcompress.eval.tasks import load_image
 from vlmcompress.tokens.config import TokensParams
 from vlmcompress.tokens.flops import model_dims, prefill_gflops
@@ -109,19 +110,25 @@ def stratified_questions(records: Sequence[ImageRecord], n: int, seed: int = 0
 
 @dataclass
 class Batch:
-    """Samples about a few images: ``images`` (U tensors ``[3, H, W]``, sizes may differ), ``index [B]``
-    (image of each sample)."""
+    """Samples about a few images: ``records`` (U images), ``index [B]`` (image of each sample),
+    ``texts`` (question of each sample, None for captions). ``images`` reads the U images
+    (``[3, H, W]``, sizes may differ) when asked, so a sweep holds one batch of pixels at a time."""
 
     records: list[ImageRecord]
-    images: list[torch.Tensor]
     index: list[int]
     texts: list[str] | None
     samples: list[Any]
+    load: Callable[[ImageRecord], torch.Tensor] = field(default=lambda r: load_image(r.path), repr=False)
+
+    @property
+    def images(self) -> list[torch.Tensor]:
+        return [self.load(r) for r in self.records]
 
 
 def make_batches(samples: Sequence[Any], record_of: Callable[[Any], ImageRecord], text_of, n_images: int,
                  load: Callable[[ImageRecord], torch.Tensor] = lambda r: load_image(r.path)) -> list[Batch]:
-    """Consecutive samples grouped so each batch holds ``n_images`` distinct images."""
+    """Consecutive samples grouped so each batch holds ``n_images`` distinct images (read
+    by ``load`` when the batch is run)."""
     groups: list[list[Any]] = []
     seen: dict[int, int] = {}
     for s in samples:
@@ -140,8 +147,8 @@ def make_batches(samples: Sequence[Any], record_of: Callable[[Any], ImageRecord]
             if r.image_id not in first:
                 first[r.image_id] = len(recs)
                 recs.append(r)
-        out.append(Batch(recs, [load(r) for r in recs], [first[record_of(s).image_id] for s in g],
-                         None if text_of is None else [text_of(s) for s in g], list(g)))
+        out.append(Batch(recs, [first[record_of(s).image_id] for s in g],
+                         None if text_of is None else [text_of(s) for s in g], list(g), load))
     return out
 
 
@@ -156,8 +163,15 @@ class RunOutput:
     lm_gflops: list[float] = field(default_factory=list)   # the LM prefill alone (the part compression shrinks)
     n_text: list[int] = field(default_factory=list)         # prompt text tokens (LM) of each sample
     n_clip: list[int] = field(default_factory=list)         # question tokens for CLIP's text tower
-    seconds: float = 0.0          # wall time in generate (tower pass excluded: shared by all runs)
-    cpu_seconds: float = 0.0      # process CPU time of the same
+    seconds: float = 0.0          # wall time in generate (tower pass excluded: shared by all runs),
+    cpu_seconds: float = 0.0      # and process CPU time of the same, summed over processes
+
+    def extend(self, other: RunOutput) -> None:
+        """Append ``other``'s samples (the next batches) to this output."""
+        for name in ("samples", "answers", "tokens", "gflops", "lm_gflops", "n_text", "n_clip"):
+            getattr(self, name).extend(getattr(other, name))
+        self.seconds += other.seconds
+        self.cpu_seconds += other.cpu_seconds
 
 
 def _visual_counts(tr: Any, n_samples: int, index: Sequence[int], n_patches: int) -> list[int]:
@@ -173,10 +187,15 @@ def _visual_counts(tr: Any, n_samples: int, index: Sequence[int], n_patches: int
 
 
 class Sweeper:
-    """Runs every configuration over batches, sharing the tower pass and text embeddings."""
+    """Runs every configuration over batches, sharing the tower pass and text embeddings.
 
-    def __init__(self, lvlm: Any, params: TokensParams, seed: int = 0) -> None:
-        self.lvlm, self.params, self.seed = lvlm, params, seed
+    With several processes (``procs``) each runs every ``world``-th batch and the outputs are
+    gathered in batch order: every process returns what one process would (a batch's result
+    depends only on the batch and its index, which seeds the random methods)."""
+
+    def __init__(self, lvlm: Any, params: TokensParams, seed: int = 0, procs: Processes = Processes()) -> None:
+        self.lvlm, self.params, self.seed, self.procs = lvlm, params, seed, procs
+        self.batches_run = 0          # by this process, over every sweep
         self.dims = model_dims(lvlm)
         self.n_patches = lvlm.grid[0] * lvlm.grid[1]
         self.text_cache = TextEmbeddingCache(lvlm)
@@ -196,34 +215,40 @@ class Sweeper:
               progress: bool = False) -> dict[Run, RunOutput]:
         from tqdm.auto import tqdm
 
-        lv = self.lvlm
+        mine = self.procs.shard(len(batches))
+        self.batches_run += len(mine)
+        parts = [(bi, self._run_batch(bi, batches[bi], runs, task, max_new_tokens))
+                 for bi in tqdm(mine, disable=not progress or not self.procs.is_main, desc=task)]
         out = {r: RunOutput() for r in runs}
-        for bi, batch in enumerate(tqdm(batches, disable=not progress, desc=task)):
-            n = len(batch.index)
-            texts = batch.texts if batch.texts is not None else [""] * n
-            n_text = lv.prompt_lengths(task, texts)
-            guide = lv.transform_texts(task, texts)
-            n_clip = [len(ids) for ids in lv.clip_tokenizer(guide, truncation=True).input_ids]
-            with torch.inference_mode():
-                feats = lv.visual_features(batch.images)
+        for part in merge_shards(self.procs.gather(parts)):
             for run in runs:
-                tr = make_transform(lv, run.method, run.budget, self.params, seed=self.seed * 100_003 + bi,
-                                    text_encoder=self.text_cache)
-                t0, c0 = time.perf_counter(), time.process_time()
-                answers = lv.generate_from_features(feats, batch.texts, task=task, transform=tr,
-                                                    max_new_tokens=max_new_tokens, image_index=batch.index)
-                o = out[run]
-                o.seconds += time.perf_counter() - t0
-                o.cpu_seconds += time.process_time() - c0
-                o.samples += batch.samples
-                o.answers += answers
-                counts = _visual_counts(tr, n, batch.index, self.n_patches)
-                o.tokens += counts
-                g = [self.gflops(run, k, t, c) for k, t, c in zip(counts, n_text, n_clip)]
-                o.gflops += [x["total"] for x in g]
-                o.lm_gflops += [x["lm"] for x in g]
-                o.n_text += list(n_text)
-                o.n_clip += list(n_clip)
+                out[run].extend(part[run])
+        return out
+
+    def _run_batch(self, bi: int, batch: Batch, runs: Sequence[Run], task: str, max_new_tokens: int
+                   ) -> dict[Run, RunOutput]:
+        """Every run on batch ``bi``: one tower pass, then each run's generation."""
+        lv = self.lvlm
+        n = len(batch.index)
+        texts = batch.texts if batch.texts is not None else [""] * n
+        n_text = lv.prompt_lengths(task, texts)
+        guide = lv.transform_texts(task, texts)
+        n_clip = [len(ids) for ids in lv.clip_tokenizer(guide, truncation=True).input_ids]
+        with torch.inference_mode():
+            feats = lv.visual_features(batch.images)
+        out = {}
+        for run in runs:
+            tr = make_transform(lv, run.method, run.budget, self.params, seed=self.seed * 100_003 + bi,
+                                text_encoder=self.text_cache)
+            t0, c0 = time.perf_counter(), time.process_time()
+            answers = lv.generate_from_features(feats, batch.texts, task=task, transform=tr,
+                                                max_new_tokens=max_new_tokens, image_index=batch.index)
+            counts = _visual_counts(tr, n, batch.index, self.n_patches)
+            g = [self.gflops(run, k, t, c) for k, t, c in zip(counts, n_text, n_clip)]
+            out[run] = RunOutput(samples=list(batch.samples), answers=list(answers), tokens=list(counts),
+                                 gflops=[x["total"] for x in g], lm_gflops=[x["lm"] for x in g],
+                                 n_text=list(n_text), n_clip=list(n_clip),
+                                 seconds=time.perf_counter() - t0, cpu_seconds=time.process_time() - c0)
         return out
 
     def mean_gflops(self, run: Run, n_visual: int, n_text: Sequence[int], n_clip: Sequence[int]) -> float:
