@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 # Weights of the two runs may differ by the order of floating-point sums (gradients are
@@ -187,3 +188,45 @@ if __name__ == "__main__":
     main(argv)
     audit.mkdir(exist_ok=True)
     (audit / f"rank{os.environ['RANK']}.json").write_text(json.dumps(writes))
+
+
+def test_two_processes_run_the_codec_stage_as_one_and_only_the_main_writes(project_root, params, tiny_scenes,
+                                                                           tmp_path):
+    """``vlmcompress run codec`` under ``accelerate launch``: the same codecs and measurements
+    as one process (within the tolerances above), every file written by the main process."""
+    import dataclasses
+
+    import yaml
+
+    from test_codec_stage import tiny_codec
+    from test_distributed_eval import _ok, _one_process, _set_aside, _two_processes
+    from lvlm_helpers import TINY, save_tiny_lvlm
+    from vlmcompress.config import to_dict
+    from vlmcompress.data.stage import run_data_stage
+
+    p = dataclasses.replace(params, data=dataclasses.replace(
+        params.data, scenes=dataclasses.replace(tiny_scenes, n_train=4, n_val=1, n_test=2)))
+    run_data_stage(p)
+    save_tiny_lvlm(project_root / "outputs" / "lvlm" / "model")
+    d = to_dict(tiny_codec(p, []))
+    d["lvlm"]["arch"]["vision_hidden"] = TINY.vision_hidden        # the tower the codec fuses
+    (project_root / "params.yaml").write_text(yaml.safe_dump(d))
+    out = project_root / "outputs" / "codec"
+    _ok(_one_process(project_root, tmp_path, "codec"))
+    one = _set_aside(out, tmp_path / "one")
+    audit = tmp_path / "audit"
+    stdout = _ok(_two_processes(project_root, tmp_path,
+                                [str(TESTS / "test_distributed_eval.py"), str(audit), "run", "codec"]))
+    assert "on 2 process(es)" in stdout
+    ops = {r: json.loads((audit / f"rank{r}.json").read_text()) for r in (0, 1)}
+    assert ops[1] == [] and any(path.endswith("metrics.json") for _, path in ops[0])
+    two = json.loads((out / "metrics.json").read_text())
+    assert one["processes"] == 1 and two["processes"] == 2
+    for name in ("ours", "pixel_baseline"):
+        w1, w2 = _weights(tmp_path / "one" / "models" / name), _weights(out / "models" / name)
+        worst = max(float((w1[k] - w2[k]).abs().max()) / max(float(w1[k].abs().max()), WEIGHT_FLOOR)
+                    for k in w1 if w1[k].is_floating_point())
+        assert worst <= REL_TOL, (name, worst)
+    for key in ("bpp_min", "bpp_max", "ours.psnr_at_bpp_max", "pixel_baseline.psnr_at_bpp_max",
+                "ours.token_mse_at_bpp_max"):
+        assert two[key] == pytest.approx(one[key], rel=1e-3, abs=1e-4), key

@@ -23,6 +23,7 @@ these same features.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import shutil
 from collections.abc import Callable, Sequence
@@ -47,6 +48,7 @@ from vlmcompress.codec.timing import load_test_images, time_codecs, timing_image
 from vlmcompress.codec.variants import BASELINE, OURS, init_source, model_variants, training_order
 from vlmcompress.config import Params
 from vlmcompress.data.records import ImageRecord
+from vlmcompress.distributed import current as current_processes
 from vlmcompress.eval.quality import psnr, to_tensor
 from vlmcompress.io import atomic_path, write_json
 from vlmcompress.paths import outputs_dir, project_root
@@ -154,6 +156,18 @@ def fitted_to(cp: CodecParams, tower: str | None, init: Path | None) -> dict[str
 _MISMATCH = {TOWER_NAME: "trained against another LVLM tower", INIT_NAME: "started from another codec"}
 
 
+def _training_decision(out: Path, cp: CodecParams, marks: dict[str, str]) -> tuple[str, str]:
+    """``(state, why)`` of the codec folder ``out``: :func:`training_state`, turned ``stale``
+    when a marker says it was fitted to another tower or started from another codec."""
+    state, why = training_state(out, cp), "checkpoint of other params"
+    if state in ("done", "resume"):
+        for fname, want in marks.items():
+            marker = out / fname
+            if not marker.is_file() or marker.read_text().strip() != want:
+                return "stale", _MISMATCH[fname]
+    return state, why
+
+
 def train_variant(name: str, cp: CodecParams, images: Sequence, token_fn: TokenFn | None,
                   log: Log = print, tower: str | None = None, token_map: Any = None,
                   attention_fn: Any = None, init: Path | None = None, accelerator: Any = None) -> LVLMCodec:
@@ -170,19 +184,14 @@ def train_variant(name: str, cp: CodecParams, images: Sequence, token_fn: TokenF
     cannot tell.
     """
     out = models_dir() / name
-    state = training_state(out, cp)
-    why = "checkpoint of other params"
     marks = fitted_to(cp, tower, init)
-    if state in ("done", "resume"):
-        for fname, want in marks.items():
-            marker = out / fname
-            if not marker.is_file() or marker.read_text().strip() != want:
-                why, state = _MISMATCH[fname], "stale"
-                break
+    acc = accelerator or make_accelerator()
+    # The main process decides, before anything changes on disk, and every process follows:
+    # a process reading the folder after the main one cleared it would take another branch.
+    state, why = current_processes().from_main(_training_decision(out, cp, marks) if acc.is_main_process else None)
     if state == "done":
         log(f"{name}: trained model found, {cp.train.steps} steps")
         return load_codec(out)
-    acc = accelerator or make_accelerator()
     if state == "stale":
         log(f"{name}: {why}, starting over")
     log(f"{name}: {'resuming' if state == 'resume' else 'training'} to {cp.train.steps} steps"
@@ -312,10 +321,14 @@ def run_codec_stage(params: Params, splits: dict[str, list[ImageRecord]], log: L
     """Train every codec of ``params.codec``, measure them with real files, write the outputs.
 
     The token target is the pipeline's LVLM (``lvlm_from_params(params)``, see the module
-    docstring). Returns the metrics written to ``outputs/codec/metrics.json``.
+    docstring). Under ``accelerate launch`` every process trains on its shard of each batch
+    (its LVLM on its own device); only the main process deletes, measures and writes.
+    Returns the metrics written to ``outputs/codec/metrics.json``.
     """
     P: CodecStageParams = params.codec
     check_stage_params(P)
+    if not current_processes().is_main:
+        log = _quiet
     if not splits.get("test"):
         raise ValueError(f"codec stage: the data set has no 'test' images "
                          f"(splits found: {', '.join(sorted(splits)) or 'none'})")
@@ -323,7 +336,10 @@ def run_codec_stage(params: Params, splits: dict[str, list[ImageRecord]], log: L
     log(f"training on {len(train_paths)} images ({P.train_images or 'the train split'})")
     variants = model_variants(P)
     from vlmcompress.lvlm.load import lvlm_from_params  # late: transformers is slow to import
-    lvlm = lvlm_from_params(params)
+    procs = current_processes()
+    acc = make_accelerator()           # one for every codec: this process, or those launched
+    device = procs.device(params.lvlm.device)
+    lvlm = lvlm_from_params(dataclasses.replace(params, lvlm=dataclasses.replace(params.lvlm, device=device)))
     token_fn = lvlm_token_fn(lvlm)
     projector = lvlm.projector            # frozen by lvlm_token_fn
     attention_fn = lvlm_attention_fn(lvlm, token_fn)
@@ -336,12 +352,16 @@ def run_codec_stage(params: Params, splits: dict[str, list[ImageRecord]], log: L
         check_token_dim(cp, token_fn, train_set[0][None].float() / 255.0)
 
     root, mdir = stage_dir(), models_dir()
-    for name in prune_models(list(variants)):
-        log(f"{name}: no longer in params, removed")
+    if procs.is_main:
+        for name in prune_models(list(variants)):
+            log(f"{name}: no longer in params, removed")
+    procs.barrier()
     inits = {name: init_dir(cp, variants) for name, cp in variants.items()}
     trained = {name: train_variant(name, variants[name], train_set, token_fn, log, tower_of(variants[name]),
-                                   projector, attention_fn, inits[name])
+                                   projector, attention_fn, inits[name], accelerator=acc)
                for name in training_order(variants)}
+    if not procs.is_main:              # the main process measures and writes
+        return procs.from_main(None)
     models = {name: trained[name] for name in variants}   # ours first, as before
     curves = combined_curves(list(variants))
     with atomic_path(root / "curves.csv") as tmp:
@@ -386,8 +406,13 @@ def run_codec_stage(params: Params, splits: dict[str, list[ImageRecord]], log: L
                         f"{name}.bpp_max": round(float(d["bpp"].max()), 4),
                         f"{name}.token_mse_at_bpp_max": round(float(d.loc[d["bpp"].idxmax(), "token_mse"]), 5),
                         f"{name}.psnr_at_bpp_max": round(float(d.loc[d["bpp"].idxmax(), "psnr"]), 2)})
+    metrics["processes"] = procs.world
     write_json(root / "metrics.json", metrics)
-    return metrics
+    return procs.from_main(metrics)
+
+
+def _quiet(*args: Any) -> None:
+    """The log of a process other than the main one: the main process speaks for all."""
 
 
 __all__ = ["run_codec_stage", "stage_dir", "models_dir", "measure_rd", "train_variant", "eval_rates", "BASELINE", "OURS"]
