@@ -34,10 +34,10 @@ def time_steps(params, scenes, pool, scale: float, turns: int, steps: int, warmu
     (a torch profiler, not yet entered) records the timed steps only."""
     t = dataclasses.replace(params.train, lm_projector_lr_scale=scale, lm_turns=turns)
     trainer = Trainer(dataclasses.replace(params, train=t), scenes, work, seed=0, log=lambda m: None)
-    proj = trainer.llava.model.multi_modal_projector
-    lm = list(trainer.llava.model.language_model.parameters()) + list(trainer.llava.lm_head.parameters())
+    proj = trainer.projector
     proj.requires_grad_(scale > 0)            # the optimiser groups of Trainer.run's phase C
-    groups = [{"params": lm}] + ([{"params": list(proj.parameters()), "lr": t.lm_lr * scale}] if scale > 0 else [])
+    groups = ([{"params": trainer.lm_parameters}]
+              + ([{"params": list(proj.parameters()), "lr": t.lm_lr * scale}] if scale > 0 else []))
     opt = torch.optim.AdamW(groups, lr=t.lm_lr)
     step_fn = trainer._lm_step(pool)
     trainer.llava.train()

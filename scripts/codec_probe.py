@@ -8,7 +8,7 @@ features the codec is trained on), and how often the embedded tower's own per-pa
 (colour, shape; trained in the LVLM's phase A, kept in ``outputs/lvlm/checkpoints``) still
 read the right colour and shape of an object patch from the reconstruction. The first row,
 ``uncoded``, is what they read from the originals (the ceiling). Embedded profile only; writes
-nothing.
+nothing. Results: ``docs/experiments/2026-12-03-codec-losses-warm-start.md`` (the colour term).
 """
 from __future__ import annotations
 

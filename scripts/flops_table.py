@@ -2,12 +2,14 @@
 
     python scripts/flops_table.py [--params params.yaml] [--text-tokens 40] [--clip-tokens 16]
 
-The issue's target "prefill FLOPs at 10% of the tokens at most 1/3 of full" depends on the
-shape of the model more than on the method: the vision tower runs on every patch whatever the
-budget. This prints ``vlmcompress.tokens.flops.prefill_gflops`` for the stage's embedded model
-(dimensions read from the saved folders) and for LLaVA-1.5-7B's published shapes
-(``LLAVA15_7B``, CLIP ViT-L/14-336's text tower for the guidance), full and with text-guided
-recovery at 5/10/25/50% of the tokens: a formula, not a measurement.
+Whether prefill FLOPs at 10% of the tokens stay under 1/3 of full depends on the shape of the
+model more than on the method: the vision tower runs on every patch whatever the budget. This
+prints ``vlmcompress.tokens.flops.prefill_gflops`` for the stage's embedded model (dimensions
+read from the saved folders) and for LLaVA-1.5-7B's published shapes (``LLAVA15_7B``, CLIP
+ViT-L/14-336's text tower for the guidance), full and with text-guided recovery at
+5/10/25/50% of the tokens: a formula, not a measurement. Results:
+``docs/experiments/2026-12-03-status-history.md`` (FLOPs at 10 %) and
+``docs/experiments/2026-12-03-attach-cost-and-decoder-fuzz.md``.
 """
 from __future__ import annotations
 

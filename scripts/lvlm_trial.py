@@ -5,6 +5,7 @@
 For comparing recipes without touching ``outputs/lvlm``: the same ``Trainer`` and quick val
 check as the ``lvlm`` stage (200 val questions every ``eval_every`` steps), then VQA on 2,000
 test questions (with the most-common-answer baseline) and retrieval on the test split.
+Results: ``docs/experiments/2026-12-03-embedded-lvlm-recipe.md``.
 """
 from __future__ import annotations
 

@@ -8,7 +8,8 @@ quarters of the scenes and prints its accuracy on the object patches of the rest
 mean absolute error (in grid cells) of a linear regression of the index, for the tower's
 LLaVA feature layer and for the projector's output (what the LM reads). Chance is 1 / grid
 side for the accuracy; predicting the mean index gives an MAE of about a quarter of the side.
-Scenes profile only (the pool needs the scene generator's labels).
+Scenes profile only (the pool needs the scene generator's labels). Results:
+``docs/experiments/2026-12-03-embedded-lvlm-recipe.md`` (position heads and code).
 """
 from __future__ import annotations
 

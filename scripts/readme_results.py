@@ -4,8 +4,8 @@
     python scripts/readme_results.py --check    # exit 1 if README.md is not up to date
 
 Everything between ``<!-- results:start -->`` and ``<!-- results:end -->`` is replaced by
-tables built from ``outputs/*/metrics.json``, ``outputs/tokens/{accuracy,equal_cost}.csv`` and
-``outputs/repro/metrics.json``, plus links to the main figures. A file that does not exist
+tables built from ``outputs/*/metrics.json``, ``outputs/tokens/{accuracy,accuracy_by_size,
+equal_cost,candidates}.csv`` and ``outputs/repro/metrics.json``, plus links to the main figures. A file that does not exist
 yet is reported as such; the output depends on the files only, so running twice changes nothing.
 """
 from __future__ import annotations
@@ -141,15 +141,32 @@ def tokens_section(root: Path) -> list[str]:
                 f"all tokens; its selection overhead is {fmt(m['selection_overhead_pct'])} % of its prefill: "
                 f"the CLIP text tower {fmt(m.get('text_encoder_pct'))} %, selection and merging "
                 f"{fmt(m.get('selection_merge_pct'))} %.", ""]
-    sizes = next((v for k, v in (m or {}).items() if k.startswith("vqa_by_object_size_")), None)
-    if sizes and sizes.get("n"):
-        classes = [c for c in ("small", "large", "none") if c in sizes["n"]]
-        counts = ", ".join(f"{c} {sizes['n'][c]}" for c in classes)
-        out += [f"At the task budget, by the size of the objects a question names (questions: {counts}):", ""]
-        runs = sorted((k for k in sizes if k != "n"), key=lambda k: (not k.startswith("full@"), k))
-        out += table(["method", *classes], [[k, *(fmt(sizes[k].get(c)) for c in classes)] for k in runs])
-        out += [""]
-    return out
+    if m and m.get("ours_acc") is not None and m.get("best_peer"):
+        diff = m.get("ours_minus_best_peer")
+        line = (f"At the task budget ({m.get('task_budget')}), ours (`{m.get('ours')}`) scores {fmt(m['ours_acc'])} % "
+                f"({fmt(m.get('ours_rel_acc'))} % of all tokens); the most accurate peer, `{m['best_peer']}`, "
+                f"{fmt(m.get('best_peer_acc'))} %; at equal prefill cost ours minus it is "
+                f"{'–' if diff is None else f'{diff:+.1f}'} ± {fmt(m.get('ours_minus_best_peer_se'))} points.")
+        out += [line, ""]
+    return out + size_table(_csv_rows(root, "outputs/tokens/accuracy_by_size.csv") or [], (m or {}).get("task_budget"))
+
+
+def size_table(rows: list[dict[str, str]], key: str | None) -> list[str]:
+    """Accuracy by the size of the objects a question names, of every run at the task budget
+    ``key`` and of the full model (rows of ``accuracy_by_size.csv``); nothing without sizes."""
+    full = [r for r in rows if r["method"] == "full"]
+    if not key or not full:
+        return []
+    n = {r["size"]: int(r["n"]) for r in full}
+    classes = [c for c in ("small", "large", "none") if c in n]
+    acc: dict[str, dict[str, float]] = {}
+    for r in rows:
+        if r["method"] == "full" or r["budget"] == key:
+            acc.setdefault(f"{r['method']}@{r['budget']}", {})[r["size"]] = float(r["acc"])
+    runs = sorted(acc, key=lambda k: (not k.startswith("full@"), k))
+    counts = ", ".join(f"{c} {n[c]}" for c in classes)
+    return [f"At the task budget, by the size of the objects a question names (questions: {counts}):", "",
+            *table(["method", *classes], [[k, *(fmt(acc[k].get(c)) for c in classes)] for k in runs]), ""]
 
 
 def equal_cost_section(root: Path) -> list[str]:
@@ -159,12 +176,12 @@ def equal_cost_section(root: Path) -> list[str]:
     if rows is None:
         return out + _missing("outputs/tokens/equal_cost.csv")
     m = _load(root / "outputs/tokens/metrics.json") or {}
-    chosen = m.get("ours") or {}
     if not rows:
         return out + ["_No peer to compare with: `tokens.methods` has no method besides ours._", ""]
     ours = rows[0]["ours"]
-    val = chosen.get("val_acc") or {}
-    how = (f"chosen on {chosen.get('val_questions', '?')} validation questions among "
+    val = {r["method"]: float(r["val_acc"]) for r in _csv_rows(root, "outputs/tokens/candidates.csv") or []
+           if r.get("val_acc")}
+    how = (f"chosen on {m.get('val_questions', '?')} validation questions among "
            + ", ".join(f"`{k}` {fmt(v)} %" for k, v in val.items()) + " (mean accuracy over the budgets)"
            if val else "the only candidate")
     tol = m.get("cost_tolerance")

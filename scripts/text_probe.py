@@ -5,7 +5,9 @@
 Loads the stage's LVLM (or its LLaVA with the CLIP folder ``--clip``), then for every question
 of the first ``--images`` test images prints, per question type, the precision of the ``--k``
 patches most similar to the question (beside the base rate of relevant patches) and how often
-the most similar patch is relevant (``vlmcompress.lvlm.probe.text_localisation``).
+the most similar patch is relevant (``vlmcompress.lvlm.probe.text_localisation``, which the
+``lvlm`` stage also runs on ``lvlm.eval.text_probe_images`` images). Results:
+``docs/experiments/2026-12-03-embedded-lvlm-recipe.md`` (phase A2).
 """
 from __future__ import annotations
 

@@ -7,7 +7,8 @@ Each ``--set`` is one configuration: comma-separated ``key=value`` overrides of 
 params section (dotted for a method's own params, e.g. ``recoverable.merge=false``); values
 are YAML. Prints one table per configuration (rows: method and budget; columns: question
 types). Uses the trained model under ``outputs/lvlm/model`` and the test split (``--split val``
-to choose settings on images the stage never scores); writes nothing.
+to choose settings on images the stage never scores); writes nothing. Results:
+``docs/experiments/2026-12-03-token-methods-embedded.md``.
 """
 from __future__ import annotations
 

@@ -233,7 +233,7 @@ def test_a_projector_space_codec_is_also_stale_for_another_projector(stage_env):
     lvlm.attn_layer = lvlm.attn_layer - 1
     assert tower_digest(lvlm, attention=True) != with_attn and tower_digest(lvlm) == tower
     with torch.no_grad():                                   # e.g. an LM phase that trained the projector
-        next(lvlm.llava.model.multi_modal_projector.parameters()).add_(0.5)
+        next(lvlm.projector.parameters()).add_(0.5)
     assert tower_digest(lvlm) == tower                      # a tower-space codec is still current
     assert tower_digest(lvlm, projector=True) != with_proj
 

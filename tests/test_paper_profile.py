@@ -221,8 +221,11 @@ def test_eval_codec_stage(paper_run):
 def test_tokens_stage(paper_run):
     m = _ok(paper_run, "tokens")
     assert m["n_visual_tokens"] == (IMAGE_SIZE // PATCH) ** 2
-    assert set(m["methods"]) == set(paper_run["params"].tokens.methods) - {"full"}
-    assert "grounding_acc50_0.10" in m
+    out = paper_run["root"] / "outputs/tokens"
+    cost = pd.read_csv(out / "cost.csv", dtype={"budget": str})
+    assert set(cost["method"]) == set(paper_run["params"].tokens.methods) | {"full"}
+    tasks = pd.read_csv(out / "tasks.csv", dtype={"budget": str})
+    assert "grounding_acc50" in tasks and set(tasks["budget"]) == {"0.10", "1.00"}
 
 
 def test_figures_stage(paper_run):

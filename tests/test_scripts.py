@@ -1,8 +1,11 @@
-"""scripts/readme_results.py (idempotent, from the metrics files) and scripts/time_repro.py."""
+"""scripts/ and benchmarks/: the README tools (readme_results idempotent, time_repro), the trials'
+and probes' answers to bad input, and that every script is run by a documented command."""
 from __future__ import annotations
 
+import ast
 import importlib.util
 import json
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -38,9 +41,12 @@ def _project(root: Path) -> None:
         "recoverable,adaptive,30.2,all,67.0\n")
     (root / "outputs/tokens/metrics.json").write_text(json.dumps({
         "reference_method": "recoverable", "prefill_speedup_0.10": 1.456, "selection_overhead_pct": 9.87,
-        "text_encoder_pct": 6.1, "selection_merge_pct": 3.77,
-        "vqa_by_object_size_0.10": {"full@1.00": {"small": 80.0, "large": 90.0}, "recoverable@0.10": {"small": 60.0},
-                                    "n": {"small": 10, "large": 20}}}))
+        "text_encoder_pct": 6.1, "selection_merge_pct": 3.77, "task_budget": "0.10", "ours": "recoverable",
+        "ours_acc": 66.5, "ours_rel_acc": 94.86, "best_peer": "pool", "best_peer_acc": 64.0,
+        "ours_minus_best_peer": 1.25, "ours_minus_best_peer_se": 0.5}))
+    (root / "outputs/tokens/accuracy_by_size.csv").write_text(
+        "method,budget,size,acc,n\nfull,1.00,large,90.0,20\nfull,1.00,small,80.0,10\n"
+        "recoverable,0.10,small,60.0,10\nrecoverable,0.50,small,70.0,10\n")
     (root / "outputs/lvlm").mkdir(parents=True)
     (root / "outputs/lvlm/metrics.json").write_text(json.dumps({"vqa_acc": 63.7, "text_loc_k": 13,
                                                                 "text_loc_precision": 72.69, "text_loc_base": 7.74}))
@@ -71,6 +77,9 @@ def test_readme_section_from_metrics_and_idempotent(tmp_path, capsys):
             "of its prefill: the CLIP text tower 6.1 %, selection and merging 3.8 %.") in first
     assert "(questions: small 10, large 20)" in first
     assert "| full@1.00 | 80.0 | 90.0 |" in first and "| recoverable@0.10 | 60.0 | – |" in first
+    assert "recoverable@0.50" not in first                                  # the task budget only
+    assert ("At the task budget (0.10), ours (`recoverable`) scores 66.5 % (94.9 % of all tokens); the most "
+            "accurate peer, `pool`, 64.0 %; at equal prefill cost ours minus it is +1.2 ± 0.5 points.") in first
     assert readme.main(["--root", str(tmp_path)]) == 0
     assert (tmp_path / "README.md").read_text() == first
     assert readme.main(["--root", str(tmp_path), "--check"]) == 0
@@ -247,9 +256,10 @@ def test_scale_benchmark_times_a_random_llava_and_checks_its_arguments(project_r
 def test_readme_equal_cost_table(tmp_path):
     _project(tmp_path)
     m = json.loads((tmp_path / "outputs/tokens/metrics.json").read_text())
-    m.update(ours={"method": "recoverable", "val_acc": {"recoverable": 61.25, "recoverable_spread": 58.0},
-                   "val_questions": 500}, cost_tolerance=0.02)
+    m.update(ours="recoverable", ours_val_acc=61.25, val_questions=500, cost_tolerance=0.02)
     (tmp_path / "outputs/tokens/metrics.json").write_text(json.dumps(m))
+    (tmp_path / "outputs/tokens/candidates.csv").write_text(
+        "method,val_acc,chosen\nrecoverable,61.25,True\nrecoverable_spread,58.0,False\n")
     (tmp_path / "outputs/tokens/equal_cost.csv").write_text(
         "ours,ours_budget,ours_tokens,ours_gflops,peer,peer_budget,peer_tokens,peer_gflops,gap_pct,matched,diff,se,z,n\n"
         "recoverable,31,31.0,0.512345,fastv,0.10,25.6,0.51,0.46,True,4.5,1.5,3.0,2500\n"
@@ -263,3 +273,73 @@ def test_readme_equal_cost_table(tmp_path):
     assert "| pool @ 0.10 | 25 | 0.500 | 0.10 (26) | +0.0 % | +0.0 ± 0.0 | – |" in body
     (tmp_path / "outputs/tokens/equal_cost.csv").unlink()
     assert "_`outputs/tokens/equal_cost.csv` does not exist yet" in readme.render(tmp_path)
+
+
+# --- every script is run by a documented command, and every documented command runs ------------
+
+FENCE = re.compile(r"^```[^\n]*\n(.*?)^```", re.DOTALL | re.MULTILINE)
+INLINE = re.compile(r"`([^`]+)`")
+COMMAND = re.compile(r"\bpython3?\s+((?:scripts|benchmarks)/[\w-]+\.py)([^#>|;&]*)")
+ENTRY = re.compile(r"docs/experiments/[\w.-]+\.md")
+
+
+def code_texts(markdown: str) -> list[str]:
+    """Where a markdown text can hold a command: each line of a fenced block (``\\``
+    continuations joined), each inline span (its line breaks read as spaces) and each line of
+    what is left (indented blocks, prose)."""
+    fenced = [line for b in FENCE.findall(markdown) for line in b.replace("\\\n", " ").splitlines()]
+    rest = FENCE.sub("", markdown)
+    spans = [span.replace("\n", " ") for span in INLINE.findall(rest)]
+    return fenced + spans + INLINE.sub(" ", rest).splitlines()
+
+
+def documented_commands(docs: list[Path]) -> list[tuple[str, str, list[str]]]:
+    """``(doc, script path, --flags)`` of every ``python scripts/X.py`` / ``python benchmarks/X.py``."""
+    return [(doc.name, m.group(1), re.findall(r"(?<!\S)--[a-z][\w-]*", m.group(2)))
+            for doc in docs for text in code_texts(doc.read_text(encoding="utf-8"))
+            for m in COMMAND.finditer(text)]
+
+
+def _docs() -> list[Path]:
+    return [REPO / "README.md", *sorted((REPO / "docs/experiments").glob("*.md"))]
+
+
+def test_code_texts_and_commands_read_fences_spans_and_continuations(tmp_path):
+    doc = tmp_path / "x.md"
+    doc.write_text("Run `python scripts/a.py --x 1\n--y` or\n\n```bash\npython benchmarks/b.py \\\n  --z  # --not\n"
+                   ".venv/bin/python scripts/c.py > log\n```\n\n    python scripts/d.py --w 2\n")
+    assert documented_commands([doc]) == [("x.md", "benchmarks/b.py", ["--z"]), ("x.md", "scripts/c.py", []),
+                                          ("x.md", "scripts/a.py", ["--x", "--y"]), ("x.md", "scripts/d.py", ["--w"])]
+
+
+def test_every_documented_command_names_a_file_and_its_options():
+    bad = []
+    for doc, script, flags in documented_commands(_docs()):
+        path = REPO / script
+        if not path.is_file():
+            bad.append(f"{doc}: {script} does not exist")
+            continue
+        src = path.read_text(encoding="utf-8")
+        bad += [f"{doc}: {script} has no option {f}" for f in flags
+                if f'"{f}"' not in src and not (f.startswith("--no-") and f'"--{f[5:]}"' in src)]
+    assert not bad, "\n".join(bad)
+
+
+def test_every_script_is_run_by_a_documented_command_and_points_at_its_entry():
+    commands = documented_commands(_docs())
+    named = {script for _, script, _ in commands}
+    in_readme = {script for doc, script, _ in commands if doc == "README.md"}
+    unnamed = sorted(f"scripts/{p.name}" for p in (REPO / "scripts").glob("*.py") if f"scripts/{p.name}" not in named)
+    assert not unnamed, f"no `python scripts/X.py` command in README.md or docs/experiments/ runs: {unnamed}"
+    # A trial or probe (not a README tool) says in its docstring which entry holds its results,
+    # and that entry runs it.
+    for path in sorted((REPO / "scripts").glob("*.py")):
+        script = f"scripts/{path.name}"
+        if script in in_readme:
+            continue
+        entries = ENTRY.findall(ast.get_docstring(ast.parse(path.read_text(encoding="utf-8"))) or "")
+        assert entries, f"{script}: its docstring names no docs/experiments/ entry"
+        for entry in entries:
+            assert (REPO / entry).is_file(), f"{script}: {entry} does not exist"
+        assert any(doc == Path(e).name and s == script for e in entries for doc, s, _ in commands), \
+            f"{script}: none of {entries} runs it with `python {script}`"

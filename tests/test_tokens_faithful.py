@@ -246,7 +246,7 @@ def test_the_token_compressor_feeds_every_switch_from_the_lvlm(lvlm):
     comp = TokenCompressor(lvlm, "recoverable_official", budget=None, attention="full", text_encoder=cache)
     vt = comp.visual_tokens(feats, QUESTIONS)
     width = lvlm.clip.config.projection_dim
-    assert vt.text_dim == width and vt.hidden is feats.hidden and vt.project is lvlm.llava.model.multi_modal_projector
+    assert vt.text_dim == width and vt.hidden is feats.hidden and vt.project is lvlm.projector
     torch.testing.assert_close(vt.project(vt.hidden), feats.tokens)      # hidden is what the projector maps
     text = lvlm.text_embeddings(QUESTIONS, pooling="last")
     torch.testing.assert_close(vt.text_sim, torch.einsum("bnp,bp->bn", lvlm.patch_embeddings(feats), text))

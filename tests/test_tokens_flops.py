@@ -111,7 +111,7 @@ def test_formula_matches_counted_flops_of_a_real_model(stem_lvlm):
     N = 16
     assert _count(lambda: lv.vision_tower(img)) == pytest.approx(2 * vision_tower_flops(N, vision), rel=1e-9)
     hidden = torch.randn(2, N, projector.in_dim)
-    proj = lv.llava.model.multi_modal_projector
+    proj = lv.projector
     assert _count(lambda: proj(hidden)) == pytest.approx(2 * projector_flops(N, projector), rel=1e-9)
 
     T_text, K = 9, 5

@@ -226,14 +226,16 @@ def test_a_user_preset_of_a_user_method(user_methods):
 
 
 def test_the_tokens_stage_sweeps_a_registered_method(user_methods, project_root, params, tiny_scenes):
-    from test_tokens_stage import _tiny_project
+    from test_tokens_stage import _tiny_project, paired_names, planned_runs
     from vlmcompress.data.dataset import load_all
     from vlmcompress.tokens.stage import run_tokens_stage
 
     P = _tiny_project(project_root, params, tiny_scenes, methods=["full", "window", "recoverable"], budgets=[0.10],
                       eval={"example_methods": ["full", "window"]})
-    metrics = run_tokens_stage(P, load_all(), log=lambda line: None)
-    assert set(metrics["methods"]["window"]) == {"0.10", "adaptive"}             # its adaptive trait
-    assert metrics["methods"]["window"]["0.10"]["mean_tokens"] == 2              # 10 % of 16 patches
-    assert metrics["methods"]["window"]["adaptive"]["mean_tokens"] == 4          # a quarter of N
-    assert "recoverable - window" in metrics["paired_0.10"]                      # text-guided vs the rest
+    run_tokens_stage(P, load_all(), log=lambda line: None)
+    out = project_root / "outputs" / "tokens"
+    window = planned_runs(out)["window"]
+    assert set(window) == {"0.10", "adaptive"}                                   # its adaptive trait
+    assert float(window["0.10"]["tokens"]) == 2                                  # 10 % of 16 patches
+    assert float(window["adaptive"]["tokens"]) == 4                              # a quarter of N
+    assert "recoverable - window" in paired_names(out)                           # text-guided vs the rest

@@ -20,7 +20,32 @@ from vlmcompress.tokens.sweep import FULL_KEY, Run, RunOutput, budget_key, plan_
 from vlmcompress.tokens.methods import ADAPTIVE
 from vlmcompress.tokens.types import KIND_NAMES
 
-BUDGET_BLOCK = {"acc", "rel_acc", "mean_tokens", "prefill_gflops", "lm_prefill_gflops"}
+# metrics.json: flat headline numbers (the tables are CSVs beside it).
+HEADLINE = {"full_acc", "vqa_questions", "n_visual_tokens", "task_budget", "ours", "ours_val_acc", "val_questions",
+            "ours_acc", "ours_rel_acc", "best_peer", "best_peer_acc", "ours_minus_best_peer",
+            "ours_minus_best_peer_se", "cost_tolerance", "reference_method", "prefill_speedup_0.10",
+            "selection_overhead_pct", "text_encoder_pct", "selection_merge_pct", "prefill_ms_full", "processes",
+            "batches_per_process", "eval_seconds", "eval_cpu_seconds"}
+PHASES = {"val", "vqa", "equal_cost", "captions", "grounding", "efficiency", "examples"}
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def planned_runs(out: Path) -> dict[str, dict[str, dict[str, str]]]:
+    """``method -> budget -> cost.csv row`` of the planned runs (the full model included)."""
+    runs: dict[str, dict[str, dict[str, str]]] = {}
+    for r in read_rows(out / "cost.csv"):
+        if r["planned"] == "True":
+            runs.setdefault(r["method"], {})[r["budget"]] = r
+    return runs
+
+
+def paired_names(out: Path) -> set[str]:
+    """``"A - B"`` for each row of paired.csv."""
+    return {f"{r['method']} - {r['other']}" for r in read_rows(out / "paired.csv")}
 
 
 def test_budget_keys():
@@ -94,50 +119,63 @@ def tiny_project(project_root, params, tiny_scenes) -> Params:
 
 
 def check_contract(P: Params, metrics: dict, root: Path, budgets: tuple[str, ...]) -> None:
-    """Everything the figures stage and ``dvc metrics`` read from ``outputs/tokens``."""
+    """Everything the figures stage, the README script and ``dvc metrics`` / ``dvc plots`` read
+    from ``outputs/tokens``."""
     out = root / "outputs" / "tokens"
     assert json.loads((out / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
+    assert set(metrics) == HEADLINE
+    assert all(v is None or isinstance(v, (int, float, str)) for v in metrics.values())      # flat
     assert isinstance(metrics["full_acc"], float) and metrics["vqa_questions"] == 12
-    assert metrics["full_tokens"] == metrics["n_visual_tokens"] == 16
+    assert metrics["n_visual_tokens"] == 16 and metrics["task_budget"] == "0.10"
     methods = [m for m in P.tokens.methods if m != "full"]
-    assert set(metrics["methods"]) == set(methods)
+    runs = planned_runs(out)
+    full = runs.pop("full")["1.00"]
+    assert float(full["tokens"]) == 16 and float(full["accuracy"]) == metrics["full_acc"]
+    assert set(runs) == set(methods)
     for m in methods:
         keys = set(budgets) | ({"adaptive"} if P.tokens.adaptive and m in ADAPTIVE else set())
-        assert set(metrics["methods"][m]) == keys, m
-        for block in metrics["methods"][m].values():
-            assert set(block) == BUDGET_BLOCK
-            assert 0 <= block["acc"] <= 100 and block["prefill_gflops"] > 0
+        assert set(runs[m]) == keys, m
+        for r in runs[m].values():
+            assert 0 <= float(r["accuracy"]) <= 100 and float(r["gflops"]) > 0
+            assert r["rel_acc"] == ("" if metrics["full_acc"] == 0 else
+                                    str(round(100 * float(r["accuracy"]) / metrics["full_acc"], 2)))
         # 10% of 16 tokens = 2 (pooling: the largest grid with <= 2 cells, 1 x 2)
-        assert metrics["methods"][m]["0.10"]["mean_tokens"] == 2, m
-        assert metrics["methods"][m]["0.10"]["prefill_gflops"] < metrics["full_prefill_gflops"]
-        lm10 = metrics["methods"][m]["0.10"]["lm_prefill_gflops"]
-        assert 0 < lm10 < metrics["full_lm_prefill_gflops"] < metrics["full_prefill_gflops"]
-    for key in ("prefill_speedup_0.10", "selection_overhead_pct"):
+        at10 = runs[m]["0.10"]
+        assert float(at10["tokens"]) == 2, m
+        assert 0 < float(at10["lm_gflops"]) < float(full["lm_gflops"]) < float(full["gflops"])
+        assert float(at10["gflops"]) < float(full["gflops"])
+    for key in ("prefill_speedup_0.10", "selection_overhead_pct", "prefill_ms_full"):
         assert isinstance(metrics[key], float) and metrics[key] > 0
     assert metrics["selection_merge_pct"] == pytest.approx(metrics["selection_overhead_pct"] - metrics["text_encoder_pct"],
                                                            abs=1e-3) and 0 < metrics["selection_merge_pct"]
-    assert set(metrics["caption_cider_0.10"]) == {"full@1.00"} | {f"{m}@0.10" for m in methods}
-    assert set(metrics["grounding_acc50_0.10"]) == set(metrics["caption_cider_0.10"])
+    assert metrics["processes"] == 1 and int(metrics["batches_per_process"]) > 0
+    tasks = read_rows(out / "tasks.csv")
+    assert list(tasks[0]) == ["method", "budget", "caption_cider", "grounding_acc50"]
+    assert {(r["method"], r["budget"]) for r in tasks} == {("full", "1.00")} | {(m, "0.10") for m in methods}
+    assert all(float(r["caption_cider"]) >= 0 for r in tasks)
+    assert all(r["grounding_acc50"] == "" or 0 <= float(r["grounding_acc50"]) <= 100 for r in tasks)
 
-    with open(out / "accuracy.csv") as fh:
-        rows = list(csv.DictReader(fh))
+    rows = read_rows(out / "accuracy.csv")
     assert list(rows[0]) == ["method", "budget", "mean_tokens", "question_type", "acc"]
     overall = {(r["method"], r["budget"]): float(r["acc"]) for r in rows if r["question_type"] == "all"}
     assert overall[("full", "1.00")] == metrics["full_acc"]
-    assert overall[("recoverable", "adaptive")] == metrics["methods"]["recoverable"]["adaptive"]["acc"]
+    assert overall[("recoverable", "adaptive")] == float(runs["recoverable"]["adaptive"]["accuracy"])
     assert {r["question_type"] for r in rows} > {"all"}
 
-    with open(out / "accuracy_by_size.csv") as fh:
-        sized = list(csv.DictReader(fh))
+    sized = read_rows(out / "accuracy_by_size.csv")
     assert list(sized[0]) == ["method", "budget", "size", "acc", "n"]
-    by_size = metrics["vqa_by_object_size_0.10"]
-    n_full = sum(int(r["n"]) for r in sized if r["method"] == "full")
-    assert n_full == metrics["vqa_questions"] and sum(by_size["n"].values()) == n_full
-    assert set(by_size) == {"n"} | set(metrics["caption_cider_0.10"])
-    assert set(by_size["n"]) <= {"small", "large", "none"}
-    paired = metrics["paired_0.10"]
-    assert "recoverable - random" in paired and "recoverable - recoverable" not in paired
-    assert all(v["n"] == metrics["vqa_questions"] for v in paired.values())
+    assert sum(int(r["n"]) for r in sized if r["method"] == "full") == metrics["vqa_questions"]
+    assert {r["size"] for r in sized} <= {"small", "large", "none"}
+    paired = read_rows(out / "paired.csv")
+    assert list(paired[0]) == ["method", "other", "budget", "diff", "se", "n"]
+    assert "recoverable - random" in paired_names(out) and "recoverable - recoverable" not in paired_names(out)
+    assert all(int(r["n"]) == metrics["vqa_questions"] and r["budget"] == "0.10" for r in paired)
+
+    seconds = read_rows(out / "seconds.csv")
+    assert list(seconds[0]) == ["kind", "name", "seconds", "cpu_seconds"]
+    phases = {r["name"]: float(r["seconds"]) for r in seconds if r["kind"] == "phase"}
+    assert set(phases) == PHASES and {r["name"] for r in seconds if r["kind"] == "method"} == {"full", *methods}
+    assert metrics["eval_seconds"] == pytest.approx(sum(phases.values()), abs=0.1 * len(phases))
 
     examples = json.loads((out / "examples.json").read_text())
     assert len(examples) == P.tokens.eval.examples
@@ -152,23 +190,24 @@ def check_contract(P: Params, metrics: dict, root: Path, budgets: tuple[str, ...
         assert ex["methods"]["full"]["cells"] == [1] * 16
         assert sum(c in (1, 2) for c in ex["methods"]["random"]["cells"]) == 2
     eff = (out / "efficiency.csv").read_text().splitlines()
-    extra = metrics["equal_cost_runs"]
     assert eff[0].split(",")[:3] == ["method", "budget", "prefill_ms"]
-    assert len(eff) == 1 + len(plan_runs(P.tokens)) + len(extra)
+    assert len(eff) == 1 + len(read_rows(out / "cost.csv"))
     check_cost(P, metrics, out)
 
 
 def check_cost(P: Params, metrics: dict, out: Path) -> None:
     """cost.csv: every run (planned and added for equal cost) with its GFLOPs, latency and
-    accuracy; equal_cost.csv: ours against every peer run at the nearest prefill cost."""
-    with open(out / "cost.csv") as fh:
-        cost = list(csv.DictReader(fh))
-    assert list(cost[0]) == ["method", "budget", "tokens", "gflops", "lm_gflops", "latency_ms", "accuracy", "ours"]
-    ours = metrics["ours"]["method"]
+    accuracy; equal_cost.csv: ours against every peer run at the nearest prefill cost; the
+    headline numbers at the task budget drawn from both."""
+    cost = read_rows(out / "cost.csv")
+    assert list(cost[0]) == ["method", "budget", "tokens", "gflops", "lm_gflops", "latency_ms", "accuracy", "rel_acc",
+                             "ours", "planned"]
+    ours = metrics["ours"]
     assert ours in P.tokens.eval.ours and ours in P.tokens.methods
-    assert {f"{r['method']}@{r['budget']}" for r in cost} == \
-        {r.label for r in plan_runs(P.tokens)} | set(metrics["equal_cost_runs"])
-    assert all(e.startswith(f"{ours}@") and e.split("@")[1].isdigit() for e in metrics["equal_cost_runs"])
+    planned = {f"{r['method']}@{r['budget']}" for r in cost if r["planned"] == "True"}
+    added = [f"{r['method']}@{r['budget']}" for r in cost if r["planned"] == "False"]
+    assert planned == {r.label for r in plan_runs(P.tokens)} and not planned & set(added)
+    assert all(e.startswith(f"{ours}@") and e.split("@")[1].isdigit() for e in added)
     row = {(r["method"], r["budget"]): r for r in cost}
     assert all(float(r["latency_ms"]) > 0 and float(r["gflops"]) > float(r["lm_gflops"]) > 0 for r in cost)
     assert {r["method"] for r in cost if r["ours"] == "True"} == {ours}
@@ -176,11 +215,8 @@ def check_cost(P: Params, metrics: dict, out: Path) -> None:
     fastv, rand = row[("fastv", "0.10")], row[("random", "0.10")]
     assert float(fastv["tokens"]) == float(rand["tokens"]) == 2
     assert float(fastv["gflops"]) > float(rand["gflops"])
-    accuracy = {(m, b): a for m, blocks in metrics["methods"].items() for b, v in blocks.items() for a in [v["acc"]]}
-    assert float(row[("random", "0.10")]["accuracy"]) == accuracy[("random", "0.10")]
 
-    with open(out / "equal_cost.csv") as fh:
-        eq = list(csv.DictReader(fh))
+    eq = read_rows(out / "equal_cost.csv")
     peers = [r for r in plan_runs(P.tokens) if r.method not in ("full", ours)]
     assert [(r["peer"], r["peer_budget"]) for r in eq] == [(r.method, r.key) for r in peers]
     mine = {b: float(r["gflops"]) for (m, b), r in row.items() if m == ours}
@@ -190,7 +226,18 @@ def check_cost(P: Params, metrics: dict, out: Path) -> None:
         # the run of ours nearest the peer's cost, and matched iff within the tolerance
         assert abs(mine[r["ours_budget"]] - target) == min(abs(g - target) for g in mine.values())
         assert (r["matched"] == "True") == (abs(float(r["gap_pct"])) <= 100 * P.tokens.eval.cost_tolerance)
-    assert set(metrics["equal_cost"]) == {f"{r['peer']}@{r['peer_budget']}" for r in eq}
+
+    # The headline at the task budget: ours, the most accurate peer, ours minus it at equal cost.
+    at = {m: float(r["accuracy"]) for (m, b), r in row.items() if b == "0.10" and r["planned"] == "True"}
+    assert metrics["ours_acc"] == at[ours]
+    assert metrics["ours_rel_acc"] == (float(row[(ours, "0.10")]["rel_acc"]) if metrics["full_acc"] else None)
+    best = max((m for m in at if m != ours), key=lambda m: at[m])
+    assert metrics["best_peer_acc"] == at[best] and at[metrics["best_peer"]] == at[best]
+    pair = next(r for r in eq if r["peer"] == metrics["best_peer"] and r["peer_budget"] == "0.10")
+    assert metrics["ours_minus_best_peer"] == float(pair["diff"])
+    assert metrics["ours_minus_best_peer_se"] == float(pair["se"])
+    chosen = read_rows(out / "candidates.csv")
+    assert [r["method"] for r in chosen if r["chosen"] == "True"] == [ours]
 
 
 def test_stage_writes_the_metrics_contract(tiny_project, project_root):
@@ -484,7 +531,11 @@ def test_stage_chooses_ours_on_val(project_root, params, tiny_scenes):
     P = _tiny_project(project_root, params, tiny_scenes, methods=["full", "random", "recoverable", "recoverable_spread"],
                       budgets=[0.10], adaptive=False, eval={"example_methods": ["full"], "val_questions": 6})
     metrics = run_tokens_stage(P, load_all(), log=lambda *_: None)
-    ours = metrics["ours"]
-    assert ours["candidates"] == ["recoverable", "recoverable_spread"] and ours["val_questions"] == 6
-    assert ours["method"] == max(ours["candidates"], key=lambda m: (ours["val_acc"][m], -ours["candidates"].index(m)))
-    assert {k.split("@")[0] for k in metrics["equal_cost"]} == {"random", "recoverable", "recoverable_spread"} - {ours["method"]}
+    out = project_root / "outputs" / "tokens"
+    cands = read_rows(out / "candidates.csv")
+    assert [r["method"] for r in cands] == ["recoverable", "recoverable_spread"] and metrics["val_questions"] == 6
+    val = {r["method"]: float(r["val_acc"]) for r in cands}
+    ours = max(val, key=lambda m: (val[m], -list(val).index(m)))
+    assert metrics["ours"] == ours and metrics["ours_val_acc"] == val[ours]
+    assert [r["method"] for r in cands if r["chosen"] == "True"] == [ours]
+    assert {r["peer"] for r in read_rows(out / "equal_cost.csv")} == {"random", "recoverable", "recoverable_spread"} - {ours}

@@ -474,6 +474,19 @@ class Trainer:
 
         return step
 
+    @property
+    def projector(self) -> nn.Module:
+        """The LLaVA's multimodal projector: phase B trains it alone, phase C at
+        ``lm_projector_lr_scale`` × ``lm_lr``."""
+        return self.llava.model.multi_modal_projector
+
+    @property
+    def lm_parameters(self) -> list[nn.Parameter]:
+        """What phase C trains at ``lm_lr``: the LM, its head and (``relation_readouts``) the
+        relation readouts."""
+        params = list(self.llava.model.language_model.parameters()) + list(self.llava.lm_head.parameters())
+        return params + list(self.relation.parameters()) if self.t.relation_readouts else params
+
     def lvlm(self) -> LVLM:
         """The model being trained, behind the adapter (shares the modules, no copy)."""
         self.clip.vision_model.load_state_dict(self.llava.model.vision_tower.state_dict())
@@ -508,12 +521,10 @@ class Trainer:
         # Frozen from here on, and in eval mode: BatchNorm in the stem must use its running
         # statistics, not the statistics of each training batch.
         self.llava.model.vision_tower.requires_grad_(False).eval()
-        proj = self.llava.model.multi_modal_projector
+        proj = self.projector
         self._run_phase("align", self.t.align_steps, self.t.align_lr, list(proj.parameters()),
                         self._align_step(pool), [proj])
-        lm_params = list(self.llava.model.language_model.parameters()) + list(self.llava.lm_head.parameters())
-        if self.t.relation_readouts:
-            lm_params += list(self.relation.parameters())
+        lm_params = self.lm_parameters
         # The projector at a fraction of lm_lr: trained at the full rate it washes the position
         # code out of the tokens (a linear probe of its output read the column 16% right, the
         # tower's 97%); frozen (0) it keeps phase B's map of words + position code.

@@ -1,12 +1,14 @@
 """Comparing the runs of a sweep: accuracy tables, paired differences, equal prefill cost.
 
-Every function reads :class:`~vlmcompress.tokens.sweep.RunOutput` s and returns numbers or
-tables. VQA accuracy by question type (:func:`vqa_table`) and, on scenes, by the size of the
-objects a question names (:func:`vqa_by_size`); paired per-question differences between
-methods (:func:`paired_difference`); each peer run paired with the run of ours at the nearest
+Every function reads :class:`~vlmcompress.tokens.sweep.RunOutput` s (or the tables built from
+them) and returns numbers or tables. VQA accuracy by question type (:func:`vqa_table`) and, on
+scenes, by the size of the objects a question names (:func:`vqa_by_size`); paired per-question
+differences between methods (:func:`paired_difference`, :func:`paired_table`); each run's cost
+and accuracy (:func:`cost_table`); each peer run paired with the run of ours at the nearest
 prefill GFLOPs (:func:`equal_cost_table`, with :func:`equal_cost_runs` adding runs of ours
-where none is near); the choice of our method on validation questions (:func:`choose_ours`);
-caption and grounding scores per run, scored by :mod:`vlmcompress.eval.tasks`.
+where none is near) and the headline numbers at one budget (:func:`headline_at`); the choice of
+our method on validation questions (:func:`choose_ours`, :func:`candidates_table`); caption and
+grounding scores per run (:func:`task_table`), scored by :mod:`vlmcompress.eval.tasks`.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from vlmcompress.data.records import ImageRecord, Question
 from vlmcompress.data.scenes import named_objects
 from vlmcompress.eval.tasks import caption_cider, grounding_accuracy, grounding_ious, vqa_accuracy
 from vlmcompress.tokens.patch import TEXT_GUIDED
-from vlmcompress.tokens.sweep import FULL_KEY, Batch, Run, RunOutput, Sweeper
+from vlmcompress.tokens.sweep import Batch, Run, RunOutput, Sweeper
 
 
 def scores_by(o: RunOutput, group: Callable[[ImageRecord, Question], str | None]) -> dict[str, list[float]]:
@@ -61,12 +63,13 @@ def paired_difference(a: RunOutput, b: RunOutput) -> dict[str, float | int]:
     return {"diff": round(float(d.mean()), 2), "se": round(se, 2), "n": len(d)}
 
 
-def paired_table(outputs: dict[Run, RunOutput], key: str) -> dict[str, dict[str, float | int]]:
-    """``"A - B"``: :func:`paired_difference` of each text-guided method against every other
-    compressing method, at budget ``key``."""
+def paired_table(outputs: dict[Run, RunOutput], key: str) -> pd.DataFrame:
+    """:func:`paired_difference` of each text-guided method against every other compressing
+    method, at budget ``key``: one row per pair (method, other, budget, diff, se, n)."""
     at = {r.method: o for r, o in outputs.items() if r.key == key}
-    return {f"{m} - {other}": paired_difference(at[m], at[other])
-            for m in sorted(TEXT_GUIDED & at.keys()) for other in at if other != m}
+    rows = [{"method": m, "other": other, "budget": key, **paired_difference(at[m], at[other])}
+            for m in sorted(TEXT_GUIDED & at.keys()) for other in at if other != m]
+    return pd.DataFrame(rows, columns=["method", "other", "budget", "diff", "se", "n"])
 
 
 # --- equal cost ------------------------------------------------------------------------
@@ -153,26 +156,48 @@ def equal_cost_table(outputs: dict[Run, RunOutput], ours: str, tolerance: float)
     return pd.DataFrame(rows, columns=cols)
 
 
-def equal_cost_metrics(eq: pd.DataFrame) -> dict[str, dict[str, Any]]:
-    """``{"peer@budget": {ours_budget, gap_pct, diff, se, z}}`` for ``metrics.json``."""
-    return {f"{r.peer}@{r.peer_budget}": {"ours_budget": r.ours_budget, "gap_pct": r.gap_pct, "matched": bool(r.matched),
-                                          "diff": r.diff, "se": r.se, "z": None if pd.isna(r.z) else r.z}
-            for r in eq.itertuples()}
-
-
-def cost_table(outputs: dict[Run, RunOutput], latency_ms: dict[str, float], ours: str | None) -> pd.DataFrame:
+def cost_table(outputs: dict[Run, RunOutput], latency_ms: dict[str, float], ours: str | None,
+               added: Sequence[Run] = ()) -> pd.DataFrame:
     """One row per run: method, budget, mean visual tokens, mean prefill GFLOPs (total and the LM
     part), measured prefill latency (median ms; ``latency_ms`` by run label, NaN if not
-    measured), VQA accuracy (%), and whether the method is ours."""
+    measured), VQA accuracy (%) and its share of the full model's (``rel_acc``, %; NaN without
+    a full run or when it scores 0), whether the method is ours, and whether the run was
+    ``planned`` (a method at a budget) rather than one of the ``added`` equal-cost runs."""
+    acc = {run: round(100.0 * float(np.mean([vqa_accuracy(a, q.answers) for (_, q), a in zip(o.samples, o.answers)])), 2)
+           for run, o in outputs.items()}
+    full_acc = next((a for r, a in acc.items() if r.method == "full"), 0.0)
     rows = []
     for run, o in outputs.items():
-        acc = 100.0 * float(np.mean([vqa_accuracy(a, q.answers) for (_, q), a in zip(o.samples, o.answers)]))
         rows.append({"method": run.method, "budget": run.key, "tokens": round(float(np.mean(o.tokens)), 2),
                      "gflops": round(mean_cost(o), 6), "lm_gflops": round(float(np.mean(o.lm_gflops)), 6),
-                     "latency_ms": latency_ms.get(run.label, float("nan")), "accuracy": round(acc, 2),
-                     "ours": run.method == ours})
+                     "latency_ms": latency_ms.get(run.label, float("nan")), "accuracy": acc[run],
+                     "rel_acc": round(100.0 * acc[run] / full_acc, 2) if full_acc > 0 else float("nan"),
+                     "ours": run.method == ours, "planned": run not in added})
     return pd.DataFrame(rows, columns=["method", "budget", "tokens", "gflops", "lm_gflops", "latency_ms",
-                                       "accuracy", "ours"])
+                                       "accuracy", "rel_acc", "ours", "planned"])
+
+
+def _number(v: Any) -> float | None:
+    """A table cell as a JSON number; NaN (not measured, not defined) as None."""
+    return None if v is None or pd.isna(v) else float(v)
+
+
+def headline_at(cost: pd.DataFrame, equal: pd.DataFrame, ours: str | None, key: str) -> dict[str, Any]:
+    """The comparison at budget ``key`` in a few numbers, from :func:`cost_table` and
+    :func:`equal_cost_table`: ours' accuracy and share of the full model's, the peer most
+    accurate at ``key`` (ties: the first run), and ours minus that peer run at equal prefill
+    cost with its paired standard error (None where a run or the pairing is missing)."""
+    at = cost[cost["planned"] & (cost["budget"] == key)]
+    mine = at[at["method"] == ours]
+    peers = at[~at["method"].isin(["full", ours])]
+    best = peers.loc[peers["accuracy"].idxmax()] if len(peers) else None
+    pair = equal[(equal["peer"] == best["method"]) & (equal["peer_budget"] == key)] if best is not None else equal[:0]
+    return {"ours_acc": _number(mine["accuracy"].iloc[0]) if len(mine) else None,
+            "ours_rel_acc": _number(mine["rel_acc"].iloc[0]) if len(mine) else None,
+            "best_peer": None if best is None else str(best["method"]),
+            "best_peer_acc": None if best is None else _number(best["accuracy"]),
+            "ours_minus_best_peer": _number(pair["diff"].iloc[0]) if len(pair) else None,
+            "ours_minus_best_peer_se": _number(pair["se"].iloc[0]) if len(pair) else None}
 
 
 def mean_accuracy(outputs: dict[Run, RunOutput], method: str) -> float:
@@ -192,6 +217,13 @@ def choose_ours(sweeper: Sweeper, batches: Sequence[Batch], candidates: Sequence
     out = sweeper.sweep(batches, [Run(m, b) for m in candidates for b in budgets], "vqa", max_new_tokens)
     acc = {m: round(mean_accuracy(out, m), 2) for m in candidates}
     return max(candidates, key=lambda m: (acc[m], -candidates.index(m))), acc
+
+
+def candidates_table(candidates: Sequence[str], val_acc: dict[str, float], ours: str | None) -> pd.DataFrame:
+    """One row per candidate for ours: method, validation accuracy (%; NaN when a single
+    candidate was chosen without running) and whether it was ``chosen``."""
+    return pd.DataFrame([{"method": m, "val_acc": val_acc.get(m, float("nan")), "chosen": m == ours}
+                         for m in candidates], columns=["method", "val_acc", "chosen"])
 
 
 def object_size(record: ImageRecord, question: Question) -> str | None:
@@ -226,18 +258,6 @@ def vqa_by_size(outputs: dict[Run, RunOutput]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["method", "budget", "size", "acc", "n"])
 
 
-def size_metrics(by_size: pd.DataFrame, key: str) -> dict[str, Any]:
-    """``{"method@budget": {size: acc}}`` for every method at budget ``key`` and the full model,
-    plus ``n`` (questions per size class); empty without size classes."""
-    if by_size.empty:
-        return {}
-    at = by_size[by_size.budget.isin([key, FULL_KEY])]
-    out: dict[str, Any] = {f"{m}@{b}": dict(zip(g["size"], g["acc"])) for (m, b), g in at.groupby(["method", "budget"])}
-    full = by_size[by_size.method == "full"]
-    out["n"] = dict(zip(full["size"], full["n"].astype(int).tolist()))
-    return out
-
-
 # --- captions and grounding ------------------------------------------------------------
 
 def caption_scores(outputs: dict[Run, RunOutput]) -> dict[str, float]:
@@ -255,3 +275,13 @@ def grounding_scores(outputs: dict[Run, RunOutput], aspect: str = "resize") -> d
         ious = grounding_ious(o.answers, o.samples, aspect)
         out[run.label] = round(grounding_accuracy(ious), 2) if ious else None
     return out
+
+
+def task_table(captions: dict[Run, RunOutput], grounding: dict[Run, RunOutput], aspect: str = "resize") -> pd.DataFrame:
+    """One row per run of the captions sweep: method, budget, CIDEr (:func:`caption_scores`)
+    and grounding accuracy at IoU >= 0.5 (:func:`grounding_scores`; NaN without referring
+    expressions or without that run)."""
+    cider, acc50 = caption_scores(captions), grounding_scores(grounding, aspect)
+    rows = [{"method": r.method, "budget": r.key, "caption_cider": cider[r.label],
+             "grounding_acc50": acc50.get(r.label)} for r in captions]
+    return pd.DataFrame(rows, columns=["method", "budget", "caption_cider", "grounding_acc50"])

@@ -15,17 +15,34 @@ run is paired with the run of ours whose prefill GFLOPs per question is nearest,
 is within ``cost_tolerance`` a run of ours at the token count the FLOPs formula solves for is
 added; the paired per-question difference and its standard error judge the gap.
 
-Writes ``outputs/tokens/``: ``metrics.json`` (``full_acc``; ``methods.<method>.<budget>`` =
-``{acc, rel_acc, mean_tokens, prefill_gflops, lm_prefill_gflops}``; ``prefill_speedup_<task budget>``,
-``selection_overhead_pct`` (CLIP text tower included), ``text_encoder_pct`` and
-``selection_merge_pct`` (without it); paired differences of the text-guided methods against
-the others at the task budget; task, object-size and efficiency tables), ``accuracy.csv`` (method,
-budget, mean_tokens, question_type — ``all`` for overall —, acc), ``accuracy_by_size.csv``
-(method, budget, size of the objects a question names, acc, n), ``efficiency.csv``, ``cost.csv``
-(every run, the added ones too: method, budget, tokens, gflops, lm_gflops, latency_ms, accuracy,
-ours), ``equal_cost.csv`` (ours against each peer run at equal cost: budgets, GFLOPs, gap_pct,
-matched, diff, se, z, n; ``ours``, ``equal_cost`` and ``equal_cost_runs`` in metrics.json) and
-``examples.json`` (token maps of a few test questions, for figures).
+Writes ``outputs/tokens/``:
+
+* ``metrics.json``: flat headline numbers, each a number, a string or null — ``full_acc``,
+  ``vqa_questions``, ``n_visual_tokens``, ``task_budget``; ``ours``, ``ours_val_acc``,
+  ``val_questions``; at the task budget ``ours_acc``, ``ours_rel_acc``, ``best_peer``,
+  ``best_peer_acc``, ``ours_minus_best_peer`` and ``ours_minus_best_peer_se`` (paired, at equal
+  prefill cost); ``cost_tolerance``; for ``reference_method`` at the task budget
+  ``prefill_speedup_<task budget>``, ``selection_overhead_pct`` (CLIP text tower included),
+  ``text_encoder_pct`` and ``selection_merge_pct`` (without it); ``prefill_ms_full``;
+  ``processes`` and ``batches_per_process`` (a string: the batch count of each process, by
+  rank, comma-separated); ``eval_seconds`` and ``eval_cpu_seconds`` (every phase, main process);
+* ``accuracy.csv``: method, budget, mean_tokens, question_type (``all`` for overall), acc;
+* ``accuracy_by_size.csv``: method, budget, size of the objects a question names, acc, n;
+* ``cost.csv``: every run, the added ones too — method, budget, tokens, gflops, lm_gflops,
+  latency_ms, accuracy, rel_acc (share of the full model's), ours, planned (False: added for
+  equal cost);
+* ``equal_cost.csv``: ours against each peer run at equal cost — budgets, tokens, GFLOPs,
+  gap_pct, matched, diff, se, z, n;
+* ``paired.csv``: each text-guided method minus every other at the task budget — method,
+  other, budget, diff, se, n;
+* ``tasks.csv``: captions and grounding at the task budget — method, budget, caption_cider,
+  grounding_acc50;
+* ``candidates.csv``: the candidates for ours — method, val_acc, chosen;
+* ``efficiency.csv``: measured prefill per run — prefill_ms, speedup, selection_pct, text_pct,
+  peak_mb;
+* ``seconds.csv``: wall and process-CPU seconds (main process) — kind (``phase``, or
+  ``method``: its VQA generation), name, seconds, cpu_seconds;
+* ``examples.json``: token maps of a few test questions, for figures.
 """
 from __future__ import annotations
 
@@ -35,7 +52,6 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from vlmcompress.config import Params
@@ -45,9 +61,8 @@ from vlmcompress.distributed import current as current_processes
 from vlmcompress.eval.tasks import BOX_ANSWER, answer_tokens
 from vlmcompress.io import atomic_path, write_json
 from vlmcompress.paths import outputs_dir
-from vlmcompress.tokens.compare import (caption_scores, choose_ours, cost_table, equal_cost_metrics, equal_cost_runs,
-                                        equal_cost_table, grounding_scores, paired_table, size_metrics, vqa_by_size,
-                                        vqa_table)
+from vlmcompress.tokens.compare import (candidates_table, choose_ours, cost_table, equal_cost_runs, equal_cost_table,
+                                        headline_at, paired_table, task_table, vqa_by_size, vqa_table)
 from vlmcompress.tokens.examples import token_examples
 from vlmcompress.tokens.sweep import (FULL_KEY, Run, RunOutput, Sweeper, budget_key, efficiency_table, make_batches,
                                       plan_runs, stratified_questions)
@@ -57,47 +72,58 @@ def stage_dir():
     return outputs_dir("tokens")
 
 
-def metrics_from(table: pd.DataFrame, outputs: dict[Run, RunOutput]) -> dict[str, Any]:
-    """The contract: ``full_acc`` and ``methods.<method>.<budget>`` blocks."""
-    overall = table[table.question_type == "all"].set_index(["method", "budget"])
-    full = outputs[next(r for r in outputs if r.method == "full")]
-    full_acc = float(overall.loc[("full", FULL_KEY), "acc"])
-    m: dict[str, Any] = {"full_acc": full_acc, "full_tokens": float(np.mean(full.tokens)),
-                         "full_prefill_gflops": round(float(np.mean(full.gflops)), 4),
-                         "full_lm_prefill_gflops": round(float(np.mean(full.lm_gflops)), 4),
-                         "vqa_questions": len(full.answers), "methods": {}}
-    for run, o in outputs.items():
-        if run.method == "full":
-            continue
-        acc = float(overall.loc[(run.method, run.key), "acc"])
-        m["methods"].setdefault(run.method, {})[run.key] = {
-            "acc": acc,
-            "rel_acc": round(100.0 * acc / full_acc, 2) if full_acc > 0 else None,
-            "mean_tokens": round(float(np.mean(o.tokens)), 2),
-            "prefill_gflops": round(float(np.mean(o.gflops)), 4),
-            "lm_prefill_gflops": round(float(np.mean(o.lm_gflops)), 4),
-        }
-    return m
+def summary_table(cost: pd.DataFrame) -> pd.DataFrame:
+    """Method x budget from ``cost.csv`` (its planned runs; ``budget`` as strings):
+    ``acc (rel %) · tokens`` cells, the full model in column ``1.00``."""
+    planned = cost[cost["planned"].astype(str) == "True"]
+    keys = list(dict.fromkeys(planned["budget"]))
+    numeric = sorted((k for k in keys if k not in ("adaptive", FULL_KEY)), key=float)
+    cols = numeric + (["adaptive"] if "adaptive" in keys else []) + [FULL_KEY]
 
+    def cell(r: pd.Series) -> str:
+        rel = "–" if pd.isna(r["rel_acc"]) else f"{r['rel_acc']:.0f}"
+        return f"{r['accuracy']:.1f} ({rel}) · {r['tokens']:.0f}"
 
-def summary_table(metrics: dict[str, Any]) -> pd.DataFrame:
-    """Method x budget: ``acc (rel %) · tokens`` cells; the full model in column ``1.00``."""
-    cols: list[str] = []
-    for blocks in metrics["methods"].values():
-        cols += [k for k in blocks if k not in cols]
-    cols = sorted((c for c in cols if c != "adaptive"), key=float) + (["adaptive"] if "adaptive" in cols else [])
-    cols.append(FULL_KEY)
-    rows = {"full": {c: "" for c in cols}}
-    rows["full"][FULL_KEY] = f"{metrics['full_acc']:.1f} (100) · {metrics['full_tokens']:.0f}"
-    def cell(b: dict[str, Any] | None) -> str:
-        if b is None:
-            return ""
-        rel = "–" if b["rel_acc"] is None else f"{b['rel_acc']:.0f}"
-        return f"{b['acc']:.1f} ({rel}) · {b['mean_tokens']:.0f}"
-
-    for m, blocks in metrics["methods"].items():
-        rows[m] = {c: cell(blocks.get(c)) for c in cols}
+    rows: dict[str, dict[str, str]] = {}
+    for _, r in planned.iterrows():
+        rows.setdefault(r["method"], {c: "" for c in cols})[r["budget"]] = cell(r)
     return pd.DataFrame(rows).T[cols]
+
+
+def seconds_table(wall: dict[str, float], cpu: dict[str, float], outputs: dict[Run, RunOutput]) -> pd.DataFrame:
+    """Wall and process-CPU seconds of each phase, then of each method's VQA generation
+    (summed over its runs in ``outputs``)."""
+    rows = [{"kind": "phase", "name": k, "seconds": round(v, 1), "cpu_seconds": round(cpu.get(k, 0.0), 1)}
+            for k, v in wall.items()]
+    for m in dict.fromkeys(r.method for r in outputs):
+        mine = [o for r, o in outputs.items() if r.method == m]
+        rows.append({"kind": "method", "name": m, "seconds": round(sum(o.seconds for o in mine), 1),
+                     "cpu_seconds": round(sum(o.cpu_seconds for o in mine), 1)})
+    return pd.DataFrame(rows, columns=["kind", "name", "seconds", "cpu_seconds"])
+
+
+def prefill_headline(eff: pd.DataFrame, method: str, key: str) -> dict[str, float | None]:
+    """Measured prefill of ``method`` at budget ``key`` (from the efficiency table): its speedup
+    over all tokens, its selection overhead (% of its prefill, CLIP text tower included), the
+    text tower's part and the rest (selection and merging proper); the full model's prefill ms.
+    None where that run was not measured."""
+    ref = eff[(eff["method"] == method) & (eff["budget"] == key)]
+    full = eff.loc[eff["method"] == "full", "prefill_ms"]
+    if not len(ref):
+        return {f"prefill_speedup_{key}": None, "selection_overhead_pct": None, "text_encoder_pct": None,
+                "selection_merge_pct": None, "prefill_ms_full": float(full.iloc[0]) if len(full) else None}
+    r = ref.iloc[0]
+    # On a tiny LM CLIP's text tower costs about as much as the LM prefill of the kept tokens;
+    # on LLaVA-1.5-7B it is a rounding error: the two parts are reported apart.
+    return {f"prefill_speedup_{key}": float(r["speedup"]), "selection_overhead_pct": float(r["selection_pct"]),
+            "text_encoder_pct": float(r["text_pct"]),
+            "selection_merge_pct": round(float(r["selection_pct"]) - float(r["text_pct"]), 3),
+            "prefill_ms_full": float(full.iloc[0]) if len(full) else None}
+
+
+def _write_csv(table: pd.DataFrame, path) -> None:
+    with atomic_path(path) as tmp:
+        table.to_csv(tmp, index=False)
 
 
 # --- the stage -------------------------------------------------------------------------
@@ -175,20 +201,8 @@ def run_tokens_stage(params: Params, splits: dict[str, list[ImageRecord]], log=p
         equal = equal_cost_table(every, ours, E.cost_tolerance) if ours else equal_cost_table({}, "", 0.0)
     key = budget_key(E.task_budget)
     table = vqa_table(vqa)
-    metrics = metrics_from(table, vqa)
     by_size = vqa_by_size(vqa)
-    metrics[f"paired_{key}"] = paired_table(vqa, key)
-    metrics[f"vqa_by_object_size_{key}"] = size_metrics(by_size, key)
-    metrics["n_visual_tokens"] = sweeper.n_patches
-    metrics["grid_positions"] = params.tokens.grid_positions
-    metrics["vqa_seconds_by_method"] = {m: round(sum(o.seconds for r, o in vqa.items() if r.method == m), 1)
-                                        for m in dict.fromkeys(r.method for r in runs)}
-    metrics["vqa_cpu_seconds_by_method"] = {m: round(sum(o.cpu_seconds for r, o in vqa.items() if r.method == m), 1)
-                                            for m in dict.fromkeys(r.method for r in runs)}
-    metrics["ours"] = {"method": ours, "candidates": candidates, "val_acc": val_acc, "val_questions": len(val_items)}
-    metrics["cost_tolerance"] = E.cost_tolerance
-    metrics["equal_cost_runs"] = [r.label for r in extra]
-    metrics["equal_cost"] = equal_cost_metrics(equal)
+    paired = paired_table(vqa, key)
     log(f"VQA: {len(items)} questions, {len(runs)} runs in {seconds['vqa']:.0f} s (CPU {cpu['vqa']:.0f} s); "
         f"ours: {ours} (val accuracy {val_acc or 'not needed'}); {len(extra)} runs of it added for equal cost")
 
@@ -197,58 +211,44 @@ def run_tokens_stage(params: Params, splits: dict[str, list[ImageRecord]], log=p
         cap_recs = _limit(test, E.max_captions)
         cap = sweeper.sweep(make_batches(cap_recs, lambda r: r, None, E.batch_images), task_runs, "caption",
                             answer_tokens(lvlm, [c for r in cap_recs for c in r.captions]), progress=progress)
-        metrics[f"caption_cider_{key}"] = caption_scores(cap)
     with clock("grounding"):
         refs = _limit([(r, ref) for r in test for ref in r.refs], E.max_refs)
         ground = sweeper.sweep(make_batches(refs, lambda s: s[0], lambda s: s[1].sentence, E.batch_images),
                                task_runs, "ground", answer_tokens(lvlm, [BOX_ANSWER]), progress=progress)
-        metrics[f"grounding_acc50_{key}"] = grounding_scores(ground, lvlm.image_aspect)
+        tasks = task_table(cap, ground, lvlm.image_aspect)
     log(f"captions and grounding: {len(task_runs)} runs in {seconds['captions'] + seconds['grounding']:.0f} s")
 
     with clock("efficiency"):     # one process times the prefills: concurrent ones would share its cores
         eff = procs.from_main(efficiency_table(lvlm, items, runs + extra, T, seed=params.seed, log=log)
                               if procs.is_main else None)
-    cost = cost_table(every, {f"{r.method}@{r.budget}": r.prefill_ms for r in eff.itertuples()}, ours)
-    ref = eff[(eff.method == E.reference_method) & (eff.budget == key)]
-    metrics[f"prefill_speedup_{key}"] = float(ref["speedup"].iloc[0]) if len(ref) else None
-    metrics["selection_overhead_pct"] = float(ref["selection_pct"].iloc[0]) if len(ref) else None
-    # The part of it that is CLIP's text tower: on a tiny LM it costs about as much as the LM
-    # prefill of the kept tokens; on LLaVA-1.5-7B it is a rounding error.
-    metrics["text_encoder_pct"] = float(ref["text_pct"].iloc[0]) if len(ref) else None
-    # Selection and merging proper: the overhead without the text tower.
-    metrics["selection_merge_pct"] = (round(metrics["selection_overhead_pct"] - metrics["text_encoder_pct"], 3)
-                                      if len(ref) else None)
-    metrics["reference_method"] = E.reference_method
-    metrics["prefill_ms_full"] = float(eff.loc[eff.method == "full", "prefill_ms"].iloc[0])
-    metrics["efficiency"] = {f"{r.method}@{r.budget}": {"prefill_ms": r.prefill_ms, "speedup": r.speedup,
-                                                        "selection_pct": r.selection_pct, "text_pct": r.text_pct,
-                                                        "peak_mb": r.peak_mb}
-                             for r in eff.itertuples()}
-
-    metrics["processes"] = procs.world
-    metrics["batches_per_process"] = procs.gather(sweeper.batches_run)
+    cost = cost_table(every, {f"{r.method}@{r.budget}": r.prefill_ms for r in eff.itertuples()}, ours, extra)
+    full = cost[cost["method"] == "full"].iloc[0]
+    metrics: dict[str, Any] = {
+        "full_acc": float(full["accuracy"]), "vqa_questions": len(vqa[Run("full", None)].answers),
+        "n_visual_tokens": sweeper.n_patches, "task_budget": key,
+        "ours": ours, "ours_val_acc": val_acc.get(ours) if ours else None, "val_questions": len(val_items),
+        **headline_at(cost, equal, ours, key), "cost_tolerance": E.cost_tolerance,
+        "reference_method": E.reference_method, **prefill_headline(eff, E.reference_method, key),
+        "processes": procs.world,
+        "batches_per_process": ",".join(map(str, procs.gather(sweeper.batches_run))),
+    }
     if not procs.is_main:
         return procs.from_main(None)     # the main process's metrics, once it has written them
     with clock("examples"):
         examples = token_examples(lvlm, items, T, seed=params.seed)
-    # Wall and process CPU seconds per phase: CPU time stays meaningful on a shared machine.
-    metrics["eval_seconds"] = {k: round(v, 1) for k, v in seconds.items()}
-    metrics["eval_cpu_seconds"] = {k: round(v, 1) for k, v in cpu.items()}
+    # Wall and process CPU seconds: CPU time stays meaningful on a shared machine.
+    metrics["eval_seconds"] = round(sum(seconds.values()), 1)
+    metrics["eval_cpu_seconds"] = round(sum(cpu.values()), 1)
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out_dir / "accuracy.csv") as tmp:
-        table.drop(columns="n").to_csv(tmp, index=False)
-    with atomic_path(out_dir / "accuracy_by_size.csv") as tmp:
-        by_size.to_csv(tmp, index=False)
-    with atomic_path(out_dir / "efficiency.csv") as tmp:
-        eff.to_csv(tmp, index=False)
-    with atomic_path(out_dir / "cost.csv") as tmp:
-        cost.to_csv(tmp, index=False)
-    with atomic_path(out_dir / "equal_cost.csv") as tmp:
-        equal.to_csv(tmp, index=False)
+    for name, t in (("accuracy", table.drop(columns="n")), ("accuracy_by_size", by_size), ("efficiency", eff),
+                    ("cost", cost), ("equal_cost", equal), ("paired", paired), ("tasks", tasks),
+                    ("candidates", candidates_table(candidates, val_acc, ours)),
+                    ("seconds", seconds_table(seconds, cpu, vqa))):
+        _write_csv(t, out_dir / f"{name}.csv")
     write_json(out_dir / "examples.json", examples)
     write_json(out_dir / "metrics.json", metrics)
-    log("VQA accuracy % (share of full %) · mean visual tokens\n" + summary_table(metrics).to_string())
+    log("VQA accuracy % (share of full %) · mean visual tokens\n" + summary_table(cost).to_string())
     if len(equal):
         log(f"{ours} against each peer at equal prefill GFLOPs (diff ± se, points):\n"
             + equal[["peer", "peer_budget", "ours_budget", "gap_pct", "diff", "se", "z"]].to_string(index=False))
