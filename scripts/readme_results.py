@@ -4,8 +4,9 @@
     python scripts/readme_results.py --check    # exit 1 if README.md is not up to date
 
 Everything between ``<!-- results:start -->`` and ``<!-- results:end -->`` is replaced by
-tables built from ``outputs/*/metrics.json``, ``outputs/tokens/{accuracy,accuracy_by_size,
-equal_cost,candidates}.csv`` and ``outputs/repro/metrics.json``, plus links to the main figures. A file that does not exist
+tables built from ``outputs/*/metrics.json``, ``outputs/eval_codec/bd_table.csv``,
+``outputs/tokens/{accuracy,accuracy_by_size,equal_cost,candidates}.csv`` and
+``outputs/repro/metrics.json``, plus links to the main figures. A file that does not exist
 yet is reported as such; the output depends on the files only, so running twice changes nothing.
 """
 from __future__ import annotations
@@ -72,31 +73,47 @@ def lvlm_section(root: Path) -> list[str]:
     return out + table(["metric", "value"], rows) + [""]
 
 
+def _bd_cells(rows: list[dict[str, str]], anchor: str, value: str) -> dict[str, dict[str, float | None]]:
+    """``codec -> metric -> value`` (``bd_rate`` or ``bd_quality``) of the ``bd_table.csv`` rows
+    against ``anchor``; an empty cell (undefined) is None."""
+    out: dict[str, dict[str, float | None]] = {}
+    for r in rows:
+        if r["anchor"] == anchor:
+            out.setdefault(r["codec"], {})[r["metric"]] = float(r[value]) if r.get(value) else None
+    return out
+
+
+def _bd_rows(cells: dict[str, dict[str, float | None]], vs_pixel: dict[str, float | None] | None,
+             nd: int) -> list[list[str]]:
+    """Table rows: the known codecs in order, any other by name, then ours vs the pixel baseline."""
+    names = [c for c in CODECS if c in cells] + sorted(c for c in cells if c not in CODECS)
+    rows = [[c, *(fmt(cells[c].get(k), nd) for k in BD_METRICS)] for c in names]
+    if vs_pixel:
+        rows.append(["ours vs pixel_baseline", *(fmt(vs_pixel.get(k), nd) for k in BD_METRICS)])
+    return rows
+
+
 def codec_section(root: Path) -> list[str]:
-    m = _load(root / "outputs/eval_codec/metrics.json")
+    """BD-rate and BD-quality of every codec (``outputs/eval_codec/bd_table.csv``) and the
+    uncoded scores (``outputs/eval_codec/metrics.json``)."""
     out = ["### Codec: BD-rate (%) against VVC (negative: fewer bits for the same score)", ""]
+    m = _load(root / "outputs/eval_codec/metrics.json")
     if m is None:
         return out + _missing("outputs/eval_codec/metrics.json")
-    bd = m.get("bd_rate", {})
-    rows = [[c, *(fmt(bd.get(c, {}).get(k)) for k in BD_METRICS)] for c in CODECS if c in bd]
-    rows += [[c, *(fmt(bd[c].get(k)) for k in BD_METRICS)] for c in sorted(bd) if c not in CODECS]
-    pix = m.get("bd_rate_vs_pixel_baseline")
-    if pix:
-        rows.append(["ours vs pixel_baseline", *(fmt(pix.get(k)) for k in BD_METRICS)])
-    out += table(["codec", *BD_METRICS], rows)
-    bq, pq = m.get("bd_quality", {}), m.get("bd_quality_vs_pixel_baseline")
-    if bq:
+    bd = _csv_rows(root, "outputs/eval_codec/bd_table.csv")
+    if bd is None:
+        return out + _missing("outputs/eval_codec/bd_table.csv")
+    anchor = m.get("anchor") or "vvc"
+    rate, quality = _bd_cells(bd, anchor, "bd_rate"), _bd_cells(bd, anchor, "bd_quality")
+    pixel = {v: _bd_cells(bd, "pixel_baseline", v).get("ours") for v in ("bd_rate", "bd_quality")}
+    out += table(["codec", *BD_METRICS], _bd_rows(rate, pixel["bd_rate"], 1))
+    if any(v is not None for c in quality.values() for v in c.values()):
         out += ["", "BD-quality against VVC: mean score difference at equal bpp (VQA and grounding in points, "
                 "CIDEr in CIDEr, PSNR in dB; positive: better), defined where BD-rate is not when the "
                 "curves share rates but not scores.", ""]
-        rows = [[c, *(fmt(bq.get(c, {}).get(k), 2) for k in BD_METRICS)] for c in CODECS if c in bq]
-        rows += [[c, *(fmt(bq[c].get(k), 2) for k in BD_METRICS)] for c in sorted(bq) if c not in CODECS]
-        if pq:
-            rows.append(["ours vs pixel_baseline", *(fmt(pq.get(k), 2) for k in BD_METRICS)])
-        out += table(["codec", *BD_METRICS], rows)
-    ref = m.get("reference", {})
+        out += table(["codec", *BD_METRICS], _bd_rows(quality, pixel["bd_quality"], 2))
     out += ["", f"On {m.get('n_images', '?')} test images ({m.get('vqa_questions', '?')} questions); uncoded: "
-            + ", ".join(f"{k} {fmt(ref.get(k))}" for k in BD_METRICS if k != "psnr") + ".", ""]
+            + ", ".join(f"{k} {fmt(m.get(f'uncoded_{k}'))}" for k in BD_METRICS if k != "psnr") + ".", ""]
     return out
 
 

@@ -40,3 +40,35 @@ def save_tiny_lvlm(out_dir: Path, spec: ModelSpec = TINY, kv_heads: int | None =
 
 def with_lm(spec: ModelSpec = TINY, **changes) -> ModelSpec:
     return dataclasses.replace(spec, **changes)
+
+
+# --- stock transformers LVLMs under attach(): inputs and greedy runs -----------------------------
+
+def gen(model, inputs: dict, **kw) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy ``generate`` of up to 6 tokens -> (new ids ``[B, T]``, their logits ``[B, T, V]``);
+    with ``input_ids`` the prompt is cut off (from ``inputs_embeds`` ``generate`` returns new ids only)."""
+    out = model.generate(**inputs, max_new_tokens=6, do_sample=False, output_logits=True,
+                         return_dict_in_generate=True, **kw)
+    ids = out.sequences[:, inputs["input_ids"].shape[1]:] if "input_ids" in inputs else out.sequences
+    return ids, torch.stack(out.logits, 1)
+
+
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id rows -> left-padded ids ``[B, L]`` (``pad_id``) and their attention mask ``[B, L]``."""
+    L = max(map(len, rows))
+    ids = torch.full((len(rows), L), pad_id)
+    mask = torch.zeros(len(rows), L, dtype=torch.long)
+    for r, e in enumerate(rows):
+        ids[r, L - len(e):] = torch.tensor(e)
+        mask[r, L - len(e):] = 1
+    return ids, mask
+
+
+def pad_rows(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[L_r, D]`` rows -> left-padded ``[B, L, D]`` (zeros) and mask ``[B, L]``."""
+    L = max(len(x) for x in rows)
+    out = rows[0].new_zeros(len(rows), L, rows[0].shape[-1])
+    m = torch.zeros(len(rows), L, dtype=torch.long)
+    for r, x in enumerate(rows):
+        out[r, L - len(x):], m[r, L - len(x):] = x, 1
+    return out, m

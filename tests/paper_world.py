@@ -283,6 +283,29 @@ def llama_config(tok: LlamaTokenizer, t: Tiny = TINY) -> LlamaConfig:
                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=False)
 
 
+def llava_family_config(tok: LlamaTokenizer, image_size: int, patch_size: int) -> dict:
+    """Config keys llava-1.5 and LLaVA-NeXT share: the tiny CLIP tower and Llama LM, features of
+    layer -2 without CLS ("default"), a GELU projector, ``(image_size // patch_size) ** 2`` tokens
+    per (base) image."""
+    return {"vision_config": clip_vision_config(image_size, patch_size).to_dict(),
+            "text_config": llama_config(tok).to_dict(), "image_seq_length": (image_size // patch_size) ** 2,
+            "vision_feature_layer": -2, "vision_feature_select_strategy": "default",
+            "projector_hidden_act": "gelu", "pad_token_id": tok.pad_token_id}
+
+
+def save_llava_family(out: Path, model, processor_cls: type, image_processor, tok: LlamaTokenizer,
+                      patch_size: int) -> Path:
+    """Save ``model`` into ``out`` with a ``processor_cls`` processor (llava-1.5's chat template;
+    ``<image>`` expanded to the tokens left after CLS is dropped) and the SentencePiece tokenizer."""
+    processor = processor_cls(image_processor=image_processor, tokenizer=tok, patch_size=patch_size,
+                              vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                              chat_template=LLAVA_CHAT_TEMPLATE)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    save_llama_tokenizer(tok, out)
+    return out
+
+
 def build_llava15(out: Path, *, image_size: int = 336, patch_size: int = 14, seed: int = 0) -> Path:
     """A random ``LlavaForConditionalGeneration`` shaped like llava-1.5-7b-hf, with its processor.
 
@@ -294,24 +317,14 @@ def build_llava15(out: Path, *, image_size: int = 336, patch_size: int = 14, see
     out = Path(out)
     torch.manual_seed(seed)
     tok = llama_tokenizer()
-    grid = image_size // patch_size
-    cfg = LlavaConfig(vision_config=clip_vision_config(image_size, patch_size).to_dict(),
-                      text_config=llama_config(tok).to_dict(),
-                      image_token_id=tok.convert_tokens_to_ids("<image>"), image_seq_length=grid * grid,
-                      vision_feature_layer=-2, vision_feature_select_strategy="default",
-                      projector_hidden_act="gelu", pad_token_id=tok.pad_token_id)
+    cfg = LlavaConfig(image_token_id=tok.convert_tokens_to_ids("<image>"),
+                      **llava_family_config(tok, image_size, patch_size))
     model = LlavaForConditionalGeneration(cfg).eval()
     image_processor = LlavaImageProcessor(
         do_pad=True, do_resize=True, size={"shortest_edge": image_size}, do_center_crop=True,
         crop_size={"height": image_size, "width": image_size}, resample=BICUBIC, image_mean=CLIP_MEAN,
         image_std=CLIP_STD, do_convert_rgb=True)
-    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=patch_size,
-                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                               chat_template=LLAVA_CHAT_TEMPLATE)
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    save_llama_tokenizer(tok, out)
-    return out
+    return save_llava_family(out, model, LlavaProcessor, image_processor, tok, patch_size)
 
 
 def build_clip(out: Path, vision_from: Path | None = None, *, seed: int = 0) -> Path:
@@ -367,23 +380,13 @@ def build_llava_next(out: Path, *, image_size: int = 56, patch_size: int = 14, s
     tok = llama_tokenizer()
     s = image_size
     pinpoints = [[s, 2 * s], [2 * s, s], [2 * s, 2 * s]]
-    cfg = LlavaNextConfig(vision_config=clip_vision_config(s, patch_size).to_dict(),
-                          text_config=llama_config(tok).to_dict(),
-                          image_token_index=tok.convert_tokens_to_ids("<image>"), image_grid_pinpoints=pinpoints,
-                          vision_feature_layer=-2, vision_feature_select_strategy="default",
-                          projector_hidden_act="gelu", pad_token_id=tok.pad_token_id,
-                          image_seq_length=(s // patch_size) ** 2)
+    cfg = LlavaNextConfig(image_token_index=tok.convert_tokens_to_ids("<image>"), image_grid_pinpoints=pinpoints,
+                          **llava_family_config(tok, s, patch_size))
     model = LlavaNextForConditionalGeneration(cfg).eval()
     image_processor = LlavaNextImageProcessor(
         image_grid_pinpoints=pinpoints, size={"shortest_edge": s}, crop_size={"height": s, "width": s},
         do_pad=True, resample=BICUBIC, image_mean=CLIP_MEAN, image_std=CLIP_STD, do_convert_rgb=True)
-    processor = LlavaNextProcessor(image_processor=image_processor, tokenizer=tok, patch_size=patch_size,
-                                   vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                                   chat_template=LLAVA_CHAT_TEMPLATE)
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    save_llama_tokenizer(tok, out)
-    return out
+    return save_llava_family(out, model, LlavaNextProcessor, image_processor, tok, patch_size)
 
 
 # --- Qwen2-VL -------------------------------------------------------------------------------

@@ -157,32 +157,13 @@ def test_two_cpu_processes_train_the_model_one_process_trains(tmp_path):
     assert {p.name for p in two.iterdir()} == {p.name for p in one.iterdir()}
 
 
-def _record_writes(out: Path, log: list) -> None:
-    """Audit hook: file operations under ``out`` (writes, renames, folders, removals)."""
-    prefix = str(out.resolve())
-    events = {"os.mkdir", "os.rename", "os.remove", "os.rmdir", "shutil.rmtree", "tempfile.mkdtemp"}
-
-    def hook(event: str, args: tuple) -> None:
-        if event == "open":
-            path, mode = args[0], args[1]
-            if not (isinstance(mode, str) and any(c in mode for c in "wax+")):
-                if not (isinstance(args[2], int) and args[2] & (os.O_WRONLY | os.O_RDWR | os.O_CREAT)):
-                    return
-        elif event not in events:
-            return
-        for a in args[:2]:
-            if isinstance(a, (str, Path)) and os.path.abspath(a).startswith(prefix):
-                log.append((event, str(a)))
-                return
-
-    sys.addaudithook(hook)
-
-
 if __name__ == "__main__":
     audit, argv = Path(sys.argv[1]), sys.argv[2:]
     out = Path(argv[argv.index("--out") + 1])
     writes: list = []
-    _record_writes(out, writes)
+    from stage_checks import record_writes
+
+    record_writes(out, writes)
     from vlmcompress.codec.launch import main
 
     main(argv)

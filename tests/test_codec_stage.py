@@ -12,7 +12,8 @@ from PIL import Image
 from vlmcompress.codec.config import (BaselineParams, CodecEvalParams, CodecModelParams,
                                       CodecTrainParams, LossParams, PreEditParams, check_stage_params)
 from vlmcompress.codec.data import RecordImages
-from vlmcompress.codec.stage import prune_models, run_codec_stage, train_seconds_from_curves, train_variant
+from vlmcompress.codec.fit import prune_models, train_seconds_from_curves, train_variant
+from vlmcompress.codec.stage import run_codec_stage
 from vlmcompress.codec.target import lvlm_token_fn
 from vlmcompress.codec.timing import timing_image
 from vlmcompress.codec.train import load_codec
@@ -290,7 +291,7 @@ def test_init_from_trains_the_source_first_and_is_checked(params):
 
 
 def test_a_codec_started_from_a_retrained_source_is_trained_again(stage_env):
-    from vlmcompress.codec.stage import init_dir
+    from vlmcompress.codec.fit import init_dir
 
     root, p, splits = stage_env
     token_fn = lvlm_token_fn(lvlm_from_params(p))
@@ -362,7 +363,7 @@ def test_training_images_from_a_folder_must_not_be_evaluated(tmp_path, params):
     import pytest
     from PIL import Image
 
-    from vlmcompress.codec.stage import training_paths
+    from vlmcompress.codec.fit import training_paths
     from vlmcompress.data.records import ImageRecord
 
     def rec(i, path):

@@ -20,9 +20,11 @@ from vlmcompress.codec.config import (CodecModelParams, CodecParams, CodecTrainP
 from vlmcompress.codec.model import build_codec
 from vlmcompress.codec.train import save_codec, train_codec
 from vlmcompress.config import ConfigError, from_dict, Params
-from vlmcompress.eval import codec_stage, sweep
-from vlmcompress.eval.codec_stage import (bd_metrics, bd_tables, check_stage_params, pick_examples,
-                                          run_eval_codec_stage, target_report)
+from vlmcompress.eval import sweep
+from vlmcompress.eval.codec_stage import run_eval_codec_stage
+from vlmcompress.eval.codecs import anchor_codecs, check_stage_params, learned_codecs
+from vlmcompress.eval.examples import pick_examples
+from vlmcompress.eval.tables import PHOTO_COLUMNS, bd_tables, headline, target_report
 from vlmcompress.eval.sweep import CodecSpec, code_images, make_pool
 from vlmcompress.lvlm import load_lvlm
 
@@ -109,15 +111,31 @@ def test_stage_writes_the_metrics_contract(world, first_run):
     m = first_run
     out = world["root"] / "outputs/eval_codec"
     assert json.loads((out / "metrics.json").read_text()) == json.loads(json.dumps(m))
-    assert set(m["bd_rate"]) == {"ours", "pixel_baseline", "jpeg"}          # every codec but the anchor
-    for codec in m["bd_rate"]:
-        for metric in CONTRACT:
-            v = m["bd_rate"][codec][metric]
-            assert v is None or math.isfinite(v)
-    assert set(CONTRACT) <= set(m["bd_rate_vs_pixel_baseline"])
-    assert m["points"] == {"ours": 2, "pixel_baseline": 2, "jpeg": 2, "vvc": 2}
-    assert m["n_images"] == 3 and m["vqa_questions"] == 6
-    assert m["reference"]["token_cos"] == pytest.approx(1.0, abs=1e-5)
+    # A flat headline: every value a number, a string or null; the tables are the CSVs.
+    assert all(v is None or isinstance(v, (int, float, str)) for v in m.values()) and len(m) <= 32
+    assert m["anchor"] == "vvc"
+    for metric in CONTRACT:
+        v = m[f"ours_bd_rate_{metric}"]
+        assert v is None or math.isfinite(v)
+    v = m["ours_bd_rate_vs_pixel_baseline_vqa_acc"]
+    assert v is None or math.isfinite(v)
+    assert m["n_images"] == 3 and m["vqa_questions"] == 6 and m["n_photos"] == 2
+    assert 0 < m["ours_bpp_min"] <= m["ours_bpp_max"] and 0 < m["anchor_bpp_min"] < m["anchor_bpp_max"]
+    assert m["processes"] == 1 and m["image_sets_per_process"] == "9"           # 4 codecs x 2 points + uncoded
+    bd = pd.read_csv(out / "bd_table.csv")
+    vs_anchor = bd[bd["anchor"] == "vvc"]
+    assert set(vs_anchor["codec"]) == {"ours", "pixel_baseline", "jpeg"}        # every codec but the anchor
+    for codec, d in vs_anchor.groupby("codec"):
+        assert set(CONTRACT) <= set(d["metric"]), codec
+    assert set(CONTRACT) <= set(bd.loc[bd["anchor"] == "pixel_baseline", "metric"])
+    ours = vs_anchor[vs_anchor["codec"] == "ours"].set_index("metric")["bd_rate"].round(2)
+    assert all((m[f"ours_bd_rate_{k}"] is None) == math.isnan(ours[k]) for k in CONTRACT)
+    curves = pd.read_csv(out / "curves.csv")
+    coded = curves[curves["kind"] != "reference"]
+    assert coded.groupby("codec").size().to_dict() == {"ours": 2, "pixel_baseline": 2, "jpeg": 2, "vvc": 2}
+    uncoded = curves[curves["kind"] == "reference"].iloc[0]
+    assert uncoded["token_cos"] == pytest.approx(1.0, abs=1e-5)
+    assert m["uncoded_vqa_acc"] == pytest.approx(uncoded["vqa_acc"], abs=0.005)
 
 
 def test_curves_are_real_file_sizes_and_scores(world, first_run):
@@ -148,14 +166,16 @@ def test_examples_and_folders(world, first_run):
     folders = pd.read_csv(out / "folders.csv")
     assert set(folders["codec"]) == {"ours", "pixel_baseline", "jpeg", "vvc"}
     assert (folders["n_images"] == 2).all() and folders["folder"].unique().tolist() == ["extra"]
-    assert set(first_run["folders"]["extra"]["bd_rate"]) == {"ours", "pixel_baseline", "jpeg"}
-    assert set(first_run["folders"]["extra"]["bd_rate"]["ours"]) == {"psnr", "ms_ssim"}
+    bd = pd.read_csv(out / "bd_folders.csv")
+    assert bd["folder"].unique().tolist() == ["extra"]
+    assert set(bd.loc[bd["anchor"] == "vvc", "codec"]) == {"ours", "pixel_baseline", "jpeg"}
+    assert set(bd.loc[bd["codec"] == "ours", "metric"]) == {"psnr", "ms_ssim"}
 
 
 def test_photos_rd_per_image_and_means(world, first_run):
     out = world["root"] / "outputs/eval_codec"
     photos = pd.read_csv(out / "photos_rd.csv")
-    assert list(photos.columns) == list(codec_stage.PHOTO_COLUMNS)
+    assert list(photos.columns) == list(PHOTO_COLUMNS)
     assert list(photos["codec"].unique()) == ["ours", "pixel_baseline", "jpeg", "vvc"]
     assert len(photos) == 4 * 2 * (2 + 1)               # codecs x points x (2 photos + their mean)
     each = photos[photos["image"] != "mean"]
@@ -170,8 +190,10 @@ def test_photos_rd_per_image_and_means(world, first_run):
     for (codec, point), d in each.groupby(["codec", "point"]):
         m = means[(means["codec"] == codec) & (means["point"] == point)].iloc[0]
         assert m["psnr"] == pytest.approx(d["psnr"].mean()) and m["bpp"] == pytest.approx(d["bpp"].mean())
-    assert first_run["photos"]["n_images"] == 2
-    assert set(first_run["photos"]["bd_rate"]) == {"ours", "pixel_baseline", "jpeg"}
+    assert first_run["n_photos"] == 2
+    bd = pd.read_csv(out / "bd_photos.csv")
+    assert set(bd.loc[bd["anchor"] == "vvc", "codec"]) == {"ours", "pixel_baseline", "jpeg"}
+    assert set(bd["metric"]) == {"psnr", "ms_ssim"}
 
 
 def test_anchor_labels_name_the_rows(params):
@@ -181,7 +203,7 @@ def test_anchor_labels_name_the_rows(params):
                    {"name": "vvc", "label": "vvc_faster", "options": {"preset": "faster"}}],
         "qualities": {"vvc_faster": [40, 30]}}, "anchors"))
     check_stage_params(p)
-    medium, faster = codec_stage.anchor_codecs(p)
+    medium, faster = anchor_codecs(p)
     assert (medium.name, medium.anchor_name, faster.name, faster.anchor_name) == ("vvc", "vvc", "vvc_faster", "vvc")
     assert faster.ext == ".266" and faster.make().preset == "faster"
     assert medium.identity()["options"] == {"preset": "medium", "qpa": False}
@@ -211,7 +233,8 @@ def test_rerun_reuses_every_coded_image(world, first_run, monkeypatch):
                                  log=lambda s: None)
     after = pd.read_csv(world["root"] / "outputs/eval_codec/curves.csv")
     pd.testing.assert_frame_equal(before, after)
-    assert again["bd_rate"] == first_run["bd_rate"]
+    untimed = lambda m: {k: v for k, v in m.items() if "seconds" not in k}   # noqa: E731
+    assert untimed(again) == untimed(first_run)
 
 
 def test_stale_cache_entry_is_recoded(world, first_run, tmp_path):
@@ -257,32 +280,51 @@ def _synthetic_curves() -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _bd(bd: pd.DataFrame, codec: str, anchor: str, metric: str, value: str = "bd_rate") -> float:
+    return bd.loc[(bd["codec"] == codec) & (bd["anchor"] == anchor) & (bd["metric"] == metric), value].item()
+
+
 def test_bd_tables_keys_and_values(params):
     curves = _synthetic_curves()
     bd = bd_tables(curves, params, ["vqa_acc", "psnr", "token_cos"])
-    m = bd_metrics(bd, params.bdrate.anchor)
-    assert set(m["bd_rate"]) == {"jpeg", "pixel_baseline", "ours", "no_rank"}
-    assert set(m["ablation_bd_rate"]) == {"ours", "no_rank"}
-    assert m["bd_rate"]["ours"]["vqa_acc"] == pytest.approx(-50.0, abs=0.01)
-    assert m["bd_rate"]["jpeg"]["psnr"] == pytest.approx(100.0, abs=0.01)
-    assert m["bd_rate_vs_pixel_baseline"]["token_cos"] == pytest.approx(-50.0, abs=0.01)
-    assert m["ablation_bd_rate"]["no_rank"]["vqa_acc"] == pytest.approx(-20.0, abs=0.01)
-    assert m["bd_quality"]["ours"]["vqa_acc"] == pytest.approx(10 * math.log10(2.0), abs=0.05)   # half the rate
-    assert m["bd_quality_vs_pixel_baseline"]["psnr"] == pytest.approx(10 * math.log10(2.0), abs=0.05)
-    json.dumps(m, allow_nan=False)                      # JSON-safe: NaN would be null
+    assert set(bd.loc[bd["anchor"] == "vvc", "codec"]) == {"jpeg", "pixel_baseline", "ours", "no_rank"}
+    assert set(bd.loc[bd["anchor"] == "pixel_baseline", "codec"]) == {"ours", "no_rank"}
+    assert _bd(bd, "ours", "vvc", "vqa_acc") == pytest.approx(-50.0, abs=0.01)
+    assert _bd(bd, "jpeg", "vvc", "psnr") == pytest.approx(100.0, abs=0.01)
+    assert _bd(bd, "ours", "pixel_baseline", "token_cos") == pytest.approx(-50.0, abs=0.01)
+    assert _bd(bd, "no_rank", "pixel_baseline", "vqa_acc") == pytest.approx(-20.0, abs=0.01)
+    half = 10 * math.log10(2.0)                         # BD-quality of half the rate
+    assert _bd(bd, "ours", "vvc", "vqa_acc", "bd_quality") == pytest.approx(half, abs=0.05)
+    assert _bd(bd, "ours", "pixel_baseline", "psnr", "bd_quality") == pytest.approx(half, abs=0.05)
+
+
+def test_headline_is_flat_and_json_safe(params):
+    curves = _synthetic_curves()
+    bd = bd_tables(curves, params, ["vqa_acc", "psnr", "token_cos"])
+    h = headline(bd, curves, "vvc")
+    assert h["ours_bd_rate_vqa_acc"] == pytest.approx(-50.0, abs=0.01)
+    assert h["ours_bd_rate_token_cos"] == pytest.approx(-50.0, abs=0.01)
+    assert h["ours_bd_rate_vs_pixel_baseline_vqa_acc"] == pytest.approx(-50.0, abs=0.01)
+    assert h["ours_bd_quality_vqa_acc"] == pytest.approx(10 * math.log10(2.0), abs=0.05)
+    assert h["ours_bd_rate_caption_cider"] is None                 # not in the table: null, not absent
+    assert h["uncoded_vqa_acc"] == 50.0 and h["uncoded_caption_cider"] is None
+    assert (h["ours_bpp_min"], h["ours_bpp_max"]) == (0.025, 0.4)
+    assert all(v is None or isinstance(v, float) for v in h.values())
+    json.dumps(h, allow_nan=False)                      # JSON-safe: NaN would be null
 
 
 def test_undefined_bd_rate_is_null_with_a_reason(params):
     curves = _synthetic_curves()
-    curves.loc[curves["codec"] == "jpeg", "vqa_acc"] += 100      # no shared quality range
+    curves.loc[curves["codec"].isin(["jpeg", "ours"]), "vqa_acc"] += 100      # no shared quality range
     bd = bd_tables(curves, params, ["vqa_acc"])
-    row = bd[(bd["codec"] == "jpeg") & (bd["metric"] == "vqa_acc")].iloc[0]
+    row = bd[(bd["codec"] == "jpeg") & (bd["anchor"] == "vvc") & (bd["metric"] == "vqa_acc")].iloc[0]
     assert math.isnan(row["bd_rate"]) and row["reason"]
-    assert bd_metrics(bd, "vvc")["bd_rate"]["jpeg"]["vqa_acc"] is None
     # BD-quality shares rates, not scores: defined, +100 minus what the 2x rate would give (10 log10 2)
     expect = 100.0 - 10 * math.log10(2.0)
     assert row["bd_quality"] == pytest.approx(expect, abs=0.05) and not row["quality_reason"]
-    assert bd_metrics(bd, "vvc")["bd_quality"]["jpeg"]["vqa_acc"] == pytest.approx(expect, abs=0.05)
+    h = headline(bd, curves, "vvc")
+    assert h["ours_bd_rate_vqa_acc"] is None                           # NaN in the table: null in the JSON
+    assert h["ours_bd_quality_vqa_acc"] == pytest.approx(100.0 + 10 * math.log10(2.0), abs=0.05)
 
 
 def test_target_report_says_by_how_much(params):
@@ -332,9 +374,9 @@ def test_learned_rates_outside_a_model_are_refused():
 def test_missing_model_folder_is_one_line_error(tmp_path):
     (tmp_path / "ours").mkdir()
     with pytest.raises(FileNotFoundError, match="no saved codec"):
-        codec_stage.learned_codecs(tmp_path)
+        learned_codecs(tmp_path)
     shutil.rmtree(tmp_path / "ours")
-    assert codec_stage.learned_codecs(tmp_path) == []
+    assert learned_codecs(tmp_path) == []
 
 
 @pytest.mark.slow

@@ -12,7 +12,6 @@ wall time and exception; each test then checks one stage's outputs.
 from __future__ import annotations
 
 import json
-import math
 import time
 import traceback
 from pathlib import Path
@@ -23,6 +22,7 @@ import yaml
 
 from conftest import paper_params_path
 from paper_world import TINY, archive_world, build_llava15_pair, jpeg, pickle_py2
+from stage_checks import stage_metrics
 
 STAGES = ("data", "lvlm", "codec", "eval_codec", "tokens", "figures")
 IMAGE_SIZE, PATCH = 98, 14                    # a 7 x 7 grid: 49 visual tokens
@@ -93,20 +93,6 @@ def paper_params(root: Path, llava: Path, clip: Path) -> Path:
     return path
 
 
-def _finite(tree) -> bool:
-    """No NaN / inf anywhere in a JSON document (json writes them as bare NaN/Infinity)."""
-    if isinstance(tree, dict):
-        return all(_finite(v) for v in tree.values())
-    if isinstance(tree, list):
-        return all(_finite(v) for v in tree)
-    return not (isinstance(tree, float) and not math.isfinite(tree))
-
-
-def _read_metrics(root: Path, stage: str) -> dict:
-    text = (root / "outputs" / stage / "metrics.json").read_text()
-    return json.loads(text)
-
-
 @pytest.fixture(scope="module")
 def paper_run(tmp_path_factory):
     """Build the world, then run every stage in order; record (seconds, error) per stage."""
@@ -162,9 +148,7 @@ def _ok(run: dict, stage: str) -> dict:
     r = run["results"][stage]
     if r["error"] is not None:
         pytest.fail(f"stage {stage} raised after {r['seconds']} s:\n{r['error']}", pytrace=False)
-    m = _read_metrics(run["root"], stage)
-    assert _finite(m), f"{stage}: NaN or inf in metrics.json"
-    return m
+    return stage_metrics(run["root"], stage)
 
 
 def test_params_are_the_paper_profile_shrunk(paper_run):
@@ -209,9 +193,10 @@ def test_codec_stage(paper_run):
 
 def test_eval_codec_stage(paper_run):
     m = _ok(paper_run, "eval_codec")
-    assert {"ours", "pixel_baseline", "jpeg"} <= set(m["bd_rate"])
-    assert "grounding_acc50" in m["bd_rate"]["ours"]
-    assert m["n_images"] == 2
+    assert "ours_bd_rate_grounding_acc50" in m and m["n_images"] == 2
+    bd = pd.read_csv(paper_run["root"] / "outputs/eval_codec/bd_table.csv")
+    assert {"ours", "pixel_baseline", "jpeg"} <= set(bd.loc[bd["anchor"] == m["anchor"], "codec"])
+    assert "grounding_acc50" in set(bd.loc[bd["codec"] == "ours", "metric"])
     curves = pd.read_csv(paper_run["root"] / "outputs/eval_codec/curves.csv")
     assert set(curves["codec"]) >= {"ours", "pixel_baseline", "ours-no_rank", "jpeg", "vvc"}
     assert curves["grounding_acc50"].notna().all() and curves["vqa_acc"].notna().all()

@@ -17,7 +17,6 @@ time, then checks that a second ``dvc repro`` changes nothing; the slow one repr
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -31,6 +30,7 @@ import yaml
 
 from fixtures_http import FileServer
 from paper_world import TINY, build_llava15_pair, official_archives, train2017_archive
+from stage_checks import assert_notebook_ran, declared_outs, rendered_notebook, stage_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -135,36 +135,13 @@ def dvc(proj: Path, *args: str, timeout: float = TIMEOUT_S) -> subprocess.Comple
     return res
 
 
-def declared_outs(proj: Path, stage: str) -> list[Path]:
-    """Every out and metric of ``stage`` in the project's dvc.yaml."""
-    spec = yaml.safe_load((proj / "dvc.yaml").read_text())["stages"][stage]
-    names = [next(iter(o)) if isinstance(o, dict) else o for o in spec.get("outs", []) + spec.get("metrics", [])]
-    return [proj / n for n in names]
-
-
-def finite(tree) -> bool:
-    """No NaN / inf anywhere in a JSON document."""
-    if isinstance(tree, dict):
-        return all(finite(v) for v in tree.values())
-    if isinstance(tree, list):
-        return all(finite(v) for v in tree)
-    return not (isinstance(tree, float) and not math.isfinite(tree))
-
-
 def check_stage(proj: Path, stage: str) -> dict:
     """Declared outs exist, the rendered notebook ran every cell, metrics are finite; the metrics."""
     missing = [p.relative_to(proj).as_posix() for p in declared_outs(proj, stage) if not p.exists()]
     assert not missing, f"{stage}: declared outs missing: {missing}"
-    spec = yaml.safe_load((proj / "dvc.yaml").read_text())["stages"][stage]
-    cmds = spec["cmd"] if isinstance(spec["cmd"], list) else [spec["cmd"]]
-    rendered = proj / next(c for c in cmds if c.startswith("papermill")).split()[-1]
-    assert (proj / "outputs" / "reports" / f"{rendered.stem}.html").is_file(), f"{stage}: no HTML report"
-    nb = json.loads(rendered.read_text())
-    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
-    assert code and all(c.get("execution_count") for c in code), f"{stage}: a cell of {rendered.name} did not run"
-    assert not any(o.get("output_type") == "error" for c in code for o in c.get("outputs", []))
-    metrics = json.loads((proj / "outputs" / stage / "metrics.json").read_text())
-    assert metrics and finite(metrics), f"{stage}: empty metrics or NaN / inf in metrics.json"
+    assert_notebook_ran(proj, stage)
+    metrics = stage_metrics(proj, stage)
+    assert metrics, f"{stage}: empty metrics.json"
     return metrics
 
 
@@ -230,9 +207,7 @@ def set_paper_profile(proj: Path) -> None:
 
 def notebook_seconds(proj: Path, stage: str) -> float:
     """Papermill's record of how long the stage's notebook ran."""
-    spec = yaml.safe_load((proj / "dvc.yaml").read_text())["stages"][stage]
-    rendered = proj / next(c for c in spec["cmd"] if c.startswith("papermill")).split()[-1]
-    return float(json.loads(rendered.read_text())["metadata"]["papermill"]["duration"])
+    return float(json.loads(rendered_notebook(proj, stage).read_text())["metadata"]["papermill"]["duration"])
 
 
 @pytest.mark.slow   # the first two stages alone (the test below runs them and the rest)

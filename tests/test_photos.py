@@ -10,8 +10,9 @@ import pytest
 from PIL import Image
 
 from vlmcompress.config import ConfigError
-from vlmcompress.eval import codec_stage
-from vlmcompress.eval.codec_stage import PHOTO_COLUMNS, fit_side, photo_images, photos_folder, photos_table
+from vlmcompress.eval import codecs
+from vlmcompress.eval.codecs import fit_side, photo_images, photos_folder
+from vlmcompress.eval.tables import PHOTO_COLUMNS, photos_table
 from vlmcompress.eval.config import check_eval_codec_params
 from vlmcompress.eval.sweep import CodecSpec, code_images, make_pool
 from vlmcompress.figures.photos import photos_rd, photos_rd_data
@@ -69,7 +70,7 @@ def test_photos_folder_is_checked_before_any_work(params, tmp_path, folder) -> N
     (tmp_path / "empty").mkdir()
     bad = dataclasses.replace(params, eval_codec=dataclasses.replace(params.eval_codec, photos=str(tmp_path / "empty")))
     with pytest.raises(ConfigError, match=r"^eval_codec\.photos: .*empty: no images in folder$"):
-        codec_stage.check_stage_params(bad)
+        codecs.check_stage_params(bad)
 
 
 def test_photo_images_mixed_sizes_capped_and_fitted(folder) -> None:

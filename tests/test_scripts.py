@@ -30,10 +30,13 @@ def _project(root: Path) -> None:
     (root / "README.md").write_text("# x\n\nintro\n\n<!-- results:start -->\nstale text\n<!-- results:end -->\n\ntail\n")
     (root / "outputs/eval_codec").mkdir(parents=True)
     (root / "outputs/eval_codec/metrics.json").write_text(json.dumps({
-        "bd_rate": {"ours": {"vqa_acc": -61.23, "psnr": 40.0}, "jpeg": {"vqa_acc": 120.5, "psnr": None}},
-        "bd_rate_vs_pixel_baseline": {"vqa_acc": -30.0}, "reference": {"vqa_acc": 71.2},
-        "bd_quality": {"ours": {"vqa_acc": -4.5}}, "bd_quality_vs_pixel_baseline": {"vqa_acc": 9.25},
+        "anchor": "vvc", "ours_bd_rate_vqa_acc": -61.23, "uncoded_vqa_acc": 71.2, "uncoded_caption_cider": None,
         "n_images": 48, "vqa_questions": 288}))
+    (root / "outputs/eval_codec/bd_table.csv").write_text(      # the columns the README reads
+        "codec,anchor,metric,bd_rate,reason,bd_quality\n"
+        "ours,vvc,vqa_acc,-61.234,,-4.5\nours,vvc,psnr,40.0,,\n"
+        "jpeg,vvc,vqa_acc,120.5,,\njpeg,vvc,psnr,,no overlap,\n"
+        "ours,pixel_baseline,vqa_acc,-30.0,,9.25\n")
     (root / "outputs/tokens").mkdir(parents=True)
     (root / "outputs/tokens/accuracy.csv").write_text(
         "method,budget,mean_tokens,question_type,acc\n"
@@ -66,6 +69,7 @@ def test_readme_section_from_metrics_and_idempotent(tmp_path, capsys):
     assert "| jpeg | 120.5 | – | – | – | – | – |" in first
     assert "| ours vs pixel_baseline | -30.0 |" in first
     assert "| ours | -4.50 | – |" in first and "| ours vs pixel_baseline | 9.25 |" in first   # BD-quality
+    assert "On 48 test images (288 questions); uncoded: vqa_acc 71.2, caption_cider –, " in first
     assert "| method | budget 0.10 | budget 1.00 | budget adaptive |" in first
     assert "| recoverable | 66.5 (26) | – | 67.0 (30) |" in first and "| full | – | 70.1 (256) | – |" in first
     assert ("42.5 min on 2 CPUs (CPU model in `outputs/repro/metrics.json`); again with nothing changed: 3.2 s"

@@ -8,6 +8,8 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 from vlmcompress.lvlm.tokenizer import build_tokenizers, build_vocab
 from vlmcompress.tokens import attach
 
+from lvlm_helpers import gen, left_pad, pad_rows
+
 WORDS = "a chat between user and assistant : what color is the circle square red blue how many are there".split()
 VOCAB = build_vocab(WORDS, ["?", ".", "\n"])
 TOK, _ = build_tokenizers(VOCAB)
@@ -35,26 +37,13 @@ def tiny_llava(seed: int = 0, attn: str = "sdpa") -> LlavaForConditionalGenerati
 def prompts(questions: list[str], images: int | None = None) -> dict:
     """LLaVA-1.5-style prompts, left-padded, with N placeholders per image."""
     texts = [f"a chat between user and assistant . user : {'<image> ' * N}\n{q} assistant :" for q in questions]
-    enc = [TOK(t, add_special_tokens=False)["input_ids"] for t in texts]
-    L = max(map(len, enc))
-    ids = torch.full((len(enc), L), TOK.pad_token_id)
-    mask = torch.zeros(len(enc), L, dtype=torch.long)
-    for r, e in enumerate(enc):
-        ids[r, L - len(e):] = torch.tensor(e)
-        mask[r, L - len(e):] = 1
+    ids, mask = left_pad([TOK(t, add_special_tokens=False)["input_ids"] for t in texts], TOK.pad_token_id)
     g = torch.Generator().manual_seed(3)
-    pixels = torch.randn(len(enc) if images is None else images, 3, 56, 56, generator=g)
+    pixels = torch.randn(len(texts) if images is None else images, 3, 56, 56, generator=g)
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
 
 
 QS = ["what color is the circle ?", "how many red square are there ?"]
-
-
-def gen(model, inputs, **kw):
-    out = model.generate(**inputs, max_new_tokens=6, do_sample=False, output_logits=True,
-                         return_dict_in_generate=True, **kw)
-    return out.sequences[:, inputs["input_ids"].shape[1]:] if "input_ids" in inputs else out.sequences, \
-        torch.stack(out.logits, 1)
 
 
 def test_budget_one_equals_the_stock_model():
@@ -91,11 +80,7 @@ def _by_hand(model, h, inputs):
         first = int((real == IMAGE_ID).nonzero()[0])
         k = int(h.last.mask[r].sum())
         rows.append(torch.cat([e[:first], h.last.tokens[r, :k], e[first + N:]]))
-    L = max(len(x) for x in rows)
-    out = emb.new_zeros(len(rows), L, emb.shape[-1])
-    m = torch.zeros(len(rows), L, dtype=torch.long)
-    for r, x in enumerate(rows):
-        out[r, L - len(x):], m[r, L - len(x):] = x, 1
+    out, m = pad_rows(rows)
     return {"inputs_embeds": out, "attention_mask": m}
 
 

@@ -12,6 +12,8 @@ from transformers import (
 from vlmcompress.lvlm.tokenizer import build_tokenizers, build_vocab
 from vlmcompress.tokens import attach
 
+from lvlm_helpers import gen, left_pad, pad_rows
+
 WORDS = ("a chat between user and assistant system you are helpful : what color is the circle square red blue "
          "how many are there").split()
 VOCAB = build_vocab(WORDS, ["?", "."])
@@ -21,33 +23,6 @@ TOK.add_special_tokens({"additional_special_tokens": ["<image>"] + QWEN_SPECIAL}
 IMAGE_ID = TOK.convert_tokens_to_ids("<image>")
 PAD_ID = TOK.convert_tokens_to_ids("<|image_pad|>")
 QS = ["what color is the circle ?", "how many red square are there ?"]
-
-
-def gen(model, inputs, **kw):
-    out = model.generate(**inputs, max_new_tokens=6, do_sample=False, output_logits=True,
-                         return_dict_in_generate=True, **kw)
-    return out.sequences[:, inputs["input_ids"].shape[1]:] if "input_ids" in inputs else out.sequences, \
-        torch.stack(out.logits, 1)
-
-
-def left_pad(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    L = max(map(len, rows))
-    ids = torch.full((len(rows), L), TOK.pad_token_id)
-    mask = torch.zeros(len(rows), L, dtype=torch.long)
-    for r, e in enumerate(rows):
-        ids[r, L - len(e):] = torch.tensor(e)
-        mask[r, L - len(e):] = 1
-    return ids, mask
-
-
-def pad_rows(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """[L_r, D] rows -> left-padded [B, L, D] and mask."""
-    L = max(len(x) for x in rows)
-    out = rows[0].new_zeros(len(rows), L, rows[0].shape[-1])
-    m = torch.zeros(len(rows), L, dtype=torch.long)
-    for r, x in enumerate(rows):
-        out[r, L - len(x):], m[r, L - len(x):] = x, 1
-    return out, m
 
 
 def assert_same(a, b):
@@ -93,7 +68,7 @@ def next_inputs(model, questions: list[str], images: list[int], scales: list[flo
     slots = [p.shape[0] for p in feats.pooler_output]
     texts = [f"a chat between user and assistant . user : {'<image> ' * n}{q} assistant :"
              for q, n in zip(questions, slots)]
-    ids, mask = left_pad([TOK(t, add_special_tokens=False)["input_ids"] for t in texts])
+    ids, mask = left_pad([TOK(t, add_special_tokens=False)["input_ids"] for t in texts], TOK.pad_token_id)
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels, "image_sizes": sizes}
 
 
@@ -251,7 +226,7 @@ def qwen_inputs(questions: list[str], images: list[int], scales: list[float] | N
     texts = [f"<|im_start|>system you are a helpful assistant .<|im_end|>\n<|im_start|>user\n<|vision_start|>"
              f"{'<|image_pad|>' * (t * h * w // 4)}<|vision_end|>{q}<|im_end|>\n<|im_start|>assistant\n"
              for q, (t, h, w) in zip(questions, grids)]
-    ids, mask = left_pad([TOK(t, add_special_tokens=False)["input_ids"] for t in texts])
+    ids, mask = left_pad([TOK(t, add_special_tokens=False)["input_ids"] for t in texts], TOK.pad_token_id)
     return {"input_ids": ids, "attention_mask": mask, "mm_token_type_ids": (ids == PAD_ID).int(),
             "pixel_values": torch.cat(pixels), "image_grid_thw": torch.tensor(grids)}
 

@@ -14,7 +14,7 @@ import seaborn as sns
 
 from vlmcompress.figures.plots import codec_order, codec_palette, label, log_x, require, style
 
-MEAN = "mean"           # image name of the mean rows (vlmcompress.eval.codec_stage.PHOTO_MEAN)
+MEAN = "mean"           # image name of the mean rows (vlmcompress.eval.tables.PHOTO_MEAN)
 METRICS = ("psnr", "ms_ssim")
 NOTE = "learned codecs trained on the data set's scenes, not on photographs"
 
