@@ -100,8 +100,10 @@ def test_a_signal_during_a_write_leaves_no_temporary(tmp_path, sig):
     import sys
     import time
 
+    # SIGINT's default handler set explicitly: a child of a background job inherits it ignored.
     code = (
-        "import sys, time\n"
+        "import signal, sys, time\n"
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "from vlmcompress.io import atomic_open\n"
         "with atomic_open(sys.argv[1], 'w') as fh:\n"
         "    fh.write('half'); fh.flush()\n"
