@@ -63,6 +63,13 @@ def test_each_process_takes_its_own_device():
         second.device("cuda:0")
 
 
+def test_only_the_main_process_logs():
+    said: list[str] = []
+    Processes().main_log(said.append)("main")
+    Processes(rank=1, world=2, local_rank=1).main_log(said.append)("other")
+    assert said == ["main"]
+
+
 def test_one_process_gathers_and_broadcasts_itself():
     one = Processes()
     assert one.gather({"x": 1}) == [{"x": 1}] and one.from_main([1, 2]) == [1, 2]

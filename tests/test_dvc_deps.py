@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from import_names import from_module
+
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
 SECTIONS = ("data", "lvlm", "codec", "tokens", "anchors", "bdrate", "eval_codec", "figures")
@@ -54,12 +56,7 @@ def imported_modules(tree: ast.AST, current: str) -> set[str]:
         if isinstance(node, ast.Import):
             out |= {a.name for a in node.names if a.name.startswith("vlmcompress")}
         elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                parts = package.split(".")
-                base = ".".join(parts[:len(parts) - node.level + 1])
-                mod = f"{base}.{node.module}" if node.module else base
-            else:
-                mod = node.module or ""
+            mod = from_module(node, package)
             if not mod.startswith("vlmcompress"):
                 continue
             out.add(mod)

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from import_names import from_module
+
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
 PKG = SRC / "vlmcompress"
@@ -131,12 +133,7 @@ def all_imports(path: Path, name: str) -> set[str]:
         if isinstance(node, ast.Import):
             out |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                parts = package.split(".")
-                base = ".".join(parts[:len(parts) - node.level + 1])
-                mod = f"{base}.{node.module}" if node.module else base
-            else:
-                mod = node.module or ""
+            mod = from_module(node, package)
             out |= {mod} | {f"{mod}.{a.name}" for a in node.names}
     return out
 

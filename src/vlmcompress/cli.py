@@ -100,7 +100,7 @@ def _run(args: argparse.Namespace) -> int:
     procs = current()
     splits = load_all()
     progress = procs.is_main        # bars on stderr: the main process's share of the work
-    log = print if procs.is_main else (lambda *a: None)
+    log = procs.main_log(print)
     if args.stage == "tokens":
         from vlmcompress.tokens.stage import run_tokens_stage
         run_tokens_stage(params, splits, log=log, progress=progress, procs=procs)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -84,12 +84,21 @@ class Processes:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def main_log(self, log: Callable[..., Any]) -> Callable[..., Any]:
+        """``log`` on the main process; on the others a log that says nothing (the main
+        process speaks for all)."""
+        return log if self.is_main else _silent
+
     def barrier(self) -> None:
         """Wait until every process gets here."""
         if self.world > 1:
             import torch.distributed as dist
 
             dist.barrier()
+
+
+def _silent(*args: Any) -> None:
+    """A log that says nothing."""
 
 
 def merge_shards(parts: Sequence[Sequence[tuple[int, T]]]) -> list[T]:

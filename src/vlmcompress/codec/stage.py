@@ -65,8 +65,7 @@ def run_codec_stage(params: Params, splits: dict[str, list[ImageRecord]], log: L
     """
     P: CodecStageParams = params.codec
     check_stage_params(P)
-    if not current_processes().is_main:
-        log = _quiet
+    log = current_processes().main_log(log)
     if not splits.get("test"):
         raise ValueError(f"codec stage: the data set has no 'test' images "
                          f"(splits found: {', '.join(sorted(splits)) or 'none'})")
@@ -144,10 +143,6 @@ def run_codec_stage(params: Params, splits: dict[str, list[ImageRecord]], log: L
     metrics["processes"] = procs.world
     write_json(root / "metrics.json", metrics)
     return procs.from_main(metrics)
-
-
-def _quiet(*args: Any) -> None:
-    """The log of a process other than the main one: the main process speaks for all."""
 
 
 __all__ = ["BASELINE", "OURS", "models_dir", "run_codec_stage", "stage_dir"]

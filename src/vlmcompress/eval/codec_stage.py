@@ -114,10 +114,6 @@ def _code_all(params: Params, records: Sequence[ImageRecord], learned: Sequence[
     return images, points, rd, bpp_range, folder_rd, photo_imgs, photo_rd
 
 
-def _quiet(*args: Any) -> None:
-    """The log of a process other than the main one: the main process speaks for all."""
-
-
 def run_eval_codec_stage(params: Params, splits: Mapping[str, Sequence[ImageRecord]],
                          log: Callable[[str], None] = print, progress: bool = True,
                          lvlm=None, procs: Processes | None = None) -> dict[str, Any]:
@@ -131,8 +127,7 @@ def run_eval_codec_stage(params: Params, splits: Mapping[str, Sequence[ImageReco
     """
     check_stage_params(params)
     procs = procs or current_processes()
-    if not procs.is_main:
-        log, progress = _quiet, False
+    log, progress = procs.main_log(log), progress and procs.is_main
     E = params.eval_codec
     t_start = time.perf_counter()
     out, cache = stage_dir(), stage_dir() / "cache"

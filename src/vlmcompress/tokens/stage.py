@@ -144,10 +144,6 @@ class _Clock:
             self.cpu[name] = self.cpu.get(name, 0.0) + time.process_time() - c
 
 
-def _quiet(*args: Any) -> None:
-    """The log of a process other than the main one: the main process speaks for all."""
-
-
 def _limit(seq: Sequence, n: int) -> list:
     return list(seq[:n]) if n > 0 else list(seq)
 
@@ -162,8 +158,7 @@ def run_tokens_stage(params: Params, splits: dict[str, list[ImageRecord]], log=p
     from vlmcompress.lvlm.load import lvlm_from_params
 
     procs = procs or current_processes()
-    if not procs.is_main:
-        log = _quiet
+    log = procs.main_log(log)
     T, E = params.tokens, params.tokens.eval
     out_dir = stage_dir()
     device = procs.device(params.lvlm.device)
