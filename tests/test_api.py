@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import pytest
 import torch
 
 from vlmcompress import api
@@ -39,3 +40,10 @@ def test_the_data_set_reads_every_split(project_root: Path, tiny_scenes):
     splits = api.load_all()
     assert list(splits) == ["train", "val", "test"]
     assert [len(v) for v in splits.values()] == [12, 4, 6]
+
+
+def test_a_missing_data_set_is_a_one_line_error_naming_the_folder(tmp_path):
+    from vlmcompress.data.dataset import load_all
+
+    with pytest.raises(FileNotFoundError, match="no data set; run the data stage first"):
+        load_all(tmp_path / "absent")

@@ -20,6 +20,10 @@ def split_names(root: Path) -> list[str]:
 
 
 def load_all(root: Path | None = None) -> dict[str, list[ImageRecord]]:
-    """Every split of the data set under ``root`` (default: :func:`dataset_root`) as records."""
+    """Every split of the data set under ``root`` (default: :func:`dataset_root`) as records.
+    No data set there is an error naming the folder (a later stage would otherwise load a model
+    before finding it has nothing to score)."""
     root = Path(root) if root is not None else dataset_root()
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no data set; run the data stage first (dvc repro data)")
     return {s: load_split(root, s) for s in split_names(root)}
