@@ -25,7 +25,6 @@ The library pieces: :mod:`vlmcompress.codec.fit` (train, resume or reuse each co
 """
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +75,7 @@ def run_codec_stage(params: Params, splits: dict[str, list[ImageRecord]], log: L
     procs = current_processes()
     acc = make_accelerator()           # one for every codec: this process, or those launched
     device = procs.device(params.lvlm.device)
-    lvlm = lvlm_from_params(dataclasses.replace(params, lvlm=dataclasses.replace(params.lvlm, device=device)))
+    lvlm = lvlm_from_params(params, device=device)
     token_fn = lvlm_token_fn(lvlm)
     projector = lvlm.projector            # frozen by lvlm_token_fn
     attention_fn = lvlm_attention_fn(lvlm, token_fn)

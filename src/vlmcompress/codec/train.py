@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -362,7 +361,9 @@ def make_accelerator() -> Any:
     machine without CUDA, where accelerate would otherwise run each one alone)."""
     from accelerate import Accelerator, DistributedDataParallelKwargs
 
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    from vlmcompress.distributed import launched_world_size
+
+    launched = launched_world_size()
     # The quantiles get no gradient from the main loss (only from the aux loss).
     ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
     accelerator = Accelerator(cpu=launched > 1 and not torch.cuda.is_available(), kwargs_handlers=[ddp])

@@ -45,7 +45,6 @@ Outputs (``outputs/eval_codec/``)::
 """
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -149,7 +148,7 @@ def run_eval_codec_stage(params: Params, splits: Mapping[str, Sequence[ImageReco
     if lvlm is None:
         from vlmcompress.lvlm.load import lvlm_from_params
         device = procs.device(params.lvlm.device)
-        lvlm = lvlm_from_params(dataclasses.replace(params, lvlm=dataclasses.replace(params.lvlm, device=device)))
+        lvlm = lvlm_from_params(params, device=device)
     t0, c0 = time.perf_counter(), cpu_seconds()
     coded = _code_all(params, records, learned, anchors, folders, photos, lvlm, cache, progress, log) \
         if procs.is_main else None

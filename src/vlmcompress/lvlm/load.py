@@ -70,10 +70,11 @@ def model_paths(params: Params) -> tuple[str, str]:
     return params.lvlm.llava, params.lvlm.clip
 
 
-def lvlm_from_params(params: Params) -> LVLM:
+def lvlm_from_params(params: Params, device: str | None = None) -> LVLM:
     """The pipeline's LVLM (:func:`model_paths`) with the prompts, attention layer, dtype, device
-    and image aspect of ``params.lvlm``: the model every stage after the LVLM stage scores with."""
+    and image aspect of ``params.lvlm``: the model every stage after the LVLM stage scores with.
+    ``device`` overrides ``lvlm.device`` (each of several processes takes its own GPU)."""
     llava, clip = model_paths(params)
     L = params.lvlm
     return load_lvlm(llava, clip, prompts=Prompts(**dataclasses.asdict(L.prompts)), attn_layer=L.attn_layer,
-                     dtype=L.dtype, device=L.device, image_aspect=L.image_aspect)
+                     dtype=L.dtype, device=device or L.device, image_aspect=L.image_aspect)

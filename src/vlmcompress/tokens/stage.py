@@ -47,7 +47,6 @@ Writes ``outputs/tokens/``:
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -162,7 +161,7 @@ def run_tokens_stage(params: Params, splits: dict[str, list[ImageRecord]], log=p
     T, E = params.tokens, params.tokens.eval
     out_dir = stage_dir()
     device = procs.device(params.lvlm.device)
-    lvlm = lvlm_from_params(dataclasses.replace(params, lvlm=dataclasses.replace(params.lvlm, device=device)))
+    lvlm = lvlm_from_params(params, device=device)
     lvlm.attn_layer = T.attention_layer            # the vision layer whose CLS attention scores tokens
     if "fastv" in T.methods and not 1 <= T.fastv.layer <= len(lvlm.language_model.layers):
         raise ValueError(f"tokens.fastv.layer: must be in [1, {len(lvlm.language_model.layers)}] "
