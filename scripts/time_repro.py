@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -23,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from vlmcompress.io import write_json  # noqa: E402
+from vlmcompress.machine import cpu_model  # noqa: E402
 
 
 def timed(cmd: list[str], cwd: Path) -> tuple[int, float]:
@@ -34,19 +34,6 @@ def timed(cmd: list[str], cwd: Path) -> tuple[int, float]:
         print(f"time_repro: cannot run {shlex.join(cmd)}: {exc.strerror}", file=sys.stderr)
         return 127, time.perf_counter() - t0
     return code, time.perf_counter() - t0
-
-
-def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
-    """The CPU's model name: trained models differ from one CPU to another (float reductions
-    follow the SIMD width), so a timing or a metric is only comparable on the same model."""
-    try:
-        for line in cpuinfo.read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and value.strip():
-                return value.strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:

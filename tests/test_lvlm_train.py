@@ -412,3 +412,82 @@ def test_progress_lines_say_the_phase_the_step_of_how_many_and_the_time_left():
     assert line == "[lm] step 400/2000 (20%, 310 s, ~1240 s left) loss=0.5 val_acc=54.5"
     assert progress_line("clip", 300, {"phase": "clip", "step": 300, "seconds": 90.0}) == \
         "[clip] step 300/300 (100%, 90 s, ~0 s left)"
+
+
+def test_grounding_readouts_sit_on_the_referred_shape_word_and_the_tokens_before_each_coordinate(tmp_path):
+    from vlmcompress.lvlm.curriculum import box_text
+    from vlmcompress.lvlm.targets import ground_target
+    from vlmcompress.lvlm.train import Trainer
+
+    params, scenes = _tiny_params(lm_ground_weight=1.0)
+    tr = Trainer(params, scenes, tmp_path, seed=0, log=lambda m: None)
+    size = params.arch.image_size
+    def square(cx: float, cy: float, side: float) -> tuple[tuple[float, float], ...]:
+        r = side / 2
+        return ((cx - r, cy - r), (cx + r, cy - r), (cx + r, cy + r), (cx - r, cy + r))
+
+    objs = [SceneObject("circle", "red", "small", 40.0, 70.0, 12.0, square(40.0, 70.0, 12.0)),
+            SceneObject("square", "blue", "large", 100.0, 20.0, 30.0, square(100.0, 20.0, 30.0))]
+    ref = "the large blue square"
+    turns = [("vqa", "what color is the circle?", "red"), ("ground", ref, box_text(objs[1], size))]
+    vis = torch.zeros(3, tr.llava.get_input_embeddings().weight.shape[1])
+    with torch.no_grad():
+        seq = tr._sequence(vis, turns, torch.arange(3), 3, isolate=True)
+    assert tr.ground_targets(seq, turns[0][1], *seq.prompts[0], objs) is None      # a question: none
+    word, centre, slots, coords = tr.ground_targets(seq, ref, *seq.prompts[1], objs)
+    assert seq.embeds[word].equal(tr.llava.get_input_embeddings().weight[tr.tok.convert_tokens_to_ids("square")])
+    assert torch.allclose(centre, torch.tensor([2 * objs[1].cx / size - 1, 2 * objs[1].cy / size - 1]))
+    assert [k for _, k in slots] == [0, 1, 2, 3]
+    # The token after each slot is the coordinate's text, and the target is its value.
+    written = [float(tr.tok.convert_ids_to_tokens(int(seq.labels[i + 1]))) for i, _ in slots]
+    assert written == [float(v) for v in box_text(objs[1], size)[1:-1].split(", ")]
+    assert torch.allclose((coords + 1) / 2, torch.tensor(written), atol=0.005)
+    assert ground_target("the small green triangle", objs, size) is None            # no such object
+
+
+def test_ground_loss_is_zero_on_exact_readouts_and_trains_the_lm(tmp_path):
+    from vlmcompress.lvlm.heads import RelationHeads
+
+    heads = RelationHeads(6)
+    with torch.no_grad():                     # where reads dims 0-1, box dims 2-5
+        for lin in (heads.where, heads.box):
+            lin.weight.zero_()
+            lin.bias.zero_()
+        heads.where.weight[:, :2] = torch.eye(2)
+        heads.box.weight[:, 2:] = torch.eye(4)
+    hidden = [torch.zeros(1, 8, 6) for _ in range(3)]
+    centre, box = torch.tensor([[0.1, -0.2]]), torch.tensor([-0.5, -0.4, 0.3, 0.2])
+    hidden[1][0, 2, :2] = centre[0]
+    for k in range(4):
+        hidden[2][0, 3 + k, 2 + k] = box[k]
+    slots = torch.tensor([[0, 3 + k, k] for k in range(4)])
+    assert heads.ground_losses(hidden, 1, torch.tensor([[0, 2]]), centre, slots, box).item() == 0.0
+    assert heads.ground_losses(hidden, 1, torch.tensor([[0, 2]]), centre, slots, box.flip(0)).item() > 0.1
+
+
+def test_the_lm_phase_trains_the_box_readout_on_grounding_turns(tmp_path):
+    from vlmcompress.lvlm.train import Trainer
+
+    params, scenes = _tiny_params(lm_ground_weight=1.0, ground_prob=1.0)
+    tr = Trainer(params, scenes, tmp_path, seed=0, log=lambda m: None)
+    before = tr.relation.box.weight.detach().clone()
+    tr.run(tmp_path / "model")
+    lm_rows = [r for r in tr.curves if r["phase"] == "lm"]
+    assert lm_rows and all(r["ground"] > 0 for r in lm_rows)
+    assert not torch.equal(before, tr.relation.box.weight)
+
+
+def test_the_trainer_records_the_kernel_path_threads_and_cpu_that_trained_each_phase(tmp_path):
+    from vlmcompress.lvlm.train import Trainer
+    from vlmcompress.machine import merge_setups
+
+    params, scenes = _tiny_params()
+    tr = Trainer(params, scenes, tmp_path, seed=0, log=lambda m: None)
+    tr.run(tmp_path / "model")
+    got = tr.setups()
+    assert got["capability"] == torch.backends.cpu.get_cpu_capability() and got["threads"] == "1" and got["cpu"]
+    progress = json.loads((tmp_path / "progress.json").read_text())
+    assert set(progress["setups"]) == {"clip", "text", "align", "lm"}
+    # A run resumed on another code path names both.
+    a, b = {"capability": "AVX2", "threads": 2, "cpu": "x"}, {"capability": "DEFAULT", "threads": 2, "cpu": "x"}
+    assert merge_setups([a, b, a]) == {"capability": "AVX2+DEFAULT", "threads": "2", "cpu": "x"}

@@ -115,11 +115,13 @@ def test_time_repro_prints_and_writes_minutes(tmp_path, capsys):
     assert m["cpu_model"]
 
 
-def test_time_repro_reads_the_cpu_model(tmp_path):
+def test_the_cpu_model_is_read_from_cpuinfo(tmp_path):
+    from vlmcompress.machine import cpu_model
+
     info = tmp_path / "cpuinfo"
     info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 9B14\n\nprocessor\t: 1\n")
-    assert time_repro.cpu_model(info) == "AMD EPYC 9B14"
-    assert time_repro.cpu_model(tmp_path / "missing")        # falls back to the platform's name
+    assert cpu_model(info) == "AMD EPYC 9B14"
+    assert cpu_model(tmp_path / "missing")        # falls back to the platform's name
 
 
 def test_time_repro_second_run_can_use_its_own_command(tmp_path, capsys):

@@ -76,6 +76,9 @@ class TrainParams:
     lm_where_layer: int       # ... read after this many LM layers (hidden_states index)
     lm_compare_weight: float  # ... and of the first centre minus the second, one layer later at the
                               # answer-predicting token (0: off)
+    lm_ground_weight: float   # grounding turns: the where readout of the referred object's centre at
+                              # its shape word, and MSE of a linear readout of each box coordinate
+                              # from the last hidden state at the token predicting it (0: off)
     lm_projector_lr_scale: float  # phase C's projector lr as a fraction of lm_lr (0: frozen, keeps
                               # phase B's map of words + position code)
     lm_isolate_turns: bool    # each turn a separate single-turn sample sharing the image (turn_mask)
@@ -90,7 +93,7 @@ class TrainParams:
     @property
     def relation_readouts(self) -> bool:
         """Whether phase C trains :class:`~vlmcompress.lvlm.heads.RelationHeads`."""
-        return self.lm_where_weight > 0 or self.lm_compare_weight > 0
+        return self.lm_where_weight > 0 or self.lm_compare_weight > 0 or self.lm_ground_weight > 0
 
 
 @dataclass(frozen=True)
@@ -201,7 +204,7 @@ def check_train_params(t: TrainParams, a: ArchParams, path: str = "lvlm.train") 
         lr = getattr(t, f"{phase}_lr")
         require(lr > 0, f"{path}.{phase}_lr", f"must be > 0, got {show(lr)}")
     for name in ("clip_position_weight", "align_position_scale", "lm_projector_lr_scale", "lm_look_weight",
-                 "lm_where_weight", "lm_compare_weight"):
+                 "lm_where_weight", "lm_compare_weight", "lm_ground_weight"):
         check_min(f"{path}.{name}", getattr(t, name), 0.0)
     check_min(f"{path}.text_questions", t.text_questions, 1)
     check_min(f"{path}.lm_turns", t.lm_turns, 1)

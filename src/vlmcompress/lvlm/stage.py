@@ -24,8 +24,9 @@ def stage_dir() -> Path:
     return outputs_dir("lvlm")
 
 
-def train_embedded(params: Params, val: list[ImageRecord], log=print) -> dict[str, float]:
-    """Train the embedded model into ``outputs/lvlm/model`` (resuming from ``checkpoints/``)."""
+def train_embedded(params: Params, val: list[ImageRecord], log=print) -> dict[str, Any]:
+    """Train the embedded model into ``outputs/lvlm/model`` (resuming from ``checkpoints/``):
+    phase seconds, and ``train_capability`` / ``train_threads`` / ``train_cpu`` that trained it."""
     from vlmcompress.lvlm.train import Trainer
 
     out = stage_dir()
@@ -44,7 +45,7 @@ def train_embedded(params: Params, val: list[ImageRecord], log=print) -> dict[st
     trainer.write_curves(out / "curves.csv")
     seconds["train_seconds"] = round(sum(seconds.values()), 1)
     seconds["wall_seconds"] = round(time.perf_counter() - t0, 1)
-    return seconds
+    return {**seconds, **{f"train_{k}": v for k, v in trainer.setups().items()}}
 
 
 def evaluate(lvlm: LVLM, train: list[ImageRecord], test: list[ImageRecord], ev: EvalParams,
@@ -102,7 +103,7 @@ def record_pretrained(params: Params) -> None:
 def run_lvlm_stage(params: Params, splits: dict[str, list[ImageRecord]], log=print) -> dict[str, Any]:
     """Train or resolve, evaluate, and write ``outputs/lvlm/{metrics.json, examples.csv}``."""
     out = stage_dir()
-    timing: dict[str, float] = {}
+    timing: dict[str, Any] = {}
     if params.lvlm.source == "train":
         timing = train_embedded(params, splits["val"], log=log)
     else:

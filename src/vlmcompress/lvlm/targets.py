@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from vlmcompress.data.scenes import COLORS, SHAPES, SIZES, SceneObject, question_objects, question_relation
+from vlmcompress.data.scenes import COLORS, SHAPES, SIZES, SceneObject, make_refs, question_objects, question_relation
 from vlmcompress.lvlm.labels import COLOR_IDS, SHAPE_IDS
 
 PHRASES = ["background"] + [f"a {z} {c} {s}" for z in SIZES for c in COLORS for s in SHAPES]
@@ -72,3 +72,24 @@ def word_positions(prompt_ids: Sequence[int], first: int, second: int) -> tuple[
     if first not in ids or second not in ids:
         return None
     return ids.index(first), len(ids) - 1 - ids[::-1].index(second)
+
+
+def ground_target(ref: str, objs: Sequence[SceneObject], image_size: int) -> tuple[str, Tensor, Tensor] | None:
+    """The object a grounding turn refers to: its shape word, its centre ``[2]`` and its box
+    ``[4]`` = (x1, y1, x2, y2) as :func:`~vlmcompress.lvlm.curriculum.box_text` writes it
+    (clamped to the image), all mapped to [-1, 1]. None when ``ref`` is not the referring
+    expression of one of ``objs`` (any question, a caption)."""
+    refs = make_refs(objs)
+    if ref not in refs:
+        return None
+    o = objs[refs.index(ref)]
+    x, y, w, h = o.bbox
+    box = torch.tensor([x, y, x + w, y + h], dtype=torch.float32).clamp(0, image_size)
+    centre = torch.tensor([o.cx, o.cy], dtype=torch.float32)
+    return o.shape, 2 * centre / image_size - 1, 2 * box / image_size - 1
+
+
+def number_slots(labels: Sequence[int], numbers: set[int], count: int = 4) -> list[int]:
+    """Indices into an answer's token ids ``labels`` of its first ``count`` number tokens (the
+    box coordinates of a grounding answer); fewer when the answer has fewer."""
+    return [i for i, t in enumerate(labels) if t in numbers][:count]

@@ -39,6 +39,7 @@ import csv
 import dataclasses
 import json
 import math
+import re
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -59,10 +60,12 @@ from vlmcompress.lvlm.config import LvlmParams
 from vlmcompress.lvlm.curriculum import (TrainSeq, background_budget, kept_tokens, position_code, sample_turns,
                                          turn_mask)
 from vlmcompress.lvlm.heads import DenseHeads, RelationHeads, look_loss, text_losses
-from vlmcompress.lvlm.phases import PHASE_OWNS, PHASE_STREAM, phase_digests, progress_line
+from vlmcompress.lvlm.phases import PHASE_OWNS, PHASE_STREAM, PHASES, phase_digests, progress_line
 from vlmcompress.lvlm.pool import Pool, build_pool, scene_vocab, to_pixels
-from vlmcompress.lvlm.targets import PHRASES, phrase_index, relation_targets, relevant_patches, word_positions
+from vlmcompress.lvlm.targets import (PHRASES, ground_target, number_slots, phrase_index, relation_targets,
+                                     relevant_patches, word_positions)
 from vlmcompress.lvlm.tokenizer import build_tokenizers
+from vlmcompress.machine import compute_setup, merge_setups
 
 
 def _lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
@@ -100,6 +103,8 @@ class Trainer:
                              f"(lvlm.arch.lm_layers={a.lm_layers}; the compare readout sits one layer later)")
         with torch.random.fork_rng():    # built after the models, drawing nothing they draw
             self.relation = RelationHeads(a.lm_hidden)
+        # The box coordinates' tokens ("0.00" ... "1.00"), for the grounding readout's slots.
+        self.number_ids = {i for w, i in self.tok.get_vocab().items() if re.fullmatch(r"[01]\.\d\d", w)}
         self.digests = phase_digests(params, scenes, seed)
         self.curves: list[dict[str, Any]] = []
         self.phase_seconds: dict[str, float] = {}
@@ -187,6 +192,12 @@ class Trainer:
             self.accel.load_state(str(state_dir))
             start, spent = prog["step"], prog["seconds"].get(phase, 0.0)
             self.log(f"[{phase}] resuming at step {start}")
+        ran_on = prog.setdefault("setups", {})
+        here = compute_setup()
+        if start == 0:
+            ran_on[phase] = []
+        if here not in ran_on.setdefault(phase, []):
+            ran_on[phase].append(here)
         self._load_curves(phase, start)      # rows of an interrupted or stale run of this phase go
         for m in modules:
             m.train()
@@ -226,6 +237,13 @@ class Trainer:
         prog["seconds"][phase] = self.phase_seconds[phase]
         prog.update(phase=None, step=0, phase_digest=None)
         write_json(self._progress_path, prog)
+
+    def setups(self) -> dict[str, str]:
+        """Who trained the model: CPU kernel path, threads and CPU model over every phase
+        (:func:`~vlmcompress.machine.merge_setups`; a phase reused from an older run without
+        this record contributes nothing)."""
+        ran_on = self._progress().get("setups", {})
+        return merge_setups([s for phase in PHASES for s in ran_on.get(phase, [])])
 
     # -- phase A: CLIP ----------------------------------------------------------------------
     def _clip_step(self, pool: Pool) -> Callable[[np.random.Generator, int], tuple[Tensor, dict[str, float]]]:
@@ -394,6 +412,7 @@ class Trainer:
         segments = torch.full((len(seqs), T), -1, dtype=torch.long)
         queries, targets = [], []
         words, answers, centres = [], [], []       # relation questions (RelationHeads)
+        g_words, g_centres, g_slots, g_coords = [], [], [], []   # grounding turns
         for b, sq in enumerate(seqs):
             n = sq.embeds.shape[0]
             embeds[b, :n], target_ids[b, :n], mask[b, :n], pos[b, :n] = sq.embeds, sq.labels, 1, sq.positions
@@ -412,6 +431,12 @@ class Trainer:
                     words += [(b, p0 + at[0]), (b, p0 + at[1])]
                     answers.append((b, qpos))
                     centres.append(found[1])
+                ground = self.ground_targets(sq, text, p0, p_ids, objects[b]) if t.lm_ground_weight > 0 else None
+                if ground is not None:
+                    g_words.append((b, ground[0]))
+                    g_centres.append(ground[1])
+                    g_slots += [(b, i, k) for i, k in ground[2]]
+                    g_coords += list(ground[3])
         captured: list[Tensor] = []
         hook = lm.layers[t.lm_look_layer].self_attn.register_forward_hook(
             lambda mod, args, out: captured.append(out[1])) if look else None
@@ -444,7 +469,28 @@ class Trainer:
                                           torch.tensor(answers), torch.stack(centres))
             loss = loss + t.lm_where_weight * wl + t.lm_compare_weight * cl
             logs.update(where=wl.item(), compare=cl.item())
+        if rel and g_slots:
+            gl = self.relation.ground_losses(out.hidden_states, t.lm_where_layer, torch.tensor(g_words),
+                                             torch.stack(g_centres), torch.tensor(g_slots), torch.stack(g_coords))
+            loss = loss + t.lm_ground_weight * gl
+            logs["ground"] = gl.item()
         return loss, logs
+
+    def ground_targets(self, seq: TrainSeq, text: str, p0: int, p_ids: list[int], objs: Sequence[SceneObject]
+                       ) -> tuple[int, Tensor, list[tuple[int, int]], Tensor] | None:
+        """A grounding turn's readout targets in ``seq`` (its prompt starts at ``p0``, ids
+        ``p_ids``): the index of the referred shape word, the object's centre ``[2]``, the
+        (index, coordinate k) of each token predicting a box coordinate and the coordinates
+        ``[len(slots)]``, all in [-1, 1]. None for any other turn."""
+        found = ground_target(text, objs, self.spec.image_size)
+        if found is None:
+            return None
+        shape_id = self.tok.convert_tokens_to_ids(found[0])
+        word = p0 + len(p_ids) - 1 - p_ids[::-1].index(shape_id)    # the ref ends the prompt
+        a0 = p0 + len(p_ids)                                         # the first answer token
+        at = number_slots(seq.labels[a0:a0 + 16].tolist(), self.number_ids)
+        slots = [(a0 + i - 1, k) for k, i in enumerate(at)]          # the token before each number
+        return word, found[1], slots, found[2][:len(slots)]
 
     def _pool_features(self, pool: Pool, chunk: int = 100) -> Tensor:
         """The frozen tower's LLaVA feature layer for every pool scene -> ``[P, N, C]``.
