@@ -28,6 +28,7 @@ FIGURES = (("rate_accuracy", "Rate vs accuracy, every codec"), ("bd_rate", "BD-r
            ("ablation", "Loss terms and pre-editing"), ("token_accuracy", "Accuracy vs visual tokens kept"),
            ("token_gflops", "Accuracy vs prefill GFLOPs (equal cost: read across)"),
            ("token_latency", "Accuracy vs measured prefill latency"),
+           ("token_grounding", "Grounding vs the fraction of visual tokens kept"),
            ("codec_examples", "Reconstructions at about equal bpp"),
            ("token_examples", "Kept, recovered and merged tokens"))
 

@@ -142,7 +142,7 @@ def test_two_processes_evaluate_the_token_methods_as_one(project_root, params, t
     assert len(split) == 2 and min(split) > 0 and sum(split) == int(one["batches_per_process"])
     assert _untimed(two, TIMED_TOKENS) == _untimed(one, TIMED_TOKENS)
     for name in ("accuracy.csv", "accuracy_by_size.csv", "equal_cost.csv", "paired.csv", "tasks.csv",
-                 "candidates.csv", "examples.json"):
+                 "grounding.csv", "candidates.csv", "examples.json"):
         assert (out / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
     cost1, cost2 = (pd.read_csv(d / "cost.csv").drop(columns="latency_ms") for d in (tmp_path / "one", out))
     pd.testing.assert_frame_equal(cost1, cost2)

@@ -82,8 +82,46 @@ def test_token_cost_figures_from_a_small_csv(tmp_path):
         token_figures.token_cost_data(read.drop(columns="ours"), "gflops")
 
 
+def _grounding_csv() -> pd.DataFrame:
+    """A small outputs/tokens/grounding.csv: the full model, two methods at two budgets (the
+    token stage's column order)."""
+    rows = [("full", "1.00", 256.0, 1.0, 60.0, 0.55, 8)]
+    rows += [(m, f"{b:.2f}", 256 * b, b, base + 20 * b, 0.3 + b / 2, 8)
+             for m, base in (("recoverable", 40.0), ("prumerge", 30.0)) for b in (0.5, 0.1)]
+    return pd.DataFrame(rows, columns=["method", "budget", "tokens", "kept_fraction", "grounding_acc50",
+                                       "grounding_miou", "n"])
+
+
+def test_token_grounding_is_accuracy_against_the_share_of_tokens_kept(tmp_path):
+    _grounding_csv().to_csv(tmp_path / "grounding.csv", index=False)
+    read = pd.read_csv(tmp_path / "grounding.csv", dtype={"budget": str})
+    d = token_figures.token_grounding_data(read)
+    assert d["budget"].tolist() == ["1.00", "0.10", "0.50", "0.10", "0.50"]     # by method, then fraction kept
+    assert d["method"].tolist() == ["full", "prumerge", "prumerge", "recoverable", "recoverable"]
+    assert d["grounding_acc50"].tolist() == [60.0, 32.0, 40.0, 42.0, 50.0]
+    fig = token_figures.token_grounding(d)
+    ax = fig.axes[0]
+    assert ax.get_xscale() == "log" and ax.get_ylabel() == "grounding acc@0.5 (%)"
+    curves = {tuple(ln.get_xdata()) for ln in ax.get_lines() if ln.get_linestyle() == "-"}
+    assert curves == {(0.1, 0.5)} and len([ln for ln in ax.get_lines() if ln.get_linestyle() == "-"]) == 2
+    full = [ln for ln in ax.get_lines() if ln.get_linestyle() == "--"]
+    assert len(full) == 1 and list(full[0].get_ydata()) == [60.0, 60.0]          # the full model: a reference line
+    assert {t.get_text() for t in ax.get_legend().get_texts()} == {"full (every token)", "prumerge", "recoverable"}
+    plt.close(fig)
+    # No referring expressions (the paper profile with data.local.refs ""): NaN scores, a note.
+    absent = read.assign(grounding_acc50=float("nan"), grounding_miou=float("nan"), n=0)
+    empty = token_figures.token_grounding_data(absent)
+    assert len(empty) == 0 and list(empty.columns) == list(read.columns)
+    fig = token_figures.token_grounding(empty)
+    assert "no referring expressions" in fig.axes[0].texts[0].get_text()
+    plt.close(fig)
+    with pytest.raises(ValueError, match="token_grounding: input has no column 'kept_fraction'"):
+        token_figures.token_grounding_data(read.drop(columns="kept_fraction"))
+
+
 def _write_token_inputs(root: Path) -> None:
-    """Synthetic outputs/tokens/{accuracy.csv, cost.csv, examples.json} (the token stage's contract)."""
+    """Synthetic outputs/tokens/{accuracy.csv, cost.csv, grounding.csv, examples.json} (the token
+    stage's contract)."""
     tok = root / "outputs/tokens"
     tok.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(1)
@@ -95,6 +133,7 @@ def _write_token_inputs(root: Path) -> None:
                            "n": 10} for t in ("all", "color", "count")])
     acc.to_csv(tok / "accuracy.csv", index=False)
     _cost_csv().to_csv(tok / "cost.csv", index=False)
+    _grounding_csv().to_csv(tok / "grounding.csv", index=False)
     Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(root / "scene.png")
     # The tokens stage's layout: one entry per question, every method's cells inside.
     examples = [{"image_id": q, "image": str(root / "scene.png"), "question": f"what color is it {q}?",
@@ -111,7 +150,7 @@ def test_every_figure_with_its_csv(project_root, params):
     p = dataclasses.replace(params, figures=dataclasses.replace(params.figures, token_examples=2, dpi=60))
     metrics = run_figures_stage(p)
     out = project_root / "outputs/figures"
-    assert metrics["n_figures"] == len(FIGURES) == 9
+    assert metrics["n_figures"] == len(FIGURES) == 10
     for name in FIGURES:
         for ext in ("png", "svg", "csv"):
             assert (out / f"{name}.{ext}").stat().st_size > 0, f"{name}.{ext}"

@@ -211,6 +211,8 @@ def test_tokens_stage(paper_run):
     assert set(cost["method"]) == set(paper_run["params"].tokens.methods) | {"full"}
     tasks = pd.read_csv(out / "tasks.csv", dtype={"budget": str})
     assert "grounding_acc50" in tasks and set(tasks["budget"]) == {"0.10", "1.00"}
+    ground = pd.read_csv(out / "grounding.csv", dtype={"budget": str})       # grounding at every budget
+    assert set(ground["budget"]) == {"0.10", "0.25", "1.00"} and ground["grounding_acc50"].notna().all()
 
 
 def test_figures_stage(paper_run):
@@ -218,3 +220,4 @@ def test_figures_stage(paper_run):
     assert m["n_figures"] > 0
     out = paper_run["root"] / "outputs/figures"
     assert all((out / f"{name}.png").is_file() for name in m["rows"])
+    assert m["rows"]["token_grounding"] == len(pd.read_csv(paper_run["root"] / "outputs/tokens/grounding.csv")) > 0

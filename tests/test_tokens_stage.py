@@ -8,14 +8,15 @@ import json
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
 from lvlm_helpers import TINY, save_tiny_lvlm, with_lm
 from vlmcompress.config import Params, from_dict, to_dict
 from vlmcompress.data.records import ImageRecord, ObjectAnn, Question
-from vlmcompress.tokens.compare import object_size, paired_difference, vqa_by_size
-from vlmcompress.tokens.stage import run_tokens_stage
+from vlmcompress.tokens.compare import GROUNDING_COLUMNS, object_size, paired_difference, vqa_by_size
+from vlmcompress.tokens.stage import grounding_runs, run_tokens_stage
 from vlmcompress.tokens.sweep import FULL_KEY, Run, RunOutput, budget_key, plan_runs, stratified_questions
 from vlmcompress.tokens.methods import ADAPTIVE
 from vlmcompress.tokens.types import KIND_NAMES
@@ -75,6 +76,13 @@ def _records(n_images: int, types=("color", "shape", "count")) -> list[ImageReco
     return recs
 
 
+def test_grounding_runs_every_method_at_every_budget_and_the_task_budget():
+    runs = grounding_runs(["full", "random", "fastv"], [0.05, 0.10, 1], 0.10)
+    assert [r.label for r in runs] == ["full@1.00", "random@0.05", "random@0.10", "random@1", "fastv@0.05",
+                                       "fastv@0.10", "fastv@1"]          # the task budget once; 1 token kept
+    assert [r.label for r in grounding_runs(["random"], [0.5], 0.10)] == ["full@1.00", "random@0.50", "random@0.10"]
+
+
 def test_stratified_questions_keep_type_shares_and_spread_over_images():
     recs = _records(20)
     items = stratified_questions(recs, 30, seed=1)
@@ -115,7 +123,7 @@ def _tiny_project(project_root: Path, params: Params, tiny_scenes, **tokens) -> 
 @pytest.fixture
 def tiny_project(project_root, params, tiny_scenes) -> Params:
     return _tiny_project(project_root, params, tiny_scenes, methods=["full", "random", "prumerge", "recoverable", "fastv"],
-                         budgets=[0.10], eval={"example_methods": ["full", "random", "recoverable"]})
+                         budgets=[0.10, 0.25], eval={"example_methods": ["full", "random", "recoverable"]})
 
 
 def check_contract(P: Params, metrics: dict, root: Path, budgets: tuple[str, ...]) -> None:
@@ -154,6 +162,7 @@ def check_contract(P: Params, metrics: dict, root: Path, budgets: tuple[str, ...
     assert {(r["method"], r["budget"]) for r in tasks} == {("full", "1.00")} | {(m, "0.10") for m in methods}
     assert all(float(r["caption_cider"]) >= 0 for r in tasks)
     assert all(r["grounding_acc50"] == "" or 0 <= float(r["grounding_acc50"]) <= 100 for r in tasks)
+    check_grounding(methods, budgets, out, tasks)
 
     rows = read_rows(out / "accuracy.csv")
     assert list(rows[0]) == ["method", "budget", "mean_tokens", "question_type", "acc"]
@@ -193,6 +202,25 @@ def check_contract(P: Params, metrics: dict, root: Path, budgets: tuple[str, ...
     assert eff[0].split(",")[:3] == ["method", "budget", "prefill_ms"]
     assert len(eff) == 1 + len(read_rows(out / "cost.csv"))
     check_cost(P, metrics, out)
+
+
+def check_grounding(methods: list[str], budgets: tuple[str, ...], out: Path, tasks: list[dict[str, str]]) -> None:
+    """grounding.csv: every method at every budget and the full model, on the same referring
+    expressions; its task-budget rows agree with tasks.csv."""
+    ground = read_rows(out / "grounding.csv")
+    assert list(ground[0]) == GROUNDING_COLUMNS
+    assert [(r["method"], r["budget"]) for r in ground] == \
+        [("full", "1.00")] + [(m, b) for m in methods for b in budgets]
+    n = {int(r["n"]) for r in ground}
+    assert len(n) == 1 and n.pop() > 0                                  # tiny scenes have referring expressions
+    row = {(r["method"], r["budget"]): r for r in ground}
+    assert float(row[("full", "1.00")]["tokens"]) == 16 and float(row[("full", "1.00")]["kept_fraction"]) == 1.0
+    for m in methods:
+        assert float(row[(m, "0.10")]["kept_fraction"]) == 2 / 16, m  # 10 % of 16 tokens = 2
+    for r in ground:
+        assert 0 <= float(r["grounding_acc50"]) <= 100 and 0 <= float(r["grounding_miou"]) <= 1
+    for t in tasks:
+        assert t["grounding_acc50"] == row[(t["method"], t["budget"])]["grounding_acc50"]
 
 
 def check_cost(P: Params, metrics: dict, out: Path) -> None:
@@ -245,7 +273,7 @@ def test_stage_writes_the_metrics_contract(tiny_project, project_root):
 
     logged: list[str] = []
     metrics = run_tokens_stage(tiny_project, load_all(), log=logged.append)
-    check_contract(tiny_project, metrics, project_root, ("0.10",))
+    check_contract(tiny_project, metrics, project_root, ("0.10", "0.25"))
     assert any("VQA accuracy" in line and "recoverable" in line for line in logged)
 
 
@@ -343,7 +371,7 @@ def test_paired_difference_is_the_mean_per_question_gap_with_its_standard_error(
 def test_caption_and_grounding_scores_are_the_eval_task_metrics_per_run():
     from vlmcompress.data.records import RefExpr
     from vlmcompress.eval.tasks import caption_cider, cider, grounding_accuracy, grounding_ious
-    from vlmcompress.tokens.compare import caption_scores, grounding_scores
+    from vlmcompress.tokens.compare import caption_scores, grounding_scores, grounding_table
 
     recs = [ImageRecord(i, Path(f"{i}.png"), 10, 10, captions=(f"a {c} circle on grey", f"one {c} circle"))
             for i, c in enumerate(("red", "blue", "green"))]
@@ -367,6 +395,14 @@ def test_caption_and_grounding_scores_are_the_eval_task_metrics_per_run():
     ground.samples, ground.answers = refs, texts
     assert grounding_scores({Run("full", None): ground, Run("random", 0.1): RunOutput()}) == \
         {"full@1.00": 50.0, "random@0.10": None}                  # no referring expressions: absent
+    ground.tokens = [16, 16, 16, 16]
+    table = grounding_table({Run("full", None): ground, Run("random", 0.1): RunOutput()}, 16)
+    assert list(table.columns) == GROUNDING_COLUMNS
+    full, rand = table.iloc[0], table.iloc[1]
+    assert (full["method"], full["budget"], full["tokens"], full["kept_fraction"], full["n"]) == \
+        ("full", "1.00", 16.0, 1.0, 4)
+    assert full["grounding_acc50"] == 50.0 and full["grounding_miou"] == round(float(np.mean(ious)), 4)
+    assert rand["n"] == 0 and math.isnan(rand["grounding_acc50"]) and math.isnan(rand["grounding_miou"])
     with pytest.raises(ValueError, match="no IoUs"):
         grounding_accuracy([])
 

@@ -1,7 +1,7 @@
 """The figures stage (``06_figures``): every figure from the pipeline's outputs, with its CSV.
 
 Reads ``outputs/eval_codec/{curves,bd_table,examples}.csv`` and ``outputs/tokens/{accuracy.csv,
-cost.csv,examples.json}``; writes ``outputs/figures/<name>.{png,svg}`` and ``<name>.csv`` (the table the
+cost.csv,grounding.csv,examples.json}``; writes ``outputs/figures/<name>.{png,svg}`` and ``<name>.csv`` (the table the
 figure is drawn from) for
 
 * ``rate_accuracy``   task metrics, PSNR, MS-SSIM, token similarity vs bpp, every codec;
@@ -10,6 +10,7 @@ figure is drawn from) for
 * ``token_accuracy``  VQA accuracy vs visual tokens kept, per token-compression method;
 * ``token_gflops``    VQA accuracy vs prefill GFLOPs per question, per method (equal cost: read across);
 * ``token_latency``   VQA accuracy vs measured prefill latency, per method;
+* ``token_grounding`` grounding acc@0.5 vs the fraction of visual tokens kept, per method;
 * ``codec_examples``  reconstructions at about equal bpp;
 * ``token_examples``  kept, recovered and merged tokens on example questions;
 * ``photos_rd``       PSNR and MS-SSIM vs bpp on the photographs of ``eval_codec.photos``.
@@ -32,7 +33,7 @@ from vlmcompress.io import atomic_path, read_json, write_json
 from vlmcompress.paths import outputs_dir, project_root
 
 FIGURES = ("rate_accuracy", "bd_rate", "ablation", "token_accuracy", "token_gflops", "token_latency",
-           "codec_examples", "token_examples", "photos_rd")
+           "token_grounding", "codec_examples", "token_examples", "photos_rd")
 
 
 def stage_dir() -> Path:
@@ -68,7 +69,8 @@ def build_figures(params: Params) -> dict[str, tuple[plt.Figure, pd.DataFrame]]:
     ev, tok = outputs_dir("eval_codec"), outputs_dir("tokens")
     inputs = {k: _need(p) for k, p in {
         "curves": ev / "curves.csv", "bd": ev / "bd_table.csv", "examples": ev / "examples.csv",
-        "acc": tok / "accuracy.csv", "tok_examples": tok / "examples.json", "cost": tok / "cost.csv"}.items()}
+        "acc": tok / "accuracy.csv", "tok_examples": tok / "examples.json", "cost": tok / "cost.csv",
+        "grounding": tok / "grounding.csv"}.items()}
     curves, bd = _csv(inputs["curves"]), _csv(inputs["bd"])
     data = {
         "rate_accuracy": codec.rate_accuracy_data(curves, F.rate_metrics),
@@ -79,10 +81,12 @@ def build_figures(params: Params) -> dict[str, tuple[plt.Figure, pd.DataFrame]]:
         "token_examples": tokens.token_examples_data(read_json(inputs["tok_examples"]), F.token_examples),
         "token_gflops": tokens.token_cost_data(_csv(inputs["cost"]), "gflops"),
         "token_latency": tokens.token_cost_data(_csv(inputs["cost"]), "latency_ms"),
+        "token_grounding": tokens.token_grounding_data(_csv(inputs["grounding"])),
     }
     draw = {
         "rate_accuracy": codec.rate_accuracy, "bd_rate": codec.bd_rate_heatmap, "ablation": codec.ablation,
         "token_accuracy": tokens.token_accuracy, "token_gflops": tokens.token_cost, "token_latency": tokens.token_cost,
+        "token_grounding": tokens.token_grounding,
         "codec_examples": lambda d: codec.codec_examples(d, ev),
         "token_examples": lambda d: tokens.token_examples(d, project_root()),
     }

@@ -1,7 +1,8 @@
 """Token-compression figures: accuracy against visual tokens kept and against prefill cost,
-and what each method did with each patch on example questions.
+grounding against the share of tokens kept, and what each method did with each patch on
+example questions.
 
-Drawn from the tokens stage's tables (``outputs/tokens/{accuracy.csv, cost.csv,
+Drawn from the tokens stage's tables (``outputs/tokens/{accuracy.csv, cost.csv, grounding.csv,
 examples.json}``) by its notebook and by the figures stage. Separate from the codec figures
 (:mod:`vlmcompress.figures.codec`) so a stage's DVC dependencies name only the figures it draws.
 """
@@ -18,7 +19,7 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.patches import Patch
 
-from vlmcompress.figures.plots import log_x, require, style
+from vlmcompress.figures.plots import label, log_x, require, style
 from vlmcompress.images import read_image_rgb
 
 # Cell codes of outputs/tokens/examples.json (vlmcompress.tokens.types.KIND_*; 0 = the patch's
@@ -124,6 +125,48 @@ def token_cost(data: pd.DataFrame) -> plt.Figure:
         ax.set_ylabel("VQA accuracy (%)")
         handles = [plt.Line2D([], [], color=pal[m], marker="o", lw=2.6 if m in ours else 1.4,
                               label=f"{m} (ours)" if m in ours else m) for m in methods]
+        ax.legend(handles=handles, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+        fig.tight_layout()
+    return fig
+
+
+# --- token compression: grounding vs tokens kept ---------------------------------------------------
+
+def token_grounding_data(grounding: pd.DataFrame) -> pd.DataFrame:
+    """``outputs/tokens/grounding.csv`` rows that were scored (runs without referring expressions
+    have no accuracy and are left out), sorted by method and kept-token fraction."""
+    require(grounding, ["method", "budget", "kept_fraction", "grounding_acc50"], "token_grounding")
+    d = grounding.assign(budget=grounding["budget"].astype(str),
+                         kept_fraction=pd.to_numeric(grounding["kept_fraction"], errors="coerce"),
+                         grounding_acc50=pd.to_numeric(grounding["grounding_acc50"], errors="coerce"))
+    d = d[np.isfinite(d["kept_fraction"]) & np.isfinite(d["grounding_acc50"])]
+    return d.sort_values(["method", "kept_fraction"]).reset_index(drop=True)
+
+
+def token_grounding(data: pd.DataFrame) -> plt.Figure:
+    """Grounding accuracy at IoU >= 0.5 vs the fraction of visual tokens kept, one line per
+    method; the full model (every token) as a dashed reference line. Without scored runs (no
+    referring expressions), a note instead of curves."""
+    methods = list(dict.fromkeys(data["method"]))
+    pal = dict(zip(methods, sns.color_palette("tab10", max(len(methods), 1))))
+    with style():
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        if not len(data):
+            ax.axis("off")
+            ax.text(0.5, 0.5, "no grounding scores (no referring expressions)", ha="center", va="center")
+            return fig
+        for m in methods:
+            d = data[data["method"] == m]
+            if m == "full":
+                ax.axhline(float(d["grounding_acc50"].iloc[0]), ls="--", lw=1.2, color=pal[m])
+                continue
+            ax.plot(d["kept_fraction"], d["grounding_acc50"], marker="o", ms=4, lw=1.4, color=pal[m])
+        log_x(ax)
+        ax.set_xlabel("fraction of visual tokens kept (mean)")
+        ax.set_ylabel(label("grounding_acc50"))
+        handles = [plt.Line2D([], [], color=pal[m], ls="--" if m == "full" else "-",
+                              marker=None if m == "full" else "o", label="full (every token)" if m == "full" else m)
+                   for m in methods]
         ax.legend(handles=handles, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
         fig.tight_layout()
     return fig

@@ -8,7 +8,8 @@ and accuracy (:func:`cost_table`); each peer run paired with the run of ours at 
 prefill GFLOPs (:func:`equal_cost_table`, with :func:`equal_cost_runs` adding runs of ours
 where none is near) and the headline numbers at one budget (:func:`headline_at`); the choice of
 our method on validation questions (:func:`choose_ours`, :func:`candidates_table`); caption and
-grounding scores per run (:func:`task_table`), scored by :mod:`vlmcompress.eval.tasks`.
+grounding scores per run (:func:`task_table`) and grounding against the tokens kept
+(:func:`grounding_table`), scored by :mod:`vlmcompress.eval.tasks`.
 """
 from __future__ import annotations
 
@@ -277,11 +278,31 @@ def grounding_scores(outputs: dict[Run, RunOutput], aspect: str = "resize") -> d
     return out
 
 
+GROUNDING_COLUMNS = ["method", "budget", "tokens", "kept_fraction", "grounding_acc50", "grounding_miou", "n"]
+
+
+def grounding_table(outputs: dict[Run, RunOutput], n_visual: int, aspect: str = "resize") -> pd.DataFrame:
+    """One row per grounding run: method, budget, mean visual tokens the LM attends to (FastV:
+    after its layer K), their share of the ``n_visual`` tokens of an image, accuracy at IoU >=
+    0.5 (percent), mean IoU (0-1) and the number of referring expressions. Without referring
+    expressions a run's row has NaN scores and ``n`` = 0 (the task is absent, not failed)."""
+    rows = []
+    for run, o in outputs.items():
+        ious = grounding_ious(o.answers, o.samples, aspect)
+        tokens = float(np.mean(o.tokens)) if o.tokens else math.nan
+        rows.append({"method": run.method, "budget": run.key, "tokens": round(tokens, 2),
+                     "kept_fraction": round(tokens / n_visual, 4),
+                     "grounding_acc50": round(grounding_accuracy(ious), 2) if ious else math.nan,
+                     "grounding_miou": round(float(np.mean(ious)), 4) if ious else math.nan, "n": len(ious)})
+    return pd.DataFrame(rows, columns=GROUNDING_COLUMNS)
+
+
 def task_table(captions: dict[Run, RunOutput], grounding: dict[Run, RunOutput], aspect: str = "resize") -> pd.DataFrame:
     """One row per run of the captions sweep: method, budget, CIDEr (:func:`caption_scores`)
-    and grounding accuracy at IoU >= 0.5 (:func:`grounding_scores`; NaN without referring
-    expressions or without that run)."""
-    cider, acc50 = caption_scores(captions), grounding_scores(grounding, aspect)
+    and grounding accuracy at IoU >= 0.5 of the same run (:func:`grounding_scores`; NaN without
+    referring expressions or without that run; the other grounding runs are left out)."""
+    cider = caption_scores(captions)
+    acc50 = grounding_scores({r: grounding[r] for r in captions if r in grounding}, aspect)
     rows = [{"method": r.method, "budget": r.key, "caption_cider": cider[r.label],
              "grounding_acc50": acc50.get(r.label)} for r in captions]
     return pd.DataFrame(rows, columns=["method", "budget", "caption_cider", "grounding_acc50"])

@@ -463,7 +463,7 @@ class TokensEvalParams:
 
     max_questions: int = 1000        # VQA test questions, type-stratified (0: all)
     batch_images: int = 32           # images per batch (all their questions, every method)
-    task_budget: float = 0.10        # captions and grounding run at this budget (and full)
+    task_budget: float = 0.10        # captions run at this budget (and full); grounding at every budget
     max_captions: int = 100          # images captioned (0: all)
     max_refs: int = 200              # referring expressions grounded (0: all)
     examples: int = 6                # test questions saved with token maps for figures

@@ -5,8 +5,10 @@ tower once, and then through every (method, budget) run — full, the fixed budg
 modes, FastV inside the LM. Questions are a type-stratified subset (``tokens.eval.max_questions``),
 at most one question of each type per image, so several questions share an image (one tower
 pass, and for methods that ignore the question one compression and one prefill of the image
-prefix). Captions (CIDEr) and grounding run at ``tokens.eval.task_budget``; prefill latency,
-selection overhead and peak memory are measured for every run on a small fixed batch.
+prefix). Grounding runs for every method at every budget (and the task budget): a box answer
+is a few tokens, so it is cheap. Captions (CIDEr) run at ``tokens.eval.task_budget`` only (and
+full): their long generations are costly. Prefill latency, selection overhead and peak memory
+are measured for every run on a small fixed batch.
 
 Our method is chosen on the validation split (``tokens.eval.ours``: the candidate with the best
 mean accuracy over the budgets on ``val_questions`` questions); the test split is then reported
@@ -37,6 +39,8 @@ Writes ``outputs/tokens/``:
   other, budget, diff, se, n;
 * ``tasks.csv``: captions and grounding at the task budget — method, budget, caption_cider,
   grounding_acc50;
+* ``grounding.csv``: grounding at every budget — method, budget, tokens (mean kept),
+  kept_fraction, grounding_acc50, grounding_miou, n (NaN scores without referring expressions);
 * ``candidates.csv``: the candidates for ours — method, val_acc, chosen;
 * ``efficiency.csv``: measured prefill per run — prefill_ms, speedup, selection_pct, text_pct,
   peak_mb;
@@ -61,7 +65,8 @@ from vlmcompress.eval.tasks import BOX_ANSWER, answer_tokens
 from vlmcompress.io import atomic_path, write_json
 from vlmcompress.paths import outputs_dir
 from vlmcompress.tokens.compare import (candidates_table, choose_ours, cost_table, equal_cost_runs, equal_cost_table,
-                                        headline_at, paired_table, task_table, vqa_by_size, vqa_table)
+                                        grounding_table, headline_at, paired_table, task_table, vqa_by_size,
+                                        vqa_table)
 from vlmcompress.tokens.examples import token_examples
 from vlmcompress.tokens.sweep import (FULL_KEY, Run, RunOutput, Sweeper, budget_key, efficiency_table, make_batches,
                                       plan_runs, stratified_questions)
@@ -118,6 +123,13 @@ def prefill_headline(eff: pd.DataFrame, method: str, key: str) -> dict[str, floa
             "text_encoder_pct": float(r["text_pct"]),
             "selection_merge_pct": round(float(r["selection_pct"]) - float(r["text_pct"]), 3),
             "prefill_ms_full": float(full.iloc[0]) if len(full) else None}
+
+
+def grounding_runs(methods: Sequence[str], budgets: Sequence[int | float], task_budget: float) -> list[Run]:
+    """``full``, then each method at each budget and at ``task_budget`` (once if it is one of
+    them; a count 1 and the fraction 1.0 are different budgets)."""
+    keys = list(dict.fromkeys((type(b), b) for b in [*budgets, task_budget]))
+    return [Run("full", None)] + [Run(m, b) for m in methods if m != "full" for _, b in keys]
 
 
 def _write_csv(table: pd.DataFrame, path) -> None:
@@ -205,12 +217,15 @@ def run_tokens_stage(params: Params, splits: dict[str, list[ImageRecord]], log=p
         cap_recs = _limit(test, E.max_captions)
         cap = sweeper.sweep(make_batches(cap_recs, lambda r: r, None, E.batch_images), task_runs, "caption",
                             answer_tokens(lvlm, [c for r in cap_recs for c in r.captions]), progress=progress)
+    ground_runs = grounding_runs(T.methods, T.budgets, E.task_budget)
     with clock("grounding"):
         refs = _limit([(r, ref) for r in test for ref in r.refs], E.max_refs)
         ground = sweeper.sweep(make_batches(refs, lambda s: s[0], lambda s: s[1].sentence, E.batch_images),
-                               task_runs, "ground", answer_tokens(lvlm, [BOX_ANSWER]), progress=progress)
+                               ground_runs, "ground", answer_tokens(lvlm, [BOX_ANSWER]), progress=progress)
         tasks = task_table(cap, ground, lvlm.image_aspect)
-    log(f"captions and grounding: {len(task_runs)} runs in {seconds['captions'] + seconds['grounding']:.0f} s")
+        grounding = grounding_table(ground, sweeper.n_patches, lvlm.image_aspect)
+    log(f"captions: {len(task_runs)} runs in {seconds['captions']:.0f} s; grounding: {len(refs)} referring "
+        f"expressions, {len(ground_runs)} runs in {seconds['grounding']:.0f} s")
 
     with clock("efficiency"):     # one process times the prefills: concurrent ones would share its cores
         eff = procs.from_main(efficiency_table(lvlm, items, runs + extra, T, seed=params.seed, log=log)
@@ -237,6 +252,7 @@ def run_tokens_stage(params: Params, splits: dict[str, list[ImageRecord]], log=p
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, t in (("accuracy", table.drop(columns="n")), ("accuracy_by_size", by_size), ("efficiency", eff),
                     ("cost", cost), ("equal_cost", equal), ("paired", paired), ("tasks", tasks),
+                    ("grounding", grounding),
                     ("candidates", candidates_table(candidates, val_acc, ours)),
                     ("seconds", seconds_table(seconds, cpu, vqa))):
         _write_csv(t, out_dir / f"{name}.csv")
