@@ -2,7 +2,8 @@
 
     python benchmarks/bench_codec_speed.py [--model outputs/codec/models/ours/model] [--rate R]
         [--repeats 5] [--threads 1] [--preset faster] [--presets faster,medium] [--qp 32]
-        [--y-scale 2] [--profile] [--out outputs/bench/codec_speed.json]
+        [--y-scale 2] [--set codec.model.synthesis_tail=32 ...] [--profile]
+        [--out outputs/bench/codec_speed.json]
 
 The image is the codec stage's timing image (a mosaic of the first test images, or the first
 one's 512 px centre crop). Each time is the median of ``--repeats`` runs after one warm-up run
@@ -19,6 +20,13 @@ multiplies ``y`` (and divides it back before the synthesis transform) so that th
 symbols at a trained model's rate (the default 2.6 gives 0.055 bpp on the timing image, a
 trained codec 0.057). When the stage's LVLM is not on disk, a
 randomly initialised one of the params' architecture stands in for the tower (same cost).
+``--set KEY=VALUE`` (repeatable; a dotted params path, a YAML value) times another
+architecture at random init without editing params.yaml, e.g. a narrower synthesis tail:
+``--set codec.model.synthesis_tail=32 --set codec.model.synthesis_tail_kernel=3``.
+
+Besides wall-clock medians, the CPU time per decode (user + system, this process and its
+children, mean over the repeats) of ours and of VVC at ``--preset`` is printed: on a shared
+machine it moves less than wall time.
 
 ``--profile`` adds where the time goes: the decoder's steps (file parsing, model checks,
 entropy decoding, hyper-synthesis, synthesis, conversion), the synthesis transform layer by
@@ -29,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import resource
 import statistics
 import tempfile
 import time
@@ -42,17 +51,18 @@ warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", ca
 import numpy as np
 import torch
 import torch.nn as nn
+import yaml
 
 from vlmcompress.api import load_all, lvlm_from_params, lvlm_token_fn
 from vlmcompress.codec.anchors import make_anchor
 from vlmcompress.codec.bitstream import unpack
-from vlmcompress.codec.coder import encode_image, image_to_tensor, tensor_to_image
+from vlmcompress.codec.coder import decode_image, encode_image, image_to_tensor, tensor_to_image
 from vlmcompress.codec.config import check_stage_params
 from vlmcompress.codec.model import LVLMCodec, build_codec, inference_ops, one_thread, run_ops
 from vlmcompress.codec.rans import RansReader
 from vlmcompress.codec.timing import load_test_images, time_codecs, timing_image
 from vlmcompress.codec.train import load_codec
-from vlmcompress.config import Params, load_params
+from vlmcompress.config import Params, check_params, from_dict, load_params, to_dict
 from vlmcompress.io import write_json
 
 
@@ -65,6 +75,38 @@ def median_ms(fn: Callable[[], Any], repeats: int) -> float:
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
+
+
+def cpu_ms(fn: Callable[[], Any], repeats: int) -> float:
+    """Mean CPU time (ms, user + system of this process and its finished children) of
+    ``repeats`` calls after one warm-up call."""
+    def used() -> float:
+        me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+    fn()
+    t0 = used()
+    for _ in range(repeats):
+        fn()
+    return (used() - t0) * 1e3 / repeats
+
+
+def with_overrides(P: Params, sets: list[str]) -> Params:
+    """``P`` with each ``"a.b.c=VALUE"`` of ``sets`` applied (an existing key; VALUE read as YAML),
+    checked like a params file."""
+    data = to_dict(P)
+    for item in sets:
+        key, sep, text = item.partition("=")
+        parts = key.strip().split(".")
+        node = data
+        for part in parts[:-1]:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not sep or not isinstance(node, dict) or parts[-1] not in node:
+            raise SystemExit(f"--set {item!r}: expected KEY=VALUE with KEY an existing params path")
+        node[parts[-1]] = yaml.safe_load(text)
+    out = from_dict(type(P), data, "", strict=True)
+    check_params(out)
+    return out
 
 
 def scale_latent(model: LVLMCodec, scale: float) -> None:
@@ -215,11 +257,15 @@ def main() -> None:
     ap.add_argument("--qp", type=int, default=None, help="VVC QP")
     ap.add_argument("--y-scale", type=float, default=2.6,
                     help="untrained codec only: scale of y so that it codes symbols (1: as initialised)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a params value (dotted path, YAML value), e.g. codec.model.synthesis_tail=32")
     ap.add_argument("--profile", action="store_true", help="also print where our codec's time goes")
     ap.add_argument("--out", default=None, help="also write the numbers as JSON here")
     args = ap.parse_args()
 
     P = load_params(args.params)
+    if args.set:
+        P = with_overrides(P, args.set)
     check_stage_params(P.codec)
     E = P.codec.eval
     if args.model:
@@ -229,7 +275,9 @@ def main() -> None:
         model = build_codec(P.codec.model)
         model.update(force=True)
         model.eval()
-        what = "untrained codec (params' architecture)"
+        m = P.codec.model
+        what = (f"untrained codec (params' architecture: N={m.N}, M={m.M}, synthesis tail "
+                f"{m.synthesis_tail or m.N} ch {m.synthesis_tail_kernel}x{m.synthesis_tail_kernel})")
         if args.y_scale != 1.0:
             scale_latent(model, args.y_scale)
             what += f", y scaled by {args.y_scale:g}"
@@ -246,6 +294,12 @@ def main() -> None:
     t = time_codecs(model, token_fn, img, rate, vvc_preset=preset, vvc_qp=qp, repeats=repeats, threads=threads)
 
     n = t["timing_threads"]
+    torch.set_num_threads(n)
+    data_ours = encode_image(model, img, rate, token_fn=token_fn if model.needs_tokens else None)
+    vvc_ref = make_anchor("vvc", preset=preset, threads=n)
+    data_vvc = vvc_ref.encode(img, qp)
+    cpu = {"decode_cpu_ms_512": cpu_ms(lambda: decode_image(model, data_ours), repeats),
+           "vvc_decode_cpu_ms_512": cpu_ms(lambda: vvc_ref.decode(data_vvc), repeats)}
     vvc_rows = {preset: (t["vvc_encode_ms_512"], t["vvc_decode_ms_512"], t["vvc_timing_bpp_512"])}
     old = torch.get_num_threads()
     for p in [s.strip() for s in args.presets.split(",") if s.strip()]:
@@ -270,7 +324,12 @@ def main() -> None:
     enc_ratio = t["encode_ms_512"] / t["vvc_encode_ms_512"]
     dec_ratio = t["decode_ms_512"] / t["vvc_decode_ms_512"]
     print(f"{f'ours / VVC {preset}':32s} {enc_ratio:9.2f}x {dec_ratio:9.2f}x")
-    result: dict[str, Any] = {**t, "rate": rate, "model": args.model or what, "tower": tower,
+    cpu_ratio = cpu["decode_cpu_ms_512"] / cpu["vvc_decode_cpu_ms_512"]
+    print(f"CPU ms per decode (mean of {repeats}): ours {cpu['decode_cpu_ms_512']:.1f}, "
+          f"VVC {preset} {cpu['vvc_decode_cpu_ms_512']:.1f} ({cpu_ratio:.2f}x)")
+    result: dict[str, Any] = {**t, **cpu, "decode_cpu_ratio": cpu_ratio, "rate": rate,
+                              "synthesis_tail": P.codec.model.synthesis_tail,
+                              "synthesis_tail_kernel": P.codec.model.synthesis_tail_kernel, "model": args.model or what, "tower": tower,
                               "encode_ratio": enc_ratio, "decode_ratio": dec_ratio,
                               "vvc_presets": {p: {"encode_ms": e, "decode_ms": d, "bpp": b}
                                               for p, (e, d, b) in vvc_rows.items()}}

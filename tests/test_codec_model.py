@@ -259,6 +259,9 @@ def test_params_roundtrip_through_yaml_dict():
     (("loss", "token_space"), "lm", "codec.loss.token_space"),
     (("loss", "lowpass_weighting"), "saliency", "codec.loss.lowpass_weighting"),
     (("model", "hyper_channels"), -1, "codec.model.hyper_channels"),
+    (("model", "synthesis_tail"), -1, "codec.model.synthesis_tail"),
+    (("model", "synthesis_tail_kernel"), 4, "codec.model.synthesis_tail_kernel"),
+    (("model", "synthesis_tail_kernel"), 1, "codec.model.synthesis_tail_kernel"),
 ])
 def test_params_errors_name_the_key(path, value, key):
     d = to_dict(full_params())
@@ -419,3 +422,155 @@ def test_eval_forward_equals_decode_exactly(model):
     with torch.no_grad():
         fwd = tensor_to_image(model(x, 1.5, tok(x))["x_hat"])
     assert np.array_equal(decode_image(model, data), fwd)
+
+
+# --- synthesis tail: width and kernel of g_s's last two upsamplings -----------------------------
+
+TAILS = [(0, 5), (8, 5), (8, 3), (16, 3), (4, 7)]   # (synthesis_tail, synthesis_tail_kernel)
+
+
+def tail_params(tail: int, kernel: int) -> CodecModelParams:
+    return dataclasses.replace(model_params(preedit=False), synthesis_tail=tail, synthesis_tail_kernel=kernel)
+
+
+def test_synthesis_tail_defaults_are_the_mbt2018_mean_layout():
+    """Keys left out mean today's architecture: g_s is CompressAI's mean-scale hyperprior's."""
+    from compressai.models import MeanScaleHyperprior
+
+    d = to_dict(model_params())
+    del d["synthesis_tail"], d["synthesis_tail_kernel"]
+    p = from_dict(CodecModelParams, d, "model")
+    assert (p.synthesis_tail, p.synthesis_tail_kernel) == (0, 5)
+    ours = build_codec(p).core
+    ref = MeanScaleHyperprior(N=16, M=24)
+    for name in ("g_a", "g_s"):
+        got = {k: tuple(v.shape) for k, v in getattr(ours, name).state_dict().items()}
+        assert got == {k: tuple(v.shape) for k, v in getattr(ref, name).state_dict().items()}
+    # naming the defaults, or a tail as wide as N, builds the same weights from the same seed
+    torch.manual_seed(3)
+    a = build_codec(dataclasses.replace(p, synthesis_tail=16)).state_dict()
+    torch.manual_seed(3)
+    b = build_codec(p).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("tail,kernel", TAILS)
+def test_synthesis_tail_sets_only_the_last_two_upsamplings(tail, kernel):
+    sd = build_codec(tail_params(tail, kernel)).core.state_dict()
+    base = build_codec(tail_params(0, 5)).core.state_dict()
+    t = tail or 16
+    assert sd.keys() == base.keys()
+    assert tuple(sd["g_s.4.weight"].shape) == (16, t, kernel, kernel)
+    assert tuple(sd["g_s.5.gamma"].shape) == (t, t) and tuple(sd["g_s.5.beta"].shape) == (t,)
+    assert tuple(sd["g_s.6.weight"].shape) == (t, 3, kernel, kernel)
+    assert all(sd[k].shape == base[k].shape for k in sd if not k.startswith(("g_s.4.", "g_s.5.", "g_s.6.")))
+
+
+def test_synthesis_tail_kernel_is_checked_by_the_model_too():
+    from vlmcompress.codec.model import GainedMeanScaleHyperprior
+
+    with pytest.raises(ValueError, match="synthesis_tail_kernel must be odd and >= 3, got 4"):
+        GainedMeanScaleHyperprior(16, 24, 3, synthesis_tail_kernel=4)
+
+
+@pytest.mark.parametrize("tail,kernel", TAILS)
+def test_synthesis_tail_upsamples_by_two_and_its_kernels_compute_g_s(tail, kernel):
+    torch.manual_seed(0)
+    seq = build_codec(tail_params(tail, kernel)).core.g_s
+    with torch.no_grad():
+        for m in seq:
+            if hasattr(m, "gamma"):
+                m.gamma.add_(0.05)
+        x = torch.randn(1, 24, 3, 5) * 3
+        ref = seq(x)
+        fast = run_ops(inference_ops(seq), x)
+    assert ref.shape == (1, 3, 48, 80)
+    torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("tail,kernel", TAILS)
+def test_synthesis_tail_decode_equals_eval_forward_exactly(tail, kernel):
+    """The stage's roundtrip_max_abs_err is 0 for every tail: decode runs forward's kernels."""
+    torch.manual_seed(0)
+    m = lively(build_codec(tail_params(tail, kernel)))
+    img = make_image(45, 70)
+    data = encode_image(m, img, 1.5)
+    x = image_to_tensor(img)
+    with torch.no_grad():
+        fwd = tensor_to_image(m(x, 1.5)["x_hat"])
+    assert fwd.shape == img.shape
+    assert np.array_equal(decode_image(m, data), fwd)
+
+
+def test_a_file_of_one_synthesis_tail_is_refused_by_another():
+    torch.manual_seed(0)
+    wide = lively(build_codec(tail_params(0, 5)))
+    torch.manual_seed(0)
+    narrow = lively(build_codec(tail_params(8, 3)))
+    # g_a, h_a and the entropy bottleneck are drawn alike; the hash still tells them apart
+    assert torch.equal(wide.core.g_a[0].weight, narrow.core.g_a[0].weight)
+    assert weights_hash(wide) != weights_hash(narrow)
+    data = encode_image(wide, make_image(64, 64), 1.0)
+    with pytest.raises(ValueError, match="not by this one"):
+        decode_image(narrow, data)
+
+
+@pytest.mark.parametrize("k", [3, 5, 7])
+def test_subpixel_form_of_any_odd_kernel(k):
+    import torch.nn.functional as F
+
+    from vlmcompress.codec.model import _subpixel_op, subpixel_pays, subpixel_taps
+
+    g = torch.Generator().manual_seed(k)
+    deconv = torch.nn.ConvTranspose2d(4, 3, k, stride=2, padding=k // 2, output_padding=1)
+    x = torch.randn(1, 4, 5, 7, generator=g)
+    lo, hi = subpixel_taps(k)
+    assert subpixel_weight(deconv.weight.detach()).shape == (12, 4, hi - lo + 1, hi - lo + 1)
+    out = _subpixel_op(deconv.weight.detach(), deconv.bias.detach())(x.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(out, deconv(x).detach(), rtol=1e-5, atol=1e-5)
+    assert F.conv_transpose2d(x, deconv.weight, stride=2, padding=k // 2, output_padding=1).shape[-2:] == (10, 14)
+    # sub-pixel only where it was measured faster: few output channels and few wasted taps
+    assert subpixel_pays(k, 3) == (k != 3) and not subpixel_pays(k, 16)
+
+
+def _bench():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_codec_speed.py"
+    spec = importlib.util.spec_from_file_location("bench_codec_speed", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("tail,kernel", [(0, 5), (8, 3)])
+def test_bench_profile_counts_the_synthesis_macs(tail, kernel):
+    """``layer_macs``: every input pixel of a transposed convolution meets k*k taps per output
+    channel; a GDN is a 1x1 convolution of x^2."""
+    bench = _bench()
+    seq = build_codec(tail_params(tail, kernel)).core.g_s
+    x, hw, t = torch.zeros(1, 24, 2, 3), 6, tail or 16   # hw: the first layer's input pixels
+    total = 0
+    with torch.no_grad():
+        for layer in seq:
+            y = layer(x)
+            total += bench.layer_macs(layer, x, y)
+            x = y
+    want = (24 * hw * 16 * 25 + 16 * 16 * 4 * hw + 16 * 4 * hw * 16 * 25 + 16 * 16 * 16 * hw
+            + 16 * 16 * hw * t * kernel ** 2 + t * t * 64 * hw + t * 64 * hw * 3 * kernel ** 2)
+    assert total == want
+
+
+def test_bench_overrides_set_existing_keys_only():
+    from vlmcompress.config import load_params
+
+    bench = _bench()
+    P = load_params()
+    Q = bench.with_overrides(P, ["codec.model.synthesis_tail=32", "codec.model.synthesis_tail_kernel=3"])
+    assert (Q.codec.model.synthesis_tail, Q.codec.model.synthesis_tail_kernel) == (32, 3)
+    assert Q.codec.model.N == P.codec.model.N and Q.codec.baseline == P.codec.baseline
+    with pytest.raises(SystemExit, match="existing params path"):
+        bench.with_overrides(P, ["codec.model.synthesis_width=32"])
+    with pytest.raises(ConfigError, match="codec.model.synthesis_tail_kernel"):
+        bench.with_overrides(P, ["codec.model.synthesis_tail_kernel=4"])

@@ -203,3 +203,39 @@ def test_gain_units_get_their_own_learning_rate(images, tmp_path):
     gain10, conv10 = first_step(10.0)
     assert gain1 == pytest.approx(1e-3, rel=1e-3) and gain10 == pytest.approx(1e-2, rel=1e-3)
     assert torch.equal(conv1, conv10)
+
+
+def _tail(cp: CodecParams, tail: int, kernel: int) -> CodecParams:
+    return dataclasses.replace(cp, model=dataclasses.replace(cp.model, synthesis_tail=tail,
+                                                             synthesis_tail_kernel=kernel))
+
+
+def test_synthesis_tail_is_part_of_a_saved_codec_and_of_its_warm_start(tmp_path):
+    """A saved codec of one tail loads as that tail, starts a codec of the same tail and refuses
+    (one line) to start another; a record written before the tail keys existed means the defaults."""
+    from vlmcompress.codec.train import save_codec, training_state, warm_start
+
+    narrow = _tail(params(preedit=False), 4, 3)
+    src = build_codec(narrow.model)
+    save_codec(src, tmp_path / "n" / "model", params=narrow, step=narrow.train.steps)
+    again = load_codec(tmp_path / "n")
+    assert (again.core.synthesis_tail, again.core.synthesis_tail_kernel) == (4, 3)
+    assert weights_hash(again) == weights_hash(src)
+    assert warm_start(build_codec(narrow.model), tmp_path / "n") == []
+    with pytest.raises(ValueError, match=r"n/model: another architecture \(core\.g_s\.4\.\w+: "
+                                         r"\[.*\] here, \[.*\] wanted\)$"):
+        warm_start(build_codec(params(preedit=False).model), tmp_path / "n")
+    # the codec folder of one tail is not reused for another
+    assert training_state(tmp_path / "n", narrow) == "done"
+    assert training_state(tmp_path / "n", _tail(narrow, 4, 5)) != "done"
+    assert training_state(tmp_path / "n", params(preedit=False)) != "done"
+    # defaults: a record without the keys is today's architecture, and still "done"
+    wide = params(preedit=False)
+    save_codec(build_codec(wide.model), tmp_path / "w" / "model", params=wide, step=wide.train.steps)
+    path = tmp_path / "w" / "model" / "codec.json"
+    record = json.loads(path.read_text())
+    for section in (record["model"], record["params"]["model"]):
+        assert (section.pop("synthesis_tail"), section.pop("synthesis_tail_kernel")) == (0, 5)
+    path.write_text(json.dumps(record))
+    assert training_state(tmp_path / "w", wide) == "done"
+    assert load_codec(tmp_path / "w").core.synthesis_tail == 8

@@ -56,6 +56,9 @@ class CodecModelParams:
     preedit: PreEditParams
     hyper_channels: int = 0         # channels of the hyper latent z (0: N). At 0.1 bpp on 128 px z
                                     # is a third of the file: fewer channels, fewer side bits
+    synthesis_tail: int = 0         # channels between the synthesis transform's last two upsamplings
+                                    # (0: N); they run at 1/4 and full resolution, most of the decode
+    synthesis_tail_kernel: int = 5  # kernel side of those two upsamplings (odd; 3: 9 taps, not 25)
 
 
 @dataclass(frozen=True)
@@ -157,6 +160,10 @@ def check_model_params(p: CodecModelParams, path: str = "model") -> None:
     require(p.M > 0, f"{path}.M", f"must be > 0, got {show(p.M)}")
     require(p.hyper_channels >= 0, f"{path}.hyper_channels",
              f"must be >= 0 (0: N), got {show(p.hyper_channels)}")
+    require(p.synthesis_tail >= 0, f"{path}.synthesis_tail",
+             f"must be >= 0 (0: N), got {show(p.synthesis_tail)}")
+    k = p.synthesis_tail_kernel
+    require(k >= 3 and k % 2 == 1, f"{path}.synthesis_tail_kernel", f"must be odd and >= 3, got {show(k)}")
     require(1 <= p.levels <= 64, f"{path}.levels", f"must be in [1, 64], got {show(p.levels)}")
     lo, hi = p.gain_init
     require(all(math.isfinite(g) and g > 0 for g in (lo, hi)), f"{path}.gain_init",

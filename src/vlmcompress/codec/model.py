@@ -116,43 +116,90 @@ def pad_to_multiple(x: Tensor, multiple: int) -> Tensor:
 # --- inference kernels ---------------------------------------------------------------------
 # Without gradients the transforms run the same functions through faster kernels: oneDNN in
 # channels-last layout, GDN as a cache-sized matrix product, and a 3-channel output layer as
-# a sub-pixel convolution (a 5x5 stride-2 transposed convolution whose 3 output channels make
-# a poor matrix shape is the same as a 3x3 convolution to 4 x 3 channels + pixel shuffle).
+# a sub-pixel convolution (a k x k stride-2 transposed convolution whose 3 output channels make
+# a poor matrix shape is the same as a small convolution to 4 x 3 channels + pixel shuffle).
 
 Op = Callable[[Tensor], Tensor]
 GDN_ROWS = 2048              # pixels per GDN block: x^2, the norm and the output stay in L2
+# Largest (sub-pixel taps) / (kernel taps) for which a narrow output layer runs sub-pixel: at
+# k = 5 (36 / 25 taps) it beats oneDNN's transposed convolution, at k = 3 (16 / 9 taps and a
+# cropped output) it is slower (docs/experiments/2026-12-04-codec-narrow-synthesis.md).
+SUBPIXEL_MAX_TAPS_RATIO = 1.5
+
+
+def subpixel_taps(k: int) -> tuple[int, int]:
+    """Input offsets ``(lo, hi)`` that a ``ConvTranspose2d(k, stride=2, padding=k // 2,
+    output_padding=1)`` (odd ``k``) reads for its outputs ``2i`` and ``2i + 1``: inputs
+    ``i + lo .. i + hi`` (5: ``(-1, 1)``, a centred 3x3 window; 3: ``(0, 1)``, a 2x2 one)."""
+    p = k // 2
+    return -(p // 2), (p + 1) // 2
 
 
 def subpixel_weight(w: Tensor) -> Tensor:
-    """A ``ConvTranspose2d(k=5, stride=2, padding=2, output_padding=1)`` weight ``[Cin, Cout, 5, 5]``
-    -> the ``Conv2d(k=3, padding=1)`` weight ``[4 Cout, Cin, 3, 3]`` whose output, pixel-shuffled
-    by 2, is the transposed convolution's.
+    """A ``ConvTranspose2d(k, stride=2, padding=k // 2, output_padding=1)`` weight ``[Cin, Cout, k, k]``
+    (odd ``k``) -> the ``Conv2d`` weight ``[4 Cout, Cin, n, n]`` (``n = hi - lo + 1`` of
+    :func:`subpixel_taps`) whose output, pixel-shuffled by 2, is the transposed convolution's.
 
-    Output pixel ``(2i + a, 2j + b)`` sums input ``(i + dy - 1, j + dx - 1)`` times tap
-    ``(4 - 2 dy + a, 4 - 2 dx + b)`` (for odd ``a`` there is no tap at ``dy = 0``: zero).
+    Output pixel ``(2i + a, 2j + b)`` sums input ``(i + lo + u, j + lo + v)`` times tap
+    ``(a + k//2 - 2 (lo + u), b + k//2 - 2 (lo + v))``; a tap outside the kernel is zero.
     """
-    cin, cout = w.shape[:2]
-    k = w.new_zeros(cout, 2, 2, cin, 3, 3)
+    cin, cout, k = w.shape[0], w.shape[1], w.shape[2]
+    p = k // 2
+    lo, hi = subpixel_taps(k)
+    n = hi - lo + 1
+    out = w.new_zeros(cout, 2, 2, cin, n, n)
     for a in range(2):
         for b in range(2):
-            for dy in range(a, 3):
-                for dx in range(b, 3):
-                    k[:, a, b, :, dy, dx] = w[:, :, 4 - 2 * dy + a, 4 - 2 * dx + b].t()
-    return k.reshape(4 * cout, cin, 3, 3)
+            for u in range(n):
+                for v in range(n):
+                    ty, tx = a + p - 2 * (lo + u), b + p - 2 * (lo + v)
+                    if 0 <= ty < k and 0 <= tx < k:
+                        out[:, a, b, :, u, v] = w[:, :, ty, tx].t()
+    return out.reshape(4 * cout, cin, n, n)
 
 
-def _is_up2(layer: nn.ConvTranspose2d) -> bool:
-    return (layer.kernel_size == (5, 5) and layer.stride == (2, 2) and layer.padding == (2, 2)
-            and layer.output_padding == (1, 1) and layer.dilation == (1, 1) and layer.groups == 1)
+def _up2_kernel(layer: nn.ConvTranspose2d) -> int:
+    """``k`` if ``layer`` is an exact 2x upsampling ``ConvTranspose2d(k, stride=2, padding=k // 2,
+    output_padding=1)`` with odd square ``k`` (CompressAI's ``deconv``), else 0."""
+    k = layer.kernel_size[0]
+    ok = (layer.kernel_size == (k, k) and k % 2 == 1 and layer.stride == (2, 2)
+          and layer.padding == (k // 2, k // 2) and layer.output_padding == (1, 1)
+          and layer.dilation == (1, 1) and layer.groups == 1)
+    return k if ok else 0
+
+
+def _subpixel_op(w: Tensor, b: Tensor | None) -> Op:
+    """The up-2 transposed convolution of weight ``w [Cin, Cout, k, k]`` as a convolution to
+    ``4 Cout`` channels + pixel shuffle. The convolution pads ``P`` on every side; its output
+    row ``c + i`` (``c = lo + P``) is input row ``i``'s (cropped when the window is not centred)."""
+    lo, hi = subpixel_taps(w.shape[2])
+    pad = max(-lo, hi)
+    c = lo + pad
+    k = subpixel_weight(w).contiguous(memory_format=torch.channels_last)
+    kb = b.repeat_interleave(4) if b is not None else None
+    if c == 0:   # centred window (k = 5, 9, ...): the output is already the input's size
+        return lambda x: F.pixel_shuffle(F.conv2d(x, k, kb, padding=pad), 2)
+
+    def op(x: Tensor) -> Tensor:
+        h, wd = x.shape[-2:]
+        return F.pixel_shuffle(F.conv2d(x, k, kb, padding=pad)[..., c:c + h, c:c + wd], 2)
+
+    return op
+
+
+def subpixel_pays(k: int, out_channels: int) -> bool:
+    """Whether the up-2 transposed convolution of kernel ``k`` to ``out_channels`` runs faster in
+    sub-pixel form: a poor matrix shape (few output channels) and few wasted taps."""
+    lo, hi = subpixel_taps(k)
+    return out_channels < 16 and 4 * (hi - lo + 1) ** 2 <= SUBPIXEL_MAX_TAPS_RATIO * k * k
 
 
 def _deconv_op(layer: nn.ConvTranspose2d) -> Op:
     w = layer.weight.detach()
     b = layer.bias.detach() if layer.bias is not None else None
-    if _is_up2(layer) and w.shape[1] < 16:
-        k = subpixel_weight(w).contiguous(memory_format=torch.channels_last)
-        kb = b.repeat_interleave(4) if b is not None else None
-        return lambda x: F.pixel_shuffle(F.conv2d(x, k, kb, padding=1), 2)
+    k = _up2_kernel(layer)
+    if k and subpixel_pays(k, w.shape[1]):
+        return _subpixel_op(w, b)
     wc = w.contiguous(memory_format=torch.channels_last)
     kw = {"stride": layer.stride, "padding": layer.padding, "output_padding": layer.output_padding,
           "groups": layer.groups, "dilation": layer.dilation}
@@ -233,20 +280,28 @@ class GainedMeanScaleHyperprior(CompressionModel):
     """Mean-scale hyperprior with gain units.
 
     ``forward(x [B,3,H,W], rate) -> {"x_hat": [B,3,H,W], "likelihoods": {"y", "z"}}``
-    with ``H, W`` multiples of 64.
+    with ``H, W`` multiples of 64. ``synthesis_tail`` (0: N) and ``synthesis_tail_kernel`` set
+    the width and kernel of ``g_s``'s last two upsamplings (``g_s[4:]``); ``g_a`` is unchanged.
     """
 
     def __init__(self, N: int, M: int, levels: int, gain_init: tuple[float, float] = (0.5, 2.0),
-                 hyper_gain: bool = True, hyper_channels: int = 0):
+                 hyper_gain: bool = True, hyper_channels: int = 0, synthesis_tail: int = 0,
+                 synthesis_tail_kernel: int = 5):
         super().__init__()
         self.N, self.M, self.levels, self.use_hyper_gain = int(N), int(M), int(levels), bool(hyper_gain)
         Nz = self.Nz = int(hyper_channels) or self.N
+        # The last two upsamplings run at 1/4 and full resolution: their width T and kernel k
+        # decide most of the decode's multiply-accumulates (defaults: N and 5, mbt2018-mean's).
+        T = self.synthesis_tail = int(synthesis_tail) or self.N
+        k = self.synthesis_tail_kernel = int(synthesis_tail_kernel)
+        if k < 3 or k % 2 == 0:
+            raise ValueError(f"synthesis_tail_kernel must be odd and >= 3, got {synthesis_tail_kernel!r}")
         self.entropy_bottleneck = EntropyBottleneck(Nz)
         self.gaussian_conditional = GaussianConditional(None)
         self.g_a = nn.Sequential(conv(3, N), GDN(N), conv(N, N), GDN(N), conv(N, N), GDN(N), conv(N, M))
         self.g_s = nn.Sequential(
             deconv(M, N), GDN(N, inverse=True), deconv(N, N), GDN(N, inverse=True),
-            deconv(N, N), GDN(N, inverse=True), deconv(N, 3))
+            deconv(N, T, kernel_size=k), GDN(T, inverse=True), deconv(T, 3, kernel_size=k))
         self.h_a = nn.Sequential(
             conv(M, N, stride=1, kernel_size=3), nn.LeakyReLU(inplace=True),
             conv(N, N), nn.LeakyReLU(inplace=True), conv(N, Nz))
@@ -264,7 +319,8 @@ class GainedMeanScaleHyperprior(CompressionModel):
 
     @classmethod
     def from_params(cls, p: CodecModelParams) -> GainedMeanScaleHyperprior:
-        return cls(p.N, p.M, p.levels, tuple(p.gain_init), p.hyper_gain, p.hyper_channels)
+        return cls(p.N, p.M, p.levels, tuple(p.gain_init), p.hyper_gain, p.hyper_channels,
+                   p.synthesis_tail, p.synthesis_tail_kernel)
 
     @property
     def downsampling_factor(self) -> int:
