@@ -1,6 +1,7 @@
 """Train the LVLM recipe of a params file into a work dir and score it, outside the pipeline.
 
     python scripts/lvlm_trial.py params.yaml /tmp/trial     # resumable; prints curves and test scores
+    python scripts/lvlm_trial.py params.yaml /tmp/trial --reuse outputs/lvlm/checkpoints   # start from its finished phases
 
 For comparing recipes without touching ``outputs/lvlm``: the same ``Trainer`` and quick val
 check as the ``lvlm`` stage (200 val questions every ``eval_every`` steps), then VQA on 2,000
@@ -9,6 +10,9 @@ Results: ``docs/experiments/2026-12-03-embedded-lvlm-recipe.md``.
 """
 from __future__ import annotations
 
+import argparse
+import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -19,14 +23,43 @@ sys.path.insert(0, str(ROOT / "src"))
 from vlmcompress.config import load_params  # noqa: E402
 from vlmcompress.api import load_all  # noqa: E402
 from vlmcompress.eval.tasks import majority_baseline, run_retrieval, run_vqa, vqa_items  # noqa: E402
+from vlmcompress.lvlm.phases import PHASES, phase_digests  # noqa: E402
 from vlmcompress.lvlm.train import Trainer  # noqa: E402
 
 
+def reuse_phases(source: Path, work: Path, digests: dict[str, str]) -> list[str]:
+    """Seed an empty ``work`` dir with the finished phases of another run's checkpoints whose
+    digest equals this recipe's (in run order, stopping at the first that differs) -> their names.
+    A ``work`` dir with a run of its own is left alone."""
+    if (work / "progress.json").exists():
+        return []
+    prog = json.loads((source / "progress.json").read_text())
+    taken: list[str] = []
+    for phase in PHASES:
+        if phase not in prog.get("done", []) or prog.get("digests", {}).get(phase) != digests[phase]:
+            break
+        taken.append(phase)
+    work.mkdir(parents=True, exist_ok=True)
+    for phase in taken:
+        shutil.copy2(source / f"after_{phase}.pt", work / f"after_{phase}.pt")
+    seeded = {"digests": {p: digests[p] for p in taken}, "done": taken, "phase": None, "phase_digest": None,
+              "seconds": {p: prog.get("seconds", {}).get(p, 0.0) for p in taken}, "step": 0,
+              "setups": {p: prog.get("setups", {}).get(p, []) for p in taken}}
+    (work / "progress.json").write_text(json.dumps(seeded, indent=1))
+    return taken
+
+
 def main(argv: list[str]) -> int:
-    if len(argv) != 2:
-        print(__doc__.strip().splitlines()[2].strip(), file=sys.stderr)
-        return 2
-    params, work = load_params(argv[0]), argv[1]
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("params", help="params file of the recipe")
+    ap.add_argument("work", help="checkpoint dir of the trial (resumable)")
+    ap.add_argument("--reuse", type=Path, default=None,
+                    help="checkpoint dir of another run: its finished phases with this recipe's digests are copied first")
+    args = ap.parse_args(argv)
+    params, work = load_params(args.params), args.work
+    if args.reuse is not None:
+        taken = reuse_phases(args.reuse, Path(work), phase_digests(params.lvlm, params.data.scenes, params.seed))
+        print("reused phases:", ", ".join(taken) or "none", flush=True)
     splits = load_all()
     val_items = vqa_items(splits["val"], 200, seed=1)
 

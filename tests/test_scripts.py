@@ -349,3 +349,23 @@ def test_every_script_is_run_by_a_documented_command_and_points_at_its_entry():
             assert (REPO / entry).is_file(), f"{script}: {entry} does not exist"
         assert any(doc == Path(e).name and s == script for e in entries for doc, s, _ in commands), \
             f"{script}: none of {entries} runs it with `python {script}`"
+
+
+def test_lvlm_trial_reuses_only_the_leading_phases_whose_digests_match(tmp_path):
+    trial = _script("lvlm_trial")
+    src, work = tmp_path / "src", tmp_path / "work"
+    src.mkdir()
+    for phase in ("clip", "text", "align", "lm"):
+        (src / f"after_{phase}.pt").write_bytes(phase.encode())
+    (src / "progress.json").write_text(json.dumps({
+        "digests": {"clip": "c", "text": "t", "align": "a", "lm": "l"}, "done": ["clip", "text", "align", "lm"],
+        "seconds": {"clip": 1.0, "text": 2.0, "align": 3.0, "lm": 4.0}, "phase": None, "step": 0}))
+    # The text phase's recipe changed: clip is reused, and nothing after the first difference.
+    taken = trial.reuse_phases(src, work, {"clip": "c", "text": "T", "align": "a", "lm": "x"})
+    assert taken == ["clip"] and sorted(p.name for p in work.iterdir()) == ["after_clip.pt", "progress.json"]
+    prog = json.loads((work / "progress.json").read_text())
+    assert prog["done"] == ["clip"] and prog["digests"] == {"clip": "c"} and prog["step"] == 0
+    # A trial dir with a run of its own is never overwritten.
+    (work / "progress.json").write_text("{}")
+    assert trial.reuse_phases(src, work, {"clip": "c", "text": "t", "align": "a", "lm": "l"}) == []
+    assert (work / "progress.json").read_text() == "{}"
