@@ -369,3 +369,14 @@ def test_lvlm_trial_reuses_only_the_leading_phases_whose_digests_match(tmp_path)
     (work / "progress.json").write_text("{}")
     assert trial.reuse_phases(src, work, {"clip": "c", "text": "t", "align": "a", "lm": "l"}) == []
     assert (work / "progress.json").read_text() == "{}"
+
+
+def test_grounding_bound_scores_exact_centres_fully_and_far_ones_not_at_all():
+    import numpy as np
+
+    bound = _script("grounding_bound")
+    boxes = [(10.0, 10.0, 13.0, 13.0), (50.0, 60.0, 30.0, 30.0)]
+    classes = [("small", "circle"), ("large", "square")]
+    assert bound.class_box_accuracy(boxes, classes, 0.0, 128, np.random.default_rng(0)) == 100.0
+    assert bound.class_box_accuracy(boxes, classes, 200.0, 128, np.random.default_rng(0)) == 0.0
+    assert bound.iou((0, 0, 2, 2), (1, 0, 3, 2)) == 1 / 3
