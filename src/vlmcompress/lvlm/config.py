@@ -79,6 +79,8 @@ class TrainParams:
     lm_ground_weight: float   # grounding turns: the where readout of the referred object's centre at
                               # its shape word, and MSE of a linear readout of each box coordinate
                               # from the last hidden state at the token predicting it (0: off)
+    lm_ground_start: float    # ... switched on after this fraction of the LM steps (the relation
+                              # readouts' routing forms first; grounding turns train by CE throughout)
     lm_projector_lr_scale: float  # phase C's projector lr as a fraction of lm_lr (0: frozen, keeps
                               # phase B's map of words + position code)
     lm_isolate_turns: bool    # each turn a separate single-turn sample sharing the image (turn_mask)
@@ -209,7 +211,7 @@ def check_train_params(t: TrainParams, a: ArchParams, path: str = "lvlm.train") 
     check_min(f"{path}.text_questions", t.text_questions, 1)
     check_min(f"{path}.lm_turns", t.lm_turns, 1)
     check_min(f"{path}.lm_bg_start", t.lm_bg_start, 0)
-    for name in ("lm_bg_ramp", "caption_prob", "ground_prob"):
+    for name in ("lm_bg_ramp", "lm_ground_start", "caption_prob", "ground_prob"):
         check_range(f"{path}.{name}", getattr(t, name), 0.0, 1.0)
     check_min(f"{path}.warmup_steps", t.warmup_steps, 0)
     check_min(f"{path}.checkpoint_every", t.checkpoint_every, 1)

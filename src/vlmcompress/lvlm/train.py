@@ -397,6 +397,7 @@ class Trainer:
         proj, t = self.llava.model.multi_modal_projector, self.t
         lm, head = self.llava.model.language_model, self.llava.lm_head
         look, rel = t.lm_look_weight > 0, t.relation_readouts
+        grounding = t.lm_ground_weight > 0 and step_no >= t.lm_ground_start * t.lm_steps
         vis = proj(feats)
         n_bg = background_budget(step_no, t.lm_steps, t.lm_bg_start, t.lm_bg_ramp, labels[0, 0].numel())
         keep = kept_tokens(labels, n_bg, rng)
@@ -431,7 +432,7 @@ class Trainer:
                     words += [(b, p0 + at[0]), (b, p0 + at[1])]
                     answers.append((b, qpos))
                     centres.append(found[1])
-                ground = self.ground_targets(sq, text, p0, p_ids, objects[b]) if t.lm_ground_weight > 0 else None
+                ground = self.ground_targets(sq, text, p0, p_ids, objects[b]) if grounding else None
                 if ground is not None:
                     g_words.append((b, ground[0]))
                     g_centres.append(ground[1])
