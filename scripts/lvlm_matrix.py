@@ -19,6 +19,15 @@ stage's metrics plus the cell's seed, capability, CPU and code) and ``train.log`
 checkpoints, so the matrix is resumable. The work dir holds one recipe: a cell whose
 ``params.yaml`` differs from the planned one is an error.
 
+A matrix outlives its work dir through a **record** (``--record FILE.json``, small, tracked in
+git): the recipe (commit, overrides, base params) and each finished cell's metrics. Cells in the
+record are skipped, a record of another recipe is refused, and ``--src COMMIT`` (with that
+commit's ``params.yaml`` as the base unless ``--params`` is given) runs the recorded recipe's code
+again, so a matrix longer than one sitting is finished later, on any checkout, cell by cell:
+
+    python scripts/lvlm_matrix.py --src 1a2b3c4 --record docs/experiments/lvlm-matrix-X.json --set ...
+    python scripts/lvlm_matrix.py --summarize --record docs/experiments/lvlm-matrix-X.json
+
 At the end (or with ``--summarize``) prints a markdown table, one row per finished cell and
 mean / min / max rows, with a pass/fail per floor, and writes it to ``<work-dir>/summary.csv``
 and ``summary.md``; further columns are diagnostics from each cell's training curves (the last
@@ -31,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import math
 import os
@@ -186,16 +196,16 @@ def cell_env(cell_dir: Path, capability: str, src: Path | None = None,
 
 def snapshot_source(project: Path, dest: Path, mode: str = "head") -> str:
     """Copy the package to ``dest/vlmcompress`` once (kept when it exists) and return what it
-    is: the git commit (``mode="head"``: ``git archive HEAD``) or ``"tree"`` (the working tree)."""
+    is: the git commit (``mode="head"``, or a commit: ``git archive``) or ``"tree"`` (the working
+    tree)."""
     stamp = dest / "SOURCE"
     if stamp.is_file():
         return stamp.read_text().strip()
     tmp = dest.with_name(dest.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    if mode == "head":
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project, check=True, capture_output=True,
-                                text=True).stdout.strip()
+    if mode != "tree":
+        commit = resolve_commit(project, "HEAD" if mode == "head" else mode)
         archive = subprocess.run(["git", "archive", commit, "src/vlmcompress"], cwd=project, check=True,
                                  capture_output=True).stdout
         subprocess.run(["tar", "-x", "--strip-components=1", "-C", str(tmp)], input=archive, check=True)
@@ -337,6 +347,61 @@ def summarize(work: Path, cells: Sequence[Cell] | None = None) -> str:
     return table
 
 
+# --- record ----------------------------------------------------------------------------
+
+def recipe_of(source: str, overrides: Sequence[str], base: Mapping[str, Any]) -> dict[str, Any]:
+    """What makes two cells of one seed and code path the same run: the code's commit, the
+    overrides and the base params (a hash of their canonical JSON)."""
+    blob = json.dumps(base, sort_keys=True).encode()
+    return {"source": source, "overrides": list(overrides), "base_params_sha256": hashlib.sha256(blob).hexdigest()}
+
+
+def read_record(path: Path) -> dict[str, Any]:
+    """``{"recipe": ..., "cells": {name: metrics}}``; an empty record when the file is missing.
+    Raises ``ValueError`` (one line) on a file that is not such a record."""
+    if not path.is_file():
+        return {"recipe": None, "cells": {}}
+    try:
+        rec = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: not a matrix record ({exc.__class__.__name__})") from None
+    if not (isinstance(rec, dict) and isinstance(rec.get("cells"), dict) and isinstance(rec.get("recipe"), (dict, type(None)))
+            and all(isinstance(m, dict) for m in rec["cells"].values())):
+        raise ValueError(f"{path}: not a matrix record (expected an object with 'recipe' and 'cells')")
+    return rec
+
+
+def check_recipe(rec: Mapping[str, Any], recipe: Mapping[str, Any], path: Path) -> None:
+    """Raises ``ValueError`` when ``rec`` holds cells of another recipe."""
+    have = rec.get("recipe")
+    if have is not None and dict(have) != dict(recipe):
+        diff = sorted(k for k in set(have) | set(recipe) if have.get(k) != recipe.get(k))
+        raise ValueError(f"{path} records another recipe (differs in {', '.join(diff)}): "
+                         f"use --src {have.get('source', '?')[:12]} and its overrides, or another --record")
+
+
+def record_cell(path: Path, recipe: Mapping[str, Any], name: str, metrics: Mapping[str, Any]) -> None:
+    """Add a finished cell to the record at ``path`` (written atomically)."""
+    rec = read_record(path)
+    check_recipe(rec, recipe, path)
+    rec["recipe"] = dict(recipe)
+    rec["cells"][name] = dict(metrics)
+    rec["cells"] = dict(sorted(rec["cells"].items()))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(json.dumps(rec, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def resolve_commit(project: Path, ref: str) -> str:
+    """The full hash of ``ref`` in the project's git; ``ValueError`` when it names no commit."""
+    done = subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}"], cwd=project,
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise ValueError(f"--src {ref!r}: not a commit of {project}")
+    return done.stdout.strip()
+
+
 # --- running ---------------------------------------------------------------------------
 
 def _use_checkout_src() -> None:
@@ -425,15 +490,41 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                     help="params override for every cell, dotted key, YAML value (repeatable)")
     ap.add_argument("--work-dir", type=Path, default=ROOT / "outputs" / "lvlm_matrix",
                     help="where the cells live (default: outputs/lvlm_matrix)")
-    ap.add_argument("--params", type=Path, default=ROOT / "params.yaml", help="base params file")
-    ap.add_argument("--src", choices=("head", "tree", "live"), default="head",
-                    help="code the cells run: a snapshot of git HEAD (default), of the working tree, "
-                         "or the live checkout")
+    ap.add_argument("--params", type=Path, default=None,
+                    help="base params file (default: params.yaml of the cells' commit; with --src tree/live, the checkout's)")
+    ap.add_argument("--src", default="head",
+                    help="code the cells run: a snapshot of git HEAD (default), of a COMMIT (its params.yaml is "
+                         "then the base), 'tree' (the working tree) or 'live' (the checkout itself)")
+    ap.add_argument("--record", type=Path, default=None,
+                    help="JSON record of the recipe and its finished cells (tracked; resumes the matrix later)")
     ap.add_argument("--dry-run", action="store_true", help="print the cells and exit")
     ap.add_argument("--summarize", action="store_true", help="only print / write the table of finished cells")
     ap.add_argument("--nice", type=int, default=19, help="niceness to run at (default 19: idle CPU only)")
     ap.add_argument("--run-cell", type=Path, default=None, help=argparse.SUPPRESS)
     return ap.parse_args(argv)
+
+
+def base_params(args: argparse.Namespace, commit: str | None) -> dict[str, Any]:
+    """The params every cell starts from: ``--params``, else ``params.yaml`` of the cells' commit
+    (so an older recipe keeps its own schema), else the checkout's."""
+    if args.params is not None:
+        return yaml.safe_load(args.params.read_text())
+    if commit is not None:
+        shown = subprocess.run(["git", "show", f"{commit}:params.yaml"], cwd=ROOT, capture_output=True, text=True)
+        if shown.returncode != 0:
+            raise ValueError(f"--src {commit[:12]}: the commit has no params.yaml")
+        return yaml.safe_load(shown.stdout)
+    return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def summarize_record(path: Path, cells: Sequence[Cell] | None = None) -> str:
+    """The table of the cells in a record (all of them, or those of ``cells`` in order)."""
+    rec = read_record(path)
+    names = [c.name for c in cells] if cells is not None else list(rec["cells"])
+    rows = summary_rows([rec["cells"][n] for n in names if n in rec["cells"]])
+    table = markdown_table(rows) + "\n" + floors_note() + "\n"
+    print(table, flush=True)
+    return table
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -443,18 +534,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     work = args.work_dir.resolve()
     caps = args.caps or default_capabilities(cpu_flags())
     cells = plan_cells(args.seeds, caps)
-    if args.summarize:
-        summarize(work)
-        return 0
-    base = yaml.safe_load(args.params.read_text())
     try:
+        if args.summarize:
+            if args.record is not None:
+                summarize_record(args.record)
+            else:
+                summarize(work)
+            return 0
+        commit = None
+        if args.src not in ("tree", "live"):
+            commit = resolve_commit(ROOT, "HEAD" if args.src == "head" else args.src)
+        if args.record is not None and commit is None:
+            raise ValueError(f"--record needs cells that run a commit (--src head or COMMIT), not --src {args.src}")
+        base = base_params(args, commit)
         planned = {c: apply_overrides(base, c.seed, args.overrides) for c in cells}
+        recipe = recipe_of(commit or args.src, args.overrides, base)
+        recorded = read_record(args.record)["cells"] if args.record is not None else {}
+        if args.record is not None:
+            check_recipe(read_record(args.record), recipe, args.record)
     except (KeyError, ValueError) as exc:
         print(f"lvlm_matrix: {exc.args[0]}", file=sys.stderr)
         return 2
+
+    def finished(c: Cell) -> bool:
+        return c.name in recorded or (work / c.name / "metrics.json").is_file()
+
     if args.dry_run:
         for c in cells:
-            state = "done" if (work / c.name / "metrics.json").is_file() else "to run"
+            state = "done" if finished(c) else "to run"
             print(f"{c.name}: seed={c.seed} ATEN_CPU_CAPABILITY={c.capability} -> {work / c.name} ({state})")
         return 0
     if args.nice > 0:
@@ -463,21 +570,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     dataset = ensure_dataset(ROOT, work)
     src = None if args.src == "live" else work / "src"
     if src is not None:
-        print(f"cells run vlmcompress from {src} ({snapshot_source(ROOT, src, args.src)})", flush=True)
+        got = snapshot_source(ROOT, src, "tree" if args.src == "tree" else commit)
+        if commit is not None and got != commit:
+            print(f"lvlm_matrix: {src} holds a snapshot of {got[:12]}, not {commit[:12]}: use another --work-dir",
+                  file=sys.stderr)
+            return 2
+        print(f"cells run vlmcompress from {src} ({got})", flush=True)
     failed = []
     for i, c in enumerate(cells, 1):
         cell_dir = work / c.name
-        if (cell_dir / "metrics.json").is_file():
+        if finished(c):
             print(f"[{i}/{len(cells)}] {c.name}: done, skipped", flush=True)
-            continue
-        prepare_cell(cell_dir, planned[c], ROOT, dataset)
-        print(f"[{i}/{len(cells)}] {c.name}: running (log {cell_dir / 'train.log'})", flush=True)
-        t0 = time.perf_counter()
-        code = run_cell(c, cell_dir, src)
-        print(f"[{i}/{len(cells)}] {c.name}: exit {code} after {(time.perf_counter() - t0) / 60:.1f} min", flush=True)
-        if code != 0:
-            failed.append(c.name)
-    summarize(work, cells)
+        else:
+            prepare_cell(cell_dir, planned[c], ROOT, dataset)
+            print(f"[{i}/{len(cells)}] {c.name}: running (log {cell_dir / 'train.log'})", flush=True)
+            t0 = time.perf_counter()
+            code = run_cell(c, cell_dir, src)
+            print(f"[{i}/{len(cells)}] {c.name}: exit {code} after {(time.perf_counter() - t0) / 60:.1f} min", flush=True)
+            if code != 0:
+                failed.append(c.name)
+        if args.record is not None and c.name not in recorded and (cell_dir / "metrics.json").is_file():
+            record_cell(args.record, recipe, c.name, load_cell_metrics(work, [c])[0])
+            recorded[c.name] = True
+    if args.record is not None:
+        summarize_record(args.record, cells)
+    else:
+        summarize(work, cells)
     if failed:
         print(f"failed cells: {', '.join(failed)} (see their train.log)", file=sys.stderr)
     return 1 if failed else 0

@@ -148,3 +148,59 @@ def test_help_and_dry_run(tmp_path, capsys):
     assert out[0].startswith("seed0-avx2: seed=0 ATEN_CPU_CAPABILITY=avx2") and out[1].startswith("seed0-default")
     assert len(out) == 4 and not any(tmp_path.iterdir())
     assert matrix.main(["--dry-run", "--work-dir", str(tmp_path), "--set", "nope=1"]) == 2
+
+
+def test_record_keeps_cells_of_one_recipe_and_refuses_another(tmp_path):
+    rec = tmp_path / "rec.json"
+    base = {"seed": 0, "lvlm": {"train": {"lm_steps": 2000}}}
+    recipe = matrix.recipe_of("a" * 40, ["lvlm.train.lm_steps=3000"], base)
+    assert matrix.read_record(rec) == {"recipe": None, "cells": {}}
+    matrix.record_cell(rec, recipe, "seed1-avx2", _metrics(1, "avx2"))
+    matrix.record_cell(rec, recipe, "seed0-avx2", _metrics(0, "avx2", vqa=91.0))
+    got = matrix.read_record(rec)
+    assert got["recipe"] == recipe and list(got["cells"]) == ["seed0-avx2", "seed1-avx2"]
+    assert got["cells"]["seed0-avx2"]["vqa_acc"] == 91.0
+    other = matrix.recipe_of("a" * 40, ["lvlm.train.lm_steps=2500"], base)
+    with pytest.raises(ValueError, match="differs in overrides"):
+        matrix.record_cell(rec, other, "seed2-avx2", _metrics(2, "avx2"))
+    assert list(matrix.read_record(rec)["cells"]) == ["seed0-avx2", "seed1-avx2"]     # nothing lost
+    assert matrix.recipe_of("a" * 40, [], {**base, "seed": 1}) != matrix.recipe_of("a" * 40, [], base)
+
+
+@pytest.mark.parametrize("text", ["", "{", "[1, 2]", '{"cells": []}', '{"recipe": null, "cells": {"a": 3}}', "\udcff"])
+def test_a_file_that_is_not_a_record_is_a_one_line_error(tmp_path, text):
+    bad = tmp_path / "rec.json"
+    bad.write_bytes(text.encode("utf-8", "surrogateescape"))
+    with pytest.raises(ValueError, match="not a matrix record") as exc:
+        matrix.read_record(bad)
+    assert "\n" not in str(exc.value)
+
+
+def test_a_record_resumes_the_matrix_from_a_commit_and_its_params(tmp_path, capsys):
+    import json
+    import subprocess
+
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    if head.returncode != 0:
+        pytest.skip("not a git checkout")
+    commit = head.stdout.strip()
+    rec = tmp_path / "rec.json"
+    args = ["--src", commit[:10], "--record", str(rec), "--seeds", "0", "1", "--caps", "avx2",
+            "--work-dir", str(tmp_path / "work"), "--set", "lvlm.train.lm_steps=7"]
+    base = yaml.safe_load(subprocess.run(["git", "show", f"{commit}:params.yaml"], cwd=REPO, capture_output=True,
+                                         text=True, check=True).stdout)
+    recipe = matrix.recipe_of(commit, ["lvlm.train.lm_steps=7"], base)
+    matrix.record_cell(rec, recipe, "seed0-avx2", _metrics(0, "avx2"))
+    assert matrix.main(["--dry-run", *args]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].endswith("(done)") and out[1].endswith("(to run)")
+    # Another recipe on the same record: refused before anything runs.
+    assert matrix.main(["--dry-run", *args[:-1], "lvlm.train.lm_steps=8"]) == 2
+    assert "records another recipe" in capsys.readouterr().err
+    assert matrix.main(["--dry-run", "--src", "tree", *args[2:]]) == 2       # a record needs a commit
+    assert "--record needs cells that run a commit" in capsys.readouterr().err
+    assert matrix.main(["--dry-run", "--src", "no-such-commit", "--work-dir", str(tmp_path)]) == 2
+    assert "not a commit" in capsys.readouterr().err
+    assert matrix.main(["--summarize", "--record", str(rec)]) == 0
+    assert "| 0 | avx2 | 92.00 |" in capsys.readouterr().out
+    assert json.loads(rec.read_text())["recipe"]["source"] == commit
