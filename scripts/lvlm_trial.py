@@ -5,7 +5,9 @@
 
 For comparing recipes without touching ``outputs/lvlm``: the same ``Trainer`` and quick val
 check as the ``lvlm`` stage (200 val questions every ``eval_every`` steps), then VQA on 2,000
-test questions (with the most-common-answer baseline) and retrieval on the test split.
+test questions (with the most-common-answer baseline), retrieval and grounding (1,000 referring
+expressions) on the test split, printed and written to ``<work>/scores.json``. Run again on a
+finished trial, it loads the trained phases and only scores.
 Results: ``docs/experiments/2026-12-03-embedded-lvlm-recipe.md``.
 """
 from __future__ import annotations
@@ -22,7 +24,8 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from vlmcompress.config import load_params  # noqa: E402
 from vlmcompress.api import load_all  # noqa: E402
-from vlmcompress.eval.tasks import majority_baseline, run_retrieval, run_vqa, vqa_items  # noqa: E402
+from vlmcompress.eval.tasks import majority_baseline, run_grounding, run_retrieval, run_vqa, vqa_items  # noqa: E402
+from vlmcompress.io import write_json  # noqa: E402
 from vlmcompress.lvlm.phases import PHASES, phase_digests  # noqa: E402
 from vlmcompress.lvlm.train import Trainer  # noqa: E402
 
@@ -75,9 +78,16 @@ def main(argv: list[str]) -> int:
     lvlm = trainer.lvlm()
     items = vqa_items(splits["test"], 2000, seed=0)
     r = run_vqa(lvlm, items, batch_size=50)
-    print("test vqa", round(r.acc, 2), {k: round(v, 2) for k, v in r.by_type.items()})
-    print("majority", majority_baseline(splits["train"], items))
-    print("retrieval", run_retrieval(lvlm, splits["test"]))
+    scores: dict = {"vqa_acc": round(r.acc, 2), "vqa_acc_by_type": {k: round(v, 2) for k, v in r.by_type.items()},
+                    "vqa_majority": majority_baseline(splits["train"], items)}
+    print("test vqa", scores["vqa_acc"], scores["vqa_acc_by_type"])
+    print("majority", scores["vqa_majority"])
+    scores["retrieval"] = run_retrieval(lvlm, splits["test"])
+    print("retrieval", scores["retrieval"])
+    g50, miou = run_grounding(lvlm, splits["test"], batch_size=50, max_refs=1000)
+    scores.update(grounding_acc50=g50, grounding_miou=miou, train_seconds=seconds)
+    print("grounding acc@0.5", g50, "mIoU", miou)
+    write_json(Path(work) / "scores.json", scores)
     return 0
 
 
