@@ -380,3 +380,27 @@ def test_grounding_bound_scores_exact_centres_fully_and_far_ones_not_at_all():
     assert bound.class_box_accuracy(boxes, classes, 0.0, 128, np.random.default_rng(0)) == 100.0
     assert bound.class_box_accuracy(boxes, classes, 200.0, 128, np.random.default_rng(0)) == 0.0
     assert bound.iou((0, 0, 2, 2), (1, 0, 3, 2)) == 1 / 3
+
+
+def test_grounding_probe_reads_one_number_per_coordinate_of_a_forced_box(tmp_path):
+    import dataclasses
+
+    import torch
+
+    from vlmcompress.config import load_params
+    from vlmcompress.lvlm.train import Trainer
+
+    probe = _script("grounding_probe")
+    p = load_params(REPO / "params.yaml")
+    arch = dataclasses.replace(p.lvlm.arch, vision_hidden=32, vision_layers=1, vision_heads=2, text_hidden=32,
+                               text_layers=1, text_heads=2, projection_dim=16, lm_hidden=32, lm_layers=1, lm_heads=2,
+                               lm_intermediate=64, stem_context=0)
+    train = dataclasses.replace(p.lvlm.train, lm_where_layer=0)
+    lvlm = Trainer(dataclasses.replace(p.lvlm, arch=arch, train=train), p.data.scenes, tmp_path, seed=0,
+                   log=lambda m: None).lvlm()
+    ids, values = probe.number_tokens(lvlm.tokenizer.get_vocab())
+    assert len(ids) == 101 and values[0] == 0.0 and values[-1] == 1.0 and bool((values.diff() > 0).all())
+    assert probe.box_answer((0.1, 0.25, 1.3, -0.2)) == "[0.10, 0.25, 1.00, 0.00]"
+    image = torch.rand(3, arch.image_size, arch.image_size)
+    got, numbers = probe.forced_coordinates(lvlm, image, "the small red circle", "[0.10, 0.25, 0.40, 0.50]", ids, values)
+    assert len(got) == 4 and all(v in values.tolist() for v in got) and 0 <= numbers <= 4

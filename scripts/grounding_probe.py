@@ -1,0 +1,93 @@
+"""Does the LVLM localise the referred object? Teacher-forced box coordinates on test refs.
+
+    python scripts/grounding_probe.py MODEL_DIR [--refs 300]     # MODEL_DIR holds llava/ and clip/
+
+For each referring expression (the first ``--refs`` of the test split), the true answer
+``[x1, y1, x2, y2]`` is fed and, at each coordinate, the most likely of the number tokens
+(``0.00`` ... ``1.00``) is read. Prints the mean absolute error of each coordinate (fraction of
+the image side; a guess that ignores the image scores about 1/3), how often the unrestricted
+argmax is a number at all, and the accuracy at IoU >= 0.5 of the box of the four restricted
+argmaxes (x2, y2 are read knowing the true x1, y1, so this is an upper bound on what the
+model's own boxes can score). Results: ``docs/experiments/`` (the entries on grounding).
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from vlmcompress.api import load_all  # noqa: E402
+from vlmcompress.eval.tasks import box_iou, file_images, ref_box  # noqa: E402
+from vlmcompress.lvlm.load import load_lvlm  # noqa: E402
+
+
+def box_answer(box: tuple[float, float, float, float]) -> str:
+    """The LLaVA-1.5 box text of a normalised box, as the embedded model is trained to write it."""
+    return "[" + ", ".join(f"{min(max(v, 0.0), 1.0):.2f}" for v in box) + "]"
+
+
+def number_tokens(vocab: dict[str, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ids of the coordinate tokens ``0.00`` ... ``1.00`` and their values ``[K]``."""
+    pairs = sorted((float(w), i) for w, i in vocab.items() if re.fullmatch(r"[01]\.\d\d", w) and float(w) <= 1)
+    return torch.tensor([i for _, i in pairs]), torch.tensor([v for v, _ in pairs])
+
+
+@torch.inference_mode()
+def forced_coordinates(lvlm, image: torch.Tensor, sentence: str, answer: str, ids: torch.Tensor,
+                       values: torch.Tensor) -> tuple[list[float], int]:
+    """Teacher-forced ``answer`` after the grounding prompt for ``sentence``: at each slot whose
+    next token is a coordinate, the restricted argmax's value -> (values, slots where the
+    unrestricted argmax is a number)."""
+    feats = lvlm.visual_features(image[None])
+    vis, vmask, gpos = lvlm._apply(feats, lvlm.transform_texts("ground", [sentence]), None)
+    prompts = lvlm._prompt_ids("ground", [sentence])
+    embeds, mask, labels, _ = lvlm._assemble(vis, vmask.bool(), prompts, [answer], left_pad=False)
+    shift, _ = lvlm._sequence_shift(vmask.bool(), gpos, feats.tokens.shape[1], prompts, mask, False)
+    pos = lvlm._position_ids(mask, shift)
+    h = lvlm.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos,
+                            return_dict=True).last_hidden_state
+    logits = lvlm.llava.lm_head(h[0, :-1])
+    nxt = labels[0, 1:]
+    slots = torch.isin(nxt, ids).nonzero().flatten()
+    got = logits[slots][:, ids].argmax(-1)
+    is_number = torch.isin(logits[slots].argmax(-1), ids).sum().item()
+    return values[got].tolist(), int(is_number)
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model", type=Path, help="folder with llava/ and clip/ (a trial's or the stage's model)")
+    ap.add_argument("--refs", type=int, default=300, help="test referring expressions to probe")
+    args = ap.parse_args(argv)
+    if not (args.model / "llava").is_dir() or not (args.model / "clip").is_dir():
+        print(f"grounding_probe: {args.model} has no llava/ and clip/ folders", file=sys.stderr)
+        return 2
+    lvlm = load_lvlm(str(args.model / "llava"), str(args.model / "clip"))
+    ids, values = number_tokens(lvlm.tokenizer.get_vocab())
+    test = load_all()["test"]
+    items = [(r, ref) for r in test for ref in r.refs][:args.refs]
+    errors, hits, numbers, slots = [], [], 0, 0
+    for rec, ref in items:
+        truth = tuple(round(min(max(v, 0.0), 1.0), 2) for v in ref_box(rec, ref.bbox, lvlm.image_aspect))
+        got, n = forced_coordinates(lvlm, file_images(rec), ref.sentence, box_answer(truth), ids, values)
+        if len(got) != 4:
+            continue
+        errors.append(np.abs(np.array(got) - np.array(truth)))
+        hits.append(box_iou(tuple(got), ref_box(rec, ref.bbox, lvlm.image_aspect)) >= 0.5)
+        numbers, slots = numbers + n, slots + 4
+    err = np.mean(errors, axis=0)
+    print(f"refs {len(errors)}; mean |error| x1 {err[0]:.3f} y1 {err[1]:.3f} x2 {err[2]:.3f} y2 {err[3]:.3f}; "
+          f"argmax is a number at {100 * numbers / max(slots, 1):.1f} % of slots; "
+          f"teacher-forced acc@0.5 {100 * np.mean(hits):.1f} %")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
