@@ -292,6 +292,74 @@ def test_dense_position_heads_learn_where_a_patch_is_only_when_weighted():
     assert acc["row"] == acc["col"] == 1.0
 
 
+def _square(cx: float, cy: float, side: float) -> tuple[tuple[float, float], ...]:
+    r = side / 2
+    return ((cx - r, cy - r), (cx + r, cy - r), (cx + r, cy + r), (cx - r, cy + r))
+
+
+def test_patch_centres_give_every_patch_of_an_object_its_centre_and_the_background_its_own_place():
+    from vlmcompress.lvlm.curriculum import place_code, position_code
+    from vlmcompress.lvlm.labels import mirror_centres, patch_centres, patch_labels
+
+    objs = [SceneObject("square", "red", "large", 43.0, 77.0, 24.0, _square(43.0, 77.0, 24.0))]
+    lab, cen = patch_labels(objs, 128, 8), patch_centres(objs, 128, 8)
+    assert cen.shape == (2, 16, 16) and cen.dtype == np.float32
+    obj = lab[0] > 0
+    assert obj.sum() >= 9
+    assert np.allclose(cen[0][obj], 2 * 43.0 / 128 - 1) and np.allclose(cen[1][obj], 2 * 77.0 / 128 - 1)
+    # The background keeps its own place: the same vectors as position_code's.
+    code = place_code(torch.from_numpy(cen).flatten(1).T, 32, 2.0, seed=0)
+    grid = position_code(16, 32, 2.0, seed=0)
+    bg = torch.from_numpy(~obj).flatten()
+    assert torch.allclose(code[bg], grid[bg], atol=1e-6) and not torch.allclose(code[~bg], grid[~bg])
+    assert torch.allclose(code[~bg], code[~bg][:1].expand(int((~bg).sum()), -1))     # one place for the object
+    # Mirroring: columns reversed and x negated, for numpy and torch alike.
+    m = mirror_centres(cen)
+    assert np.array_equal(m[0], -cen[0][:, ::-1]) and np.array_equal(m[1], cen[1][:, ::-1])
+    assert np.allclose(m[0][:, ::-1][obj], 1 - 2 * 43.0 / 128)                    # the object's mirrored centre
+    both_bg = ~obj & ~obj[:, ::-1]
+    assert np.allclose(m[:, both_bg], cen[:, both_bg])                              # the background grid is symmetric
+    assert torch.equal(mirror_centres(torch.from_numpy(cen)), torch.from_numpy(m))
+
+
+def test_the_place_head_regresses_each_patch_object_centre_only_when_weighted():
+    from vlmcompress.lvlm.heads import DenseHeads
+    from vlmcompress.lvlm.labels import patch_targets
+
+    objs = [SceneObject("square", "red", "large", 10.0, 20.0, 12.0, _square(10.0, 20.0, 12.0))]
+    lab, cen = (torch.from_numpy(a)[None] for a in patch_targets(objs, 32, 8))    # a 4 x 4 grid
+    feats = torch.eye(16)[None]
+    torch.manual_seed(0)
+    plain = DenseHeads(16, grid=4, position_weight=1.0)
+    torch.manual_seed(0)
+    heads = DenseHeads(16, grid=4, position_weight=1.0, place_weight=1.0)
+    assert not hasattr(plain, "place")
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), heads.state_dict().values()))
+    with pytest.raises(ValueError, match="object centres"):
+        heads.loss(feats, lab)
+    opt = torch.optim.Adam(heads.parameters(), lr=0.05)
+    _, first = heads.loss(feats, lab, cen)
+    for _ in range(200):
+        loss, acc = heads.loss(feats, lab, cen)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    _, acc = heads.loss(feats, lab, cen)
+    assert acc["place_px"] < 0.5 < first["place_px"] and "place_px" not in plain.loss(feats, lab)[1]
+
+
+def test_a_run_with_object_places_trains_the_place_head_and_aligns_to_object_centres(tmp_path):
+    from vlmcompress.lvlm.train import Trainer
+
+    params, scenes = _tiny_params(clip_place_weight=1.0, align_position_target="object")
+    tr = Trainer(params, scenes, tmp_path, seed=0, log=lambda m: None)
+    tr.run(tmp_path / "model")
+    clip_rows = [r for r in tr.curves if r["phase"] == "clip"]
+    assert clip_rows and all(r["place_px"] > 0 for r in clip_rows)
+    base, _ = _tiny_params()
+    assert Trainer(base, scenes, tmp_path / "b", seed=0, log=lambda m: None).digests["clip"] != tr.digests["clip"]
+
+
 def test_turn_mask_lets_a_turn_see_the_image_and_itself_but_no_other_turn():
     from vlmcompress.lvlm.curriculum import turn_mask
 

@@ -85,18 +85,24 @@ def kept_tokens(labels: Tensor, n_background: int, rng: np.random.Generator) -> 
     return out
 
 
+def place_code(xy: Tensor, dim: int, scale: float, seed: int) -> Tensor:
+    """Places ``xy [..., 2]`` (x, y in [-1, 1]) as vectors the LM can read: ``[..., dim]``,
+    along two fixed orthonormal directions (drawn from ``seed``) times ``scale``. Linear, so a
+    comparison ("left of") or a box is a linear readout."""
+    gen = torch.Generator().manual_seed(seed)
+    basis, _ = torch.linalg.qr(torch.randn(dim, 2, generator=gen))          # [dim, 2] orthonormal
+    return scale * xy.float() @ basis.T
+
+
 def position_code(grid: int, dim: int, scale: float, seed: int) -> Tensor:
     """Where each patch is, as a vector the LM can read: ``[G*G, dim]``.
 
-    Column and row, each mapped linearly to [-1, 1], along two fixed orthonormal directions
-    (drawn from ``seed``) times ``scale``. Added to the projector's alignment target, so a
-    visual token starts out as its object's words *plus* its place: a linear code is what a
-    comparison ("left of") and a box readout need.
+    Column and row, each mapped linearly to [-1, 1], through :func:`place_code`. Added to the
+    projector's alignment target, so a visual token starts out as its object's words *plus* its
+    place: a linear code is what a comparison ("left of") and a box readout need.
     """
-    gen = torch.Generator().manual_seed(seed)
-    basis, _ = torch.linalg.qr(torch.randn(dim, 2, generator=gen))          # [dim, 2] orthonormal
     cell = torch.arange(grid * grid)
     coords = torch.stack([cell % grid, cell // grid], -1).float()           # [N, 2] (x, y)
     coords = 2 * (coords + 0.5) / grid - 1
-    return scale * coords @ basis.T
+    return place_code(coords, dim, scale, seed)
 

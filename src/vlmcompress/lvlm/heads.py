@@ -20,7 +20,7 @@ class DenseHeads(nn.Module):
     answered spatial questions at chance and grounded nothing.
     """
 
-    def __init__(self, dim: int, grid: int = 0, position_weight: float = 0.0) -> None:
+    def __init__(self, dim: int, grid: int = 0, position_weight: float = 0.0, place_weight: float = 0.0) -> None:
         super().__init__()
         self.color = nn.Linear(dim, len(COLORS) + 1)
         self.shape = nn.Linear(dim, len(SHAPES) + 1)
@@ -30,9 +30,17 @@ class DenseHeads(nn.Module):
         if position_weight > 0:
             self.row = nn.Linear(dim, grid)
             self.col = nn.Linear(dim, grid)
+        self.place_weight = place_weight
+        if place_weight > 0:      # drawing nothing the rest of the model draws: the same init with or without it
+            with torch.random.fork_rng():
+                self.place = nn.Linear(dim, 2)
 
-    def loss(self, feats: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, float]]:
-        """``feats [B, N, D]``, ``labels [B, 4, G, G]`` -> loss and per-head patch accuracy."""
+    def loss(self, feats: Tensor, labels: Tensor, centres: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
+        """``feats [B, N, D]``, ``labels [B, 4, G, G]`` -> loss and per-head patch accuracy.
+
+        With ``place_weight`` > 0, also the MSE of each patch's object centre ``centres
+        [B, 2, G, G]`` (:func:`~vlmcompress.lvlm.labels.patch_centres`), reported as its RMS error
+        in pixels of a 128-pixel side on object patches (``place_px``)."""
         lab = labels.flatten(2).transpose(1, 2)               # [B, N, 4]
         obj = lab[..., 0] > 0
         total, acc = feats.new_zeros(()), {}
@@ -52,6 +60,12 @@ class DenseHeads(nn.Module):
                 tgt = target.expand(feats.shape[0], -1)
                 total = total + self.position_weight * F.cross_entropy(logits.flatten(0, 1), tgt.flatten())
                 acc[name] = (logits.argmax(-1) == tgt)[obj].float().mean().item()
+        if self.place_weight > 0:
+            if centres is None:
+                raise ValueError("DenseHeads.loss: place_weight > 0 needs the patches' object centres")
+            err = (self.place(feats) - centres.flatten(2).transpose(1, 2)).pow(2).sum(-1)     # [B, N]
+            total = total + self.place_weight * err.mean()
+            acc["place_px"] = 64 * err[obj].mean().sqrt().item() if obj.any() else 0.0
         return total, acc
 
 

@@ -5,6 +5,7 @@ from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
+from torch import Tensor
 
 from vlmcompress.data.scenes import COLORS, SHAPES, SIZES, SceneObject
 
@@ -14,14 +15,12 @@ SIZE_IDS = {s: i + 1 for i, s in enumerate(SIZES)}
 _MIN_COVER = 0.2  # a patch belongs to an object if the object covers >= 20% of it
 
 
-def patch_labels(objs: Sequence[SceneObject], image_size: int, patch: int) -> np.ndarray:
-    """Per-patch labels ``[4, G, G]`` int64: colour, shape, size ids (0 = background) and a
-    centre flag (1 on the patch holding the object's centre), for ``G = image_size // patch``.
-
-    A patch takes the object covering most of it (ties: the later-drawn object).
-    """
+def patch_targets(objs: Sequence[SceneObject], image_size: int, patch: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`patch_labels` and :func:`patch_centres` of one scene, from one rasterisation."""
     g = image_size // patch
     out = np.zeros((4, g, g), dtype=np.int64)
+    cells = (np.arange(g, dtype=np.float32) + 0.5) * 2 / g - 1
+    centres = np.stack(np.broadcast_arrays(cells[None, :], cells[:, None])).astype(np.float32)   # own place
     best = np.full((g, g), _MIN_COVER, dtype=np.float32)
     for o in objs:
         mask = Image.new("L", (image_size, image_size), 0)
@@ -30,6 +29,33 @@ def patch_labels(objs: Sequence[SceneObject], image_size: int, patch: int) -> np
         take = cover >= best
         best = np.where(take, cover, best)
         out[0][take], out[1][take], out[2][take] = COLOR_IDS[o.color], SHAPE_IDS[o.shape], SIZE_IDS[o.size]
+        centres[0][take], centres[1][take] = 2 * o.cx / image_size - 1, 2 * o.cy / image_size - 1
         cy, cx = min(int(o.cy // patch), g - 1), min(int(o.cx // patch), g - 1)
         out[3, cy, cx] = 1
-    return out
+    return out, centres
+
+
+def patch_labels(objs: Sequence[SceneObject], image_size: int, patch: int) -> np.ndarray:
+    """Per-patch labels ``[4, G, G]`` int64: colour, shape, size ids (0 = background) and a
+    centre flag (1 on the patch holding the object's centre), for ``G = image_size // patch``.
+
+    A patch takes the object covering most of it (ties: the later-drawn object).
+    """
+    return patch_targets(objs, image_size, patch)[0]
+
+
+def patch_centres(objs: Sequence[SceneObject], image_size: int, patch: int) -> np.ndarray:
+    """Per patch, ``[2, G, G]`` float32 (x, y) in [-1, 1]: the centre of the object the patch
+    belongs to (as in :func:`patch_labels`), or the patch's own centre on the background.
+
+    The place an object's tokens can all share, to sub-patch precision: a box or a comparison
+    then needs no average over the object's patches."""
+    return patch_targets(objs, image_size, patch)[1]
+
+
+def mirror_centres(centres: np.ndarray | Tensor) -> np.ndarray | Tensor:
+    """:func:`patch_centres` ``[..., 2, G, G]`` of the horizontally flipped image: columns
+    reversed and x negated."""
+    flipped = centres[..., ::-1].copy() if isinstance(centres, np.ndarray) else centres.flip(-1)
+    flipped[..., 0, :, :] = -flipped[..., 0, :, :]
+    return flipped

@@ -12,7 +12,7 @@ from vlmcompress.data.config import ScenesParams
 from vlmcompress.data.scenes import (QUESTION_TYPES, SceneObject, make_captions, make_refs, make_scene,
                                      question_candidates, sample_scene, scene_rng)
 from vlmcompress.lvlm.adapter import Prompts
-from vlmcompress.lvlm.labels import patch_labels
+from vlmcompress.lvlm.labels import patch_targets
 from vlmcompress.lvlm.targets import PHRASES
 from vlmcompress.lvlm.tokenizer import build_vocab
 
@@ -26,13 +26,14 @@ VOCAB_STREAM = 99          # scenes whose language seeds the vocabulary
 class Pool:
     images: Tensor                      # [M, H, W, 3] uint8
     labels: Tensor                      # [M, 4, G, G] int64 (colour, shape, size, centre)
+    centres: Tensor                     # [M, 2, G, G] float32: each patch's object centre (labels.patch_centres)
     objects: list[list[SceneObject]]
     captions: list[list[str]]
 
 
-def _pool_item(p: ScenesParams, index: int, patch: int) -> tuple[np.ndarray, np.ndarray, list, list]:
+def _pool_item(p: ScenesParams, index: int, patch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, list, list]:
     s = make_scene(p, POOL_STREAM, index, n_questions=0)
-    return s.image, patch_labels(s.objects, p.image_size, patch), s.objects, s.captions
+    return s.image, *patch_targets(s.objects, p.image_size, patch), s.objects, s.captions
 
 
 def build_pool(p: ScenesParams, n: int, patch: int, workers: int = 2) -> Pool:
@@ -41,7 +42,8 @@ def build_pool(p: ScenesParams, n: int, patch: int, workers: int = 2) -> Pool:
         items = list(ex.map(_pool_item, [p] * n, range(n), [patch] * n, chunksize=max(1, n // 32)))
     return Pool(images=torch.from_numpy(np.stack([i[0] for i in items])),
                 labels=torch.from_numpy(np.stack([i[1] for i in items])),
-                objects=[i[2] for i in items], captions=[i[3] for i in items])
+                centres=torch.from_numpy(np.stack([i[2] for i in items])),
+                objects=[i[3] for i in items], captions=[i[4] for i in items])
 
 
 def scene_vocab(p: ScenesParams, prompts: Prompts, n_scenes: int = 400) -> list[str]:
