@@ -446,7 +446,7 @@ def run_cell_here(cell_dir: Path) -> int:
 
     import vlmcompress
     from vlmcompress.config import load_params
-    from vlmcompress.data.stage import load_all
+    from vlmcompress.data.dataset import load_all
     from vlmcompress.io import write_json
     from vlmcompress.lvlm.stage import run_lvlm_stage
     from vlmcompress.paths import project_root

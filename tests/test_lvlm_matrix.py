@@ -204,3 +204,10 @@ def test_a_record_resumes_the_matrix_from_a_commit_and_its_params(tmp_path, caps
     assert matrix.main(["--summarize", "--record", str(rec)]) == 0
     assert "| 0 | avx2 | 92.00 |" in capsys.readouterr().out
     assert json.loads(rec.read_text())["recipe"]["source"] == commit
+
+
+def test_a_cell_body_imports_what_it_runs_and_refuses_another_root(tmp_path, monkeypatch):
+    monkeypatch.setenv("VLMCOMPRESS_ROOT", str(tmp_path / "elsewhere"))
+    (tmp_path / "cell").mkdir()
+    with pytest.raises(RuntimeError, match="VLMCOMPRESS_ROOT must point at the cell"):
+        matrix.run_cell_here(tmp_path / "cell")
