@@ -2,6 +2,7 @@
 
     python scripts/lvlm_trial.py params.yaml /tmp/trial     # resumable; prints curves and test scores
     python scripts/lvlm_trial.py params.yaml /tmp/trial --reuse outputs/lvlm/checkpoints   # start from its finished phases
+    python scripts/lvlm_trial.py params.yaml /tmp/trial --score-only   # score its saved model again
 
 For comparing recipes without touching ``outputs/lvlm``: the same ``Trainer`` and quick val
 check as the ``lvlm`` stage (200 val questions every ``eval_every`` steps), then VQA on 2,000
@@ -26,6 +27,7 @@ from vlmcompress.config import load_params  # noqa: E402
 from vlmcompress.api import load_all  # noqa: E402
 from vlmcompress.eval.tasks import majority_baseline, run_grounding, run_retrieval, run_vqa, vqa_items  # noqa: E402
 from vlmcompress.io import write_json  # noqa: E402
+from vlmcompress.lvlm.load import load_lvlm  # noqa: E402
 from vlmcompress.lvlm.phases import PHASES, phase_digests  # noqa: E402
 from vlmcompress.lvlm.train import Trainer  # noqa: E402
 
@@ -52,16 +54,43 @@ def reuse_phases(source: Path, work: Path, digests: dict[str, str]) -> list[str]
     return taken
 
 
+def score(lvlm, splits: dict, work: Path, extra: dict) -> dict:
+    """Test-split scores of a trained model, printed and written to ``work/scores.json``."""
+    items = vqa_items(splits["test"], 2000, seed=0)
+    r = run_vqa(lvlm, items, batch_size=50)
+    scores: dict = {"vqa_acc": round(r.acc, 2), "vqa_acc_by_type": {k: round(v, 2) for k, v in r.by_type.items()},
+                    "vqa_majority": majority_baseline(splits["train"], items)}
+    print("test vqa", scores["vqa_acc"], scores["vqa_acc_by_type"])
+    print("majority", scores["vqa_majority"])
+    scores["retrieval"] = run_retrieval(lvlm, splits["test"])
+    print("retrieval", scores["retrieval"])
+    g50, miou = run_grounding(lvlm, splits["test"], batch_size=50, max_refs=1000)
+    scores.update(grounding_acc50=g50, grounding_miou=miou, **extra)
+    print("grounding acc@0.5", g50, "mIoU", miou, flush=True)
+    write_json(work / "scores.json", scores)
+    return scores
+
+
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("params", help="params file of the recipe")
     ap.add_argument("work", help="checkpoint dir of the trial (resumable)")
     ap.add_argument("--reuse", type=Path, default=None,
                     help="checkpoint dir of another run: its finished phases with this recipe's digests are copied first")
+    ap.add_argument("--score-only", action="store_true",
+                    help="only score the trial's saved model (<work>/model), whatever its params file holds now")
     args = ap.parse_args(argv)
-    params, work = load_params(args.params), args.work
+    work = Path(args.work)
+    if args.score_only:
+        model = work / "model"
+        if not (model / "llava").is_dir():
+            print(f"lvlm_trial: {model} holds no trained model", file=sys.stderr)
+            return 2
+        score(load_lvlm(str(model / "llava"), str(model / "clip")), load_all(), work, {})
+        return 0
+    params = load_params(args.params)
     if args.reuse is not None:
-        taken = reuse_phases(args.reuse, Path(work), phase_digests(params.lvlm, params.data.scenes, params.seed))
+        taken = reuse_phases(args.reuse, work, phase_digests(params.lvlm, params.data.scenes, params.seed))
         print("reused phases:", ", ".join(taken) or "none", flush=True)
     splits = load_all()
     val_items = vqa_items(splits["val"], 200, seed=1)
@@ -72,22 +101,10 @@ def main(argv: list[str]) -> int:
 
     trainer = Trainer(params.lvlm, params.data.scenes, work, seed=params.seed)
     t0 = time.perf_counter()
-    seconds = trainer.run(Path(work) / "model", eval_fn=quick)
+    seconds = trainer.run(work / "model", eval_fn=quick)
     print("train", seconds, round(time.perf_counter() - t0, 1), flush=True)
-    trainer.write_curves(Path(work) / "curves.csv")
-    lvlm = trainer.lvlm()
-    items = vqa_items(splits["test"], 2000, seed=0)
-    r = run_vqa(lvlm, items, batch_size=50)
-    scores: dict = {"vqa_acc": round(r.acc, 2), "vqa_acc_by_type": {k: round(v, 2) for k, v in r.by_type.items()},
-                    "vqa_majority": majority_baseline(splits["train"], items)}
-    print("test vqa", scores["vqa_acc"], scores["vqa_acc_by_type"])
-    print("majority", scores["vqa_majority"])
-    scores["retrieval"] = run_retrieval(lvlm, splits["test"])
-    print("retrieval", scores["retrieval"])
-    g50, miou = run_grounding(lvlm, splits["test"], batch_size=50, max_refs=1000)
-    scores.update(grounding_acc50=g50, grounding_miou=miou, train_seconds=seconds)
-    print("grounding acc@0.5", g50, "mIoU", miou)
-    write_json(Path(work) / "scores.json", scores)
+    trainer.write_curves(work / "curves.csv")
+    score(trainer.lvlm(), splits, work, {"train_seconds": seconds})
     return 0
 
 
