@@ -8,7 +8,8 @@ For each referring expression (the first ``--refs`` of the test split), the true
 the image side; a guess that ignores the image scores about 1/3), how often the unrestricted
 argmax is a number at all, and the accuracy at IoU >= 0.5 of the box of the four restricted
 argmaxes (x2, y2 are read knowing the true x1, y1, so this is an upper bound on what the
-model's own boxes can score). Results: ``docs/experiments/`` (the entries on grounding).
+model's own boxes can score).
+Results: ``docs/experiments/2026-12-04-lvlm-grounding-readout-late-start.md``.
 """
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ check as the ``lvlm`` stage (200 val questions every ``eval_every`` steps), then
 test questions (with the most-common-answer baseline), retrieval and grounding (1,000 referring
 expressions) on the test split, printed and written to ``<work>/scores.json``. Run again on a
 finished trial, it loads the trained phases and only scores.
-Results: ``docs/experiments/2026-12-03-embedded-lvlm-recipe.md``.
+Results: ``docs/experiments/2026-12-03-embedded-lvlm-recipe.md`` and later entries on the LM phase.
 """
 from __future__ import annotations
 
