@@ -46,16 +46,8 @@ def forced_coordinates(lvlm, image: torch.Tensor, sentence: str, answer: str, id
     """Teacher-forced ``answer`` after the grounding prompt for ``sentence``: at each slot whose
     next token is a coordinate, the restricted argmax's value -> (values, slots where the
     unrestricted argmax is a number)."""
-    feats = lvlm.visual_features(image[None])
-    vis, vmask, gpos = lvlm._apply(feats, lvlm.transform_texts("ground", [sentence]), None)
-    prompts = lvlm._prompt_ids("ground", [sentence])
-    embeds, mask, labels, _ = lvlm._assemble(vis, vmask.bool(), prompts, [answer], left_pad=False)
-    shift, _ = lvlm._sequence_shift(vmask.bool(), gpos, feats.tokens.shape[1], prompts, mask, False)
-    pos = lvlm._position_ids(mask, shift)
-    h = lvlm.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos,
-                            return_dict=True).last_hidden_state
-    logits = lvlm.llava.lm_head(h[0, :-1])
-    nxt = labels[0, 1:]
+    logits, nxt = lvlm.answer_logits(image[None], [sentence], [answer], task="ground")
+    logits, nxt = logits[0], nxt[0]
     slots = torch.isin(nxt, ids).nonzero().flatten()
     got = logits[slots][:, ids].argmax(-1)
     is_number = torch.isin(logits[slots].argmax(-1), ids).sum().item()

@@ -10,7 +10,7 @@ Same class for both worlds: the embedded model this package trains, and
   — CLIP's joint space (EOS pooling with the attention mask, by CLIP's own text tower);
 * :meth:`LVLM.generate` — batched greedy decoding that builds ``inputs_embeds`` itself, so a
   ``transform`` of the visual tokens may change their number per image (padding + mask);
-* :meth:`LVLM.answer_loss` — the LM loss on answer tokens only (training, gradient tests);
+* :meth:`LVLM.answer_logits` / :meth:`LVLM.answer_loss` — teacher-forced answers: the logits, or the LM loss on answer tokens only (training, gradient tests, probes);
 * :attr:`LVLM.vision_tower` / :attr:`LVLM.projector` / :attr:`LVLM.language_model` — the three
   parts, for code that needs one itself (the codec's token target, FLOPs counting); nothing
   outside this package reaches into ``LVLM.llava`` for them.
@@ -546,11 +546,12 @@ class LVLM:
             logits = decoder.step(emb(nxt)[:, None])
         return [self.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in out]
 
-    def answer_loss(self, images: Tensor, texts: Sequence[str], answers: Sequence[str], task: str = "vqa",
-                    transform: TokenTransform | None = None) -> Tensor:
-        """Mean cross-entropy over answer tokens (+EOS); differentiable w.r.t. ``images``."""
+    def answer_logits(self, images: Tensor, texts: Sequence[str], answers: Sequence[str], task: str = "vqa",
+                      transform: TokenTransform | None = None) -> tuple[Tensor, Tensor]:
+        """Teacher-forced ``answers`` after each prompt: ``logits [B, T-1, V]`` at every position
+        and the ``labels [B, T-1]`` they predict (-100 but on answer tokens and their EOS)."""
         if isinstance(transform, LMTransform):
-            raise ValueError("answer_loss: a transform that prunes inside the LM is not supported")
+            raise ValueError("answer_logits: a transform that prunes inside the LM is not supported")
         feats = self.visual_features(images)
         vis, vmask, gpos = self._apply(feats, self.transform_texts(task, texts), transform)
         prompts = self._prompt_ids(task, texts)
@@ -559,6 +560,10 @@ class LVLM:
         pos = self._position_ids(mask, shift)
         h = self.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos,
                                 return_dict=True).last_hidden_state
-        logits = self.llava.lm_head(h[:, :-1])
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1),
-                               ignore_index=-100)
+        return self.llava.lm_head(h[:, :-1]), labels[:, 1:]
+
+    def answer_loss(self, images: Tensor, texts: Sequence[str], answers: Sequence[str], task: str = "vqa",
+                    transform: TokenTransform | None = None) -> Tensor:
+        """Mean cross-entropy over answer tokens (+EOS); differentiable w.r.t. ``images``."""
+        logits, labels = self.answer_logits(images, texts, answers, task, transform)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100)
