@@ -549,9 +549,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         base = base_params(args, commit)
         planned = {c: apply_overrides(base, c.seed, args.overrides) for c in cells}
         recipe = recipe_of(commit or args.src, args.overrides, base)
-        recorded = read_record(args.record)["cells"] if args.record is not None else {}
+        recorded = {}
         if args.record is not None:
-            check_recipe(read_record(args.record), recipe, args.record)
+            rec = read_record(args.record)
+            check_recipe(rec, recipe, args.record)
+            recorded = rec["cells"]
     except (KeyError, ValueError) as exc:
         print(f"lvlm_matrix: {exc.args[0]}", file=sys.stderr)
         return 2
