@@ -348,6 +348,46 @@ def test_the_place_head_regresses_each_patch_object_centre_only_when_weighted():
     assert acc["place_px"] < 0.5 < first["place_px"] and "place_px" not in plain.loss(feats, lab)[1]
 
 
+def test_the_xy_head_regresses_each_patch_own_centre_only_when_weighted():
+    from vlmcompress.lvlm.heads import DenseHeads
+    from vlmcompress.lvlm.labels import grid_xy, patch_targets
+
+    assert grid_xy(2).tolist() == [[-0.5, -0.5], [0.5, -0.5], [-0.5, 0.5], [0.5, 0.5]]   # x, y; row-major
+    objs = [SceneObject("square", "red", "large", 10.0, 20.0, 12.0, _square(10.0, 20.0, 12.0))]
+    lab = torch.from_numpy(patch_targets(objs, 32, 8)[0])[None]                          # a 4 x 4 grid
+    feats = torch.eye(16)[None]
+    torch.manual_seed(0)
+    plain = DenseHeads(16, grid=4, position_weight=1.0)
+    torch.manual_seed(0)
+    heads = DenseHeads(16, grid=4, position_weight=1.0, xy_weight=1.0)
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), heads.state_dict().values()))
+    opt = torch.optim.Adam(heads.parameters(), lr=0.05)
+    _, first = heads.loss(feats, lab)
+    for _ in range(200):
+        loss, _ = heads.loss(feats, lab)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    _, acc = heads.loss(feats, lab)
+    assert acc["xy_px"] < 0.5 < first["xy_px"] and "xy_px" not in plain.loss(feats, lab)[1]
+
+
+def test_the_align_place_weight_reads_the_place_code_back_logs_its_error_and_reaches_only_phase_b(tmp_path):
+    from vlmcompress.lvlm.curriculum import place_basis, place_code
+    from vlmcompress.lvlm.train import Trainer
+
+    xy = torch.tensor([[0.5, -0.25]])
+    assert torch.allclose(place_code(xy, 8, 2.0, 3) @ place_basis(8, 3), 2.0 * xy, atol=1e-6)
+    params, scenes = _tiny_params(align_place_weight=5.0)
+    tr = Trainer(params, scenes, tmp_path, seed=0, log=lambda m: None)
+    tr.run(tmp_path / "model")
+    rows = [r for r in tr.curves if r["phase"] == "align"]
+    assert rows and all(r["place_px"] > 0 for r in rows)
+    base, _ = _tiny_params()
+    other = Trainer(base, scenes, tmp_path / "b", seed=0, log=lambda m: None).digests
+    assert other["align"] != tr.digests["align"] and other["clip"] == tr.digests["clip"]
+
+
 def test_a_run_with_object_places_trains_the_place_head_and_aligns_to_object_centres(tmp_path):
     from vlmcompress.lvlm.train import Trainer
 

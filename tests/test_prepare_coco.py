@@ -25,7 +25,7 @@ from paper_world import zip_bytes as _zip
 from PIL import Image
 from pycocotools.coco import COCO
 
-from vlmcompress.data.config import DownloadParams, SourceParams
+from vlmcompress.data.config import DownloadParams, LocalParams, SourceParams
 from vlmcompress.data import prepare_coco
 from vlmcompress.data.prepare_coco import (
     PAPER_SOURCES, load_safe_pickle, prepare_from_archives, prepare_paper_data, select_image_ids,
@@ -379,13 +379,11 @@ def test_an_optional_source_that_fails_warns_and_the_rest_is_prepared(official, 
     assert not (tmp_path / "ds2").exists()
 
 
-def _local_world(tmp_path: Path) -> "LocalParams":
+def _local_world(tmp_path: Path) -> LocalParams:
     """The miniature COCO world unpacked into a user's folder, in the official formats."""
     import json
 
     from paper_world import archive_world, jpeg, pickle_py2
-
-    from vlmcompress.data.config import LocalParams
 
     world = archive_world()
     root = tmp_path / "mine"

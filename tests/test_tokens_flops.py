@@ -90,7 +90,6 @@ def stem_lvlm(tmp_path_factory):
 
 
 def _count(fn) -> int:
-    import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     with FlopCounterMode(display=False) as fc:   # grad mode on: its module tracker needs autograd

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from vlmcompress.data.scenes import SceneObject, make_questions, make_refs
+from vlmcompress.lvlm.labels import grid_xy
 
 
 class TrainSeq(NamedTuple):
@@ -85,13 +86,18 @@ def kept_tokens(labels: Tensor, n_background: int, rng: np.random.Generator) -> 
     return out
 
 
+def place_basis(dim: int, seed: int) -> Tensor:
+    """The two orthonormal directions ``[dim, 2]`` (x, y) of :func:`place_code`, drawn from ``seed``."""
+    gen = torch.Generator().manual_seed(seed)
+    basis, _ = torch.linalg.qr(torch.randn(dim, 2, generator=gen))
+    return basis
+
+
 def place_code(xy: Tensor, dim: int, scale: float, seed: int) -> Tensor:
     """Places ``xy [..., 2]`` (x, y in [-1, 1]) as vectors the LM can read: ``[..., dim]``,
-    along two fixed orthonormal directions (drawn from ``seed``) times ``scale``. Linear, so a
+    along two fixed orthonormal directions (:func:`place_basis`) times ``scale``. Linear, so a
     comparison ("left of") or a box is a linear readout."""
-    gen = torch.Generator().manual_seed(seed)
-    basis, _ = torch.linalg.qr(torch.randn(dim, 2, generator=gen))          # [dim, 2] orthonormal
-    return scale * xy.float() @ basis.T
+    return scale * xy.float() @ place_basis(dim, seed).T
 
 
 def position_code(grid: int, dim: int, scale: float, seed: int) -> Tensor:
@@ -101,8 +107,5 @@ def position_code(grid: int, dim: int, scale: float, seed: int) -> Tensor:
     projector's alignment target, so a visual token starts out as its object's words *plus* its
     place: a linear code is what a comparison ("left of") and a box readout need.
     """
-    cell = torch.arange(grid * grid)
-    coords = torch.stack([cell % grid, cell // grid], -1).float()           # [N, 2] (x, y)
-    coords = 2 * (coords + 0.5) / grid - 1
-    return place_code(coords, dim, scale, seed)
+    return place_code(grid_xy(grid), dim, scale, seed)
 

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlmcompress.data.scenes import COLORS, SHAPES, SIZES
+from vlmcompress.lvlm.labels import grid_xy
 
 
 class DenseHeads(nn.Module):
@@ -20,7 +21,8 @@ class DenseHeads(nn.Module):
     answered spatial questions at chance and grounded nothing.
     """
 
-    def __init__(self, dim: int, grid: int = 0, position_weight: float = 0.0, place_weight: float = 0.0) -> None:
+    def __init__(self, dim: int, grid: int = 0, position_weight: float = 0.0, place_weight: float = 0.0,
+                 xy_weight: float = 0.0) -> None:
         super().__init__()
         self.color = nn.Linear(dim, len(COLORS) + 1)
         self.shape = nn.Linear(dim, len(SHAPES) + 1)
@@ -34,6 +36,10 @@ class DenseHeads(nn.Module):
         if place_weight > 0:      # drawing nothing the rest of the model draws: the same init with or without it
             with torch.random.fork_rng():
                 self.place = nn.Linear(dim, 2)
+        self.xy_weight = xy_weight
+        if xy_weight > 0:
+            with torch.random.fork_rng():
+                self.xy = nn.Linear(dim, 2)
 
     def loss(self, feats: Tensor, labels: Tensor, centres: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
         """``feats [B, N, D]``, ``labels [B, 4, G, G]`` -> loss and per-head patch accuracy.
@@ -66,6 +72,12 @@ class DenseHeads(nn.Module):
             err = (self.place(feats) - centres.flatten(2).transpose(1, 2)).pow(2).sum(-1)     # [B, N]
             total = total + self.place_weight * err.mean()
             acc["place_px"] = 64 * err[obj].mean().sqrt().item() if obj.any() else 0.0
+        if self.xy_weight > 0:
+            # The row / column classifiers leave the place in a code a linear map cannot read
+            # off object patches (~15 px); a box wants it as coordinates.
+            err = (self.xy(feats) - grid_xy(labels.shape[-1]).to(feats)).pow(2).sum(-1)          # [B, N]
+            total = total + self.xy_weight * err.mean()
+            acc["xy_px"] = 64 * err[obj].mean().sqrt().item() if obj.any() else 0.0
         return total, acc
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw
 from torch import Tensor
 
@@ -59,3 +60,9 @@ def mirror_centres(centres: np.ndarray | Tensor) -> np.ndarray | Tensor:
     flipped = centres[..., ::-1].copy() if isinstance(centres, np.ndarray) else centres.flip(-1)
     flipped[..., 0, :, :] = -flipped[..., 0, :, :]
     return flipped
+
+
+def grid_xy(grid: int) -> Tensor:
+    """Each patch's centre ``[G*G, 2]`` (x, y) in [-1, 1], row-major."""
+    cell = torch.arange(grid * grid)
+    return 2 * (torch.stack([cell % grid, cell // grid], -1).float() + 0.5) / grid - 1

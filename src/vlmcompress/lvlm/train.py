@@ -57,7 +57,7 @@ from vlmcompress.io import atomic_path, write_json
 from vlmcompress.lvlm.adapter import CLIP_MEAN, CLIP_STD, LVLM, Prompts
 from vlmcompress.lvlm.build import ModelSpec, build_clip, build_llava, save_lvlm
 from vlmcompress.lvlm.config import LvlmParams
-from vlmcompress.lvlm.curriculum import (TrainSeq, background_budget, kept_tokens, place_code, position_code,
+from vlmcompress.lvlm.curriculum import (TrainSeq, background_budget, kept_tokens, place_basis, place_code, position_code,
                                          sample_turns, turn_mask)
 from vlmcompress.lvlm.heads import DenseHeads, RelationHeads, look_loss, text_losses
 from vlmcompress.lvlm.labels import mirror_centres
@@ -99,7 +99,7 @@ class Trainer:
         self.clip = build_clip(self.spec, len(vocab), ids["<pad>"], ids["<s>"], ids["</s>"])
         self.llava = build_llava(self.spec, self.clip, len(vocab), ids["<image>"], ids["<pad>"], ids["<s>"], ids["</s>"])
         self.heads = DenseHeads(a.vision_hidden, a.image_size // a.patch_size, self.t.clip_position_weight,
-                                self.t.clip_place_weight)
+                                self.t.clip_place_weight, self.t.clip_xy_weight)
         if self.t.relation_readouts and not 0 <= self.t.lm_where_layer < a.lm_layers:
             raise ValueError(f"lvlm.train.lm_where_layer={self.t.lm_where_layer}: must be in [0, {a.lm_layers - 1}] "
                              f"(lvlm.arch.lm_layers={a.lm_layers}; the compare readout sits one layer later)")
@@ -327,6 +327,7 @@ class Trainer:
         dim, scale = emb.weight.shape[1], self.t.align_position_scale * word_norm
         where = position_code(self.spec.image_size // self.spec.patch_size, dim, scale, self.seed)
         by_object = self.t.align_position_target == "object"
+        basis = place_basis(dim, self.seed)
 
         def step(rng: np.random.Generator, step_no: int) -> tuple[Tensor, dict[str, float]]:
             idx = torch.from_numpy(rng.choice(len(pool.captions), self.t.align_batch, replace=False))
@@ -341,7 +342,15 @@ class Trainer:
                 target = table[phrase_index(pool.labels[idx]).flatten(1)] + place  # [B, N, D]
             pred = proj(out.hidden_states[layer][:, 1:])
             loss = (pred - target).pow(2).sum(-1).mean() / target.pow(2).sum(-1).mean()
-            return loss, {}
+            if scale == 0:
+                return loss, {}
+            # The place's share of the error: small beside the words' on object tokens, so
+            # without a weight of its own their place code stays ~1.5 patches off.
+            off = ((pred - target) @ basis / scale).pow(2)                      # [B, N, 2], [-1, 1] units
+            logs = {"place_px": 64 * off.mean().sqrt().item()}
+            if self.t.align_place_weight > 0:
+                loss = loss + self.t.align_place_weight * off.mean()
+            return loss, logs
 
         return step
 
