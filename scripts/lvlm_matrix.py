@@ -44,7 +44,6 @@ import hashlib
 import json
 import math
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -427,17 +426,6 @@ def ensure_dataset(project: Path, work: Path) -> Path:
     return dataset
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                return value.strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def run_cell_here(cell_dir: Path) -> int:
     """The body of one cell (in its subprocess, environment already set): the lvlm stage on
     the cell's root, then ``<cell>/metrics.json`` = its metrics + who ran it."""
@@ -449,6 +437,7 @@ def run_cell_here(cell_dir: Path) -> int:
     from vlmcompress.data.dataset import load_all
     from vlmcompress.io import write_json
     from vlmcompress.lvlm.stage import run_lvlm_stage
+    from vlmcompress.machine import cpu_model
     from vlmcompress.paths import project_root
 
     if project_root().resolve() != cell_dir.resolve():
