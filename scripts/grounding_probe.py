@@ -1,6 +1,7 @@
 """Does the LVLM localise the referred object? Teacher-forced box coordinates on test refs.
 
     python scripts/grounding_probe.py MODEL_DIR [--refs 300]     # MODEL_DIR holds llava/ and clip/
+    python scripts/grounding_probe.py MODEL_DIR --refs 600 --layers   # + where each layer holds the box
 
 For each referring expression (the first ``--refs`` of the test split), the true answer
 ``[x1, y1, x2, y2]`` is fed and, at each coordinate, the most likely of the number tokens
@@ -9,6 +10,11 @@ the image side; a guess that ignores the image scores about 1/3), how often the 
 argmax is a number at all, and the accuracy at IoU >= 0.5 of the box of the four restricted
 argmaxes (x2, y2 are read knowing the true x1, y1, so this is an upper bound on what the
 model's own boxes can score).
+
+``--layers`` also fits, for every LM layer, a linear probe (ridge, two folds) of each
+coordinate from that layer's hidden state at the token predicting it, and prints its mean
+absolute error: whether a layer *holds* the coordinate more precisely than the number tokens
+*say* it (a readout problem) or not (the model does not know where the object is).
 Results: ``docs/experiments/2026-12-04-lvlm-grounding-readout-late-start.md``.
 """
 from __future__ import annotations
@@ -40,24 +46,64 @@ def number_tokens(vocab: dict[str, int]) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.tensor([i for _, i in pairs]), torch.tensor([v for v, _ in pairs])
 
 
+class LayerStates:
+    """Forward hooks that keep each LM decoder layer's output of the last call: ``states[l]
+    [B, T, D]``. A context manager; the hooks are removed on exit."""
+
+    def __init__(self, lvlm) -> None:
+        self.layers = list(lvlm.language_model.layers)
+        self.states: list[torch.Tensor | None] = [None] * len(self.layers)
+        self.handles: list = []
+
+    def __enter__(self) -> "LayerStates":
+        for i, layer in enumerate(self.layers):
+            def keep(module, args, out, i=i) -> None:
+                self.states[i] = (out[0] if isinstance(out, tuple) else out).detach()
+            self.handles.append(layer.register_forward_hook(keep))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handles:
+            h.remove()
+
+
 @torch.inference_mode()
 def forced_coordinates(lvlm, image: torch.Tensor, sentence: str, answer: str, ids: torch.Tensor,
-                       values: torch.Tensor) -> tuple[list[float], int]:
+                       values: torch.Tensor, layers: LayerStates | None = None
+                       ) -> tuple[list[float], int, torch.Tensor | None]:
     """Teacher-forced ``answer`` after the grounding prompt for ``sentence``: at each slot whose
     next token is a coordinate, the restricted argmax's value -> (values, slots where the
-    unrestricted argmax is a number)."""
+    unrestricted argmax is a number, with ``layers`` each layer's hidden state at those slots
+    ``[L, S, D]``)."""
     logits, nxt = lvlm.answer_logits(image[None], [sentence], [answer], task="ground")
     logits, nxt = logits[0], nxt[0]
     slots = torch.isin(nxt, ids).nonzero().flatten()
     got = logits[slots][:, ids].argmax(-1)
     is_number = torch.isin(logits[slots].argmax(-1), ids).sum().item()
-    return values[got].tolist(), int(is_number)
+    states = torch.stack([h[0, slots] for h in layers.states]) if layers is not None else None
+    return values[got].tolist(), int(is_number), states
+
+
+def probe_mae(x: np.ndarray, y: np.ndarray, lam: float = 1e-2) -> float:
+    """Mean absolute error of a ridge regression ``x [M, D]`` -> ``y [M]``, each half of a
+    fixed random split predicted by a fit on the other (features standardised on the fit half)."""
+    half = np.random.default_rng(0).permutation(len(x)) % 2 == 0
+    err = []
+    for fit in (half, ~half):
+        mu, sd = x[fit].mean(0), x[fit].std(0)
+        sd = sd + 0.05 * sd.mean()
+        a = np.c_[(x[fit] - mu) / sd, np.ones(fit.sum())]
+        b = np.c_[(x[~fit] - mu) / sd, np.ones((~fit).sum())]
+        w = np.linalg.solve(a.T @ a + lam * len(a) * np.eye(a.shape[1]), a.T @ y[fit])
+        err.append(np.abs(b @ w - y[~fit]))
+    return float(np.concatenate(err).mean())
 
 
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", type=Path, help="folder with llava/ and clip/ (a trial's or the stage's model)")
     ap.add_argument("--refs", type=int, default=300, help="test referring expressions to probe")
+    ap.add_argument("--layers", action="store_true", help="also a linear probe of each coordinate at every LM layer")
     args = ap.parse_args(argv)
     if not (args.model / "llava").is_dir() or not (args.model / "clip").is_dir():
         print(f"grounding_probe: {args.model} has no llava/ and clip/ folders", file=sys.stderr)
@@ -66,19 +112,30 @@ def main(argv: list[str]) -> int:
     ids, values = number_tokens(lvlm.tokenizer.get_vocab())
     test = load_all()["test"]
     items = [(r, ref) for r in test for ref in r.refs][:args.refs]
-    errors, hits, numbers, slots = [], [], 0, 0
-    for rec, ref in items:
-        truth = tuple(round(min(max(v, 0.0), 1.0), 2) for v in ref_box(rec, ref.bbox, lvlm.image_aspect))
-        got, n = forced_coordinates(lvlm, file_images(rec), ref.sentence, box_answer(truth), ids, values)
-        if len(got) != 4:
-            continue
-        errors.append(np.abs(np.array(got) - np.array(truth)))
-        hits.append(box_iou(tuple(got), ref_box(rec, ref.bbox, lvlm.image_aspect)) >= 0.5)
-        numbers, slots = numbers + n, slots + 4
+    errors, hits, numbers, slots, states, truths = [], [], 0, 0, [], []
+    with LayerStates(lvlm) as layers:
+        for rec, ref in items:
+            truth = tuple(round(min(max(v, 0.0), 1.0), 2) for v in ref_box(rec, ref.bbox, lvlm.image_aspect))
+            got, n, st = forced_coordinates(lvlm, file_images(rec), ref.sentence, box_answer(truth), ids, values,
+                                            layers if args.layers else None)
+            if len(got) != 4:
+                continue
+            if st is not None:
+                states.append(st.float().numpy())
+            truths.append(truth)
+            errors.append(np.abs(np.array(got) - np.array(truth)))
+            hits.append(box_iou(tuple(got), ref_box(rec, ref.bbox, lvlm.image_aspect)) >= 0.5)
+            numbers, slots = numbers + n, slots + 4
     err = np.mean(errors, axis=0)
     print(f"refs {len(errors)}; mean |error| x1 {err[0]:.3f} y1 {err[1]:.3f} x2 {err[2]:.3f} y2 {err[3]:.3f}; "
           f"argmax is a number at {100 * numbers / max(slots, 1):.1f} % of slots; "
           f"teacher-forced acc@0.5 {100 * np.mean(hits):.1f} %")
+    if args.layers and len(states) >= 8:
+        st, y = np.stack(states), np.array(truths)             # [R, L, 4, D], [R, 4]
+        for layer in range(st.shape[1]):
+            maes = [probe_mae(st[:, layer, j], y[:, j]) for j in range(4)]
+            print(f"layer {layer + 1} linear probe at each coordinate's token: mean |error| "
+                  + " ".join(f"{n} {m:.3f}" for n, m in zip(("x1", "y1", "x2", "y2"), maes)))
     return 0
 
 

@@ -1,6 +1,6 @@
 """Do the visual tokens say where each patch is? A linear probe of grid row and column.
 
-    python scripts/position_probe.py [--params params.yaml] [--llava FOLDER] [--scenes 400]
+    python scripts/position_probe.py [--params params.yaml] [--llava FOLDER [--clip FOLDER]] [--scenes 400]
 
 Embeds ``--scenes`` training-stream scenes with the stage's LLaVA (or ``--llava``), fits a
 least-squares one-hot classifier of each patch's grid column and row on the first three
@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params", default=None)
     ap.add_argument("--llava", default=None, help="LLaVA folder to probe instead of the stage's")
+    ap.add_argument("--clip", default=None, help="its CLIP folder (default: a clip/ beside --llava, else the stage's)")
     ap.add_argument("--scenes", type=int, default=400)
     args = ap.parse_args(argv)
     import torch
@@ -69,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         params = load_params(args.params)
         llava, clip = model_paths(params)
+        beside = Path(args.llava).parent / "clip" if args.llava else None
+        clip = args.clip or (str(beside) if beside is not None and beside.is_dir() else clip)
         lvlm = load_lvlm(args.llava or llava, clip)
     except (ConfigError, ModelNotAvailableError, OSError, ValueError) as exc:
         print(f"position_probe: {exc}", file=sys.stderr)

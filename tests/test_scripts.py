@@ -385,6 +385,7 @@ def test_grounding_bound_scores_exact_centres_fully_and_far_ones_not_at_all():
 def test_grounding_probe_reads_one_number_per_coordinate_of_a_forced_box(tmp_path):
     import dataclasses
 
+    import numpy as np
     import torch
 
     from vlmcompress.config import load_params
@@ -402,5 +403,15 @@ def test_grounding_probe_reads_one_number_per_coordinate_of_a_forced_box(tmp_pat
     assert len(ids) == 101 and values[0] == 0.0 and values[-1] == 1.0 and bool((values.diff() > 0).all())
     assert probe.box_answer((0.1, 0.25, 1.3, -0.2)) == "[0.10, 0.25, 1.00, 0.00]"
     image = torch.rand(3, arch.image_size, arch.image_size)
-    got, numbers = probe.forced_coordinates(lvlm, image, "the small red circle", "[0.10, 0.25, 0.40, 0.50]", ids, values)
-    assert len(got) == 4 and all(v in values.tolist() for v in got) and 0 <= numbers <= 4
+    got, numbers, none = probe.forced_coordinates(lvlm, image, "the small red circle", "[0.10, 0.25, 0.40, 0.50]",
+                                                  ids, values)
+    assert len(got) == 4 and all(v in values.tolist() for v in got) and 0 <= numbers <= 4 and none is None
+    with probe.LayerStates(lvlm) as layers:
+        _, _, states = probe.forced_coordinates(lvlm, image, "the small red circle", "[0.10, 0.25, 0.40, 0.50]",
+                                                ids, values, layers)
+    assert states.shape == (arch.lm_layers, 4, arch.lm_hidden)
+    assert not any(m._forward_hooks for m in lvlm.language_model.layers)      # hooks gone after the block
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(200, 3))
+    assert probe.probe_mae(x, x @ np.array([0.5, -1.0, 2.0]) + 0.3) < 0.05           # linear: recovered
+    assert probe.probe_mae(x, rng.normal(size=200)) > 0.6                             # noise: not
