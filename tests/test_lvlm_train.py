@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -386,6 +387,38 @@ def test_the_align_place_weight_reads_the_place_code_back_logs_its_error_and_rea
     base, _ = _tiny_params()
     other = Trainer(base, scenes, tmp_path / "b", seed=0, log=lambda m: None).digests
     assert other["align"] != tr.digests["align"] and other["clip"] == tr.digests["clip"]
+
+
+def test_soft_number_ce_charges_near_misses_less_and_leaves_other_tokens_one_hot():
+    import torch.nn.functional as F
+
+    from vlmcompress.lvlm.heads import soft_number_ce
+
+    ids, values = torch.tensor([5, 6, 7, 8]), torch.tensor([0.0, 0.01, 0.02, 0.5])   # vocab of 10
+    near, far = torch.full((1, 10), -5.0), torch.full((1, 10), -5.0)
+    near[0, 7], far[0, 8] = 5.0, 5.0                     # true value 0.01: say 0.02, or say 0.50
+    target = torch.tensor([6])
+    assert soft_number_ce(near, target, ids, values, 0.01) < soft_number_ce(far, target, ids, values, 0.01)
+    assert torch.isclose(F.cross_entropy(near, target), F.cross_entropy(far, target))     # one-hot: equal
+    other = torch.randn(3, 10)
+    words = torch.tensor([0, 2, 9])
+    assert torch.allclose(soft_number_ce(other, words, ids, values, 0.01), F.cross_entropy(other, words, reduction="none"))
+    sharp = soft_number_ce(other[:1], target, ids, values, 1e-4)                            # tiny sigma: one-hot
+    assert torch.allclose(sharp, F.cross_entropy(other[:1], target, reduction="none"), atol=1e-5)
+
+
+def test_a_run_with_a_number_sigma_trains_and_reaches_only_the_lm_phase(tmp_path):
+    from vlmcompress.lvlm.train import Trainer
+
+    params, scenes = _tiny_params(lm_number_sigma=0.02, ground_prob=1.0)
+    tr = Trainer(params, scenes, tmp_path, seed=0, log=lambda m: None)
+    ids, values = tr.number_table
+    assert len(ids) == 101 and values[0] == 0.0 and values[-1] == 1.0
+    tr.run(tmp_path / "model")
+    assert all(math.isfinite(r["loss"]) for r in tr.curves if r["phase"] == "lm")
+    base, _ = _tiny_params(ground_prob=1.0)
+    other = Trainer(base, scenes, tmp_path / "b", seed=0, log=lambda m: None).digests
+    assert other["lm"] != tr.digests["lm"] and other["align"] == tr.digests["align"]
 
 
 def test_a_run_with_object_places_trains_the_place_head_and_aligns_to_object_centres(tmp_path):

@@ -92,6 +92,8 @@ class TrainParams:
     lm_isolate_turns: bool    # each turn a separate single-turn sample sharing the image (turn_mask)
     lm_loss_per: Literal["token", "turn"]  # answer-token CE averaged per token, or per
                               # turn (a 20-word caption then weighs as much as a one-word answer)
+    lm_number_sigma: float    # box coordinates: CE against a Gaussian over the number tokens'
+                              # values of this width (0: one-hot); near misses then cost less
     caption_prob: float       # chance that a sequence includes a caption turn
     ground_prob: float        # chance that a sequence includes a grounding turn
     warmup_steps: int
@@ -212,7 +214,7 @@ def check_train_params(t: TrainParams, a: ArchParams, path: str = "lvlm.train") 
         lr = getattr(t, f"{phase}_lr")
         require(lr > 0, f"{path}.{phase}_lr", f"must be > 0, got {show(lr)}")
     for name in ("clip_position_weight", "clip_place_weight", "clip_xy_weight", "align_position_scale", "align_place_weight", "lm_projector_lr_scale", "lm_look_weight",
-                 "lm_where_weight", "lm_compare_weight", "lm_ground_weight"):
+                 "lm_where_weight", "lm_compare_weight", "lm_ground_weight", "lm_number_sigma"):
         check_min(f"{path}.{name}", getattr(t, name), 0.0)
     check_min(f"{path}.text_questions", t.text_questions, 1)
     check_min(f"{path}.lm_turns", t.lm_turns, 1)

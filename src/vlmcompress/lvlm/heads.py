@@ -100,6 +100,26 @@ def text_losses(patches: Tensor, images: Tensor, questions: Tensor, captions: Te
     return loc + contrast, {"loc": loc.item(), "contrast": contrast.item(), "hit1": hit}
 
 
+def soft_number_ce(logits: Tensor, target: Tensor, ids: Tensor, values: Tensor, sigma: float) -> Tensor:
+    """Per-position cross-entropy ``[M]`` of ``logits [M, V]`` against ``target [M]`` token ids,
+    where a target that is one of the number tokens ``ids [K]`` (values ``values [K]``) is
+    replaced by a Gaussian of width ``sigma`` over all of them, centred on its value.
+
+    One-hot targets make "0.31" as wrong as "0.90" when "0.32" is true: the 101 coordinate
+    tokens then share nothing, and a layer that knows the place to ~4 px reads out ~7 px."""
+    logp = logits.log_softmax(-1)
+    loss = -logp.gather(1, target[:, None]).squeeze(1)
+    slot = torch.full((logits.shape[-1],), -1, dtype=torch.long, device=logits.device)
+    slot[ids] = torch.arange(len(ids), device=logits.device)
+    k = slot[target]
+    num = k >= 0
+    if num.any():
+        soft = (-(values[None, :] - values[k[num]][:, None]).pow(2) / (2 * sigma ** 2)).softmax(-1)   # [M', K]
+        loss = loss.clone()
+        loss[num] = -(soft * logp[num][:, ids]).sum(-1)
+    return loss
+
+
 def look_loss(attn: Tensor, queries: Tensor, targets: Tensor) -> Tensor:
     """Negative log attention mass on the relevant tokens, averaged over queries.
 

@@ -59,7 +59,7 @@ from vlmcompress.lvlm.build import ModelSpec, build_clip, build_llava, save_lvlm
 from vlmcompress.lvlm.config import LvlmParams
 from vlmcompress.lvlm.curriculum import (TrainSeq, background_budget, kept_tokens, place_basis, place_code, position_code,
                                          sample_turns, turn_mask)
-from vlmcompress.lvlm.heads import DenseHeads, RelationHeads, look_loss, text_losses
+from vlmcompress.lvlm.heads import DenseHeads, RelationHeads, look_loss, soft_number_ce, text_losses
 from vlmcompress.lvlm.labels import mirror_centres
 from vlmcompress.lvlm.phases import PHASE_OWNS, PHASE_STREAM, PHASES, phase_digests, progress_line
 from vlmcompress.lvlm.pool import Pool, build_pool, scene_vocab, to_pixels
@@ -107,6 +107,8 @@ class Trainer:
             self.relation = RelationHeads(a.lm_hidden)
         # The box coordinates' tokens ("0.00" ... "1.00"), for the grounding readout's slots.
         self.number_ids = {i for w, i in self.tok.get_vocab().items() if re.fullmatch(r"[01]\.\d\d", w)}
+        table = sorted((float(w), i) for w, i in self.tok.get_vocab().items() if re.fullmatch(r"[01]\.\d\d", w))
+        self.number_table = (torch.tensor([i for _, i in table]), torch.tensor([v for v, _ in table]))
         self.digests = phase_digests(params, scenes, seed)
         self.curves: list[dict[str, Any]] = []
         self.phase_seconds: dict[str, float] = {}
@@ -472,11 +474,15 @@ class Trainer:
         sel = target_ids[:, 1:] != -100                   # logits only where an answer token is next
         logits = head(h[:, :-1][sel])
         target = target_ids[:, 1:][sel]
+        if t.lm_number_sigma > 0:
+            per = soft_number_ce(logits, target, *self.number_table, t.lm_number_sigma)
         if t.lm_loss_per == "turn":
             w = weights[:, 1:][sel]
-            loss = (F.cross_entropy(logits, target, reduction="none") * w).sum() / w.sum()
+            if t.lm_number_sigma == 0:
+                per = F.cross_entropy(logits, target, reduction="none")
+            loss = (per * w).sum() / w.sum()
         else:
-            loss = F.cross_entropy(logits, target)
+            loss = per.mean() if t.lm_number_sigma > 0 else F.cross_entropy(logits, target)
         logs = {"tok_acc": (logits.argmax(-1) == target).float().mean().item()}
         if look:
             ll = look_loss(captured[0], torch.tensor(queries), torch.stack(targets))
