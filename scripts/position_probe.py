@@ -9,7 +9,8 @@ mean absolute error (in grid cells) of a linear regression of the index, for the
 LLaVA feature layer and for the projector's output (what the LM reads). Chance is 1 / grid
 side for the accuracy; predicting the mean index gives an MAE of about a quarter of the side.
 Scenes profile only (the pool needs the scene generator's labels). Results:
-``docs/experiments/2026-12-03-embedded-lvlm-recipe.md`` (position heads and code).
+``docs/experiments/2026-12-03-embedded-lvlm-recipe.md`` (position heads and code) and
+``docs/experiments/2026-12-04-lvlm-where-position-is-lost.md``.
 """
 from __future__ import annotations
 
