@@ -213,8 +213,9 @@ def check_train_params(t: TrainParams, a: ArchParams, path: str = "lvlm.train") 
                 f"must be <= {path}.pool_scenes ({show(t.pool_scenes)}), got {show(batch)}")
         lr = getattr(t, f"{phase}_lr")
         require(lr > 0, f"{path}.{phase}_lr", f"must be > 0, got {show(lr)}")
-    for name in ("clip_position_weight", "clip_place_weight", "clip_xy_weight", "align_position_scale", "align_place_weight", "lm_projector_lr_scale", "lm_look_weight",
-                 "lm_where_weight", "lm_compare_weight", "lm_ground_weight", "lm_number_sigma"):
+    for name in ("clip_position_weight", "clip_place_weight", "clip_xy_weight", "align_position_scale",
+                 "align_place_weight", "lm_projector_lr_scale", "lm_look_weight", "lm_where_weight",
+                 "lm_compare_weight", "lm_ground_weight", "lm_number_sigma"):
         check_min(f"{path}.{name}", getattr(t, name), 0.0)
     check_min(f"{path}.text_questions", t.text_questions, 1)
     check_min(f"{path}.lm_turns", t.lm_turns, 1)

@@ -106,9 +106,9 @@ class Trainer:
         with torch.random.fork_rng():    # built after the models, drawing nothing they draw
             self.relation = RelationHeads(a.lm_hidden)
         # The box coordinates' tokens ("0.00" ... "1.00"), for the grounding readout's slots.
-        self.number_ids = {i for w, i in self.tok.get_vocab().items() if re.fullmatch(r"[01]\.\d\d", w)}
         table = sorted((float(w), i) for w, i in self.tok.get_vocab().items() if re.fullmatch(r"[01]\.\d\d", w))
-        self.number_table = (torch.tensor([i for _, i in table]), torch.tensor([v for v, _ in table]))
+        self.number_table = (torch.tensor([i for _, i in table]), torch.tensor([v for v, _ in table]))  # ids, values
+        self.number_ids = set(self.number_table[0].tolist())
         self.digests = phase_digests(params, scenes, seed)
         self.curves: list[dict[str, Any]] = []
         self.phase_seconds: dict[str, float] = {}
@@ -346,8 +346,8 @@ class Trainer:
             loss = (pred - target).pow(2).sum(-1).mean() / target.pow(2).sum(-1).mean()
             if scale == 0:
                 return loss, {}
-            # The place's share of the error: small beside the words' on object tokens, so
-            # without a weight of its own their place code stays ~1.5 patches off.
+            # The place's share of the error, logged and optionally weighted: on object tokens
+            # it is the least-fitted part of the target (the words carry most of its energy).
             off = ((pred - target) @ basis / scale).pow(2)                      # [B, N, 2], [-1, 1] units
             logs = {"place_px": 64 * off.mean().sqrt().item()}
             if self.t.align_place_weight > 0:
@@ -474,15 +474,14 @@ class Trainer:
         sel = target_ids[:, 1:] != -100                   # logits only where an answer token is next
         logits = head(h[:, :-1][sel])
         target = target_ids[:, 1:][sel]
-        if t.lm_number_sigma > 0:
-            per = soft_number_ce(logits, target, *self.number_table, t.lm_number_sigma)
-        if t.lm_loss_per == "turn":
-            w = weights[:, 1:][sel]
-            if t.lm_number_sigma == 0:
-                per = F.cross_entropy(logits, target, reduction="none")
+        soft = t.lm_number_sigma > 0
+        if t.lm_loss_per == "turn" or soft:
+            per = (soft_number_ce(logits, target, *self.number_table, t.lm_number_sigma) if soft
+                   else F.cross_entropy(logits, target, reduction="none"))
+            w = weights[:, 1:][sel] if t.lm_loss_per == "turn" else torch.ones_like(per)
             loss = (per * w).sum() / w.sum()
-        else:
-            loss = per.mean() if t.lm_number_sigma > 0 else F.cross_entropy(logits, target)
+        else:   # the fused mean: bit for bit what recorded runs computed
+            loss = F.cross_entropy(logits, target)
         logs = {"tok_acc": (logits.argmax(-1) == target).float().mean().item()}
         if look:
             ll = look_loss(captured[0], torch.tensor(queries), torch.stack(targets))
