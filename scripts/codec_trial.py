@@ -11,7 +11,8 @@ the work dir, or with ``--load`` scores a trained model folder as it is (e.g.
 ``--images`` test scenes (bpp estimated from the likelihoods, not a file) goes through the
 LVLM: VQA accuracy on every question about them, overall and per type, beside the bpp and its
 hyper-latent (z) part. Writes nothing else.
-Results: ``docs/experiments/2026-12-03-codec-losses-warm-start.md``.
+Results: ``docs/experiments/2026-12-03-codec-losses-warm-start.md`` and
+``docs/experiments/2026-12-04-codec-narrow-tail-quality.md``.
 """
 from __future__ import annotations
 
