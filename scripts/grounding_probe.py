@@ -21,7 +21,6 @@ Results: ``docs/experiments/2026-12-04-lvlm-grounding-readout-late-start.md`` an
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from pathlib import Path
 
@@ -34,17 +33,12 @@ sys.path.insert(0, str(ROOT / "src"))
 from vlmcompress.api import load_all  # noqa: E402
 from vlmcompress.eval.tasks import box_iou, file_images, ref_box  # noqa: E402
 from vlmcompress.lvlm.load import load_lvlm  # noqa: E402
+from vlmcompress.lvlm.tokenizer import number_tokens  # noqa: E402
 
 
 def box_answer(box: tuple[float, float, float, float]) -> str:
     """The LLaVA-1.5 box text of a normalised box, as the embedded model is trained to write it."""
     return "[" + ", ".join(f"{min(max(v, 0.0), 1.0):.2f}" for v in box) + "]"
-
-
-def number_tokens(vocab: dict[str, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ids of the coordinate tokens ``0.00`` ... ``1.00`` and their values ``[K]``."""
-    pairs = sorted((float(w), i) for w, i in vocab.items() if re.fullmatch(r"[01]\.\d\d", w) and float(w) <= 1)
-    return torch.tensor([i for _, i in pairs]), torch.tensor([v for v, _ in pairs])
 
 
 class LayerStates:

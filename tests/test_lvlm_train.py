@@ -276,6 +276,18 @@ def test_position_code_is_linear_in_column_and_row_along_orthogonal_directions()
     assert not torch.equal(code, position_code(g, 16, scale, seed=1))
 
 
+def _fit_heads(heads, feats, lab, centres=None, steps: int = 50, lr: float = 0.1) -> tuple[dict, dict]:
+    """Adam on ``heads.loss`` for ``steps``: its reported accuracies before and after."""
+    opt = torch.optim.Adam(heads.parameters(), lr=lr)
+    _, first = heads.loss(feats, lab, centres)
+    for _ in range(steps):
+        loss, _ = heads.loss(feats, lab, centres)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return first, heads.loss(feats, lab, centres)[1]
+
+
 def test_dense_position_heads_learn_where_a_patch_is_only_when_weighted():
     from vlmcompress.lvlm.heads import DenseHeads
 
@@ -283,13 +295,7 @@ def test_dense_position_heads_learn_where_a_patch_is_only_when_weighted():
     feats = torch.eye(16).unsqueeze(0).repeat(2, 1, 1)              # each patch its own one-hot feature
     assert not hasattr(DenseHeads(16), "row")
     heads = DenseHeads(16, grid=4, position_weight=1.0)
-    opt = torch.optim.Adam(heads.parameters(), lr=0.1)
-    for _ in range(50):
-        loss, acc = heads.loss(feats, lab)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    _, acc = heads.loss(feats, lab)
+    _, acc = _fit_heads(heads, feats, lab, steps=50, lr=0.1)
     assert acc["row"] == acc["col"] == 1.0
 
 
@@ -338,14 +344,7 @@ def test_the_place_head_regresses_each_patch_object_centre_only_when_weighted():
     assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), heads.state_dict().values()))
     with pytest.raises(ValueError, match="object centres"):
         heads.loss(feats, lab)
-    opt = torch.optim.Adam(heads.parameters(), lr=0.05)
-    _, first = heads.loss(feats, lab, cen)
-    for _ in range(200):
-        loss, acc = heads.loss(feats, lab, cen)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    _, acc = heads.loss(feats, lab, cen)
+    first, acc = _fit_heads(heads, feats, lab, cen, steps=200, lr=0.05)
     assert acc["place_px"] < 0.5 < first["place_px"] and "place_px" not in plain.loss(feats, lab)[1]
 
 
@@ -362,14 +361,7 @@ def test_the_xy_head_regresses_each_patch_own_centre_only_when_weighted():
     torch.manual_seed(0)
     heads = DenseHeads(16, grid=4, position_weight=1.0, xy_weight=1.0)
     assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), heads.state_dict().values()))
-    opt = torch.optim.Adam(heads.parameters(), lr=0.05)
-    _, first = heads.loss(feats, lab)
-    for _ in range(200):
-        loss, _ = heads.loss(feats, lab)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    _, acc = heads.loss(feats, lab)
+    first, acc = _fit_heads(heads, feats, lab, steps=200, lr=0.05)
     assert acc["xy_px"] < 0.5 < first["xy_px"] and "xy_px" not in plain.loss(feats, lab)[1]
 
 

@@ -7,7 +7,10 @@ share the vocabulary: the LM's (``<s> text``, like Llama's) and CLIP's text towe
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+import re
+from collections.abc import Iterable, Mapping
+
+import torch
 
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
@@ -56,3 +59,10 @@ def build_tokenizers(vocab: list[str]) -> tuple[PreTrainedTokenizerFast, PreTrai
                                        model_max_length=512, padding_side="right")
 
     return make(f"{BOS} $A"), make(f"{BOS} $A {EOS}")
+
+
+def number_tokens(vocab: Mapping[str, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The box-coordinate tokens ``0.00`` ... ``1.00`` of ``vocab``: their ids and values ``[K]``,
+    ascending by value."""
+    pairs = sorted((float(w), i) for w, i in vocab.items() if re.fullmatch(r"[01]\.\d\d", w) and float(w) <= 1)
+    return torch.tensor([i for _, i in pairs], dtype=torch.long), torch.tensor([v for v, _ in pairs])

@@ -39,7 +39,6 @@ import csv
 import dataclasses
 import json
 import math
-import re
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -65,7 +64,7 @@ from vlmcompress.lvlm.phases import PHASE_OWNS, PHASE_STREAM, PHASES, phase_dige
 from vlmcompress.lvlm.pool import Pool, build_pool, scene_vocab, to_pixels
 from vlmcompress.lvlm.targets import (PHRASES, ground_target, number_slots, phrase_index, relation_targets,
                                      relevant_patches, word_positions)
-from vlmcompress.lvlm.tokenizer import build_tokenizers
+from vlmcompress.lvlm.tokenizer import build_tokenizers, number_tokens
 from vlmcompress.machine import compute_setup, merge_setups
 
 
@@ -106,8 +105,7 @@ class Trainer:
         with torch.random.fork_rng():    # built after the models, drawing nothing they draw
             self.relation = RelationHeads(a.lm_hidden)
         # The box coordinates' tokens ("0.00" ... "1.00"), for the grounding readout's slots.
-        table = sorted((float(w), i) for w, i in self.tok.get_vocab().items() if re.fullmatch(r"[01]\.\d\d", w))
-        self.number_table = (torch.tensor([i for _, i in table]), torch.tensor([v for v, _ in table]))  # ids, values
+        self.number_table = number_tokens(self.tok.get_vocab())           # ids, values
         self.number_ids = set(self.number_table[0].tolist())
         self.digests = phase_digests(params, scenes, seed)
         self.curves: list[dict[str, Any]] = []
