@@ -276,16 +276,16 @@ def test_position_code_is_linear_in_column_and_row_along_orthogonal_directions()
     assert not torch.equal(code, position_code(g, 16, scale, seed=1))
 
 
-def _fit_heads(heads, feats, lab, centres=None, steps: int = 50, lr: float = 0.1) -> tuple[dict, dict]:
+def _fit_heads(heads, feats, lab, centres=None, steps: int = 50, lr: float = 0.1, boxes=None) -> tuple[dict, dict]:
     """Adam on ``heads.loss`` for ``steps``: its reported accuracies before and after."""
     opt = torch.optim.Adam(heads.parameters(), lr=lr)
-    _, first = heads.loss(feats, lab, centres)
+    _, first = heads.loss(feats, lab, centres, boxes)
     for _ in range(steps):
-        loss, _ = heads.loss(feats, lab, centres)
+        loss, _ = heads.loss(feats, lab, centres, boxes)
         opt.zero_grad()
         loss.backward()
         opt.step()
-    return first, heads.loss(feats, lab, centres)[1]
+    return first, heads.loss(feats, lab, centres, boxes)[1]
 
 
 def test_dense_position_heads_learn_where_a_patch_is_only_when_weighted():
@@ -334,7 +334,7 @@ def test_the_place_head_regresses_each_patch_object_centre_only_when_weighted():
     from vlmcompress.lvlm.labels import patch_targets
 
     objs = [SceneObject("square", "red", "large", 10.0, 20.0, 12.0, _square(10.0, 20.0, 12.0))]
-    lab, cen = (torch.from_numpy(a)[None] for a in patch_targets(objs, 32, 8))    # a 4 x 4 grid
+    lab, cen = (torch.from_numpy(a)[None] for a in patch_targets(objs, 32, 8)[:2])    # a 4 x 4 grid
     feats = torch.eye(16)[None]
     torch.manual_seed(0)
     plain = DenseHeads(16, grid=4, position_weight=1.0)
@@ -346,6 +346,48 @@ def test_the_place_head_regresses_each_patch_object_centre_only_when_weighted():
         heads.loss(feats, lab)
     first, acc = _fit_heads(heads, feats, lab, cen, steps=200, lr=0.05)
     assert acc["place_px"] < 0.5 < first["place_px"] and "place_px" not in plain.loss(feats, lab)[1]
+
+
+def test_patch_boxes_give_every_patch_of_an_object_its_clamped_box_and_mirror_with_the_image():
+    from vlmcompress.lvlm.curriculum import box_text, place_code
+    from vlmcompress.lvlm.labels import mirror_boxes, patch_boxes, patch_labels
+
+    # A square hanging over the left border: its box is clamped as the answer text clamps it.
+    o = SceneObject("square", "red", "large", 6.0, 77.0, 24.0, _square(6.0, 77.0, 24.0))
+    lab, box = patch_labels([o], 128, 8), patch_boxes([o], 128, 8)
+    assert box.shape == (4, 16, 16) and box.dtype == np.float32
+    obj = lab[0] > 0
+    want = [float(v) * 2 - 1 for v in box_text(o, 128).strip("[]").split(", ")]
+    assert np.allclose(box[:, obj].T, want, atol=0.01) and box[0][obj].min() == -1.0
+    # Background patches: their own cell, one patch wide.
+    assert np.allclose(box[0, 0, 15], 15 / 8 - 1) and np.allclose(box[2, 0, 15], 1.0)
+    assert np.allclose(box[3, 15, 0], 1.0) and np.allclose(box[1, 15, 0], 15 / 8 - 1)
+    m = mirror_boxes(box)
+    assert np.allclose(m[0][:, ::-1][obj], -box[2][obj]) and np.allclose(m[2][:, ::-1][obj], -box[0][obj])
+    assert np.array_equal(m[1], box[1][:, ::-1]) and np.array_equal(m[3], box[3][:, ::-1])
+    assert (m[0] < m[2]).all() and torch.equal(mirror_boxes(torch.from_numpy(box)), torch.from_numpy(m))
+    # A box is four directions of the place code, orthogonal to the point's two.
+    code = place_code(torch.from_numpy(box).flatten(1).T, 32, 2.0, seed=0)
+    assert code.shape == (256, 32) and torch.allclose(code.norm(dim=-1), 2 * torch.from_numpy(box).flatten(1).norm(dim=0),
+                                                      atol=1e-5)
+
+
+def test_the_box_head_regresses_each_patch_object_box_only_when_weighted():
+    from vlmcompress.lvlm.heads import DenseHeads
+    from vlmcompress.lvlm.labels import patch_targets
+
+    objs = [SceneObject("square", "red", "large", 10.0, 20.0, 12.0, _square(10.0, 20.0, 12.0))]
+    lab, _, box = (torch.from_numpy(a)[None] for a in patch_targets(objs, 32, 8))   # a 4 x 4 grid
+    feats = torch.eye(16)[None]
+    torch.manual_seed(0)
+    plain = DenseHeads(16, grid=4, position_weight=1.0)
+    torch.manual_seed(0)
+    heads = DenseHeads(16, grid=4, position_weight=1.0, box_weight=1.0)
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), heads.state_dict().values()))
+    with pytest.raises(ValueError, match="object boxes"):
+        heads.loss(feats, lab)
+    first, acc = _fit_heads(heads, feats, lab, steps=200, lr=0.05, boxes=box)
+    assert acc["box_px"] < 0.5 < first["box_px"] and "box_px" not in plain.loss(feats, lab)[1]
 
 
 def test_the_xy_head_regresses_each_patch_own_centre_only_when_weighted():
@@ -423,6 +465,19 @@ def test_a_run_with_object_places_trains_the_place_head_and_aligns_to_object_cen
     assert clip_rows and all(r["place_px"] > 0 for r in clip_rows)
     base, _ = _tiny_params()
     assert Trainer(base, scenes, tmp_path / "b", seed=0, log=lambda m: None).digests["clip"] != tr.digests["clip"]
+
+
+def test_a_run_with_object_boxes_trains_the_box_head_and_aligns_to_four_place_directions(tmp_path):
+    from vlmcompress.lvlm.train import Trainer
+
+    params, scenes = _tiny_params(clip_box_weight=1.0, align_position_target="box")
+    tr = Trainer(params, scenes, tmp_path, seed=0, log=lambda m: None)
+    tr.run(tmp_path / "model")
+    assert all(r["box_px"] > 0 for r in tr.curves if r["phase"] == "clip")
+    assert all(r["place_px"] > 0 for r in tr.curves if r["phase"] == "align")
+    base, _ = _tiny_params(align_position_target="object")
+    other = Trainer(base, scenes, tmp_path / "b", seed=0, log=lambda m: None).digests
+    assert other["clip"] != tr.digests["clip"] and other["align"] != tr.digests["align"]
 
 
 def test_turn_mask_lets_a_turn_see_the_image_and_itself_but_no_other_turn():

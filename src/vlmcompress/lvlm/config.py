@@ -56,6 +56,8 @@ class TrainParams:
     clip_place_weight: float  # weight of the tower's per-patch regression of its object's centre
                               # (labels.patch_centres: sub-patch precision; 0: off)
     clip_xy_weight: float     # weight of the tower's per-patch regression of its own centre (0: off)
+    clip_box_weight: float    # weight of the tower's per-patch regression of its object's box
+                              # (labels.patch_boxes; 0: off)
     text_steps: int           # phase A2: CLIP's text tower alone learns to point questions at their patches
     text_batch: int
     text_lr: float
@@ -64,8 +66,9 @@ class TrainParams:
     align_batch: int
     align_lr: float
     align_position_scale: float  # position code added to the align target, in word-embedding norms (0: off)
-    align_position_target: Literal["patch", "object"]  # whose place that code is: the patch's own,
-                              # or (object) the centre of the object it shows, shared by all its patches
+    align_position_target: Literal["patch", "object", "box"]  # whose place that code is: the patch's
+                              # own, or the centre (object) or box (box: four directions) of the object
+                              # it shows, shared by all its patches
     align_place_weight: float  # extra weight of the alignment error along the place code's two directions (0: none)
     lm_steps: int
     lm_batch: int
@@ -213,7 +216,8 @@ def check_train_params(t: TrainParams, a: ArchParams, path: str = "lvlm.train") 
                 f"must be <= {path}.pool_scenes ({show(t.pool_scenes)}), got {show(batch)}")
         lr = getattr(t, f"{phase}_lr")
         require(lr > 0, f"{path}.{phase}_lr", f"must be > 0, got {show(lr)}")
-    for name in ("clip_position_weight", "clip_place_weight", "clip_xy_weight", "align_position_scale",
+    for name in ("clip_position_weight", "clip_place_weight", "clip_xy_weight", "clip_box_weight",
+                 "align_position_scale",
                  "align_place_weight", "lm_projector_lr_scale", "lm_look_weight", "lm_where_weight",
                  "lm_compare_weight", "lm_ground_weight", "lm_number_sigma"):
         check_min(f"{path}.{name}", getattr(t, name), 0.0)

@@ -86,18 +86,20 @@ def kept_tokens(labels: Tensor, n_background: int, rng: np.random.Generator) -> 
     return out
 
 
-def place_basis(dim: int, seed: int) -> Tensor:
-    """The two orthonormal directions ``[dim, 2]`` (x, y) of :func:`place_code`, drawn from ``seed``."""
+def place_basis(dim: int, seed: int, k: int = 2) -> Tensor:
+    """The ``k`` orthonormal directions ``[dim, k]`` of :func:`place_code`, drawn from ``seed``:
+    (x, y) for a point, (x1, y1, x2, y2) for a box."""
     gen = torch.Generator().manual_seed(seed)
-    basis, _ = torch.linalg.qr(torch.randn(dim, 2, generator=gen))
+    basis, _ = torch.linalg.qr(torch.randn(dim, k, generator=gen))
     return basis
 
 
 def place_code(xy: Tensor, dim: int, scale: float, seed: int) -> Tensor:
-    """Places ``xy [..., 2]`` (x, y in [-1, 1]) as vectors the LM can read: ``[..., dim]``,
-    along two fixed orthonormal directions (:func:`place_basis`) times ``scale``. Linear, so a
-    comparison ("left of") or a box is a linear readout."""
-    return scale * xy.float() @ place_basis(dim, seed).T
+    """Places ``xy [..., k]`` (a point (x, y) or a box (x1, y1, x2, y2), in [-1, 1]) as vectors
+    the LM can read: ``[..., dim]``, along ``k`` fixed orthonormal directions
+    (:func:`place_basis`) times ``scale``. Linear, so a comparison ("left of") or a box is a
+    linear readout."""
+    return scale * xy.float() @ place_basis(dim, seed, xy.shape[-1]).T
 
 
 def position_code(grid: int, dim: int, scale: float, seed: int) -> Tensor:

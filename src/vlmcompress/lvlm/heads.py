@@ -22,7 +22,7 @@ class DenseHeads(nn.Module):
     """
 
     def __init__(self, dim: int, grid: int = 0, position_weight: float = 0.0, place_weight: float = 0.0,
-                 xy_weight: float = 0.0) -> None:
+                 xy_weight: float = 0.0, box_weight: float = 0.0) -> None:
         super().__init__()
         self.color = nn.Linear(dim, len(COLORS) + 1)
         self.shape = nn.Linear(dim, len(SHAPES) + 1)
@@ -40,13 +40,21 @@ class DenseHeads(nn.Module):
         if xy_weight > 0:
             with torch.random.fork_rng():
                 self.xy = nn.Linear(dim, 2)
+        self.box_weight = box_weight
+        if box_weight > 0:
+            with torch.random.fork_rng():
+                self.box = nn.Linear(dim, 4)
 
-    def loss(self, feats: Tensor, labels: Tensor, centres: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
+    def loss(self, feats: Tensor, labels: Tensor, centres: Tensor | None = None, boxes: Tensor | None = None
+             ) -> tuple[Tensor, dict[str, float]]:
         """``feats [B, N, D]``, ``labels [B, 4, G, G]`` -> loss and per-head patch accuracy.
 
         With ``place_weight`` > 0, also the MSE of each patch's object centre ``centres
         [B, 2, G, G]`` (:func:`~vlmcompress.lvlm.labels.patch_centres`), reported as its RMS error
-        in pixels of a 128-pixel side on object patches (``place_px``)."""
+        in pixels of a 128-pixel side on object patches (``place_px``); with ``box_weight`` > 0,
+        the MSE of each patch's object box ``boxes [B, 4, G, G]``
+        (:func:`~vlmcompress.lvlm.labels.patch_boxes`), its mean absolute error per coordinate
+        in pixels on object patches as ``box_px``."""
         lab = labels.flatten(2).transpose(1, 2)               # [B, N, 4]
         obj = lab[..., 0] > 0
         total, acc = feats.new_zeros(()), {}
@@ -78,6 +86,13 @@ class DenseHeads(nn.Module):
             err = (self.xy(feats) - grid_xy(labels.shape[-1]).to(feats)).pow(2).sum(-1)          # [B, N]
             total = total + self.xy_weight * err.mean()
             acc["xy_px"] = 64 * err[obj].mean().sqrt().item() if obj.any() else 0.0
+        if self.box_weight > 0:
+            if boxes is None:
+                raise ValueError("DenseHeads.loss: box_weight > 0 needs the patches' object boxes")
+            # Every patch of an object learns the whole box, so one token answers for it.
+            err = self.box(feats) - boxes.flatten(2).transpose(1, 2)                          # [B, N, 4]
+            total = total + self.box_weight * err.pow(2).sum(-1).mean()
+            acc["box_px"] = 64 * err[obj].abs().mean().item() if obj.any() else 0.0
         return total, acc
 
 

@@ -27,11 +27,13 @@ class Pool:
     images: Tensor                      # [M, H, W, 3] uint8
     labels: Tensor                      # [M, 4, G, G] int64 (colour, shape, size, centre)
     centres: Tensor                     # [M, 2, G, G] float32: each patch's object centre (labels.patch_centres)
+    boxes: Tensor                       # [M, 4, G, G] float32: each patch's object box (labels.patch_boxes)
     objects: list[list[SceneObject]]
     captions: list[list[str]]
 
 
-def _pool_item(p: ScenesParams, index: int, patch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, list, list]:
+def _pool_item(p: ScenesParams, index: int, patch: int
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list, list]:
     s = make_scene(p, POOL_STREAM, index, n_questions=0)
     return s.image, *patch_targets(s.objects, p.image_size, patch), s.objects, s.captions
 
@@ -43,7 +45,8 @@ def build_pool(p: ScenesParams, n: int, patch: int, workers: int = 2) -> Pool:
     return Pool(images=torch.from_numpy(np.stack([i[0] for i in items])),
                 labels=torch.from_numpy(np.stack([i[1] for i in items])),
                 centres=torch.from_numpy(np.stack([i[2] for i in items])),
-                objects=[i[3] for i in items], captions=[i[4] for i in items])
+                boxes=torch.from_numpy(np.stack([i[3] for i in items])),
+                objects=[i[4] for i in items], captions=[i[5] for i in items])
 
 
 def scene_vocab(p: ScenesParams, prompts: Prompts, n_scenes: int = 400) -> list[str]:

@@ -59,7 +59,7 @@ from vlmcompress.lvlm.config import LvlmParams
 from vlmcompress.lvlm.curriculum import (TrainSeq, background_budget, kept_tokens, place_basis, place_code, position_code,
                                          sample_turns, turn_mask)
 from vlmcompress.lvlm.heads import DenseHeads, RelationHeads, look_loss, soft_number_ce, text_losses
-from vlmcompress.lvlm.labels import mirror_centres
+from vlmcompress.lvlm.labels import mirror_boxes, mirror_centres
 from vlmcompress.lvlm.phases import PHASE_OWNS, PHASE_STREAM, PHASES, phase_digests, progress_line
 from vlmcompress.lvlm.pool import Pool, build_pool, scene_vocab, to_pixels
 from vlmcompress.lvlm.targets import (PHRASES, ground_target, number_slots, phrase_index, relation_targets,
@@ -98,7 +98,7 @@ class Trainer:
         self.clip = build_clip(self.spec, len(vocab), ids["<pad>"], ids["<s>"], ids["</s>"])
         self.llava = build_llava(self.spec, self.clip, len(vocab), ids["<image>"], ids["<pad>"], ids["<s>"], ids["</s>"])
         self.heads = DenseHeads(a.vision_hidden, a.image_size // a.patch_size, self.t.clip_position_weight,
-                                self.t.clip_place_weight, self.t.clip_xy_weight)
+                                self.t.clip_place_weight, self.t.clip_xy_weight, self.t.clip_box_weight)
         if self.t.relation_readouts and not 0 <= self.t.lm_where_layer < a.lm_layers:
             raise ValueError(f"lvlm.train.lm_where_layer={self.t.lm_where_layer}: must be in [0, {a.lm_layers - 1}] "
                              f"(lvlm.arch.lm_layers={a.lm_layers}; the compare readout sits one layer later)")
@@ -256,17 +256,18 @@ class Trainer:
         def step(rng: np.random.Generator, step_no: int) -> tuple[Tensor, dict[str, float]]:
             idx = torch.from_numpy(rng.choice(len(pool.captions), t.clip_batch, replace=False))
             pix = to_pixels(pool.images[idx])
-            labels, centres = pool.labels[idx], pool.centres[idx]
+            labels, centres, boxes = pool.labels[idx], pool.centres[idx], pool.boxes[idx]
             flip = torch.from_numpy(rng.random(len(idx)) < 0.5)
             # Horizontal flips: images and labels together (captions are left-right free but
             # for the first, so flipped samples draw one of the unordered ones).
             pix = torch.where(flip[:, None, None, None], pix.flip(-1), pix)
             labels = torch.where(flip[:, None, None, None], labels.flip(-1), labels)
             centres = torch.where(flip[:, None, None, None], mirror_centres(centres), centres)
+            boxes = torch.where(flip[:, None, None, None], mirror_boxes(boxes), boxes)
             caps = [pool.captions[i][int(rng.integers(1 if f else 0, len(pool.captions[i])))]
                     for i, f in zip(idx.tolist(), flip.tolist())]
             out = vision((pix - LVLM_MEAN) / LVLM_STD, output_hidden_states=True, return_dict=True)
-            dense, acc = self.heads.loss(out.hidden_states[layer][:, 1:], labels, centres)
+            dense, acc = self.heads.loss(out.hidden_states[layer][:, 1:], labels, centres, boxes)
             scale = clip.logit_scale.exp().clamp(max=100)
             # Patch <-> phrase alignment in the joint space.
             ph = F.normalize(clip.text_projection(clip.text_model(**phrase_enc).pooler_output), dim=-1)
@@ -326,8 +327,8 @@ class Trainer:
         word_norm = emb.weight.detach().norm(dim=-1).mean().item()
         dim, scale = emb.weight.shape[1], self.t.align_position_scale * word_norm
         where = position_code(self.spec.image_size // self.spec.patch_size, dim, scale, self.seed)
-        by_object = self.t.align_position_target == "object"
-        basis = place_basis(dim, self.seed)
+        target_of = self.t.align_position_target
+        basis = place_basis(dim, self.seed, 4 if target_of == "box" else 2)
 
         def step(rng: np.random.Generator, step_no: int) -> tuple[Tensor, dict[str, float]]:
             idx = torch.from_numpy(rng.choice(len(pool.captions), self.t.align_batch, replace=False))
@@ -335,10 +336,14 @@ class Trainer:
                 out = vision((to_pixels(pool.images[idx]) - LVLM_MEAN) / LVLM_STD, output_hidden_states=True,
                              return_dict=True)
                 table = torch.stack([emb.weight[w].sum(0) for w in words])  # [P, D]
-                # The place: the patch's own (position_code), or its object's centre, shared by
-                # every patch of the object (place_code of labels.patch_centres, same basis).
-                place = (place_code(pool.centres[idx].flatten(2).transpose(1, 2), dim, scale, self.seed)
-                         if by_object else where)
+                # The place: the patch's own (position_code), or its object's centre or box,
+                # shared by every patch of the object (place_code of labels.patch_centres or
+                # labels.patch_boxes).
+                if target_of == "patch":
+                    place = where
+                else:
+                    xy = (pool.centres if target_of == "object" else pool.boxes)[idx].flatten(2).transpose(1, 2)
+                    place = place_code(xy, dim, scale, self.seed)
                 target = table[phrase_index(pool.labels[idx]).flatten(1)] + place  # [B, N, D]
             pred = proj(out.hidden_states[layer][:, 1:])
             loss = (pred - target).pow(2).sum(-1).mean() / target.pow(2).sum(-1).mean()
@@ -346,7 +351,7 @@ class Trainer:
                 return loss, {}
             # The place's share of the error, logged and optionally weighted: on object tokens
             # it is the least-fitted part of the target (the words carry most of its energy).
-            off = ((pred - target) @ basis / scale).pow(2)                      # [B, N, 2], [-1, 1] units
+            off = ((pred - target) @ basis / scale).pow(2)                      # [B, N, 2 | 4], [-1, 1] units
             logs = {"place_px": 64 * off.mean().sqrt().item()}
             if self.t.align_place_weight > 0:
                 loss = loss + self.t.align_place_weight * off.mean()
