@@ -124,9 +124,9 @@ def _tiny_params(**train):
                                text_heads=2, projection_dim=16, lm_hidden=32, lm_layers=1, lm_heads=2,
                                lm_intermediate=64, stem_context=0)
     t = dataclasses.replace(L.train, threads=1, pool_scenes=12, clip_steps=2, clip_batch=4, text_steps=2, text_batch=4,
-                            text_questions=2, align_steps=2, align_batch=4, lm_batch=2, lm_turns=2,
+                            text_questions=2, align_steps=2, align_batch=4, lm_batch=2,
                             lm_bg_start=4, warmup_steps=1, checkpoint_every=1, eval_every=1,
-                            **{"lm_where_layer": 0, "lm_steps": 2, **train})
+                            **{"lm_where_layer": 0, "lm_steps": 2, "lm_turns": 2, **train})
     scenes = dataclasses.replace(p.data.scenes, n_train=4, n_val=2, n_test=2)
     return dataclasses.replace(L, arch=arch, train=t), scenes
 
@@ -195,10 +195,11 @@ def test_trainer_reuses_finished_phases_whose_params_did_not_change(tmp_path):
     assert len([r for r in rows if r["phase"] == "text" and r["step"] == 1]) == 1
 
 
-def test_an_interrupted_lm_phase_resumes_in_a_new_process_to_the_same_weights(tmp_path):
+@pytest.mark.parametrize("focus", [0.0, 0.7])
+def test_an_interrupted_lm_phase_resumes_in_a_new_process_to_the_same_weights(tmp_path, focus):
     from vlmcompress.lvlm.train import Trainer
 
-    params, scenes = _tiny_params(lm_steps=3)
+    params, scenes = _tiny_params(lm_steps=3, lm_type_focus=focus, lm_turns=6)
 
     class Interrupted(Trainer):
         def _lm_step(self, pool):
@@ -220,6 +221,10 @@ def test_an_interrupted_lm_phase_resumes_in_a_new_process_to_the_same_weights(tm
     assert any(m.startswith("[lm] resuming at step 2") for m in logs)
     want, got = whole.llava.state_dict(), resumed.llava.state_dict()
     assert all(torch.allclose(got[k], v, rtol=0, atol=1e-6) for k, v in want.items())
+    # The question-type curriculum's state resumes too (and stays untouched when it is off).
+    assert np.allclose(resumed.lm_state["type_loss"], whole.lm_state["type_loss"], rtol=0, atol=1e-6)
+    assert (whole.lm_state["type_loss"] == [1.0] * 5) == (focus == 0)
+    assert all(("p_exists" in r) == (focus > 0) for r in whole.curves if r["phase"] == "lm")
 
 
 def test_projector_lr_scale_zero_keeps_phase_b_projector_and_still_trains_the_lm(tmp_path):
@@ -478,6 +483,39 @@ def test_a_run_with_object_boxes_trains_the_box_head_and_aligns_to_four_place_di
     base, _ = _tiny_params(align_position_target="object")
     other = Trainer(base, scenes, tmp_path / "b", seed=0, log=lambda m: None).digests
     assert other["clip"] != tr.digests["clip"] and other["align"] != tr.digests["align"]
+
+
+def test_question_type_reads_every_generated_question_and_nothing_else():
+    from vlmcompress.data.scenes import QUESTION_TYPES, make_questions, question_type, sample_scene, scene_rng
+
+    p, _ = _tiny_params()
+    seen = set()
+    for i in range(40):
+        rng = scene_rng(0, 7, i)
+        objs = sample_scene(rng, _tiny_params()[1])
+        for q in make_questions(objs, rng, 10):
+            assert question_type(q["question"]) == q["question_type"]
+            seen.add(q["question_type"])
+    assert seen == set(QUESTION_TYPES)
+    for other in ("a red circle", "please provide the bounding box of the red circle.", "", "is thereabouts"):
+        assert question_type(other) is None
+
+
+def test_type_probs_favour_the_types_with_the_highest_loss_and_make_questions_follows_them():
+    from vlmcompress.data.scenes import QUESTION_TYPES, make_questions, sample_scene, scene_rng
+    from vlmcompress.lvlm.curriculum import type_probs
+
+    assert np.allclose(type_probs([0.1, 0.1, 0.7, 0.1, 0.7], 0.0), 0.2)
+    p = type_probs([0.1, 0.1, 0.7, 0.1, 0.7], 0.7)
+    assert np.isclose(p.sum(), 1.0) and p[2] == p[4] > 0.3 > 0.2 > p[0] > 0.06
+    assert np.all(type_probs([0.0, 0.0, 0.0, 0.0, 1.0], 1.0) >= 0)
+    rng = scene_rng(0, 7, 0)
+    objs = sample_scene(rng, _tiny_params()[1])
+    only = make_questions(objs, np.random.default_rng(0), 20, type_probs=[0, 0, 1, 0, 0])
+    assert len(only) == 20 and {q["question_type"] for q in only} == {QUESTION_TYPES[2]}
+    # Without probabilities the types cycle, as before.
+    cyc = make_questions(objs, np.random.default_rng(0), 10)
+    assert sorted(q["question_type"] for q in cyc) == sorted(QUESTION_TYPES * 2)
 
 
 def test_turn_mask_lets_a_turn_see_the_image_and_itself_but_no_other_turn():

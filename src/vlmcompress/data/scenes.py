@@ -249,8 +249,10 @@ def question_relation(question: str) -> tuple[tuple[str, str], str, tuple[str, s
     return (c0, s0), rel, (c1, s1)
 
 
-def make_questions(objs: Sequence[SceneObject], rng: np.random.Generator, n: int) -> list[dict[str, str]]:
-    """``n`` questions cycling through the types (balanced), yes/no answers balanced.
+def make_questions(objs: Sequence[SceneObject], rng: np.random.Generator, n: int,
+                   type_probs: Sequence[float] | None = None) -> list[dict[str, str]]:
+    """``n`` questions cycling through the types (balanced), yes/no answers balanced; with
+    ``type_probs`` (one per :data:`QUESTION_TYPES`), each question's type drawn from them.
 
     For ``count``, answers are balanced by drawing the shape uniformly, so zero counts
     appear as often as the scene composition implies.
@@ -258,7 +260,8 @@ def make_questions(objs: Sequence[SceneObject], rng: np.random.Generator, n: int
     out: list[dict[str, str]] = []
     start = int(rng.integers(len(QUESTION_TYPES)))
     for k in range(n):
-        qtype = QUESTION_TYPES[(start + k) % len(QUESTION_TYPES)]
+        qtype = (QUESTION_TYPES[(start + k) % len(QUESTION_TYPES)] if type_probs is None
+                 else QUESTION_TYPES[int(rng.choice(len(QUESTION_TYPES), p=np.asarray(type_probs)))])
         cands = question_candidates(objs, rng, qtype)
         if qtype in ("exists", "spatial"):
             want = ("yes", "no")[int(rng.integers(2))]
@@ -269,6 +272,17 @@ def make_questions(objs: Sequence[SceneObject], rng: np.random.Generator, n: int
         atype = "yes/no" if a in ("yes", "no") else "number" if qtype == "count" else "other"
         out.append({"question": q, "answer": a, "question_type": qtype, "answer_type": atype})
     return out
+
+
+_TYPE_OPENINGS = (("what color", "color"), ("what shape", "shape"), ("is there", "exists"), ("how many", "count"),
+                  ("is the", "spatial"))
+
+
+def question_type(question: str) -> str | None:
+    """The :data:`QUESTION_TYPES` entry of a generated question, from its opening words; None
+    for any other text."""
+    q = question.lower()
+    return next((t for opening, t in _TYPE_OPENINGS if q.startswith(opening + " ")), None)
 
 
 def make_refs(objs: Sequence[SceneObject]) -> list[str]:

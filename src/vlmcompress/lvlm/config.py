@@ -93,6 +93,8 @@ class TrainParams:
     lm_projector_lr_scale: float  # phase C's projector lr as a fraction of lm_lr (0: frozen, keeps
                               # phase B's map of words + position code)
     lm_isolate_turns: bool    # each turn a separate single-turn sample sharing the image (turn_mask)
+    lm_type_focus: float      # share of questions whose type is drawn by its recent answer loss
+                              # (curriculum.type_probs; 0: the types cycle evenly)
     lm_loss_per: Literal["token", "turn"]  # answer-token CE averaged per token, or per
                               # turn (a 20-word caption then weighs as much as a one-word answer)
     lm_number_sigma: float    # box coordinates: CE against a Gaussian over the number tokens'
@@ -224,7 +226,7 @@ def check_train_params(t: TrainParams, a: ArchParams, path: str = "lvlm.train") 
     check_min(f"{path}.text_questions", t.text_questions, 1)
     check_min(f"{path}.lm_turns", t.lm_turns, 1)
     check_min(f"{path}.lm_bg_start", t.lm_bg_start, 0)
-    for name in ("lm_bg_ramp", "lm_ground_start", "caption_prob", "ground_prob"):
+    for name in ("lm_bg_ramp", "lm_ground_start", "lm_type_focus", "caption_prob", "ground_prob"):
         check_range(f"{path}.{name}", getattr(t, name), 0.0, 1.0)
     check_min(f"{path}.warmup_steps", t.warmup_steps, 0)
     check_min(f"{path}.checkpoint_every", t.checkpoint_every, 1)

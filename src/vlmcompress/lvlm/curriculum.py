@@ -35,8 +35,10 @@ def box_text(o: SceneObject, image_size: int) -> str:
 
 
 def sample_turns(objs: Sequence[SceneObject], captions: Sequence[str], rng: np.random.Generator, n: int,
-                 caption_prob: float, ground_prob: float, image_size: int) -> list[tuple[str, str, str]]:
-    """``n`` (task, text, answer) turns about one scene: questions of every type, sometimes a
+                 caption_prob: float, ground_prob: float, image_size: int,
+                 type_probs: Sequence[float] | None = None) -> list[tuple[str, str, str]]:
+    """``n`` (task, text, answer) turns about one scene: questions of every type (cycling, or
+    drawn from ``type_probs``: :func:`~vlmcompress.data.scenes.make_questions`), sometimes a
     caption (the canonical left-to-right one) and a grounding turn."""
     turns: list[tuple[str, str, str]] = []
     if rng.random() < caption_prob:
@@ -44,7 +46,7 @@ def sample_turns(objs: Sequence[SceneObject], captions: Sequence[str], rng: np.r
     if objs and rng.random() < ground_prob:
         o = objs[int(rng.integers(len(objs)))]
         turns.append(("ground", make_refs([o])[0], box_text(o, image_size)))
-    turns += [("vqa", q["question"], q["answer"]) for q in make_questions(objs, rng, max(n - len(turns), 0))]
+    turns += [("vqa", q["question"], q["answer"]) for q in make_questions(objs, rng, max(n - len(turns), 0), type_probs)]
     return [turns[i] for i in rng.permutation(len(turns))]
 
 
@@ -60,6 +62,14 @@ def turn_mask(segments: Tensor) -> Tensor:
     allowed = causal & (k >= 0) & (q >= 0) & ((k == 0) | (k == q))
     allowed |= torch.eye(T, dtype=torch.bool) & (q < 0)
     return allowed.unsqueeze(1)
+
+
+def type_probs(losses: Sequence[float], focus: float) -> np.ndarray:
+    """How often to ask each question type: ``[T]``, a ``1 - focus`` share spread evenly and a
+    ``focus`` share in proportion to the types' recent answer losses ``losses [T]``, so a type
+    still at chance is asked more often than one already learnt."""
+    loss = np.clip(np.asarray(losses, dtype=np.float64), 1e-6, None)
+    return (1 - focus) / len(loss) + focus * loss / loss.sum()
 
 
 def background_budget(step: int, steps: int, start: int, ramp: float, n_tokens: int) -> int:

@@ -51,13 +51,13 @@ from accelerate import Accelerator
 from torch import Tensor, nn
 
 from vlmcompress.data.config import ScenesParams
-from vlmcompress.data.scenes import SceneObject, make_questions
+from vlmcompress.data.scenes import QUESTION_TYPES, SceneObject, make_questions, question_type
 from vlmcompress.io import atomic_path, write_json
 from vlmcompress.lvlm.adapter import CLIP_MEAN, CLIP_STD, LVLM, Prompts
 from vlmcompress.lvlm.build import ModelSpec, build_clip, build_llava, save_lvlm
 from vlmcompress.lvlm.config import LvlmParams
 from vlmcompress.lvlm.curriculum import (TrainSeq, background_budget, kept_tokens, place_basis, place_code, position_code,
-                                         sample_turns, turn_mask)
+                                         sample_turns, turn_mask, type_probs)
 from vlmcompress.lvlm.heads import DenseHeads, RelationHeads, look_loss, soft_number_ce, text_losses
 from vlmcompress.lvlm.labels import mirror_boxes, mirror_centres
 from vlmcompress.lvlm.phases import PHASE_OWNS, PHASE_STREAM, PHASES, phase_digests, progress_line
@@ -108,6 +108,8 @@ class Trainer:
         self.number_table = number_tokens(self.tok.get_vocab())           # ids, values
         self.number_ids = set(self.number_table[0].tolist())
         self.digests = phase_digests(params, scenes, seed)
+        # Phase C's state across steps: each question type's recent answer loss (lm_type_focus).
+        self.lm_state: dict[str, Any] = {"type_loss": [1.0] * len(QUESTION_TYPES)}
         self.curves: list[dict[str, Any]] = []
         self.phase_seconds: dict[str, float] = {}
 
@@ -167,7 +169,10 @@ class Trainer:
     def _run_phase(self, phase: str, steps: int, lr: float, params: list[nn.Parameter] | list[dict[str, Any]],
                    step_fn: Callable[[np.random.Generator, int], tuple[Tensor, dict[str, float]]],
                    modules: list[nn.Module], eval_fn: Callable[[], dict[str, float]] | None = None,
-                   max_grad_norm: float | None = 1.0) -> None:
+                   max_grad_norm: float | None = 1.0, state: dict[str, Any] | None = None) -> None:
+        """Train one phase, or load it when done with the same digest; resumes from the last
+        checkpoint. ``state``: JSON-able state ``step_fn`` keeps across steps, checkpointed
+        with the weights so a resumed run continues it exactly."""
         prog = self._progress()
         digest = self.digests[phase]
         digests = prog.setdefault("digests", {})
@@ -193,6 +198,8 @@ class Trainer:
             self._load_weights(f"{phase}_weights", phase)
             self.accel.load_state(str(state_dir))
             start, spent = prog["step"], prog["seconds"].get(phase, 0.0)
+            if state is not None:
+                state.update(prog.get("phase_state", {}))
             self.log(f"[{phase}] resuming at step {start}")
         ran_on = prog.setdefault("setups", {})
         here = compute_setup()
@@ -228,6 +235,8 @@ class Trainer:
                 self._save_weights(f"{phase}_weights")
                 self.accel.save_state(str(state_dir))
                 prog.update(phase=phase, step=step + 1, phase_digest=digest)
+                if state is not None:
+                    prog["phase_state"] = dict(state)
                 prog["seconds"][phase] = time.perf_counter() - t0
                 write_json(self._progress_path, prog)
         for m in modules:
@@ -238,6 +247,7 @@ class Trainer:
         digests[phase] = digest
         prog["seconds"][phase] = self.phase_seconds[phase]
         prog.update(phase=None, step=0, phase_digest=None)
+        prog.pop("phase_state", None)
         write_json(self._progress_path, prog)
 
     def setups(self) -> dict[str, str]:
@@ -423,9 +433,11 @@ class Trainer:
         vis = proj(feats)
         n_bg = background_budget(step_no, t.lm_steps, t.lm_bg_start, t.lm_bg_ramp, labels[0, 0].numel())
         keep = kept_tokens(labels, n_bg, rng)
-        seqs = [self._sequence(vis[b, keep[b]], sample_turns(objects[b], captions[b], rng, t.lm_turns,
-                                                             t.caption_prob, t.ground_prob, self.spec.image_size),
-                               keep[b], vis.shape[1], t.lm_isolate_turns) for b in range(len(objects))]
+        probs = type_probs(self.lm_state["type_loss"], t.lm_type_focus) if t.lm_type_focus > 0 else None
+        turns = [sample_turns(objects[b], captions[b], rng, t.lm_turns, t.caption_prob, t.ground_prob,
+                              self.spec.image_size, probs) for b in range(len(objects))]
+        seqs = [self._sequence(vis[b, keep[b]], turns[b], keep[b], vis.shape[1], t.lm_isolate_turns)
+                for b in range(len(objects))]
         T = max(s.embeds.shape[0] for s in seqs)
         embeds = vis.new_zeros(len(seqs), T, vis.shape[-1])
         target_ids = torch.full((len(seqs), T), -100, dtype=torch.long)
@@ -486,6 +498,10 @@ class Trainer:
         else:   # the fused mean: bit for bit what recorded runs computed
             loss = F.cross_entropy(logits, target)
         logs = {"tok_acc": (logits.argmax(-1) == target).float().mean().item()}
+        if probs is not None:
+            rows = torch.arange(len(seqs))[:, None].expand(-1, T - 1)[sel]
+            self._track_type_loss(logits, target, turns, rows, segments[:, 1:][sel])
+            logs.update({f"p_{k}": float(p) for k, p in zip(QUESTION_TYPES, probs)})
         if look:
             ll = look_loss(captured[0], torch.tensor(queries), torch.stack(targets))
             loss = loss + t.lm_look_weight * ll
@@ -501,6 +517,26 @@ class Trainer:
             loss = loss + t.lm_ground_weight * gl
             logs["ground"] = gl.item()
         return loss, logs
+
+    def _track_type_loss(self, logits: Tensor, target: Tensor, turns: Sequence[Sequence[tuple[str, str, str]]],
+                         rows: Tensor, segments: Tensor) -> None:
+        """Fold this batch's answer loss of each question type into ``lm_state["type_loss"]``
+        (an exponential moving average), which :func:`type_probs` turns into how often each type
+        is asked. ``logits [A, V]`` / ``target [A]`` over the batch's answer tokens, ``rows
+        [A]`` / ``segments [A]`` the sequence and turn (1-based) of each."""
+        kinds = torch.full((len(turns), 1 + max(len(tr) for tr in turns)), -1, dtype=torch.long)
+        for b, tr in enumerate(turns):
+            for k, (task, text, _) in enumerate(tr):
+                qtype = question_type(text) if task == "vqa" else None
+                if qtype is not None:
+                    kinds[b, k + 1] = QUESTION_TYPES.index(qtype)
+        with torch.no_grad():
+            ce = F.cross_entropy(logits.detach(), target, reduction="none")
+        kind = kinds[rows, segments]
+        ema = self.lm_state["type_loss"]
+        for k in range(len(QUESTION_TYPES)):
+            if (kind == k).any():
+                ema[k] = _TYPE_EMA * ema[k] + (1 - _TYPE_EMA) * ce[kind == k].mean().item()
 
     def ground_targets(self, seq: TrainSeq, text: str, p0: int, p_ids: list[int], objs: Sequence[SceneObject]
                        ) -> tuple[int, Tensor, list[tuple[int, int]], Tensor] | None:
@@ -611,7 +647,8 @@ class Trainer:
             lm_cfg._attn_implementation = "eager"  # the look loss needs one layer's attention weights
         try:
             self._run_phase("lm", self.t.lm_steps, self.t.lm_lr, lm_groups, self._lm_step(pool),
-                            [proj, self.llava.model.language_model, self.llava.lm_head, self.relation], ev)
+                            [proj, self.llava.model.language_model, self.llava.lm_head, self.relation], ev,
+                            state=self.lm_state if self.t.lm_type_focus > 0 else None)
         finally:
             lm_cfg._attn_implementation = attn_impl
         save_lvlm(out_dir, self.llava, self.tok, self.clip, self.clip_tok)
@@ -627,5 +664,6 @@ class Trainer:
             w.writerows(self.curves)
 
 
+_TYPE_EMA = 0.9    # decay of each question type's answer-loss average (lm_type_focus)
 LVLM_MEAN = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
 LVLM_STD = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
