@@ -1,4 +1,4 @@
-"""Do the visual tokens say where each patch is? A linear probe of grid row and column.
+"""Do the visual tokens say where each patch is, and where its object's box is? Linear probes.
 
     python scripts/position_probe.py [--params params.yaml] [--llava FOLDER [--clip FOLDER]] [--scenes 400]
 
@@ -10,7 +10,8 @@ LLaVA feature layer and for the projector's output (what the LM reads). Chance i
 side for the accuracy; predicting the mean index gives an MAE of about a quarter of the side.
 Scenes profile only (the pool needs the scene generator's labels). Results:
 ``docs/experiments/2026-12-03-embedded-lvlm-recipe.md`` (position heads and code) and
-``docs/experiments/2026-12-04-lvlm-where-position-is-lost.md``.
+``docs/experiments/2026-12-04-lvlm-where-position-is-lost.md`` and
+``docs/experiments/2026-12-04-lvlm-object-boxes-and-type-curriculum.md``.
 """
 from __future__ import annotations
 
@@ -51,6 +52,16 @@ def probe_mae(x, target, train, test, mask) -> float:
     return (pred - target[test].double()).abs()[mask[test]].mean().item()
 
 
+def probe_box_px(x, boxes, train, test, mask, side: int) -> float:
+    """Mean absolute error in pixels of a ``side``-pixel image of a least-squares regression
+    of ``boxes [M, 4]`` (in [-1, 1]) on ``x [M, D]``, fitted on the ``train`` rows and scored
+    on the ``test`` rows, both restricted to where ``mask`` holds."""
+    rows = mask.nonzero().squeeze(1)
+    fit, score = rows[rows < train.stop], rows[rows >= test.start]
+    pred = _fit_predict(x, boxes, fit, score)
+    return side / 2 * (pred - boxes[score].double()).abs().mean().item()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params", default=None)
@@ -85,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     n, (gh, g) = feats.tokens.shape[1], feats.grid
     cell = torch.arange(n).repeat(args.scenes)
     obj = (pool.labels[:, 0].flatten(1) > 0).flatten()
+    boxes = pool.boxes.flatten(2).transpose(1, 2).flatten(0, 1)            # [scenes * N, 4]
+    side = params.data.scenes.image_size
     split = args.scenes * 3 // 4 * n
     train, test = slice(0, split), slice(split, None)
     print(f"{args.llava or llava}: {args.scenes} scenes, grid {gh}x{g}, object patches "
@@ -95,8 +108,9 @@ def main(argv: list[str] | None = None) -> int:
         row = probe_accuracy(flat, cell // g, train, test, obj)
         mae_c = probe_mae(flat, cell % g, train, test, obj)
         mae_r = probe_mae(flat, cell // g, train, test, obj)
+        box = probe_box_px(flat, boxes, train, test, obj, side)
         print(f"  {name:20s} column {100 * col:5.1f}%  row {100 * row:5.1f}%   "
-              f"linear regression MAE: column {mae_c:.2f}, row {mae_r:.2f} cells")
+              f"linear regression MAE: column {mae_c:.2f}, row {mae_r:.2f} cells; object box {box:.2f} px")
     return 0
 
 

@@ -222,8 +222,10 @@ def test_an_interrupted_lm_phase_resumes_in_a_new_process_to_the_same_weights(tm
     want, got = whole.llava.state_dict(), resumed.llava.state_dict()
     assert all(torch.allclose(got[k], v, rtol=0, atol=1e-6) for k, v in want.items())
     # The question-type curriculum's state resumes too (and stays untouched when it is off).
-    assert np.allclose(resumed.lm_state["type_loss"], whole.lm_state["type_loss"], rtol=0, atol=1e-6)
-    assert (whole.lm_state["type_loss"] == [1.0] * 5) == (focus == 0)
+    from vlmcompress.lvlm.curriculum import chance_errors
+
+    assert np.allclose(resumed.lm_state["type_error"], whole.lm_state["type_error"], rtol=0, atol=1e-6)
+    assert (whole.lm_state["type_error"] == chance_errors(scenes.max_objects)) == (focus == 0)
     assert all(("p_exists" in r) == (focus > 0) for r in whole.curves if r["phase"] == "lm")
 
 
@@ -501,14 +503,18 @@ def test_question_type_reads_every_generated_question_and_nothing_else():
         assert question_type(other) is None
 
 
-def test_type_probs_favour_the_types_with_the_highest_loss_and_make_questions_follows_them():
+def test_type_probs_favour_the_types_furthest_from_learnt_and_make_questions_follows_them():
     from vlmcompress.data.scenes import QUESTION_TYPES, make_questions, sample_scene, scene_rng
-    from vlmcompress.lvlm.curriculum import type_probs
+    from vlmcompress.lvlm.curriculum import chance_errors, type_probs
 
-    assert np.allclose(type_probs([0.1, 0.1, 0.7, 0.1, 0.7], 0.0), 0.2)
-    p = type_probs([0.1, 0.1, 0.7, 0.1, 0.7], 0.7)
-    assert np.isclose(p.sum(), 1.0) and p[2] == p[4] > 0.3 > 0.2 > p[0] > 0.06
-    assert np.all(type_probs([0.0, 0.0, 0.0, 0.0, 1.0], 1.0) >= 0)
+    chance = chance_errors(5)
+    assert np.allclose(chance, [5 / 6, 3 / 4, 1 / 2, 5 / 6, 1 / 2])
+    assert np.allclose(type_probs(chance, chance, 0.7), 0.2)              # all at chance: even
+    assert np.allclose(type_probs([0.1, 0.1, 0.5, 0.3, 0.5], chance, 0.0), 0.2)
+    # Colour and shape learnt, yes/no types still at chance, count half-way.
+    p = type_probs([0.05, 0.05, 0.5, 0.4, 0.5], chance, 0.7)
+    assert np.isclose(p.sum(), 1.0) and p[2] == p[4] > 0.3 and p[4] > p[3] > p[1] > p[0] > 0.06
+    assert np.all(type_probs([0.0] * 5, chance, 1.0) > 0)
     rng = scene_rng(0, 7, 0)
     objs = sample_scene(rng, _tiny_params()[1])
     only = make_questions(objs, np.random.default_rng(0), 20, type_probs=[0, 0, 1, 0, 0])

@@ -206,6 +206,14 @@ def test_position_probe_reads_a_linear_code_and_not_noise():
     scalar = col[:, None].float() * torch.randn(1, 16) + 0.01 * torch.randn(640, 16)
     assert mae(scalar, col, train, test, mask) < 0.1 and mae(noise, col, train, test, mask) > 3.0
     assert probe(scalar, col, train, test, mask) < 0.5
+    # Boxes: fitted and scored on the masked rows only; pixels of the image side.
+    box_px = _script("position_probe").probe_box_px
+    boxes = torch.rand(640, 4) * 2 - 1
+    mask = torch.arange(640) % 2 == 0                                  # every other row an object patch
+    coded = torch.cat([boxes @ torch.randn(4, 12), torch.randn(640, 4)], 1)
+    coded[~mask] = 100 * torch.randn(int((~mask).sum()), 16)             # wild rows a fit on all would chase
+    assert box_px(coded, boxes, train, test, mask, 128) < 1e-6
+    assert box_px(torch.randn(640, 16), boxes, train, test, mask, 128) > 25
 
 
 def test_flops_table_rows_and_bad_input(capsys):

@@ -93,8 +93,8 @@ class TrainParams:
     lm_projector_lr_scale: float  # phase C's projector lr as a fraction of lm_lr (0: frozen, keeps
                               # phase B's map of words + position code)
     lm_isolate_turns: bool    # each turn a separate single-turn sample sharing the image (turn_mask)
-    lm_type_focus: float      # share of questions whose type is drawn by its recent answer loss
-                              # (curriculum.type_probs; 0: the types cycle evenly)
+    lm_type_focus: float      # share of questions whose type is drawn by its recent answer error
+                              # relative to chance (curriculum.type_probs; 0: the types cycle evenly)
     lm_loss_per: Literal["token", "turn"]  # answer-token CE averaged per token, or per
                               # turn (a 20-word caption then weighs as much as a one-word answer)
     lm_number_sigma: float    # box coordinates: CE against a Gaussian over the number tokens'

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from vlmcompress.data.scenes import SceneObject, make_questions, make_refs
+from vlmcompress.data.scenes import COLORS, QUESTION_TYPES, SHAPES, SceneObject, make_questions, make_refs
 from vlmcompress.lvlm.labels import grid_xy
 
 
@@ -64,12 +64,20 @@ def turn_mask(segments: Tensor) -> Tensor:
     return allowed.unsqueeze(1)
 
 
-def type_probs(losses: Sequence[float], focus: float) -> np.ndarray:
+def type_probs(errors: Sequence[float], chance: Sequence[float], focus: float) -> np.ndarray:
     """How often to ask each question type: ``[T]``, a ``1 - focus`` share spread evenly and a
-    ``focus`` share in proportion to the types' recent answer losses ``losses [T]``, so a type
-    still at chance is asked more often than one already learnt."""
-    loss = np.clip(np.asarray(losses, dtype=np.float64), 1e-6, None)
-    return (1 - focus) / len(loss) + focus * loss / loss.sum()
+    ``focus`` share in proportion to each type's recent answer error ``errors [T]`` relative to
+    its error at chance ``chance [T]`` (``1 - 1 / answers``): a yes/no type still at chance
+    weighs as much as a six-colour type at chance, and more than either once learnt."""
+    rel = np.clip(np.asarray(errors, dtype=np.float64) / np.asarray(chance, dtype=np.float64), 1e-3, None)
+    return (1 - focus) / len(rel) + focus * rel / rel.sum()
+
+
+def chance_errors(max_objects: int) -> list[float]:
+    """Per :data:`~vlmcompress.data.scenes.QUESTION_TYPES`, the error of a uniform guess over
+    the type's answers: colours, shapes, yes/no, counts 0..``max_objects``, yes/no."""
+    answers = {"color": len(COLORS), "shape": len(SHAPES), "exists": 2, "count": max_objects + 1, "spatial": 2}
+    return [1 - 1 / answers[t] for t in QUESTION_TYPES]
 
 
 def background_budget(step: int, steps: int, start: int, ramp: float, n_tokens: int) -> int:

@@ -57,7 +57,7 @@ from vlmcompress.lvlm.adapter import CLIP_MEAN, CLIP_STD, LVLM, Prompts
 from vlmcompress.lvlm.build import ModelSpec, build_clip, build_llava, save_lvlm
 from vlmcompress.lvlm.config import LvlmParams
 from vlmcompress.lvlm.curriculum import (TrainSeq, background_budget, kept_tokens, place_basis, place_code, position_code,
-                                         sample_turns, turn_mask, type_probs)
+                                         chance_errors, sample_turns, turn_mask, type_probs)
 from vlmcompress.lvlm.heads import DenseHeads, RelationHeads, look_loss, soft_number_ce, text_losses
 from vlmcompress.lvlm.labels import mirror_boxes, mirror_centres
 from vlmcompress.lvlm.phases import PHASE_OWNS, PHASE_STREAM, PHASES, phase_digests, progress_line
@@ -108,8 +108,9 @@ class Trainer:
         self.number_table = number_tokens(self.tok.get_vocab())           # ids, values
         self.number_ids = set(self.number_table[0].tolist())
         self.digests = phase_digests(params, scenes, seed)
-        # Phase C's state across steps: each question type's recent answer loss (lm_type_focus).
-        self.lm_state: dict[str, Any] = {"type_loss": [1.0] * len(QUESTION_TYPES)}
+        # Phase C's state across steps: each question type's recent answer error (lm_type_focus),
+        # from chance.
+        self.lm_state: dict[str, Any] = {"type_error": chance_errors(scenes.max_objects)}
         self.curves: list[dict[str, Any]] = []
         self.phase_seconds: dict[str, float] = {}
 
@@ -433,7 +434,8 @@ class Trainer:
         vis = proj(feats)
         n_bg = background_budget(step_no, t.lm_steps, t.lm_bg_start, t.lm_bg_ramp, labels[0, 0].numel())
         keep = kept_tokens(labels, n_bg, rng)
-        probs = type_probs(self.lm_state["type_loss"], t.lm_type_focus) if t.lm_type_focus > 0 else None
+        probs = (type_probs(self.lm_state["type_error"], chance_errors(self.scenes.max_objects), t.lm_type_focus)
+                 if t.lm_type_focus > 0 else None)
         turns = [sample_turns(objects[b], captions[b], rng, t.lm_turns, t.caption_prob, t.ground_prob,
                               self.spec.image_size, probs) for b in range(len(objects))]
         seqs = [self._sequence(vis[b, keep[b]], turns[b], keep[b], vis.shape[1], t.lm_isolate_turns)
@@ -500,7 +502,8 @@ class Trainer:
         logs = {"tok_acc": (logits.argmax(-1) == target).float().mean().item()}
         if probs is not None:
             rows = torch.arange(len(seqs))[:, None].expand(-1, T - 1)[sel]
-            self._track_type_loss(logits, target, turns, rows, segments[:, 1:][sel])
+            first = (target_ids[:, :-1] == -100)[sel]                # each turn's first answer token
+            self._track_type_error(logits[first], target[first], turns, rows[first], segments[:, 1:][sel][first])
             logs.update({f"p_{k}": float(p) for k, p in zip(QUESTION_TYPES, probs)})
         if look:
             ll = look_loss(captured[0], torch.tensor(queries), torch.stack(targets))
@@ -518,11 +521,11 @@ class Trainer:
             logs["ground"] = gl.item()
         return loss, logs
 
-    def _track_type_loss(self, logits: Tensor, target: Tensor, turns: Sequence[Sequence[tuple[str, str, str]]],
-                         rows: Tensor, segments: Tensor) -> None:
-        """Fold this batch's answer loss of each question type into ``lm_state["type_loss"]``
+    def _track_type_error(self, logits: Tensor, target: Tensor, turns: Sequence[Sequence[tuple[str, str, str]]],
+                          rows: Tensor, segments: Tensor) -> None:
+        """Fold this batch's answer error of each question type into ``lm_state["type_error"]``
         (an exponential moving average), which :func:`type_probs` turns into how often each type
-        is asked. ``logits [A, V]`` / ``target [A]`` over the batch's answer tokens, ``rows
+        is asked. ``logits [A, V]`` / ``target [A]`` at the batch's first answer tokens, ``rows
         [A]`` / ``segments [A]`` the sequence and turn (1-based) of each."""
         kinds = torch.full((len(turns), 1 + max(len(tr) for tr in turns)), -1, dtype=torch.long)
         for b, tr in enumerate(turns):
@@ -530,13 +533,12 @@ class Trainer:
                 qtype = question_type(text) if task == "vqa" else None
                 if qtype is not None:
                     kinds[b, k + 1] = QUESTION_TYPES.index(qtype)
-        with torch.no_grad():
-            ce = F.cross_entropy(logits.detach(), target, reduction="none")
+        wrong = (logits.detach().argmax(-1) != target).float()
         kind = kinds[rows, segments]
-        ema = self.lm_state["type_loss"]
+        ema = self.lm_state["type_error"]
         for k in range(len(QUESTION_TYPES)):
             if (kind == k).any():
-                ema[k] = _TYPE_EMA * ema[k] + (1 - _TYPE_EMA) * ce[kind == k].mean().item()
+                ema[k] = _TYPE_EMA * ema[k] + (1 - _TYPE_EMA) * wrong[kind == k].mean().item()
 
     def ground_targets(self, seq: TrainSeq, text: str, p0: int, p_ids: list[int], objs: Sequence[SceneObject]
                        ) -> tuple[int, Tensor, list[tuple[int, int]], Tensor] | None:
@@ -664,6 +666,6 @@ class Trainer:
             w.writerows(self.curves)
 
 
-_TYPE_EMA = 0.9    # decay of each question type's answer-loss average (lm_type_focus)
+_TYPE_EMA = 0.9    # decay of each question type's answer-error average (lm_type_focus)
 LVLM_MEAN = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
 LVLM_STD = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
