@@ -336,25 +336,6 @@ def test_patch_centres_give_every_patch_of_an_object_its_centre_and_the_backgrou
     assert torch.equal(mirror_centres(torch.from_numpy(cen)), torch.from_numpy(m))
 
 
-def test_the_place_head_regresses_each_patch_object_centre_only_when_weighted():
-    from vlmcompress.lvlm.heads import DenseHeads
-    from vlmcompress.lvlm.labels import patch_targets
-
-    objs = [SceneObject("square", "red", "large", 10.0, 20.0, 12.0, _square(10.0, 20.0, 12.0))]
-    lab, cen = (torch.from_numpy(a)[None] for a in patch_targets(objs, 32, 8)[:2])    # a 4 x 4 grid
-    feats = torch.eye(16)[None]
-    torch.manual_seed(0)
-    plain = DenseHeads(16, grid=4, position_weight=1.0)
-    torch.manual_seed(0)
-    heads = DenseHeads(16, grid=4, position_weight=1.0, place_weight=1.0)
-    assert not hasattr(plain, "place")
-    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), heads.state_dict().values()))
-    with pytest.raises(ValueError, match="object centres"):
-        heads.loss(feats, lab)
-    first, acc = _fit_heads(heads, feats, lab, cen, steps=200, lr=0.05)
-    assert acc["place_px"] < 0.5 < first["place_px"] and "place_px" not in plain.loss(feats, lab)[1]
-
-
 def test_patch_boxes_give_every_patch_of_an_object_its_clamped_box_and_mirror_with_the_image():
     from vlmcompress.lvlm.curriculum import box_text, place_code
     from vlmcompress.lvlm.labels import mirror_boxes, patch_boxes, patch_labels
@@ -379,39 +360,29 @@ def test_patch_boxes_give_every_patch_of_an_object_its_clamped_box_and_mirror_wi
                                                       atol=1e-5)
 
 
-def test_the_box_head_regresses_each_patch_object_box_only_when_weighted():
-    from vlmcompress.lvlm.heads import DenseHeads
-    from vlmcompress.lvlm.labels import patch_targets
-
-    objs = [SceneObject("square", "red", "large", 10.0, 20.0, 12.0, _square(10.0, 20.0, 12.0))]
-    lab, _, box = (torch.from_numpy(a)[None] for a in patch_targets(objs, 32, 8))   # a 4 x 4 grid
-    feats = torch.eye(16)[None]
-    torch.manual_seed(0)
-    plain = DenseHeads(16, grid=4, position_weight=1.0)
-    torch.manual_seed(0)
-    heads = DenseHeads(16, grid=4, position_weight=1.0, box_weight=1.0)
-    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), heads.state_dict().values()))
-    with pytest.raises(ValueError, match="object boxes"):
-        heads.loss(feats, lab)
-    first, acc = _fit_heads(heads, feats, lab, steps=200, lr=0.05, boxes=box)
-    assert acc["box_px"] < 0.5 < first["box_px"] and "box_px" not in plain.loss(feats, lab)[1]
-
-
-def test_the_xy_head_regresses_each_patch_own_centre_only_when_weighted():
+@pytest.mark.parametrize("head, needs", [("place", "centres"), ("xy", None), ("box", "boxes")])
+def test_each_regression_head_fits_its_target_only_when_weighted(head, needs):
+    """place: each patch's object centre; xy: the patch's own centre; box: its object's box."""
     from vlmcompress.lvlm.heads import DenseHeads
     from vlmcompress.lvlm.labels import grid_xy, patch_targets
 
     assert grid_xy(2).tolist() == [[-0.5, -0.5], [0.5, -0.5], [-0.5, 0.5], [0.5, 0.5]]   # x, y; row-major
     objs = [SceneObject("square", "red", "large", 10.0, 20.0, 12.0, _square(10.0, 20.0, 12.0))]
-    lab = torch.from_numpy(patch_targets(objs, 32, 8)[0])[None]                          # a 4 x 4 grid
+    lab, cen, box = (torch.from_numpy(a)[None] for a in patch_targets(objs, 32, 8))   # a 4 x 4 grid
     feats = torch.eye(16)[None]
     torch.manual_seed(0)
     plain = DenseHeads(16, grid=4, position_weight=1.0)
     torch.manual_seed(0)
-    heads = DenseHeads(16, grid=4, position_weight=1.0, xy_weight=1.0)
+    heads = DenseHeads(16, grid=4, position_weight=1.0, **{f"{head}_weight": 1.0})
+    assert not hasattr(plain, head) and hasattr(heads, head)
     assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), heads.state_dict().values()))
-    first, acc = _fit_heads(heads, feats, lab, steps=200, lr=0.05)
-    assert acc["xy_px"] < 0.5 < first["xy_px"] and "xy_px" not in plain.loss(feats, lab)[1]
+    if needs is not None:
+        with pytest.raises(ValueError, match=f"object {needs}"):
+            heads.loss(feats, lab)
+    first, acc = _fit_heads(heads, feats, lab, cen if needs == "centres" else None, steps=200, lr=0.05,
+                            boxes=box if needs == "boxes" else None)
+    key = f"{head}_px"
+    assert acc[key] < 0.5 < first[key] and key not in plain.loss(feats, lab)[1]
 
 
 def test_the_align_place_weight_reads_the_place_code_back_logs_its_error_and_reaches_only_phase_b(tmp_path):
