@@ -110,7 +110,8 @@ class Trainer:
         self.digests = phase_digests(params, scenes, seed)
         # Phase C's state across steps: each question type's recent answer error (lm_type_focus),
         # from chance.
-        self.lm_state: dict[str, Any] = {"type_error": chance_errors(scenes.max_objects)}
+        self.type_chance = chance_errors(scenes.max_objects)
+        self.lm_state: dict[str, Any] = {"type_error": list(self.type_chance)}
         self.curves: list[dict[str, Any]] = []
         self.phase_seconds: dict[str, float] = {}
 
@@ -434,7 +435,7 @@ class Trainer:
         vis = proj(feats)
         n_bg = background_budget(step_no, t.lm_steps, t.lm_bg_start, t.lm_bg_ramp, labels[0, 0].numel())
         keep = kept_tokens(labels, n_bg, rng)
-        probs = (type_probs(self.lm_state["type_error"], chance_errors(self.scenes.max_objects), t.lm_type_focus)
+        probs = (type_probs(self.lm_state["type_error"], self.type_chance, t.lm_type_focus)
                  if t.lm_type_focus > 0 else None)
         turns = [sample_turns(objects[b], captions[b], rng, t.lm_turns, t.caption_prob, t.ground_prob,
                               self.spec.image_size, probs) for b in range(len(objects))]
