@@ -1,6 +1,7 @@
 """The LM phase's training signals: which patches a turn is about, the look loss, the token curriculum."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -646,6 +647,27 @@ def test_grounding_readouts_sit_on_the_referred_shape_word_and_the_tokens_before
     assert written == [float(v) for v in box_text(objs[1], size)[1:-1].split(", ")]
     assert torch.allclose((coords + 1) / 2, torch.tensor(written), atol=0.005)
     assert ground_target("the small green triangle", objs, size) is None            # no such object
+    # The look loss's positions: each turn's answer-predicting token, or the coordinate slots
+    # of grounding turns only.
+    looks = {}
+    for on in ("answers", "ground"):
+        tr.t = dataclasses.replace(tr.t, lm_look_on=on)
+        looks[on] = [tr._look_queries(seq, q, text, *pr, objs) for (q, text), pr in zip(seq.queries, seq.prompts)]
+    assert looks["answers"] == [[q] for q, _ in seq.queries]
+    assert looks["ground"] == [[], [i for i, _ in slots]]
+
+
+def test_a_run_with_the_look_on_grounding_coordinates_trains_and_reaches_only_the_lm_phase(tmp_path):
+    from vlmcompress.lvlm.train import Trainer
+
+    params, scenes = _tiny_params(lm_look_weight=1.0, lm_look_layer=0, lm_look_on="ground", ground_prob=1.0)
+    tr = Trainer(params, scenes, tmp_path, seed=0, log=lambda m: None)
+    base, _ = _tiny_params(lm_look_weight=1.0, lm_look_layer=0, ground_prob=1.0)
+    other = Trainer(base, scenes, tmp_path / "b", seed=0, log=lambda m: None).digests
+    assert [k for k in tr.digests if tr.digests[k] != other[k]] == ["lm"]
+    tr.run(tmp_path / "model")
+    lm_rows = [r for r in tr.curves if r["phase"] == "lm"]
+    assert lm_rows and all(r["look"] > 0 for r in lm_rows)
 
 
 def test_ground_loss_is_zero_on_exact_readouts_and_trains_the_lm(tmp_path):

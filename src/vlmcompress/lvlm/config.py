@@ -80,6 +80,8 @@ class TrainParams:
                               # patches a turn is about (0: off; at 1.0 on the head mean of one
                               # layer it starved colour readout in a measured run, so off by default)
     lm_look_layer: int        # LM layer whose head-mean attention the look loss supervises
+    lm_look_on: Literal["answers", "ground"]  # ... at each turn's answer-predicting token, or
+                              # only on grounding turns, at each token predicting a box coordinate
     lm_where_weight: float    # relation questions (RelationHeads): MSE of a linear readout of each
                               # object's centre from the LM's hidden state at its shape word (0: off)
     lm_where_layer: int       # ... read after this many LM layers (hidden_states index)

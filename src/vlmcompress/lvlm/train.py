@@ -426,7 +426,7 @@ class Trainer:
         ``labels [B, 4, G, G]`` their scenes' dense labels; turns are drawn from ``rng``.
 
         Cross-entropy on answer tokens, plus (``lm_look_weight`` > 0) the look loss on the
-        head-mean attention of layer ``lm_look_layer`` at each answer-predicting position.
+        head-mean attention of layer ``lm_look_layer`` at the positions ``lm_look_on`` names.
         """
         proj, t = self.llava.model.multi_modal_projector, self.t
         lm, head = self.llava.model.language_model, self.llava.lm_head
@@ -457,11 +457,14 @@ class Trainer:
             weights[b, :n], segments[b, :n] = sq.weights, sq.segments
             if look:
                 vis_at = sq.vis_start + torch.arange(len(keep[b]))   # sequence index of each kept token
-                for qpos, text in sq.queries:
+                for (qpos, text), (p0, p_ids) in zip(sq.queries, sq.prompts):
+                    at = self._look_queries(sq, qpos, text, p0, p_ids, objects[b])
+                    if not at:
+                        continue
                     tgt = torch.zeros(T, dtype=torch.bool)
                     tgt[vis_at[relevant_patches(text, labels[b])[keep[b]]]] = True
-                    queries.append((b, qpos))
-                    targets.append(tgt)
+                    queries += [(b, q) for q in at]
+                    targets += [tgt] * len(at)
             for (qpos, text), (p0, p_ids) in zip(sq.queries, sq.prompts) if rel else ():
                 found = relation_targets(text, objects[b], self.spec.image_size)
                 at = found and word_positions(p_ids, *self.tok.convert_tokens_to_ids(list(found[0])))
@@ -506,7 +509,7 @@ class Trainer:
             first = (target_ids[:, :-1] == -100)[sel]                # each turn's first answer token
             self._track_type_error(logits[first], target[first], turns, rows[first], segments[:, 1:][sel][first])
             logs.update({f"p_{k}": float(p) for k, p in zip(QUESTION_TYPES, probs)})
-        if look:
+        if look and queries:   # lm_look_on: ground leaves a batch without grounding turns none
             ll = look_loss(captured[0], torch.tensor(queries), torch.stack(targets))
             loss = loss + t.lm_look_weight * ll
             logs["look"] = ll.item()
@@ -540,6 +543,16 @@ class Trainer:
         for k in range(len(QUESTION_TYPES)):
             if (kind == k).any():
                 ema[k] = _TYPE_EMA * ema[k] + (1 - _TYPE_EMA) * wrong[kind == k].mean().item()
+
+    def _look_queries(self, seq: TrainSeq, qpos: int, text: str, p0: int, p_ids: list[int],
+                      objs: Sequence[SceneObject]) -> list[int]:
+        """The positions of one turn that the look loss supervises (``lm_look_on``): ``answers``,
+        the token predicting its first answer token ``qpos``; ``ground``, on a grounding turn
+        only, each token predicting a box coordinate (none on other turns)."""
+        if self.t.lm_look_on == "answers":
+            return [qpos]
+        found = self.ground_targets(seq, text, p0, p_ids, objs)
+        return [] if found is None else [i for i, _ in found[2]]
 
     def ground_targets(self, seq: TrainSeq, text: str, p0: int, p_ids: list[int], objs: Sequence[SceneObject]
                        ) -> tuple[int, Tensor, list[tuple[int, int]], Tensor] | None:
