@@ -9,7 +9,8 @@ For each referring expression (the first ``--refs`` of the test split), the true
 the image side; a guess that ignores the image scores about 1/3), how often the unrestricted
 argmax is a number at all, and the accuracy at IoU >= 0.5 of the box of the four restricted
 argmaxes (x2, y2 are read knowing the true x1, y1, so this is an upper bound on what the
-model's own boxes can score).
+model's own boxes can score), overall and for small and large boxes (mean side under / over
+``SMALL_SIDE`` of the image side: a scene's small objects are ~0.10 of it, its large ~0.23).
 
 ``--layers`` also fits, for every LM layer, a linear probe (ridge, two folds) of each
 coordinate from that layer's hidden state at the token predicting it, and prints its mean
@@ -79,6 +80,18 @@ def forced_coordinates(lvlm, image: torch.Tensor, sentence: str, answer: str, id
     return values[got].tolist(), int(is_number), states
 
 
+SMALL_SIDE = 0.15
+
+
+def size_accuracy(boxes: np.ndarray, hits: np.ndarray, small_side: float = SMALL_SIDE) -> dict[str, tuple[float, int]]:
+    """Accuracy (percent) and count of ``hits [R]`` for the small and the large ``boxes [R, 4]``
+    (normalised ``x1, y1, x2, y2``; small: mean side below ``small_side``); a group with no box
+    is left out."""
+    small = ((boxes[:, 2] - boxes[:, 0]) + (boxes[:, 3] - boxes[:, 1])) / 2 < small_side
+    return {name: (100 * float(hits[m].mean()), int(m.sum())) for name, m in (("small", small), ("large", ~small))
+            if m.any()}
+
+
 def probe_mae(x: np.ndarray, y: np.ndarray, lam: float = 1e-2) -> float:
     """Mean absolute error of a ridge regression ``x [M, D]`` -> ``y [M]``, each half of a
     fixed random split predicted by a fit on the other (features standardised on the fit half)."""
@@ -125,6 +138,9 @@ def main(argv: list[str]) -> int:
     print(f"refs {len(errors)}; mean |error| x1 {err[0]:.3f} y1 {err[1]:.3f} x2 {err[2]:.3f} y2 {err[3]:.3f}; "
           f"argmax is a number at {100 * numbers / max(slots, 1):.1f} % of slots; "
           f"teacher-forced acc@0.5 {100 * np.mean(hits):.1f} %")
+    by_size = size_accuracy(np.array(truths), np.array(hits))
+    print("teacher-forced acc@0.5 by box size: "
+          + ", ".join(f"{k} {acc:.1f} % of {n}" for k, (acc, n) in by_size.items()))
     if args.layers and len(states) >= 8:
         st, y = np.stack(states), np.array(truths)             # [R, L, 4, D], [R, 4]
         for layer in range(st.shape[1]):

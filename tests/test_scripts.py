@@ -423,3 +423,6 @@ def test_grounding_probe_reads_one_number_per_coordinate_of_a_forced_box(tmp_pat
     x = rng.normal(size=(200, 3))
     assert probe.probe_mae(x, x @ np.array([0.5, -1.0, 2.0]) + 0.3) < 0.05           # linear: recovered
     assert probe.probe_mae(x, rng.normal(size=200)) > 0.6                             # noise: not
+    boxes = np.array([[0.1, 0.1, 0.2, 0.2], [0.5, 0.5, 0.6, 0.62], [0.0, 0.0, 0.3, 0.3]])
+    assert probe.size_accuracy(boxes, np.array([True, False, True])) == {"small": (50.0, 2), "large": (100.0, 1)}
+    assert probe.size_accuracy(boxes[2:], np.array([False])) == {"large": (0.0, 1)}
