@@ -702,15 +702,17 @@ def test_the_lm_phase_trains_the_box_readout_on_grounding_turns(tmp_path):
     assert not torch.equal(before, tr.relation.box.weight)
 
 
-def test_the_box_readout_switches_on_at_lm_ground_start(tmp_path):
+@pytest.mark.parametrize("key, log", [("lm_ground_start", "ground"), ("lm_look_start", "look")])
+def test_a_late_starting_readout_or_look_switches_on_at_its_start(tmp_path, key, log):
     from vlmcompress.lvlm.train import Trainer
 
-    params, scenes = _tiny_params(lm_ground_weight=1.0, ground_prob=1.0, lm_steps=4, lm_ground_start=0.5)
+    params, scenes = _tiny_params(lm_ground_weight=1.0, ground_prob=1.0, lm_steps=4, lm_look_weight=1.0,
+                                  lm_look_layer=0, lm_look_on="ground", **{key: 0.5})
     tr = Trainer(params, scenes, tmp_path, seed=0, log=lambda m: None)
     tr.run(tmp_path / "model")
     lm_rows = [r for r in tr.curves if r["phase"] == "lm"]
     assert [r["step"] for r in lm_rows] == [1, 2, 3, 4]
-    assert ["ground" in r for r in lm_rows] == [False, False, True, True]
+    assert [log in r for r in lm_rows] == [False, False, True, True]
 
 
 def test_the_trainer_records_the_kernel_path_threads_and_cpu_that_trained_each_phase(tmp_path):

@@ -82,6 +82,7 @@ class TrainParams:
     lm_look_layer: int        # LM layer whose head-mean attention the look loss supervises
     lm_look_on: Literal["answers", "ground"]  # ... at each turn's answer-predicting token, or
                               # only on grounding turns, at each token predicting a box coordinate
+    lm_look_start: float      # ... switched on after this fraction of the LM steps
     lm_where_weight: float    # relation questions (RelationHeads): MSE of a linear readout of each
                               # object's centre from the LM's hidden state at its shape word (0: off)
     lm_where_layer: int       # ... read after this many LM layers (hidden_states index)
@@ -228,7 +229,7 @@ def check_train_params(t: TrainParams, a: ArchParams, path: str = "lvlm.train") 
     check_min(f"{path}.text_questions", t.text_questions, 1)
     check_min(f"{path}.lm_turns", t.lm_turns, 1)
     check_min(f"{path}.lm_bg_start", t.lm_bg_start, 0)
-    for name in ("lm_bg_ramp", "lm_ground_start", "lm_type_focus", "caption_prob", "ground_prob"):
+    for name in ("lm_bg_ramp", "lm_ground_start", "lm_look_start", "lm_type_focus", "caption_prob", "ground_prob"):
         check_range(f"{path}.{name}", getattr(t, name), 0.0, 1.0)
     check_min(f"{path}.warmup_steps", t.warmup_steps, 0)
     check_min(f"{path}.checkpoint_every", t.checkpoint_every, 1)

@@ -430,7 +430,8 @@ class Trainer:
         """
         proj, t = self.llava.model.multi_modal_projector, self.t
         lm, head = self.llava.model.language_model, self.llava.lm_head
-        look, rel = t.lm_look_weight > 0, t.relation_readouts
+        look = t.lm_look_weight > 0 and step_no >= t.lm_look_start * t.lm_steps
+        rel = t.relation_readouts
         grounding = t.lm_ground_weight > 0 and step_no >= t.lm_ground_start * t.lm_steps
         vis = proj(feats)
         n_bg = background_budget(step_no, t.lm_steps, t.lm_bg_start, t.lm_bg_ramp, labels[0, 0].numel())
