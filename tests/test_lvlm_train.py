@@ -568,6 +568,15 @@ def test_relation_readouts_sit_on_the_shape_words_and_the_answer_token(tmp_path)
     assert qpos == p0 + len(p_ids) - 1 and seq.labels[qpos] == -100 and seq.labels[qpos + 1] != -100
 
 
+def test_a_look_on_more_heads_than_the_lm_has_is_a_clear_error():
+    from vlmcompress.lvlm.config import check_train_params
+    from vlmcompress.schema import ConfigError
+
+    params, _ = _tiny_params(lm_look_weight=1.0, lm_look_layer=0, lm_look_heads=3)     # the tiny LM has two
+    with pytest.raises(ConfigError, match=r"lvlm.train.lm_look_heads: must be in \[0, 2\], got 3"):
+        check_train_params(params.train, params.arch)
+
+
 def test_a_relation_readout_layer_the_lm_does_not_have_is_a_clear_error(tmp_path):
     import pytest
 
@@ -657,10 +666,12 @@ def test_grounding_readouts_sit_on_the_referred_shape_word_and_the_tokens_before
     assert looks["ground"] == [[], [i for i, _ in slots]]
 
 
-def test_a_run_with_the_look_on_grounding_coordinates_trains_and_reaches_only_the_lm_phase(tmp_path):
+@pytest.mark.parametrize("heads", [0, 1])
+def test_a_run_with_the_look_on_grounding_coordinates_trains_and_reaches_only_the_lm_phase(tmp_path, heads):
     from vlmcompress.lvlm.train import Trainer
 
-    params, scenes = _tiny_params(lm_look_weight=1.0, lm_look_layer=0, lm_look_on="ground", ground_prob=1.0)
+    params, scenes = _tiny_params(lm_look_weight=1.0, lm_look_layer=0, lm_look_on="ground", ground_prob=1.0,
+                                  lm_look_heads=heads)
     tr = Trainer(params, scenes, tmp_path, seed=0, log=lambda m: None)
     base, _ = _tiny_params(lm_look_weight=1.0, lm_look_layer=0, ground_prob=1.0)
     other = Trainer(base, scenes, tmp_path / "b", seed=0, log=lambda m: None).digests

@@ -83,6 +83,8 @@ class TrainParams:
     lm_look_on: Literal["answers", "ground"]  # ... at each turn's answer-predicting token, or
                               # only on grounding turns, at each token predicting a box coordinate
     lm_look_start: float      # ... switched on after this fraction of the LM steps
+    lm_look_heads: int        # ... on the mean of the layer's first this many heads (0: all): the
+                              # others stay free for what the same layer does on other turns
     lm_where_weight: float    # relation questions (RelationHeads): MSE of a linear readout of each
                               # object's centre from the LM's hidden state at its shape word (0: off)
     lm_where_layer: int       # ... read after this many LM layers (hidden_states index)
@@ -236,6 +238,7 @@ def check_train_params(t: TrainParams, a: ArchParams, path: str = "lvlm.train") 
     check_min(f"{path}.eval_every", t.eval_every, 1)
     if t.lm_look_weight > 0:
         check_range(f"{path}.lm_look_layer", t.lm_look_layer, 0, a.lm_layers - 1)
+        check_range(f"{path}.lm_look_heads", t.lm_look_heads, 0, a.lm_heads)
     if t.relation_readouts:   # the Trainer's rule: the compare readout reads the layer after it
         check_range(f"{path}.lm_where_layer", t.lm_where_layer, 0, a.lm_layers - 1)
 

@@ -511,7 +511,8 @@ class Trainer:
             self._track_type_error(logits[first], target[first], turns, rows[first], segments[:, 1:][sel][first])
             logs.update({f"p_{k}": float(p) for k, p in zip(QUESTION_TYPES, probs)})
         if look and queries:   # lm_look_on: ground leaves a batch without grounding turns none
-            ll = look_loss(captured[0], torch.tensor(queries), torch.stack(targets))
+            heads = captured[0][:, :t.lm_look_heads] if t.lm_look_heads else captured[0]
+            ll = look_loss(heads, torch.tensor(queries), torch.stack(targets))
             loss = loss + t.lm_look_weight * ll
             logs["look"] = ll.item()
         if rel and answers:
