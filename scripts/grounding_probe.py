@@ -17,7 +17,8 @@ coordinate from that layer's hidden state at the token predicting it, and prints
 absolute error: whether a layer *holds* the coordinate more precisely than the number tokens
 *say* it (a readout problem) or not (the model does not know where the object is).
 Results: ``docs/experiments/2026-12-04-lvlm-grounding-readout-late-start.md`` and
-``docs/experiments/2026-12-04-lvlm-where-position-is-lost.md`` (``--layers``).
+``docs/experiments/2026-12-04-lvlm-where-position-is-lost.md`` (``--layers``) and
+``docs/experiments/2026-12-04-lvlm-grounding-look-and-shorter-lm.md`` (by box size).
 """
 from __future__ import annotations
 
