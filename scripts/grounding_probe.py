@@ -12,6 +12,11 @@ argmaxes (x2, y2 are read knowing the true x1, y1, so this is an upper bound on 
 model's own boxes can score), overall and for small and large boxes (mean side under / over
 ``SMALL_SIDE`` of the image side: a scene's small objects are ~0.10 of it, its large ~0.23).
 
+``--attention`` prints, for every LM layer and head, the mean attention mass of the tokens
+predicting a coordinate on the referred object's patches (those whose centre lies in its box)
+and on the image as a whole: whether the coordinate tokens look at the object at all, and in
+which layer.
+
 ``--layers`` also fits, for every LM layer, a linear probe (ridge, two folds) of each
 coordinate from that layer's hidden state at the token predicting it, and prints its mean
 absolute error: whether a layer *holds* the coordinate more precisely than the number tokens
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -64,21 +70,73 @@ class LayerStates:
             h.remove()
 
 
+class AttentionMaps:
+    """Forward hooks that keep each LM layer's attention weights of the last call: ``maps[l]
+    [B, H, T, T]``. A context manager: the LM runs its eager attention (the one that returns
+    the weights) inside the block, and its own implementation again after it."""
+
+    def __init__(self, lvlm) -> None:
+        self.lvlm = lvlm
+        self.layers = list(lvlm.language_model.layers)
+        self.maps: list[torch.Tensor | None] = [None] * len(self.layers)
+        self.handles: list = []
+        self.before = lvlm.language_model.config._attn_implementation
+
+    def __enter__(self) -> "AttentionMaps":
+        self.lvlm.llava.set_attn_implementation("eager")
+        for i, layer in enumerate(self.layers):
+            def keep(module, args, out, i=i) -> None:
+                self.maps[i] = out[1].detach()
+            self.handles.append(layer.self_attn.register_forward_hook(keep))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handles:
+            h.remove()
+        self.lvlm.llava.set_attn_implementation(self.before)
+
+
+def box_patches(box: tuple[float, float, float, float], grid: int) -> torch.Tensor:
+    """``[grid * grid]`` bool, row-major: the patches whose centre lies in the normalised box
+    ``(x1, y1, x2, y2)``, and always the one holding the box's centre."""
+    c = (torch.arange(grid) + 0.5) / grid
+    inside_x, inside_y = (c >= box[0]) & (c <= box[2]), (c >= box[1]) & (c <= box[3])
+    out = inside_y[:, None] & inside_x[None, :]
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    out[min(int(cy * grid), grid - 1), min(int(cx * grid), grid - 1)] = True
+    return out.flatten()
+
+
+def slot_mass(maps: list[torch.Tensor], slots: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """Mean attention mass of the query positions ``slots [S]`` on the key positions ``keys
+    [T]`` (bool), per layer and head, from ``maps`` (each ``[1, H, T, T]``) -> ``[L, H]``."""
+    return torch.stack([m[0][:, slots][:, :, keys].sum(-1).mean(-1) for m in maps])
+
+
 @torch.inference_mode()
 def forced_coordinates(lvlm, image: torch.Tensor, sentence: str, answer: str, ids: torch.Tensor,
-                       values: torch.Tensor, layers: LayerStates | None = None
-                       ) -> tuple[list[float], int, torch.Tensor | None]:
+                       values: torch.Tensor, layers: LayerStates | None = None,
+                       attention: tuple[AttentionMaps, torch.Tensor] | None = None
+                       ) -> tuple[list[float], int, torch.Tensor | None, torch.Tensor | None]:
     """Teacher-forced ``answer`` after the grounding prompt for ``sentence``: at each slot whose
     next token is a coordinate, the restricted argmax's value -> (values, slots where the
     unrestricted argmax is a number, with ``layers`` each layer's hidden state at those slots
-    ``[L, S, D]``)."""
+    ``[L, S, D]``, with ``attention`` = (maps, object patches ``[N]`` bool) the slots' mean
+    attention mass per layer and head on the object and on the whole image ``[2, L, H]``)."""
     logits, nxt = lvlm.answer_logits(image[None], [sentence], [answer], task="ground")
     logits, nxt = logits[0], nxt[0]
     slots = torch.isin(nxt, ids).nonzero().flatten()
     got = logits[slots][:, ids].argmax(-1)
     is_number = torch.isin(logits[slots].argmax(-1), ids).sum().item()
     states = torch.stack([h[0, slots] for h in layers.states]) if layers is not None else None
-    return values[got].tolist(), int(is_number), states
+    mass = None
+    if attention is not None:
+        maps, patches = attention
+        start = len(lvlm._prompt_ids("ground", [sentence])[0][0])     # the image follows the prompt's prefix
+        obj, img = torch.zeros(nxt.shape[0] + 1, dtype=torch.bool), torch.zeros(nxt.shape[0] + 1, dtype=torch.bool)
+        obj[start:start + len(patches)], img[start:start + len(patches)] = patches, True
+        mass = torch.stack([slot_mass(maps.maps, slots, obj), slot_mass(maps.maps, slots, img)])
+    return values[got].tolist(), int(is_number), states, mass
 
 
 SMALL_SIDE = 0.15
@@ -113,6 +171,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("model", type=Path, help="folder with llava/ and clip/ (a trial's or the stage's model)")
     ap.add_argument("--refs", type=int, default=300, help="test referring expressions to probe")
     ap.add_argument("--layers", action="store_true", help="also a linear probe of each coordinate at every LM layer")
+    ap.add_argument("--attention", action="store_true",
+                    help="also the coordinate tokens' attention on the object, per layer and head")
     args = ap.parse_args(argv)
     if not (args.model / "llava").is_dir() or not (args.model / "clip").is_dir():
         print(f"grounding_probe: {args.model} has no llava/ and clip/ folders", file=sys.stderr)
@@ -121,16 +181,22 @@ def main(argv: list[str]) -> int:
     ids, values = number_tokens(lvlm.tokenizer.get_vocab())
     test = load_all()["test"]
     items = [(r, ref) for r in test for ref in r.refs][:args.refs]
-    errors, hits, numbers, slots, states, truths = [], [], 0, 0, [], []
-    with LayerStates(lvlm) as layers:
+    vc = lvlm.llava.config.vision_config
+    grid = vc.image_size // vc.patch_size
+    errors, hits, numbers, slots, states, truths, masses = [], [], 0, 0, [], [], []
+    with LayerStates(lvlm) as layers, AttentionMaps(lvlm) if args.attention else nullcontext() as maps:
         for rec, ref in items:
-            truth = tuple(round(min(max(v, 0.0), 1.0), 2) for v in ref_box(rec, ref.bbox, lvlm.image_aspect))
-            got, n, st = forced_coordinates(lvlm, file_images(rec), ref.sentence, box_answer(truth), ids, values,
-                                            layers if args.layers else None)
+            box = ref_box(rec, ref.bbox, lvlm.image_aspect)
+            truth = tuple(round(min(max(v, 0.0), 1.0), 2) for v in box)
+            got, n, st, mass = forced_coordinates(lvlm, file_images(rec), ref.sentence, box_answer(truth), ids, values,
+                                                  layers if args.layers else None,
+                                                  (maps, box_patches(box, grid)) if maps is not None else None)
             if len(got) != 4:
                 continue
             if st is not None:
                 states.append(st.float().numpy())
+            if mass is not None:
+                masses.append(mass.float().numpy())
             truths.append(truth)
             errors.append(np.abs(np.array(got) - np.array(truth)))
             hits.append(box_iou(tuple(got), ref_box(rec, ref.bbox, lvlm.image_aspect)) >= 0.5)
@@ -142,6 +208,11 @@ def main(argv: list[str]) -> int:
     by_size = size_accuracy(np.array(truths), np.array(hits))
     print("teacher-forced acc@0.5 by box size: "
           + ", ".join(f"{k} {acc:.1f} % of {n}" for k, (acc, n) in by_size.items()))
+    if masses:
+        m = np.mean(masses, axis=0)                            # [2, L, H]
+        for layer in range(m.shape[1]):
+            print(f"layer {layer + 1} attention of the coordinate tokens, per head: on the object "
+                  + " ".join(f"{v:.2f}" for v in m[0, layer]) + "; on the image " + " ".join(f"{v:.2f}" for v in m[1, layer]))
     if args.layers and len(states) >= 8:
         st, y = np.stack(states), np.array(truths)             # [R, L, 4, D], [R, 4]
         for layer in range(st.shape[1]):

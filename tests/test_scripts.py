@@ -411,18 +411,35 @@ def test_grounding_probe_reads_one_number_per_coordinate_of_a_forced_box(tmp_pat
     assert len(ids) == 101 and values[0] == 0.0 and values[-1] == 1.0 and bool((values.diff() > 0).all())
     assert probe.box_answer((0.1, 0.25, 1.3, -0.2)) == "[0.10, 0.25, 1.00, 0.00]"
     image = torch.rand(3, arch.image_size, arch.image_size)
-    got, numbers, none = probe.forced_coordinates(lvlm, image, "the small red circle", "[0.10, 0.25, 0.40, 0.50]",
-                                                  ids, values)
-    assert len(got) == 4 and all(v in values.tolist() for v in got) and 0 <= numbers <= 4 and none is None
+    got, numbers, none, no_mass = probe.forced_coordinates(lvlm, image, "the small red circle",
+                                                           "[0.10, 0.25, 0.40, 0.50]", ids, values)
+    assert len(got) == 4 and all(v in values.tolist() for v in got) and 0 <= numbers <= 4
+    assert none is None and no_mass is None
+    grid = arch.image_size // arch.patch_size
+    patches = probe.box_patches((0.0, 0.0, 0.25, 0.25), grid)
+    with probe.AttentionMaps(lvlm) as maps:
+        again, _, _, mass = probe.forced_coordinates(lvlm, image, "the small red circle", "[0.10, 0.25, 0.40, 0.50]",
+                                                     ids, values, attention=(maps, patches))
+    assert again == got                                                      # eager attention: the same answer
+    assert mass.shape == (2, arch.lm_layers, arch.lm_heads) and bool((mass[0] <= mass[1] + 1e-6).all())
+    assert bool((mass[1] > 0).all()) and bool((mass[1] <= 1 + 1e-6).all())
+    assert lvlm.language_model.config._attn_implementation == "sdpa"             # restored after the block
     with probe.LayerStates(lvlm) as layers:
-        _, _, states = probe.forced_coordinates(lvlm, image, "the small red circle", "[0.10, 0.25, 0.40, 0.50]",
-                                                ids, values, layers)
+        _, _, states, _ = probe.forced_coordinates(lvlm, image, "the small red circle", "[0.10, 0.25, 0.40, 0.50]",
+                                                   ids, values, layers)
     assert states.shape == (arch.lm_layers, 4, arch.lm_hidden)
     assert not any(m._forward_hooks for m in lvlm.language_model.layers)      # hooks gone after the block
     rng = np.random.default_rng(1)
     x = rng.normal(size=(200, 3))
     assert probe.probe_mae(x, x @ np.array([0.5, -1.0, 2.0]) + 0.3) < 0.05           # linear: recovered
     assert probe.probe_mae(x, rng.normal(size=200)) > 0.6                             # noise: not
+    # A 4 x 4 grid: centres at 1/8, 3/8, 5/8, 7/8; a box over the top-left 2 x 2 cells' centres,
+    # and a box between centres that still holds the cell of its own centre.
+    assert probe.box_patches((0.1, 0.1, 0.4, 0.4), 4).view(4, 4).nonzero().tolist() == [[0, 0], [0, 1], [1, 0], [1, 1]]
+    assert probe.box_patches((0.55, 0.3, 0.6, 0.35), 4).view(4, 4).nonzero().tolist() == [[1, 2]]
+    maps = [torch.tensor([[[[0.5, 0.25, 0.25], [0.1, 0.6, 0.3], [0.0, 0.0, 1.0]]]])]       # [1, H=1, T=3, T=3]
+    m = probe.slot_mass(maps, torch.tensor([0, 1]), torch.tensor([False, True, True]))
+    assert m.shape == (1, 1) and abs(m.item() - (0.5 + 0.9) / 2) < 1e-6
     boxes = np.array([[0.1, 0.1, 0.2, 0.2], [0.5, 0.5, 0.6, 0.62], [0.0, 0.0, 0.3, 0.3]])
     assert probe.size_accuracy(boxes, np.array([True, False, True])) == {"small": (50.0, 2), "large": (100.0, 1)}
     assert probe.size_accuracy(boxes[2:], np.array([False])) == {"large": (0.0, 1)}
