@@ -14,8 +14,9 @@ model's own boxes can score), overall and for small and large boxes (mean side u
 
 ``--attention`` prints, for every LM layer and head, the mean attention mass of the tokens
 predicting a coordinate on the referred object's patches (those whose centre lies in its box)
-and on the image as a whole: whether the coordinate tokens look at the object at all, and in
-which layer.
+and on the image as a whole, and that of the referring expression's last word (its head noun)
+on the object: whether the coordinate tokens look at the object, directly or through the
+word that names it, and in which layer.
 
 ``--layers`` also fits, for every LM layer, a linear probe (ridge, two folds) of each
 coordinate from that layer's hidden state at the token predicting it, and prints its mean
@@ -23,7 +24,7 @@ absolute error: whether a layer *holds* the coordinate more precisely than the n
 *say* it (a readout problem) or not (the model does not know where the object is).
 Results: ``docs/experiments/2026-12-04-lvlm-grounding-readout-late-start.md`` and
 ``docs/experiments/2026-12-04-lvlm-where-position-is-lost.md`` (``--layers``) and
-``docs/experiments/2026-12-04-lvlm-grounding-look-and-shorter-lm.md`` (by box size).
+``docs/experiments/2026-12-04-lvlm-grounding-look-and-shorter-lm.md`` (by box size, ``--attention``).
 """
 from __future__ import annotations
 
@@ -122,7 +123,8 @@ def forced_coordinates(lvlm, image: torch.Tensor, sentence: str, answer: str, id
     next token is a coordinate, the restricted argmax's value -> (values, slots where the
     unrestricted argmax is a number, with ``layers`` each layer's hidden state at those slots
     ``[L, S, D]``, with ``attention`` = (maps, object patches ``[N]`` bool) the slots' mean
-    attention mass per layer and head on the object and on the whole image ``[2, L, H]``)."""
+    attention mass per layer and head on the object and on the whole image, and that of the
+    referring expression's last token on the object ``[3, L, H]``)."""
     logits, nxt = lvlm.answer_logits(image[None], [sentence], [answer], task="ground")
     logits, nxt = logits[0], nxt[0]
     slots = torch.isin(nxt, ids).nonzero().flatten()
@@ -132,10 +134,15 @@ def forced_coordinates(lvlm, image: torch.Tensor, sentence: str, answer: str, id
     mass = None
     if attention is not None:
         maps, patches = attention
-        start = len(lvlm._prompt_ids("ground", [sentence])[0][0])     # the image follows the prompt's prefix
+        pre, post = lvlm._prompt_ids("ground", [sentence])[0]        # the image follows the prompt's prefix
+        start, n = len(pre), len(patches)
         obj, img = torch.zeros(nxt.shape[0] + 1, dtype=torch.bool), torch.zeros(nxt.shape[0] + 1, dtype=torch.bool)
-        obj[start:start + len(patches)], img[start:start + len(patches)] = patches, True
-        mass = torch.stack([slot_mass(maps.maps, slots, obj), slot_mass(maps.maps, slots, img)])
+        obj[start:start + n], img[start:start + n] = patches, True
+        # The referring expression's last token (the head noun), where a two-hop route would gather the object.
+        last = lvlm.tokenizer(sentence, add_special_tokens=False).input_ids[-1]
+        word = [start + n + i for i, t in enumerate(post) if t == last][-1:] or [int(slots[0])]
+        mass = torch.stack([slot_mass(maps.maps, slots, obj), slot_mass(maps.maps, slots, img),
+                            slot_mass(maps.maps, torch.tensor(word), obj)])
     return values[got].tolist(), int(is_number), states, mass
 
 
@@ -209,10 +216,11 @@ def main(argv: list[str]) -> int:
     print("teacher-forced acc@0.5 by box size: "
           + ", ".join(f"{k} {acc:.1f} % of {n}" for k, (acc, n) in by_size.items()))
     if masses:
-        m = np.mean(masses, axis=0)                            # [2, L, H]
+        m = np.mean(masses, axis=0)                            # [3, L, H]
+        heads = lambda row: " ".join(f"{v:.2f}" for v in row)  # noqa: E731
         for layer in range(m.shape[1]):
-            print(f"layer {layer + 1} attention of the coordinate tokens, per head: on the object "
-                  + " ".join(f"{v:.2f}" for v in m[0, layer]) + "; on the image " + " ".join(f"{v:.2f}" for v in m[1, layer]))
+            print(f"layer {layer + 1} attention per head: coordinate tokens on the object {heads(m[0, layer])}, "
+                  f"on the image {heads(m[1, layer])}; the expression's last word on the object {heads(m[2, layer])}")
     if args.layers and len(states) >= 8:
         st, y = np.stack(states), np.array(truths)             # [R, L, 4, D], [R, 4]
         for layer in range(st.shape[1]):

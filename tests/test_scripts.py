@@ -421,8 +421,8 @@ def test_grounding_probe_reads_one_number_per_coordinate_of_a_forced_box(tmp_pat
         again, _, _, mass = probe.forced_coordinates(lvlm, image, "the small red circle", "[0.10, 0.25, 0.40, 0.50]",
                                                      ids, values, attention=(maps, patches))
     assert again == got                                                      # eager attention: the same answer
-    assert mass.shape == (2, arch.lm_layers, arch.lm_heads) and bool((mass[0] <= mass[1] + 1e-6).all())
-    assert bool((mass[1] > 0).all()) and bool((mass[1] <= 1 + 1e-6).all())
+    assert mass.shape == (3, arch.lm_layers, arch.lm_heads) and bool((mass[0] <= mass[1] + 1e-6).all())
+    assert bool((mass[1] > 0).all()) and bool((mass[1] <= 1 + 1e-6).all()) and bool((mass[2] > 0).all())
     assert lvlm.language_model.config._attn_implementation == "sdpa"             # restored after the block
     with probe.LayerStates(lvlm) as layers:
         _, _, states, _ = probe.forced_coordinates(lvlm, image, "the small red circle", "[0.10, 0.25, 0.40, 0.50]",
