@@ -659,18 +659,19 @@ def test_grounding_readouts_sit_on_the_referred_shape_word_and_the_tokens_before
     # The look loss's positions: each turn's answer-predicting token, or the coordinate slots
     # of grounding turns only.
     looks = {}
-    for on in ("answers", "ground"):
+    for on in ("answers", "ground", "ground_word"):
         tr.t = dataclasses.replace(tr.t, lm_look_on=on)
         looks[on] = [tr._look_queries(seq, q, text, *pr, objs) for (q, text), pr in zip(seq.queries, seq.prompts)]
-    assert looks["answers"] == [[q] for q, _ in seq.queries]
-    assert looks["ground"] == [[], [i for i, _ in slots]]
+    assert looks["answers"] == [([q], None) for q, _ in seq.queries]
+    assert looks["ground"] == [([], None), ([i for i, _ in slots], None)]          # None: the object's patches
+    assert looks["ground_word"] == [([], None), ([i for i, _ in slots], word)]     # the shape word
 
 
-@pytest.mark.parametrize("heads", [0, 1])
-def test_a_run_with_the_look_on_grounding_coordinates_trains_and_reaches_only_the_lm_phase(tmp_path, heads):
+@pytest.mark.parametrize("on, heads", [("ground", 0), ("ground", 1), ("ground_word", 1)])
+def test_a_run_with_the_look_on_grounding_coordinates_trains_and_reaches_only_the_lm_phase(tmp_path, on, heads):
     from vlmcompress.lvlm.train import Trainer
 
-    params, scenes = _tiny_params(lm_look_weight=1.0, lm_look_layer=0, lm_look_on="ground", ground_prob=1.0,
+    params, scenes = _tiny_params(lm_look_weight=1.0, lm_look_layer=0, lm_look_on=on, ground_prob=1.0,
                                   lm_look_heads=heads)
     tr = Trainer(params, scenes, tmp_path, seed=0, log=lambda m: None)
     base, _ = _tiny_params(lm_look_weight=1.0, lm_look_layer=0, ground_prob=1.0)

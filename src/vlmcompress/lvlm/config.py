@@ -80,8 +80,10 @@ class TrainParams:
                               # patches a turn is about (0: off; at 1.0 on the head mean of one
                               # layer it starved colour readout in a measured run, so off by default)
     lm_look_layer: int        # LM layer whose head-mean attention the look loss supervises
-    lm_look_on: Literal["answers", "ground"]  # ... at each turn's answer-predicting token, or
-                              # only on grounding turns, at each token predicting a box coordinate
+    lm_look_on: Literal["answers", "ground", "ground_word"]  # ... at each turn's answer-predicting
+                              # token on its patches, or only on grounding turns, at each token
+                              # predicting a box coordinate, on the object's patches (ground) or on
+                              # the expression's shape word (ground_word)
     lm_look_start: float      # ... switched on after this fraction of the LM steps
     lm_look_heads: int        # ... on the mean of the layer's first this many heads (0: all): the
                               # others stay free for what the same layer does on other turns

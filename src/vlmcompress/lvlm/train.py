@@ -459,11 +459,14 @@ class Trainer:
             if look:
                 vis_at = sq.vis_start + torch.arange(len(keep[b]))   # sequence index of each kept token
                 for (qpos, text), (p0, p_ids) in zip(sq.queries, sq.prompts):
-                    at = self._look_queries(sq, qpos, text, p0, p_ids, objects[b])
+                    at, key = self._look_queries(sq, qpos, text, p0, p_ids, objects[b])
                     if not at:
                         continue
                     tgt = torch.zeros(T, dtype=torch.bool)
-                    tgt[vis_at[relevant_patches(text, labels[b])[keep[b]]]] = True
+                    if key is None:
+                        tgt[vis_at[relevant_patches(text, labels[b])[keep[b]]]] = True
+                    else:
+                        tgt[key] = True
                     queries += [(b, q) for q in at]
                     targets += [tgt] * len(at)
             for (qpos, text), (p0, p_ids) in zip(sq.queries, sq.prompts) if rel else ():
@@ -547,14 +550,20 @@ class Trainer:
                 ema[k] = _TYPE_EMA * ema[k] + (1 - _TYPE_EMA) * wrong[kind == k].mean().item()
 
     def _look_queries(self, seq: TrainSeq, qpos: int, text: str, p0: int, p_ids: list[int],
-                      objs: Sequence[SceneObject]) -> list[int]:
-        """The positions of one turn that the look loss supervises (``lm_look_on``): ``answers``,
-        the token predicting its first answer token ``qpos``; ``ground``, on a grounding turn
-        only, each token predicting a box coordinate (none on other turns)."""
+                      objs: Sequence[SceneObject]) -> tuple[list[int], int | None]:
+        """The positions of one turn that the look loss supervises (``lm_look_on``), and where
+        they should look: None for the patches the turn is about, else one sequence index.
+
+        ``answers``: the token predicting the turn's first answer token ``qpos``. ``ground``:
+        on a grounding turn only (none on other turns), each token predicting a box coordinate.
+        ``ground_word``: the same tokens, looking at the referred object's shape word — the
+        second hop of object -> shape word -> coordinate."""
         if self.t.lm_look_on == "answers":
-            return [qpos]
+            return [qpos], None
         found = self.ground_targets(seq, text, p0, p_ids, objs)
-        return [] if found is None else [i for i, _ in found[2]]
+        if found is None:
+            return [], None
+        return [i for i, _ in found[2]], (found[0] if self.t.lm_look_on == "ground_word" else None)
 
     def ground_targets(self, seq: TrainSeq, text: str, p0: int, p_ids: list[int], objs: Sequence[SceneObject]
                        ) -> tuple[int, Tensor, list[tuple[int, int]], Tensor] | None:
