@@ -425,8 +425,9 @@ class Trainer:
         """LM loss on a batch: ``feats [B, N, C]`` vision features of the LLaVA feature layer,
         ``labels [B, 4, G, G]`` their scenes' dense labels; turns are drawn from ``rng``.
 
-        Cross-entropy on answer tokens, plus (``lm_look_weight`` > 0) the look loss on the
-        head-mean attention of layer ``lm_look_layer`` at the positions ``lm_look_on`` names.
+        Cross-entropy on answer tokens, plus (``lm_look_weight`` > 0, from ``lm_look_start``) the
+        look loss on the attention of layer ``lm_look_layer`` (the mean of its first
+        ``lm_look_heads`` heads, or of all) at the positions ``lm_look_on`` names.
         """
         proj, t = self.llava.model.multi_modal_projector, self.t
         lm, head = self.llava.model.language_model, self.llava.lm_head
