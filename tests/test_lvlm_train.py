@@ -661,7 +661,8 @@ def test_grounding_readouts_sit_on_the_referred_shape_word_and_the_tokens_before
     looks = {}
     for on in ("answers", "ground", "ground_word"):
         tr.t = dataclasses.replace(tr.t, lm_look_on=on)
-        looks[on] = [tr._look_queries(seq, q, text, *pr, objs) for (q, text), pr in zip(seq.queries, seq.prompts)]
+        looks[on] = [tr._look_queries(q, tr.ground_targets(seq, text, *pr, objs))
+                     for (q, text), pr in zip(seq.queries, seq.prompts)]
     assert looks["answers"] == [([q], None) for q, _ in seq.queries]
     assert looks["ground"] == [([], None), ([i for i, _ in slots], None)]          # None: the object's patches
     assert looks["ground_word"] == [([], None), ([i for i, _ in slots], word)]     # the shape word

@@ -457,12 +457,13 @@ class Trainer:
             n = sq.embeds.shape[0]
             embeds[b, :n], target_ids[b, :n], mask[b, :n], pos[b, :n] = sq.embeds, sq.labels, 1, sq.positions
             weights[b, :n], segments[b, :n] = sq.weights, sq.segments
-            if look:
-                vis_at = sq.vis_start + torch.arange(len(keep[b]))   # sequence index of each kept token
-                for (qpos, text), (p0, p_ids) in zip(sq.queries, sq.prompts):
-                    at, key = self._look_queries(sq, qpos, text, p0, p_ids, objects[b])
-                    if not at:
-                        continue
+            vis_at = sq.vis_start + torch.arange(len(keep[b]))       # sequence index of each kept token
+            for (qpos, text), (p0, p_ids) in zip(sq.queries, sq.prompts):
+                # A grounding turn's targets, read once for the readout and the look.
+                ground = (self.ground_targets(sq, text, p0, p_ids, objects[b])
+                          if (grounding and rel) or (look and t.lm_look_on != "answers") else None)
+                at, key = self._look_queries(qpos, ground) if look else ([], None)
+                if at:
                     tgt = torch.zeros(T, dtype=torch.bool)
                     if key is None:
                         tgt[vis_at[relevant_patches(text, labels[b])[keep[b]]]] = True
@@ -470,15 +471,15 @@ class Trainer:
                         tgt[key] = True
                     queries += [(b, q) for q in at]
                     targets += [tgt] * len(at)
-            for (qpos, text), (p0, p_ids) in zip(sq.queries, sq.prompts) if rel else ():
+                if not rel:
+                    continue
                 found = relation_targets(text, objects[b], self.spec.image_size)
                 at = found and word_positions(p_ids, *self.tok.convert_tokens_to_ids(list(found[0])))
                 if at:
                     words += [(b, p0 + at[0]), (b, p0 + at[1])]
                     answers.append((b, qpos))
                     centres.append(found[1])
-                ground = self.ground_targets(sq, text, p0, p_ids, objects[b]) if grounding else None
-                if ground is not None:
+                if grounding and ground is not None:
                     g_words.append((b, ground[0]))
                     g_centres.append(ground[1])
                     g_slots += [(b, i, k) for i, k in ground[2]]
@@ -550,21 +551,21 @@ class Trainer:
             if (kind == k).any():
                 ema[k] = _TYPE_EMA * ema[k] + (1 - _TYPE_EMA) * wrong[kind == k].mean().item()
 
-    def _look_queries(self, seq: TrainSeq, qpos: int, text: str, p0: int, p_ids: list[int],
-                      objs: Sequence[SceneObject]) -> tuple[list[int], int | None]:
+    def _look_queries(self, qpos: int, ground: tuple[int, Tensor, list[tuple[int, int]], Tensor] | None
+                      ) -> tuple[list[int], int | None]:
         """The positions of one turn that the look loss supervises (``lm_look_on``), and where
         they should look: None for the patches the turn is about, else one sequence index.
+        ``qpos``: the token predicting the turn's first answer token; ``ground``: the turn's
+        :meth:`ground_targets` (None: not a grounding turn).
 
-        ``answers``: the token predicting the turn's first answer token ``qpos``. ``ground``:
-        on a grounding turn only (none on other turns), each token predicting a box coordinate.
-        ``ground_word``: the same tokens, looking at the referred object's shape word — the
-        second hop of object -> shape word -> coordinate."""
+        ``answers``: ``qpos``. ``ground``: on a grounding turn only (none on other turns), each
+        token predicting a box coordinate. ``ground_word``: the same tokens, looking at the
+        referred object's shape word — the second hop of object -> shape word -> coordinate."""
         if self.t.lm_look_on == "answers":
             return [qpos], None
-        found = self.ground_targets(seq, text, p0, p_ids, objs)
-        if found is None:
+        if ground is None:
             return [], None
-        return [i for i, _ in found[2]], (found[0] if self.t.lm_look_on == "ground_word" else None)
+        return [i for i, _ in ground[2]], (ground[0] if self.t.lm_look_on == "ground_word" else None)
 
     def ground_targets(self, seq: TrainSeq, text: str, p0: int, p_ids: list[int], objs: Sequence[SceneObject]
                        ) -> tuple[int, Tensor, list[tuple[int, int]], Tensor] | None:
