@@ -457,7 +457,7 @@ class Trainer:
             n = sq.embeds.shape[0]
             embeds[b, :n], target_ids[b, :n], mask[b, :n], pos[b, :n] = sq.embeds, sq.labels, 1, sq.positions
             weights[b, :n], segments[b, :n] = sq.weights, sq.segments
-            vis_at = sq.vis_start + torch.arange(len(keep[b]))       # sequence index of each kept token
+            vis_at = sq.vis_start + torch.arange(len(keep[b])) if look else None   # each kept token's index
             for (qpos, text), (p0, p_ids) in zip(sq.queries, sq.prompts):
                 # A grounding turn's targets, read once for the readout and the look.
                 ground = (self.ground_targets(sq, text, p0, p_ids, objects[b])
