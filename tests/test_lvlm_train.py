@@ -742,3 +742,60 @@ def test_the_trainer_records_the_kernel_path_threads_and_cpu_that_trained_each_p
     # A run resumed on another code path names both.
     a, b = {"capability": "AVX2", "threads": 2, "cpu": "x"}, {"capability": "DEFAULT", "threads": 2, "cpu": "x"}
     assert merge_setups([a, b, a]) == {"capability": "AVX2+DEFAULT", "threads": "2", "cpu": "x"}
+
+
+@pytest.mark.parametrize("kv_heads, heads", [(4, 4), (4, 1), (2, 3)])
+def test_attention_rows_are_the_eager_attention_weights_at_those_rows(kv_heads, heads):
+    from transformers import LlamaConfig, LlamaModel
+
+    from vlmcompress.lvlm.curriculum import turn_mask
+    from vlmcompress.lvlm.heads import attention_rows
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=11, hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=kv_heads, attention_bias=kv_heads == 2)
+    cfg._attn_implementation = "eager"
+    lm = LlamaModel(cfg).eval()
+    B, T = 2, 9
+    segments = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2, -1], [0, 0, 1, 1, 1, 1, 2, 2, 2]])
+    allowed = turn_mask(segments)
+    mask = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    pos = torch.tensor([[0, 1, 2, 3, 4, 3, 4, 5, 0], [0, 1, 2, 3, 4, 5, 2, 3, 4]])
+    inputs, weights = {}, []
+    attn = lm.layers[1].self_attn
+    pre = attn.register_forward_pre_hook(
+        lambda m, a, kw: inputs.update(h=kw["hidden_states"], pe=kw["position_embeddings"]), with_kwargs=True)
+    post = attn.register_forward_hook(lambda m, a, out: weights.append(out[1]))
+    lm(inputs_embeds=torch.randn(B, T, 32), attention_mask=mask, position_ids=pos)
+    pre.remove()
+    post.remove()
+    queries = torch.tensor([[0, 4], [1, 8], [1, 2], [0, 7]])
+    rows = attention_rows(attn, inputs["h"], *inputs["pe"], allowed[:, 0], queries, heads)
+    assert rows.shape == (4, heads, T)
+    want = weights[0][queries[:, 0], :heads, queries[:, 1]]
+    assert torch.allclose(rows, want, atol=1e-6)
+    assert rows[0, :, 5:].sum() == 0          # turn 1's token sees neither turn 2 nor the future
+
+
+def test_the_hop_look_supervises_the_shape_words_attention_without_the_eager_kernel(tmp_path):
+    from vlmcompress.lvlm.train import Trainer
+
+    params, scenes = _tiny_params(lm_hop_weight=1.0, lm_hop_layer=0, lm_hop_heads=1, ground_prob=1.0)
+    tr = Trainer(params, scenes, tmp_path, seed=0, log=lambda m: None)
+    base, _ = _tiny_params(ground_prob=1.0)
+    other = Trainer(base, scenes, tmp_path / "b", seed=0, log=lambda m: None).digests
+    assert [k for k in tr.digests if tr.digests[k] != other[k]] == ["lm"]
+    impl = tr.llava.model.language_model.config._attn_implementation
+    tr.run(tmp_path / "model")
+    assert tr.llava.model.language_model.config._attn_implementation == impl
+    lm_rows = [r for r in tr.curves if r["phase"] == "lm"]
+    assert lm_rows and all(r["hop"] > 0 for r in lm_rows) and not any("look" in r for r in lm_rows)
+
+
+def test_a_hop_on_a_layer_the_lm_lacks_is_a_clear_error():
+    from vlmcompress.lvlm.config import check_train_params
+    from vlmcompress.schema import ConfigError
+
+    params, _ = _tiny_params(lm_hop_weight=1.0, lm_hop_layer=1)      # the tiny LM has one layer
+    with pytest.raises(ConfigError, match=r"lvlm.train.lm_hop_layer: must be in \[0, 0\], got 1"):
+        check_train_params(params.train, params.arch)

@@ -84,9 +84,13 @@ class TrainParams:
                               # token on its patches, or only on grounding turns, at each token
                               # predicting a box coordinate, on the object's patches (ground) or on
                               # the expression's shape word (ground_word)
-    lm_look_start: float      # ... switched on after this fraction of the LM steps
+    lm_look_start: float      # ... and the hop loss, switched on after this fraction of the LM steps
     lm_look_heads: int        # ... on the mean of the layer's first this many heads (0: all): the
                               # others stay free for what the same layer does on other turns
+    lm_hop_weight: float      # weight of the 'hop' look loss: on grounding turns, the referred shape
+                              # word's attention mass on that object's patches (0: off; from lm_look_start)
+    lm_hop_layer: int         # LM layer whose attention the hop loss supervises
+    lm_hop_heads: int         # ... the mean of its first this many heads (0: all)
     lm_where_weight: float    # relation questions (RelationHeads): MSE of a linear readout of each
                               # object's centre from the LM's hidden state at its shape word (0: off)
     lm_where_layer: int       # ... read after this many LM layers (hidden_states index)
@@ -227,7 +231,7 @@ def check_train_params(t: TrainParams, a: ArchParams, path: str = "lvlm.train") 
         require(lr > 0, f"{path}.{phase}_lr", f"must be > 0, got {show(lr)}")
     for name in ("clip_position_weight", "clip_place_weight", "clip_xy_weight", "clip_box_weight",
                  "align_position_scale",
-                 "align_place_weight", "lm_projector_lr_scale", "lm_look_weight", "lm_where_weight",
+                 "align_place_weight", "lm_projector_lr_scale", "lm_look_weight", "lm_hop_weight", "lm_where_weight",
                  "lm_compare_weight", "lm_ground_weight", "lm_number_sigma"):
         check_min(f"{path}.{name}", getattr(t, name), 0.0)
     check_min(f"{path}.text_questions", t.text_questions, 1)
@@ -241,6 +245,9 @@ def check_train_params(t: TrainParams, a: ArchParams, path: str = "lvlm.train") 
     if t.lm_look_weight > 0:
         check_range(f"{path}.lm_look_layer", t.lm_look_layer, 0, a.lm_layers - 1)
         check_range(f"{path}.lm_look_heads", t.lm_look_heads, 0, a.lm_heads)
+    if t.lm_hop_weight > 0:
+        check_range(f"{path}.lm_hop_layer", t.lm_hop_layer, 0, a.lm_layers - 1)
+        check_range(f"{path}.lm_hop_heads", t.lm_hop_heads, 0, a.lm_heads)
     if t.relation_readouts:   # the Trainer's rule: the compare readout reads the layer after it
         check_range(f"{path}.lm_where_layer", t.lm_where_layer, 0, a.lm_layers - 1)
 

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from vlmcompress.data.scenes import COLORS, SHAPES, SIZES
 from vlmcompress.lvlm.labels import grid_xy
@@ -135,14 +136,43 @@ def soft_number_ce(logits: Tensor, target: Tensor, ids: Tensor, values: Tensor, 
     return loss
 
 
+def attention_rows(attn: nn.Module, hidden: Tensor, cos: Tensor, sin: Tensor, allowed: Tensor,
+                   queries: Tensor, heads: int) -> Tensor:
+    """The softmax attention of a Llama-style attention layer ``attn`` (``q_proj``, ``k_proj``,
+    rotary embeddings, grouped key/value heads) at a few query rows only, from its inputs:
+    ``hidden [B, T, D]``, the rotary ``cos`` / ``sin [B, T, hd]``, ``allowed [B, T, T]`` bool
+    (query i may attend key j), ``queries [Q, 2]`` (batch row, position) -> ``[Q, heads, T]``
+    for the layer's first ``heads`` heads.
+
+    The same weights as the eager attention's, so a loss on a few rows does not need the whole
+    ``[B, H, T, T]`` tensor: the forward keeps its fused kernel.
+    """
+    hd, groups = attn.head_dim, attn.num_key_value_groups
+    b, i = queries[:, 0], queries[:, 1]
+    q = F.linear(hidden[b, i], attn.q_proj.weight[:heads * hd],
+                 None if attn.q_proj.bias is None else attn.q_proj.bias[:heads * hd])
+    q = q.view(len(b), heads, 1, hd)
+    kv = -(-heads // groups)                                           # key/value heads those heads read
+    k = F.linear(hidden, attn.k_proj.weight[:kv * hd],
+                 None if attn.k_proj.bias is None else attn.k_proj.bias[:kv * hd])
+    k = k.view(*hidden.shape[:2], kv, hd).transpose(1, 2)              # [B, kv, T, hd]
+    q, _ = apply_rotary_pos_emb(q, q, cos[b, i][:, None], sin[b, i][:, None])
+    _, k = apply_rotary_pos_emb(k, k, cos, sin)
+    k = k[b].repeat_interleave(groups, dim=1)[:, :heads]               # [Q, heads, T, hd]
+    scores = (q @ k.transpose(-1, -2)).squeeze(2) * attn.scaling         # [Q, heads, T]
+    scores = scores.masked_fill(~allowed[b, i][:, None], torch.finfo(scores.dtype).min)
+    return scores.softmax(-1, dtype=torch.float32).to(hidden.dtype)
+
+
 def look_loss(attn: Tensor, queries: Tensor, targets: Tensor) -> Tensor:
     """Negative log attention mass on the relevant tokens, averaged over queries.
 
-    ``attn [B, H, T, T]`` softmax attention of one layer; ``queries [Q, 2]`` (batch row,
-    position) of the tokens that predict an answer; ``targets [Q, T]`` bool relevant keys.
-    Queries without a relevant key (e.g. a scene with no object named) are skipped.
+    ``attn [Q, H, T]`` softmax attention rows of one layer at ``queries`` (or ``[B, H, T, T]``,
+    the whole layer); ``queries [Q, 2]`` (batch row, position) of the supervised tokens;
+    ``targets [Q, T]`` bool relevant keys. Queries without a relevant key (e.g. a scene with no
+    object named) are skipped.
     """
-    rows = attn[queries[:, 0], :, queries[:, 1]].mean(1)              # [Q, T]
+    rows = (attn if attn.dim() == 3 else attn[queries[:, 0], :, queries[:, 1]]).mean(1)   # [Q, T]
     mass = (rows * targets).sum(-1)
     has = targets.any(-1)
     if not has.any():

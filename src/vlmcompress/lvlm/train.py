@@ -58,7 +58,8 @@ from vlmcompress.lvlm.build import ModelSpec, build_clip, build_llava, save_lvlm
 from vlmcompress.lvlm.config import LvlmParams
 from vlmcompress.lvlm.curriculum import (TrainSeq, background_budget, kept_tokens, place_basis, place_code, position_code,
                                          chance_errors, sample_turns, turn_mask, type_probs)
-from vlmcompress.lvlm.heads import DenseHeads, RelationHeads, look_loss, soft_number_ce, text_losses
+from vlmcompress.lvlm.heads import (DenseHeads, RelationHeads, attention_rows, look_loss, soft_number_ce,
+                                   text_losses)
 from vlmcompress.lvlm.labels import mirror_boxes, mirror_centres
 from vlmcompress.lvlm.phases import PHASE_OWNS, PHASE_STREAM, PHASES, phase_digests, progress_line
 from vlmcompress.lvlm.pool import Pool, build_pool, scene_vocab, to_pixels
@@ -425,13 +426,15 @@ class Trainer:
         """LM loss on a batch: ``feats [B, N, C]`` vision features of the LLaVA feature layer,
         ``labels [B, 4, G, G]`` their scenes' dense labels; turns are drawn from ``rng``.
 
-        Cross-entropy on answer tokens, plus (``lm_look_weight`` > 0, from ``lm_look_start``) the
-        look loss on the attention of layer ``lm_look_layer`` (the mean of its first
-        ``lm_look_heads`` heads, or of all) at the positions ``lm_look_on`` names.
+        Cross-entropy on answer tokens, plus (from ``lm_look_start``) two look losses on the
+        attention of one LM layer (the mean of its first few heads, or of all):
+        ``lm_look_*`` at the positions ``lm_look_on`` names, and ``lm_hop_*`` at each grounding
+        turn's referred shape word, on that object's patches.
         """
         proj, t = self.llava.model.multi_modal_projector, self.t
         lm, head = self.llava.model.language_model, self.llava.lm_head
-        look = t.lm_look_weight > 0 and step_no >= t.lm_look_start * t.lm_steps
+        looking = step_no >= t.lm_look_start * t.lm_steps
+        look, hop = looking and t.lm_look_weight > 0, looking and t.lm_hop_weight > 0
         rel = t.relation_readouts
         grounding = t.lm_ground_weight > 0 and step_no >= t.lm_ground_start * t.lm_steps
         vis = proj(feats)
@@ -450,27 +453,29 @@ class Trainer:
         mask = torch.zeros(len(seqs), T, dtype=torch.long)
         pos = torch.zeros(len(seqs), T, dtype=torch.long)
         segments = torch.full((len(seqs), T), -1, dtype=torch.long)
-        queries, targets = [], []
+        queries, targets, hop_queries, hop_targets = [], [], [], []
         words, answers, centres = [], [], []       # relation questions (RelationHeads)
         g_words, g_centres, g_slots, g_coords = [], [], [], []   # grounding turns
         for b, sq in enumerate(seqs):
             n = sq.embeds.shape[0]
             embeds[b, :n], target_ids[b, :n], mask[b, :n], pos[b, :n] = sq.embeds, sq.labels, 1, sq.positions
             weights[b, :n], segments[b, :n] = sq.weights, sq.segments
-            vis_at = sq.vis_start + torch.arange(len(keep[b])) if look else None   # each kept token's index
+            vis_at = sq.vis_start + torch.arange(len(keep[b])) if look or hop else None   # each kept token's index
             for (qpos, text), (p0, p_ids) in zip(sq.queries, sq.prompts):
-                # A grounding turn's targets, read once for the readout and the look.
+                # A grounding turn's targets, read once for the readouts and the looks.
                 ground = (self.ground_targets(sq, text, p0, p_ids, objects[b])
-                          if (grounding and rel) or (look and t.lm_look_on != "answers") else None)
+                          if (grounding and rel) or (look and t.lm_look_on != "answers") or hop else None)
                 at, key = self._look_queries(qpos, ground) if look else ([], None)
                 if at:
                     tgt = torch.zeros(T, dtype=torch.bool)
-                    if key is None:
-                        tgt[vis_at[relevant_patches(text, labels[b])[keep[b]]]] = True
-                    else:
-                        tgt[key] = True
+                    tgt[vis_at[relevant_patches(text, labels[b])[keep[b]]] if key is None else key] = True
                     queries += [(b, q) for q in at]
                     targets += [tgt] * len(at)
+                if hop and ground is not None:
+                    tgt = torch.zeros(T, dtype=torch.bool)
+                    tgt[vis_at[relevant_patches(text, labels[b])[keep[b]]]] = True
+                    hop_queries.append((b, ground[0]))
+                    hop_targets.append(tgt)
                 if not rel:
                     continue
                 found = relation_targets(text, objects[b], self.spec.image_size)
@@ -484,20 +489,25 @@ class Trainer:
                     g_centres.append(ground[1])
                     g_slots += [(b, i, k) for i, k in ground[2]]
                     g_coords += list(ground[3])
-        captured: list[Tensor] = []
-        hook = lm.layers[t.lm_look_layer].self_attn.register_forward_hook(
-            lambda mod, args, out: captured.append(out[1])) if look else None
+        looks = [(t.lm_look_layer, t.lm_look_heads, t.lm_look_weight, queries, targets, "look"),
+                 (t.lm_hop_layer, t.lm_hop_heads, t.lm_hop_weight, hop_queries, hop_targets, "hop")]
+        looks = [lk for lk in looks if lk[3]]   # lm_look_on ground: a batch without grounding turns has none
+        inputs: dict[int, tuple[Tensor, Tensor, Tensor]] = {}   # a looked-at layer's attention inputs
+        hooks = [lm.layers[layer].self_attn.register_forward_pre_hook(
+            lambda mod, args, kw, layer=layer: inputs.__setitem__(layer, (kw["hidden_states"], *kw["position_embeddings"])),
+            with_kwargs=True) for layer in {lk[0] for lk in looks}]
+        allowed = (turn_mask(segments) if t.lm_isolate_turns
+                   else torch.ones(T, T, dtype=torch.bool).tril() & mask[:, None, None, :].bool())
         attn_mask: Tensor = mask
         if t.lm_isolate_turns:   # additive 4-D mask: transformers passes a 4-D mask through as given
-            allowed = turn_mask(segments)
             attn_mask = torch.zeros(allowed.shape, dtype=embeds.dtype).masked_fill(~allowed, torch.finfo(embeds.dtype).min)
         try:
             out = lm(inputs_embeds=embeds, attention_mask=attn_mask, position_ids=pos, return_dict=True,
                      output_hidden_states=rel)
             h = out.last_hidden_state
         finally:
-            if hook is not None:
-                hook.remove()
+            for hk in hooks:
+                hk.remove()
         sel = target_ids[:, 1:] != -100                   # logits only where an answer token is next
         logits = head(h[:, :-1][sel])
         target = target_ids[:, 1:][sel]
@@ -515,11 +525,13 @@ class Trainer:
             first = (target_ids[:, :-1] == -100)[sel]                # each turn's first answer token
             self._track_type_error(logits[first], target[first], turns, rows[first], segments[:, 1:][sel][first])
             logs.update({f"p_{k}": float(p) for k, p in zip(QUESTION_TYPES, probs)})
-        if look and queries:   # lm_look_on: ground leaves a batch without grounding turns none
-            heads = captured[0][:, :t.lm_look_heads] if t.lm_look_heads else captured[0]
-            ll = look_loss(heads, torch.tensor(queries), torch.stack(targets))
-            loss = loss + t.lm_look_weight * ll
-            logs["look"] = ll.item()
+        for layer, heads, weight, qs, tgts, name in looks:
+            at = torch.tensor(qs)
+            rows = attention_rows(lm.layers[layer].self_attn, *inputs[layer], allowed[:, 0], at,
+                                  heads or lm.config.num_attention_heads)
+            ll = look_loss(rows, at, torch.stack(tgts))
+            loss = loss + weight * ll
+            logs[name] = ll.item()
         if rel and answers:
             wl, cl = self.relation.losses(out.hidden_states, t.lm_where_layer, torch.tensor(words),
                                           torch.tensor(answers), torch.stack(centres))
@@ -670,16 +682,9 @@ class Trainer:
         lm_groups = [{"params": lm_params}] + ([{"params": list(proj.parameters()), "lr": self.t.lm_lr * scale}]
                                                if scale > 0 else [])
         ev = (lambda: eval_fn(self.lvlm())) if eval_fn is not None else None
-        lm_cfg = self.llava.model.language_model.config
-        attn_impl = lm_cfg._attn_implementation
-        if self.t.lm_look_weight > 0:
-            lm_cfg._attn_implementation = "eager"  # the look loss needs one layer's attention weights
-        try:
-            self._run_phase("lm", self.t.lm_steps, self.t.lm_lr, lm_groups, self._lm_step(pool),
-                            [proj, self.llava.model.language_model, self.llava.lm_head, self.relation], ev,
-                            state=self.lm_state if self.t.lm_type_focus > 0 else None)
-        finally:
-            lm_cfg._attn_implementation = attn_impl
+        self._run_phase("lm", self.t.lm_steps, self.t.lm_lr, lm_groups, self._lm_step(pool),
+                        [proj, self.llava.model.language_model, self.llava.lm_head, self.relation], ev,
+                        state=self.lm_state if self.t.lm_type_focus > 0 else None)
         save_lvlm(out_dir, self.llava, self.tok, self.clip, self.clip_tok)
         return {f"{k}_seconds": round(s, 1) for k, s in self.phase_seconds.items()}
 
