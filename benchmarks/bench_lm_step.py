@@ -1,12 +1,17 @@
 """Seconds per phase-C step of the embedded LVLM recipe, for recipe variants, same machine, same run.
 
     python benchmarks/bench_lm_step.py [--params params.yaml] [--scales 1.0 0.0] [--turns 10]
-        [--steps 12] [--warmup 2] [--at 0.9] [--pool 400] [--threads 2] [--profile]
+        [--looks off on] [--attn sdpa eager] [--steps 12] [--warmup 2] [--at 0.9] [--pool 400]
+        [--threads 2] [--profile]
 
 Times one LM step (forward over the packed sequences, backward, AdamW) with the projector
 trained at each ``--scales`` value (``lm_projector_lr_scale``; 0 = frozen) and each ``--turns``
 value (``lm_turns``), at ``--at`` of phase C, i.e. past the visual-token ramp when ``--at`` >=
-``lm_bg_ramp`` (all 256 tokens). Step cost does not depend on trained weights, so the model is
+``lm_bg_ramp`` (all 256 tokens), with the look losses ``--looks`` off (the params' own) or on
+(``LOOKS``: the coordinate tokens on the shape word, the shape word on the object, one head
+each), and the LM's attention kernel ``--attn`` (default: transformers' choice; the look
+losses recompute their rows either way, so ``eager`` is what they cost when read from the
+layer's full attention weights). Step cost does not depend on trained weights, so the model is
 freshly initialised and nothing is read from ``outputs/``. Each figure is the median over
 ``--steps`` steps after ``--warmup`` (the first step also computes the pool's tower features);
 variants run one after another in the same process. ``--profile`` prints the torch profiler's
@@ -28,12 +33,18 @@ from vlmcompress.lvlm.pool import build_pool
 from vlmcompress.lvlm.train import Trainer
 
 
+LOOKS = dict(lm_look_weight=0.5, lm_look_on="ground_word", lm_look_layer=2, lm_look_heads=1, lm_hop_weight=0.5,
+             lm_hop_layer=1, lm_hop_heads=1, lm_look_start=0.0)
+
+
 def time_steps(params, scenes, pool, scale: float, turns: int, steps: int, warmup: int, at: float,
-               work: str, prof: Any = None) -> list[float]:
+               work: str, prof: Any = None, looks: bool = False, attn: str | None = None) -> list[float]:
     """Wall seconds of the ``steps`` phase-C steps after ``warmup`` ones, fresh model; ``prof``
     (a torch profiler, not yet entered) records the timed steps only."""
-    t = dataclasses.replace(params.train, lm_projector_lr_scale=scale, lm_turns=turns)
+    t = dataclasses.replace(params.train, lm_projector_lr_scale=scale, lm_turns=turns, **(LOOKS if looks else {}))
     trainer = Trainer(dataclasses.replace(params, train=t), scenes, work, seed=0, log=lambda m: None)
+    if attn is not None:
+        trainer.llava.model.language_model.config._attn_implementation = attn
     proj = trainer.projector
     proj.requires_grad_(scale > 0)            # the optimiser groups of Trainer.run's phase C
     groups = ([{"params": trainer.lm_parameters}]
@@ -62,6 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--params", default=None)
     ap.add_argument("--scales", type=float, nargs="+", default=[1.0, 0.0])
     ap.add_argument("--turns", type=int, nargs="+", default=None, help="lm_turns values (default: the params')")
+    ap.add_argument("--looks", nargs="+", choices=["off", "on"], default=["off"],
+                    help="look losses off (the params') or on (LOOKS)")
+    ap.add_argument("--attn", nargs="+", choices=["sdpa", "eager"], default=[None],
+                    help="the LM's attention kernel (default: transformers' choice)")
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--at", type=float, default=0.9, help="fraction of phase C the steps are taken at")
@@ -88,9 +103,13 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as work:
         for turn in turns:
             for scale in a.scales:
-                ts = time_steps(L, P.data.scenes, pool, scale, turn, a.steps, a.warmup, a.at, work)
-                print(f"lm_turns {turn:3d}  lm_projector_lr_scale {scale:g}: "
-                      f"median {statistics.median(ts):.3f} s/step (min {min(ts):.3f}, max {max(ts):.3f})")
+                for look in a.looks:
+                    for attn in a.attn:
+                        ts = time_steps(L, P.data.scenes, pool, scale, turn, a.steps, a.warmup, a.at, work,
+                                        looks=look == "on", attn=attn)
+                        print(f"lm_turns {turn:3d}  lm_projector_lr_scale {scale:g}  looks {look:3s}  "
+                              f"attn {attn or 'default':7s}: median {statistics.median(ts):.3f} s/step "
+                              f"(min {min(ts):.3f}, max {max(ts):.3f})")
         if a.profile:
             from torch.profiler import profile
             prof = profile()

@@ -238,9 +238,13 @@ def test_lm_step_benchmark_times_each_variant_and_checks_its_arguments(capsys):
             bench.main(bad)
         err = capsys.readouterr().err.strip().splitlines()
         assert says in err[-1] and not any("Traceback" in x for x in err)
-    assert bench.main(["--steps", "1", "--warmup", "1", "--pool", "16", "--threads", "1", "--scales", "1", "0"]) == 0
+    quick = ["--steps", "1", "--warmup", "1", "--pool", "16", "--threads", "1"]
+    assert bench.main(quick + ["--scales", "1", "0"]) == 0
+    assert bench.main(quick + ["--scales", "1", "--looks", "on", "--attn", "sdpa", "eager"]) == 0
     lines = [x for x in capsys.readouterr().out.splitlines() if "s/step" in x]
-    assert [x.split(":")[0].split()[-1] for x in lines] == ["1", "0"]
+    variants = [x.split(":")[0].split() for x in lines]
+    assert [(v[3], v[5], v[7]) for v in variants] == [("1", "off", "default"), ("0", "off", "default"),
+                                                      ("1", "on", "sdpa"), ("1", "on", "eager")]
     assert all(float(x.split("median ")[1].split()[0]) > 0 for x in lines)
 
 
