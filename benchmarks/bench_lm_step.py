@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         P = load_params(a.params)
     except ConfigError as exc:
         ap.error(str(exc))
-    L = dataclasses.replace(P.lvlm, train=dataclasses.replace(P.lvlm.train, pool_scenes=a.pool))
+    # The Trainer sets torch's thread count from the params: --threads goes there.
+    L = dataclasses.replace(P.lvlm, train=dataclasses.replace(P.lvlm.train, pool_scenes=a.pool, threads=a.threads))
     if a.pool < L.train.lm_batch:
         ap.error(f"--pool must be >= lvlm.train.lm_batch ({L.train.lm_batch})")
     torch.set_num_threads(a.threads)
