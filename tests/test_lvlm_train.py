@@ -799,3 +799,19 @@ def test_a_hop_on_a_layer_the_lm_lacks_is_a_clear_error():
     params, _ = _tiny_params(lm_hop_weight=1.0, lm_hop_layer=1)      # the tiny LM has one layer
     with pytest.raises(ConfigError, match=r"lvlm.train.lm_hop_layer: must be in \[0, 0\], got 1"):
         check_train_params(params.train, params.arch)
+
+
+def test_a_sequence_grounds_several_different_objects_and_one_turn_draws_as_before():
+    from vlmcompress.lvlm.curriculum import sample_turns
+
+    def square(cx: float, cy: float, r: float):
+        return ((cx - r, cy - r), (cx + r, cy - r), (cx + r, cy + r), (cx - r, cy + r))
+
+    objs = [SceneObject(s, c, "small", x, 40.0, 8.0, square(x, 40.0, 8.0))
+            for s, c, x in (("circle", "red", 20.0), ("square", "blue", 60.0), ("triangle", "green", 100.0))]
+    for k, want in ((2, 2), (3, 3), (5, 3)):
+        turns = sample_turns(objs, ["a caption"], np.random.default_rng(0), 6, 0.0, 1.0, 128, ground_turns=k)
+        refs = [text for task, text, _ in turns if task == "ground"]
+        assert len(refs) == want and len(set(refs)) == want and len(turns) == 6
+    one = sample_turns(objs, ["a caption"], np.random.default_rng(3), 6, 0.5, 1.0, 128)
+    assert sample_turns(objs, ["a caption"], np.random.default_rng(3), 6, 0.5, 1.0, 128, ground_turns=1) == one

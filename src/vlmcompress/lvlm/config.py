@@ -111,7 +111,8 @@ class TrainParams:
     lm_number_sigma: float    # box coordinates: CE against a Gaussian over the number tokens'
                               # values of this width (0: one-hot); near misses then cost less
     caption_prob: float       # chance that a sequence includes a caption turn
-    ground_prob: float        # chance that a sequence includes a grounding turn
+    ground_prob: float        # chance that a sequence includes grounding turns ...
+    ground_turns: int         # ... about this many different objects (or all, if fewer)
     warmup_steps: int
     checkpoint_every: int     # steps between resumable checkpoints
     eval_every: int           # steps between quick val checks (training curves)
@@ -236,6 +237,7 @@ def check_train_params(t: TrainParams, a: ArchParams, path: str = "lvlm.train") 
         check_min(f"{path}.{name}", getattr(t, name), 0.0)
     check_min(f"{path}.text_questions", t.text_questions, 1)
     check_min(f"{path}.lm_turns", t.lm_turns, 1)
+    check_min(f"{path}.ground_turns", t.ground_turns, 1)
     check_min(f"{path}.lm_bg_start", t.lm_bg_start, 0)
     for name in ("lm_bg_ramp", "lm_ground_start", "lm_look_start", "lm_type_focus", "caption_prob", "ground_prob"):
         check_range(f"{path}.{name}", getattr(t, name), 0.0, 1.0)

@@ -36,16 +36,19 @@ def box_text(o: SceneObject, image_size: int) -> str:
 
 def sample_turns(objs: Sequence[SceneObject], captions: Sequence[str], rng: np.random.Generator, n: int,
                  caption_prob: float, ground_prob: float, image_size: int,
-                 type_probs: Sequence[float] | None = None) -> list[tuple[str, str, str]]:
+                 type_probs: Sequence[float] | None = None, ground_turns: int = 1) -> list[tuple[str, str, str]]:
     """``n`` (task, text, answer) turns about one scene: questions of every type (cycling, or
     drawn from ``type_probs``: :func:`~vlmcompress.data.scenes.make_questions`), sometimes a
-    caption (the canonical left-to-right one) and a grounding turn."""
+    caption (the canonical left-to-right one) and, with chance ``ground_prob``, grounding turns
+    about ``ground_turns`` different objects (or all, if fewer)."""
     turns: list[tuple[str, str, str]] = []
     if rng.random() < caption_prob:
         turns.append(("caption", "", captions[0]))
     if objs and rng.random() < ground_prob:
-        o = objs[int(rng.integers(len(objs)))]
-        turns.append(("ground", make_refs([o])[0], box_text(o, image_size)))
+        # One turn draws as it always has, so ground_turns 1 keeps recorded runs' draws.
+        picks = ([int(rng.integers(len(objs)))] if ground_turns == 1
+                 else rng.choice(len(objs), min(ground_turns, len(objs)), replace=False).tolist())
+        turns += [("ground", make_refs([objs[i]])[0], box_text(objs[i], image_size)) for i in picks]
     turns += [("vqa", q["question"], q["answer"]) for q in make_questions(objs, rng, max(n - len(turns), 0), type_probs)]
     return [turns[i] for i in rng.permutation(len(turns))]
 

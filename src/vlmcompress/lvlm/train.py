@@ -443,7 +443,7 @@ class Trainer:
         probs = (type_probs(self.lm_state["type_error"], self.type_chance, t.lm_type_focus)
                  if t.lm_type_focus > 0 else None)
         turns = [sample_turns(objects[b], captions[b], rng, t.lm_turns, t.caption_prob, t.ground_prob,
-                              self.spec.image_size, probs) for b in range(len(objects))]
+                              self.spec.image_size, probs, t.ground_turns) for b in range(len(objects))]
         seqs = [self._sequence(vis[b, keep[b]], turns[b], keep[b], vis.shape[1], t.lm_isolate_turns)
                 for b in range(len(objects))]
         T = max(s.embeds.shape[0] for s in seqs)
