@@ -44,7 +44,7 @@ def time_steps(params, scenes, pool, scale: float, turns: int, steps: int, warmu
     t = dataclasses.replace(params.train, lm_projector_lr_scale=scale, lm_turns=turns, **(LOOKS if looks else {}))
     trainer = Trainer(dataclasses.replace(params, train=t), scenes, work, seed=0, log=lambda m: None)
     if attn is not None:
-        trainer.llava.model.language_model.config._attn_implementation = attn
+        trainer.llava.set_attn_implementation(attn)   # transformers' own switch (every sub-model)
     proj = trainer.projector
     proj.requires_grad_(scale > 0)            # the optimiser groups of Trainer.run's phase C
     groups = ([{"params": trainer.lm_parameters}]
