@@ -43,6 +43,18 @@ def test_relevant_patches_follow_the_words_of_each_question_type():
     assert _idx(relevant_patches("how many crosses are there?", lab)) == []
 
 
+def test_an_existence_question_names_its_exact_object_and_a_near_miss_names_none():
+    from vlmcompress.lvlm.targets import exists_patches
+
+    lab = _labels()
+    shape, on = exists_patches("is there a red circle?", lab)
+    assert shape == "circle" and _idx(on) == [0, 1]
+    shape, on = exists_patches("is there a red square?", lab)     # colour and shape both present, apart
+    assert shape == "square" and _idx(on) == []
+    assert exists_patches("what color is the circle?", lab) is None
+    assert exists_patches("the red circle", lab) is None
+
+
 def test_look_loss_is_zero_when_all_mass_is_on_relevant_keys_and_skips_empty_targets():
     attn = torch.zeros(1, 2, 5, 5)
     attn[0, :, 4, 1] = 0.5
@@ -790,6 +802,20 @@ def test_the_hop_look_supervises_the_shape_words_attention_without_the_eager_ker
     assert tr.llava.model.language_model.config._attn_implementation == impl
     lm_rows = [r for r in tr.curves if r["phase"] == "lm"]
     assert lm_rows and all(r["hop"] > 0 for r in lm_rows) and not any("look" in r for r in lm_rows)
+
+
+def test_the_existence_hop_looks_without_grounding_turns_and_only_when_asked(tmp_path):
+    from vlmcompress.lvlm.train import Trainer
+
+    common = dict(lm_hop_weight=1.0, lm_hop_layer=0, lm_hop_heads=1, ground_prob=0.0, lm_turns=6, lm_steps=3)
+    runs = {}
+    for on in (False, True):
+        params, scenes = _tiny_params(lm_hop_exists=on, **common)
+        tr = Trainer(params, scenes, tmp_path / str(on), seed=0, log=lambda m: None)
+        tr.run(tmp_path / str(on) / "model")
+        runs[on] = [r for r in tr.curves if r["phase"] == "lm"]
+    assert not any("hop" in r for r in runs[False])            # no grounding turn: nothing to look from
+    assert any(r.get("hop", 0) > 0 for r in runs[True])
 
 
 def test_a_hop_on_a_layer_the_lm_lacks_is_a_clear_error():

@@ -8,7 +8,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from vlmcompress.data.scenes import COLORS, SHAPES, SIZES, SceneObject, make_refs, question_objects, question_relation
+from vlmcompress.data.scenes import (COLORS, SHAPES, SIZES, SceneObject, make_refs, question_objects,
+                                     question_relation, question_type)
 from vlmcompress.lvlm.labels import COLOR_IDS, SHAPE_IDS
 
 PHRASES = ["background"] + [f"a {z} {c} {s}" for z in SIZES for c in COLORS for s in SHAPES]
@@ -46,6 +47,17 @@ def relevant_patches(text: str, labels: Tensor) -> Tensor:
     for s in shps:
         out |= obj & (shape == s)
     return out
+
+
+def exists_patches(text: str, labels: Tensor) -> tuple[str, Tensor] | None:
+    """An existence question's named object: its shape word and its patches ``[N]`` bool from
+    the dense labels ``[4, G, G]`` — colour and shape both matching, so all False when the scene
+    has no such object (a near miss sharing one attribute is not it). None for any other turn."""
+    named = question_objects(text)
+    if question_type(text) != "exists" or len(named) != 1 or None in named[0]:
+        return None
+    c, s = named[0]
+    return s, ((labels[0] == COLOR_IDS[c]) & (labels[1] == SHAPE_IDS[s])).flatten()
 
 
 def relation_targets(text: str, objs: Sequence[SceneObject], image_size: int
