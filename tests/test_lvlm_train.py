@@ -43,16 +43,22 @@ def test_relevant_patches_follow_the_words_of_each_question_type():
     assert _idx(relevant_patches("how many crosses are there?", lab)) == []
 
 
-def test_an_existence_question_names_its_exact_object_and_a_near_miss_names_none():
-    from vlmcompress.lvlm.targets import exists_patches
+def test_named_patches_give_each_object_phrase_its_head_word_and_exact_patches():
+    from vlmcompress.lvlm.targets import named_patches
 
     lab = _labels()
-    shape, on = exists_patches("is there a red circle?", lab)
-    assert shape == "circle" and _idx(on) == [0, 1]
-    shape, on = exists_patches("is there a red square?", lab)     # colour and shape both present, apart
-    assert shape == "square" and _idx(on) == []
-    assert exists_patches("what color is the circle?", lab) is None
-    assert exists_patches("the red circle", lab) is None
+
+    def named(text, only=None):
+        return [(w, _idx(on)) for w, on in named_patches(text, lab, only)]
+
+    assert named("is there a red circle?") == [("circle", [0, 1])]
+    assert named("is there a red square?") == [("square", [])]        # colour and shape present, apart: none
+    assert named("what color is the circle?") == [("circle", [0, 1])]
+    assert named("what shape is the blue object?") == [("object", [15])]
+    assert named("how many crosses are there?") == [("crosses", [])]
+    assert named("is the red circle left of the blue square?") == [("circle", [0, 1]), ("square", [15])]
+    assert named("what color is the circle?", only="exists") == []
+    assert named("the red circle") == []                              # a grounding turn, not a question
 
 
 def test_look_loss_is_zero_when_all_mass_is_on_relevant_keys_and_skips_empty_targets():
@@ -804,18 +810,40 @@ def test_the_hop_look_supervises_the_shape_words_attention_without_the_eager_ker
     assert lm_rows and all(r["hop"] > 0 for r in lm_rows) and not any("look" in r for r in lm_rows)
 
 
-def test_the_existence_hop_looks_without_grounding_turns_and_only_when_asked(tmp_path):
+def test_the_question_hop_looks_without_grounding_turns_and_only_when_asked(tmp_path):
     from vlmcompress.lvlm.train import Trainer
 
     common = dict(lm_hop_weight=1.0, lm_hop_layer=0, lm_hop_heads=1, ground_prob=0.0, lm_turns=6, lm_steps=3)
     runs = {}
-    for on in (False, True):
-        params, scenes = _tiny_params(lm_hop_exists=on, **common)
+    for on in ("ground", "named"):
+        params, scenes = _tiny_params(lm_hop_on=on, **common)
         tr = Trainer(params, scenes, tmp_path / str(on), seed=0, log=lambda m: None)
         tr.run(tmp_path / str(on) / "model")
         runs[on] = [r for r in tr.curves if r["phase"] == "lm"]
-    assert not any("hop" in r for r in runs[False])            # no grounding turn: nothing to look from
-    assert any(r.get("hop", 0) > 0 for r in runs[True])
+    assert not any("hop" in r for r in runs["ground"])          # no grounding turn: nothing to look from
+    assert any(r.get("hop", 0) > 0 for r in runs["named"])
+
+
+def test_a_question_hop_queries_the_head_word_and_targets_its_patches_or_the_first_token(tmp_path):
+    from vlmcompress.lvlm.train import Trainer
+
+    params, scenes = _tiny_params(lm_hop_weight=1.0, lm_hop_layer=0, lm_hop_on="named")
+    tr = Trainer(params, scenes, tmp_path, seed=0, log=lambda m: None)
+    lab, keep = _labels(), torch.tensor([0, 1, 5, 15])        # both objects kept and one background patch
+    vis_at = 10 + torch.arange(4)
+    p0, T = 30, 40
+    for text, word, want in [("is the red circle left of the blue square?", "circle", [10, 11]),
+                             ("is there a red square?", "square", [0])]:
+        p_ids = tr.tok(text, add_special_tokens=False).input_ids
+        hops = tr._named_hops(text, p0, p_ids, lab, keep, vis_at, T)
+        i, tgt = hops[0]
+        assert p_ids[i - p0] == tr.tok.convert_tokens_to_ids(word) and _idx(tgt) == want
+    rel = "is the red circle left of the blue square?"
+    second = tr._named_hops(rel, p0, tr.tok(rel, add_special_tokens=False).input_ids, lab, keep, vis_at, T)[1]
+    assert _idx(second[1]) == [13]
+    tr.t = dataclasses.replace(tr.t, lm_hop_on="exists")
+    assert tr._named_hops("what color is the circle?", p0, tr.tok("what color is the circle?").input_ids,
+                          lab, keep, vis_at, T) == []
 
 
 def test_a_hop_on_a_layer_the_lm_lacks_is_a_clear_error():

@@ -91,8 +91,9 @@ class TrainParams:
                               # word's attention mass on that object's patches (0: off; from lm_look_start)
     lm_hop_layer: int         # LM layer whose attention the hop loss supervises
     lm_hop_heads: int         # ... the mean of its first this many heads (0: all)
-    lm_hop_exists: bool       # ... and at existence questions' shape word: on the named object's
-                              # patches, or on the first token when the scene has none (a negative)
+    lm_hop_on: Literal["ground", "exists", "named"]   # ... at grounding turns only, + existence
+                              # questions' shape word, or + every question's object phrases (head
+                              # word): on the named objects' patches, or the first token if none
     lm_where_weight: float    # relation questions (RelationHeads): MSE of a linear readout of each
                               # object's centre from the LM's hidden state at its shape word (0: off)
     lm_where_layer: int       # ... read after this many LM layers (hidden_states index)

@@ -3,12 +3,13 @@
 objects of a relation question."""
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-from vlmcompress.data.scenes import (COLORS, SHAPES, SIZES, SceneObject, make_refs, question_objects,
+from vlmcompress.data.scenes import (COLORS, PLURALS, SHAPES, SIZES, SceneObject, make_refs, question_objects,
                                      question_relation, question_type)
 from vlmcompress.lvlm.labels import COLOR_IDS, SHAPE_IDS
 
@@ -49,15 +50,34 @@ def relevant_patches(text: str, labels: Tensor) -> Tensor:
     return out
 
 
-def exists_patches(text: str, labels: Tensor) -> tuple[str, Tensor] | None:
-    """An existence question's named object: its shape word and its patches ``[N]`` bool from
-    the dense labels ``[4, G, G]`` — colour and shape both matching, so all False when the scene
-    has no such object (a near miss sharing one attribute is not it). None for any other turn."""
-    named = question_objects(text)
-    if question_type(text) != "exists" or len(named) != 1 or None in named[0]:
-        return None
-    c, s = named[0]
-    return s, ((labels[0] == COLOR_IDS[c]) & (labels[1] == SHAPE_IDS[s])).flatten()
+def named_patches(text: str, labels: Tensor, only: str | None = None) -> list[tuple[str, Tensor]]:
+    """Each object phrase a question names, as (its head word, its patches ``[N]`` bool) from
+    the dense labels ``[4, G, G]``, in the text's order: "the red circle" the red circles, "the
+    circle" / "circles" every circle, "the red object" every red thing — all False when the
+    scene has none (a "no" existence question's near miss is not it). Empty for a turn that is
+    not a question, or whose type is not ``only`` (a :data:`QUESTION_TYPES` entry) when given.
+
+    Example: ``"is there a red square?"`` -> ``[("square", <the red square's patches>)]``.
+    """
+    qtype = question_type(text)
+    if qtype is None or (only is not None and qtype != only):
+        return []
+    singular = {p: s for s, p in PLURALS.items()}
+    words = re.findall(r"[a-z]+", text.lower())
+    color, shape = labels[0].flatten(), labels[1].flatten()
+    out = []
+    for i, w in enumerate(words):
+        s = w if w in SHAPES else singular.get(w)
+        c = words[i - 1] if i > 0 and words[i - 1] in COLORS else None
+        if s is None and (w != "object" or c is None):
+            continue
+        on = color > 0
+        if c is not None:
+            on = on & (color == COLOR_IDS[c])
+        if s is not None:
+            on = on & (shape == SHAPE_IDS[s])
+        out.append((w, on))
+    return out
 
 
 def relation_targets(text: str, objs: Sequence[SceneObject], image_size: int

@@ -63,7 +63,7 @@ from vlmcompress.lvlm.heads import (DenseHeads, RelationHeads, attention_rows, l
 from vlmcompress.lvlm.labels import mirror_boxes, mirror_centres
 from vlmcompress.lvlm.phases import PHASE_OWNS, PHASE_STREAM, PHASES, phase_digests, progress_line
 from vlmcompress.lvlm.pool import Pool, build_pool, scene_vocab, to_pixels
-from vlmcompress.lvlm.targets import (PHRASES, exists_patches, ground_target, number_slots, phrase_index,
+from vlmcompress.lvlm.targets import (PHRASES, ground_target, named_patches, number_slots, phrase_index,
                                      relation_targets, relevant_patches, word_positions)
 from vlmcompress.lvlm.tokenizer import build_tokenizers, number_tokens
 from vlmcompress.machine import compute_setup, merge_setups
@@ -429,8 +429,8 @@ class Trainer:
         Cross-entropy on answer tokens, plus (from ``lm_look_start``) two look losses on the
         attention of one LM layer (the mean of its first few heads, or of all):
         ``lm_look_*`` at the positions ``lm_look_on`` names, and ``lm_hop_*`` at each grounding
-        turn's referred shape word, on that object's patches (with ``lm_hop_exists``, at each
-        existence question's shape word too).
+        turn's referred shape word, on that object's patches (and, as ``lm_hop_on`` says, at the
+        words of questions that name objects).
         """
         proj, t = self.llava.model.multi_modal_projector, self.t
         lm, head = self.llava.model.language_model, self.llava.lm_head
@@ -477,11 +477,10 @@ class Trainer:
                     tgt[vis_at[relevant_patches(text, labels[b])[keep[b]]]] = True
                     hop_queries.append((b, ground[0]))
                     hop_targets.append(tgt)
-                elif hop and t.lm_hop_exists:
-                    named = self._exists_hop(text, p0, p_ids, labels[b], keep[b], vis_at, T)
-                    if named is not None:
-                        hop_queries.append((b, named[0]))
-                        hop_targets.append(named[1])
+                elif hop and t.lm_hop_on != "ground":
+                    for word, tgt in self._named_hops(text, p0, p_ids, labels[b], keep[b], vis_at, T):
+                        hop_queries.append((b, word))
+                        hop_targets.append(tgt)
                 if not rel:
                     continue
                 found = relation_targets(text, objects[b], self.spec.image_size)
@@ -585,21 +584,26 @@ class Trainer:
             return [], None
         return [i for i, _ in ground[2]], (ground[0] if self.t.lm_look_on == "ground_word" else None)
 
-    def _exists_hop(self, text: str, p0: int, p_ids: list[int], labels: Tensor, keep: Tensor, vis_at: Tensor,
-                    T: int) -> tuple[int, Tensor] | None:
-        """The hop look of an existence question (``lm_hop_exists``): the index of its shape word
-        and where it should look, ``[T]`` bool — the named object's kept patches, or the
-        sequence's first token when the scene has no such object, so the head that fetches a
-        referred object learns to fetch nothing rather than a near miss. None for other turns.
-        ``labels [4, G, G]``; ``keep [K]`` the kept grid indices at sequence indices ``vis_at [K]``."""
-        found = exists_patches(text, labels)
-        shape_id = found and self.tok.convert_tokens_to_ids(found[0])
-        if not found or shape_id not in p_ids:
-            return None
-        on = found[1][keep]
-        tgt = torch.zeros(T, dtype=torch.bool)
-        tgt[vis_at[on] if on.any() else 0] = True
-        return p0 + len(p_ids) - 1 - p_ids[::-1].index(shape_id), tgt
+    def _named_hops(self, text: str, p0: int, p_ids: list[int], labels: Tensor, keep: Tensor, vis_at: Tensor,
+                    T: int) -> list[tuple[int, Tensor]]:
+        """The hop look of a question (``lm_hop_on`` ``exists``: existence questions only;
+        ``named``: every question): per object phrase it names, the index of the phrase's head
+        word and where that word should look, ``[T]`` bool — the named objects' kept patches, or
+        the sequence's first token when the scene has none, so the head that fetches a named
+        object learns to fetch nothing rather than a near miss. ``labels [4, G, G]``; ``keep
+        [K]`` the kept grid indices, at sequence indices ``vis_at [K]``."""
+        named = named_patches(text, labels, "exists" if self.t.lm_hop_on == "exists" else None)
+        ids = self.tok.convert_tokens_to_ids([w for w, _ in named])
+        at = [i for i, tid in enumerate(p_ids) if tid in ids]
+        if len(at) < len(named):    # a template that hides a word: no target rather than a wrong one
+            return []
+        out = []
+        for (_, on), i in zip(named, at[len(at) - len(named):]):
+            tgt = torch.zeros(T, dtype=torch.bool)
+            kept = on[keep]
+            tgt[vis_at[kept] if kept.any() else 0] = True
+            out.append((p0 + i, tgt))
+        return out
 
     def ground_targets(self, seq: TrainSeq, text: str, p0: int, p_ids: list[int], objs: Sequence[SceneObject]
                        ) -> tuple[int, Tensor, list[tuple[int, int]], Tensor] | None:
