@@ -203,24 +203,34 @@ def question_candidates(objs: Sequence[SceneObject], rng: np.random.Generator, q
     return out
 
 
-def question_objects(question: str) -> list[tuple[str | None, str | None]]:
-    """(colour, shape) of each object a generated question names, in order; ``None`` matches
-    any: "how many circles" names every circle, "the red object" every red thing.
+def object_phrases(question: str) -> list[tuple[str, str | None, str | None]]:
+    """Each object phrase of a generated question as (its head word, colour, shape), in order;
+    ``None`` matches any: "how many circles" names every circle, "the red object" every red
+    thing.
 
-    Example: ``"is the red circle left of the blue cross?"`` -> ``[("red", "circle"),
-    ("blue", "cross")]``.
+    Example: ``"how many circles are there?"`` -> ``[("circles", None, "circle")]``.
     """
     singular = {p: s for s, p in PLURALS.items()}
     words = re.findall(r"[a-z]+", question.lower())
-    out: list[tuple[str | None, str | None]] = []
+    out: list[tuple[str, str | None, str | None]] = []
     for i, w in enumerate(words):
         shape = w if w in SHAPES else singular.get(w)
         if shape is None and w != "object":
             continue
         colour = words[i - 1] if i > 0 and words[i - 1] in COLORS else None
         if shape is not None or colour is not None:
-            out.append((colour, shape))
+            out.append((w, colour, shape))
     return out
+
+
+def question_objects(question: str) -> list[tuple[str | None, str | None]]:
+    """(colour, shape) of each object a generated question names, in order (see
+    :func:`object_phrases`).
+
+    Example: ``"is the red circle left of the blue cross?"`` -> ``[("red", "circle"),
+    ("blue", "cross")]``.
+    """
+    return [(c, s) for _, c, s in object_phrases(question)]
 
 
 def named_objects(question: str, objects: Sequence[tuple[str, str]]) -> list[int]:

@@ -3,14 +3,13 @@
 objects of a relation question."""
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-from vlmcompress.data.scenes import (COLORS, PLURALS, SHAPES, SIZES, SceneObject, make_refs, question_objects,
-                                     question_relation, question_type)
+from vlmcompress.data.scenes import (COLORS, SHAPES, SIZES, SceneObject, make_refs, object_phrases,
+                                     question_objects, question_relation, question_type)
 from vlmcompress.lvlm.labels import COLOR_IDS, SHAPE_IDS
 
 PHRASES = ["background"] + [f"a {z} {c} {s}" for z in SIZES for c in COLORS for s in SHAPES]
@@ -62,15 +61,9 @@ def named_patches(text: str, labels: Tensor, only: str | None = None) -> list[tu
     qtype = question_type(text)
     if qtype is None or (only is not None and qtype != only):
         return []
-    singular = {p: s for s, p in PLURALS.items()}
-    words = re.findall(r"[a-z]+", text.lower())
     color, shape = labels[0].flatten(), labels[1].flatten()
     out = []
-    for i, w in enumerate(words):
-        s = w if w in SHAPES else singular.get(w)
-        c = words[i - 1] if i > 0 and words[i - 1] in COLORS else None
-        if s is None and (w != "object" or c is None):
-            continue
+    for w, c, s in object_phrases(text):
         on = color > 0
         if c is not None:
             on = on & (color == COLOR_IDS[c])
