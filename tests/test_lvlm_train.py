@@ -163,7 +163,7 @@ def test_phase_digests_change_only_the_phases_a_param_reaches():
         return {k for k in d if d[k] != d0[k]}
 
     assert changed(text_steps=3) == {"text"}          # the LM never reads the text tower
-    assert changed(lm_lr=0.5) == changed(caption_prob=0.9) == {"lm"}
+    assert changed(lm_lr=0.5) == changed(caption_prob=0.9) == changed(ground_absent=0.5) == {"lm"}
     assert changed(align_steps=3) == {"align", "lm"}
     assert changed(clip_steps=3) == changed(pool_scenes=13) == {"clip", "text", "align", "lm"}
     assert changed(checkpoint_every=7) == changed(eval_every=7) == set()
@@ -869,3 +869,58 @@ def test_a_sequence_grounds_several_different_objects_and_one_turn_draws_as_befo
         assert len(refs) == want and len(set(refs)) == want and len(turns) == 6
     one = sample_turns(objs, ["a caption"], np.random.default_rng(3), 6, 0.5, 1.0, 128)
     assert sample_turns(objs, ["a caption"], np.random.default_rng(3), 6, 0.5, 1.0, 128, ground_turns=1) == one
+
+
+def test_absent_grounding_turns_name_a_near_miss_and_answer_no():
+    from vlmcompress.data.scenes import absent_refs, make_refs, near_misses
+    from vlmcompress.lvlm.curriculum import NO_BOX, sample_turns
+
+    box = ((0.0, 0.0), (8.0, 0.0), (8.0, 8.0), (0.0, 8.0))
+    objs = [SceneObject(s, c, "small", x, 40.0, 8.0, box) for s, c, x in (("circle", "red", 20.0),
+                                                                          ("square", "blue", 60.0))]
+    near = near_misses(objs)
+    assert ("red", "square") in near and ("red", "circle") not in near
+    assert all(c in ("red", "blue") or s in ("circle", "square") for c, s in near)
+    absent = set(absent_refs(objs))
+    assert "the large red square" in absent and not absent & set(make_refs(objs))
+    turns = sample_turns(objs, ["a caption"], np.random.default_rng(0), 6, 0.0, 1.0, 128, ground_turns=2,
+                         ground_absent=1.0)
+    grounds = [(text, ans) for task, text, ans in turns if task == "ground"]
+    assert len(grounds) == 2 and all(text in absent and ans == NO_BOX for text, ans in grounds)
+    # Off, it draws what it always drew.
+    assert (sample_turns(objs, ["c"], np.random.default_rng(5), 6, 0.3, 1.0, 128, ground_turns=2, ground_absent=0.0)
+            == sample_turns(objs, ["c"], np.random.default_rng(5), 6, 0.3, 1.0, 128, ground_turns=2))
+
+
+def test_the_ground_schedule_switches_the_amount_of_grounding_at_its_fractions():
+    from vlmcompress.lvlm.curriculum import ground_amount
+
+    sched = [(0.5, 0.7, 4), (0.9, 0.2, 1)]
+    assert ground_amount(0.0, 0.3, 1, sched) == (0.3, 1)
+    assert ground_amount(0.49, 0.3, 1, sched) == (0.3, 1)
+    assert ground_amount(0.5, 0.3, 1, sched) == (0.7, 4)
+    assert ground_amount(0.95, 0.3, 1, sched) == (0.2, 1)
+    assert ground_amount(0.7, 0.3, 1, []) == (0.3, 1)
+
+
+@pytest.mark.parametrize("sched, msg", [([(0.5, 0.7, 4), (0.5, 0.2, 1)], r"ground_schedule\[1\]: must start after"),
+                                        ([(1.5, 0.7, 4)], r"ground_schedule\[0\]\[0\]: must be in"),
+                                        ([(0.5, 0.7, 0)], r"ground_schedule\[0\]\[2\]: must be >= 1")])
+def test_a_bad_ground_schedule_is_a_clear_error(sched, msg):
+    from vlmcompress.lvlm.config import check_train_params
+    from vlmcompress.schema import ConfigError
+
+    params, _ = _tiny_params(ground_schedule=sched)
+    with pytest.raises(ConfigError, match=msg):
+        check_train_params(params.train, params.arch)
+
+
+def test_a_run_with_absent_grounding_turns_and_a_schedule_trains(tmp_path):
+    from vlmcompress.lvlm.train import Trainer
+
+    params, scenes = _tiny_params(ground_prob=0.0, ground_schedule=[(0.5, 1.0, 2)], ground_absent=0.5,
+                                  lm_hop_weight=1.0, lm_hop_layer=0, lm_hop_on="named", lm_steps=2)
+    tr = Trainer(params, scenes, tmp_path, seed=0, log=lambda m: None)
+    tr.run(tmp_path / "model")
+    lm_rows = [r for r in tr.curves if r["phase"] == "lm"]
+    assert len(lm_rows) == 2 and all(np.isfinite(r["loss"]) for r in lm_rows)

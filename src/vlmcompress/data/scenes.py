@@ -170,20 +170,27 @@ def _relation(a: SceneObject, b: SceneObject, rel: str) -> bool | None:
     return d > 0
 
 
+def near_misses(objs: Sequence[SceneObject]) -> list[tuple[str, str]]:
+    """(colour, shape) pairs the scene lacks although it has the colour or the shape, in
+    ``COLORS`` x ``SHAPES`` order: what a "no" is asked about, so that it cannot be told from
+    one attribute."""
+    present = {(o.color, o.shape) for o in objs}
+    colors, shapes = {o.color for o in objs}, {o.shape for o in objs}
+    return [(c, s) for c in COLORS for s in SHAPES if (c, s) not in present and (c in colors or s in shapes)]
+
+
 def question_candidates(objs: Sequence[SceneObject], rng: np.random.Generator, qtype: str) -> list[tuple[str, str]]:
     """(question, answer) pairs of one type that are unambiguous for this scene."""
     shapes = Counter(o.shape for o in objs)
     colors = Counter(o.color for o in objs)
-    present = {(o.color, o.shape) for o in objs}
     out: list[tuple[str, str]] = []
     if qtype == "color":
         out = [(f"what color is the {o.shape}?", o.color) for o in objs if shapes[o.shape] == 1]
     elif qtype == "shape":
         out = [(f"what shape is the {o.color} object?", o.shape) for o in objs if colors[o.color] == 1]
     elif qtype == "exists":
-        yes = [(f"is there a {c} {s}?", "yes") for c, s in sorted(present)]
-        # Near misses (colour or shape present) so "no" cannot be answered from one attribute.
-        near = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in present and (c in colors or s in shapes)]
+        yes = [(f"is there a {c} {s}?", "yes") for c, s in sorted({(o.color, o.shape) for o in objs})]
+        near = near_misses(objs)
         k = len(yes)
         picks = rng.choice(len(near), size=min(k, len(near)), replace=False) if near else []
         out = yes + [(f"is there a {near[i][0]} {near[i][1]}?", "no") for i in picks]
@@ -298,6 +305,12 @@ def question_type(question: str) -> str | None:
 def make_refs(objs: Sequence[SceneObject]) -> list[str]:
     """One referring expression per object (colour + shape is unique in a scene)."""
     return [f"the {_describe(o, True)}" for o in objs]
+
+
+def absent_refs(objs: Sequence[SceneObject]) -> list[str]:
+    """Referring expressions in :func:`make_refs`' form of objects the scene lacks: every size
+    of every :func:`near_misses` pair."""
+    return [f"the {z} {c} {s}" for c, s in near_misses(objs) for z in SIZES]
 
 
 @dataclass(frozen=True)

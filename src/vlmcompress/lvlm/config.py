@@ -116,6 +116,10 @@ class TrainParams:
     caption_prob: float       # chance that a sequence includes a caption turn
     ground_prob: float        # chance that a sequence includes grounding turns ...
     ground_turns: int         # ... about this many different objects (or all, if fewer)
+    ground_schedule: list[tuple[float, float, int]]  # (from fraction of the LM steps, ground_prob,
+                              # ground_turns) from then on, ascending ([]: constant)
+    ground_absent: float      # chance that a grounding turn names an object the scene lacks (a
+                              # near miss), answered "no" (0: every named object is there)
     warmup_steps: int
     checkpoint_every: int     # steps between resumable checkpoints
     eval_every: int           # steps between quick val checks (training curves)
@@ -241,8 +245,15 @@ def check_train_params(t: TrainParams, a: ArchParams, path: str = "lvlm.train") 
     check_min(f"{path}.text_questions", t.text_questions, 1)
     check_min(f"{path}.lm_turns", t.lm_turns, 1)
     check_min(f"{path}.ground_turns", t.ground_turns, 1)
+    for i, (start, prob, turns) in enumerate(t.ground_schedule):
+        at = f"{path}.ground_schedule[{i}]"
+        check_range(f"{at}[0]", start, 0.0, 1.0)
+        check_range(f"{at}[1]", prob, 0.0, 1.0)
+        check_min(f"{at}[2]", turns, 1)
+        require(i == 0 or start > t.ground_schedule[i - 1][0], at, "must start after the entry before it")
     check_min(f"{path}.lm_bg_start", t.lm_bg_start, 0)
-    for name in ("lm_bg_ramp", "lm_ground_start", "lm_look_start", "lm_type_focus", "caption_prob", "ground_prob"):
+    for name in ("lm_bg_ramp", "lm_ground_start", "lm_look_start", "lm_type_focus", "caption_prob", "ground_prob",
+                 "ground_absent"):
         check_range(f"{path}.{name}", getattr(t, name), 0.0, 1.0)
     check_min(f"{path}.warmup_steps", t.warmup_steps, 0)
     check_min(f"{path}.checkpoint_every", t.checkpoint_every, 1)

@@ -10,7 +10,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from vlmcompress.data.scenes import COLORS, QUESTION_TYPES, SHAPES, SceneObject, make_questions, make_refs
+from vlmcompress.data.scenes import (COLORS, QUESTION_TYPES, SHAPES, SceneObject, absent_refs, make_questions,
+                                     make_refs)
 from vlmcompress.lvlm.labels import grid_xy
 
 
@@ -34,13 +35,22 @@ def box_text(o: SceneObject, image_size: int) -> str:
     return "[" + ", ".join(f"{min(max(v, 0.0), 1.0):.2f}" for v in vals) + "]"
 
 
+# A grounding turn's answer when the scene has no such object: the word a "no" to "is there
+# ...?" is, so that absence is one answer across tasks.
+NO_BOX = "no"
+
+
 def sample_turns(objs: Sequence[SceneObject], captions: Sequence[str], rng: np.random.Generator, n: int,
                  caption_prob: float, ground_prob: float, image_size: int,
-                 type_probs: Sequence[float] | None = None, ground_turns: int = 1) -> list[tuple[str, str, str]]:
+                 type_probs: Sequence[float] | None = None, ground_turns: int = 1,
+                 ground_absent: float = 0.0) -> list[tuple[str, str, str]]:
     """``n`` (task, text, answer) turns about one scene: questions of every type (cycling, or
     drawn from ``type_probs``: :func:`~vlmcompress.data.scenes.make_questions`), sometimes a
     caption (the canonical left-to-right one) and, with chance ``ground_prob``, grounding turns
-    about ``ground_turns`` different objects (or all, if fewer)."""
+    about ``ground_turns`` different objects (or all, if fewer). Each grounding turn, with
+    chance ``ground_absent``, names instead an object the scene lacks but nearly has
+    (:func:`~vlmcompress.data.scenes.absent_refs`), answered :data:`NO_BOX`: without it every
+    grounding turn teaches that a named object is there."""
     turns: list[tuple[str, str, str]] = []
     if rng.random() < caption_prob:
         turns.append(("caption", "", captions[0]))
@@ -48,9 +58,25 @@ def sample_turns(objs: Sequence[SceneObject], captions: Sequence[str], rng: np.r
         # One turn draws as it always has, so ground_turns 1 keeps recorded runs' draws.
         picks = ([int(rng.integers(len(objs)))] if ground_turns == 1
                  else rng.choice(len(objs), min(ground_turns, len(objs)), replace=False).tolist())
-        turns += [("ground", make_refs([objs[i]])[0], box_text(objs[i], image_size)) for i in picks]
+        absent = absent_refs(objs) if ground_absent > 0 else []
+        for i in picks:
+            if absent and rng.random() < ground_absent:
+                turns.append(("ground", absent[int(rng.integers(len(absent)))], NO_BOX))
+            else:
+                turns.append(("ground", make_refs([objs[i]])[0], box_text(objs[i], image_size)))
     turns += [("vqa", q["question"], q["answer"]) for q in make_questions(objs, rng, max(n - len(turns), 0), type_probs)]
     return [turns[i] for i in rng.permutation(len(turns))]
+
+
+def ground_amount(frac: float, prob: float, turns: int, schedule: Sequence[tuple[float, float, int]]
+                  ) -> tuple[float, int]:
+    """Grounding turns' (chance per sequence, objects) at ``frac`` of the LM phase: ``(prob,
+    turns)``, or the last ``schedule`` entry ``(from_frac, prob, turns)`` whose ``from_frac``
+    ``frac`` has reached (entries ascending by ``from_frac``)."""
+    for start, p, k in schedule:
+        if frac >= start:
+            prob, turns = p, k
+    return prob, turns
 
 
 def turn_mask(segments: Tensor) -> Tensor:

@@ -33,7 +33,7 @@ def phase_digests(params: LvlmParams, scenes: ScenesParams, seed: int) -> dict[s
     own = {"clip": {k: v for k, v in t.items() if k.startswith("clip_")},
            "text": {k: v for k, v in t.items() if k.startswith("text_")},
            "align": {k: v for k, v in t.items() if k.startswith("align_")},
-           "lm": {k: v for k, v in t.items() if k.startswith("lm_") or k in ("caption_prob", "ground_prob", "ground_turns")}}
+           "lm": {k: v for k, v in t.items() if k.startswith(("lm_", "ground_")) or k == "caption_prob"}}
     out: dict[str, str] = {}
     for phase in PHASES:
         parent = PHASE_INPUTS[phase]

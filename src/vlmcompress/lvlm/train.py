@@ -56,7 +56,7 @@ from vlmcompress.io import atomic_path, write_json
 from vlmcompress.lvlm.adapter import CLIP_MEAN, CLIP_STD, LVLM, Prompts
 from vlmcompress.lvlm.build import ModelSpec, build_clip, build_llava, save_lvlm
 from vlmcompress.lvlm.config import LvlmParams
-from vlmcompress.lvlm.curriculum import (TrainSeq, background_budget, kept_tokens, place_basis, place_code, position_code,
+from vlmcompress.lvlm.curriculum import (TrainSeq, background_budget, ground_amount, kept_tokens, place_basis, place_code, position_code,
                                          chance_errors, sample_turns, turn_mask, type_probs)
 from vlmcompress.lvlm.heads import (DenseHeads, RelationHeads, attention_rows, look_loss, soft_number_ce,
                                    text_losses)
@@ -443,8 +443,9 @@ class Trainer:
         keep = kept_tokens(labels, n_bg, rng)
         probs = (type_probs(self.lm_state["type_error"], self.type_chance, t.lm_type_focus)
                  if t.lm_type_focus > 0 else None)
-        turns = [sample_turns(objects[b], captions[b], rng, t.lm_turns, t.caption_prob, t.ground_prob,
-                              self.spec.image_size, probs, t.ground_turns) for b in range(len(objects))]
+        g_prob, g_turns = ground_amount(step_no / t.lm_steps, t.ground_prob, t.ground_turns, t.ground_schedule)
+        turns = [sample_turns(objects[b], captions[b], rng, t.lm_turns, t.caption_prob, g_prob,
+                              self.spec.image_size, probs, g_turns, t.ground_absent) for b in range(len(objects))]
         seqs = [self._sequence(vis[b, keep[b]], turns[b], keep[b], vis.shape[1], t.lm_isolate_turns)
                 for b in range(len(objects))]
         T = max(s.embeds.shape[0] for s in seqs)
