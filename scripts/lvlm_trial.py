@@ -5,9 +5,10 @@
     python scripts/lvlm_trial.py params.yaml /tmp/trial --score-only   # score its saved model again
 
 For comparing recipes without touching ``outputs/lvlm``: the same ``Trainer`` and quick val
-check as the ``lvlm`` stage (200 val questions every ``eval_every`` steps), then VQA on 2,000
-test questions (with the most-common-answer baseline), retrieval and grounding (1,000 referring
-expressions) on the test split, printed and written to ``<work>/scores.json``. Run again on a
+check as the ``lvlm`` stage (200 val questions every ``eval_every`` steps), then VQA (with the
+most-common-answer baseline) and grounding on the val split, to choose recipes on, and VQA on
+2,000 test questions, retrieval and grounding (1,000 referring expressions) on the test split,
+printed and written to ``<work>/scores.json``. Run again on a
 finished trial, it loads the trained phases and only scores.
 Results: ``docs/experiments/2026-12-03-embedded-lvlm-recipe.md`` and later entries on the LM phase.
 """
@@ -54,19 +55,31 @@ def reuse_phases(source: Path, work: Path, digests: dict[str, str]) -> list[str]
     return taken
 
 
-def score(lvlm, splits: dict, work: Path, extra: dict) -> dict:
-    """Test-split scores of a trained model, printed and written to ``work/scores.json``."""
-    items = vqa_items(splits["test"], 2000, seed=0)
+def split_scores(lvlm, split, train, n_questions: int, n_refs: int, name: str, retrieval: bool = True) -> dict:
+    """VQA on ``n_questions`` questions of ``split`` (with the most-common-answer baseline of
+    ``train``), retrieval and grounding on ``n_refs`` referring expressions, printed as ``name``."""
+    items = vqa_items(split, n_questions, seed=0)
     r = run_vqa(lvlm, items, batch_size=50)
     scores: dict = {"vqa_acc": round(r.acc, 2), "vqa_acc_by_type": {k: round(v, 2) for k, v in r.by_type.items()},
-                    "vqa_majority": majority_baseline(splits["train"], items)}
-    print("test vqa", scores["vqa_acc"], scores["vqa_acc_by_type"])
-    print("majority", scores["vqa_majority"])
-    scores["retrieval"] = run_retrieval(lvlm, splits["test"])
-    print("retrieval", scores["retrieval"])
-    g50, miou = run_grounding(lvlm, splits["test"], batch_size=50, max_refs=1000)
-    scores.update(grounding_acc50=g50, grounding_miou=miou, **extra)
-    print("grounding acc@0.5", g50, "mIoU", miou, flush=True)
+                    "vqa_majority": majority_baseline(train, items)}
+    print(f"{name} vqa", scores["vqa_acc"], scores["vqa_acc_by_type"])
+    print(f"{name} majority", scores["vqa_majority"])
+    if retrieval:
+        scores["retrieval"] = run_retrieval(lvlm, split)
+        print(f"{name} retrieval", scores["retrieval"])
+    g50, miou = run_grounding(lvlm, split, batch_size=50, max_refs=n_refs)
+    scores.update(grounding_acc50=g50, grounding_miou=miou)
+    print(f"{name} grounding acc@0.5", g50, "mIoU", miou, flush=True)
+    return scores
+
+
+def score(lvlm, splits: dict, work: Path, extra: dict) -> dict:
+    """Val scores (1,000 questions, 500 referring expressions: what recipes are chosen on), then
+    the test split's (2,000 and 1,000), printed and written to ``work/scores.json`` (test at
+    the top level, val under ``"val"``)."""
+    val = split_scores(lvlm, splits["val"], splits["train"], 1000, 500, "val", retrieval=False)
+    scores = split_scores(lvlm, splits["test"], splits["train"], 2000, 1000, "test")
+    scores.update(val=val, **extra)
     write_json(work / "scores.json", scores)
     return scores
 
