@@ -231,7 +231,7 @@ def _write(tmp_path: Path, text: str) -> Path:
 
 def test_duplicate_keys_are_refused_at_any_level(tmp_path):
     base = (REPO / "params.yaml").read_text()
-    nested = base.replace("    lm_steps: 2000", "    lm_steps: 2000\n    lm_steps: 3", 1)
+    nested = re.sub(r"(?m)^(    lm_steps: .*)$", r"\1\n    lm_steps: 3", base, count=1)
     for text, key in ((base + "seed: 1\n", "'seed'"), (nested, "'lm_steps'"),
                       (base.replace("qualities: {}", "qualities: {vvc: [1, 2], vvc: [3, 4]}"), "'vvc'")):
         path = _write(tmp_path, text)
