@@ -56,8 +56,8 @@ from vlmcompress.io import atomic_path, write_json
 from vlmcompress.lvlm.adapter import CLIP_MEAN, CLIP_STD, LVLM, Prompts
 from vlmcompress.lvlm.build import ModelSpec, build_clip, build_llava, save_lvlm
 from vlmcompress.lvlm.config import LvlmParams
-from vlmcompress.lvlm.curriculum import (TrainSeq, background_budget, ground_amount, kept_tokens, place_basis, place_code, position_code,
-                                         chance_errors, sample_turns, turn_mask, type_probs)
+from vlmcompress.lvlm.curriculum import (TrainSeq, background_budget, chance_errors, ground_amount, kept_tokens,
+                                         place_basis, place_code, position_code, sample_turns, turn_mask, type_probs)
 from vlmcompress.lvlm.heads import (DenseHeads, RelationHeads, attention_rows, look_loss, soft_number_ce,
                                    text_losses)
 from vlmcompress.lvlm.labels import mirror_boxes, mirror_centres
