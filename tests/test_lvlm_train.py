@@ -928,3 +928,46 @@ def test_a_run_with_absent_grounding_turns_and_a_schedule_trains(tmp_path):
     tr.run(tmp_path / "model")
     lm_rows = [r for r in tr.curves if r["phase"] == "lm"]
     assert len(lm_rows) == 2 and all(np.isfinite(r["loss"]) for r in lm_rows)
+
+
+def test_the_phrase_look_targets_the_colour_word_right_before_a_hop_word():
+    from vlmcompress.lvlm.targets import modifier_before
+
+    p_ids = [7, 3, 9, 4]                        # "is there a red cube" with red = 9, cube = 4, at p0 = 20
+    assert modifier_before(23, 20, p_ids, {9}) == 22
+    assert modifier_before(22, 20, p_ids, {9}) is None       # "red" follows "a": no colour before it
+    assert modifier_before(20, 20, p_ids, {7}) is None       # the prompt's first word has nothing before it
+
+
+def test_the_phrase_look_trains_the_layer_before_the_hop_and_only_when_on(tmp_path):
+    import dataclasses
+
+    from vlmcompress.lvlm.train import Trainer
+
+    common = dict(lm_hop_weight=1.0, lm_hop_layer=1, lm_hop_heads=1, lm_hop_on="named", ground_prob=1.0, lm_turns=6,
+                  lm_steps=3)
+    runs = {}
+    for w in (0.0, 1.0):
+        params, scenes = _tiny_params(lm_phrase_weight=w, lm_phrase_layer=0, **common)
+        params = dataclasses.replace(params, arch=dataclasses.replace(params.arch, lm_layers=2))
+        tr = Trainer(params, scenes, tmp_path / str(w), seed=0, log=lambda m: None)
+        tr.run(tmp_path / str(w) / "model")
+        runs[w] = [r for r in tr.curves if r["phase"] == "lm"]
+    assert not any("phrase" in r for r in runs[0.0])
+    assert all(r["phrase"] > 0 for r in runs[1.0])
+    assert runs[0.0][0]["hop"] == runs[1.0][0]["hop"]           # the first step's hop: same draws, same model
+
+
+def test_a_phrase_look_without_the_hop_or_after_it_is_a_clear_error():
+    import dataclasses
+
+    from vlmcompress.lvlm.config import check_train_params
+    from vlmcompress.schema import ConfigError
+
+    params, _ = _tiny_params(lm_phrase_weight=1.0, lm_hop_weight=0.0)
+    with pytest.raises(ConfigError, match=r"lvlm.train.lm_phrase_weight: needs lm_hop_weight > 0"):
+        check_train_params(params.train, params.arch)
+    params, _ = _tiny_params(lm_phrase_weight=1.0, lm_phrase_layer=1, lm_hop_weight=1.0, lm_hop_layer=1)
+    arch = dataclasses.replace(params.arch, lm_layers=2)
+    with pytest.raises(ConfigError, match=r"lvlm.train.lm_phrase_layer: must be in \[0, 0\], got 1"):
+        check_train_params(params.train, arch)

@@ -94,6 +94,11 @@ class TrainParams:
     lm_hop_on: Literal["ground", "exists", "named"]   # ... at grounding turns only, + existence
                               # questions' shape word, or + every question's object phrases (head
                               # word): on the named objects' patches, or the first token if none
+    lm_phrase_weight: float   # weight of the 'phrase' look: each hop word's attention mass on the
+                              # colour word before it ("red" in "the red cube"), so the word the
+                              # hop reads from carries colour and shape (0: off; from lm_look_start)
+    lm_phrase_layer: int      # LM layer whose attention the phrase look supervises (before lm_hop_layer)
+    lm_phrase_heads: int      # ... the mean of its first this many heads (0: all)
     lm_where_weight: float    # relation questions (RelationHeads): MSE of a linear readout of each
                               # object's centre from the LM's hidden state at its shape word (0: off)
     lm_where_layer: int       # ... read after this many LM layers (hidden_states index)
@@ -238,9 +243,9 @@ def check_train_params(t: TrainParams, a: ArchParams, path: str = "lvlm.train") 
         lr = getattr(t, f"{phase}_lr")
         require(lr > 0, f"{path}.{phase}_lr", f"must be > 0, got {show(lr)}")
     for name in ("clip_position_weight", "clip_place_weight", "clip_xy_weight", "clip_box_weight",
-                 "align_position_scale",
-                 "align_place_weight", "lm_projector_lr_scale", "lm_look_weight", "lm_hop_weight", "lm_where_weight",
-                 "lm_compare_weight", "lm_ground_weight", "lm_number_sigma"):
+                 "align_position_scale", "align_place_weight", "lm_projector_lr_scale", "lm_look_weight",
+                 "lm_hop_weight", "lm_phrase_weight", "lm_where_weight", "lm_compare_weight", "lm_ground_weight",
+                 "lm_number_sigma"):
         check_min(f"{path}.{name}", getattr(t, name), 0.0)
     check_min(f"{path}.text_questions", t.text_questions, 1)
     check_min(f"{path}.lm_turns", t.lm_turns, 1)
@@ -264,6 +269,10 @@ def check_train_params(t: TrainParams, a: ArchParams, path: str = "lvlm.train") 
     if t.lm_hop_weight > 0:
         check_range(f"{path}.lm_hop_layer", t.lm_hop_layer, 0, a.lm_layers - 1)
         check_range(f"{path}.lm_hop_heads", t.lm_hop_heads, 0, a.lm_heads)
+    if t.lm_phrase_weight > 0:
+        require(t.lm_hop_weight > 0, f"{path}.lm_phrase_weight", "needs lm_hop_weight > 0 (it looks from the hop's words)")
+        check_range(f"{path}.lm_phrase_layer", t.lm_phrase_layer, 0, t.lm_hop_layer - 1)
+        check_range(f"{path}.lm_phrase_heads", t.lm_phrase_heads, 0, a.lm_heads)
     if t.relation_readouts:   # the Trainer's rule: the compare readout reads the layer after it
         check_range(f"{path}.lm_where_layer", t.lm_where_layer, 0, a.lm_layers - 1)
 

@@ -118,3 +118,14 @@ def number_slots(labels: Sequence[int], numbers: set[int], count: int = 4) -> li
     """Indices into an answer's token ids ``labels`` of its first ``count`` number tokens (the
     box coordinates of a grounding answer); fewer when the answer has fewer."""
     return [i for i, t in enumerate(labels) if t in numbers][:count]
+
+
+def modifier_before(word: int, p0: int, p_ids: Sequence[int], modifier_ids: set[int]) -> int | None:
+    """The sequence index of the modifier word right before the head word at sequence index
+    ``word`` (a prompt starting at ``p0`` with ids ``p_ids``): ``word - 1`` when that token is
+    one of ``modifier_ids`` (e.g. the colour words) and still in the prompt, else None.
+
+    Example: in "is there a red cube?", the index of "cube" -> the index of "red".
+    """
+    i = word - p0 - 1
+    return word - 1 if 0 <= i < len(p_ids) and p_ids[i] in modifier_ids else None

@@ -51,7 +51,7 @@ from accelerate import Accelerator
 from torch import Tensor, nn
 
 from vlmcompress.data.config import ScenesParams
-from vlmcompress.data.scenes import QUESTION_TYPES, SceneObject, make_questions, question_type
+from vlmcompress.data.scenes import COLORS, QUESTION_TYPES, SceneObject, make_questions, question_type
 from vlmcompress.io import atomic_path, write_json
 from vlmcompress.lvlm.adapter import CLIP_MEAN, CLIP_STD, LVLM, Prompts
 from vlmcompress.lvlm.build import ModelSpec, build_clip, build_llava, save_lvlm
@@ -63,8 +63,8 @@ from vlmcompress.lvlm.heads import (DenseHeads, RelationHeads, attention_rows, l
 from vlmcompress.lvlm.labels import mirror_boxes, mirror_centres
 from vlmcompress.lvlm.phases import PHASE_OWNS, PHASE_STREAM, PHASES, phase_digests, progress_line
 from vlmcompress.lvlm.pool import Pool, build_pool, scene_vocab, to_pixels
-from vlmcompress.lvlm.targets import (PHRASES, ground_target, named_patches, number_slots, phrase_index,
-                                     relation_targets, relevant_patches, word_positions)
+from vlmcompress.lvlm.targets import (PHRASES, ground_target, modifier_before, named_patches, number_slots,
+                                     phrase_index, relation_targets, relevant_patches, word_positions)
 from vlmcompress.lvlm.tokenizer import build_tokenizers, number_tokens
 from vlmcompress.machine import compute_setup, merge_setups
 
@@ -108,6 +108,7 @@ class Trainer:
         # The box coordinates' tokens ("0.00" ... "1.00"), for the grounding readout's slots.
         self.number_table = number_tokens(self.tok.get_vocab())           # ids, values
         self.number_ids = set(self.number_table[0].tolist())
+        self.colour_ids = set(self.tok.convert_tokens_to_ids(list(COLORS))) - {self.tok.unk_token_id}   # phrase look
         self.digests = phase_digests(params, scenes, seed)
         # Phase C's state across steps: each question type's recent answer error (lm_type_focus),
         # from chance.
@@ -426,16 +427,20 @@ class Trainer:
         """LM loss on a batch: ``feats [B, N, C]`` vision features of the LLaVA feature layer,
         ``labels [B, 4, G, G]`` their scenes' dense labels; turns are drawn from ``rng``.
 
-        Cross-entropy on answer tokens, plus (from ``lm_look_start``) two look losses on the
+        Cross-entropy on answer tokens, plus (from ``lm_look_start``) three look losses, each on the
         attention of one LM layer (the mean of its first few heads, or of all):
-        ``lm_look_*`` at the positions ``lm_look_on`` names, and ``lm_hop_*`` at each grounding
+        ``lm_look_*`` at the positions ``lm_look_on`` names, ``lm_hop_*`` at each grounding
         turn's referred shape word, on that object's patches (and, as ``lm_hop_on`` says, at the
-        words of questions that name objects).
+        words of questions that name objects); and ``lm_phrase_*`` at each of those hop words
+        that follows a colour word, on that colour word: the hop can only tell the red cube from
+        the blue one if its word already carries the colour, and left to the hop's own gradient
+        that composition formed on some seeds and not on others.
         """
         proj, t = self.llava.model.multi_modal_projector, self.t
         lm, head = self.llava.model.language_model, self.llava.lm_head
         looking = step_no >= t.lm_look_start * t.lm_steps
         look, hop = looking and t.lm_look_weight > 0, looking and t.lm_hop_weight > 0
+        phrase = hop and t.lm_phrase_weight > 0
         rel = t.relation_readouts
         grounding = t.lm_ground_weight > 0 and step_no >= t.lm_ground_start * t.lm_steps
         vis = proj(feats)
@@ -455,7 +460,7 @@ class Trainer:
         mask = torch.zeros(len(seqs), T, dtype=torch.long)
         pos = torch.zeros(len(seqs), T, dtype=torch.long)
         segments = torch.full((len(seqs), T), -1, dtype=torch.long)
-        queries, targets, hop_queries, hop_targets = [], [], [], []
+        queries, targets, hop_queries, hop_targets, phrase_queries, phrase_targets = [], [], [], [], [], []
         words, answers, centres = [], [], []       # relation questions (RelationHeads)
         g_words, g_centres, g_slots, g_coords = [], [], [], []   # grounding turns
         for b, sq in enumerate(seqs):
@@ -473,6 +478,7 @@ class Trainer:
                     tgt[vis_at[relevant_patches(text, labels[b])[keep[b]]] if key is None else key] = True
                     queries += [(b, q) for q in at]
                     targets += [tgt] * len(at)
+                n_hops = len(hop_queries)
                 if hop and ground is not None:
                     tgt = torch.zeros(T, dtype=torch.bool)
                     tgt[vis_at[relevant_patches(text, labels[b])[keep[b]]]] = True
@@ -482,6 +488,13 @@ class Trainer:
                     for word, tgt in self._named_hops(text, p0, p_ids, labels[b], keep[b], vis_at, T):
                         hop_queries.append((b, word))
                         hop_targets.append(tgt)
+                for _, word in hop_queries[n_hops:] if phrase else []:
+                    colour = modifier_before(word, p0, p_ids, self.colour_ids)
+                    if colour is not None:
+                        tgt = torch.zeros(T, dtype=torch.bool)
+                        tgt[colour] = True
+                        phrase_queries.append((b, word))
+                        phrase_targets.append(tgt)
                 if not rel:
                     continue
                 found = relation_targets(text, objects[b], self.spec.image_size)
@@ -496,7 +509,8 @@ class Trainer:
                     g_slots += [(b, i, k) for i, k in ground[2]]
                     g_coords += list(ground[3])
         looks = [(t.lm_look_layer, t.lm_look_heads, t.lm_look_weight, queries, targets, "look"),
-                 (t.lm_hop_layer, t.lm_hop_heads, t.lm_hop_weight, hop_queries, hop_targets, "hop")]
+                 (t.lm_hop_layer, t.lm_hop_heads, t.lm_hop_weight, hop_queries, hop_targets, "hop"),
+                 (t.lm_phrase_layer, t.lm_phrase_heads, t.lm_phrase_weight, phrase_queries, phrase_targets, "phrase")]
         looks = [lk for lk in looks if lk[3]]   # lm_look_on ground: a batch without grounding turns has none
         inputs: dict[int, tuple[Tensor, Tensor, Tensor]] = {}   # a looked-at layer's attention inputs
         hooks = [lm.layers[layer].self_attn.register_forward_pre_hook(
