@@ -211,3 +211,35 @@ def test_a_cell_body_imports_what_it_runs_and_refuses_another_root(tmp_path, mon
     (tmp_path / "cell").mkdir()
     with pytest.raises(RuntimeError, match="VLMCOMPRESS_ROOT must point at the cell"):
         matrix.run_cell_here(tmp_path / "cell")
+
+
+def test_cells_run_several_at_once_and_their_shared_wall_time_is_not_judged(tmp_path, monkeypatch, capsys):
+    import json
+    import threading
+
+    running, peak, lock = [0], [0], threading.Lock()
+    release = threading.Barrier(2, timeout=10)        # both cells must be running at the same time
+
+    def fake_cell(cell, cell_dir, src, at_once=1):
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        release.wait()
+        m = _metrics(cell.seed, cell.capability, ground=60.0, seconds=2500.0)
+        (cell_dir / "metrics.json").write_text(json.dumps({**m, "cells_at_once": at_once}))
+        with lock:
+            running[0] -= 1
+        return 0
+
+    monkeypatch.setattr(matrix, "run_cell", fake_cell)
+    monkeypatch.setattr(matrix, "ensure_dataset", lambda project, work: tmp_path)
+    work = tmp_path / "work"
+    assert matrix.main(["--src", "live", "--jobs", "2", "--nice", "0", "--seeds", "0", "1", "--caps", "avx2",
+                        "--work-dir", str(work)]) == 0
+    assert peak[0] == 2
+    rows = {r["seed"]: r for r in matrix.summary_rows(matrix.load_cell_metrics(work))}
+    assert rows[0]["pass_time"] == "n/a" and rows[0]["pass_all"] == "pass" and rows["mean"]["pass_time"] == "0/0"
+    assert "| n/a |" in (work / "summary.md").read_text()
+    capsys.readouterr()
+    assert matrix.main(["--dry-run", "--jobs", "0", "--work-dir", str(work)]) == 2
+    assert "--jobs must be >= 1" in capsys.readouterr().err
