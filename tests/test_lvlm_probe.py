@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -55,3 +56,29 @@ def test_text_localisation_scores_a_ranking_against_the_named_patches():
     assert out["exists"]["hit1"] == 0.0
     assert out["color"]["base"] == 12.5                     # 2 of 16 patches
     assert out["all"]["n"] == 2 and out["all"]["hit1"] == 50.0
+
+
+def test_attention_shares_split_a_row_by_what_it_lands_on():
+    from vlmcompress.lvlm.probe import attention_shares
+
+    lab = box_labels(_record(), 4)      # red circle on patches 0, 1; blue square on patch 15
+    vis = torch.zeros(16)
+    vis[0], vis[15], vis[5] = 0.5, 0.2, 0.1   # 0.2 left for the text
+    red_circle = attention_shares(vis, lab, "red", "circle")
+    assert red_circle["named"] == 0.5 and red_circle["other_objects"] == pytest.approx(0.2)
+    assert red_circle["background"] == pytest.approx(0.1) and red_circle["text"] == pytest.approx(0.2)
+    blue_circle = attention_shares(vis, lab, "blue", "circle")      # absent: the red circle is a near miss
+    assert blue_circle["named"] == 0.0 and blue_circle["same_shape"] == 0.5
+    assert blue_circle["same_colour"] == pytest.approx(0.2)
+    any_circle = attention_shares(vis, lab, None, "circle")
+    assert any_circle["named"] == 0.5 and sum(any_circle.values()) == pytest.approx(1.0)
+
+
+def test_the_hop_probe_script_refuses_a_folder_without_a_model(tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("hop_probe", Path(__file__).parents[1] / "scripts" / "hop_probe.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main([str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == f"hop_probe: {tmp_path} has no llava/ and clip/ folders"

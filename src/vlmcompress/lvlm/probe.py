@@ -72,3 +72,86 @@ def text_localisation(lvlm, records: Sequence[ImageRecord], k: int, images) -> d
                 "base": round(100 * sum(s[1] for s in v) / len(v), 2),
                 "hit1": round(100 * sum(s[2] for s in v) / len(v), 2), "n": len(v)}
             for t, v in sorted(stats.items()) if v}
+
+
+SHARES = ("named", "same_shape", "same_colour", "other_objects", "background", "text")
+
+
+def attention_shares(vis: Tensor, labels: Tensor, colour: str | None, shape: str | None) -> dict[str, float]:
+    """Where one attention row goes, for an object phrase of ``colour`` / ``shape`` (None: any):
+    ``vis [N]`` its mass on the N visual tokens (the rest went to text), ``labels [4, G, G]``
+    (N = G * G) -> the mass on the ``named`` objects' patches, on other objects of the same
+    shape, then of the same colour, on the remaining objects, on the background and on ``text``.
+    A head that reads the shape word alone puts a "red cube"'s mass on every cube."""
+    col, shp = labels[0].flatten(), labels[1].flatten()
+    obj = col > 0
+    named = obj.clone()
+    if colour is not None:
+        named &= col == COLOR_IDS[colour]
+    if shape is not None:
+        named &= shp == SHAPE_IDS[shape]
+    same_shape = obj & ~named & (shp == SHAPE_IDS[shape] if shape is not None else torch.zeros_like(obj))
+    same_colour = obj & ~named & ~same_shape & (col == COLOR_IDS[colour] if colour is not None
+                                                 else torch.zeros_like(obj))
+    other = obj & ~named & ~same_shape & ~same_colour
+    parts = {"named": named, "same_shape": same_shape, "same_colour": same_colour, "other_objects": other,
+             "background": ~obj}
+    out = {k: float(vis[m].sum()) for k, m in parts.items()}
+    out["text"] = max(0.0, 1.0 - float(vis.sum()))
+    return out
+
+
+@torch.inference_mode()
+def hop_attention(lvlm, records: Sequence[ImageRecord], layer: int, heads: int, images
+                  ) -> dict[str, dict[str, float]] | None:
+    """Where the LM's attention goes from the head word of each question's first object phrase
+    ("cube" in "is there a red cube?"), in layer ``layer``, mean of its first ``heads`` heads
+    (0: all), with every visual token in the sequence: per question type, split by whether the
+    scene holds the named object (``exists+`` / ``exists-``), and ``all``, the mean
+    :func:`attention_shares` as percentages and the number ``n`` of questions. ``images(rec) ->
+    [3, H, W]``. ``None`` when the records are not scenes (no colour/shape attributes)."""
+    from vlmcompress.data.scenes import object_phrases
+
+    lm = lvlm.language_model
+    impl = lm.config._attn_implementation
+    lm.config._attn_implementation = "eager"      # the fused kernels return no attention weights
+    stats: dict[str, list[dict[str, float]]] = defaultdict(list)
+    try:
+        for rec in records:
+            if not rec.questions:
+                continue
+            feats = lvlm.visual_features(images(rec)[None])
+            n = feats.tokens.shape[1]
+            labels = box_labels(rec, int(round(n ** 0.5)))
+            if labels is None:
+                return None
+            for q in rec.questions:
+                phrases = object_phrases(q.question)
+                if not phrases:
+                    continue
+                word, colour, shape = phrases[0]
+                pre, post = lvlm._prompt_ids("vqa", [q.question])[0]
+                at = [i for i, t in enumerate(post) if t == lvlm.tokenizer.convert_tokens_to_ids(word)]
+                if not at:
+                    continue
+                emb, mask, _ = lvlm.build_inputs(feats.tokens, torch.ones(1, n, dtype=torch.bool), "vqa", [q.question])
+                out = lm(inputs_embeds=emb, attention_mask=mask, output_attentions=True, return_dict=True)
+                row = out.attentions[layer][0, : heads or None].mean(0)[len(pre) + n + at[0]]
+                shares = attention_shares(row[len(pre):len(pre) + n], labels, colour, shape)
+                there = "+" if _named_any(labels, colour, shape) else "-"
+                for key in ("all", f"{q.question_type}{there}"):
+                    stats[key].append(shares)
+    finally:
+        lm.config._attn_implementation = impl
+    return {k: {**{s: round(100 * sum(r[s] for r in v) / len(v), 2) for s in SHARES}, "n": len(v)}
+            for k, v in sorted(stats.items())}
+
+
+def _named_any(labels: Tensor, colour: str | None, shape: str | None) -> bool:
+    """Whether ``labels [4, G, G]`` hold an object of ``colour`` and ``shape`` (None: any)."""
+    on = labels[0] > 0
+    if colour is not None:
+        on &= labels[0] == COLOR_IDS[colour]
+    if shape is not None:
+        on &= labels[1] == SHAPE_IDS[shape]
+    return bool(on.any())
