@@ -6,7 +6,9 @@
 Everything between ``<!-- results:start -->`` and ``<!-- results:end -->`` is replaced by
 tables built from ``outputs/*/metrics.json``, ``outputs/eval_codec/bd_table.csv``,
 ``outputs/tokens/{accuracy,accuracy_by_size,equal_cost,candidates}.csv`` and
-``outputs/repro/metrics.json``, plus links to the main figures. A file that does not exist
+``outputs/repro/metrics.json``, the matrix cells of the committed LVLM recipe from the
+records ``docs/experiments/lvlm-matrix-*.json`` (cells whose ``train_recipe`` is the recipe
+digest of ``params.yaml``), plus links to the main figures. A file that does not exist
 yet is reported as such; the output depends on the files only, so running twice changes nothing.
 """
 from __future__ import annotations
@@ -21,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "scripts"))
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 CODECS = ("ours", "pixel_baseline", "jpeg", "webp", "avif", "hevc")
 BD_METRICS = ("vqa_acc", "caption_cider", "retrieval_i2t_r1", "retrieval_t2i_r1", "grounding_acc50", "psnr")
@@ -72,6 +76,55 @@ def lvlm_section(root: Path) -> list[str]:
         rows.append([f"question → top-{m.get('text_loc_k', '?')} patches relevant (%; base rate)",
                      f"{fmt(m['text_loc_precision'])} ({fmt(m.get('text_loc_base'))})"])
     return out + table(["metric", "value"], rows) + [""]
+
+
+MATRIX_COLUMNS = (("VQA %", "vqa"), ("min margin over majority", "margin_min"), ("R@1 i2t", "i2t_r1"),
+                  ("R@1 t2i", "t2i_r1"), ("grounding acc@0.5", "grounding"), ("train s", "train_seconds"))
+
+
+def matrix_cells(root: Path) -> list[dict[str, Any]] | None:
+    """The cells of every matrix record under ``docs/experiments/`` trained with the recipe of
+    ``root/params.yaml`` (their ``train_recipe`` equals its recipe digest), by cell name; None
+    without a params file."""
+    from vlmcompress.config import load_params
+    from vlmcompress.lvlm.phases import recipe_digest
+
+    if not (root / "params.yaml").is_file():
+        return None
+    p = load_params(root / "params.yaml")
+    want = recipe_digest(p.lvlm, p.data.scenes)
+    cells: dict[str, dict[str, Any]] = {}
+    for path in sorted((root / "docs/experiments").glob("lvlm-matrix-*.json")):
+        rec = _load(path)
+        for name, m in (rec or {}).get("cells", {}).items():
+            if isinstance(m, dict) and m.get("train_recipe") == want:
+                cells[name] = m
+    return [cells[k] for k in sorted(cells)]
+
+
+def matrix_section(root: Path) -> list[str]:
+    """The pipeline's own LVLM beside the matrix's cells of the same recipe: each cell, then
+    mean / min / max, and how many cells meet each floor."""
+    import lvlm_matrix
+
+    out = ["### The LVLM over seeds and CPU code paths", ""]
+    cells = matrix_cells(root)
+    if cells is None:
+        return out + ["_No `params.yaml`: the recipe is unknown._", ""]
+    if not cells:
+        return out + ["_No matrix cell of the committed recipe yet: `python scripts/lvlm_matrix.py --record "
+                      "docs/experiments/lvlm-matrix-NAME.json` runs them._", ""]
+    rows = lvlm_matrix.summary_rows(cells)
+    own = _load(root / "outputs/lvlm/metrics.json")
+    shown = ([dict(lvlm_matrix.cell_row({**own, "seed": own.get("seed", "")}), seed="pipeline",
+                   capability=own.get("train_capability", ""))] if own else []) + rows
+    body = [[str(r["seed"]), str(r.get("capability", ""))] + [fmt(r.get(k)) for _, k in MATRIX_COLUMNS]
+            for r in shown]
+    mean = rows[-3]
+    passed = ", ".join(f"{f.name} {mean[f'pass_{f.name}']}" for f in lvlm_matrix.FLOORS)
+    return out + table(["seed", "CPU kernels"] + [n for n, _ in MATRIX_COLUMNS], body) + [
+        "", f"{len(cells)} cells; cells meeting each floor: {passed} ({lvlm_matrix.floors_note()}; "
+        "a cell that shared the CPU with another is not judged on time).", ""]
 
 
 def _bd_cells(rows: list[dict[str, str]], anchor: str, value: str) -> dict[str, dict[str, float | None]]:
@@ -245,7 +298,7 @@ def figures_section(root: Path) -> list[str]:
     return out
 
 
-SECTIONS: tuple[Callable[[Path], list[str]], ...] = (lvlm_section, codec_section, tokens_section,
+SECTIONS: tuple[Callable[[Path], list[str]], ...] = (lvlm_section, matrix_section, codec_section, tokens_section,
                                                       equal_cost_section, repro_section, figures_section)
 
 

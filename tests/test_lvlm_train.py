@@ -971,3 +971,16 @@ def test_a_phrase_look_without_the_hop_or_after_it_is_a_clear_error():
     arch = dataclasses.replace(params.arch, lm_layers=2)
     with pytest.raises(ConfigError, match=r"lvlm.train.lm_phrase_layer: must be in \[0, 0\], got 1"):
         check_train_params(params.train, arch)
+
+
+def test_the_recipe_digest_ignores_the_seed_and_threads_but_not_the_recipe():
+    import dataclasses
+
+    from vlmcompress.lvlm.phases import phase_digests, recipe_digest
+
+    base, scenes = _tiny_params()
+    d = recipe_digest(base, scenes)
+    assert phase_digests(base, scenes, 0)["lm"] != phase_digests(base, scenes, 1)["lm"]
+    assert recipe_digest(dataclasses.replace(base, train=dataclasses.replace(base.train, threads=7)), scenes) == d
+    assert recipe_digest(dataclasses.replace(base, train=dataclasses.replace(base.train, lm_steps=9)), scenes) != d
+    assert recipe_digest(base, dataclasses.replace(scenes, n_train=5)) != d

@@ -447,3 +447,34 @@ def test_grounding_probe_reads_one_number_per_coordinate_of_a_forced_box(tmp_pat
     boxes = np.array([[0.1, 0.1, 0.2, 0.2], [0.5, 0.5, 0.6, 0.62], [0.0, 0.0, 0.3, 0.3]])
     assert probe.size_accuracy(boxes, np.array([True, False, True])) == {"small": (50.0, 2), "large": (100.0, 1)}
     assert probe.size_accuracy(boxes[2:], np.array([False])) == {"large": (0.0, 1)}
+
+
+def test_readme_matrix_section_shows_the_cells_of_the_committed_recipe(tmp_path):
+    import shutil
+
+    sys.path.insert(0, str(REPO / "src"))
+    from vlmcompress.config import load_params
+    from vlmcompress.lvlm.phases import recipe_digest
+
+    _project(tmp_path)
+    assert "_No `params.yaml`" in "\n".join(readme.matrix_section(tmp_path))
+    shutil.copyfile(REPO / "params.yaml", tmp_path / "params.yaml")
+    p = load_params(tmp_path / "params.yaml")
+    want = recipe_digest(p.lvlm, p.data.scenes)
+    assert "No matrix cell of the committed recipe yet" in "\n".join(readme.matrix_section(tmp_path))
+
+    def cell(seed, cap, vqa, recipe=want, at_once=1):
+        return {"seed": seed, "capability": cap, "vqa_acc": vqa, "train_recipe": recipe, "cells_at_once": at_once,
+                "vqa_acc_by_type": {t: 99.0 for t in ("color", "count", "exists", "shape", "spatial")},
+                "vqa_majority_acc_by_type": {t: 50.0 for t in ("color", "count", "exists", "shape", "spatial")},
+                "retrieval_i2t_r1": 70.0, "retrieval_t2i_r1": 71.0, "grounding_acc50": 80.0, "train_seconds": 3000.0}
+
+    (tmp_path / "docs/experiments").mkdir(parents=True)
+    (tmp_path / "docs/experiments/lvlm-matrix-a.json").write_text(json.dumps({"recipe": None, "cells": {
+        "seed0-avx2": cell(0, "avx2", 95.0), "seed1-avx2": cell(1, "avx2", 85.0, at_once=2),
+        "seed2-avx2": cell(2, "avx2", 10.0, recipe="another")}}))
+    text = "\n".join(readme.matrix_section(tmp_path))
+    assert "| 0 | avx2 | 95.0 |" in text and "| 1 | avx2 | 85.0 |" in text and "| 2 |" not in text
+    assert "| mean |  | 90.0 |" in text and "| min |  | 85.0 |" in text
+    assert "| pipeline |" in text                        # outputs/lvlm/metrics.json beside the cells
+    assert "2 cells; cells meeting each floor: vqa 1/2, margins 2/2, r1 2/2, grounding 2/2, time 0/1" in text

@@ -42,6 +42,13 @@ def phase_digests(params: LvlmParams, scenes: ScenesParams, seed: int) -> dict[s
     return out
 
 
+def recipe_digest(params: LvlmParams, scenes: ScenesParams) -> str:
+    """What a trained LVLM depends on but the seed: the LM phase's digest (every phase's params,
+    the scenes, architecture and prompts) with the seed left out. Runs of one recipe on other
+    seeds, CPUs or thread counts share it; the matrix's cells are found by it."""
+    return phase_digests(params, scenes, -1)["lm"]
+
+
 def progress_line(phase: str, steps: int, row: dict[str, Any]) -> str:
     """``[lm] step 400/2000 (20%, 310 s, ~1240 s left) loss=...``: a curve row with where its
     phase stands. ``row`` holds the step and the phase's seconds so far (across resumed runs),

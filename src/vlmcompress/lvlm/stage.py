@@ -16,6 +16,7 @@ from vlmcompress.io import atomic_path, write_json
 from vlmcompress.lvlm.adapter import LVLM
 from vlmcompress.lvlm.config import EvalParams
 from vlmcompress.lvlm.load import lvlm_from_params, lvlm_model_dir
+from vlmcompress.lvlm.phases import recipe_digest
 from vlmcompress.lvlm.probe import text_localisation
 from vlmcompress.paths import outputs_dir
 
@@ -26,7 +27,8 @@ def stage_dir() -> Path:
 
 def train_embedded(params: Params, val: list[ImageRecord], log=print) -> dict[str, Any]:
     """Train the embedded model into ``outputs/lvlm/model`` (resuming from ``checkpoints/``):
-    phase seconds, and ``train_capability`` / ``train_threads`` / ``train_cpu`` that trained it."""
+    phase seconds, ``train_capability`` / ``train_threads`` / ``train_cpu`` that trained it, and
+    ``train_recipe`` (:func:`~vlmcompress.lvlm.phases.recipe_digest`)."""
     from vlmcompress.lvlm.train import Trainer
 
     out = stage_dir()
@@ -45,7 +47,8 @@ def train_embedded(params: Params, val: list[ImageRecord], log=print) -> dict[st
     trainer.write_curves(out / "curves.csv")
     seconds["train_seconds"] = round(sum(seconds.values()), 1)
     seconds["wall_seconds"] = round(time.perf_counter() - t0, 1)
-    return {**seconds, **{f"train_{k}": v for k, v in trainer.setups().items()}}
+    return {**seconds, **{f"train_{k}": v for k, v in trainer.setups().items()},
+            "train_recipe": recipe_digest(params.lvlm, params.data.scenes)}
 
 
 def evaluate(lvlm: LVLM, train: list[ImageRecord], test: list[ImageRecord], ev: EvalParams,
