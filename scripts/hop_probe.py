@@ -10,7 +10,8 @@ there a red cube?"), as the share on the named objects' patches, on other object
 shape, of the same colour, on the other objects, the background and the text
 (``vlmcompress.lvlm.probe.hop_attention``), per question type, ``+`` / ``-`` for whether the
 scene holds the named object. A hop that reads the shape word alone puts a red cube's mass on
-every cube. Results: ``docs/experiments/2026-12-05-lvlm-phrase-look.md``.
+every cube; so it also prints, for each earlier layer, each head's mass from the head word on
+the colour word right before it ("red"), the step that puts the colour into the word. Results: ``docs/experiments/2026-12-05-lvlm-phrase-look.md``.
 """
 from __future__ import annotations
 
@@ -61,8 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     if out is None:
         print("the records carry no scenes colour/shape attributes: nothing to probe", file=sys.stderr)
         return 1
+    shares, colour = out
     print(f"{args.model}: LM layer {args.layer}, heads {args.heads or 'all'}; attention share, %")
-    print(pd.DataFrame(out).T.astype({"n": int}).to_string())
+    print(pd.DataFrame(shares).T.astype({"n": int}).to_string())
+    for layer, per_head in colour.items():
+        print(f"layer {layer}, each head's attention on the colour word before the head word, %: {per_head}")
     return 0
 
 

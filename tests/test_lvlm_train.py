@@ -147,7 +147,8 @@ def _tiny_params(**train):
                             lm_bg_start=4, warmup_steps=1, checkpoint_every=1, eval_every=1,
                             # The recipe's looks and readouts off unless a test names them: each is tested alone.
                             **{"lm_where_layer": 0, "lm_look_layer": 0, "lm_hop_layer": 0, "lm_steps": 2, "lm_turns": 2,
-                               "lm_look_weight": 0.0, "lm_hop_weight": 0.0, "lm_ground_weight": 0.0, "lm_look_start": 0.0,
+                               "lm_look_weight": 0.0, "lm_hop_weight": 0.0, "lm_phrase_weight": 0.0, "lm_ground_weight": 0.0,
+                               "lm_look_start": 0.0,
                                "lm_ground_start": 0.0, "ground_schedule": [], **train})
     scenes = dataclasses.replace(p.data.scenes, n_train=4, n_val=2, n_test=2)
     return dataclasses.replace(L, arch=arch, train=t), scenes

@@ -97,7 +97,7 @@ def _write_tiny_params(project_root: Path) -> dict:
     params["lvlm"]["train"].update(pool_scenes=16, clip_steps=2, clip_batch=4, text_steps=2, text_batch=4,
                                    text_questions=2, align_steps=2, align_batch=4,
                                    lm_steps=2, lm_batch=2, lm_turns=2, lm_bg_start=4, lm_bg_ramp=0.5, lm_look_weight=1.0,
-                                   lm_look_layer=0, lm_hop_layer=0, lm_where_layer=0,
+                                   lm_look_layer=0, lm_hop_layer=0, lm_phrase_weight=0.0, lm_where_layer=0,
                                    warmup_steps=1, checkpoint_every=1,
                                    eval_every=1)
     params["lvlm"]["eval"].update(batch_size=8, max_questions=16, max_captions=2, max_refs=4, gallery=8)

@@ -103,19 +103,24 @@ def attention_shares(vis: Tensor, labels: Tensor, colour: str | None, shape: str
 
 @torch.inference_mode()
 def hop_attention(lvlm, records: Sequence[ImageRecord], layer: int, heads: int, images
-                  ) -> dict[str, dict[str, float]] | None:
+                  ) -> tuple[dict[str, dict[str, float]], dict[int, list[float]]] | None:
     """Where the LM's attention goes from the head word of each question's first object phrase
-    ("cube" in "is there a red cube?"), in layer ``layer``, mean of its first ``heads`` heads
-    (0: all), with every visual token in the sequence: per question type, split by whether the
-    scene holds the named object (``exists+`` / ``exists-``), and ``all``, the mean
-    :func:`attention_shares` as percentages and the number ``n`` of questions. ``images(rec) ->
+    ("cube" in "is there a red cube?"), with every visual token in the sequence.
+
+    Returns (1) in layer ``layer``, mean of its first ``heads`` heads (0: all): per question
+    type, split by whether the scene holds the named object (``exists+`` / ``exists-``), and
+    ``all``, the mean :func:`attention_shares` as percentages and the number ``n`` of
+    questions; (2) for each earlier layer, each head's mean mass (%) on the colour word right
+    before the head word, where there is one: the composition the hop reads. ``images(rec) ->
     [3, H, W]``. ``None`` when the records are not scenes (no colour/shape attributes)."""
-    from vlmcompress.data.scenes import object_phrases
+    from vlmcompress.data.scenes import COLORS, object_phrases
 
     lm = lvlm.language_model
     impl = lm.config._attn_implementation
     lm.config._attn_implementation = "eager"      # the fused kernels return no attention weights
     stats: dict[str, list[dict[str, float]]] = defaultdict(list)
+    colour_ids = set(lvlm.tokenizer.convert_tokens_to_ids(list(COLORS)))
+    on_colour: list[Tensor] = []        # [layer, H] per question with a colour word before its head word
     try:
         for rec in records:
             if not rec.questions:
@@ -136,15 +141,20 @@ def hop_attention(lvlm, records: Sequence[ImageRecord], layer: int, heads: int, 
                     continue
                 emb, mask, _ = lvlm.build_inputs(feats.tokens, torch.ones(1, n, dtype=torch.bool), "vqa", [q.question])
                 out = lm(inputs_embeds=emb, attention_mask=mask, output_attentions=True, return_dict=True)
-                row = out.attentions[layer][0, : heads or None].mean(0)[len(pre) + n + at[0]]
+                pos = len(pre) + n + at[0]
+                row = out.attentions[layer][0, : heads or None].mean(0)[pos]
+                if at[0] > 0 and post[at[0] - 1] in colour_ids:
+                    on_colour.append(torch.stack([a[0, :, pos, pos - 1] for a in out.attentions[:layer]]))
                 shares = attention_shares(row[len(pre):len(pre) + n], labels, colour, shape)
                 there = "+" if _named_any(labels, colour, shape) else "-"
                 for key in ("all", f"{q.question_type}{there}"):
                     stats[key].append(shares)
     finally:
         lm.config._attn_implementation = impl
-    return {k: {**{s: round(100 * sum(r[s] for r in v) / len(v), 2) for s in SHARES}, "n": len(v)}
-            for k, v in sorted(stats.items())}
+    shares = {k: {**{s: round(100 * sum(r[s] for r in v) / len(v), 2) for s in SHARES}, "n": len(v)}
+              for k, v in sorted(stats.items())}
+    mean = torch.stack(on_colour).mean(0) if on_colour else torch.zeros(layer, 0)
+    return shares, {i: [round(100 * float(v), 2) for v in mean[i]] for i in range(layer)}
 
 
 def _named_any(labels: Tensor, colour: str | None, shape: str | None) -> bool:
