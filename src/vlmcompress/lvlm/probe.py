@@ -18,6 +18,7 @@ from torch import Tensor
 
 from vlmcompress.data.records import ImageRecord
 from vlmcompress.lvlm.labels import COLOR_IDS, SHAPE_IDS
+from vlmcompress.lvlm.targets import modifier_before, phrase_patches
 
 
 def box_labels(rec: ImageRecord, grid: int) -> Tensor | None:
@@ -83,16 +84,10 @@ def attention_shares(vis: Tensor, labels: Tensor, colour: str | None, shape: str
     (N = G * G) -> the mass on the ``named`` objects' patches, on other objects of the same
     shape, then of the same colour, on the remaining objects, on the background and on ``text``.
     A head that reads the shape word alone puts a "red cube"'s mass on every cube."""
-    col, shp = labels[0].flatten(), labels[1].flatten()
-    obj = col > 0
-    named = obj.clone()
-    if colour is not None:
-        named &= col == COLOR_IDS[colour]
-    if shape is not None:
-        named &= shp == SHAPE_IDS[shape]
-    same_shape = obj & ~named & (shp == SHAPE_IDS[shape] if shape is not None else torch.zeros_like(obj))
-    same_colour = obj & ~named & ~same_shape & (col == COLOR_IDS[colour] if colour is not None
-                                                 else torch.zeros_like(obj))
+    obj, named = phrase_patches(labels, None, None), phrase_patches(labels, colour, shape)
+    none = torch.zeros_like(obj)
+    same_shape = obj & ~named & (phrase_patches(labels, None, shape) if shape is not None else none)
+    same_colour = obj & ~named & ~same_shape & (phrase_patches(labels, colour, None) if colour is not None else none)
     other = obj & ~named & ~same_shape & ~same_colour
     parts = {"named": named, "same_shape": same_shape, "same_colour": same_colour, "other_objects": other,
              "background": ~obj}
@@ -136,17 +131,20 @@ def hop_attention(lvlm, records: Sequence[ImageRecord], layer: int, heads: int, 
                     continue
                 word, colour, shape = phrases[0]
                 pre, post = lvlm._prompt_ids("vqa", [q.question])[0]
-                at = [i for i, t in enumerate(post) if t == lvlm.tokenizer.convert_tokens_to_ids(word)]
+                word_id = lvlm.tokenizer.convert_tokens_to_ids(word)
+                at = [i for i, t in enumerate(post) if t == word_id]
                 if not at:
                     continue
                 emb, mask, _ = lvlm.build_inputs(feats.tokens, torch.ones(1, n, dtype=torch.bool), "vqa", [q.question])
                 out = lm(inputs_embeds=emb, attention_mask=mask, output_attentions=True, return_dict=True)
-                pos = len(pre) + n + at[0]
+                p0 = len(pre) + n                       # the prompt after the image
+                pos = p0 + at[0]
                 row = out.attentions[layer][0, : heads or None].mean(0)[pos]
-                if at[0] > 0 and post[at[0] - 1] in colour_ids:
-                    on_colour.append(torch.stack([a[0, :, pos, pos - 1] for a in out.attentions[:layer]]))
-                shares = attention_shares(row[len(pre):len(pre) + n], labels, colour, shape)
-                there = "+" if _named_any(labels, colour, shape) else "-"
+                colour_at = modifier_before(pos, p0, post, colour_ids)
+                if colour_at is not None:
+                    on_colour.append(torch.stack([a[0, :, pos, colour_at] for a in out.attentions[:layer]]))
+                shares = attention_shares(row[len(pre):p0], labels, colour, shape)
+                there = "+" if bool(phrase_patches(labels, colour, shape).any()) else "-"
                 for key in ("all", f"{q.question_type}{there}"):
                     stats[key].append(shares)
     finally:
@@ -156,12 +154,3 @@ def hop_attention(lvlm, records: Sequence[ImageRecord], layer: int, heads: int, 
     mean = torch.stack(on_colour).mean(0) if on_colour else torch.zeros(layer, 0)
     return shares, {i: [round(100 * float(v), 2) for v in mean[i]] for i in range(layer)}
 
-
-def _named_any(labels: Tensor, colour: str | None, shape: str | None) -> bool:
-    """Whether ``labels [4, G, G]`` hold an object of ``colour`` and ``shape`` (None: any)."""
-    on = labels[0] > 0
-    if colour is not None:
-        on &= labels[0] == COLOR_IDS[colour]
-    if shape is not None:
-        on &= labels[1] == SHAPE_IDS[shape]
-    return bool(on.any())

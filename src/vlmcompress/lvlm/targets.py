@@ -61,16 +61,19 @@ def named_patches(text: str, labels: Tensor, only: str | None = None) -> list[tu
     qtype = question_type(text)
     if qtype is None or (only is not None and qtype != only):
         return []
-    color, shape = labels[0].flatten(), labels[1].flatten()
-    out = []
-    for w, c, s in object_phrases(text):
-        on = color > 0
-        if c is not None:
-            on = on & (color == COLOR_IDS[c])
-        if s is not None:
-            on = on & (shape == SHAPE_IDS[s])
-        out.append((w, on))
-    return out
+    return [(w, phrase_patches(labels, c, s)) for w, c, s in object_phrases(text)]
+
+
+def phrase_patches(labels: Tensor, colour: str | None, shape: str | None) -> Tensor:
+    """The patches of the objects of ``colour`` and ``shape`` (None: any) in the dense labels
+    ``[4, G, G]`` -> ``[G * G]`` bool."""
+    color, shp = labels[0].flatten(), labels[1].flatten()
+    on = color > 0
+    if colour is not None:
+        on = on & (color == COLOR_IDS[colour])
+    if shape is not None:
+        on = on & (shp == SHAPE_IDS[shape])
+    return on
 
 
 def relation_targets(text: str, objs: Sequence[SceneObject], image_size: int
