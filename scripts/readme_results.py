@@ -114,7 +114,9 @@ def matrix_section(root: Path) -> list[str]:
     if not cells:
         return out + ["_No matrix cell of the committed recipe yet: `python scripts/lvlm_matrix.py --record "
                       "docs/experiments/lvlm-matrix-NAME.json` runs them._", ""]
-    rows = lvlm_matrix.summary_rows(cells)
+    # A cell that shared the CPU has a wall time that says nothing about the recipe: shown as –.
+    rows = lvlm_matrix.summary_rows([{**m, "train_seconds": None} if m.get("cells_at_once", 1) > 1 else m
+                                     for m in cells])
     own = _load(root / "outputs/lvlm/metrics.json")
     shown = ([dict(lvlm_matrix.cell_row({**own, "seed": own.get("seed", "")}), seed="pipeline",
                    capability=own.get("train_capability", ""))] if own else []) + rows
@@ -124,7 +126,7 @@ def matrix_section(root: Path) -> list[str]:
     passed = ", ".join(f"{f.name} {mean[f'pass_{f.name}']}" for f in lvlm_matrix.FLOORS)
     return out + table(["seed", "CPU kernels"] + [n for n, _ in MATRIX_COLUMNS], body) + [
         "", f"{len(cells)} cells; cells meeting each floor: {passed} ({lvlm_matrix.floors_note()}; "
-        "a cell that shared the CPU with another is not judged on time).", ""]
+        "a cell that shared the CPU with another is not judged on time, and its time is –).", ""]
 
 
 def _bd_cells(rows: list[dict[str, str]], anchor: str, value: str) -> dict[str, dict[str, float | None]]:

@@ -476,5 +476,6 @@ def test_readme_matrix_section_shows_the_cells_of_the_committed_recipe(tmp_path)
     text = "\n".join(readme.matrix_section(tmp_path))
     assert "| 0 | avx2 | 95.0 |" in text and "| 1 | avx2 | 85.0 |" in text and "| 2 |" not in text
     assert "| mean |  | 90.0 |" in text and "| min |  | 85.0 |" in text
+    assert "| 1 | avx2 | 85.0 | 49.0 | 70.0 | 71.0 | 80.0 | – |" in text     # its CPU shared: no time
     assert "| pipeline |" in text                        # outputs/lvlm/metrics.json beside the cells
     assert "2 cells; cells meeting each floor: vqa 1/2, margins 2/2, r1 2/2, grounding 2/2, time 0/1" in text
