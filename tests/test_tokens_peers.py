@@ -12,13 +12,12 @@ import test_tokens_attach_archs as archs
 from test_tokens_registry import _features, _sources, _TextLVLM
 from vlmcompress.config import ConfigError, from_dict
 from vlmcompress.tokens import (
-    ADAPTIVE, KIND_SALIENT, METHOD_PARAMS, TEXT_GUIDED, TokensParams, VisualTokens, attach, compress, make_transform,
+    ADAPTIVE, KIND_RECOVERED, KIND_SALIENT, METHOD_PARAMS, TEXT_GUIDED, TokensParams, VisualTokens, attach, compress, make_transform,
     method_spec, resolve_budget,
 )
 from vlmcompress.tokens.config import CDPrunerParams, DivPruneParams
-from vlmcompress.tokens.peers import (
-    conditional_kernel, cosine_matrix, dpp_greedy_map, instruction_relevance, max_min_greedy,
-)
+from vlmcompress.tokens.peers import conditional_kernel, dpp_greedy_map, instruction_relevance
+from vlmcompress.tokens.select import cosine_matrix, diverse_mask, max_min_greedy
 
 PEERS = ["divprune", "cdpruner"]
 
@@ -98,6 +97,39 @@ def test_divprune_takes_one_token_per_cluster_before_a_second_from_any():
     assert set(labels[order[5:]].tolist()) <= {0, 1, 2, 3, 4} and len(set(order.tolist())) == 10
     c = compress(vt_of(x), "divprune", budget=5)
     assert sorted(labels[kept(c)[0]].tolist()) == [0, 1, 2, 3, 4]
+
+
+def test_diverse_mask_is_the_greedy_prefix_per_image():
+    """Per-image counts take a prefix of one greedy run: one token per cluster first; a count of
+    0 keeps nothing and a count above N keeps everything."""
+    x, labels = clustered(n_clusters=4, per=3)
+    order = max_min_greedy(1.0 - cosine_matrix(x), 12)[0]
+    xs = x.repeat(4, 1, 1)
+    m = diverse_mask(xs, torch.tensor([0, 4, 7, 20]))
+    assert m.sum(dim=1).tolist() == [0, 4, 7, 12]
+    assert set(m[1].nonzero().flatten().tolist()) == set(order[:4].tolist())
+    assert sorted(labels[m[1]].tolist()) == [0, 1, 2, 3]
+    assert set(m[2].nonzero().flatten().tolist()) == set(order[:7].tolist())
+    assert diverse_mask(xs, 3).sum(dim=1).tolist() == [3, 3, 3, 3]
+    assert not diverse_mask(xs, 0).any() and diverse_mask(x[:, :1], 1).all()
+
+
+def test_recoverable_with_diverse_salient_tokens_covers_every_cluster_then_recovers_by_text():
+    """salient_source: diverse keeps one token of each distinct kind of patch (what DivPrune
+    keeps), then the question's best match among the rest; fixed and adaptive budgets."""
+    x, labels = clustered(n_clusters=4, per=3)
+    text = torch.zeros(1, 12)
+    text[0, labels == 2] = 1.0                                              # the question names cluster 2
+    vt = vt_of(x, text)
+    c = compress(vt, "recoverable_spread", budget=5, salient_source="diverse", salient_share=0.8,
+                 recovered_share=0.2, recovery_peaks=False)
+    sal = c.source[c.kind == KIND_SALIENT]
+    rec = c.source[c.kind == KIND_RECOVERED]
+    assert sorted(labels[sal].tolist()) == [0, 1, 2, 3] and len(rec) == 1
+    assert int(labels[rec[0]]) == 2 and not bool(torch.isin(rec, sal).any())
+    a = compress(vt, "recoverable_spread", budget=None, salient_source="diverse")
+    spread = compress(vt, "recoverable_spread", budget=None)
+    assert int((a.kind == KIND_SALIENT).sum()) == int((spread.kind == KIND_SALIENT).sum())   # the rule sets how many
 
 
 def test_divprune_objective_beats_random_subsets_and_every_unbalanced_one():

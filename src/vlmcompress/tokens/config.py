@@ -168,8 +168,9 @@ class RecoverableParams:
     salient_share: float = 0.5       # fixed budget: share of k for salient tokens
     recovered_share: float = 0.25    # fixed budget: share of k for recovered; the rest merged
     # Where the salient tokens are: 'cls' = highest CLS attention (the paper); 'spread' = the
-    # same number spread evenly over the grid (the recoverable_spread preset).
-    salient_source: Literal["cls", "spread"] = "cls"
+    # same number spread evenly over the grid (the recoverable_spread preset); 'diverse' = the
+    # same number picked for max-min diversity of the projected tokens (DivPrune's criterion).
+    salient_source: Literal["cls", "spread", "diverse"] = "cls"
     # Which tokens are recovered: true = the text score's local maxima on the patch grid first
     # (about one per object the question names), then the best of the rest; false = the top
     # scores (the paper), which on a large object spend the whole share on that one object.
@@ -188,7 +189,7 @@ class RecoverableParams:
 
     def __post_init__(self) -> None:
         name = self._section
-        for field_name, allowed in (("salient_source", ("cls", "spread")), ("merge_space", ("projected", "vision")),
+        for field_name, allowed in (("salient_source", ("cls", "spread", "diverse")), ("merge_space", ("projected", "vision")),
                                     ("text_pooling", ("eos", "last"))):
             if getattr(self, field_name) not in allowed:
                 _fail(f"{name}.{field_name}", f"expected {' or '.join(map(repr, allowed))}, "

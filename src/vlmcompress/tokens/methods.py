@@ -41,7 +41,7 @@ from vlmcompress.tokens.fastv import FastV
 from vlmcompress.tokens.merge import (
     avg_pool_tokens, global_token, merge_into_centres, pool_cell_centres, pool_grid, visionzip_contextual, visionzip_targets,
 )
-from vlmcompress.tokens.select import peaks_first, random_scores, split_budget, spread_mask, stride_mask
+from vlmcompress.tokens.select import diverse_mask, peaks_first, random_scores, split_budget, spread_mask, stride_mask
 from vlmcompress.tokens.thresholds import adaptive_mask, iqr_threshold, topk_mask
 from vlmcompress.tokens.types import (
     KIND_GLOBAL, KIND_MERGED, KIND_POOLED, KIND_RECOVERED, KIND_SALIENT, Compressed, VisualTokens,
@@ -362,6 +362,8 @@ def _recoverable(vt: VisualTokens, budget: int | float | None, attention: str, p
                                 min_keep=p.min_salient)
         if p.salient_source == "spread":
             salient = _spread_like(salient)
+        elif p.salient_source == "diverse":
+            salient = diverse_mask(vt.tokens, salient.sum(dim=1))
         recovered = none
         if p.recover:
             recovered = adaptive_mask(p.recovery_rule, text, ~salient, whisker=p.whisker,
@@ -393,6 +395,8 @@ def _recoverable(vt: VisualTokens, budget: int | float | None, attention: str, p
             n_sal += back
         if p.salient_source == "spread":
             salient = spread_mask(torch.ones_like(attn, dtype=torch.bool), n_sal)
+        elif p.salient_source == "diverse":
+            salient = diverse_mask(vt.tokens, n_sal)
         else:
             salient = topk_mask(attn, n_sal)
         rank_by = peaks_first(text, vt.grid, p.peak_window) if p.recovery_peaks else text

@@ -29,51 +29,15 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from vlmcompress.tokens.config import CDPrunerParams, DivPruneParams, method_params_of
 from vlmcompress.tokens.methods import _all_tokens, _fixed_k, register_method
+from vlmcompress.tokens.select import cosine_matrix, keep_mask, max_min_greedy
 from vlmcompress.tokens.types import KIND_SALIENT, Compressed, VisualTokens, pack
 
 RELEVANCE_EPS = 1e-6     # the official min-max normalisation adds this, so no token's relevance is 0
 SATURATED = 1e-5         # DPP gains below this share of the largest kernel diagonal count as 0
-
-
-def cosine_matrix(x: Tensor) -> Tensor:
-    """``[B, N, D]`` -> ``[B, N, N]`` float32 cosine similarity of every pair of tokens."""
-    unit = F.normalize(x.float(), dim=-1)
-    return unit @ unit.transpose(1, 2)
-
-
-def keep_mask(picks: Tensor, n: int) -> Tensor:
-    """``[B, k]`` token indices -> ``[B, n]`` bool, True at the picked tokens."""
-    mask = torch.zeros(picks.shape[0], n, dtype=torch.bool, device=picks.device)
-    return mask.scatter_(1, picks, True)
-
-
-def max_min_greedy(dist: Tensor, k: int) -> Tensor:
-    """Greedy max-min diverse subset (DivPrune's selection).
-
-    dist: ``[B, N, N]`` symmetric distances (0 on the diagonal), N >= 2; returns ``[B, k]``
-    indices in the order they were picked. First: the token whose nearest other token is
-    farthest (the official code's second-smallest value of each column: the smallest is the
-    token's distance to itself). Then: the token whose nearest picked token is farthest. Ties go
-    to the lowest index. Picked tokens are excluded explicitly (the official code relies on their
-    zero distance to themselves, which repeats a token when the rest are duplicates of picks).
-    """
-    B, N, _ = dist.shape
-    rows = torch.arange(B, device=dist.device)
-    self_pair = torch.eye(N, dtype=torch.bool, device=dist.device)
-    score = dist.masked_fill(self_pair, float("inf")).amin(dim=1)           # [B, N] nearest-neighbour distance
-    picks = torch.empty(B, k, dtype=torch.long, device=dist.device)
-    for i in range(k):
-        j = score.argmax(dim=1)                                             # [B]
-        picks[:, i] = j
-        to_j = dist[rows, j]                                                # [B, N] distance to the new pick
-        score = to_j.clone() if i == 0 else torch.minimum(score, to_j)      # distance to the nearest pick
-        score[rows, j] = float("-inf")                                      # picks stay out (min keeps -inf)
-    return picks
 
 
 def instruction_relevance(text_sim: Tensor, *, negate: bool = False, theta: float | None = None) -> Tensor:

@@ -1,6 +1,7 @@
 """Token selection that is not a threshold on a score: budget splits, spatially uniform
 samples (PruMerge+), seeded random choice, grid peaks of a score (text-guided recovery of
-``recoverable_spread``), and FastV's in-LM pruning step."""
+``recoverable_spread``), FastV's in-LM pruning step, and greedy max-min diversity (DivPrune's
+selection, also ``salient_source: diverse``)."""
 from __future__ import annotations
 
 import math
@@ -131,3 +132,60 @@ def peaks_first(scores: Tensor, grid: tuple[int, int], window: int = 3) -> Tenso
     x = scores.float()
     lift = (x.amax(dim=1, keepdim=True) - x.amin(dim=1, keepdim=True)) + 1.0
     return torch.where(grid_peaks(x, grid, window), x + lift, x)
+
+
+def cosine_matrix(x: Tensor) -> Tensor:
+    """``[B, N, D]`` -> ``[B, N, N]`` float32 cosine similarity of every pair of tokens."""
+    unit = F.normalize(x.float(), dim=-1)
+    return unit @ unit.transpose(1, 2)
+
+
+def keep_mask(picks: Tensor, n: int) -> Tensor:
+    """``[B, k]`` token indices -> ``[B, n]`` bool, True at the picked tokens."""
+    mask = torch.zeros(picks.shape[0], n, dtype=torch.bool, device=picks.device)
+    return mask.scatter_(1, picks, True)
+
+
+def max_min_greedy(dist: Tensor, k: int) -> Tensor:
+    """Greedy max-min diverse subset (DivPrune's selection).
+
+    dist: ``[B, N, N]`` symmetric distances (0 on the diagonal), N >= 2; returns ``[B, k]``
+    indices in the order they were picked. First: the token whose nearest other token is
+    farthest (the official code's second-smallest value of each column: the smallest is the
+    token's distance to itself). Then: the token whose nearest picked token is farthest. Ties go
+    to the lowest index. Picked tokens are excluded explicitly (the official code relies on their
+    zero distance to themselves, which repeats a token when the rest are duplicates of picks).
+    """
+    B, N, _ = dist.shape
+    rows = torch.arange(B, device=dist.device)
+    self_pair = torch.eye(N, dtype=torch.bool, device=dist.device)
+    score = dist.masked_fill(self_pair, float("inf")).amin(dim=1)           # [B, N] nearest-neighbour distance
+    picks = torch.empty(B, k, dtype=torch.long, device=dist.device)
+    for i in range(k):
+        j = score.argmax(dim=1)                                             # [B]
+        picks[:, i] = j
+        to_j = dist[rows, j]                                                # [B, N] distance to the new pick
+        score = to_j.clone() if i == 0 else torch.minimum(score, to_j)      # distance to the nearest pick
+        score[rows, j] = float("-inf")                                      # picks stay out (min keeps -inf)
+    return picks
+
+
+def diverse_mask(tokens: Tensor, count: int | Tensor) -> Tensor:
+    """``count`` tokens of each image picked greedily for max-min diversity (distance 1 - cosine,
+    :func:`max_min_greedy`). The greedy order is nested, so a per-image count takes a prefix of
+    one run at the largest count.
+
+    tokens [B, N, D], count int or [B] -> [B, N] bool (exactly min(count, N) per image)
+    """
+    B, N, _ = tokens.shape
+    c = count.long() if isinstance(count, Tensor) else torch.full((B,), int(count), dtype=torch.long)
+    c = c.to(tokens.device).clamp(min=0, max=N)
+    C = int(c.max()) if B else 0
+    if C == 0:
+        return torch.zeros(B, N, dtype=torch.bool, device=tokens.device)
+    if N == 1:
+        return (c > 0).unsqueeze(1)
+    picks = max_min_greedy(1.0 - cosine_matrix(tokens), C)                  # [B, C] in pick order
+    live = torch.arange(C, device=tokens.device).unsqueeze(0) < c.unsqueeze(1)
+    picks = torch.where(live, picks, picks[:, :1])                          # dead slots repeat a live pick ...
+    return keep_mask(picks, N) & (c > 0).unsqueeze(1)                       # ... or vanish when count is 0
