@@ -9,8 +9,8 @@ stage's LVLM, with its projector and CLS attention for the loss options that nee
 the work dir, or with ``--load`` scores a trained model folder as it is (e.g.
 ``outputs/codec/models/ours``). Then, for each rate, the forward reconstruction of the first
 ``--images`` test scenes (bpp estimated from the likelihoods, not a file) goes through the
-LVLM: VQA accuracy on every question about them, overall and per type, beside the bpp and its
-hyper-latent (z) part. Writes nothing else.
+LVLM: VQA accuracy on every question about them, overall and per type, beside the bpp, its
+hyper-latent (z) part and the mean PSNR of the reconstructions. Writes nothing else.
 Results: ``docs/experiments/2026-12-03-codec-losses-warm-start.md`` and
 ``docs/experiments/2026-12-04-codec-narrow-tail-quality.md``.
 """
@@ -94,8 +94,9 @@ def main(argv: list[str] | None = None) -> int:
         decoded: dict[str, torch.Tensor] = {}
         bpp: list[float] = []
         zbpp: list[float] = []
+        psnr: list[float] = []
 
-        def source(rec, rate=rate, decoded=decoded, bpp=bpp, zbpp=zbpp):
+        def source(rec, rate=rate, decoded=decoded, bpp=bpp, zbpp=zbpp, psnr=psnr):
             if rec.path not in decoded:
                 x = file_images(rec)[None]
                 with torch.no_grad():
@@ -103,10 +104,12 @@ def main(argv: list[str] | None = None) -> int:
                 bpp.append(float(bpp_from_likelihoods(out["likelihoods"], x.shape[-2] * x.shape[-1])))
                 zbpp.append(float(bpp_from_likelihoods({"z": out["likelihoods"]["z"]}, x.shape[-2] * x.shape[-1])))
                 decoded[rec.path] = out["x_hat"].clamp(0, 1)[0]
+                mse = float(((decoded[rec.path] - x[0]) ** 2).mean())
+                psnr.append(10.0 * np.log10(1.0 / max(mse, 1e-12)))
             return decoded[rec.path]
 
         res = run_vqa(lvlm, items, batch_size=48, images=source)
-        report(f"rate {rate:g}: bpp (estimated) {np.mean(bpp):.4f} (z {np.mean(zbpp):.4f})", res)
+        report(f"rate {rate:g}: bpp (estimated) {np.mean(bpp):.4f} (z {np.mean(zbpp):.4f}) PSNR {np.mean(psnr):.2f} dB", res)
     return 0
 
 
