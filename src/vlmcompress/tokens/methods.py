@@ -342,9 +342,15 @@ def _text_weight(vt: VisualTokens, p: RecoverableParams, method: str) -> float:
     return official_text_weight(vt.text_dim)
 
 
-def _spread_like(mask: Tensor) -> Tensor:
-    """As many tokens per image as ``mask [B, N]`` holds, spread evenly over the grid."""
-    return spread_mask(torch.ones_like(mask), mask.sum(dim=1))
+def _salient_by_source(vt: VisualTokens, attn: Tensor, source: str, count: int | Tensor) -> Tensor:
+    """``count`` salient tokens per image (int or ``[B]``) where ``salient_source`` puts them:
+    'cls' the highest CLS attention, 'spread' evenly over the grid, 'diverse' max-min diversity
+    of the projected tokens. -> ``[B, N]`` bool"""
+    if source == "spread":
+        return spread_mask(torch.ones_like(attn, dtype=torch.bool), count)
+    if source == "diverse":
+        return diverse_mask(vt.tokens, count)
+    return topk_mask(attn, count)
 
 
 def _recoverable(vt: VisualTokens, budget: int | float | None, attention: str, p: RecoverableParams) -> Compressed:
@@ -360,10 +366,8 @@ def _recoverable(vt: VisualTokens, budget: int | float | None, attention: str, p
         salient = adaptive_mask(p.salient_rule, attn, None, whisker=p.whisker,
                                 n_neighbors=p.salient_neighbors, lof_threshold_value=p.lof_threshold,
                                 min_keep=p.min_salient)
-        if p.salient_source == "spread":
-            salient = _spread_like(salient)
-        elif p.salient_source == "diverse":
-            salient = diverse_mask(vt.tokens, salient.sum(dim=1))
+        if p.salient_source != "cls":   # the rule says how many; the source says which
+            salient = _salient_by_source(vt, attn, p.salient_source, salient.sum(dim=1))
         recovered = none
         if p.recover:
             recovered = adaptive_mask(p.recovery_rule, text, ~salient, whisker=p.whisker,
@@ -393,12 +397,7 @@ def _recoverable(vt: VisualTokens, budget: int | float | None, attention: str, p
             n_rec += back
         else:
             n_sal += back
-        if p.salient_source == "spread":
-            salient = spread_mask(torch.ones_like(attn, dtype=torch.bool), n_sal)
-        elif p.salient_source == "diverse":
-            salient = diverse_mask(vt.tokens, n_sal)
-        else:
-            salient = topk_mask(attn, n_sal)
+        salient = _salient_by_source(vt, attn, p.salient_source, n_sal)
         rank_by = peaks_first(text, vt.grid, p.peak_window) if p.recovery_peaks else text
         recovered = topk_mask(rank_by, n_rec, ~salient) if p.recover else none
         leftover = ~(salient | recovered)

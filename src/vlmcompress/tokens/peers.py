@@ -33,7 +33,7 @@ from torch import Tensor
 
 from vlmcompress.tokens.config import CDPrunerParams, DivPruneParams, method_params_of
 from vlmcompress.tokens.methods import _all_tokens, _fixed_k, register_method
-from vlmcompress.tokens.select import cosine_matrix, keep_mask, max_min_greedy
+from vlmcompress.tokens.select import cosine_matrix, diverse_mask, keep_mask
 from vlmcompress.tokens.types import KIND_SALIENT, Compressed, VisualTokens, pack
 
 RELEVANCE_EPS = 1e-6     # the official min-max normalisation adds this, so no token's relevance is 0
@@ -98,8 +98,8 @@ def dpp_greedy_map(kernel: Tensor, k: int) -> Tensor:
     return picks
 
 
-def _kept(vt: VisualTokens, picks: Tensor) -> Compressed:
-    keep = keep_mask(picks, vt.n_tokens)
+def _kept(vt: VisualTokens, keep: Tensor) -> Compressed:
+    """The tokens where ``keep [B, N]`` is true, unchanged, in patch order."""
     kind = torch.zeros_like(keep, dtype=torch.int8).masked_fill(keep, KIND_SALIENT)
     return pack(vt.tokens, kind)
 
@@ -116,8 +116,7 @@ def divprune(vt: VisualTokens, *, budget: int | float | None = None, attention: 
     k = _fixed_k(vt, budget, "divprune")
     if k >= vt.n_tokens:
         return _all_tokens(vt)
-    dist = 1.0 - cosine_matrix(vt.tokens)                                   # [B, N, N]
-    return _kept(vt, max_min_greedy(dist, k))
+    return _kept(vt, diverse_mask(vt.tokens, k))
 
 
 @register_method("cdpruner", params=CDPrunerParams, text_guided=True)
@@ -143,4 +142,4 @@ def cdpruner(vt: VisualTokens, *, budget: int | float | None = None, attention: 
         return _all_tokens(vt)
     relevance = instruction_relevance(vt.text_sim, negate=p.negate_relevance, theta=p.theta)
     kernel = conditional_kernel(cosine_matrix(vt.tokens), relevance)        # [B, N, N]
-    return _kept(vt, dpp_greedy_map(kernel, k))
+    return _kept(vt, keep_mask(dpp_greedy_map(kernel, k), vt.n_tokens))
