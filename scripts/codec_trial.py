@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
                                          training_state)
     from vlmcompress.config import ConfigError, load_params
     from vlmcompress.eval.tasks import file_images, run_vqa
+    from vlmcompress.eval.quality import psnr as image_psnr
     from vlmcompress.api import load_all, lvlm_attention_fn, lvlm_from_params, lvlm_token_fn
 
     torch.set_num_threads(a.threads)
@@ -104,8 +105,7 @@ def main(argv: list[str] | None = None) -> int:
                 bpp.append(float(bpp_from_likelihoods(out["likelihoods"], x.shape[-2] * x.shape[-1])))
                 zbpp.append(float(bpp_from_likelihoods({"z": out["likelihoods"]["z"]}, x.shape[-2] * x.shape[-1])))
                 decoded[rec.path] = out["x_hat"].clamp(0, 1)[0]
-                mse = float(((decoded[rec.path] - x[0]) ** 2).mean())
-                psnr.append(10.0 * np.log10(1.0 / max(mse, 1e-12)))
+                psnr.append(float(image_psnr(decoded[rec.path][None], x)[0]))
             return decoded[rec.path]
 
         res = run_vqa(lvlm, items, batch_size=48, images=source)
