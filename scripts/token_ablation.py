@@ -46,6 +46,18 @@ def apply_overrides(tokens: TokensParams, spec: str) -> TokensParams:
     return from_dict(TokensParams, raw, "tokens")
 
 
+def confusion_table(outputs: dict, question_type: str) -> "pd.DataFrame":
+    """Counts of (reference answer, answer given) for one question type, one row per run."""
+    import pandas as pd
+
+    rows = [{"method": run.method, "budget": run.key, "pair": f"{q.answers[0]}->{given.strip()}"}
+            for run, o in outputs.items() for (_, q), given in zip(o.samples, o.answers)
+            if q.question_type == question_type]
+    if not rows:
+        raise SystemExit(f"token_ablation: --confusion: no {question_type!r} questions among those drawn")
+    return pd.DataFrame(rows).pivot_table(index=["method", "budget"], columns="pair", aggfunc="size", fill_value=0)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--methods", nargs="+", default=["random", "recoverable"])
@@ -54,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", dest="sets", action="append", default=[], help="one configuration (repeatable)")
     ap.add_argument("--questions", type=int, default=500, help="stratified test questions")
     ap.add_argument("--by-size", action="store_true", help="also accuracy by the size of the named objects")
+    ap.add_argument("--confusion", metavar="TYPE", default=None,
+                    help="also the answer given against the reference, for one question type (e.g. count)")
     ap.add_argument("--split", choices=["val", "test"], default="test",
                     help="scene split the questions come from (tune on val, report on test)")
     ap.add_argument("--params", type=Path, default=ROOT / "params.yaml")
@@ -90,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
             sized = vqa_by_size(outputs)
             print(sized.pivot_table(index=["method", "budget"], columns="size", values="acc").round(1).to_string())
             print("questions per size:", dict(zip(sized[sized.method == "full"]["size"], sized[sized.method == "full"]["n"])))
+        if args.confusion:
+            print(confusion_table(outputs, args.confusion).to_string())
     return 0
 
 

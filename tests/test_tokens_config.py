@@ -34,6 +34,7 @@ def test_budgets_keep_int_counts_and_float_fractions():
     ({"recoverable": {"centre_neighbors": 0}}, r"tokens\.recoverable\.centre_neighbors: must be >= 1"),
     ({"recoverable": {"unknown": 1}}, r"tokens\.recoverable\.unknown: unknown key"),
     ({"recoverable_spread": {"peak_window": 4}}, r"tokens\.recoverable_spread\.peak_window: must be odd and >= 3"),
+    ({"recoverable_spread": {"peak_floor": 1.0}}, r"tokens\.recoverable_spread\.peak_floor: must be in \[0, 1\)"),
     ({"prumerge_plus": {"attn_share": 2.0}}, r"tokens\.prumerge_plus\.attn_share"),
     ({"visionzip": {"contextual_share": -0.1}}, r"tokens\.visionzip\.contextual_share"),
 ])

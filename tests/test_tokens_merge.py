@@ -159,6 +159,15 @@ def test_peaks_first_ranks_every_peak_above_the_rest_in_score_order():
     assert order[:4] == [0, 3, 1, 2]
 
 
+def test_peaks_first_floor_demotes_weak_peaks_to_ordinary_patches():
+    s = torch.tensor([[0.9, 0.8, 0.1, 0.5, 0.0, 0.0]])               # peaks 0.9 and 0.5 (0.56 of the range)
+    assert torch.argsort(peaks_first(s, (1, 6), floor=0.5), dim=1, descending=True)[0, :2].tolist() == [0, 3]
+    # Above 0.56 of the range the 0.5 peak ranks by its score, after the 0.8 shoulder.
+    assert torch.argsort(peaks_first(s, (1, 6), floor=0.6), dim=1, descending=True)[0, :3].tolist() == [0, 1, 3]
+    with pytest.raises(ValueError, match="floor"):
+        peaks_first(s, (1, 6), floor=1.0)
+
+
 def test_grid_peaks_window_widens_the_neighbourhood():
     s = torch.tensor([[0.0, 3.0, 0.0, 2.0, 0.0, 0.0]])                # 1 x 6: 2.0 is two patches from 3.0
     assert torch.nonzero(grid_peaks(s, (1, 6), 3)[0]).flatten().tolist() == [1, 3]

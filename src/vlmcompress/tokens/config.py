@@ -177,6 +177,10 @@ class RecoverableParams:
     # Adaptive mode: the rule still sets how many, the peaks choose which.
     recovery_peaks: bool = False
     peak_window: int = 3             # a peak is the maximum of this odd square of patches around it
+    # A peak must also score at least this far from the image's lowest text score to its highest
+    # (0: every peak; 0.5: the upper half): a weak peak is usually another object that resembles
+    # the named one, and recovering it makes the LM count it.
+    peak_floor: float = 0.0
     # Switches to the official code's behaviour (defaults: ours; the recoverable_official preset
     # sets all of them). Where merged and global tokens are averaged: 'projected' = the LM-space
     # tokens; 'vision' = the vision features before the projector, then projected (official).
@@ -200,6 +204,8 @@ class RecoverableParams:
         _check_min(name, "min_salient", self.min_salient, 0)
         if self.peak_window < 3 or self.peak_window % 2 == 0:
             _fail(f"{name}.peak_window", f"must be odd and >= 3, got {_show(self.peak_window)}")
+        if not (0.0 <= self.peak_floor < 1.0):
+            _fail(f"{name}.peak_floor", f"must be in [0, 1), got {_show(self.peak_floor)}")
         _check_min(name, "whisker", self.whisker, 0.0)
         _check_share(name, "salient_share", self.salient_share)
         _check_share(name, "recovered_share", self.recovered_share)

@@ -374,7 +374,7 @@ def _recoverable(vt: VisualTokens, budget: int | float | None, attention: str, p
                                       n_neighbors=p.recovery_neighbors, lof_threshold_value=p.lof_threshold,
                                       ineligible="fill_min", count_base="eligible")
             if p.recovery_peaks:   # the rule says how many; the peaks say which
-                recovered = topk_mask(peaks_first(text, vt.grid, p.peak_window), recovered.sum(dim=1), ~salient)
+                recovered = topk_mask(peaks_first(text, vt.grid, p.peak_window, p.peak_floor), recovered.sum(dim=1), ~salient)
         leftover = ~(salient | recovered)
         centres = none
         if p.merge:
@@ -398,7 +398,7 @@ def _recoverable(vt: VisualTokens, budget: int | float | None, attention: str, p
         else:
             n_sal += back
         salient = _salient_by_source(vt, attn, p.salient_source, n_sal)
-        rank_by = peaks_first(text, vt.grid, p.peak_window) if p.recovery_peaks else text
+        rank_by = peaks_first(text, vt.grid, p.peak_window, p.peak_floor) if p.recovery_peaks else text
         recovered = topk_mask(rank_by, n_rec, ~salient) if p.recover else none
         leftover = ~(salient | recovered)
         centres = topk_mask(attn, n_ctr, leftover)

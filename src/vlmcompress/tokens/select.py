@@ -122,16 +122,20 @@ def grid_peaks(scores: Tensor, grid: tuple[int, int], window: int = 3) -> Tensor
     return ((x >= top) & (x > low)).view(B, N)
 
 
-def peaks_first(scores: Tensor, grid: tuple[int, int], window: int = 3) -> Tensor:
+def peaks_first(scores: Tensor, grid: tuple[int, int], window: int = 3, floor: float = 0.0) -> Tensor:
     """``scores`` re-keyed so that every grid peak outranks every other patch, the order kept
     within each group: a top-k of the result takes the highest peaks (about one patch per
-    object that scores high), then the highest remaining patches.
+    object that scores high), then the highest remaining patches. A peak below ``floor`` of
+    the way from the image's lowest score to its highest ranks as an ordinary patch.
 
     scores [B, N] -> [B, N] float
     """
+    if not (0.0 <= floor < 1.0):
+        raise ValueError(f"peaks_first: floor must be in [0, 1), got {floor}")
     x = scores.float()
-    lift = (x.amax(dim=1, keepdim=True) - x.amin(dim=1, keepdim=True)) + 1.0
-    return torch.where(grid_peaks(x, grid, window), x + lift, x)
+    low, high = x.amin(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)
+    peaks = grid_peaks(x, grid, window) & (x >= low + floor * (high - low))
+    return torch.where(peaks, x + (high - low) + 1.0, x)
 
 
 def cosine_matrix(x: Tensor) -> Tensor:
