@@ -194,14 +194,15 @@ def _same(a: Compressed, b: Compressed) -> bool:
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_the_recoverable_spread_preset_equals_its_former_defaults(seed):
     spread = METHOD_PARAMS["recoverable_spread"]
-    assert dataclasses.asdict(spread()) == {**OLD_SPREAD_DEFAULTS, "merge_space": "projected",
+    assert dataclasses.asdict(spread()) == {**OLD_SPREAD_DEFAULTS, "peak_floor": 0.7, "merge_space": "projected",
                                             "global_without_centres": True, "text_pooling": "eos"}
     spec = method_spec("recoverable_spread")
     assert spec.base == "recoverable" and spec.adaptive and spec.text_guided
     vt = make_vt(seed=seed)
     for budget in (None, 0.05, 0.10, 0.25, 0.5, 13):
         got = compress(vt, "recoverable_spread", budget=budget, attention="full")
-        assert _same(got, compress(vt, "recoverable", budget=budget, attention="full", **OLD_SPREAD_DEFAULTS))
+        assert _same(got, compress(vt, "recoverable", budget=budget, attention="full", **OLD_SPREAD_DEFAULTS,
+                                   peak_floor=0.7))
         assert _same(got, METHODS["recoverable_spread"](vt, budget=budget, attention="full"))   # called directly
         override = compress(vt, "recoverable_spread", budget=budget, recovery_peaks=False)
         assert _same(override, compress(vt, "recoverable", budget=budget,

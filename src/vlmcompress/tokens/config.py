@@ -621,7 +621,7 @@ _declare("visionzip", VisionZipParams, "vlmcompress.tokens.methods:visionzip")
 _declare("recoverable", RecoverableParams, "vlmcompress.tokens.methods:recoverable", adaptive=True, text_guided=True)
 RecoverableSpreadParams = _declare_preset(
     "recoverable_spread", "recoverable",
-    salient_source="spread", recovery_peaks=True, merge=False, global_token=False,
+    salient_source="spread", recovery_peaks=True, peak_floor=0.7, merge=False, global_token=False,
     salient_share=0.75, recovered_share=0.25,
     doc="""``recoverable_spread``: our variant of ``recoverable`` for an LM that reads token
     statistics (counting). Salient tokens spread evenly over the grid instead of chosen by CLS
@@ -629,7 +629,9 @@ RecoverableSpreadParams = _declare_preset(
     global tokens (averages of unrelated patches). Without merging, the recovered tokens take
     all of ``k`` the salient ones leave. Recovered tokens come from the text score's grid peaks
     first (``recovery_peaks``): one token on each object the question names lets the LM count
-    them (docs/experiments/2026-12-03-token-methods-embedded.md).
+    them (docs/experiments/2026-12-03-token-methods-embedded.md). Only peaks in the top 30 % of
+    the image's text-score range count as peaks (``peak_floor``); a weaker one ranks as an ordinary
+    patch, so the share goes to the named object's neighbourhood instead of stray look-alikes.
     """)
 RecoverableOfficialParams = _declare_preset(
     "recoverable_official", "recoverable",
