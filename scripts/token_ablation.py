@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,11 +47,9 @@ def apply_overrides(tokens: TokensParams, spec: str) -> TokensParams:
     return from_dict(TokensParams, raw, "tokens")
 
 
-def confusion_table(outputs: dict, question_type: str) -> "pd.DataFrame":
+def confusion_table(outputs: dict, question_type: str) -> pd.DataFrame:
     """Counts of (reference answer, answer given) for one question type, one row per run."""
-    import pandas as pd
-
-    rows = [{"method": run.method, "budget": run.key, "pair": f"{q.answers[0]}->{given.strip()}"}
+    rows = [{"method": run.method, "budget": run.key, "pair": f"{q.answer}->{given.strip()}"}
             for run, o in outputs.items() for (_, q), given in zip(o.samples, o.answers)
             if q.question_type == question_type]
     if not rows:

@@ -159,6 +159,25 @@ def test_token_ablation_overrides_are_validated_like_params():
         ablation.apply_overrides(base, "recoverable.recovered_share=0.9")
 
 
+def test_token_ablation_confusion_counts_reference_against_given_answers():
+    from vlmcompress.data.records import Question
+    from vlmcompress.tokens.sweep import Run, RunOutput
+
+    ablation = _script("token_ablation")
+
+    def q(i, answer, qtype):
+        return Question(i, "how many?", answer, (answer,) * 10, qtype, "number")
+
+    qs = [q(1, "1", "count"), q(2, "1", "count"), q(3, "0", "count"), q(4, "red", "color")]
+    outputs = {Run("full", None): RunOutput(samples=[(None, x) for x in qs], answers=["1", "1", "0", "red"]),
+               Run("random", 0.1): RunOutput(samples=[(None, x) for x in qs], answers=["2", " 1", "1", "blue"])}
+    table = ablation.confusion_table(outputs, "count")
+    assert table.loc[("full", "1.00")].to_dict() == {"0->0": 1, "0->1": 0, "1->1": 2, "1->2": 0}
+    assert table.loc[("random", "0.10")].to_dict() == {"0->0": 0, "0->1": 1, "1->1": 1, "1->2": 1}
+    with pytest.raises(SystemExit, match="no 'shape' questions"):
+        ablation.confusion_table(outputs, "shape")
+
+
 def test_probes_answer_bad_input_with_one_line(tmp_path, capsys):
     codec_probe, text_probe = _script("codec_probe"), _script("text_probe")
     assert codec_probe.main([str(tmp_path / "no_such_codec")]) == 1
