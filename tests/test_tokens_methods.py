@@ -360,9 +360,15 @@ def test_recovery_peaks_cover_every_named_object_before_a_second_patch_of_one():
     vt = _two_objects()
     kw = dict(budget=3, salient_share=0.0, recovered_share=1.0)
     top = compress(vt, "recoverable_spread", recovery_peaks=False, **kw)
-    peaks = compress(vt, "recoverable_spread", **kw)                         # the variant's default
+    peaks = compress(vt, "recoverable_spread", peak_floor=0.0, **kw)        # every peak counts
     assert top.source[top.kind == KIND_RECOVERED].tolist() == [9, 10, 17]
     assert peaks.source[peaks.kind == KIND_RECOVERED].tolist() == [9, 10, 45]
+    # The variant's default floor (0.7): the small object's peak sits at 4/6 of the score range,
+    # so it ranks as an ordinary patch and the share stays on the large object.
+    floored = compress(vt, "recoverable_spread", **kw)
+    assert floored.source[floored.kind == KIND_RECOVERED].tolist() == [9, 10, 17]
+    lower = compress(vt, "recoverable_spread", peak_floor=0.6, **kw)          # 4/6 clears a 0.6 floor
+    assert lower.source[lower.kind == KIND_RECOVERED].tolist() == [9, 10, 45]
     faithful = compress(vt, "recoverable", budget=4)                           # the paper: top scores
     assert faithful.source[faithful.kind == KIND_RECOVERED].tolist() == [9]
 
