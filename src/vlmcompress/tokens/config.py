@@ -178,8 +178,8 @@ class RecoverableParams:
     recovery_peaks: bool = False
     peak_window: int = 3             # a peak is the maximum of this odd square of patches around it
     # A peak must also score at least this far from the image's lowest text score to its highest
-    # (0: every peak; 0.5: the upper half): a weak peak is usually another object that resembles
-    # the named one, and recovering it makes the LM count it.
+    # (0: every peak; 0.5: the upper half). A weaker peak ranks as an ordinary patch, so the share
+    # goes to the best patches around the strong peaks: more of the named object, fewer strays.
     peak_floor: float = 0.0
     # Switches to the official code's behaviour (defaults: ours; the recoverable_official preset
     # sets all of them). Where merged and global tokens are averaged: 'projected' = the LM-space
@@ -631,7 +631,7 @@ RecoverableSpreadParams = _declare_preset(
     first (``recovery_peaks``): one token on each object the question names lets the LM count
     them (docs/experiments/2026-12-03-token-methods-embedded.md). Only peaks in the top 30 % of
     the image's text-score range count as peaks (``peak_floor``); a weaker one ranks as an ordinary
-    patch, so the share goes to the named object's neighbourhood instead of stray look-alikes.
+    patch, so more of the share lands on and around the named object.
     """)
 RecoverableOfficialParams = _declare_preset(
     "recoverable_official", "recoverable",
