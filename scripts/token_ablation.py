@@ -92,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     lvlm = lvlm_from_params(params)
     lvlm.attn_layer = params.tokens.attention_layer
     items = stratified_questions(load_all()[args.split], args.questions, seed=params.seed)
+    if args.confusion and not any(q.question_type == args.confusion for _, q in items):   # before the sweeps
+        raise SystemExit(f"token_ablation: --confusion: no {args.confusion!r} questions among those drawn")
     batches = make_batches(items, lambda s: s[0], lambda s: s[1].question, params.tokens.eval.batch_images)
     for spec, tokens in configs:
         outputs = Sweeper(lvlm, tokens, seed=params.seed).sweep(batches, plan_runs(tokens), "vqa",
