@@ -10,7 +10,7 @@ the work dir, or with ``--load`` scores a trained model folder as it is (e.g.
 ``outputs/codec/models/ours``). Then, for each rate, the forward reconstruction of the first
 ``--images`` test scenes (bpp estimated from the likelihoods, not a file) goes through the
 LVLM: VQA accuracy on every question about them, overall and per type, beside the bpp, its
-hyper-latent (z) part and the mean PSNR of the reconstructions. Writes nothing else.
+hyper-latent (z) part and the mean PSNR of the reconstructions. ``--edited`` also scores the pre-edited images before coding. Writes nothing else.
 Results: ``docs/experiments/2026-12-03-codec-losses-warm-start.md`` and
 ``docs/experiments/2026-12-04-codec-narrow-tail-quality.md``.
 """
@@ -35,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--init", help="a trained codec folder the training starts from (e.g. the pixel baseline)")
     ap.add_argument("--uncoded", action="store_true", help="also score the original images (the ceiling)")
+    ap.add_argument("--edited", action="store_true",
+                    help="also score the pre-edited images, not coded (what the pre-editing net alone costs)")
     ap.add_argument("--variant", default="ours",
                     help="which codec of the params to train: ours (default), pixel_baseline, ours-<ablation>")
     a = ap.parse_args(argv)
@@ -63,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         cp = variants[a.variant]
         for r in a.rates:
             check_rate(r, cp.model.levels)
+        if a.edited and not a.load and not cp.model.preedit.enabled:
+            raise ValueError(f"--edited: codec {a.variant!r} has no pre-editing net")
         if not a.load:   # fail before the LVLM loads, not after training starts
             if training_state(a.work, cp) == "stale":
                 raise ValueError(f"{a.work}: holds a codec of other params; use another work dir or delete it")
@@ -71,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         splits = load_all()
         lvlm = lvlm_from_params(P)
         model = load_codec(a.work).eval() if a.load else None
+        if a.edited and model is not None and model.preedit is None:
+            raise ValueError(f"--edited: {a.work} has no pre-editing net")
     except (ConfigError, OSError, ValueError) as exc:
         print(f"codec_trial: {exc}", file=sys.stderr)
         return 1
@@ -91,6 +97,21 @@ def main(argv: list[str] | None = None) -> int:
 
     if a.uncoded:
         report("uncoded", run_vqa(lvlm, items, batch_size=48, images=file_images))
+    if a.edited:
+        edited: dict[str, torch.Tensor] = {}
+        edit_psnr: list[float] = []
+
+        def edit_source(rec, edited=edited, edit_psnr=edit_psnr):
+            if rec.path not in edited:
+                x = file_images(rec)[None]
+                with torch.no_grad():
+                    xe = model._prepare(x, token_fn(x) if model.needs_tokens else None)
+                edited[rec.path] = xe[..., : x.shape[-2], : x.shape[-1]].clamp(0, 1)[0]
+                edit_psnr.append(float(image_psnr(edited[rec.path][None], x)[0]))
+            return edited[rec.path]
+
+        res = run_vqa(lvlm, items, batch_size=48, images=edit_source)
+        report(f"pre-edited, not coded: PSNR {np.mean(edit_psnr):.2f} dB", res)
     for rate in a.rates:
         decoded: dict[str, torch.Tensor] = {}
         bpp: list[float] = []

@@ -207,6 +207,14 @@ def test_probes_answer_bad_input_with_one_line(tmp_path, capsys):
     assert codec_trial.main([str(REPO / "params.yaml"), str(tmp_path / "new"), "--init", str(tmp_path / "none")]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("codec_trial: ") and "none/codec.json: no such file" in err and "\n" not in err
+    no_edit = tmp_path / "no_edit.yaml"
+    no_edit.write_text((REPO / "params.yaml").read_text().replace(
+        "    preedit:               # U-Net before coding; fuses the LVLM tower's tokens of the input\n      enabled: true",
+        "    preedit:\n      enabled: false"))
+    assert "enabled: false" in no_edit.read_text()
+    assert codec_trial.main([str(no_edit), str(tmp_path / "w2"), "--edited"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == "codec_trial: --edited: codec 'ours' has no pre-editing net"
 
 
 def test_position_probe_reads_a_linear_code_and_not_noise():
