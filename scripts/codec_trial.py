@@ -100,18 +100,23 @@ def main(argv: list[str] | None = None) -> int:
     if a.edited:
         edited: dict[str, torch.Tensor] = {}
         edit_psnr: list[float] = []
+        shift: list[float] = []    # mean of (edited - input): a global offset the decoder can undo
+        spread: list[float] = []   # per-channel std, edited / input: contrast kept or lost
 
-        def edit_source(rec, edited=edited, edit_psnr=edit_psnr):
+        def edit_source(rec, edited=edited, edit_psnr=edit_psnr, shift=shift, spread=spread):
             if rec.path not in edited:
                 x = file_images(rec)[None]
                 with torch.no_grad():
                     xe = model._prepare(x, token_fn(x) if model.needs_tokens else None)
                 edited[rec.path] = xe[..., : x.shape[-2], : x.shape[-1]].clamp(0, 1)[0]
                 edit_psnr.append(float(image_psnr(edited[rec.path][None], x)[0]))
+                shift.append(float((edited[rec.path] - x[0]).mean()))
+                spread.append(float(edited[rec.path].std((1, 2)).mean() / x[0].std((1, 2)).mean()))
             return edited[rec.path]
 
         res = run_vqa(lvlm, items, batch_size=48, images=edit_source)
-        report(f"pre-edited, not coded: PSNR {np.mean(edit_psnr):.2f} dB", res)
+        report(f"pre-edited, not coded: PSNR {np.mean(edit_psnr):.2f} dB, mean shift {np.mean(shift):+.3f}, "
+               f"std ratio {np.mean(spread):.3f}", res)
     for rate in a.rates:
         decoded: dict[str, torch.Tensor] = {}
         bpp: list[float] = []
