@@ -173,6 +173,39 @@ def codec_section(root: Path) -> list[str]:
     return out
 
 
+def _top_rate(rows: list[dict[str, str]], codec: str) -> dict[str, str] | None:
+    """The row of ``codec``'s highest rate point in ``curves.csv`` (None if it has none)."""
+    mine = [r for r in rows if r.get("codec") == codec and r.get("point") not in (None, "")]
+    return max(mine, key=lambda r: float(r["point"])) if mine else None
+
+
+def codec_model_section(root: Path) -> list[str]:
+    """The default codec's rate range, top-rate accuracy against uncoded, speed against VVC and
+    training time (``outputs/codec/metrics.json``, ``outputs/eval_codec/curves.csv``)."""
+    out = ["### Codec: rate range, speed and training", ""]
+    c = _load(root / "outputs/codec/metrics.json")
+    if c is None:
+        return out + _missing("outputs/codec/metrics.json")
+    e = _load(root / "outputs/eval_codec/metrics.json") or {}
+    curves = _csv_rows(root, "outputs/eval_codec/curves.csv") or []
+    top = _top_rate(curves, "ours")
+    rows = [["rate range, real files (bpp)", f"{fmt(c.get('ours.bpp_min'), 4)}–{fmt(c.get('ours.bpp_max'), 4)}", "–"]]
+    if top is not None:
+        rows.append(["VQA at the top rate (%; uncoded " + fmt(e.get("uncoded_vqa_acc")) + ")",
+                     fmt(float(top["vqa_acc"])), "–"])
+    th = c.get("timing_threads", "?")
+    rows += [[f"decode 512×512, {th} thread (ms, median)", fmt(c.get("decode_ms_512"), 2),
+              fmt(c.get("vvc_decode_ms_512"), 2)],
+             [f"encode 512×512, {th} thread (ms, median)", fmt(c.get("encode_ms_512"), 2),
+              fmt(c.get("vvc_encode_ms_512"), 2)],
+             ["training (s): pixel baseline + ours", f"{fmt(c.get('pixel_baseline.train_seconds'))} + "
+              f"{fmt(c.get('ours.train_seconds'))} = {fmt(c.get('train_seconds'))}", "–"]]
+    out += table(["", "ours", f"VVC (VVenC, QP {c.get('vvc_qp', '?')})"], rows)
+    return out + ["", "Wall times of one image in the same run (median of `codec.eval.timing_repeats` after a "
+                  "warm-up; `benchmarks/bench_codec_speed.py` repeats it). VVenC runs at `codec.eval.vvc_preset` here, "
+                  "the speed reference; the BD-rate anchor is `bdrate.anchor`.", ""]
+
+
 def _budget_order(key: str) -> tuple[int, float, str]:
     """Numeric budgets (fractions or counts) ascending, then named ones (``adaptive``)."""
     try:
@@ -300,8 +333,9 @@ def figures_section(root: Path) -> list[str]:
     return out
 
 
-SECTIONS: tuple[Callable[[Path], list[str]], ...] = (lvlm_section, matrix_section, codec_section, tokens_section,
-                                                      equal_cost_section, repro_section, figures_section)
+SECTIONS: tuple[Callable[[Path], list[str]], ...] = (lvlm_section, matrix_section, codec_section, codec_model_section,
+                                                      tokens_section, equal_cost_section, repro_section,
+                                                      figures_section)
 
 
 def render(root: Path) -> str:

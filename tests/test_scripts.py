@@ -37,6 +37,14 @@ def _project(root: Path) -> None:
         "ours,vvc,vqa_acc,-61.234,,-4.5\nours,vvc,psnr,40.0,,\n"
         "jpeg,vvc,vqa_acc,120.5,,\njpeg,vvc,psnr,,no overlap,\n"
         "ours,pixel_baseline,vqa_acc,-30.0,,9.25\n")
+    (root / "outputs/eval_codec/curves.csv").write_text(   # ours' top rate is point 6, not the last row
+        "codec,kind,point,bpp,vqa_acc\nours,learned,0.0,0.03,50.0\nours,learned,6.0,0.15,88.98\n"
+        "ours,learned,3.0,0.09,80.0\nvvc,anchor,28.0,0.9,97.7\n")
+    (root / "outputs/codec").mkdir(parents=True)
+    (root / "outputs/codec/metrics.json").write_text(json.dumps({
+        "ours.bpp_min": 0.0286, "ours.bpp_max": 0.1515, "decode_ms_512": 46.12, "vvc_decode_ms_512": 52.88,
+        "encode_ms_512": 216.62, "vvc_encode_ms_512": 218.95, "timing_threads": 1, "vvc_qp": 32,
+        "pixel_baseline.train_seconds": 593.0, "ours.train_seconds": 299.6, "train_seconds": 892.6}))
     (root / "outputs/tokens").mkdir(parents=True)
     (root / "outputs/tokens/accuracy.csv").write_text(
         "method,budget,mean_tokens,question_type,acc\n"
@@ -70,6 +78,10 @@ def test_readme_section_from_metrics_and_idempotent(tmp_path, capsys):
     assert "| ours vs pixel_baseline | -30.0 |" in first
     assert "| ours | -4.50 | – |" in first and "| ours vs pixel_baseline | 9.25 |" in first   # BD-quality
     assert "On 48 test images (288 questions); uncoded: vqa_acc 71.2, caption_cider –, " in first
+    assert "| rate range, real files (bpp) | 0.0286–0.1515 | – |" in first
+    assert "| VQA at the top rate (%; uncoded 71.2) | 89.0 | – |" in first
+    assert "| decode 512×512, 1 thread (ms, median) | 46.12 | 52.88 |" in first
+    assert "| training (s): pixel baseline + ours | 593.0 + 299.6 = 892.6 | – |" in first
     assert "| method | budget 0.10 | budget 1.00 | budget adaptive |" in first
     assert "| recoverable | 66.5 (26) | – | 67.0 (30) |" in first and "| full | – | 70.1 (256) | – |" in first
     assert ("42.5 min on 2 CPUs (CPU model in `outputs/repro/metrics.json`); again with nothing changed: 3.2 s"
