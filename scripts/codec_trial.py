@@ -10,7 +10,8 @@ the work dir, or with ``--load`` scores a trained model folder as it is (e.g.
 ``outputs/codec/models/ours``). Then, for each rate, the forward reconstruction of the first
 ``--images`` test scenes (bpp estimated from the likelihoods, not a file) goes through the
 LVLM: VQA accuracy on every question about them, overall and per type, beside the bpp, its
-hyper-latent (z) part and the mean PSNR of the reconstructions. ``--edited`` also scores the pre-edited images before coding. Writes nothing else.
+hyper-latent (z) part and the mean PSNR of the reconstructions. ``--edited`` also scores the
+pre-edited images before coding. Writes nothing else.
 Results: ``docs/experiments/2026-12-03-codec-losses-warm-start.md`` and
 ``docs/experiments/2026-12-04-codec-narrow-tail-quality.md``.
 """
@@ -106,9 +107,9 @@ def main(argv: list[str] | None = None) -> int:
         def edit_source(rec, edited=edited, edit_psnr=edit_psnr, shift=shift, spread=spread):
             if rec.path not in edited:
                 x = file_images(rec)[None]
-                with torch.no_grad():
-                    xe = model._prepare(x, token_fn(x) if model.needs_tokens else None)
-                edited[rec.path] = xe[..., : x.shape[-2], : x.shape[-1]].clamp(0, 1)[0]
+                with torch.no_grad():   # the forward pass returns the pre-edited image beside x_hat
+                    xe = model(x, 0.0, token_fn(x))["x_edit"] if model.needs_tokens else model(x, 0.0)["x_edit"]
+                edited[rec.path] = xe.clamp(0, 1)[0]
                 edit_psnr.append(float(image_psnr(edited[rec.path][None], x)[0]))
                 shift.append(float((edited[rec.path] - x[0]).mean()))
                 spread.append(float(edited[rec.path].std((1, 2)).mean() / x[0].std((1, 2)).mean()))
