@@ -96,6 +96,11 @@ def main(argv: list[str] | None = None) -> int:
         types = " ".join(f"{t} {v:.1f}" for t, v in res.by_type.items())
         print(f"{what}  VQA {res.acc:.2f} ({res.n} questions)  {types}", flush=True)
 
+    @torch.no_grad()
+    def forward(x: torch.Tensor, rate: float) -> dict:
+        """The codec's forward pass on ``x [1, 3, H, W]``, with the LVLM tokens its pre-edit fuses."""
+        return model(x, rate, token_fn(x)) if model.needs_tokens else model(x, rate)
+
     if a.uncoded:
         report("uncoded", run_vqa(lvlm, items, batch_size=48, images=file_images))
     if a.edited:
@@ -107,9 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         def edit_source(rec, edited=edited, edit_psnr=edit_psnr, shift=shift, spread=spread):
             if rec.path not in edited:
                 x = file_images(rec)[None]
-                with torch.no_grad():   # the forward pass returns the pre-edited image beside x_hat
-                    xe = model(x, 0.0, token_fn(x))["x_edit"] if model.needs_tokens else model(x, 0.0)["x_edit"]
-                edited[rec.path] = xe.clamp(0, 1)[0]
+                edited[rec.path] = forward(x, 0.0)["x_edit"].clamp(0, 1)[0]   # the image before coding
                 edit_psnr.append(float(image_psnr(edited[rec.path][None], x)[0]))
                 shift.append(float((edited[rec.path] - x[0]).mean()))
                 spread.append(float(edited[rec.path].std((1, 2)).mean() / x[0].std((1, 2)).mean()))
@@ -127,8 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         def source(rec, rate=rate, decoded=decoded, bpp=bpp, zbpp=zbpp, psnr=psnr):
             if rec.path not in decoded:
                 x = file_images(rec)[None]
-                with torch.no_grad():
-                    out = model(x, rate, token_fn(x)) if model.needs_tokens else model(x, rate)
+                out = forward(x, rate)
                 bpp.append(float(bpp_from_likelihoods(out["likelihoods"], x.shape[-2] * x.shape[-1])))
                 zbpp.append(float(bpp_from_likelihoods({"z": out["likelihoods"]["z"]}, x.shape[-2] * x.shape[-1])))
                 decoded[rec.path] = out["x_hat"].clamp(0, 1)[0]
