@@ -319,7 +319,15 @@ def repro_section(root: Path) -> list[str]:
     line = f"`{cmd}`: {fmt(m.get('repro_minutes'))} min on {m.get('cpus', '?')} CPUs{cpu}"
     if "noop_seconds" in m:
         line += f"; again with nothing changed: {fmt(m['noop_seconds'])} s"
-    return out + [line + ".", ""]
+    line += "."
+    if isinstance(m.get("stages"), dict):
+        from time_repro import changed_stages, stage_digests
+
+        changed = changed_stages(m["stages"], stage_digests(root / "dvc.lock"))
+        if changed:
+            line += (f" Re-run with other settings or results since this timing: {', '.join(changed)};"
+                     " `python scripts/time_repro.py` re-times the pipeline as it is now.")
+    return out + [line, ""]
 
 
 def figures_section(root: Path) -> list[str]:

@@ -123,8 +123,58 @@ def test_time_repro_prints_and_writes_minutes(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.startswith("repro_minutes: ") and "noop_seconds: " in out
     m = json.loads((tmp_path / "outputs/repro/metrics.json").read_text())
-    assert set(m) == {"repro_minutes", "noop_seconds", "cpus", "cpu_model", "command"} and m["repro_minutes"] >= 0
-    assert m["cpu_model"]
+    assert set(m) == {"repro_minutes", "noop_seconds", "cpus", "cpu_model", "command", "stages"}
+    assert m["repro_minutes"] >= 0 and m["cpu_model"] and m["stages"] == {}     # no dvc.lock here
+
+
+LOCK = """schema: '2.0'
+stages:
+  a:
+    cmd: run a
+    deps:
+    - path: src/x.py
+      md5: {dep}
+    params:
+      params.yaml:
+        a.steps: {steps}
+    outs:
+    - path: outputs/a
+      md5: {out}.dir
+  b:
+    cmd: run b
+    outs:
+    - path: outputs/b
+      md5: bbb
+"""
+
+
+def _lock(path: Path, dep="d1", steps=10, out="o1") -> Path:
+    path.write_text(LOCK.format(dep=dep, steps=steps, out=out))
+    return path
+
+
+def test_stage_digests_follow_params_and_outputs_not_code(tmp_path):
+    base = time_repro.stage_digests(_lock(tmp_path / "l0"))
+    assert set(base) == {"a", "b"} and all(len(v) == 12 for v in base.values())
+    # a code edit committed without a re-run leaves the stage as timed
+    assert time_repro.stage_digests(_lock(tmp_path / "l1", dep="d2")) == base
+    for kw in ({"steps": 20}, {"out": "o2"}):
+        now = time_repro.stage_digests(_lock(tmp_path / "l2", **kw))
+        assert time_repro.changed_stages(base, now) == ["a"]
+    assert time_repro.changed_stages(base, {"a": base["a"]}) == ["b"]       # a stage removed
+    assert time_repro.stage_digests(tmp_path / "missing") == {}
+    (tmp_path / "bad").write_text("stages: [1, 2\n")
+    assert time_repro.stage_digests(tmp_path / "bad") == {}
+
+
+def test_time_repro_records_the_lock_and_the_readme_names_later_reruns(tmp_path):
+    _lock(tmp_path / "dvc.lock")
+    cmd = shlex.join([sys.executable, "-c", "pass"])
+    assert time_repro.main(["--cmd", cmd, "--no-noop", "--root", str(tmp_path)]) == 0
+    assert "Re-run" not in "\n".join(readme.repro_section(tmp_path))
+    _lock(tmp_path / "dvc.lock", steps=20)                  # stage a re-run with other params
+    text = "\n".join(readme.repro_section(tmp_path))
+    assert "Re-run with other settings or results since this timing: a;" in text
 
 
 def test_the_cpu_model_is_read_from_cpuinfo(tmp_path):
