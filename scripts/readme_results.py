@@ -320,6 +320,9 @@ def repro_section(root: Path) -> list[str]:
     if "noop_seconds" in m:
         line += f"; again with nothing changed: {fmt(m['noop_seconds'])} s"
     line += "."
+    if "-f" in cmd.split() or "--force" in cmd.split():
+        line += (" A forced run re-runs every stage but reuses the persisted training checkpoints and coded files"
+                 " of unchanged settings; a fresh clone's `make repro` does all the work.")
     if isinstance(m.get("stages"), dict):
         from time_repro import changed_stages, stage_digests
 

@@ -7,7 +7,9 @@ Prints ``repro_minutes: <m>`` (and ``noop_seconds: <s>``) and writes them to
 ``outputs/repro/metrics.json``, which ``scripts/readme_results.py`` puts in the README, with a
 digest of each stage's recorded params and outputs from ``dvc.lock``: the README names the
 stages that were re-run with other settings or results after the timing, so an old time never
-passes for the current pipeline's.
+passes for the current pipeline's. A forced run (``dvc repro -f``) reuses the persisted training
+checkpoints and coded files of unchanged settings; time ``make repro`` in a fresh clone for the
+from-scratch figure.
 The command's own output streams through unchanged; a failing command exits with its code
 and writes nothing.
 """
