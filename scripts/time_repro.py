@@ -66,9 +66,9 @@ def stage_digests(lock: Path) -> dict[str, str]:
     return out
 
 
-def changed_stages(timed: dict[str, str], now: dict[str, str]) -> list[str]:
+def changed_stages(then: dict[str, str], now: dict[str, str]) -> list[str]:
     """Stages whose digest differs between the timed run's lock and the current one (added or removed too)."""
-    return sorted(n for n in set(timed) | set(now) if timed.get(n) != now.get(n))
+    return sorted(n for n in set(then) | set(now) if then.get(n) != now.get(n))
 
 
 def main(argv: list[str] | None = None) -> int:
