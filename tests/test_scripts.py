@@ -165,6 +165,8 @@ def test_stage_digests_follow_params_and_outputs_not_code(tmp_path):
     assert time_repro.stage_digests(tmp_path / "missing") == {}
     (tmp_path / "bad").write_text("stages: [1, 2\n")
     assert time_repro.stage_digests(tmp_path / "bad") == {}
+    (tmp_path / "list").write_text("- stages\n")
+    assert time_repro.stage_digests(tmp_path / "list") == {}
 
 
 def test_time_repro_records_the_lock_and_the_readme_names_later_reruns(tmp_path):
@@ -176,6 +178,12 @@ def test_time_repro_records_the_lock_and_the_readme_names_later_reruns(tmp_path)
     _lock(tmp_path / "dvc.lock", steps=20)                  # stage a re-run with other params
     text = "\n".join(readme.repro_section(tmp_path))
     assert "Re-run with other settings or results since this timing: a;" in text
+
+
+def test_the_readme_says_a_forced_run_reuses_persisted_work(tmp_path):
+    cmd = shlex.join([sys.executable, "-c", "pass", "-f"])       # `-f` reaches the script, as in `dvc repro -f`
+    assert time_repro.main(["--cmd", cmd, "--no-noop", "--root", str(tmp_path)]) == 0
+    assert "A forced run re-runs every stage but reuses" in "\n".join(readme.repro_section(tmp_path))
 
 
 def test_the_cpu_model_is_read_from_cpuinfo(tmp_path):
